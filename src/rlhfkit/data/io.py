@@ -1,0 +1,172 @@
+"""JSONL files of records, and `datasets.Dataset` in and out.
+
+Writes are crash-safe: a whole file is written to a temporary file and renamed over the target, so an
+existing file is never left half-written; appends (used by resumable stages) write whole lines and
+fsync, and :func:`drop_partial_last_line` removes the one torn line a crash can leave.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import ValidationError
+
+from rlhfkit.data.records import Record
+
+R = TypeVar("R", bound=Record)
+
+
+class DataError(ValueError):
+    """Bad input data, located by file, line and field, with a hint on how to fix it."""
+
+    def __init__(self, message: str, path: str | os.PathLike | None = None, line: int | None = None,
+                 field: str | None = None) -> None:
+        self.path, self.line, self.field, self.message = path, line, field, message
+        where = str(path) if path is not None else "<data>"
+        if line is not None:
+            where += f":{line}"
+        if field:
+            where += f": field '{field}'"
+        super().__init__(f"{where}: {message}")
+
+
+def _field_path(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def validation_error(exc: ValidationError, path: str | os.PathLike | None, line: int | None) -> DataError:
+    """Turn pydantic's error into a DataError naming the first bad field."""
+    first = exc.errors()[0]
+    field = _field_path(first["loc"]) or None
+    message = first["msg"]
+    if first["type"] == "missing":
+        message = "required field is missing"
+    elif first["type"] == "extra_forbidden":
+        message = "unknown field (check its spelling against the record's schema)"
+    more = len(exc.errors()) - 1
+    if more:
+        message += f" (and {more} more problem{'s' if more > 1 else ''} on this line)"
+    return DataError(message, path, line, field)
+
+
+def parse_record(data: Any, record_type: type[R], path: str | os.PathLike | None = None,
+                 line: int | None = None) -> R:
+    """Validate one decoded JSON object as ``record_type``, checking its ``schema`` field if present."""
+    if not isinstance(data, dict):
+        raise DataError(f"expected a JSON object, got {type(data).__name__}", path, line)
+    data = dict(data)
+    schema = data.pop("schema", None)
+    if schema is not None and schema != record_type.schema_name():
+        kind, _, version = str(schema).partition("/")
+        if kind == f"rlhfkit.{record_type.kind}":
+            hint = f"written by a different rlhfkit version (this one reads version {record_type.version})"
+        else:
+            hint = f"this is a {kind.removeprefix('rlhfkit.')} file, expected {record_type.kind} records"
+        raise DataError(f"schema {schema!r} is not {record_type.schema_name()!r}: {hint}", path, line, "schema")
+    try:
+        return record_type.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc, path, line) from None
+
+
+def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """(line number, decoded object) for each non-blank line; malformed JSON is a DataError."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError("file not found", path)
+    with path.open(encoding="utf-8") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                yield number, json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"malformed JSON ({exc.msg} at column {exc.colno})", path, number) from None
+
+
+def iter_records(path: str | os.PathLike, record_type: type[R]) -> Iterator[tuple[int, R]]:
+    """(line number, record) for each line of a JSONL file; refuses bad lines and duplicate ids."""
+    first_seen: dict[str, int] = {}
+    for number, data in iter_json_lines(path):
+        record = parse_record(data, record_type, path, number)
+        if record_type.id_field:
+            key = getattr(record, record_type.id_field)
+            if key in first_seen:
+                raise DataError(f"duplicate id {key!r} (first seen on line {first_seen[key]})", path, number,
+                                record_type.id_field)
+            first_seen[key] = number
+        yield number, record
+
+
+def read_records(path: str | os.PathLike, record_type: type[R]) -> list[R]:
+    """All records of a JSONL file of ``record_type`` (see :func:`iter_records`)."""
+    return [record for _, record in iter_records(path, record_type)]
+
+
+def _line(record: Record) -> str:
+    body = record.model_dump(mode="json")
+    return json.dumps({"schema": record.schema_name(), **body}, ensure_ascii=False) + "\n"
+
+
+def write_records(path: str | os.PathLike, records: Iterable[Record]) -> int:
+    """Write records atomically (temp file + rename); returns how many were written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(_line(record))
+                count += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return count
+
+
+def append_records(path: str | os.PathLike, records: Iterable[Record]) -> None:
+    """Append whole lines and fsync, so that a crash loses at most the batch being written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(_line(r) for r in records)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def drop_partial_last_line(path: str | os.PathLike) -> bool:
+    """Remove a last line that has no newline (torn by a crash mid-append). True if one was removed."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with path.open("rb+") as f:
+        data = f.read()
+        if data.endswith(b"\n"):
+            return False
+        f.truncate(data.rfind(b"\n") + 1)
+    return True
+
+
+# ---------------------------------------------------------------- datasets.Dataset in and out
+
+
+def to_dataset(records: Iterable[Record]):
+    """A `datasets.Dataset` with one column per record field (conversations stay lists of dicts)."""
+    from datasets import Dataset
+
+    return Dataset.from_list([r.model_dump(mode="json") for r in records])
+
+
+def from_dataset(dataset, record_type: type[R]) -> list[R]:
+    """Records from a `datasets.Dataset` (or any iterable of dicts); errors name the row and field."""
+    return [parse_record(row, record_type, "<dataset>", index) for index, row in enumerate(dataset)]

@@ -1,0 +1,115 @@
+"""N completions per prompt from any causal or seq2seq model: batched, KV-cached, resumable.
+
+Prompts are processed in batches of ``batch_size``; each batch is one ``model.generate`` call with
+``num_return_sequences=n`` (so the prompt's KV cache is computed once per sample, and every sequence
+of the batch decodes in lock-step). Each finished batch is appended to the output file and fsynced,
+so a crash loses at most the batch in flight, and a rerun skips the prompts already done.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhfkit.console import progress_bar
+from rlhfkit.data.io import append_records, drop_partial_last_line, read_records, write_records
+from rlhfkit.data.records import Completion, Prompt, SamplingParams, Text, render_text
+from rlhfkit.models.policy import is_seq2seq
+
+
+def format_prompt(prompt: Text, tokenizer: PreTrainedTokenizerBase, use_chat_template: bool) -> str:
+    """The exact string the model sees: the chat template applied (a plain prompt becomes one user
+    turn) when ``use_chat_template``, else the prompt as plain text."""
+    if not use_chat_template:
+        return render_text(prompt)
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [
+        m.model_dump() for m in prompt]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _generate_kwargs(sampling: SamplingParams) -> dict:
+    kwargs: dict = {"max_new_tokens": sampling.max_new_tokens, "do_sample": sampling.do_sample}
+    if sampling.do_sample:
+        kwargs |= {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k}
+    return kwargs
+
+
+def _batch_seed(seed: int, prompt_ids: Sequence[str]) -> int:
+    """A seed fixed by the run's seed and the batch's prompts, so a resumed run samples as before."""
+    return (seed * 1_000_003 + zlib.crc32("\x00".join(prompt_ids).encode())) % (2**63)
+
+
+@torch.inference_mode()
+def sample_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], n: int,
+                 sampling: SamplingParams, use_chat_template: bool) -> tuple[list[list[str]], int]:
+    """``n`` completions for each of ``texts`` (already formatted), and the number of new tokens."""
+    # A chat template already holds the special tokens the model expects; don't add them twice.
+    encoded = tokenizer(texts, return_tensors="pt", padding=True,
+                        add_special_tokens=not use_chat_template).to(model.device)
+    output = model.generate(**encoded, num_return_sequences=n, **_generate_kwargs(sampling))
+    new_tokens = output if is_seq2seq(model) else output[:, encoded["input_ids"].shape[1]:]
+    special = torch.tensor(sorted(tokenizer.all_special_ids), device=new_tokens.device)
+    produced = int((~torch.isin(new_tokens, special)).sum())
+    decoded = [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return [decoded[i * n:(i + 1) * n] for i in range(len(texts))], produced
+
+
+def _resume(output: Path, n: int) -> dict[str, int]:
+    """Completions already in ``output``, per prompt id. A prompt with fewer than ``n`` (a torn batch)
+    is removed from the file so that it is generated again whole."""
+    if not output.exists():
+        return {}
+    drop_partial_last_line(output)
+    existing = read_records(output, Completion)
+    counts = Counter(c.prompt_id for c in existing)
+    partial = {pid for pid, count in counts.items() if count < n}
+    if partial:
+        write_records(output, [c for c in existing if c.prompt_id not in partial])
+    return {pid: count for pid, count in counts.items() if pid not in partial}
+
+
+def generate_completions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt],
+                         n: int = 4, sampling: SamplingParams | None = None, batch_size: int = 8,
+                         output: str | os.PathLike | None = None, model_name: str | None = None,
+                         use_chat_template: bool | None = None, progress: bool = True) -> list[Completion]:
+    """Sample ``n`` completions for every prompt; returns the new ones (those already in ``output`` are
+    skipped and not returned).
+
+    ``use_chat_template=None`` applies the tokenizer's chat template when it has one and the model is
+    causal (instruct models expect it). With an ``output`` file the run is resumable.
+    """
+    sampling = sampling or SamplingParams()
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"n and batch_size must be at least 1 (got n={n}, batch_size={batch_size})")
+    if use_chat_template is None:
+        use_chat_template = bool(getattr(tokenizer, "chat_template", None)) and not is_seq2seq(model)
+    model_name = model_name or str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
+    output = Path(output) if output is not None else None
+    done = _resume(output, n) if output is not None else {}
+    todo = [p for p in prompts if p.id not in done]
+    created: list[Completion] = []
+    started, tokens = time.perf_counter(), 0
+    with progress_bar(progress) as bar:
+        task = bar.add_task("generating", total=len(todo), info="")
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            torch.manual_seed(_batch_seed(sampling.seed, [p.id for p in batch]))
+            texts = [format_prompt(p.text, tokenizer, use_chat_template) for p in batch]
+            samples, produced = sample_batch(model, tokenizer, texts, n, sampling, use_chat_template)
+            tokens += produced
+            new = [Completion(id=f"{p.id}-{i}", prompt_id=p.id, prompt=p.text, text=text, index=i,
+                              model=model_name, sampling=sampling)
+                   for p, texts_of_p in zip(batch, samples, strict=True) for i, text in enumerate(texts_of_p)]
+            if output is not None:
+                append_records(output, new)
+            created += new
+            bar.update(task, advance=len(batch),
+                       info=f"{tokens / max(time.perf_counter() - started, 1e-9):.0f} tok/s")
+    return created

