@@ -1,0 +1,65 @@
+import pytest
+from conftest import make_prompts
+
+from rlhfkit.data.io import read_records
+from rlhfkit.data.records import Completion, SamplingParams
+from rlhfkit.generate import format_prompt, generate_completions
+from rlhfkit.models.policy import prepare_tokenizer
+
+SAMPLING = SamplingParams(max_new_tokens=6, seed=3)
+
+
+@pytest.mark.parametrize("family", ["causal", "seq2seq"])
+def test_n_completions_per_prompt_from_causal_and_seq2seq(family, tiny_causal, tiny_seq2seq, tokenizer):
+    model = tiny_causal if family == "causal" else tiny_seq2seq
+    prepare_tokenizer(tokenizer, model)
+    prompts = make_prompts(3)
+    completions = generate_completions(model, tokenizer, prompts, n=4, sampling=SAMPLING, batch_size=2,
+                                       progress=False)
+    assert len(completions) == 12
+    assert [c.id for c in completions[:4]] == ["p0-0", "p0-1", "p0-2", "p0-3"]
+    assert {c.prompt_id for c in completions} == {"p0", "p1", "p2"}
+    assert all(c.text and c.sampling == SAMPLING for c in completions)
+    # samples differ (the tiny random model has a flat distribution over 50 words)
+    assert len({c.text for c in completions if c.prompt_id == "p0"}) > 1
+
+
+def test_same_seed_same_completions(tiny_causal, tokenizer):
+    prepare_tokenizer(tokenizer, tiny_causal)
+    runs = [[c.text for c in generate_completions(tiny_causal, tokenizer, make_prompts(2), n=2, sampling=SAMPLING,
+                                                  progress=False)] for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_causal_completion_excludes_the_prompt(tiny_causal, tokenizer):
+    prepare_tokenizer(tokenizer, tiny_causal)
+    [completion] = generate_completions(tiny_causal, tokenizer, make_prompts(1), n=1,
+                                        sampling=SamplingParams(max_new_tokens=3), progress=False)
+    assert len(completion.text.split()) <= 3
+
+
+def test_resume_skips_done_prompts_and_redoes_a_torn_one(tmp_path, tiny_causal, tokenizer):
+    prepare_tokenizer(tokenizer, tiny_causal)
+    out = tmp_path / "completions.jsonl"
+    first = generate_completions(tiny_causal, tokenizer, make_prompts(2), n=3, sampling=SAMPLING, output=out,
+                                 progress=False)
+    assert len(first) == 6
+    assert generate_completions(tiny_causal, tokenizer, make_prompts(2), n=3, sampling=SAMPLING, output=out,
+                                progress=False) == []
+    # a crash mid-append: the last line of p1 torn in half, so p1 has 2 of its 3 completions
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:-1]) + lines[-1][:20])
+    redone = generate_completions(tiny_causal, tokenizer, make_prompts(3), n=3, sampling=SAMPLING, output=out,
+                                  progress=False)
+    assert sorted({c.prompt_id for c in redone}) == ["p1", "p2"]
+    stored = read_records(out, Completion)
+    assert len(stored) == 9
+    assert sorted(c.id for c in stored) == [f"p{i}-{j}" for i in range(3) for j in range(3)]
+    assert [c.text for c in stored if c.prompt_id == "p0"] == [c.text for c in first if c.prompt_id == "p0"]
+
+
+def test_chat_template_wraps_plain_prompt_as_user_turn(tokenizer):
+    tokenizer.chat_template = ("{% for m in messages %}<bos> {{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                               "{% if add_generation_prompt %}assistant{% endif %}")
+    assert format_prompt("hi there", tokenizer, True) == "<bos> user hi there assistant"
+    assert format_prompt("hi there", tokenizer, False) == "hi there"
