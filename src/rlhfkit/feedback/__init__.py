@@ -1,0 +1,1 @@
+"""Human feedback: simulated labelers (the web app, consensus and agreement statistics come next)."""
