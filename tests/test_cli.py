@@ -1,10 +1,16 @@
 import json
 
 import pytest
-from conftest import TOPICS, build_tiny_causal, build_tiny_reward_backbone, minilm_tokenizer, synthetic_pairs, \
-    word_tokenizer
 from typer.testing import CliRunner
 
+from conftest import (
+    TOPICS,
+    build_tiny_causal,
+    build_tiny_reward_backbone,
+    minilm_tokenizer,
+    synthetic_pairs,
+    word_tokenizer,
+)
 from rlhfkit.cli import app
 from rlhfkit.data.io import read_records, write_records
 from rlhfkit.data.records import Completion, PreferencePair, Ranking
@@ -13,8 +19,7 @@ runner = CliRunner()
 
 
 def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result
+    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture
@@ -69,8 +74,8 @@ def test_import_then_train_eval_and_score_a_reward_model(tmp_path):
     build_tiny_reward_backbone().save_pretrained(backbone)
     minilm_tokenizer().save_pretrained(backbone)
     (tmp_path / "rm.yaml").write_text("max_length: 48\nlr: 0.002\neval_fraction: 0.25\n")
-    result = invoke("reward", "train", tmp_path / "pairs.jsonl", "-o", tmp_path / "rm", "--config", tmp_path / "rm.yaml",
-                    "--backbone", backbone, "--epochs", 4, "--batch-size", 2)
+    result = invoke("reward", "train", tmp_path / "pairs.jsonl", "-o", tmp_path / "rm",
+                    "--config", tmp_path / "rm.yaml", "--backbone", backbone, "--epochs", 4, "--batch-size", 2)
     assert result.exit_code == 0, result.output
     assert "held-out accuracy" in result.output
     result = invoke("reward", "eval", tmp_path / "rm", tmp_path / "pairs.jsonl")
@@ -87,7 +92,8 @@ def test_import_then_train_eval_and_score_a_reward_model(tmp_path):
 def test_unknown_config_field_is_reported(tmp_path):
     write_records(tmp_path / "pairs.jsonl", synthetic_pairs(TOPICS[:2]))
     (tmp_path / "rm.yaml").write_text("learning_rate: 0.1\n")
-    result = invoke("reward", "train", tmp_path / "pairs.jsonl", "-o", tmp_path / "rm", "--config", tmp_path / "rm.yaml")
+    result = invoke("reward", "train", tmp_path / "pairs.jsonl", "-o", tmp_path / "rm",
+                    "--config", tmp_path / "rm.yaml")
     assert result.exit_code == 1 and "unknown reward-model config fields ['learning_rate']" in result.output
 
 

@@ -1,6 +1,6 @@
 import pytest
-from conftest import make_prompts
 
+from conftest import make_prompts
 from rlhfkit.data.io import read_records
 from rlhfkit.data.records import Completion, SamplingParams
 from rlhfkit.generate import format_prompt, generate_completions

@@ -25,7 +25,7 @@ from rich.table import Table
 from rlhfkit.console import console
 from rlhfkit.data.io import read_prompts, read_records, write_records
 from rlhfkit.data.pairs import rankings_to_pairs
-from rlhfkit.data.records import Completion, PreferencePair, Ranking, SamplingParams, render_text
+from rlhfkit.data.records import Completion, SamplingParams, render_text
 from rlhfkit.eval.judges import ProfanityJudge, SentimentJudge
 from rlhfkit.feedback.simulated import SimulatedLabeler, simulate_rankings
 
@@ -97,7 +97,13 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
 def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict:
     """Run (or resume) the demo pipeline; returns its summary, also written to ``summary.yaml``."""
     from rlhfkit.generate import generate_completions
-    from rlhfkit.reward.model import STATE_FILE, RewardModel, RewardModelConfig, split_by_prompt, train_reward_model
+    from rlhfkit.reward.model import (
+        STATE_FILE,
+        RewardModel,
+        RewardModelConfig,
+        split_by_prompt,
+        train_reward_model,
+    )
 
     config = config or DemoConfig()
     run = Path(config.run_dir)

@@ -62,7 +62,8 @@ def test_trl_from_a_datasets_folder(tmp_path):
 @pytest.mark.parametrize(("fmt", "row", "field", "message"), [
     ("trl", {"prompt": "q", "chosen": "a"}, "rejected", "required field is missing"),
     ("trl", {"chosen": "a", "rejected": "b"}, "prompt", "plain-text rows need one"),
-    ("trl", {"prompt": "q", "chosen": [{"role": "robot", "content": "x"}], "rejected": "b"}, "chosen.0.role", "Input should be"),
+    ("trl", {"prompt": "q", "chosen": [{"role": "robot", "content": "x"}], "rejected": "b"}, "chosen.0.role",
+     "Input should be"),
     ("trl", {"prompt": "q", "chosen": 3, "rejected": "b"}, "chosen", "expected a string or a list"),
     ("hh", {"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: ho"}, "chosen", "no '\\\\n\\\\nAssistant:' turn"),
 ])

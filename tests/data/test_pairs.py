@@ -1,6 +1,6 @@
 import pytest
-from conftest import make_completions
 
+from conftest import make_completions
 from rlhfkit.data.io import DataError, write_records
 from rlhfkit.data.pairs import borda, group_by_prompt, load_rankings, ranking_pairs, rankings_to_pairs
 from rlhfkit.data.records import Ranking

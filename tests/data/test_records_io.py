@@ -1,8 +1,8 @@
 import json
 
 import pytest
-from conftest import make_completions
 
+from conftest import make_completions
 from rlhfkit.data.io import (
     DataError,
     append_records,
@@ -25,7 +25,8 @@ def test_records_round_trip_through_jsonl_with_schema(tmp_path):
 
 
 def test_conversational_records_round_trip(tmp_path):
-    pair = PreferencePair(prompt=[Message(role="user", content="hi")], chosen=[Message(role="assistant", content="hello")],
+    pair = PreferencePair(prompt=[Message(role="user", content="hi")],
+                          chosen=[Message(role="assistant", content="hello")],
                           rejected=[Message(role="assistant", content="go away")])
     write_records(tmp_path / "p.jsonl", [pair])
     assert read_records(tmp_path / "p.jsonl", PreferencePair) == [pair]

@@ -1,7 +1,6 @@
 import random
 
 from conftest import make_completions
-
 from rlhfkit.feedback.simulated import SimulatedLabeler, simulate_rankings
 from rlhfkit.reward.base import FunctionReward
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
-from conftest import build_tiny_reward_backbone, minilm_tokenizer
 
+from conftest import build_tiny_reward_backbone, minilm_tokenizer
 from rlhfkit.eval.judges import ProfanityJudge, SentimentJudge
 from rlhfkit.reward import ClassifierReward, FunctionReward, RewardFn
 

@@ -2,8 +2,8 @@ import math
 
 import pytest
 import torch
-from conftest import TOPICS, build_tiny_reward_backbone, minilm_tokenizer, synthetic_pairs
 
+from conftest import TOPICS, build_tiny_reward_backbone, minilm_tokenizer, synthetic_pairs
 from rlhfkit.reward.model import (
     RewardModel,
     RewardModelConfig,
@@ -34,7 +34,8 @@ def test_k_way_batch_scores_each_completion_once_and_weighs_prompts_equally():
     rm.raw_rewards = lambda p, c: seen.append(len(c)) or original(p, c)
     pairs = synthetic_pairs(TOPICS[:2], per_prompt=3)
     # prompt 0: 3 pairs over <= 6 distinct completions; prompt 1 likewise; one forward pass in all
-    loss = _batch_loss(rm, [pairs[:3], pairs[3:]])
+    loss, stats = _batch_loss(rm, [pairs[:3], pairs[3:]])
+    assert 0.0 <= stats["accuracy"] <= 1.0
     assert len(seen) == 1 and seen[0] <= 12
     manual = 0.0
     for unit in (pairs[:3], pairs[3:]):

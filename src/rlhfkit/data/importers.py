@@ -96,7 +96,7 @@ def hh_pair(row: dict[str, Any], where: tuple = (None, None)) -> PreferencePair:
     for field, value in (("chosen", chosen), ("rejected", rejected)):
         if not isinstance(value, str):
             raise DataError(f"expected a transcript string, got {type(value).__name__}", *where, field)
-    common = os.path.commonprefix([chosen, rejected])
+    common = os.path.commonprefix([chosen, rejected])  # noqa: RUF071 (character-wise is what we want)
     cut = common.rfind(HH_ASSISTANT)
     if cut < 0:
         raise DataError("chosen and rejected share no '\\n\\nAssistant:' turn, so there is no common prompt "

@@ -62,7 +62,7 @@ def parse_record(data: Any, record_type: type[R], path: str | os.PathLike | None
     data = dict(data)
     schema = data.pop("schema", None)
     if schema is not None and schema != record_type.schema_name():
-        kind, _, version = str(schema).partition("/")
+        kind = str(schema).partition("/")[0]
         if kind == f"rlhfkit.{record_type.kind}":
             hint = f"written by a different rlhfkit version (this one reads version {record_type.version})"
         else:

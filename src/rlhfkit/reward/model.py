@@ -20,7 +20,7 @@ import json
 import math
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -32,6 +32,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
+    get_constant_schedule_with_warmup,
     get_linear_schedule_with_warmup,
 )
 
@@ -60,7 +61,9 @@ class RewardModelConfig:
     batching: Literal["prompt", "pairs"] = "prompt"
     lr: float = 5e-5
     weight_decay: float = 0.0
-    warmup_ratio: float = 0.1  # linear warm-up over this share of steps, then linear decay to 0
+    max_steps: int | None = None  # stop after this many optimiser steps (None: run all epochs)
+    lr_schedule: Literal["linear", "constant"] = "linear"  # after warm-up: decay to 0, or stay
+    warmup_ratio: float = 0.1  # linear warm-up over this share of steps
     max_grad_norm: float = 1.0
     eval_fraction: float = 0.1  # share of prompts held out for pairwise accuracy
     seed: int = 0
@@ -101,6 +104,7 @@ class RewardModel:
         self.metrics = metrics or {}  # set by training: held-out accuracy per epoch
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "right"  # decoder backbones: positions start at 0 whatever the padding
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
         self.name = "reward_model"
@@ -179,9 +183,10 @@ def _batches(groups: list[list[PreferencePair]], config: RewardModelConfig,
     return [units[i:i + config.batch_size] for i in range(0, len(units), config.batch_size)]
 
 
-def _batch_loss(reward_model: RewardModel, batch: list[list[PreferencePair]]) -> torch.Tensor:
+def _batch_loss(reward_model: RewardModel, batch: list[list[PreferencePair]]) -> tuple[torch.Tensor, dict]:
     """Score every distinct (prompt, completion) once, then the weighted Bradley-Terry loss: each unit
-    (prompt or pair) weighs 1/len(batch), shared equally by its pairs."""
+    (prompt or pair) weighs 1/len(batch), shared equally by its pairs. Also returns the batch's
+    pairwise accuracy and mean margin."""
     index: dict[tuple[str, str], int] = {}
     chosen_idx, rejected_idx, weights = [], [], []
     for unit in batch:
@@ -192,8 +197,11 @@ def _batch_loss(reward_model: RewardModel, batch: list[list[PreferencePair]]) ->
             weights.append(1.0 / (len(batch) * len(unit)))
     texts = list(index)
     rewards = reward_model.raw_rewards([t[0] for t in texts], [t[1] for t in texts])
-    return bradley_terry_loss(rewards[chosen_idx], rewards[rejected_idx],
-                              torch.tensor(weights, device=rewards.device))
+    chosen, rejected = rewards[chosen_idx], rewards[rejected_idx]
+    loss = bradley_terry_loss(chosen, rejected, torch.tensor(weights, device=rewards.device))
+    with torch.no_grad():
+        stats = {"accuracy": (chosen > rejected).float().mean().item(), "margin": (chosen - rejected).mean().item()}
+    return loss, stats
 
 
 def load_backbone(config: RewardModelConfig) -> RewardModel:
@@ -210,11 +218,13 @@ def load_backbone(config: RewardModelConfig) -> RewardModel:
 
 def train_reward_model(pairs: Sequence[PreferencePair], config: RewardModelConfig | None = None,
                        output_dir: str | os.PathLike | None = None, eval_pairs: Sequence[PreferencePair] | None = None,
-                       reward_model: RewardModel | None = None, progress: bool = True) -> RewardModel:
+                       reward_model: RewardModel | None = None, progress: bool = True,
+                       on_step: Callable[[dict], None] | None = None) -> RewardModel:
     """Train a Bradley-Terry reward model on ``pairs``; held-out accuracy lands in ``.metrics``.
 
     ``eval_pairs`` given: all ``pairs`` train and these evaluate; else ``config.eval_fraction`` of the
     prompts is held out. ``reward_model`` overrides the backbone (e.g. a tiny model in tests).
+    ``on_step`` is called after each optimiser step with {step, loss, accuracy, margin} of the batch.
     """
     config = config or RewardModelConfig()
     if not pairs:
@@ -231,23 +241,30 @@ def train_reward_model(pairs: Sequence[PreferencePair], config: RewardModelConfi
     model.to(device).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
-    steps_per_epoch = len(_batches(train_groups, config, random.Random(0)))
-    total = steps_per_epoch * config.epochs
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total), total)
-    history = []
+    total = len(_batches(train_groups, config, random.Random(0))) * config.epochs
+    total = min(total, config.max_steps) if config.max_steps is not None else total
+    warmup = int(config.warmup_ratio * total)
+    scheduler = (get_linear_schedule_with_warmup(optimizer, warmup, total) if config.lr_schedule == "linear"
+                 else get_constant_schedule_with_warmup(optimizer, warmup))
+    step, history = 0, []
     with progress_bar(progress) as bar:
         task = bar.add_task("reward model", total=total, info="")
         for epoch in range(config.epochs):
+            if step == total:
+                break
             losses = []
-            for batch in _batches(train_groups, config, rng):
-                loss = _batch_loss(reward_model, batch)
+            for batch in _batches(train_groups, config, rng)[: total - step]:
+                loss, stats = _batch_loss(reward_model, batch)
                 optimizer.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
+                step += 1
                 losses.append(loss.item())
-                bar.update(task, advance=1, info=f"epoch {epoch + 1} loss {loss.item():.3f}")
+                if on_step is not None:
+                    on_step({"step": step, "loss": losses[-1], **stats})
+                bar.update(task, advance=1, info=f"epoch {epoch + 1} loss {losses[-1]:.3f}")
             held_out = reward_model.evaluate(eval_pairs)
             history.append({"epoch": epoch + 1, "train_loss": sum(losses) / len(losses),
                             **{f"eval_{k}": v for k, v in held_out.items()}})
