@@ -104,6 +104,13 @@ def test_datasets_round_trip():
     assert from_dataset(dataset, PreferencePair) == pairs
 
 
+def test_completions_with_and_without_scores_round_trip_through_datasets():
+    completions = make_completions()
+    scored = [c.model_copy(update={"scores": {"rm": 0.5}}) if c.index == 1 else c for c in completions]
+    for records in (completions, scored):
+        assert from_dataset(to_dataset(records), Completion) == records
+
+
 def test_dataset_errors_name_row_and_field():
     with pytest.raises(DataError) as err:
         from_dataset([{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a"}],

@@ -12,7 +12,7 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_origin
 
 from pydantic import ValidationError
 
@@ -167,9 +167,20 @@ def to_dataset(records: Iterable[Record]):
     return Dataset.from_list([r.model_dump(mode="json") for r in records])
 
 
+def _without_arrow_fill(row: dict, record_type: type[Record]) -> dict:
+    """Arrow stores a column of dicts as one struct with every key, filling a row's missing keys with
+    None; drop those again from the free-form dict fields (scores, metadata, provenance)."""
+    row = dict(row)
+    for name, info in record_type.model_fields.items():
+        if get_origin(info.annotation) is dict and isinstance(row.get(name), dict):
+            row[name] = {k: v for k, v in row[name].items() if v is not None}
+    return row
+
+
 def from_dataset(dataset, record_type: type[R]) -> list[R]:
     """Records from a `datasets.Dataset` (or any iterable of dicts); errors name the row and field."""
-    return [parse_record(row, record_type, "<dataset>", index) for index, row in enumerate(dataset)]
+    return [parse_record(_without_arrow_fill(row, record_type), record_type, "<dataset>", index)
+            for index, row in enumerate(dataset)]
 
 
 def read_prompts(path: str | os.PathLike):
