@@ -94,7 +94,7 @@ def test_unknown_config_field_is_reported(tmp_path):
     (tmp_path / "rm.yaml").write_text("learning_rate: 0.1\n")
     result = invoke("reward", "train", tmp_path / "pairs.jsonl", "-o", tmp_path / "rm",
                     "--config", tmp_path / "rm.yaml")
-    assert result.exit_code == 1 and "unknown reward-model config fields ['learning_rate']" in result.output
+    assert result.exit_code == 1 and "unknown RewardModelConfig fields ['learning_rate']" in result.output
 
 
 def test_unknown_reward_spec_is_reported(tmp_path):

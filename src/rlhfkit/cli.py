@@ -132,15 +132,12 @@ def reward_train(
 ) -> None:
     """Train a Bradley-Terry reward model (loss −log σ(r_chosen − r_rejected)) → a save_pretrained folder
     with its config, normalisation and held-out accuracy."""
-    from dataclasses import replace
-
     from rlhfkit.data.io import read_records
     from rlhfkit.data.records import PreferencePair
     from rlhfkit.reward.model import RewardModelConfig, train_reward_model
 
-    cfg = RewardModelConfig.from_yaml(config) if config else RewardModelConfig()
-    overrides = {"backbone": backbone, "epochs": epochs, "batch_size": batch_size, "lr": lr, "lora": lora}
-    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    cfg = RewardModelConfig.from_yaml(config, backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr,
+                                      lora=lora)
     held_out = read_records(eval_pairs, PreferencePair) if eval_pairs else None
     rm = train_reward_model(read_records(pairs_file, PreferencePair), cfg, output_dir=output, eval_pairs=held_out)
     final = rm.metrics.get("eval", {})

@@ -8,6 +8,7 @@ output of `generate`.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 from transformers import (
@@ -61,3 +62,63 @@ def save_dequantized(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         del model.config.quantization_config
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+
+
+# ---------------------------------------------------------------- log-probs of completions
+
+
+@dataclass
+class TokenBatch:
+    """Prompts (left-padded for causal models) and their completions (right-padded; the mask is 1 up
+    to and including the first EOS)."""
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.prompt_ids, self.prompt_mask, self.completion_ids, self.completion_mask
+
+    def __getitem__(self, index) -> TokenBatch:
+        return TokenBatch(*(t[index] for t in self.tensors()))
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        return TokenBatch(*(t.to(device) for t in self.tensors()))
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+
+def completion_logits(model: PreTrainedModel, batch: TokenBatch,
+                      output_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits predicting each completion token, [B, T, V] (and the last hidden state there, [B, T, H]).
+
+    The one place where causal and encoder-decoder models differ:
+    * causal: prompt and completion are one sequence; the logits at position t−1 predict token t.
+      Position ids follow the attention mask, as in ``generate``, so left padding changes nothing.
+    * seq2seq: the prompt is the encoder input; the decoder reads [start] + completion[:-1].
+    """
+    if is_seq2seq(model):
+        start = torch.full_like(batch.completion_ids[:, :1], model.config.decoder_start_token_id)
+        decoder_input = torch.cat([start, batch.completion_ids[:, :-1]], dim=1)
+        out = model(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask, decoder_input_ids=decoder_input,
+                    output_hidden_states=output_hidden)
+        return out.logits, (out.decoder_hidden_states[-1] if output_hidden else None)
+    input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)
+    attention_mask = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                output_hidden_states=output_hidden)
+    start = batch.prompt_ids.shape[1] - 1
+    hidden = out.hidden_states[-1][:, start:-1] if output_hidden else None
+    return out.logits[:, start:-1], hidden
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log π(y_t) under softmax(logits / temperature), and optionally the entropy of that distribution."""
+    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logprobs = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    return logprobs, entropy

@@ -21,13 +21,12 @@ import math
 import os
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-import yaml
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -36,6 +35,7 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
+from rlhfkit.config import config_from_yaml, save_config
 from rlhfkit.console import console, progress_bar
 from rlhfkit.data.pairs import group_by_prompt
 from rlhfkit.data.records import PreferencePair, render_text
@@ -74,13 +74,8 @@ class RewardModelConfig:
     lora_dropout: float = 0.0
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> RewardModelConfig:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"{path}: unknown reward-model config fields {unknown}; known: "
-                             f"{sorted(cls.__dataclass_fields__)}")
-        return cls(**data)
+    def from_yaml(cls, path: str | os.PathLike | None = None, **overrides) -> RewardModelConfig:
+        return config_from_yaml(cls, path, **overrides)
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
@@ -151,7 +146,7 @@ class RewardModel:
         state = {"max_length": self.max_length, "mean": self.mean, "std": self.std, "metrics": self.metrics}
         (path / STATE_FILE).write_text(json.dumps(state, indent=1))
         if config is not None:
-            (path / "reward_config.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
+            save_config(config, path / "reward_config.yaml")
 
     @classmethod
     def load(cls, path: str | os.PathLike, batch_size: int = 32) -> RewardModel:

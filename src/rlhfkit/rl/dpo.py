@@ -1,0 +1,178 @@
+"""Direct Preference Optimisation (Rafailov et al. 2023), straight from preference pairs.
+
+With log-probs summed over the completion's tokens (EOS included),
+
+    h = β · [ (log π_θ(y_c|x) − log π_ref(y_c|x)) − (log π_θ(y_r|x) − log π_ref(y_r|x)) ]
+    L = −E[ log σ(h) ]                                       (the sigmoid loss)
+
+β · (log π_θ − log π_ref) is the implicit reward of a completion; h is the chosen-over-rejected
+margin, reported with its accuracy P(h > 0) on held-out pairs. The reference is the policy with its
+LoRA adapter disabled, or a frozen copy; its log-probs are computed once, before training.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhfkit.config import save_config
+from rlhfkit.console import console, progress_bar
+from rlhfkit.data.records import PreferencePair, Text
+from rlhfkit.generate import format_prompt
+from rlhfkit.models.policy import TokenBatch, prepare_tokenizer
+from rlhfkit.models.reference import Reference, add_lora, is_lora
+from rlhfkit.models.value_head import Actor
+from rlhfkit.reward.model import split_by_prompt
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1
+    lr: float = 5e-6
+    epochs: int = 1
+    batch_size: int = 8  # pairs per step on each process
+    max_grad_norm: float = 1.0
+    max_prompt_tokens: int = 256  # longer prompts keep their last tokens
+    max_completion_tokens: int = 256
+    eval_fraction: float = 0.1  # share of prompts held out for margin and accuracy
+    seed: int = 0
+    use_chat_template: bool = False
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    output_dir: str = "runs/dpo"
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L = −mean log σ(h), the margins h) for sequence log-probs of chosen and rejected completions."""
+    margins = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
+    return -F.logsigmoid(margins).mean(), margins
+
+
+def _completion_text(text: Text) -> str:
+    return text if isinstance(text, str) else "".join(m.content for m in text)
+
+
+def tokenize_completions(prompts: Sequence[Text], completions: Sequence[Text], tokenizer: PreTrainedTokenizerBase,
+                         config: DPOConfig) -> TokenBatch:
+    """Prompts left-padded (truncated from the left), completions + EOS right-padded (truncated)."""
+    side = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"
+    prompt = tokenizer([format_prompt(p, tokenizer, config.use_chat_template) for p in prompts], padding=True,
+                       truncation=True, max_length=config.max_prompt_tokens, return_tensors="pt",
+                       add_special_tokens=not config.use_chat_template)
+    tokenizer.truncation_side = side
+    encoded = tokenizer([_completion_text(c) for c in completions], add_special_tokens=False)["input_ids"]
+    encoded = [ids[: config.max_completion_tokens - 1] + [tokenizer.eos_token_id] for ids in encoded]
+    width = max(len(ids) for ids in encoded)
+    ids = torch.full((len(encoded), width), tokenizer.pad_token_id)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, tokens in enumerate(encoded):
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+        mask[row, : len(tokens)] = 1
+    return TokenBatch(prompt["input_ids"], prompt["attention_mask"], ids, mask)
+
+
+def _both(pairs: Sequence[PreferencePair], tokenizer, config: DPOConfig) -> TokenBatch:
+    """Chosen completions then rejected ones, in one batch (one forward pass for both)."""
+    prompts = [p.prompt for p in pairs] * 2
+    return tokenize_completions(prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs], tokenizer, config)
+
+
+class DPOTrainer:
+    def __init__(self, config: DPOConfig, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 reference: Reference | None = None, accelerator: Accelerator | None = None) -> None:
+        self.config = config
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        torch.manual_seed(config.seed)
+        policy.eval()  # no dropout: log-probs of policy and reference must be comparable
+        if config.lora and not is_lora(policy):
+            policy = add_lora(policy, config.lora_r, config.lora_alpha)
+        self.tokenizer = prepare_tokenizer(tokenizer, policy)
+        self.reference = reference or Reference(policy)
+        actor = Actor(policy, value_head=False).to(self.accelerator.device)
+        optimizer = torch.optim.AdamW([p for p in actor.parameters() if p.requires_grad], lr=config.lr)
+        self.actor, self.optimizer = self.accelerator.prepare(actor, optimizer)
+        self.history: list[dict] = []
+
+    def sequence_logprobs(self, batch: TokenBatch, reference: bool = False) -> torch.Tensor:
+        batch = batch.to(self.accelerator.device)
+        if reference:
+            logprobs = self.reference.logprobs(batch)
+        else:
+            logprobs = self.actor(batch, with_entropy=False)[0]
+        return (logprobs * batch.completion_mask).sum(dim=1)
+
+    @torch.no_grad()
+    def evaluate(self, pairs: Sequence[PreferencePair]) -> dict[str, float]:
+        """Held-out mean margin h and accuracy P(h > 0)."""
+        margins = []
+        for start in range(0, len(pairs), self.config.batch_size):
+            batch = _both(pairs[start:start + self.config.batch_size], self.tokenizer, self.config)
+            policy, ref = self.sequence_logprobs(batch), self.sequence_logprobs(batch, reference=True)
+            half = len(batch) // 2
+            margins.append(dpo_loss(policy[:half], policy[half:], ref[:half], ref[half:], self.config.beta)[1])
+        if not margins:
+            return {"margin": float("nan"), "accuracy": float("nan")}
+        all_margins = torch.cat(margins)
+        return {"margin": all_margins.mean().item(), "accuracy": (all_margins > 0).float().mean().item()}
+
+    def train(self, pairs: Sequence[PreferencePair], eval_pairs: Sequence[PreferencePair] | None = None,
+              progress: bool = True) -> list[dict]:
+        cfg, acc = self.config, self.accelerator
+        if eval_pairs is None:
+            groups, eval_pairs = split_by_prompt(pairs, cfg.eval_fraction, cfg.seed)
+            pairs = [p for g in groups for p in g]
+        if not pairs:
+            raise ValueError("no preference pairs to train on")
+        # this process's share of the pairs; every process runs the same number of steps
+        per_process = len(pairs) // acc.num_processes
+        mine = list(pairs[acc.process_index * per_process:(acc.process_index + 1) * per_process])
+        reference = [self.sequence_logprobs(_both(mine[i:i + cfg.batch_size], self.tokenizer, cfg), reference=True)
+                     for i in range(0, len(mine), cfg.batch_size)]
+        ref_by_pair = torch.cat([torch.stack([r[: len(r) // 2], r[len(r) // 2:]], dim=1) for r in reference])
+        before = self.evaluate(eval_pairs)
+        self.history.append({"step": 0, **{f"eval/{k}": v for k, v in before.items()}})
+        rng, step = random.Random(cfg.seed), 0
+        steps_per_epoch = -(-len(mine) // cfg.batch_size)
+        with progress_bar(progress and acc.is_main_process) as bar:
+            task = bar.add_task("dpo", total=steps_per_epoch * cfg.epochs, info="")
+            for _ in range(cfg.epochs):
+                order = list(range(len(mine)))
+                rng.shuffle(order)
+                for start in range(0, len(order), cfg.batch_size):
+                    index = order[start:start + cfg.batch_size]
+                    policy = self.sequence_logprobs(_both([mine[i] for i in index], self.tokenizer, cfg))
+                    ref = ref_by_pair[index]
+                    loss, margins = dpo_loss(policy[: len(index)], policy[len(index):], ref[:, 0], ref[:, 1], cfg.beta)
+                    self.optimizer.zero_grad()
+                    acc.backward(loss)
+                    acc.clip_grad_norm_(self.actor.parameters(), cfg.max_grad_norm)
+                    self.optimizer.step()
+                    step += 1
+                    self.history.append({"step": step, "loss": loss.item(), "margin": margins.mean().item(),
+                                         "accuracy": (margins > 0).float().mean().item()})
+                    bar.update(task, advance=1, info=f"loss {loss.item():.3f}")
+        after = self.evaluate(eval_pairs)
+        self.history.append({"step": step, **{f"eval/{k}": v for k, v in after.items()}})
+        if acc.is_main_process and progress:
+            console.print(f"dpo: held-out margin {before['margin']:.4f} → {after['margin']:.4f}, accuracy "
+                          f"{before['accuracy']:.3f} → {after['accuracy']:.3f} on {len(eval_pairs)} pairs")
+        return self.history
+
+    def save_policy(self, path: str | None = None) -> None:
+        path = Path(path or Path(self.config.output_dir) / "policy")
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self.accelerator.unwrap_model(self.actor).model.save_pretrained(path)
+            self.tokenizer.save_pretrained(path)
+            save_config(self.config, path / "dpo_config.yaml")
+

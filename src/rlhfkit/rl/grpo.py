@@ -1,0 +1,101 @@
+"""GRPO and RLOO: G completions per prompt, a baseline from the group instead of a value model.
+
+Both use PPO's rollout and log-prob code; they differ in the baseline and where the KL goes.
+
+GRPO (Shao et al. 2024), ``advantage="grpo"``, ``kl_penalty="loss"``:
+
+    A_i = (R_i − mean_j R_j) / std_j R_j                       over the G completions of one prompt
+    L = −1/G Σ_i 1/|y_i| Σ_t [ min(ρ_t A_i, clip(ρ_t, 1−ε, 1+ε) A_i) − β · KL_k3,t ]
+
+RLOO (Ahmadian et al. 2024), ``advantage="rloo"``, ``kl_penalty="reward"``:
+
+    R'_i = R_i − β · Σ_t KL_k1,t                               KL folded into the reward
+    A_i = R'_i − 1/(G−1) Σ_{j≠i} R'_j                          leave-one-out baseline
+    L = −1/G Σ_i 1/|y_i| Σ_t min(ρ_t A_i, clip(ρ_t, 1−ε, 1+ε) A_i)
+
+with ρ_t = π_θ(y_t) / π_θ_old(y_t) (1 on the first of ``epochs`` passes, where the gradient is the
+plain policy gradient).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from rlhfkit.rl.advantages import group_normalized, leave_one_out, masked_mean
+from rlhfkit.rl.kl import kl_estimator
+from rlhfkit.rl.rollout import Rollout
+from rlhfkit.rl.trainer import OnPolicyTrainer, RLConfig
+
+
+@dataclass
+class GRPOConfig(RLConfig):
+    group_size: int = 4  # G completions per prompt (batch_size prompts → batch_size × G completions)
+    epochs: int = 1  # passes over each rollout
+    minibatch_size: int = 0  # completions per gradient step (0: the whole rollout at once)
+    clip_eps: float = 0.2
+    advantage: Literal["grpo", "rloo"] = "grpo"
+    kl_penalty: Literal["loss", "reward"] = "loss"
+    kl_coef: float = 0.04
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    scale_rewards: bool = True  # GRPO: divide by the group's std
+
+
+def rloo_config(**overrides) -> GRPOConfig:
+    """RLOO's defaults: leave-one-out baseline, sequence-level k1 KL folded into the reward."""
+    return GRPOConfig(**({"advantage": "rloo", "kl_penalty": "reward", "kl_estimator": "k1", "kl_coef": 0.05}
+                         | overrides))
+
+
+class GRPOTrainer(OnPolicyTrainer):
+    """GRPO, or RLOO with ``rloo_config()`` (the ``algorithm`` name follows the config)."""
+
+    def __init__(self, config: GRPOConfig, *args, **kwargs) -> None:
+        if config.advantage == "rloo" and config.group_size < 2:
+            raise ValueError("RLOO needs group_size ≥ 2 for a leave-one-out baseline")
+        self.algorithm = config.advantage
+        super().__init__(config, *args, **kwargs)
+        self.kl = kl_estimator(config.kl_estimator)
+
+    def rollout(self, prompts, n_per_prompt: int = 1) -> Rollout:
+        return super().rollout(prompts, self.config.group_size)
+
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        cfg, mask, beta = self.config, rollout.mask, self.config.kl_coef
+        kl_old = self.kl(rollout.logprobs, rollout.ref_logprobs) * mask
+        rewards = rollout.scores
+        if cfg.kl_penalty == "reward":
+            rewards = rewards - beta * kl_old.sum(dim=1)
+        if cfg.advantage == "grpo":
+            advantages = group_normalized(rewards, cfg.group_size, cfg.scale_rewards)
+        else:
+            advantages = leave_one_out(rewards, cfg.group_size)
+        stats: dict[str, list[torch.Tensor]] = {}
+        size = cfg.minibatch_size or len(rollout.batch)
+        for _ in range(cfg.epochs):
+            order = torch.randperm(len(rollout.batch))
+            for start in range(0, len(order), size):
+                mb = order[start:start + size].to(mask.device)
+                logprobs, entropy, _ = self.actor(rollout.batch[mb], cfg.temperature)
+                ratio = torch.exp(logprobs - rollout.logprobs[mb])
+                adv = advantages[mb].unsqueeze(1)
+                per_token = torch.min(ratio * adv, torch.clamp(ratio, 1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv)
+                if cfg.kl_penalty == "loss":
+                    per_token = per_token - beta * self.kl(logprobs, rollout.ref_logprobs[mb])
+                loss = -masked_mean(per_token, mask[mb], dim=1).mean()  # per-sequence mean, then mean
+                grad_norm = self.optimizer_step(loss)
+                with torch.no_grad():
+                    for key, value in {"loss/policy": loss, "policy/entropy": masked_mean(entropy, mask[mb]),
+                                       "policy/clipfrac": masked_mean(((ratio - 1).abs() > cfg.clip_eps).float(),
+                                                                      mask[mb]),
+                                       "policy/grad_norm": torch.tensor(grad_norm)}.items():
+                        stats.setdefault(key, []).append(value)
+        return {
+            **{key: torch.stack(values).mean().item() for key, values in stats.items()},
+            "reward/score": rollout.scores.mean().item(),
+            "reward/total": (rollout.scores - beta * kl_old.sum(dim=1)).mean().item(),
+            "kl/kl": kl_old.sum(dim=1).mean().item(),
+            "response/length": mask.sum(dim=1).mean().item(),
+        }

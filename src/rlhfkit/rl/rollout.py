@@ -1,0 +1,86 @@
+"""Phase 1 of every on-policy algorithm (PPO, GRPO, RLOO): sample, then score.
+
+For a batch of prompts: sample completions from the policy, then record for every completion token
+the policy's log-prob, the reference's log-prob and (PPO) the value estimate, and for every completion
+the reward from any reward callable.
+
+Sampling is plain temperature sampling: top-k, top-p, repetition penalties and the like would make the
+sampling distribution differ from softmax(logits / τ), the distribution whose log-probs enter the KL
+estimate and the PPO ratio; that mismatch is the classic cause of a KL that comes out negative. So the
+generation settings are built here from scratch, never taken from the model's `generation_config`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from rlhfkit.generate import format_prompt
+from rlhfkit.models.policy import TokenBatch, is_seq2seq
+from rlhfkit.models.reference import Reference
+from rlhfkit.models.value_head import Actor
+from rlhfkit.reward.base import RewardFn
+
+
+@dataclass
+class Rollout:
+    prompts: list[str]  # one per completion (a prompt repeated for each of its samples)
+    completions: list[str]
+    batch: TokenBatch
+    logprobs: torch.Tensor  # [B, T] log π_θ_old(y_t), at the sampling temperature
+    ref_logprobs: torch.Tensor  # [B, T] log π_ref(y_t), same temperature
+    values: torch.Tensor | None  # [B, T] V(s_t) from the value head (PPO only)
+    scores: torch.Tensor  # [B] reward of each completion from the reward function
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.batch.completion_mask.float()
+
+
+def completion_mask(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """1 for every token up to and including the first EOS, 0 after it (padding)."""
+    is_eos = (tokens == eos_token_id).long()
+    after_eos = (is_eos.cumsum(dim=1) - is_eos) > 0
+    return (~after_eos).long()
+
+
+def sampling_config(tokenizer: PreTrainedTokenizerBase, model, temperature: float, max_new_tokens: int,
+                    n: int) -> GenerationConfig:
+    return GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                            num_return_sequences=n, pad_token_id=tokenizer.pad_token_id,
+                            eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                            decoder_start_token_id=getattr(model.config, "decoder_start_token_id", None))
+
+
+@torch.no_grad()
+def collect_rollout(actor: torch.nn.Module, reference: Reference, tokenizer: PreTrainedTokenizerBase,
+                    prompts: Sequence[str], reward_fn: RewardFn, temperature: float = 1.0,
+                    max_new_tokens: int = 32, n_per_prompt: int = 1, use_chat_template: bool = False) -> Rollout:
+    """Sample ``n_per_prompt`` completions per prompt and score them (see the module docstring).
+
+    ``actor`` may be wrapped (DDP); generation uses the bare model, scoring goes through the wrapper.
+    """
+    bare: Actor = getattr(actor, "module", actor)
+    model = bare.model
+    device = next(model.parameters()).device
+    texts = [format_prompt(p, tokenizer, use_chat_template) for p in prompts]
+    encoded = tokenizer(texts, return_tensors="pt", padding=True,
+                        add_special_tokens=not use_chat_template).to(device)
+    config = sampling_config(tokenizer, model, temperature, max_new_tokens, n_per_prompt)
+    output = model.generate(**encoded, generation_config=config)
+    completion_ids = output[:, 1:] if is_seq2seq(model) else output[:, encoded["input_ids"].shape[1]:]
+    batch = TokenBatch(prompt_ids=encoded["input_ids"].repeat_interleave(n_per_prompt, dim=0),
+                       prompt_mask=encoded["attention_mask"].repeat_interleave(n_per_prompt, dim=0),
+                       completion_ids=completion_ids,
+                       completion_mask=completion_mask(completion_ids, tokenizer.eos_token_id))
+    logprobs, _, values = actor(batch, temperature, with_entropy=False)
+    ref_logprobs = reference.logprobs(batch, temperature)
+    completions = tokenizer.batch_decode(completion_ids * batch.completion_mask
+                                         + tokenizer.pad_token_id * (1 - batch.completion_mask),
+                                         skip_special_tokens=True)
+    repeated = [p for p in prompts for _ in range(n_per_prompt)]
+    scores = reward_fn(repeated, completions).to(device=device, dtype=torch.float32)
+    return Rollout(repeated, completions, batch, logprobs, ref_logprobs, values, scores)

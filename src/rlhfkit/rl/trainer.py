@@ -1,0 +1,212 @@
+"""What PPO, GRPO and RLOO share: prompt order, rollouts, the optimiser under `accelerate`, logging,
+stopping rules and checkpoints. Each algorithm adds only its ``update(rollout) -> stats``.
+
+Under ``accelerate launch`` (DDP, FSDP, DeepSpeed) every process takes its own slice of each step's
+prompts, and gradients are averaged by the wrapper; logged numbers are means over all processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhfkit.config import save_config
+from rlhfkit.console import console
+from rlhfkit.models.policy import prepare_tokenizer
+from rlhfkit.models.reference import Reference, add_lora, is_lora
+from rlhfkit.models.value_head import Actor
+from rlhfkit.reward.base import RewardFn
+from rlhfkit.rl.rollout import Rollout, collect_rollout
+
+
+@dataclass
+class RLConfig:
+    """Settings shared by the on-policy trainers."""
+
+    steps: int = 100  # maximum number of rollouts (= outer steps)
+    batch_size: int = 16  # prompts per step on each process
+    lr: float = 1e-5
+    max_grad_norm: float = 1.0
+    temperature: float = 1.0  # sampling temperature; log-probs are computed at the same temperature
+    max_new_tokens: int = 32
+    kl_coef: float = 0.05  # β of the KL penalty against the reference
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    reward_threshold: float | None = None  # stop once a step's mean reward reaches this
+    seed: int = 0
+    use_chat_template: bool = False  # format prompts with the tokenizer's chat template
+    lora: bool = False  # train LoRA adapters; the reference is then the base with the adapter disabled
+    lora_r: int = 8
+    lora_alpha: int = 16
+    output_dir: str = "runs/rl"
+    save_every: int = 0  # checkpoint every this many steps (0: only at the end)
+    log_dir: str | None = None  # TensorBoard logs (default: OUTPUT_DIR/tensorboard)
+
+
+class OnPolicyTrainer:
+    """The outer loop: rollout → algorithm update → log → maybe checkpoint or stop."""
+
+    algorithm = "rl"
+    uses_value_head = False
+
+    def __init__(self, config: RLConfig, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 reward_fn: RewardFn, prompts: Sequence[str], reference: Reference | None = None,
+                 accelerator: Accelerator | None = None) -> None:
+        if not prompts:
+            raise ValueError("no prompts to train on")
+        self.config, self.reward_fn, self.prompts = config, reward_fn, list(prompts)
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        torch.manual_seed(config.seed + self.accelerator.process_index)
+        policy.eval()  # no dropout: the log-probs of a rollout must be reproducible in the update
+        if config.lora and not is_lora(policy):
+            policy = add_lora(policy, config.lora_r, config.lora_alpha)
+        self.tokenizer = prepare_tokenizer(tokenizer, policy)
+        self.reference = reference or Reference(policy)
+        actor = Actor(policy, value_head=self.uses_value_head).to(self.accelerator.device)
+        optimizer = torch.optim.AdamW([p for p in actor.parameters() if p.requires_grad], lr=config.lr)
+        self.actor, self.optimizer = self.accelerator.prepare(actor, optimizer)
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.stop_reason = ""
+        self._writer = None
+
+    # ------------------------------------------------------------ data
+    def prompts_for_step(self, step: int) -> list[str]:
+        """This process's prompts for ``step``: epochs are seeded permutations of the prompt list, each
+        step takes the next batch_size × num_processes of them, each process its own slice. A function
+        of the step alone, so a resumed run continues with the same data."""
+        n, world = len(self.prompts), self.accelerator.num_processes
+        per_step = self.config.batch_size * world
+        start = step * per_step + self.accelerator.process_index * self.config.batch_size
+        chosen = []
+        for index in range(start, start + self.config.batch_size):
+            epoch, position = divmod(index, n)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed + epoch))
+            chosen.append(self.prompts[order[position]])
+        return chosen
+
+    def rollout(self, prompts: Sequence[str], n_per_prompt: int = 1) -> Rollout:
+        return collect_rollout(self.actor, self.reference, self.tokenizer, prompts, self.reward_fn,
+                               self.config.temperature, self.config.max_new_tokens, n_per_prompt,
+                               self.config.use_chat_template)
+
+    # ------------------------------------------------------------ the algorithm
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        raise NotImplementedError
+
+    def optimizer_step(self, loss: torch.Tensor) -> float:
+        """Backward, clip, step; returns the gradient norm before clipping."""
+        self.optimizer.zero_grad()
+        self.accelerator.backward(loss)
+        norm = self.accelerator.clip_grad_norm_(self.actor.parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        return float(norm)
+
+    def train_step(self) -> dict[str, float]:
+        started = time.perf_counter()
+        stats = self.update(self.rollout(self.prompts_for_step(self.step)))
+        stats = self.mean_over_processes(stats)
+        self.step += 1
+        stats["time/step_s"] = time.perf_counter() - started
+        self.history.append({"step": self.step, **stats})
+        self.log(stats)
+        return stats
+
+    def train(self) -> list[dict[str, float]]:
+        """Run until ``steps`` rollouts or the reward threshold; saves checkpoints and the final policy."""
+        cfg = self.config
+        while self.step < cfg.steps:
+            stats = self.train_step()
+            if cfg.save_every and self.step % cfg.save_every == 0:
+                self.save_checkpoint(Path(cfg.output_dir) / f"checkpoint-{self.step}")
+            if cfg.reward_threshold is not None and stats["reward/score"] >= cfg.reward_threshold:
+                self.stop_reason = f"mean reward {stats['reward/score']:.4f} ≥ threshold {cfg.reward_threshold}"
+                break
+        self.stop_reason = self.stop_reason or f"reached {cfg.steps} steps"
+        if self.accelerator.is_main_process:
+            console.print(f"[bold]{self.algorithm} stopped at step {self.step}:[/] {self.stop_reason}")
+        self.save_policy(Path(cfg.output_dir) / "policy")
+        if self._writer is not None:
+            self._writer.close()
+        return self.history
+
+    # ------------------------------------------------------------ logging
+    def mean_over_processes(self, stats: dict[str, float]) -> dict[str, float]:
+        if self.accelerator.num_processes == 1:
+            return stats
+        keys = sorted(stats)
+        values = torch.tensor([stats[k] for k in keys], device=self.accelerator.device)
+        return dict(zip(keys, self.accelerator.reduce(values, reduction="mean").tolist(), strict=True))
+
+    def log(self, stats: dict[str, float]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(self.config.log_dir or str(Path(self.config.output_dir) / "tensorboard"))
+        for key, value in stats.items():
+            self._writer.add_scalar(key, value, self.step)
+        shown = {k.split("/")[-1]: v for k, v in stats.items() if k in self.console_keys}
+        console.print(f"[bold]{self.algorithm}[/] step {self.step}/{self.config.steps} "
+                      + " ".join(f"{k} {v:.4g}" for k, v in shown.items()), highlight=False)
+
+    console_keys = ("reward/score", "reward/total", "kl/kl", "policy/entropy", "loss/policy", "loss/value",
+                    "policy/clipfrac", "policy/approx_kl", "value/explained_variance", "response/length")
+
+    # ------------------------------------------------------------ checkpoints
+    def _bare_actor(self) -> Actor:
+        return self.accelerator.unwrap_model(self.actor)
+
+    def save_policy(self, path: str | os.PathLike) -> None:
+        """The trained policy as a `save_pretrained` folder (LoRA: the adapter), with the run's config."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self._bare_actor().model.save_pretrained(path)
+            self.tokenizer.save_pretrained(path)
+            save_config(self.config, Path(path) / f"{self.algorithm}_config.yaml")
+
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        """Everything needed to continue exactly: trainable weights (and value head), optimizer, KL
+        controller, step, history, each process's RNG state, and the config."""
+        path = Path(path)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            path.mkdir(parents=True, exist_ok=True)
+            trainable = {n: p.detach().contiguous().cpu() for n, p in self._bare_actor().named_parameters()
+                         if p.requires_grad}
+            save_file(trainable, path / "trainable.safetensors")
+            torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
+            state = {"step": self.step, "history": self.history, **self.extra_state()}
+            (path / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            save_config(self.config, path / f"{self.algorithm}_config.yaml")
+        self.accelerator.wait_for_everyone()
+        torch.save(torch.get_rng_state(), path / f"rng-{self.accelerator.process_index}.pt")
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        if not (path / "trainer_state.json").exists():
+            raise FileNotFoundError(f"{path} is not an rlhfkit checkpoint (no trainer_state.json)")
+        missing = self._bare_actor().load_state_dict(load_file(path / "trainable.safetensors"), strict=False)
+        if missing.unexpected_keys:
+            raise ValueError(f"{path}: checkpoint has weights this model lacks: {missing.unexpected_keys[:5]}")
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+        state = json.loads((path / "trainer_state.json").read_text())
+        self.step, self.history = state["step"], state["history"]
+        self.load_extra_state(state)
+        torch.set_rng_state(torch.load(path / f"rng-{self.accelerator.process_index}.pt"))
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
