@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from rlhfkit.config import read_yaml
 from rlhfkit.console import console
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -182,6 +183,106 @@ def reward_score(
                            zip(records, values, strict=True)])
     mean = sum(values) / len(values) if values else float("nan")
     console.print(f"scored {len(records)} completions, mean {key} = {mean:.4f} → {output}")
+
+
+RUN_INPUTS = ("policy", "gguf_file", "prompts", "reward", "pairs", "eval_pairs")
+ConfigOption = Annotated[Path | None, typer.Option("--config", help="YAML: trainer fields, plus policy, prompts, "
+                                                                    "reward (or pairs for DPO).")]
+PolicyOption = Annotated[str | None, typer.Option(help="Hub id or folder of the causal/seq2seq policy.")]
+StepsOption = Annotated[int | None, typer.Option(help="Maximum number of rollouts.")]
+OutputOption = Annotated[str | None, typer.Option(help="Folder for checkpoints, TensorBoard logs and the policy.")]
+LoraOption = Annotated[bool | None, typer.Option(help="LoRA adapters; the reference is the base with them off.")]
+
+
+def _run_inputs(config_file: Path | None, given: dict) -> tuple[dict, dict]:
+    """(run inputs: policy, prompts, reward, pairs...; the trainer's config fields) from the YAML and flags."""
+    data = read_yaml(config_file) if config_file else {}
+    inputs = {key: data.pop(key, None) for key in RUN_INPUTS}
+    inputs |= {k: v for k, v in given.items() if k in RUN_INPUTS and v is not None}
+    data |= {k: v for k, v in given.items() if k not in RUN_INPUTS and v is not None}
+    return inputs, data
+
+
+def _need(inputs: dict, *keys: str) -> None:
+    for key in keys:
+        if not inputs.get(key):
+            raise ValueError(f"missing {key}: pass --{key.replace('_', '-')} or set `{key}:` in the --config YAML")
+
+
+def _on_policy(algorithm: str, config_file: Path | None, resume: Path | None, **given) -> None:
+    from rlhfkit.config import config_from_mapping
+    from rlhfkit.data.io import read_prompts
+    from rlhfkit.models.policy import load_policy
+    from rlhfkit.reward.spec import load_reward
+    from rlhfkit.rl.grpo import GRPOConfig, GRPOTrainer, rloo_config
+    from rlhfkit.rl.ppo import PPOConfig, PPOTrainer
+
+    inputs, fields = _run_inputs(config_file, given)
+    _need(inputs, "policy", "prompts", "reward")
+    source = str(config_file or "flags")
+    if algorithm == "ppo":
+        trainer_cls, config = PPOTrainer, config_from_mapping(PPOConfig, fields, source)
+    elif algorithm == "grpo":
+        trainer_cls, config = GRPOTrainer, config_from_mapping(GRPOConfig, fields, source)
+    else:
+        trainer_cls, config = GRPOTrainer, config_from_mapping(GRPOConfig, rloo_config(**fields).__dict__, source)
+    prompts = [p.text for p in read_prompts(inputs["prompts"])]
+    policy, tokenizer = load_policy(inputs["policy"], gguf_file=inputs["gguf_file"])
+    trainer = trainer_cls(config, policy, tokenizer, load_reward(inputs["reward"]), prompts)
+    if resume is not None:
+        trainer.load_checkpoint(resume)
+        console.print(f"resumed from {resume} at step {trainer.step}")
+    trainer.train()
+    console.print(f"policy → {Path(config.output_dir) / 'policy'}")
+
+
+PromptsOption = Annotated[Path | None, typer.Option(help="Prompts JSONL or .txt.")]
+RewardOption = Annotated[str | None, typer.Option(help="Reward spec (see `rlhfkit reward score --help`).")]
+ResumeOption = Annotated[Path | None, typer.Option(help="Checkpoint folder to continue from.")]
+
+
+def _register_on_policy(algorithm: str, summary: str) -> None:
+    def command(config: ConfigOption = None, policy: PolicyOption = None, prompts: PromptsOption = None,
+                reward: RewardOption = None, steps: StepsOption = None, output_dir: OutputOption = None,
+                lora: LoraOption = None, resume: ResumeOption = None) -> None:
+        _on_policy(algorithm, config, resume, policy=policy, prompts=prompts, reward=reward, steps=steps,
+                   output_dir=output_dir, lora=lora)
+
+    command.__doc__ = summary
+    app.command(algorithm)(friendly_errors(command))
+
+
+_register_on_policy("ppo", "PPO with a value head, GAE, clipped objective and a KL penalty to the reference "
+                           "(see rl/ppo.py).")
+_register_on_policy("grpo", "GRPO: G completions per prompt, group-normalised advantages, k3 KL in the loss "
+                            "(see rl/grpo.py).")
+_register_on_policy("rloo", "RLOO: G completions per prompt, leave-one-out baseline, KL folded into the reward "
+                            "(see rl/grpo.py).")
+
+
+@app.command()
+@friendly_errors
+def dpo(config: ConfigOption = None, policy: PolicyOption = None,
+        pairs: Annotated[Path | None, typer.Option(help="Preference pairs JSONL (from `rlhfkit pairs`).")] = None,
+        eval_pairs: Annotated[Path | None, typer.Option(help="Held-out pairs (default: hold out prompts).")] = None,
+        epochs: int | None = None, output_dir: OutputOption = None, lora: LoraOption = None) -> None:
+    """DPO from preference pairs: sigmoid loss with β against the reference (see rl/dpo.py)."""
+    from rlhfkit.config import config_from_mapping
+    from rlhfkit.data.io import read_records
+    from rlhfkit.data.records import PreferencePair
+    from rlhfkit.models.policy import load_policy
+    from rlhfkit.rl.dpo import DPOConfig, DPOTrainer
+
+    inputs, fields = _run_inputs(config, {"policy": policy, "pairs": pairs, "eval_pairs": eval_pairs,
+                                          "epochs": epochs, "output_dir": output_dir, "lora": lora})
+    _need(inputs, "policy", "pairs")
+    cfg = config_from_mapping(DPOConfig, fields, str(config or "flags"))
+    model, tokenizer = load_policy(inputs["policy"], gguf_file=inputs["gguf_file"])
+    trainer = DPOTrainer(cfg, model, tokenizer)
+    held_out = read_records(inputs["eval_pairs"], PreferencePair) if inputs["eval_pairs"] else None
+    trainer.train(read_records(inputs["pairs"], PreferencePair), held_out)
+    trainer.save_policy()
+    console.print(f"policy → {Path(cfg.output_dir) / 'policy'}")
 
 
 @app.command()

@@ -71,7 +71,7 @@ def tokenize_completions(prompts: Sequence[Text], completions: Sequence[Text], t
                        add_special_tokens=not config.use_chat_template)
     tokenizer.truncation_side = side
     encoded = tokenizer([_completion_text(c) for c in completions], add_special_tokens=False)["input_ids"]
-    encoded = [ids[: config.max_completion_tokens - 1] + [tokenizer.eos_token_id] for ids in encoded]
+    encoded = [[*ids[: config.max_completion_tokens - 1], tokenizer.eos_token_id] for ids in encoded]
     width = max(len(ids) for ids in encoded)
     ids = torch.full((len(encoded), width), tokenizer.pad_token_id)
     mask = torch.zeros((len(encoded), width), dtype=torch.long)
@@ -105,10 +105,7 @@ class DPOTrainer:
 
     def sequence_logprobs(self, batch: TokenBatch, reference: bool = False) -> torch.Tensor:
         batch = batch.to(self.accelerator.device)
-        if reference:
-            logprobs = self.reference.logprobs(batch)
-        else:
-            logprobs = self.actor(batch, with_entropy=False)[0]
+        logprobs = self.reference.logprobs(batch) if reference else self.actor(batch, with_entropy=False)[0]
         return (logprobs * batch.completion_mask).sum(dim=1)
 
     @torch.no_grad()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from rlhfkit.data.records import Text, render_text
 from rlhfkit.generate import format_prompt
 from rlhfkit.models.policy import TokenBatch, is_seq2seq
 from rlhfkit.models.reference import Reference
@@ -57,7 +58,7 @@ def sampling_config(tokenizer: PreTrainedTokenizerBase, model, temperature: floa
 
 @torch.no_grad()
 def collect_rollout(actor: torch.nn.Module, reference: Reference, tokenizer: PreTrainedTokenizerBase,
-                    prompts: Sequence[str], reward_fn: RewardFn, temperature: float = 1.0,
+                    prompts: Sequence[Text], reward_fn: RewardFn, temperature: float = 1.0,
                     max_new_tokens: int = 32, n_per_prompt: int = 1, use_chat_template: bool = False) -> Rollout:
     """Sample ``n_per_prompt`` completions per prompt and score them (see the module docstring).
 
@@ -81,6 +82,6 @@ def collect_rollout(actor: torch.nn.Module, reference: Reference, tokenizer: Pre
     completions = tokenizer.batch_decode(completion_ids * batch.completion_mask
                                          + tokenizer.pad_token_id * (1 - batch.completion_mask),
                                          skip_special_tokens=True)
-    repeated = [p for p in prompts for _ in range(n_per_prompt)]
+    repeated = [render_text(p) for p in prompts for _ in range(n_per_prompt)]
     scores = reward_fn(repeated, completions).to(device=device, dtype=torch.float32)
     return Rollout(repeated, completions, batch, logprobs, ref_logprobs, values, scores)

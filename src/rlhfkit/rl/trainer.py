@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhfkit.config import save_config
 from rlhfkit.console import console
+from rlhfkit.data.records import Text
 from rlhfkit.models.policy import prepare_tokenizer
 from rlhfkit.models.reference import Reference, add_lora, is_lora
 from rlhfkit.models.value_head import Actor
@@ -59,7 +60,7 @@ class OnPolicyTrainer:
     uses_value_head = False
 
     def __init__(self, config: RLConfig, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 reward_fn: RewardFn, prompts: Sequence[str], reference: Reference | None = None,
+                 reward_fn: RewardFn, prompts: Sequence[Text], reference: Reference | None = None,
                  accelerator: Accelerator | None = None) -> None:
         if not prompts:
             raise ValueError("no prompts to train on")
@@ -80,7 +81,7 @@ class OnPolicyTrainer:
         self._writer = None
 
     # ------------------------------------------------------------ data
-    def prompts_for_step(self, step: int) -> list[str]:
+    def prompts_for_step(self, step: int) -> list[Text]:
         """This process's prompts for ``step``: epochs are seeded permutations of the prompt list, each
         step takes the next batch_size × num_processes of them, each process its own slice. A function
         of the step alone, so a resumed run continues with the same data."""
@@ -94,7 +95,7 @@ class OnPolicyTrainer:
             chosen.append(self.prompts[order[position]])
         return chosen
 
-    def rollout(self, prompts: Sequence[str], n_per_prompt: int = 1) -> Rollout:
+    def rollout(self, prompts: Sequence[Text], n_per_prompt: int = 1) -> Rollout:
         return collect_rollout(self.actor, self.reference, self.tokenizer, prompts, self.reward_fn,
                                self.config.temperature, self.config.max_new_tokens, n_per_prompt,
                                self.config.use_chat_template)

@@ -1,0 +1,69 @@
+import torch
+from conftest import build_tiny_causal, build_tiny_seq2seq, word_tokenizer
+
+from rlhfkit.models.reference import Reference, add_lora
+from rlhfkit.models.value_head import Actor
+from rlhfkit.reward.base import FunctionReward
+from rlhfkit.rl.kl import KL_ESTIMATORS
+from rlhfkit.rl.rollout import collect_rollout, completion_mask
+
+PROMPTS = ["how do i fix bike", "write code please", "plan day"]
+LENGTH = FunctionReward(lambda p, c: len(c.split()))
+
+
+def rollout_for(model, value_head=True, n=2, temperature=0.7):
+    tokenizer = word_tokenizer()
+    from rlhfkit.models.policy import prepare_tokenizer
+
+    prepare_tokenizer(tokenizer, model)
+    actor = Actor(model, value_head=value_head)
+    return collect_rollout(actor, Reference(model), tokenizer, PROMPTS, LENGTH, temperature=temperature,
+                           max_new_tokens=6, n_per_prompt=n), actor
+
+
+def test_completion_mask_keeps_tokens_up_to_the_first_eos():
+    tokens = torch.tensor([[5, 6, 3, 0, 3], [5, 6, 7, 8, 9]])
+    assert completion_mask(tokens, eos_token_id=3).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+
+
+def test_rollout_shapes_and_scores_for_causal_and_seq2seq():
+    for model in (build_tiny_causal(), build_tiny_seq2seq()):
+        rollout, _ = rollout_for(model)
+        assert len(rollout.completions) == 6 and rollout.prompts[:2] == [PROMPTS[0]] * 2
+        assert rollout.logprobs.shape == rollout.ref_logprobs.shape == rollout.values.shape
+        assert rollout.scores.tolist() == [float(len(c.split())) for c in rollout.completions]
+
+
+def test_kl_to_an_identical_reference_is_exactly_zero_and_ratio_starts_at_one():
+    """Guard against the negative-KL failure: log-probs come from the distribution that sampled."""
+    for model in (build_tiny_causal(), build_tiny_seq2seq()):
+        model.generation_config.top_k, model.generation_config.top_p = 5, 0.5  # must be ignored
+        rollout, actor = rollout_for(model, temperature=0.7)
+        for estimator in KL_ESTIMATORS.values():
+            assert (estimator(rollout.logprobs, rollout.ref_logprobs) * rollout.mask).abs().max() < 1e-5
+        recomputed, _, _ = actor(rollout.batch, 0.7)
+        assert torch.allclose(recomputed * rollout.mask, rollout.logprobs * rollout.mask, atol=1e-5)
+
+
+def test_sampled_tokens_follow_the_temperature_distribution_not_top_k():
+    """With top-k 1 in the model's generation_config, sampling would be greedy; rollouts must sample."""
+    model = build_tiny_causal()
+    model.generation_config.top_k = 1
+    rollout, _ = rollout_for(model, n=8, temperature=1.0)
+    assert len(set(rollout.completions)) > 1
+
+
+def test_lora_reference_is_the_base_model_with_the_adapter_off():
+    model = build_tiny_causal()
+    base_rollout, _ = rollout_for(model, value_head=False)
+    lora = add_lora(build_tiny_causal(), r=4)
+    with torch.no_grad():  # make the adapter matter
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    reference = Reference(lora)
+    assert reference.shared
+    ref = reference.logprobs(base_rollout.batch, 0.7)
+    assert torch.allclose(ref * base_rollout.mask, base_rollout.ref_logprobs * base_rollout.mask, atol=1e-5)
+    policy = Actor(lora, value_head=False)(base_rollout.batch, 0.7)[0]
+    assert not torch.allclose(policy * base_rollout.mask, ref * base_rollout.mask, atol=1e-3)

@@ -1,0 +1,115 @@
+"""Trends on a tiny policy and a programmatic reward: each algorithm must clearly raise the reward
+while the KL to the reference stays bounded; DPO must raise the held-out chosen-over-rejected margin."""
+
+import random
+
+import pytest
+import torch
+from conftest import build_tiny_causal, build_tiny_seq2seq, word_tokenizer
+
+from rlhfkit.data.records import PreferencePair
+from rlhfkit.reward.base import FunctionReward
+from rlhfkit.rl.dpo import DPOConfig, DPOTrainer
+from rlhfkit.rl.grpo import GRPOConfig, GRPOTrainer, rloo_config
+from rlhfkit.rl.ppo import PPOConfig, PPOTrainer
+
+KIND = {"happy", "kind", "nice", "good", "love", "glad"}
+PROMPTS = ["how do i fix bike", "write code please", "plan day", "help you", "bake cake", "email"]
+REWARD = FunctionReward(lambda p, c: sum(w in KIND for w in c.split()) / max(len(c.split()), 1))
+
+
+def mean(history, key, part):
+    values = [h[key] for h in history]
+    chosen = values[:5] if part == "first" else values[-5:]
+    return sum(chosen) / len(chosen)
+
+
+@pytest.mark.parametrize("family", ["causal", "seq2seq"])
+def test_ppo_raises_reward_with_bounded_kl(family, tmp_path):
+    model = build_tiny_causal() if family == "causal" else build_tiny_seq2seq()
+    config = PPOConfig(steps=30, batch_size=16, minibatch_size=8, ppo_epochs=2, lr=3e-3, max_new_tokens=8,
+                       kl_coef=0.1, lam=1.0, output_dir=str(tmp_path))
+    history = PPOTrainer(config, model, word_tokenizer(), REWARD, PROMPTS).train()
+    before, after = mean(history, "reward/score", "first"), mean(history, "reward/score", "last")
+    print(f"{family} PPO reward {before:.3f} -> {after:.3f}, KL {mean(history, 'kl/kl', 'last'):.2f}")
+    assert after > before + 0.15
+    assert mean(history, "kl/kl", "last") < 15.0  # nats per 8-token sequence
+    assert {"loss/policy", "loss/value", "policy/entropy", "policy/clipfrac", "policy/approx_kl",
+            "value/explained_variance", "response/length", "reward/total"} <= set(history[-1])
+    assert (tmp_path / "policy" / "ppo_config.yaml").exists()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("make_config", [GRPOConfig, rloo_config], ids=["grpo", "rloo"])
+def test_group_methods_raise_reward_with_bounded_kl(make_config, tmp_path):
+    config = make_config(steps=30, batch_size=8, group_size=4, lr=3e-3, max_new_tokens=8, output_dir=str(tmp_path))
+    history = GRPOTrainer(config, build_tiny_causal(), word_tokenizer(), REWARD, PROMPTS).train()
+    before, after = mean(history, "reward/score", "first"), mean(history, "reward/score", "last")
+    print(f"{config.advantage} reward {before:.3f} -> {after:.3f}, KL {mean(history, 'kl/kl', 'last'):.2f}")
+    assert after > before + 0.2
+    assert mean(history, "kl/kl", "last") < 15.0
+
+
+def test_adaptive_kl_coefficient_follows_the_measured_kl_in_training(tmp_path):
+    config = PPOConfig(steps=12, batch_size=16, minibatch_size=8, ppo_epochs=2, lr=3e-3, max_new_tokens=8, lam=1.0,
+                       kl_coef=0.05, kl_target=0.5, kl_horizon=50, output_dir=str(tmp_path))
+    history = PPOTrainer(config, build_tiny_causal(), word_tokenizer(), REWARD, PROMPTS).train()
+    for now, after in zip(history, history[1:], strict=False):
+        # β grows after a rollout whose KL exceeded the target and shrinks after one below it
+        assert (after["kl/coef"] > now["kl/coef"]) == (now["kl/kl"] > 0.5)
+
+
+def test_reward_threshold_stops_early(tmp_path):
+    config = PPOConfig(steps=50, batch_size=16, minibatch_size=8, ppo_epochs=2, lr=3e-3, max_new_tokens=8,
+                       kl_coef=0.05, lam=1.0, reward_threshold=0.4, output_dir=str(tmp_path))
+    trainer = PPOTrainer(config, build_tiny_causal(), word_tokenizer(), REWARD, PROMPTS)
+    history = trainer.train()
+    assert len(history) < 50 and history[-1]["reward/score"] >= 0.4
+    assert "threshold" in trainer.stop_reason
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_resumed_run_matches_an_uninterrupted_one(algorithm, tmp_path):
+    def make(output):
+        if algorithm == "ppo":
+            config = PPOConfig(steps=4, batch_size=8, minibatch_size=4, ppo_epochs=2, lr=3e-3, max_new_tokens=6,
+                               kl_target=1.0, kl_horizon=100, output_dir=str(output))
+            return PPOTrainer(config, build_tiny_causal(), word_tokenizer(), REWARD, PROMPTS)
+        config = GRPOConfig(steps=4, batch_size=4, group_size=3, lr=3e-3, max_new_tokens=6, output_dir=str(output))
+        return GRPOTrainer(config, build_tiny_causal(), word_tokenizer(), REWARD, PROMPTS)
+
+    straight = make(tmp_path / "a")
+    full = straight.train()
+    first = make(tmp_path / "b")
+    first.config.steps = 2
+    first.train()
+    first.save_checkpoint(tmp_path / "ckpt")
+    resumed = make(tmp_path / "c")
+    resumed.load_checkpoint(tmp_path / "ckpt")
+    rest = resumed.train()
+    keys = ("reward/score", "kl/kl", "loss/policy")
+    assert [[round(h[k], 5) for k in keys] for h in rest] == [[round(h[k], 5) for k in keys] for h in full]
+    for (name, a), b in zip(straight.actor.named_parameters(), resumed.actor.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def pairs_for(topics, seed):
+    rng = random.Random(seed)
+    good, bad = sorted(KIND), ["stupid", "idiot", "dumb", "hate", "bad", "useless"]
+    return [PreferencePair(prompt=f"how do i {t}", chosen=" ".join(rng.choices(good, k=4)),
+                           rejected=" ".join(rng.choices(bad, k=4)), prompt_id=t) for t in topics for _ in range(4)]
+
+
+@pytest.mark.parametrize("build", [build_tiny_causal, build_tiny_seq2seq], ids=["causal", "seq2seq"])
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_dpo_raises_the_held_out_margin(build, lora, tmp_path):
+    config = DPOConfig(lr=1e-3 if not lora else 3e-2, epochs=3 if not lora else 6, batch_size=8, lora=lora, output_dir=str(tmp_path))
+    trainer = DPOTrainer(config, build(), word_tokenizer())
+    assert trainer.reference.shared == lora
+    history = trainer.train(pairs_for(["fix bike", "write code", "plan day", "bake cake", "help you"], 0),
+                            eval_pairs=pairs_for(["email", "garden"], 1), progress=False)
+    before, after = history[0], history[-1]
+    assert before["eval/margin"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at the start
+    assert after["eval/margin"] > 0.1 and after["eval/accuracy"] >= 0.75
+    trainer.save_policy()
+    assert (tmp_path / "policy" / "dpo_config.yaml").exists()
