@@ -31,7 +31,8 @@ def policy_dir(tmp_path):
 
 
 @pytest.mark.parametrize("command", [[], ["generate"], ["pairs"], ["import-pairs"], ["reward", "train"],
-                                     ["reward", "eval"], ["reward", "score"], ["demo"]])
+                                     ["reward", "eval"], ["reward", "score"], ["demo"], ["ppo"], ["grpo"], ["rloo"],
+                                     ["dpo"]])
 def test_every_command_explains_itself(command):
     result = invoke(*command, "--help")
     assert result.exit_code == 0 and "Usage" in result.output
@@ -101,3 +102,46 @@ def test_unknown_reward_spec_is_reported(tmp_path):
     write_records(tmp_path / "c.jsonl", [Completion(id="a", prompt_id="p", prompt="q", text="t", index=0)])
     result = invoke("reward", "score", tmp_path / "c.jsonl", "--reward", "judge:vibes", "-o", tmp_path / "s.jsonl")
     assert result.exit_code == 1 and "unknown judge 'vibes'" in result.output
+
+
+def test_rl_commands_from_a_yaml_config_with_checkpoint_and_resume(tmp_path, policy_dir):
+    (tmp_path / "prompts.txt").write_text("how do i fix bike\nwrite code please\nplan day\nhelp you\n")
+    run = tmp_path / "run.yaml"
+    run.write_text(f"policy: {policy_dir}\nprompts: {tmp_path / 'prompts.txt'}\nreward: judge:sentiment\n"
+                   f"batch_size: 2\nmax_new_tokens: 4\nsave_every: 1\noutput_dir: {tmp_path / 'ppo'}\n")
+    result = invoke("ppo", "--config", run, "--steps", 1, "--minibatch-size", 1)
+    assert result.exit_code == 2  # PPO fields come from the YAML, not ad-hoc flags
+    run.write_text(run.read_text() + "minibatch_size: 1\n")
+    result = invoke("ppo", "--config", run, "--steps", 1)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "ppo" / "checkpoint-1" / "trainer_state.json").exists()
+    assert (tmp_path / "ppo" / "policy" / "ppo_config.yaml").exists()
+    result = invoke("ppo", "--config", run, "--steps", 2, "--resume", tmp_path / "ppo" / "checkpoint-1")
+    assert result.exit_code == 0, result.output
+    assert "resumed from" in result.output and "step 2/2" in result.output and "step 1/2" not in result.output
+    for algorithm in ("grpo", "rloo"):
+        cfg = tmp_path / f"{algorithm}.yaml"
+        cfg.write_text(f"policy: {policy_dir}\nprompts: {tmp_path / 'prompts.txt'}\nreward: judge:sentiment\n"
+                       f"batch_size: 2\ngroup_size: 2\nmax_new_tokens: 4\nsteps: 1\n"
+                       f"output_dir: {tmp_path / algorithm}\n")
+        result = invoke(algorithm, "--config", cfg)
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / algorithm / "policy" / f"{algorithm}_config.yaml").exists()
+
+
+def test_rl_command_names_what_is_missing(tmp_path):
+    result = invoke("grpo", "--prompts", tmp_path / "p.txt", "--reward", "judge:sentiment")
+    assert result.exit_code == 1 and "missing policy: pass --policy or set `policy:`" in result.output
+    (tmp_path / "bad.yaml").write_text("policy: x\nprompts: y\nreward: z\nclip_epsilon: 0.1\n")
+    result = invoke("ppo", "--config", tmp_path / "bad.yaml")
+    assert result.exit_code == 1 and "unknown PPOConfig fields ['clip_epsilon']" in result.output
+
+
+def test_dpo_command(tmp_path, policy_dir):
+    pairs = [PreferencePair(prompt="how do i fix bike", chosen="happy kind nice", rejected="stupid dumb idiot",
+                            prompt_id=f"p{i}") for i in range(6)]
+    write_records(tmp_path / "pairs.jsonl", pairs)
+    result = invoke("dpo", "--policy", policy_dir, "--pairs", tmp_path / "pairs.jsonl", "--epochs", 1,
+                    "--output-dir", tmp_path / "dpo")
+    assert result.exit_code == 0, result.output
+    assert "held-out margin" in result.output and (tmp_path / "dpo" / "policy" / "config.json").exists()

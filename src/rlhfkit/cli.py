@@ -233,7 +233,8 @@ def _on_policy(algorithm: str, config_file: Path | None, resume: Path | None, **
         trainer.load_checkpoint(resume)
         console.print(f"resumed from {resume} at step {trainer.step}")
     trainer.train()
-    console.print(f"policy → {Path(config.output_dir) / 'policy'}")
+    if trainer.accelerator.is_main_process:
+        console.print(f"policy → {Path(config.output_dir) / 'policy'}")
 
 
 PromptsOption = Annotated[Path | None, typer.Option(help="Prompts JSONL or .txt.")]

@@ -46,6 +46,7 @@ def load_policy(name_or_path: str | os.PathLike, gguf_file: str | None = None,
     and load that folder afterwards).
     """
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    name_or_path = os.path.expanduser(name_or_path)
     config = AutoConfig.from_pretrained(name_or_path, **kwargs)
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     model = auto.from_pretrained(name_or_path, dtype=dtype, **kwargs)

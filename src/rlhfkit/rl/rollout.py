@@ -13,6 +13,7 @@ generation settings are built here from scratch, never taken from the model's `g
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,16 @@ def sampling_config(tokenizer: PreTrainedTokenizerBase, model, temperature: floa
                             decoder_start_token_id=getattr(model.config, "decoder_start_token_id", None))
 
 
+def full_parameters(actor: torch.nn.Module):
+    """Generation needs whole weights: under FSDP, gather the shards for the duration (no write-back).
+    DDP and DeepSpeed ZeRO-1/2 keep whole weights on every rank and need nothing."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(actor, FullyShardedDataParallel):
+        return FullyShardedDataParallel.summon_full_params(actor, writeback=False, recurse=True)
+    return nullcontext()
+
+
 @torch.no_grad()
 def collect_rollout(actor: torch.nn.Module, reference: Reference, tokenizer: PreTrainedTokenizerBase,
                     prompts: Sequence[Text], reward_fn: RewardFn, temperature: float = 1.0,
@@ -71,7 +82,8 @@ def collect_rollout(actor: torch.nn.Module, reference: Reference, tokenizer: Pre
     encoded = tokenizer(texts, return_tensors="pt", padding=True,
                         add_special_tokens=not use_chat_template).to(device)
     config = sampling_config(tokenizer, model, temperature, max_new_tokens, n_per_prompt)
-    output = model.generate(**encoded, generation_config=config)
+    with full_parameters(actor):
+        output = model.generate(**encoded, generation_config=config)
     completion_ids = output[:, 1:] if is_seq2seq(model) else output[:, encoded["input_ids"].shape[1]:]
     batch = TokenBatch(prompt_ids=encoded["input_ids"].repeat_interleave(n_per_prompt, dim=0),
                        prompt_mask=encoded["attention_mask"].repeat_interleave(n_per_prompt, dim=0),
