@@ -8,11 +8,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from conftest import build_tiny_causal, word_tokenizer  # noqa: E402
+import torch
 
-from rlhfkit.reward.base import FunctionReward  # noqa: E402
-from rlhfkit.rl.ppo import PPOConfig, PPOTrainer  # noqa: E402
+from conftest import build_tiny_causal, word_tokenizer
+from rlhfkit.reward.base import FunctionReward
+from rlhfkit.rl.ppo import PPOConfig, PPOTrainer
 
 
 def weights_hash(trainer: PPOTrainer) -> str:

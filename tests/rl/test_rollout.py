@@ -1,6 +1,6 @@
 import torch
-from conftest import build_tiny_causal, build_tiny_seq2seq, word_tokenizer
 
+from conftest import build_tiny_causal, build_tiny_seq2seq, word_tokenizer
 from rlhfkit.models.reference import Reference, add_lora
 from rlhfkit.models.value_head import Actor
 from rlhfkit.reward.base import FunctionReward

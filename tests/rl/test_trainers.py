@@ -1,12 +1,13 @@
 """Trends on a tiny policy and a programmatic reward: each algorithm must clearly raise the reward
 while the KL to the reference stays bounded; DPO must raise the held-out chosen-over-rejected margin."""
 
+import itertools
 import random
 
 import pytest
 import torch
-from conftest import build_tiny_causal, build_tiny_seq2seq, word_tokenizer
 
+from conftest import build_tiny_causal, build_tiny_seq2seq, word_tokenizer
 from rlhfkit.data.records import PreferencePair
 from rlhfkit.reward.base import FunctionReward
 from rlhfkit.rl.dpo import DPOConfig, DPOTrainer
@@ -54,7 +55,7 @@ def test_adaptive_kl_coefficient_follows_the_measured_kl_in_training(tmp_path):
     config = PPOConfig(steps=12, batch_size=16, minibatch_size=8, ppo_epochs=2, lr=3e-3, max_new_tokens=8, lam=1.0,
                        kl_coef=0.05, kl_target=0.5, kl_horizon=50, output_dir=str(tmp_path))
     history = PPOTrainer(config, build_tiny_causal(), word_tokenizer(), REWARD, PROMPTS).train()
-    for now, after in zip(history, history[1:], strict=False):
+    for now, after in itertools.pairwise(history):
         # β grows after a rollout whose KL exceeded the target and shrinks after one below it
         assert (after["kl/coef"] > now["kl/coef"]) == (now["kl/kl"] > 0.5)
 
@@ -103,7 +104,8 @@ def pairs_for(topics, seed):
 @pytest.mark.parametrize("build", [build_tiny_causal, build_tiny_seq2seq], ids=["causal", "seq2seq"])
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_dpo_raises_the_held_out_margin(build, lora, tmp_path):
-    config = DPOConfig(lr=1e-3 if not lora else 3e-2, epochs=3 if not lora else 6, batch_size=8, lora=lora, output_dir=str(tmp_path))
+    config = DPOConfig(lr=3e-2 if lora else 1e-3, epochs=6 if lora else 3, batch_size=8, lora=lora,
+                       output_dir=str(tmp_path))
     trainer = DPOTrainer(config, build(), word_tokenizer())
     assert trainer.reference.shared == lora
     history = trainer.train(pairs_for(["fix bike", "write code", "plan day", "bake cake", "help you"], 0),
