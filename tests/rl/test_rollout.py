@@ -1,6 +1,7 @@
 import torch
 
 from conftest import build_tiny_causal, build_tiny_seq2seq, word_tokenizer
+from rlhfkit.models.policy import SamplingDistribution
 from rlhfkit.models.reference import Reference, add_lora
 from rlhfkit.models.value_head import Actor
 from rlhfkit.reward.base import FunctionReward
@@ -17,8 +18,8 @@ def rollout_for(model, value_head=True, n=2, temperature=0.7):
 
     prepare_tokenizer(tokenizer, model)
     actor = Actor(model, value_head=value_head)
-    return collect_rollout(actor, Reference(model), tokenizer, PROMPTS, LENGTH, temperature=temperature,
-                           max_new_tokens=6, n_per_prompt=n), actor
+    return collect_rollout(actor, Reference(model), tokenizer, PROMPTS, LENGTH,
+                           SamplingDistribution(temperature), max_new_tokens=6, n_per_prompt=n), actor
 
 
 def test_completion_mask_keeps_tokens_up_to_the_first_eos():
@@ -41,7 +42,7 @@ def test_kl_to_an_identical_reference_is_exactly_zero_and_ratio_starts_at_one():
         rollout, actor = rollout_for(model, temperature=0.7)
         for estimator in KL_ESTIMATORS.values():
             assert (estimator(rollout.logprobs, rollout.ref_logprobs) * rollout.mask).abs().max() < 1e-5
-        recomputed, _, _ = actor(rollout.batch, 0.7)
+        recomputed, _, _ = actor(rollout.batch, SamplingDistribution(0.7))
         assert torch.allclose(recomputed * rollout.mask, rollout.logprobs * rollout.mask, atol=1e-5)
 
 
@@ -63,7 +64,25 @@ def test_lora_reference_is_the_base_model_with_the_adapter_off():
                 p.normal_(std=0.5)
     reference = Reference(lora)
     assert reference.shared
-    ref = reference.logprobs(base_rollout.batch, 0.7)
+    ref = reference.logprobs(base_rollout.batch, SamplingDistribution(0.7))
     assert torch.allclose(ref * base_rollout.mask, base_rollout.ref_logprobs * base_rollout.mask, atol=1e-5)
-    policy = Actor(lora, value_head=False)(base_rollout.batch, 0.7)[0]
+    policy = Actor(lora, value_head=False)(base_rollout.batch, SamplingDistribution(0.7))[0]
     assert not torch.allclose(policy * base_rollout.mask, ref * base_rollout.mask, atol=1e-3)
+
+
+def test_min_new_tokens_is_part_of_the_distribution_that_log_probs_use():
+    """EOS forbidden before min_new_tokens in sampling must be forbidden in the log-probs too."""
+    model = build_tiny_causal()
+    tokenizer = word_tokenizer()
+    from rlhfkit.models.policy import prepare_tokenizer
+
+    prepare_tokenizer(tokenizer, model)
+    sampling = SamplingDistribution(1.0, min_new_tokens=6, eos_token_id=tokenizer.eos_token_id)
+    actor = Actor(model, value_head=False)
+    rollout = collect_rollout(actor, Reference(model), tokenizer, PROMPTS, LENGTH, sampling, max_new_tokens=6,
+                              n_per_prompt=4)
+    assert rollout.mask.sum(dim=1).tolist() == [6.0] * 12  # fixed length: no early EOS
+    plain, _, _ = actor(rollout.batch, SamplingDistribution(1.0))
+    assert (rollout.logprobs > plain).all()  # the EOS mass is redistributed over the other tokens
+    _, entropy, _ = actor(rollout.batch, sampling)
+    assert torch.isfinite(entropy).all()

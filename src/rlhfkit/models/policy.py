@@ -116,10 +116,26 @@ def completion_logits(model: PreTrainedModel, batch: TokenBatch,
     return out.logits[:, start:-1], hidden
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+@dataclass(frozen=True)
+class SamplingDistribution:
+    """The distribution rollouts sample from, which their log-probs must be computed under:
+    softmax(logits / temperature), with EOS forbidden for the first ``min_new_tokens`` tokens."""
+
+    temperature: float = 1.0
+    min_new_tokens: int = 0
+    eos_token_id: int | None = None
+
+
+PLAIN_SAMPLING = SamplingDistribution()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, sampling: SamplingDistribution = PLAIN_SAMPLING,
                    with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log π(y_t) under softmax(logits / temperature), and optionally the entropy of that distribution."""
-    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
+    """log π(y_t) under ``sampling``'s distribution, and optionally that distribution's entropy."""
+    logits = logits.float() / sampling.temperature
+    if sampling.min_new_tokens and sampling.eos_token_id is not None:
+        logits[:, : sampling.min_new_tokens, sampling.eos_token_id] = float("-inf")
+    logp_all = torch.log_softmax(logits, dim=-1)
     logprobs = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    entropy = -(logp_all.exp() * logp_all.nan_to_num(neginf=0.0)).sum(-1) if with_entropy else None
     return logprobs, entropy

@@ -12,7 +12,7 @@ from contextlib import nullcontext
 import torch
 from transformers import PreTrainedModel
 
-from rlhfkit.models.policy import TokenBatch, completion_logits, token_logprobs
+from rlhfkit.models.policy import PLAIN_SAMPLING, SamplingDistribution, TokenBatch, completion_logits, token_logprobs
 
 
 def is_lora(model: torch.nn.Module) -> bool:
@@ -43,7 +43,7 @@ class Reference:
         self.model = policy if self.shared else copy.deepcopy(policy).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def logprobs(self, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:
+    def logprobs(self, batch: TokenBatch, sampling: SamplingDistribution = PLAIN_SAMPLING) -> torch.Tensor:
         with self.model.disable_adapter() if self.shared else nullcontext():
             logits, _ = completion_logits(self.model, batch)
-            return token_logprobs(logits, batch.completion_ids, temperature)[0]
+            return token_logprobs(logits, batch.completion_ids, sampling)[0]

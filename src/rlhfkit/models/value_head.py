@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from rlhfkit.models.policy import TokenBatch, completion_logits, token_logprobs
+from rlhfkit.models.policy import PLAIN_SAMPLING, SamplingDistribution, TokenBatch, completion_logits, token_logprobs
 
 
 class Actor(nn.Module):
@@ -25,9 +25,9 @@ class Actor(nn.Module):
             nn.init.normal_(self.value_head.weight, std=1.0 / (model.config.hidden_size + 1) ** 0.5)
             nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, batch: TokenBatch, temperature: float = 1.0,
+    def forward(self, batch: TokenBatch, sampling: SamplingDistribution = PLAIN_SAMPLING,
                 with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         logits, hidden = completion_logits(self.model, batch, output_hidden=self.value_head is not None)
-        logprobs, entropy = token_logprobs(logits, batch.completion_ids, temperature, with_entropy)
+        logprobs, entropy = token_logprobs(logits, batch.completion_ids, sampling, with_entropy)
         values = self.value_head(hidden.float()).squeeze(-1) if self.value_head is not None else None
         return logprobs, entropy, values

@@ -78,7 +78,7 @@ class GRPOTrainer(OnPolicyTrainer):
             order = torch.randperm(len(rollout.batch))
             for start in range(0, len(order), size):
                 mb = order[start:start + size].to(mask.device)
-                logprobs, entropy, _ = self.actor(rollout.batch[mb], cfg.temperature)
+                logprobs, entropy, _ = self.actor(rollout.batch[mb], self.sampling)
                 ratio = torch.exp(logprobs - rollout.logprobs[mb])
                 adv = advantages[mb].unsqueeze(1)
                 per_token = torch.min(ratio * adv, torch.clamp(ratio, 1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv)

@@ -99,7 +99,7 @@ class PPOTrainer(OnPolicyTrainer):
             order = torch.randperm(len(rollout.batch))
             for start in range(0, len(order), cfg.minibatch_size):
                 mb = order[start:start + cfg.minibatch_size].to(mask.device)
-                logprobs, entropy, values = self.actor(rollout.batch[mb], cfg.temperature)
+                logprobs, entropy, values = self.actor(rollout.batch[mb], self.sampling)
                 loss, mb_stats = ppo_losses(logprobs, rollout.logprobs[mb], advantages[mb], values,
                                             rollout.values[mb], returns[mb], entropy, mask[mb], cfg)
                 mb_stats["policy/grad_norm"] = torch.tensor(self.optimizer_step(loss))

@@ -21,7 +21,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from rlhfkit.data.records import Text, render_text
 from rlhfkit.generate import format_prompt
-from rlhfkit.models.policy import TokenBatch, is_seq2seq
+from rlhfkit.models.policy import PLAIN_SAMPLING, SamplingDistribution, TokenBatch, is_seq2seq
 from rlhfkit.models.reference import Reference
 from rlhfkit.models.value_head import Actor
 from rlhfkit.reward.base import RewardFn
@@ -32,8 +32,8 @@ class Rollout:
     prompts: list[str]  # one per completion (a prompt repeated for each of its samples)
     completions: list[str]
     batch: TokenBatch
-    logprobs: torch.Tensor  # [B, T] log π_θ_old(y_t), at the sampling temperature
-    ref_logprobs: torch.Tensor  # [B, T] log π_ref(y_t), same temperature
+    logprobs: torch.Tensor  # [B, T] log π_θ_old(y_t), under the sampling distribution
+    ref_logprobs: torch.Tensor  # [B, T] log π_ref(y_t), under the same transformation of its logits
     values: torch.Tensor | None  # [B, T] V(s_t) from the value head (PPO only)
     scores: torch.Tensor  # [B] reward of each completion from the reward function
 
@@ -49,9 +49,10 @@ def completion_mask(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     return (~after_eos).long()
 
 
-def sampling_config(tokenizer: PreTrainedTokenizerBase, model, temperature: float, max_new_tokens: int,
+def sampling_config(tokenizer: PreTrainedTokenizerBase, model, sampling: SamplingDistribution, max_new_tokens: int,
                     n: int) -> GenerationConfig:
-    return GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+    return GenerationConfig(do_sample=True, temperature=sampling.temperature, top_k=0, top_p=1.0,
+                            max_new_tokens=max_new_tokens, min_new_tokens=sampling.min_new_tokens or None,
                             num_return_sequences=n, pad_token_id=tokenizer.pad_token_id,
                             eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
                             decoder_start_token_id=getattr(model.config, "decoder_start_token_id", None))
@@ -69,7 +70,7 @@ def full_parameters(actor: torch.nn.Module):
 
 @torch.no_grad()
 def collect_rollout(actor: torch.nn.Module, reference: Reference, tokenizer: PreTrainedTokenizerBase,
-                    prompts: Sequence[Text], reward_fn: RewardFn, temperature: float = 1.0,
+                    prompts: Sequence[Text], reward_fn: RewardFn, sampling: SamplingDistribution = PLAIN_SAMPLING,
                     max_new_tokens: int = 32, n_per_prompt: int = 1, use_chat_template: bool = False) -> Rollout:
     """Sample ``n_per_prompt`` completions per prompt and score them (see the module docstring).
 
@@ -81,7 +82,7 @@ def collect_rollout(actor: torch.nn.Module, reference: Reference, tokenizer: Pre
     texts = [format_prompt(p, tokenizer, use_chat_template) for p in prompts]
     encoded = tokenizer(texts, return_tensors="pt", padding=True,
                         add_special_tokens=not use_chat_template).to(device)
-    config = sampling_config(tokenizer, model, temperature, max_new_tokens, n_per_prompt)
+    config = sampling_config(tokenizer, model, sampling, max_new_tokens, n_per_prompt)
     with full_parameters(actor):
         output = model.generate(**encoded, generation_config=config)
     completion_ids = output[:, 1:] if is_seq2seq(model) else output[:, encoded["input_ids"].shape[1]:]
@@ -89,8 +90,8 @@ def collect_rollout(actor: torch.nn.Module, reference: Reference, tokenizer: Pre
                        prompt_mask=encoded["attention_mask"].repeat_interleave(n_per_prompt, dim=0),
                        completion_ids=completion_ids,
                        completion_mask=completion_mask(completion_ids, tokenizer.eos_token_id))
-    logprobs, _, values = actor(batch, temperature, with_entropy=False)
-    ref_logprobs = reference.logprobs(batch, temperature)
+    logprobs, _, values = actor(batch, sampling, with_entropy=False)
+    ref_logprobs = reference.logprobs(batch, sampling)
     completions = tokenizer.batch_decode(completion_ids * batch.completion_mask
                                          + tokenizer.pad_token_id * (1 - batch.completion_mask),
                                          skip_special_tokens=True)

@@ -23,7 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlhfkit.config import save_config
 from rlhfkit.console import console
 from rlhfkit.data.records import Text
-from rlhfkit.models.policy import prepare_tokenizer
+from rlhfkit.models.policy import SamplingDistribution, prepare_tokenizer
 from rlhfkit.models.reference import Reference, add_lora, is_lora
 from rlhfkit.models.value_head import Actor
 from rlhfkit.reward.base import RewardFn
@@ -40,6 +40,7 @@ class RLConfig:
     max_grad_norm: float = 1.0
     temperature: float = 1.0  # sampling temperature; log-probs are computed at the same temperature
     max_new_tokens: int = 32
+    min_new_tokens: int = 0  # EOS is forbidden before this many tokens (in sampling and in log-probs)
     kl_coef: float = 0.05  # β of the KL penalty against the reference
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
     reward_threshold: float | None = None  # stop once a step's mean reward reaches this
@@ -71,6 +72,7 @@ class OnPolicyTrainer:
         if config.lora and not is_lora(policy):
             policy = add_lora(policy, config.lora_r, config.lora_alpha)
         self.tokenizer = prepare_tokenizer(tokenizer, policy)
+        self.sampling = SamplingDistribution(config.temperature, config.min_new_tokens, self.tokenizer.eos_token_id)
         self.reference = reference or Reference(policy)
         actor = Actor(policy, value_head=self.uses_value_head).to(self.accelerator.device)
         optimizer = torch.optim.AdamW([p for p in actor.parameters() if p.requires_grad], lr=config.lr)
@@ -97,7 +99,7 @@ class OnPolicyTrainer:
 
     def rollout(self, prompts: Sequence[Text], n_per_prompt: int = 1) -> Rollout:
         return collect_rollout(self.actor, self.reference, self.tokenizer, prompts, self.reward_fn,
-                               self.config.temperature, self.config.max_new_tokens, n_per_prompt,
+                               self.sampling, self.config.max_new_tokens, n_per_prompt,
                                self.config.use_chat_template)
 
     # ------------------------------------------------------------ the algorithm
