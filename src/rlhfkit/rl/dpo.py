@@ -13,6 +13,7 @@ LoRA adapter disabled, or a frozen copy; its log-probs are computed once, before
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ class DPOConfig:
     beta: float = 0.1
     lr: float = 5e-6
     epochs: int = 1
+    max_steps: int | None = None  # stop after this many optimiser steps (None: all epochs)
     batch_size: int = 8  # pairs per step on each process
     max_grad_norm: float = 1.0
     max_prompt_tokens: int = 256  # longer prompts keep their last tokens
@@ -139,13 +141,17 @@ class DPOTrainer:
         before = self.evaluate(eval_pairs)
         self.history.append({"step": 0, **{f"eval/{k}": v for k, v in before.items()}})
         rng, step = random.Random(cfg.seed), 0
-        steps_per_epoch = -(-len(mine) // cfg.batch_size)
+        total = -(-len(mine) // cfg.batch_size) * cfg.epochs
+        total = min(total, cfg.max_steps) if cfg.max_steps is not None else total
         with progress_bar(progress and acc.is_main_process) as bar:
-            task = bar.add_task("dpo", total=steps_per_epoch * cfg.epochs, info="")
+            task = bar.add_task("dpo", total=total, info="")
             for _ in range(cfg.epochs):
                 order = list(range(len(mine)))
                 rng.shuffle(order)
                 for start in range(0, len(order), cfg.batch_size):
+                    if step == total:
+                        break
+                    started = time.perf_counter()
                     index = order[start:start + cfg.batch_size]
                     policy = self.sequence_logprobs(_both([mine[i] for i in index], self.tokenizer, cfg))
                     ref = ref_by_pair[index]
@@ -156,7 +162,8 @@ class DPOTrainer:
                     self.optimizer.step()
                     step += 1
                     self.history.append({"step": step, "loss": loss.item(), "margin": margins.mean().item(),
-                                         "accuracy": (margins > 0).float().mean().item()})
+                                         "accuracy": (margins > 0).float().mean().item(),
+                                         "time/step_s": time.perf_counter() - started})
                     bar.update(task, advance=1, info=f"loss {loss.item():.3f}")
         after = self.evaluate(eval_pairs)
         self.history.append({"step": step, **{f"eval/{k}": v for k, v in after.items()}})

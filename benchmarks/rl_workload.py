@@ -1,0 +1,96 @@
+"""DPO, GRPO, RLOO and PPO on the shared benchmark workload (../shared/bench), done with rlhfkit.
+
+The same work as the TRL runners (run_dpo.py, run_grpo.py, run_rloo.py, run_ppo.py): the same
+5.3M-parameter GPT-2 policy from the same initial weights, the same prompts, pairs and target-token
+reward, batch shapes, step counts and optimiser settings; completions are exactly 32 tokens (EOS
+forbidden before, as TRL's `min_new_tokens`). One difference is by design: rlhfkit's PPO critic is a
+value head on the policy's trunk, TRL's a separate 5.3M-parameter value model.
+Writes ``rlhfkit_<algo>.json`` next to the TRL results with the same keys.
+
+    python benchmarks/rl_workload.py grpo [--bench-dir ../shared/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+TRENDS = {"dpo": ["loss", "accuracy", "margin"],
+          "grpo": ["reward/score", "kl/kl", "policy/entropy"],
+          "rloo": ["reward/score", "kl/kl", "policy/entropy"],
+          "ppo": ["reward/score", "kl/kl", "policy/entropy", "value/explained_variance"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("algo", choices=sorted(TRENDS))
+    parser.add_argument("--bench-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "bench"))
+    args = parser.parse_args()
+    sys.path.insert(0, args.bench_dir)
+    import bench_common as B
+    import workload as W
+
+    B.setup_process()
+    t_start = time.perf_counter()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhfkit.console import console
+    from rlhfkit.data.records import PreferencePair
+    from rlhfkit.reward.base import FunctionReward
+    from rlhfkit.rl.dpo import DPOConfig, DPOTrainer
+    from rlhfkit.rl.grpo import GRPOConfig, GRPOTrainer, rloo_config
+    from rlhfkit.rl.ppo import PPOConfig, PPOTrainer
+
+    console.quiet = True
+    paths = W.prepare_artifacts()
+    tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])
+    policy = AutoModelForCausalLM.from_pretrained(paths["policy"])
+    gen = B.GenStats()
+    B.instrument_generate(policy, gen)
+    out = tempfile.mkdtemp(prefix="rlhfkit-bench-")
+
+    if args.algo == "dpo":
+        wl = W.DPO
+        pairs = [PreferencePair(**p) for p in W.preference_pairs()]
+        trainer = DPOTrainer(DPOConfig(beta=wl.beta, lr=wl.lr, batch_size=wl.pairs_per_step, max_steps=wl.steps,
+                                       epochs=1 + wl.steps * wl.pairs_per_step // len(pairs), eval_fraction=0.0,
+                                       max_grad_norm=wl.max_grad_norm, seed=W.SEED, output_dir=out),
+                             policy, tokenizer)
+        trained = time.perf_counter()
+        history = [h for h in trainer.train(pairs, eval_pairs=[], progress=False) if "loss" in h]
+        gen = None
+    else:
+        def target_fraction(prompts, completions):
+            return [W.target_fraction([W.WORD_TO_ID.get(w, W.UNK_ID) for w in c.split()]) for c in completions]
+
+        reward = FunctionReward(target_fraction, batched=True)
+        common = dict(lr=W.GRPO.lr, max_grad_norm=1.0, temperature=1.0, max_new_tokens=W.COMPLETION_LEN,
+                      min_new_tokens=W.COMPLETION_LEN, seed=W.SEED, output_dir=out)
+        if args.algo == "ppo":
+            wl = W.PPO
+            config = PPOConfig(steps=wl.steps, batch_size=wl.prompts_per_step, minibatch_size=wl.prompts_per_step,
+                               ppo_epochs=wl.ppo_epochs, kl_coef=wl.kl_coef, kl_estimator=wl.kl_estimator,
+                               gamma=wl.gamma, lam=wl.lam, clip_eps=wl.cliprange, value_clip=wl.cliprange_value,
+                               vf_coef=wl.vf_coef, entropy_coef=wl.entropy_coef, **common)
+            trainer = PPOTrainer(config, policy, tokenizer, reward, W.prompts())
+        else:
+            wl = W.GRPO if args.algo == "grpo" else W.RLOO
+            group = dict(steps=wl.steps, batch_size=wl.prompts_per_step, group_size=wl.generations_per_prompt,
+                         epochs=wl.num_iterations, clip_eps=wl.epsilon, kl_coef=wl.beta, **common)
+            config = GRPOConfig(**group) if args.algo == "grpo" else rloo_config(**group)
+            trainer = GRPOTrainer(config, policy, tokenizer, reward, W.prompts())
+        trained = time.perf_counter()
+        history = [trainer.train_step() for _ in range(wl.steps)]
+
+    timer = SimpleNamespace(step_times=[h["time/step_s"] for h in history], logs=history,
+                            t_train_begin=trained, t_train_end=time.perf_counter())
+    B.finish(f"rlhfkit_{args.algo}", timer, wl.warmup_steps_excluded,
+             {"workload": args.algo, "params": B.param_count(policy)}, TRENDS[args.algo], gen=gen, t_start=t_start)
+
+
+if __name__ == "__main__":
+    main()
