@@ -42,6 +42,12 @@ class Reference:
             raise ValueError("a shared reference needs a LoRA policy (the adapter is switched off to get π_ref)")
         self.model = policy if self.shared else copy.deepcopy(policy).eval().requires_grad_(False)
 
+    def to(self, device: torch.device | str) -> Reference:
+        """Move a separate reference next to the policy (a shared one moves with the policy)."""
+        if not self.shared:
+            self.model.to(device)
+        return self
+
     @torch.no_grad()
     def logprobs(self, batch: TokenBatch, sampling: SamplingDistribution = PLAIN_SAMPLING) -> torch.Tensor:
         with self.model.disable_adapter() if self.shared else nullcontext():

@@ -99,7 +99,7 @@ class DPOTrainer:
         if config.lora and not is_lora(policy):
             policy = add_lora(policy, config.lora_r, config.lora_alpha)
         self.tokenizer = prepare_tokenizer(tokenizer, policy)
-        self.reference = reference or Reference(policy)
+        self.reference = (reference or Reference(policy)).to(self.accelerator.device)
         actor = Actor(policy, value_head=False).to(self.accelerator.device)
         optimizer = torch.optim.AdamW([p for p in actor.parameters() if p.requires_grad], lr=config.lr)
         self.actor, self.optimizer = self.accelerator.prepare(actor, optimizer)

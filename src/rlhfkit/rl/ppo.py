@@ -89,7 +89,7 @@ class PPOTrainer(OnPolicyTrainer):
         kl = self.kl(rollout.logprobs, rollout.ref_logprobs) * mask
         rewards = -beta * kl
         last = (mask.sum(dim=1).long() - 1).clamp(min=0)
-        rewards[torch.arange(len(last)), last] += rollout.scores
+        rewards[torch.arange(len(last), device=rewards.device), last] += rollout.scores
         advantages, returns = gae(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             advantages = whiten(advantages, mask)

@@ -73,7 +73,7 @@ class OnPolicyTrainer:
             policy = add_lora(policy, config.lora_r, config.lora_alpha)
         self.tokenizer = prepare_tokenizer(tokenizer, policy)
         self.sampling = SamplingDistribution(config.temperature, config.min_new_tokens, self.tokenizer.eos_token_id)
-        self.reference = reference or Reference(policy)
+        self.reference = (reference or Reference(policy)).to(self.accelerator.device)
         actor = Actor(policy, value_head=self.uses_value_head).to(self.accelerator.device)
         optimizer = torch.optim.AdamW([p for p in actor.parameters() if p.requires_grad], lr=config.lr)
         self.actor, self.optimizer = self.accelerator.prepare(actor, optimizer)
