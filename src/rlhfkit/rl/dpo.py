@@ -101,7 +101,8 @@ class DPOTrainer:
         self.tokenizer = prepare_tokenizer(tokenizer, policy)
         self.reference = (reference or Reference(policy)).to(self.accelerator.device)
         actor = Actor(policy, value_head=False).to(self.accelerator.device)
-        optimizer = torch.optim.AdamW([p for p in actor.parameters() if p.requires_grad], lr=config.lr)
+        trainable = [p for p in actor.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
         self.actor, self.optimizer = self.accelerator.prepare(actor, optimizer)
         self.history: list[dict] = []
 

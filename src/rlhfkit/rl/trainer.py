@@ -75,7 +75,8 @@ class OnPolicyTrainer:
         self.sampling = SamplingDistribution(config.temperature, config.min_new_tokens, self.tokenizer.eos_token_id)
         self.reference = (reference or Reference(policy)).to(self.accelerator.device)
         actor = Actor(policy, value_head=self.uses_value_head).to(self.accelerator.device)
-        optimizer = torch.optim.AdamW([p for p in actor.parameters() if p.requires_grad], lr=config.lr)
+        trainable = [p for p in actor.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
         self.actor, self.optimizer = self.accelerator.prepare(actor, optimizer)
         self.step = 0
         self.history: list[dict[str, float]] = []
