@@ -104,7 +104,7 @@ def pairs_for(topics, seed):
 @pytest.mark.parametrize("build", [build_tiny_causal, build_tiny_seq2seq], ids=["causal", "seq2seq"])
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_dpo_raises_the_held_out_margin(build, lora, tmp_path):
-    config = DPOConfig(lr=3e-2 if lora else 1e-3, epochs=6 if lora else 3, batch_size=8, lora=lora,
+    config = DPOConfig(lr=1e-2 if lora else 1e-3, epochs=6 if lora else 3, batch_size=8, lora=lora,
                        output_dir=str(tmp_path))
     trainer = DPOTrainer(config, build(), word_tokenizer())
     assert trainer.reference.shared == lora

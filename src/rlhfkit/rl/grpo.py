@@ -59,11 +59,23 @@ class GRPOTrainer(OnPolicyTrainer):
         super().__init__(config, *args, **kwargs)
         self.kl = kl_estimator(config.kl_estimator)
 
-    def rollout(self, prompts, n_per_prompt: int = 1) -> Rollout:
-        return super().rollout(prompts, self.config.group_size)
+    @property
+    def samples_per_prompt(self) -> int:
+        return self.config.group_size
+
+    @property
+    def rollout_logprobs(self) -> bool:
+        """False for one gradient step per rollout: π_θ_old is then π_θ itself, and the update's own
+        forward pass gives the old log-probs (detached), one forward pass fewer per step."""
+        cfg = self.config
+        return not (cfg.epochs == 1 and cfg.minibatch_size in (0, cfg.batch_size * cfg.group_size))
 
     def update(self, rollout: Rollout) -> dict[str, float]:
         cfg, mask, beta = self.config, rollout.mask, self.config.kl_coef
+        fresh = None
+        if rollout.logprobs is None:
+            fresh = self.actor(rollout.batch, self.sampling)
+            rollout.logprobs = fresh[0].detach()
         kl_old = self.kl(rollout.logprobs, rollout.ref_logprobs) * mask
         rewards = rollout.scores
         if cfg.kl_penalty == "reward":
@@ -75,10 +87,10 @@ class GRPOTrainer(OnPolicyTrainer):
         stats: dict[str, list[torch.Tensor]] = {}
         size = cfg.minibatch_size or len(rollout.batch)
         for _ in range(cfg.epochs):
-            order = torch.randperm(len(rollout.batch))
+            order = torch.arange(len(rollout.batch)) if fresh is not None else torch.randperm(len(rollout.batch))
             for start in range(0, len(order), size):
                 mb = order[start:start + size].to(mask.device)
-                logprobs, entropy, _ = self.actor(rollout.batch[mb], self.sampling)
+                logprobs, entropy, _ = fresh if fresh is not None else self.actor(rollout.batch[mb], self.sampling)
                 ratio = torch.exp(logprobs - rollout.logprobs[mb])
                 adv = advantages[mb].unsqueeze(1)
                 per_token = torch.min(ratio * adv, torch.clamp(ratio, 1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv)

@@ -32,7 +32,7 @@ class Rollout:
     prompts: list[str]  # one per completion (a prompt repeated for each of its samples)
     completions: list[str]
     batch: TokenBatch
-    logprobs: torch.Tensor  # [B, T] log π_θ_old(y_t), under the sampling distribution
+    logprobs: torch.Tensor | None  # [B, T] log π_θ_old(y_t) under the sampling distribution (None: not asked)
     ref_logprobs: torch.Tensor  # [B, T] log π_ref(y_t), under the same transformation of its logits
     values: torch.Tensor | None  # [B, T] V(s_t) from the value head (PPO only)
     scores: torch.Tensor  # [B] reward of each completion from the reward function
@@ -71,10 +71,13 @@ def full_parameters(actor: torch.nn.Module):
 @torch.no_grad()
 def collect_rollout(actor: torch.nn.Module, reference: Reference, tokenizer: PreTrainedTokenizerBase,
                     prompts: Sequence[Text], reward_fn: RewardFn, sampling: SamplingDistribution = PLAIN_SAMPLING,
-                    max_new_tokens: int = 32, n_per_prompt: int = 1, use_chat_template: bool = False) -> Rollout:
+                    max_new_tokens: int = 32, n_per_prompt: int = 1, use_chat_template: bool = False,
+                    policy_logprobs: bool = True) -> Rollout:
     """Sample ``n_per_prompt`` completions per prompt and score them (see the module docstring).
 
     ``actor`` may be wrapped (DDP); generation uses the bare model, scoring goes through the wrapper.
+    ``policy_logprobs=False`` skips the policy's forward pass (log-probs and values stay None), for
+    updates that take one gradient step and get them from their own forward pass.
     """
     bare: Actor = getattr(actor, "module", actor)
     model = bare.model
@@ -90,7 +93,7 @@ def collect_rollout(actor: torch.nn.Module, reference: Reference, tokenizer: Pre
                        prompt_mask=encoded["attention_mask"].repeat_interleave(n_per_prompt, dim=0),
                        completion_ids=completion_ids,
                        completion_mask=completion_mask(completion_ids, tokenizer.eos_token_id))
-    logprobs, _, values = actor(batch, sampling, with_entropy=False)
+    logprobs, _, values = actor(batch, sampling, with_entropy=False) if policy_logprobs else (None, None, None)
     ref_logprobs = reference.logprobs(batch, sampling)
     completions = tokenizer.batch_decode(completion_ids * batch.completion_mask
                                          + tokenizer.pad_token_id * (1 - batch.completion_mask),

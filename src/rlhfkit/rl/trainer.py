@@ -98,10 +98,13 @@ class OnPolicyTrainer:
             chosen.append(self.prompts[order[position]])
         return chosen
 
-    def rollout(self, prompts: Sequence[Text], n_per_prompt: int = 1) -> Rollout:
+    samples_per_prompt = 1  # completions sampled per prompt
+    rollout_logprobs = True  # whether the rollout records the policy's log-probs (and values)
+
+    def rollout(self, prompts: Sequence[Text]) -> Rollout:
         return collect_rollout(self.actor, self.reference, self.tokenizer, prompts, self.reward_fn,
-                               self.sampling, self.config.max_new_tokens, n_per_prompt,
-                               self.config.use_chat_template)
+                               self.sampling, self.config.max_new_tokens, self.samples_per_prompt,
+                               self.config.use_chat_template, policy_logprobs=self.rollout_logprobs)
 
     # ------------------------------------------------------------ the algorithm
     def update(self, rollout: Rollout) -> dict[str, float]:
