@@ -115,3 +115,31 @@ def test_dpo_raises_the_held_out_margin(build, lora, tmp_path):
     assert after["eval/margin"] > 0.1 and after["eval/accuracy"] >= 0.75
     trainer.save_policy()
     assert (tmp_path / "policy" / "dpo_config.yaml").exists()
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_single_step_update_reusing_the_policy_pass_equals_the_two_pass_update(algorithm, tmp_path):
+    """One gradient step per rollout skips the rollout's policy pass; the update must not change."""
+    import copy
+
+    from rlhfkit.rl.rollout import collect_rollout
+
+    def make():
+        if algorithm == "ppo":
+            config = PPOConfig(batch_size=8, minibatch_size=8, ppo_epochs=1, lr=3e-3, max_new_tokens=6,
+                               output_dir=str(tmp_path))
+            return PPOTrainer(config, build_tiny_causal(), word_tokenizer(), REWARD, PROMPTS)
+        config = GRPOConfig(batch_size=4, group_size=2, lr=3e-3, max_new_tokens=6, output_dir=str(tmp_path))
+        return GRPOTrainer(config, build_tiny_causal(), word_tokenizer(), REWARD, PROMPTS)
+
+    two_pass, one_pass = make(), make()
+    assert two_pass.single_step
+    full = collect_rollout(two_pass.actor, two_pass.reference, two_pass.tokenizer, two_pass.prompts_for_step(0),
+                           REWARD, two_pass.sampling, 6, two_pass.samples_per_prompt, policy_logprobs=True)
+    skipped = copy.copy(full)
+    skipped.logprobs, skipped.values = None, None
+    stats_two, stats_one = two_pass.update(full), one_pass.update(skipped)
+    for key in stats_two:
+        assert stats_one[key] == pytest.approx(stats_two[key], rel=1e-4, abs=1e-6), key
+    for a, b in zip(two_pass.actor.parameters(), one_pass.actor.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)

@@ -64,18 +64,13 @@ class GRPOTrainer(OnPolicyTrainer):
         return self.config.group_size
 
     @property
-    def rollout_logprobs(self) -> bool:
-        """False for one gradient step per rollout: π_θ_old is then π_θ itself, and the update's own
-        forward pass gives the old log-probs (detached), one forward pass fewer per step."""
+    def single_step(self) -> bool:
         cfg = self.config
-        return not (cfg.epochs == 1 and cfg.minibatch_size in (0, cfg.batch_size * cfg.group_size))
+        return cfg.epochs == 1 and cfg.minibatch_size in (0, cfg.batch_size * cfg.group_size)
 
     def update(self, rollout: Rollout) -> dict[str, float]:
         cfg, mask, beta = self.config, rollout.mask, self.config.kl_coef
-        fresh = None
-        if rollout.logprobs is None:
-            fresh = self.actor(rollout.batch, self.sampling)
-            rollout.logprobs = fresh[0].detach()
+        reused = self.policy_pass(rollout)
         kl_old = self.kl(rollout.logprobs, rollout.ref_logprobs) * mask
         rewards = rollout.scores
         if cfg.kl_penalty == "reward":
@@ -87,10 +82,8 @@ class GRPOTrainer(OnPolicyTrainer):
         stats: dict[str, list[torch.Tensor]] = {}
         size = cfg.minibatch_size or len(rollout.batch)
         for _ in range(cfg.epochs):
-            order = torch.arange(len(rollout.batch)) if fresh is not None else torch.randperm(len(rollout.batch))
-            for start in range(0, len(order), size):
-                mb = order[start:start + size].to(mask.device)
-                logprobs, entropy, _ = fresh if fresh is not None else self.actor(rollout.batch[mb], self.sampling)
+            for mb in self.minibatches(len(rollout.batch), size, mask.device):
+                logprobs, entropy, _ = reused or self.actor(rollout.batch[mb], self.sampling)
                 ratio = torch.exp(logprobs - rollout.logprobs[mb])
                 adv = advantages[mb].unsqueeze(1)
                 per_token = torch.min(ratio * adv, torch.clamp(ratio, 1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv)

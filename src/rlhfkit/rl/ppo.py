@@ -85,6 +85,7 @@ class PPOTrainer(OnPolicyTrainer):
 
     def update(self, rollout: Rollout) -> dict[str, float]:
         cfg, mask, beta = self.config, rollout.mask, self.kl_controller.value
+        reused = self.policy_pass(rollout)
         # r_t = −β KL_t, plus the score on the last valid token
         kl = self.kl(rollout.logprobs, rollout.ref_logprobs) * mask
         rewards = -beta * kl
@@ -96,10 +97,8 @@ class PPOTrainer(OnPolicyTrainer):
 
         stats: dict[str, list[torch.Tensor]] = {}
         for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(len(rollout.batch))
-            for start in range(0, len(order), cfg.minibatch_size):
-                mb = order[start:start + cfg.minibatch_size].to(mask.device)
-                logprobs, entropy, values = self.actor(rollout.batch[mb], self.sampling)
+            for mb in self.minibatches(len(rollout.batch), cfg.minibatch_size, mask.device):
+                logprobs, entropy, values = reused or self.actor(rollout.batch[mb], self.sampling)
                 loss, mb_stats = ppo_losses(logprobs, rollout.logprobs[mb], advantages[mb], values,
                                             rollout.values[mb], returns[mb], entropy, mask[mb], cfg)
                 mb_stats["policy/grad_norm"] = torch.tensor(self.optimizer_step(loss))
@@ -118,6 +117,10 @@ class PPOTrainer(OnPolicyTrainer):
             "value/explained_variance": explained.item(),
             "response/length": mask.sum(dim=1).mean().item(),
         }
+
+    @property
+    def single_step(self) -> bool:
+        return self.config.ppo_epochs == 1 and self.config.minibatch_size >= self.config.batch_size
 
     def extra_state(self) -> dict:
         return {"kl_controller": self.kl_controller.state_dict()}

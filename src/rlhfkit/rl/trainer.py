@@ -99,12 +99,28 @@ class OnPolicyTrainer:
         return chosen
 
     samples_per_prompt = 1  # completions sampled per prompt
-    rollout_logprobs = True  # whether the rollout records the policy's log-probs (and values)
+    single_step = False  # one gradient step per rollout (one epoch, one minibatch)
 
     def rollout(self, prompts: Sequence[Text]) -> Rollout:
         return collect_rollout(self.actor, self.reference, self.tokenizer, prompts, self.reward_fn,
                                self.sampling, self.config.max_new_tokens, self.samples_per_prompt,
-                               self.config.use_chat_template, policy_logprobs=self.rollout_logprobs)
+                               self.config.use_chat_template, policy_logprobs=not self.single_step)
+
+    def policy_pass(self, rollout: Rollout) -> tuple | None:
+        """With one gradient step per rollout, π_θ_old is π_θ itself: the rollout skipped the policy's
+        forward pass, and the update's own pass (returned, with gradients) fills the rollout's old
+        log-probs and values (detached). One forward pass fewer per step."""
+        if rollout.logprobs is not None:
+            return None
+        outputs = self.actor(rollout.batch, self.sampling)
+        rollout.logprobs = outputs[0].detach()
+        rollout.values = outputs[2].detach() if outputs[2] is not None else None
+        return outputs
+
+    def minibatches(self, n: int, size: int, device: torch.device) -> list[torch.Tensor]:
+        """Index sets of one epoch: shuffled, or in order when a single-step update reuses the policy pass."""
+        order = torch.arange(n) if self.single_step else torch.randperm(n)
+        return [order[start:start + size].to(device) for start in range(0, n, size)]
 
     # ------------------------------------------------------------ the algorithm
     def update(self, rollout: Rollout) -> dict[str, float]:
