@@ -143,3 +143,14 @@ def test_single_step_update_reusing_the_policy_pass_equals_the_two_pass_update(a
         assert stats_one[key] == pytest.approx(stats_two[key], rel=1e-4, abs=1e-6), key
     for a, b in zip(two_pass.actor.parameters(), one_pass.actor.parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_each_epoch_visits_every_prompt_once_in_a_seeded_order(tmp_path):
+    prompts = [f"how do i {w}" for w in ("fix bike", "write code", "plan day", "bake cake", "help you", "email")]
+    config = GRPOConfig(batch_size=3, group_size=2, output_dir=str(tmp_path))
+    trainer = GRPOTrainer(config, build_tiny_causal(), word_tokenizer(), REWARD, prompts)
+    epoch0 = trainer.prompts_for_step(0) + trainer.prompts_for_step(1)
+    epoch1 = trainer.prompts_for_step(2) + trainer.prompts_for_step(3)
+    assert sorted(epoch0) == sorted(prompts) == sorted(epoch1) and epoch0 != epoch1
+    again = GRPOTrainer(config, build_tiny_causal(), word_tokenizer(), REWARD, prompts)
+    assert again.prompts_for_step(3) == trainer.prompts_for_step(3)  # a function of the step alone

@@ -82,6 +82,7 @@ class OnPolicyTrainer:
         self.history: list[dict[str, float]] = []
         self.stop_reason = ""
         self._writer = None
+        self._orders: dict[int, list[int]] = {}  # prompt order of the current and previous epoch
 
     # ------------------------------------------------------------ data
     def prompts_for_step(self, step: int) -> list[Text]:
@@ -94,9 +95,15 @@ class OnPolicyTrainer:
         chosen = []
         for index in range(start, start + self.config.batch_size):
             epoch, position = divmod(index, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed + epoch))
-            chosen.append(self.prompts[order[position]])
+            chosen.append(self.prompts[self._epoch_order(epoch)[position]])
         return chosen
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            generator = torch.Generator().manual_seed(self.config.seed + epoch)
+            self._orders = {epoch: torch.randperm(len(self.prompts), generator=generator).tolist(),
+                            **{e: o for e, o in self._orders.items() if e == epoch - 1}}
+        return self._orders[epoch]
 
     samples_per_prompt = 1  # completions sampled per prompt
     single_step = False  # one gradient step per rollout (one epoch, one minibatch)
