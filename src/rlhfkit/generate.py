@@ -42,7 +42,8 @@ def _generate_kwargs(sampling: SamplingParams) -> dict:
 
 
 def _batch_seed(seed: int, prompt_ids: Sequence[str]) -> int:
-    """A seed fixed by the run's seed and the batch's prompts, so a resumed run samples as before."""
+    """A seed fixed by the run's seed and the batch's prompts: the same prompts batched together sample
+    the same completions (a resumed run may batch the remaining prompts differently)."""
     return (seed * 1_000_003 + zlib.crc32("\x00".join(prompt_ids).encode())) % (2**63)
 
 
