@@ -145,3 +145,10 @@ def test_dpo_command(tmp_path, policy_dir):
                     "--output-dir", tmp_path / "dpo")
     assert result.exit_code == 0, result.output
     assert "held-out margin" in result.output and (tmp_path / "dpo" / "policy" / "config.json").exists()
+
+
+def test_a_model_that_cannot_be_loaded_is_reported_in_one_line(tmp_path):
+    (tmp_path / "prompts.txt").write_text("hello\n")
+    result = invoke("generate", tmp_path / "prompts.txt", "-o", tmp_path / "c.jsonl", "--model", tmp_path / "nope")
+    assert result.exit_code == 1 and "nope: no such model folder" in result.output
+    assert "Traceback" not in result.output

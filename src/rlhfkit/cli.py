@@ -30,7 +30,7 @@ def friendly_errors(command):
 
         try:
             return command(*args, **kwargs)
-        except (DataError, ValueError, FileNotFoundError) as exc:
+        except (DataError, ValueError, OSError) as exc:  # OSError: a model path or hub id that can't be loaded
             console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 

@@ -47,6 +47,8 @@ def load_policy(name_or_path: str | os.PathLike, gguf_file: str | None = None,
     """
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     name_or_path = os.path.expanduser(name_or_path)
+    if str(name_or_path).startswith(("/", ".")) and not os.path.isdir(name_or_path):
+        raise FileNotFoundError(f"{name_or_path}: no such model folder (a local path; hub ids look like org/name)")
     config = AutoConfig.from_pretrained(name_or_path, **kwargs)
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     model = auto.from_pretrained(name_or_path, dtype=dtype, **kwargs)
