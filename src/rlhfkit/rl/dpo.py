@@ -23,14 +23,13 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhfkit.config import save_config
 from rlhfkit.console import console, progress_bar
 from rlhfkit.data.records import PreferencePair, Text
 from rlhfkit.generate import format_prompt
-from rlhfkit.models.policy import TokenBatch, prepare_tokenizer
-from rlhfkit.models.reference import Reference, add_lora, is_lora
-from rlhfkit.models.value_head import Actor
+from rlhfkit.models.policy import TokenBatch
+from rlhfkit.models.reference import Reference
 from rlhfkit.reward.model import split_by_prompt
+from rlhfkit.rl.trainer import prepare_training, save_trained_policy
 
 
 @dataclass
@@ -95,15 +94,8 @@ class DPOTrainer:
         self.config = config
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         torch.manual_seed(config.seed)
-        policy.eval()  # no dropout: log-probs of policy and reference must be comparable
-        if config.lora and not is_lora(policy):
-            policy = add_lora(policy, config.lora_r, config.lora_alpha)
-        self.tokenizer = prepare_tokenizer(tokenizer, policy)
-        self.reference = (reference or Reference(policy)).to(self.accelerator.device)
-        actor = Actor(policy, value_head=False).to(self.accelerator.device)
-        trainable = [p for p in actor.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
-        self.actor, self.optimizer = self.accelerator.prepare(actor, optimizer)
+        self.tokenizer, self.reference, self.actor, self.optimizer = prepare_training(
+            config, policy, tokenizer, reference, self.accelerator, value_head=False)
         self.history: list[dict] = []
 
     def sequence_logprobs(self, batch: TokenBatch, reference: bool = False) -> torch.Tensor:
@@ -174,10 +166,6 @@ class DPOTrainer:
         return self.history
 
     def save_policy(self, path: str | None = None) -> None:
-        path = Path(path or Path(self.config.output_dir) / "policy")
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            self.accelerator.unwrap_model(self.actor).model.save_pretrained(path)
-            self.tokenizer.save_pretrained(path)
-            save_config(self.config, path / "dpo_config.yaml")
+        save_trained_policy(self.accelerator, self.actor, self.tokenizer, self.config, "dpo",
+                    path or Path(self.config.output_dir) / "policy")
 

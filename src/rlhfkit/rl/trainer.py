@@ -54,6 +54,32 @@ class RLConfig:
     log_dir: str | None = None  # TensorBoard logs (default: OUTPUT_DIR/tensorboard)
 
 
+def prepare_training(config, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                     reference: Reference | None, accelerator: Accelerator, value_head: bool):
+    """What every policy trainer sets up: dropout off (a rollout's log-probs must be reproducible in the
+    update), LoRA if asked, the tokenizer, the reference on the policy's device, the actor and its AdamW,
+    prepared by `accelerate`. Returns (tokenizer, reference, actor, optimizer)."""
+    policy.eval()
+    if config.lora and not is_lora(policy):
+        policy = add_lora(policy, config.lora_r, config.lora_alpha)
+    tokenizer = prepare_tokenizer(tokenizer, policy)
+    reference = (reference or Reference(policy)).to(accelerator.device)
+    actor = Actor(policy, value_head=value_head).to(accelerator.device)
+    trainable = [p for p in actor.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+    return (tokenizer, reference, *accelerator.prepare(actor, optimizer))
+
+
+def save_trained_policy(accelerator: Accelerator, actor: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, config,
+                algorithm: str, path: str | os.PathLike) -> None:
+    """The trained policy as a `save_pretrained` folder (LoRA: the adapter), with the run's config."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(actor).model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        save_config(config, Path(path) / f"{algorithm}_config.yaml")
+
+
 class OnPolicyTrainer:
     """The outer loop: rollout → algorithm update → log → maybe checkpoint or stop."""
 
@@ -68,16 +94,9 @@ class OnPolicyTrainer:
         self.config, self.reward_fn, self.prompts = config, reward_fn, list(prompts)
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         torch.manual_seed(config.seed + self.accelerator.process_index)
-        policy.eval()  # no dropout: the log-probs of a rollout must be reproducible in the update
-        if config.lora and not is_lora(policy):
-            policy = add_lora(policy, config.lora_r, config.lora_alpha)
-        self.tokenizer = prepare_tokenizer(tokenizer, policy)
+        self.tokenizer, self.reference, self.actor, self.optimizer = prepare_training(
+            config, policy, tokenizer, reference, self.accelerator, self.uses_value_head)
         self.sampling = SamplingDistribution(config.temperature, config.min_new_tokens, self.tokenizer.eos_token_id)
-        self.reference = (reference or Reference(policy)).to(self.accelerator.device)
-        actor = Actor(policy, value_head=self.uses_value_head).to(self.accelerator.device)
-        trainable = [p for p in actor.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
-        self.actor, self.optimizer = self.accelerator.prepare(actor, optimizer)
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.stop_reason = ""
@@ -198,12 +217,7 @@ class OnPolicyTrainer:
         return self.accelerator.unwrap_model(self.actor)
 
     def save_policy(self, path: str | os.PathLike) -> None:
-        """The trained policy as a `save_pretrained` folder (LoRA: the adapter), with the run's config."""
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            self._bare_actor().model.save_pretrained(path)
-            self.tokenizer.save_pretrained(path)
-            save_config(self.config, Path(path) / f"{self.algorithm}_config.yaml")
+        save_trained_policy(self.accelerator, self.actor, self.tokenizer, self.config, self.algorithm, path)
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         """Everything needed to continue exactly: trainable weights (and value head), optimizer, KL
