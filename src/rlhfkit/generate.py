@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlhfkit.console import progress_bar
 from rlhfkit.data.io import append_records, drop_partial_last_line, read_records, write_records
 from rlhfkit.data.records import Completion, Prompt, SamplingParams, Text, render_text
-from rlhfkit.models.policy import is_seq2seq
+from rlhfkit.models.policy import completion_tokens, is_seq2seq
 
 
 def format_prompt(prompt: Text, tokenizer: PreTrainedTokenizerBase, use_chat_template: bool) -> str:
@@ -55,7 +55,7 @@ def sample_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tex
     encoded = tokenizer(texts, return_tensors="pt", padding=True,
                         add_special_tokens=not use_chat_template).to(model.device)
     output = model.generate(**encoded, num_return_sequences=n, **_generate_kwargs(sampling))
-    new_tokens = output if is_seq2seq(model) else output[:, encoded["input_ids"].shape[1]:]
+    new_tokens = completion_tokens(model, output, encoded["input_ids"].shape[1])
     special = torch.tensor(sorted(tokenizer.all_special_ids), device=new_tokens.device)
     produced = int((~torch.isin(new_tokens, special)).sum())
     decoded = [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

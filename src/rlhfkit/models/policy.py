@@ -57,6 +57,12 @@ def load_policy(name_or_path: str | os.PathLike, gguf_file: str | None = None,
     return model, prepare_tokenizer(tokenizer, model)
 
 
+def completion_tokens(model: PreTrainedModel, output: torch.Tensor, prompt_length: int) -> torch.Tensor:
+    """The new tokens in the output of ``generate``: after the prompt for a causal model, after the
+    decoder start token for a seq2seq one."""
+    return output[:, 1:] if is_seq2seq(model) else output[:, prompt_length:]
+
+
 def save_dequantized(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | os.PathLike) -> None:
     """Save a model loaded from GGUF (already dequantised to float32 by transformers) as a plain
     safetensors folder, which reloads in about a second instead of dequantising again."""

@@ -21,7 +21,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from rlhfkit.data.records import Text, render_text
 from rlhfkit.generate import format_prompt
-from rlhfkit.models.policy import PLAIN_SAMPLING, SamplingDistribution, TokenBatch, is_seq2seq
+from rlhfkit.models.policy import PLAIN_SAMPLING, SamplingDistribution, TokenBatch, completion_tokens
 from rlhfkit.models.reference import Reference
 from rlhfkit.models.value_head import Actor
 from rlhfkit.reward.base import RewardFn
@@ -88,7 +88,7 @@ def collect_rollout(actor: torch.nn.Module, reference: Reference, tokenizer: Pre
     config = sampling_config(tokenizer, model, sampling, max_new_tokens, n_per_prompt)
     with full_parameters(actor):
         output = model.generate(**encoded, generation_config=config)
-    completion_ids = output[:, 1:] if is_seq2seq(model) else output[:, encoded["input_ids"].shape[1]:]
+    completion_ids = completion_tokens(model, output, encoded["input_ids"].shape[1])
     batch = TokenBatch(prompt_ids=encoded["input_ids"].repeat_interleave(n_per_prompt, dim=0),
                        prompt_mask=encoded["attention_mask"].repeat_interleave(n_per_prompt, dim=0),
                        completion_ids=completion_ids,
