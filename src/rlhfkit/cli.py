@@ -81,7 +81,7 @@ def pairs(
     completions: Annotated[Path, typer.Option(help="The completions JSONL the rankings refer to.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Preference pairs JSONL.")],
     consensus: Annotated[str, typer.Option(
-        help="Combine several labelers' rankings of a prompt: a method name (borda), or 'none' for "
+        help="Combine several labelers' rankings of a prompt: a method name (borda, ranked_pairs), or 'none' for "
              "every labeler's pairs on their own.")] = "borda",
     flagged: Annotated[str, typer.Option(
         help="Completions flagged as nonsense: drop, keep (pair by rank) or last (below all others).")] = "drop",

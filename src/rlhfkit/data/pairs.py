@@ -12,6 +12,7 @@ one prompt's comparisons are not spread over an epoch (which made their reward m
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -22,6 +23,21 @@ from rlhfkit.data.records import Completion, PreferencePair, Ranking, render_tex
 
 Consensus = Callable[[Sequence[Ranking]], Ranking]
 FlaggedPolicy = Literal["drop", "keep", "last"]
+
+
+def _majority_flags(rankings: Sequence[Ranking]) -> list[str]:
+    """Completions flagged by a strict majority of the labelers."""
+    flags: dict[str, int] = defaultdict(int)
+    for ranking in rankings:
+        for cid in ranking.flagged:
+            flags[cid] += 1
+    return [cid for cid, n in flags.items() if n > len(rankings) / 2]
+
+
+def _consensus(rankings: Sequence[Ranking], method: str, groups: list[list[str]]) -> Ranking:
+    first = rankings[0]
+    return Ranking(prompt_id=first.prompt_id, labeler_id=f"consensus:{method}", criterion=first.criterion,
+                   groups=groups, flagged=_majority_flags(rankings))
 
 
 def borda(rankings: Sequence[Ranking]) -> Ranking:
@@ -35,15 +51,12 @@ def borda(rankings: Sequence[Ranking]) -> Ranking:
     if not rankings:
         raise ValueError("consensus of no rankings")
     totals: dict[str, float] = defaultdict(float)
-    flags: dict[str, int] = defaultdict(int)
     for ranking in rankings:
         below = len(ranking.completion_ids)
         for group in ranking.groups:
             below -= len(group)
             for cid in group:
                 totals[cid] += below + 0.5 * (len(group) - 1)
-        for cid in ranking.flagged:
-            flags[cid] += 1
     groups: list[list[str]] = []
     previous = None
     for cid in sorted(totals, key=lambda c: -totals[c]):
@@ -52,18 +65,52 @@ def borda(rankings: Sequence[Ranking]) -> Ranking:
         else:
             groups.append([cid])
         previous = totals[cid]
-    first = rankings[0]
-    return Ranking(
-        prompt_id=first.prompt_id,
-        labeler_id="consensus:borda",
-        criterion=first.criterion,
-        groups=groups,
-        flagged=[cid for cid, n in flags.items() if n > len(rankings) / 2],
-    )
+    return _consensus(rankings, "borda", groups)
 
 
-# Consensus methods by name; the feedback app adds more (e.g. ranked pairs).
-CONSENSUS: dict[str, Consensus] = {"borda": borda}
+def ranked_pairs(rankings: Sequence[Ranking]) -> Ranking:
+    """Tideman's ranked pairs. For every two completions, margin(a, b) = #labelers ranking a above b −
+    #labelers ranking b above a. Pairs with a positive margin are taken from the largest margin down
+    (equal margins in a fixed order) and locked in as a ≻ b unless that would close a cycle with the
+    pairs already locked. The ranking peels off the locked graph's sources: the completions nothing
+    locked beats form the first group (several = a tie), and so on. Flags as in :func:`borda`.
+    """
+    if not rankings:
+        raise ValueError("consensus of no rankings")
+    place = [{cid: i for i, group in enumerate(r.groups) for cid in group} for r in rankings]
+    completions = sorted(set().union(*place))
+    margins = []
+    for a, b in itertools.combinations(completions, 2):
+        margin = sum((p[a] < p[b]) - (p[a] > p[b]) for p in place if a in p and b in p)
+        if margin:
+            margins.append((abs(margin), a, b) if margin > 0 else (abs(margin), b, a))
+    beats: dict[str, set[str]] = defaultdict(set)
+
+    def reaches(start: str, goal: str) -> bool:
+        stack, seen = [start], set()
+        while stack:
+            node = stack.pop()
+            if node == goal:
+                return True
+            if node not in seen:
+                seen.add(node)
+                stack.extend(beats[node])
+        return False
+
+    for _, winner, loser in sorted(margins, key=lambda m: (-m[0], m[1], m[2])):
+        if not reaches(loser, winner):
+            beats[winner].add(loser)
+    remaining, groups = set(completions), []
+    while remaining:
+        beaten = {loser for winner in remaining for loser in beats[winner]}
+        sources = sorted(remaining - beaten)
+        groups.append(sources)
+        remaining -= set(sources)
+    return _consensus(rankings, "ranked_pairs", groups)
+
+
+# Consensus methods by name.
+CONSENSUS: dict[str, Consensus] = {"borda": borda, "ranked_pairs": ranked_pairs}
 
 
 def ranking_pairs(ranking: Ranking, completions: dict[str, Completion], flagged: FlaggedPolicy = "drop",
