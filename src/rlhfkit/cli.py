@@ -289,18 +289,87 @@ def dpo(config: ConfigOption = None, policy: PolicyOption = None,
 @app.command()
 @friendly_errors
 def demo(
-    run_dir: Annotated[Path, typer.Option(help="Folder for every stage's files (a rerun resumes).")] = Path(
-        "runs/demo"),
-    prompts: Annotated[int, typer.Option(help="How many of the built-in prompts to use.")] = 32,
-    n: Annotated[int, typer.Option("-n", help="Completions per prompt.")] = 4,
-    max_new_tokens: int = 40,
-    reward_epochs: int = 3,
+    preset: Annotated[str, typer.Option(help="toy (a small GPT-2 trained here; minutes) or smollm2 "
+                                             "(SmolLM2-135M-Instruct with LoRA; slower).")] = "toy",
+    run_dir: Annotated[Path | None, typer.Option(help="Folder for every stage's files; a rerun resumes "
+                                                      "[default: runs/demo or runs/demo-smollm2].")] = None,
+    label_prompts: Annotated[int | None, typer.Option(help="Prompts to label and train on.")] = None,
+    eval_prompts: Annotated[int | None, typer.Option(help="Held-out prompts for the evaluation.")] = None,
+    ppo_steps: Annotated[int | None, typer.Option(help="PPO steps.")] = None,
+    stop_on: Annotated[list[str] | None, typer.Option(
+        help="Stop PPO when the monitor warns of this (hacking, kl, length, diversity); repeatable.")] = None,
 ) -> None:
-    """The offline end-to-end pipeline on built-in defaults (see README)."""
+    """The whole RLHF loop offline: generate → simulated labelers → agreement → pairs → reward model →
+    PPO with KL and reward-hacking monitors → evaluation with independent judges → report.html.
+
+    On your own model, prompts and people, run the same stages one by one: `rlhfkit generate --model M
+    --prompts P`, have people rank the completions (the feedback app) or bring rankings, `rlhfkit pairs`,
+    `rlhfkit reward train`, `rlhfkit ppo --policy M --reward RM_DIR`, then `rlhfkit evaluate`.
+    """
     from rlhfkit.pipeline import DemoConfig, run_demo
 
-    run_demo(DemoConfig(run_dir=run_dir, prompts=prompts, n=n, max_new_tokens=max_new_tokens,
-                        reward_epochs=reward_epochs))
+    run_demo(DemoConfig.preset_defaults(preset, run_dir=run_dir, label_prompts=label_prompts,
+                                        eval_prompts=eval_prompts, ppo_steps=ppo_steps,
+                                        monitor_stop_on=tuple(stop_on) if stop_on else None))
+
+
+@app.command()
+@friendly_errors
+def evaluate(
+    policy: Annotated[str, typer.Option(help="The trained policy (folder or hub id; a LoRA adapter folder "
+                                             "needs --reference as its base).")],
+    reference: Annotated[str, typer.Option(help="The policy before training (the KL reference).")],
+    prompts: Annotated[Path, typer.Option(help="Held-out prompts, JSONL or .txt.")],
+    judge: Annotated[list[str], typer.Option(help="Independent judges: profanity, sentiment, or any reward spec "
+                                                  "(repeatable).")] = ["profanity", "sentiment"],  # noqa: B006
+    samples: Annotated[int, typer.Option(help="Completions per prompt and seed.")] = 4,
+    seeds: Annotated[int, typer.Option(help="Number of sampling seeds.")] = 3,
+    max_new_tokens: int = 64,
+    chat_template: Annotated[bool, typer.Option(help="Format prompts with the chat template.")] = True,
+    output_dir: Annotated[Path, typer.Option(help="Where the scored samples, results and report go.")] = Path(
+        "runs/eval"),
+) -> None:
+    """Judge a policy before and after training on held-out prompts: judge means, paired bootstrap 95% CI
+    over prompts, KL to the reference, length and diversity; writes results.yaml and report.html."""
+    import yaml
+
+    from rlhfkit.data.io import read_prompts
+    from rlhfkit.eval.evaluate import EvalConfig, compare, evaluate_policy, text_stats
+    from rlhfkit.eval.judges import JUDGES
+    from rlhfkit.eval.report import write_report
+    from rlhfkit.models.policy import load_policy
+    from rlhfkit.models.reference import Reference
+    from rlhfkit.reward.spec import load_reward
+
+    held_out = read_prompts(prompts)
+    judges = {name: JUDGES[name]() if name in JUDGES else load_reward(name) for name in judge}
+    judges = {getattr(fn, "name", name): fn for name, fn in judges.items()}
+    config = EvalConfig(samples=samples, seeds=tuple(range(seeds)), max_new_tokens=max_new_tokens,
+                        use_chat_template=chat_template)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    base, tokenizer = load_policy(reference)
+    before = evaluate_policy(base, tokenizer, held_out, judges, config, model_name="before",
+                             output=output_dir / "before.jsonl")
+    if (Path(policy) / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        trained = PeftModel.from_pretrained(base, policy)
+        ref = Reference(trained)  # the base with the adapter switched off
+    else:
+        trained, _ = load_policy(policy)
+        ref = Reference.frozen(base)
+    after = evaluate_policy(trained, tokenizer, held_out, judges, config, reference=ref, model_name="after",
+                            output=output_dir / "after.jsonl")
+    comparisons = {name: compare(before, after, name) for name in judges}
+    stats = {"before": text_stats(before), "after": text_stats(after)}
+    results = {"judges": {name: c.as_dict() for name, c in comparisons.items()}, "text": stats}
+    (output_dir / "results.yaml").write_text(yaml.safe_dump(results, sort_keys=False))
+    write_report(output_dir / "report.html", f"evaluation of {policy}", {"policy": policy, "reference": reference},
+                 {"prompts": str(prompts), "samples": samples, "seeds": seeds}, [], before, after, comparisons, stats)
+    for name, c in comparisons.items():
+        console.print(f"{name}: {c.before:.3f} → {c.after:.3f}, {c.difference:+.3f} "
+                      f"(95% CI [{c.ci_low:+.3f}, {c.ci_high:+.3f}], {c.prompts} prompts)")
+    console.print(f"KL to the reference {stats['after']['kl']:.2f} nats/response → {output_dir / 'report.html'}")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,13 @@ class Reference:
             raise ValueError("a shared reference needs a LoRA policy (the adapter is switched off to get π_ref)")
         self.model = policy if self.shared else copy.deepcopy(policy).eval().requires_grad_(False)
 
+    @classmethod
+    def frozen(cls, model: PreTrainedModel) -> Reference:
+        """A reference from a separate model (e.g. the initial policy loaded again), used as it is: no copy."""
+        reference = cls.__new__(cls)
+        reference.shared, reference.model = False, model.eval().requires_grad_(False)
+        return reference
+
     def to(self, device: torch.device | str) -> Reference:
         """Move a separate reference next to the policy (a shared one moves with the policy)."""
         if not self.shared:

@@ -27,6 +27,7 @@ from rlhfkit.models.policy import SamplingDistribution, prepare_tokenizer
 from rlhfkit.models.reference import Reference, add_lora, is_lora
 from rlhfkit.models.value_head import Actor
 from rlhfkit.reward.base import RewardFn
+from rlhfkit.rl.monitors import RewardHackingMonitor
 from rlhfkit.rl.rollout import Rollout, collect_rollout
 
 
@@ -88,10 +89,10 @@ class OnPolicyTrainer:
 
     def __init__(self, config: RLConfig, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  reward_fn: RewardFn, prompts: Sequence[Text], reference: Reference | None = None,
-                 accelerator: Accelerator | None = None) -> None:
+                 accelerator: Accelerator | None = None, monitor: RewardHackingMonitor | None = None) -> None:
         if not prompts:
             raise ValueError("no prompts to train on")
-        self.config, self.reward_fn, self.prompts = config, reward_fn, list(prompts)
+        self.config, self.reward_fn, self.prompts, self.monitor = config, reward_fn, list(prompts), monitor
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         torch.manual_seed(config.seed + self.accelerator.process_index)
         self.tokenizer, self.reference, self.actor, self.optimizer = prepare_training(
@@ -162,7 +163,10 @@ class OnPolicyTrainer:
 
     def train_step(self) -> dict[str, float]:
         started = time.perf_counter()
-        stats = self.update(self.rollout(self.prompts_for_step(self.step)))
+        rollout = self.rollout(self.prompts_for_step(self.step))
+        stats = self.update(rollout)
+        if self.monitor is not None:
+            stats |= self.monitor.measure(rollout.prompts, rollout.completions, rollout.scores)
         stats = self.mean_over_processes(stats)
         self.step += 1
         stats["time/step_s"] = time.perf_counter() - started
@@ -179,6 +183,9 @@ class OnPolicyTrainer:
                 self.save_checkpoint(Path(cfg.output_dir) / f"checkpoint-{self.step}")
             if cfg.reward_threshold is not None and stats["reward/score"] >= cfg.reward_threshold:
                 self.stop_reason = f"mean reward {stats['reward/score']:.4f} ≥ threshold {cfg.reward_threshold}"
+                break
+            if self.monitor is not None and (reason := self.monitor.check(self.history)):
+                self.stop_reason = reason
                 break
         self.stop_reason = self.stop_reason or f"reached {cfg.steps} steps"
         if self.accelerator.is_main_process:
@@ -210,7 +217,8 @@ class OnPolicyTrainer:
                       + " ".join(f"{k} {v:.4g}" for k, v in shown.items()), highlight=False)
 
     console_keys = ("reward/score", "reward/total", "kl/kl", "policy/entropy", "loss/policy", "loss/value",
-                    "policy/clipfrac", "policy/approx_kl", "value/explained_variance", "response/length")
+                    "policy/clipfrac", "policy/approx_kl", "value/explained_variance", "response/length",
+                    "monitor/judge")
 
     # ------------------------------------------------------------ checkpoints
     def _bare_actor(self) -> Actor:
