@@ -32,7 +32,7 @@ def policy_dir(tmp_path):
 
 @pytest.mark.parametrize("command", [[], ["generate"], ["pairs"], ["import-pairs"], ["reward", "train"],
                                      ["reward", "eval"], ["reward", "score"], ["demo"], ["ppo"], ["grpo"], ["rloo"],
-                                     ["dpo"]])
+                                     ["dpo"], ["evaluate"]])
 def test_every_command_explains_itself(command):
     result = invoke(*command, "--help")
     assert result.exit_code == 0 and "Usage" in result.output
@@ -152,3 +152,20 @@ def test_a_model_that_cannot_be_loaded_is_reported_in_one_line(tmp_path):
     result = invoke("generate", tmp_path / "prompts.txt", "-o", tmp_path / "c.jsonl", "--model", tmp_path / "nope")
     assert result.exit_code == 1 and "nope: no such model folder" in result.output
     assert "Traceback" not in result.output
+
+
+def test_evaluate_a_policy_against_itself_finds_no_difference_and_zero_kl(tmp_path, policy_dir):
+    (tmp_path / "prompts.txt").write_text("how do i fix bike\nplan day\nbake cake\n")
+    out = tmp_path / "eval"
+    result = invoke("evaluate", "--policy", policy_dir, "--reference", policy_dir, "--prompts",
+                    tmp_path / "prompts.txt", "--judge", "sentiment", "--judge", "judge:profanity", "--samples", 2,
+                    "--seeds", 2, "--max-new-tokens", 6, "--no-chat-template", "--output-dir", out)
+    assert result.exit_code == 0, result.output
+    import yaml
+
+    results = yaml.safe_load((out / "results.yaml").read_text())
+    assert set(results["judges"]) == {"sentiment", "not_offensive"}
+    assert results["judges"]["sentiment"]["difference"] == 0.0  # same model, same seeds, same samples
+    assert results["text"]["after"]["kl"] == 0.0
+    assert len(read_records(out / "after.jsonl", Completion)) == 3 * 2 * 2
+    assert (out / "report.html").exists()
