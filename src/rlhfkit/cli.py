@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from pathlib import Path
@@ -10,8 +9,9 @@ from typing import Annotated
 
 import typer
 
+from rlhfkit.cai.cli import cai_app
 from rlhfkit.config import read_yaml
-from rlhfkit.console import console
+from rlhfkit.console import console, friendly_errors
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -19,22 +19,7 @@ app = typer.Typer(help="RLHF end to end: generate → rank → pairs → reward 
                   no_args_is_help=True, pretty_exceptions_enable=False)
 reward_app = typer.Typer(help="Train, evaluate and apply reward models.", no_args_is_help=True)
 app.add_typer(reward_app, name="reward")
-
-
-def friendly_errors(command):
-    """Bad input ends the command with its located message (file:line: field), not a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        from rlhfkit.data.io import DataError
-
-        try:
-            return command(*args, **kwargs)
-        except (DataError, ValueError, OSError) as exc:  # OSError: a model path or hub id that can't be loaded
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-
-    return wrapper
+app.add_typer(cai_app, name="cai")
 
 
 @app.command()

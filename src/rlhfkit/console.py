@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -27,3 +29,21 @@ def progress_bar(enabled: bool = True) -> Progress:
         console=console,
         disable=not enabled,
     )
+
+
+def friendly_errors(command):
+    """Bad input ends a command with its located message (file:line: field), not a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        import typer
+
+        from rlhfkit.data.io import DataError
+
+        try:
+            return command(*args, **kwargs)
+        except (DataError, ValueError, OSError) as exc:  # OSError: a model path or hub id that can't be loaded
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper

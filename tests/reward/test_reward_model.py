@@ -112,3 +112,27 @@ def test_minilm_reward_model_reaches_high_held_out_accuracy(tmp_path):
     accuracy = rm.evaluate(held_out)["accuracy"]
     print(f"MiniLM held-out pairwise accuracy: {accuracy:.3f} on {len(held_out)} pairs")
     assert accuracy >= 0.9
+
+
+def test_soft_label_loss_is_the_cross_entropy_with_the_label():
+    chosen, rejected = torch.tensor([1.0]), torch.tensor([0.0])
+    expected = -(0.7 * math.log(1 / (1 + math.exp(-1))) + 0.3 * math.log(1 / (1 + math.exp(1))))
+    assert bradley_terry_loss(chosen, rejected, targets=torch.tensor([0.7])).item() == pytest.approx(expected)
+    assert bradley_terry_loss(chosen, rejected, targets=torch.tensor([1.0])).item() == pytest.approx(
+        bradley_terry_loss(chosen, rejected).item())
+    # a label of 0.5 is minimised by equal rewards: zero gradient at Δ = 0
+    margin = torch.zeros(1, requires_grad=True)
+    bradley_terry_loss(margin, torch.zeros(1), targets=torch.tensor([0.5])).backward()
+    assert margin.grad.abs().item() < 1e-7
+
+
+def test_soft_labels_train_a_weaker_preference_than_hard_ones():
+    """Labels of 0.6 ask for σ(Δ) = 0.6, i.e. a margin near log(0.6/0.4) ≈ 0.41; hard labels push it far."""
+    train, held_out = synthetic_pairs(TOPICS[:20], seed=0), synthetic_pairs(TOPICS[20:], seed=1)
+    config = RewardModelConfig(max_length=48, epochs=12, batch_size=4, lr=2e-3, eval_fraction=0.0, seed=0,
+                               normalize=False)
+    soft = train_reward_model([p.model_copy(update={"label": 0.6}) for p in train], config, eval_pairs=held_out,
+                              reward_model=tiny_reward_model(), progress=False)
+    hard = train_reward_model(train, config, eval_pairs=held_out, reward_model=tiny_reward_model(), progress=False)
+    soft_margin, hard_margin = soft.evaluate(train)["margin"], hard.evaluate(train)["margin"]
+    assert 0.1 < soft_margin < 1.0 < hard_margin

@@ -140,6 +140,33 @@ class PreferencePair(Record):
     rejected_id: str | None = None
     # Where the comparison came from: source file or format, labelers, consensus method, criterion.
     provenance: dict[str, Any] = Field(default_factory=dict)
+    # Soft label: the probability that ``chosen`` is the better answer (e.g. from AI feedback, in
+    # [0.5, 1]); None means a hard label (probability 1).
+    label: float | None = Field(default=None, ge=0.0, le=1.0)
+
+
+class RevisionStep(BaseModel):
+    """One critique → revision round of Constitutional AI."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    principle: str
+    critique_request: str
+    critique: str
+    revision_request: str
+    revision: str
+
+
+class Revision(Record):
+    """A red-team prompt, the model's initial response, every critique and revision, and the final
+    revision (the SFT target)."""
+
+    kind: ClassVar[str] = "revision"
+    id: str = Field(min_length=1)
+    prompt: Text
+    initial: str
+    steps: list[RevisionStep] = Field(default_factory=list)
+    final: str
+    model: str = ""
 
 
 def render_text(text: Text) -> str:

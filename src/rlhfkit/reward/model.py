@@ -78,10 +78,16 @@ class RewardModelConfig:
         return config_from_yaml(cls, path, **overrides)
 
 
-def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
-                       weights: torch.Tensor | None = None) -> torch.Tensor:
-    """L = −Σ_i w_i · log σ(r_chosen_i − r_rejected_i), with w_i = 1/n when no weights are given."""
-    nll = -F.logsigmoid(r_chosen - r_rejected)
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, weights: torch.Tensor | None = None,
+                       targets: torch.Tensor | None = None) -> torch.Tensor:
+    """L = −Σ_i w_i · [y_i log σ(Δ_i) + (1 − y_i) log σ(−Δ_i)],  Δ_i = r_chosen_i − r_rejected_i,
+
+    with w_i = 1/n when no weights are given and y_i = 1 (hard labels) when no targets are given: the
+    cross-entropy between the Bradley-Terry probability σ(Δ) and the (soft) label y."""
+    margin = r_chosen - r_rejected
+    nll = -F.logsigmoid(margin)
+    if targets is not None:
+        nll = targets * nll + (1 - targets) * -F.logsigmoid(-margin)
     return nll.mean() if weights is None else (weights * nll).sum()
 
 
@@ -183,9 +189,10 @@ def _batch_loss(reward_model: RewardModel, batch: list[list[PreferencePair]]) ->
     (prompt or pair) weighs 1/len(batch), shared equally by its pairs. Also returns the batch's
     pairwise accuracy and mean margin."""
     index: dict[tuple[str, str], int] = {}
-    chosen_idx, rejected_idx, weights = [], [], []
+    chosen_idx, rejected_idx, weights, targets = [], [], [], []
     for unit in batch:
         for pair in unit:
+            targets.append(1.0 if pair.label is None else pair.label)
             prompt = render_text(pair.prompt)
             for completion, out in ((pair.chosen, chosen_idx), (pair.rejected, rejected_idx)):
                 out.append(index.setdefault((prompt, render_text(completion)), len(index)))
@@ -193,7 +200,8 @@ def _batch_loss(reward_model: RewardModel, batch: list[list[PreferencePair]]) ->
     texts = list(index)
     rewards = reward_model.raw_rewards([t[0] for t in texts], [t[1] for t in texts])
     chosen, rejected = rewards[chosen_idx], rewards[rejected_idx]
-    loss = bradley_terry_loss(chosen, rejected, torch.tensor(weights, device=rewards.device))
+    soft = torch.tensor(targets, device=rewards.device) if any(t != 1.0 for t in targets) else None
+    loss = bradley_terry_loss(chosen, rejected, torch.tensor(weights, device=rewards.device), soft)
     with torch.no_grad():
         stats = {"accuracy": (chosen > rejected).float().mean().item(), "margin": (chosen - rejected).mean().item()}
     return loss, stats

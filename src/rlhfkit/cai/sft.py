@@ -1,0 +1,140 @@
+"""Supervised fine-tuning on (prompt, response) pairs: stage 1 of Constitutional AI trains on the final
+revisions, optionally mixed with helpful answers so that the model does not drift into refusing.
+
+    L(θ) = − (1 / Σ_i |y_i|) Σ_i Σ_t log π_θ(y_i,t | x_i, y_i,<t)      (response tokens only, EOS included)
+
+Causal and seq2seq models share the code through `completion_logits`; full or LoRA fine-tuning (LoRA
+is merged into the weights on save, so later stages load a plain model).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhfkit.cai.critique import uses_chat_template
+from rlhfkit.config import save_config
+from rlhfkit.console import console, progress_bar
+from rlhfkit.data.records import Text
+from rlhfkit.generate import format_prompt
+from rlhfkit.models.policy import TokenBatch, completion_logits, prepare_tokenizer, token_logprobs
+from rlhfkit.models.reference import add_lora
+
+
+@dataclass
+class SFTConfig:
+    epochs: int = 2
+    lr: float = 5e-5
+    batch_size: int = 8
+    max_prompt_tokens: int = 256  # longer prompts are truncated
+    max_response_tokens: int = 256
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    use_chat_template: bool | None = None  # None: the tokenizer's template for causal models that have one
+    helpful_fraction: float = 0.0  # helpful examples added, as a fraction of the revision examples
+    seed: int = 0
+    output_dir: str = "runs/cai/sft"
+
+
+def sft_batch(tokenizer: PreTrainedTokenizerBase, examples: Sequence[tuple[Text, str]], chat: bool,
+              config: SFTConfig, device: torch.device | str = "cpu") -> TokenBatch:
+    """Prompts formatted as at generation time (left-padded), responses + EOS (right-padded)."""
+    prompts = tokenizer([format_prompt(x, tokenizer, chat) for x, _ in examples], add_special_tokens=not chat,
+                        truncation=True, max_length=config.max_prompt_tokens)["input_ids"]
+    eos = tokenizer.eos_token_id
+    responses = [[*tokenizer(y, add_special_tokens=False)["input_ids"][: config.max_response_tokens - 1], eos]
+                 for _, y in examples]
+    width_p, width_r = max(map(len, prompts)), max(map(len, responses))
+    pad = tokenizer.pad_token_id
+
+    def padded(rows, width, left):
+        ids = [([pad] * (width - len(r)) + r) if left else (r + [pad] * (width - len(r))) for r in rows]
+        mask = [([0] * (width - len(r)) + [1] * len(r)) if left else ([1] * len(r) + [0] * (width - len(r)))
+                for r in rows]
+        return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+
+    left = tokenizer.padding_side == "left"
+    return TokenBatch(*padded(prompts, width_p, left), *padded(responses, width_r, False))
+
+
+def sft_loss(model: PreTrainedModel, batch: TokenBatch) -> torch.Tensor:
+    """Mean negative log-likelihood per response token."""
+    logits, _ = completion_logits(model, batch)
+    logprobs, _ = token_logprobs(logits, batch.completion_ids)
+    mask = batch.completion_mask.float()
+    return -(logprobs * mask).sum() / mask.sum()
+
+
+@torch.no_grad()
+def mean_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: Sequence[tuple[Text, str]],
+              chat: bool, config: SFTConfig) -> float:
+    model.eval()
+    device = next(model.parameters()).device
+    total = tokens = 0.0
+    for start in range(0, len(examples), config.batch_size):
+        batch = sft_batch(tokenizer, examples[start:start + config.batch_size], chat, config, device)
+        n = batch.completion_mask.sum().item()
+        total += sft_loss(model, batch).item() * n
+        tokens += n
+    return total / max(tokens, 1)
+
+
+def train_sft(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: Sequence[tuple[Text, str]],
+              config: SFTConfig | None = None, helpful: Sequence[tuple[Text, str]] = (),
+              output_dir: str | os.PathLike | None = None, progress: bool = True) -> tuple[PreTrainedModel, dict]:
+    """Fine-tune on ``examples`` (+ a ``helpful_fraction`` of ``helpful``); returns the model and its
+    losses on ``examples`` before and after, and per epoch."""
+    config = config or SFTConfig()
+    if not examples:
+        raise ValueError("no examples to fine-tune on")
+    tokenizer = prepare_tokenizer(tokenizer, model)
+    chat = uses_chat_template(tokenizer, model, config.use_chat_template)
+    rng = random.Random(config.seed)
+    mixed = list(examples)
+    if helpful and config.helpful_fraction > 0:
+        count = min(len(helpful), round(config.helpful_fraction * len(examples)))
+        mixed += rng.sample(list(helpful), count)
+    if config.lora:
+        model = add_lora(model, config.lora_r, config.lora_alpha)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    torch.manual_seed(config.seed)
+    before = mean_loss(model, tokenizer, examples, chat, config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
+    history = []
+    steps = config.epochs * -(-len(mixed) // config.batch_size)
+    with progress_bar(progress) as bar:
+        task = bar.add_task("SFT", total=steps, info="")
+        for epoch in range(config.epochs):
+            model.train()
+            rng.shuffle(mixed)
+            losses = []
+            for start in range(0, len(mixed), config.batch_size):
+                loss = sft_loss(model, sft_batch(tokenizer, mixed[start:start + config.batch_size], chat, config,
+                                                 device))
+                optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                losses.append(loss.item())
+                bar.update(task, advance=1, info=f"epoch {epoch + 1} loss {loss.item():.3f}")
+            history.append({"epoch": epoch + 1, "train_loss": sum(losses) / len(losses)})
+    model.eval()
+    if config.lora:
+        model = model.merge_and_unload()
+    metrics = {"loss_before": before, "loss_after": mean_loss(model, tokenizer, examples, chat, config),
+               "examples": len(examples), "helpful_examples": len(mixed) - len(examples), "history": history}
+    if progress:
+        console.print(f"SFT loss on the revisions: {metrics['loss_before']:.3f} → {metrics['loss_after']:.3f}")
+    if output_dir is not None:
+        model.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+        save_config(config, Path(output_dir) / "sft_config.yaml")
+    return model, metrics

@@ -1,0 +1,140 @@
+"""Constitutional AI's stages on tiny models: the data flow, resuming, position debiasing, SFT."""
+
+import pytest
+import torch
+
+from conftest import build_tiny_causal, build_tiny_reward_backbone, build_tiny_seq2seq, minilm_tokenizer, word_tokenizer
+from rlhfkit.cai.constitution import Constitution
+from rlhfkit.cai.critique import revise, revision_dry_run
+from rlhfkit.cai.feedback import FeedbackConfig, ModelOptionScorer, comparison_dry_run, label_pairs
+from rlhfkit.cai.sft import SFTConfig, mean_loss, train_sft
+from rlhfkit.data.io import read_records
+from rlhfkit.data.records import Completion, PreferencePair, Prompt, Revision, SamplingParams
+
+# the word-level test vocabulary has no "A"/"B": answer with "a" and "i"
+RULES = Constitution.model_validate({
+    "principles": [{"name": "kind", "critique": "is it bad", "revision": "make it nice", "choose": "which is kind"},
+                   {"name": "honest", "critique": "is it true", "revision": "make it good"},
+                   {"name": "helpful", "critique": "does it help", "revision": "help more"}],
+    "templates": {"options": ["a", "i"]},
+})
+PROMPTS = [Prompt(id=f"r{i}", text=t) for i, t in enumerate(["how do i fix bike", "what do you hate", "plan day"])]
+SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=5, seed=0)
+
+
+def test_revise_keeps_every_step_draws_fresh_principles_and_resumes(tmp_path):
+    out = tmp_path / "revisions.jsonl"
+    records = revise(build_tiny_causal(), word_tokenizer(), PROMPTS, RULES, rounds=3, sampling=SAMPLING,
+                     batch_size=2, use_chat_template=False, output=out, progress=False)
+    assert [r.id for r in records] == ["r0", "r1", "r2"]
+    for record in records:
+        assert len(record.steps) == 3
+        assert len({s.principle for s in record.steps}) == 3  # a fresh principle each round
+        last = [s.revision for s in record.steps if s.revision]
+        assert record.final == (last[-1] if last else record.initial)
+        assert record.steps[0].critique_request == RULES.principle(record.steps[0].principle).critique
+    assert read_records(out, Revision) == records
+    again = revise(build_tiny_causal(), word_tokenizer(), PROMPTS, RULES, rounds=3, sampling=SAMPLING,
+                   output=out, progress=False)
+    assert again == [] and len(read_records(out, Revision)) == 3
+
+
+def test_revision_dry_run_shows_the_strings_with_placeholders():
+    shown = revision_dry_run(RULES, "how do i fix bike")
+    assert list(shown.values()) == [
+        "how do i fix bike",
+        "Human: how do i fix bike\n\nAssistant: <initial response>\n\nCritiqueRequest: is it bad\n\nCritique:",
+        "Human: how do i fix bike\n\nAssistant: <initial response>\n\nCritiqueRequest: is it bad\n\n"
+        "Critique: <critique>\n\nRevisionRequest: make it nice\n\nRevision:"]
+
+
+def completions(prompt_id, texts):
+    return [Completion(id=f"{prompt_id}-{i}", prompt_id=prompt_id, prompt="help me", text=t, index=i)
+            for i, t in enumerate(texts)]
+
+
+def test_asking_in_both_orders_cancels_position_bias():
+    first_always = lambda texts: torch.full((len(texts),), 0.9)  # noqa: E731 - prefers option A whatever it is
+    pairs = label_pairs(completions("p", ["nice reply", "rude reply"]), RULES, first_always, progress=False)
+    assert len(pairs) == 1 and pairs[0].label == pytest.approx(0.5)
+    assert pairs[0].provenance["p_a_first"] == pytest.approx(0.9)
+    assert pairs[0].provenance["p_a_second"] == pytest.approx(0.1)
+
+
+def test_a_consistent_preference_becomes_a_soft_label_with_the_winner_first(tmp_path):
+    def likes_nice(texts):  # P(A) is 0.8 when option A is the nice reply, 0.3 otherwise (plus position bias)
+        return torch.tensor([0.8 if "(A) nice" in t else 0.3 for t in texts])
+
+    out = tmp_path / "ai_pairs.jsonl"
+    responses = completions("p", ["rude reply", "nice reply", "other reply"])
+    pairs = label_pairs(responses, RULES, likes_nice, output=out, progress=False)
+    assert len(pairs) == 3  # every two of three responses
+    nice = [p for p in pairs if "nice reply" in (p.chosen, p.rejected)]
+    assert all(p.chosen == "nice reply" and p.label == pytest.approx((0.8 + 0.7) / 2) for p in nice)
+    assert label_pairs(responses, RULES, likes_nice, output=out, progress=False) == []  # resumed: all done
+    assert read_records(out, PreferencePair) == pairs
+
+
+def test_chain_of_thought_labels_are_clamped_to_the_band():
+    model, tokenizer = build_tiny_causal(), word_tokenizer()
+    confident = lambda texts: torch.tensor([0.99 if "(A) nice" in t else 0.01 for t in texts])  # noqa: E731
+    config = FeedbackConfig(chain_of_thought=True, thought_tokens=3, use_chat_template=False)
+    pairs = label_pairs(completions("p", ["nice reply", "rude reply"]), RULES, confident, config, model, tokenizer,
+                        progress=False)
+    assert pairs[0].chosen == "nice reply" and pairs[0].label == pytest.approx(0.6)
+
+
+def test_model_scorer_reads_the_two_option_probabilities():
+    model, tokenizer = build_tiny_causal(), word_tokenizer()
+    scorer = ModelOptionScorer(model, tokenizer, ("a", "i"))
+    p = scorer(["which is kind ( a", "help ("])
+    assert p.shape == (2,) and ((p > 0) & (p < 1)).all()
+    with pytest.raises(ValueError, match="two different tokens"):
+        ModelOptionScorer(model, tokenizer, ("a", "a"))
+    shown = comparison_dry_run(RULES, "help me", "x", "y")
+    first, second = shown.values()
+    assert first.endswith("(A) x\n(B) y\n\nThe answer is: (") and second.endswith("(A) y\n(B) x\n\nThe answer is: (")
+
+
+@pytest.mark.parametrize(("build", "lora"), [(build_tiny_causal, False), (build_tiny_seq2seq, False),
+                                             (build_tiny_causal, True)], ids=["causal", "seq2seq", "lora"])
+def test_sft_lowers_the_loss_on_revisions(build, lora, tmp_path):
+    examples = [("how do i fix bike", "you are doing great thanks for asking"),
+                ("plan day", "happy to help with your plan"), ("bake cake", "great question glad you asked")]
+    helpful = [("write code", "kind regards")] * 4
+    config = SFTConfig(epochs=15, lr=3e-3, batch_size=2, lora=lora, use_chat_template=False, helpful_fraction=1.0)
+    model, metrics = train_sft(build(), word_tokenizer(), examples, config, helpful=helpful,
+                               output_dir=tmp_path / "sft", progress=False)
+    assert metrics["loss_after"] < metrics["loss_before"] - (0.3 if lora else 1.0)  # nats per token
+    assert metrics["helpful_examples"] == 3
+    reloaded = type(model).from_pretrained(tmp_path / "sft")  # LoRA merged: a plain model
+    assert mean_loss(reloaded, word_tokenizer(), examples, False, config) == pytest.approx(metrics["loss_after"],
+                                                                                           rel=1e-4)
+
+
+def test_rlaif_wires_responses_feedback_reward_model_and_ppo_and_resumes(tmp_path):
+    from rlhfkit.cai.rlaif import RLAIFConfig, run_rlaif
+    from rlhfkit.reward.model import RewardModel
+
+    prompts = tmp_path / "red_team.txt"
+    prompts.write_text("how do i fix bike\nwhat do you hate\nplan day\nhelp you\n")
+    constitution = tmp_path / "c.yaml"
+    constitution.write_text(RULES.model_dump_json())  # JSON is YAML
+    config = RLAIFConfig(prompts=str(prompts), constitution=str(constitution), responses=3, max_new_tokens=5,
+                         reward_epochs=1, ppo_steps=2, ppo_batch_size=4, ppo_lr=1e-3, output_dir=str(tmp_path / "run"))
+
+    def run():
+        return run_rlaif(config, policy=build_tiny_causal(), tokenizer=word_tokenizer(),
+                         feedback=(build_tiny_causal(), word_tokenizer()),
+                         reward_model=RewardModel(build_tiny_reward_backbone(), minilm_tokenizer(), max_length=32),
+                         progress=False)
+
+    summary = run()
+    run_dir = tmp_path / "run"
+    pairs = read_records(run_dir / "ai_pairs.jsonl", PreferencePair)
+    assert summary["pairs"] == len(pairs) == 4 * 3  # 3 responses per prompt → 3 comparisons each
+    assert all(0.5 <= p.label <= 1.0 and p.provenance["source"] == "ai_feedback" for p in pairs)
+    assert summary["ppo_steps"] == 2 and (run_dir / "ppo" / "policy" / "config.json").exists()
+    assert (run_dir / "reward_model" / "model.safetensors").exists()
+    stamp = (run_dir / "ai_pairs.jsonl").stat().st_mtime_ns
+    assert run()["ppo_steps"] == 2 and (run_dir / "ai_pairs.jsonl").stat().st_mtime_ns == stamp
