@@ -197,9 +197,15 @@ class Agreement:
         return [s.labeler_id for s in self.per_labeler if s.poor]
 
     def as_dict(self) -> dict:
-        return {"items": self.items, "labelers": self.labelers, "pairwise_agreement": self.pairwise_agreement,
-                "krippendorff_alpha": self.krippendorff_alpha, "mean_kendall_w": self.mean_kendall_w,
-                "poor_labelers": self.poor_labelers, "per_labeler": [vars(s) for s in self.per_labeler]}
+        """Plain data for JSON (an undefined statistic, NaN, becomes None)."""
+
+        def clean(row: dict) -> dict:
+            return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+
+        return {**clean({"items": self.items, "labelers": self.labelers,
+                         "pairwise_agreement": self.pairwise_agreement, "krippendorff_alpha": self.krippendorff_alpha,
+                         "mean_kendall_w": self.mean_kendall_w}),
+                "poor_labelers": self.poor_labelers, "per_labeler": [clean(vars(s)) for s in self.per_labeler]}
 
 
 def agreement(rankings: Sequence[Ranking], consensus: Callable[[Sequence[Ranking]], Ranking],

@@ -1,0 +1,173 @@
+"""The labeling database: SQLAlchemy 2 models, the engine, and Alembic migrations applied on start-up.
+
+SQLite (a file; the default) or PostgreSQL (``postgresql+psycopg://...``). SQLite runs in WAL mode with
+``synchronous=FULL``, so a label whose request got a success response survives a ``kill -9``.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str | None] = mapped_column(String(256))  # None until the invite is used
+    role: Mapped[str] = mapped_column(String(16), default="labeler")  # admin | labeler
+    invite_token: Mapped[str | None] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class Project(Base):
+    __tablename__ = "projects"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    criterion: Mapped[str] = mapped_column(String(128))
+    instructions: Mapped[str] = mapped_column(Text, default="")  # Markdown
+    overlap: Mapped[int] = mapped_column(Integer, default=3)  # labelers per item (k)
+    consensus: Mapped[str] = mapped_column(String(32), default="borda")
+    gold_rate: Mapped[float] = mapped_column(Float, default=0.0)  # chance that the next item is a gold item
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    items: Mapped[list[Item]] = relationship(back_populates="project")
+
+
+class Item(Base):
+    """One prompt and its N completions, to be ranked."""
+
+    __tablename__ = "items"
+    __table_args__ = (UniqueConstraint("project_id", "prompt_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), index=True)
+    prompt_id: Mapped[str] = mapped_column(String(256))
+    prompt: Mapped[str] = mapped_column(Text)  # JSON: a string or a list of chat messages
+    is_gold: Mapped[bool] = mapped_column(Boolean, default=False)
+    gold_groups: Mapped[list | None] = mapped_column(JSON)  # the known answer of a gold item
+    project: Mapped[Project] = relationship(back_populates="items")
+    completions: Mapped[list[ItemCompletion]] = relationship(order_by="ItemCompletion.index")
+
+    @property
+    def prompt_value(self):
+        return json.loads(self.prompt)
+
+
+class ItemCompletion(Base):
+    __tablename__ = "completions"
+    __table_args__ = (UniqueConstraint("item_id", "completion_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), index=True)
+    completion_id: Mapped[str] = mapped_column(String(256))
+    text: Mapped[str] = mapped_column(Text)
+    index: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(String(256), default="")
+
+
+class Assignment(Base):
+    """An item handed to a labeler: open until labeled (done) or skipped."""
+
+    __tablename__ = "assignments"
+    __table_args__ = (UniqueConstraint("item_id", "user_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default="open")  # open | done | skipped
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class Label(Base):
+    """A labeler's ranking of an item: groups best first (a group of several is a tie), flags."""
+
+    __tablename__ = "labels"
+    __table_args__ = (UniqueConstraint("item_id", "user_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    groups: Mapped[list] = mapped_column(JSON)
+    flagged: Mapped[list] = mapped_column(JSON, default=list)
+    seconds: Mapped[float | None] = mapped_column(Float)  # time the labeler spent, as reported by the page
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class Setting(Base):
+    """Server settings kept across restarts (e.g. the session signing key)."""
+
+    __tablename__ = "settings"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+def normalise_url(url: str) -> str:
+    """A bare path means a SQLite file; postgresql:// uses the psycopg 3 driver."""
+    if "://" not in url:
+        return f"sqlite:///{Path(url).expanduser().resolve()}"
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def make_engine(url: str) -> Engine:
+    url = normalise_url(url)
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_setup(connection, _record) -> None:
+            connection.isolation_level = None  # transactions are begun below, not by pysqlite
+            cursor = connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        # BEGIN IMMEDIATE: a transaction takes the write lock at its start, so concurrent writers queue
+        # (busy timeout) instead of failing half-way.
+        @event.listens_for(engine, "begin")
+        def _begin_immediate(connection) -> None:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(url, pool_size=20, max_overflow=40, pool_pre_ping=True)
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the latest Alembic revision (creates it on an empty database)."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+
+def session_factory(url: str) -> sessionmaker:
+    engine = make_engine(url)
+    migrate(engine)
+    return sessionmaker(engine, expire_on_commit=False)
