@@ -12,6 +12,7 @@ import typer
 from rlhfkit.cai.cli import cai_app
 from rlhfkit.config import read_yaml
 from rlhfkit.console import console, friendly_errors
+from rlhfkit.feedback.cli import feedback_app
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -20,6 +21,7 @@ app = typer.Typer(help="RLHF end to end: generate → rank → pairs → reward 
 reward_app = typer.Typer(help="Train, evaluate and apply reward models.", no_args_is_help=True)
 app.add_typer(reward_app, name="reward")
 app.add_typer(cai_app, name="cai")
+app.add_typer(feedback_app, name="feedback")
 
 
 @app.command()

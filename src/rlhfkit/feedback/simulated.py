@@ -1,7 +1,8 @@
 """Simulated labelers: rank completions by a hidden quality score, with noise, ties and flags.
 
 They stand in for people in demos and tests. A good labeler sees the quality with a little Gaussian
-noise; a noisy one with more; a poor one ranks at random.
+noise; a noisy one with more; a poor one ranks at random; an adversarial one ranks worst first; a
+tie-happy one ties neighbours whose qualities are close. :data:`KINDS` names these.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class SimulatedLabeler:
     noise: float = 0.1  # std of the Gaussian noise added to the quality before ranking
     tie_margin: float = 0.0  # neighbours whose noisy qualities differ by less than this are tied
     random_order: bool = False  # ignore the quality altogether (a poor labeler)
+    adversarial: bool = False  # rank by the opposite of the quality
     flag_below_words: int = 3  # flag completions with fewer words as unusable (0: never flag)
 
     def rank(self, completions: Sequence[Completion], quality: Sequence[float], rng: random.Random,
@@ -30,7 +32,8 @@ class SimulatedLabeler:
         if self.random_order:
             noisy = [rng.random() for _ in completions]
         else:
-            noisy = [q + rng.gauss(0.0, self.noise) for q in quality]
+            sign = -1.0 if self.adversarial else 1.0
+            noisy = [sign * q + rng.gauss(0.0, self.noise) for q in quality]
         order = sorted(range(len(completions)), key=lambda i: -noisy[i])
         groups: list[list[str]] = []
         head = None  # index of the best completion of the current group
@@ -58,3 +61,12 @@ def simulate_rankings(completions: Sequence[Completion], quality: RewardFn,
         for items in by_prompt.values():
             rankings.append(labeler.rank([c for c, _ in items], [s for _, s in items], rng, criterion))
     return rankings
+
+
+KINDS = {
+    "good": lambda name: SimulatedLabeler(name, noise=0.1),
+    "noisy": lambda name: SimulatedLabeler(name, noise=0.6),
+    "random": lambda name: SimulatedLabeler(name, random_order=True, flag_below_words=0),
+    "adversarial": lambda name: SimulatedLabeler(name, noise=0.1, adversarial=True, flag_below_words=0),
+    "tie-happy": lambda name: SimulatedLabeler(name, noise=0.1, tie_margin=0.5),
+}
