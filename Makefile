@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test install lint clean
+.PHONY: demo test install lint clean system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,8 +26,20 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
+# The feedback app's tests need a headless Chromium (browser tests) and PostgreSQL (the tests start
+# their own server). Installed with apt when missing and we are root; otherwise those tests skip with
+# the reason, except under CI=true, where they fail instead.
+system-deps:
+	@if command -v chromium >/dev/null && (command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1); then \
+		echo "chromium and postgresql: present"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get install -y -q chromium postgresql || (apt-get update -q && apt-get install -y -q chromium postgresql)) >/dev/null; \
+	else \
+		echo "warning: chromium/postgresql missing and no root to install them: their tests will skip"; \
+	fi
+
 # pytest exits 5 when it collects no test; make treats every non-zero exit as a failure.
-test: $(STAMP) lint
+test: $(STAMP) lint system-deps
 	HF_HUB_OFFLINE=1 $(BIN)/pytest
 
 clean:

@@ -183,3 +183,37 @@ def test_invites_and_user_creation_through_the_api(db_url):
     assert TestClient(app).post(f"/api/invite/{invite}", json={"password": "long-enough"}).status_code == 200
     assert TestClient(app).post(f"/api/invite/{invite}", json={"password": "long-enough"}).status_code == 404
     login(TestClient(app), "eve", "long-enough")
+
+
+def test_admin_creates_a_project_by_upload_through_the_csrf_protected_forms(tmp_path):
+    import re
+
+    from rlhfkit.data.io import write_records
+
+    app = create_app(str(tmp_path / "app.db"))
+    with app.state.sessions() as db:
+        service.create_user(db, "admin", "admin", password="admin-pass")
+    browser = TestClient(app)
+
+    def csrf(page):
+        return re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+
+    login_page = browser.get("/login")
+    assert browser.post("/login", data={"username": "admin", "password": "admin-pass"},
+                        follow_redirects=False).status_code == 403  # no CSRF token
+    done = browser.post("/login", data={"username": "admin", "password": "admin-pass", "csrf": csrf(login_page)},
+                        follow_redirects=False)
+    assert done.status_code == 303 and done.headers["location"] == "/admin"
+    token = csrf(browser.get("/admin"))
+    write_records(tmp_path / "c.jsonl", make_completions("p0", 3) + make_completions("p1", 3))
+    form = {"name": "uploaded", "criterion": "harmlessness", "overlap": "2", "csrf": token}
+    with open(tmp_path / "c.jsonl", "rb") as f:
+        created = browser.post("/admin/projects", data=form, files={"completions": ("c.jsonl", f)},
+                               follow_redirects=False)
+    assert created.status_code == 303
+    bad = b'{"schema": "rlhfkit.completion/1", "id": "x"}\n'
+    refused = browser.post("/admin/projects", data={**form, "name": "bad"}, files={"completions": ("bad.jsonl", bad)})
+    assert refused.status_code == 422
+    assert "bad.jsonl" in refused.json()["detail"] and "line 1" in refused.json()["detail"]
+    with app.state.sessions() as db:
+        assert service.progress(db, service.get_project(db, "uploaded"))["items"] == 2

@@ -31,6 +31,8 @@ from rlhfkit.feedback import service
 from rlhfkit.feedback.db import Setting, User, session_factory
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+# a statistic that is undefined (too few labels yet) shows as a dash
+TEMPLATES.env.filters["num"] = lambda v: "–" if v is None or v != v else f"{v:.3f}"
 
 
 class LoginBody(BaseModel):
