@@ -63,6 +63,7 @@ def test_demo_keeps_every_stage_and_writes_a_self_contained_report(demo_run):
     assert len(before) == summary["prompts_held_out"] * config.eval_samples * len(config.eval_seeds)
     assert all(c.scores["kl"] == 0.0 for c in before)  # the initial policy is the reference
     assert json.loads((run / "agreement.json").read_text())["poor_labelers"] == ["dave"]
+    assert (run / "feedback.db").exists()  # the labelers ranked through the feedback app
     assert list((run / "ppo" / "tensorboard").glob("events.out.tfevents.*"))
     report = (run / "report.html").read_text()
     for heading in ("independent judges", "Training curves", "Judge scores before vs after", "Labelers",

@@ -1,7 +1,8 @@
 """The main job (`rlhfkit demo`): the whole RLHF loop, offline, on built-in defaults.
 
-    prompts → N completions per prompt → simulated labelers rank them (one labeler is poor) →
-    agreement statistics (the poor labeler is spotted and left out) → Borda consensus → pairs →
+    prompts → N completions per prompt → simulated labelers rank them in the feedback app, through its
+    API (one labeler is poor) → agreement statistics (the poor labeler is spotted and left out) →
+    Borda consensus → pairs →
     Bradley-Terry reward model (MiniLM) → evaluation of the initial policy on held-out prompts →
     PPO with a KL penalty to the reference and reward-hacking monitors → evaluation after →
     report.html
@@ -39,10 +40,10 @@ import yaml
 
 from rlhfkit.console import console
 from rlhfkit.data.io import read_prompts, read_records, write_records
-from rlhfkit.data.pairs import CONSENSUS, rankings_to_pairs
+from rlhfkit.data.pairs import rankings_to_pairs
 from rlhfkit.data.records import Completion, Prompt, SamplingParams
 from rlhfkit.eval.judges import ProfanityJudge, SentimentJudge
-from rlhfkit.feedback.simulated import SimulatedLabeler, simulate_rankings
+from rlhfkit.feedback.simulated import SimulatedLabeler
 from rlhfkit.models.toy_policy import ToyPolicyConfig, load_toy_policy, toy_corpus, toy_prompts
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -199,6 +200,35 @@ def load_ppo_policy(config: DemoConfig, folder: Path, progress: bool):
     return type(model).from_pretrained(folder).eval(), tokenizer
 
 
+def label_in_app(db: Path, completions: list[Completion], criterion: str, quality, config: DemoConfig):
+    """The labeling stage as people would do it, with simulated labelers: a project in the feedback app
+    (a SQLite file in the run folder), each labeler logging in and ranking through the JSON API.
+    Returns the rankings and the agreement figures. A rerun continues where the labelers stopped; the
+    same database can be served to real labelers (`rlhfkit feedback serve --db RUN/feedback.db`)."""
+    from fastapi.testclient import TestClient
+
+    from rlhfkit.feedback import service
+    from rlhfkit.feedback.app import create_app
+    from rlhfkit.feedback.client import FeedbackClient, SimulatedSession
+
+    app = create_app(str(db))
+    password = "demo-labeler-password"
+    with app.state.sessions() as session:
+        try:
+            project = service.get_project(session, "demo")
+        except service.FeedbackError:
+            for labeler in config.labelers:
+                service.create_user(session, labeler.id, password=password)
+            project = service.create_project(session, "demo", criterion, completions,
+                                             instructions=f"Rank the answers by: **{criterion}**.",
+                                             overlap=len(config.labelers), consensus=config.consensus)
+    for i, labeler in enumerate(config.labelers):
+        client = FeedbackClient("http://demo", labeler.id, password, http=TestClient(app, base_url="http://demo"))
+        SimulatedSession(client, labeler, quality, criterion).run("demo", seed=config.seed + i)
+    with app.state.sessions() as session:
+        return service.rankings(session, project), service.project_agreement(session, project)
+
+
 def _rule(title: str) -> None:
     console.rule(f"[bold]{title}")
 
@@ -208,7 +238,6 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict:
     ``report.html``."""
     from rlhfkit.eval.evaluate import EvalConfig, compare, evaluate_policy, text_stats
     from rlhfkit.eval.report import write_report
-    from rlhfkit.feedback.agreement import agreement
     from rlhfkit.generate import generate_completions
     from rlhfkit.models.reference import Reference
     from rlhfkit.reward.model import STATE_FILE, RewardModel, RewardModelConfig, train_reward_model
@@ -245,14 +274,13 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict:
     console.print(f"{len(completions)} completions → {run / 'completions.jsonl'}")
     lap("generate_s", t)
 
-    _rule(f"3. simulated labelers rank by “{criterion}”")
-    rankings = simulate_rankings(completions, quality, config.labelers, criterion, seed=config.seed)
+    _rule(f"3. simulated labelers rank by “{criterion}” in the feedback app")
+    rankings, agreed = label_in_app(run / "feedback.db", completions, criterion, quality, config)
     write_records(run / "rankings.jsonl", rankings)
-    agreed = agreement(rankings, CONSENSUS[config.consensus])
     (run / "agreement.json").write_text(json.dumps(agreed.as_dict(), indent=1))
-    console.print(f"{len(rankings)} rankings from {len(config.labelers)} labelers; pairwise agreement "
-                  f"{agreed.pairwise_agreement:.2f}, Krippendorff α {agreed.krippendorff_alpha:.2f}, "
-                  f"mean Kendall W {agreed.mean_kendall_w:.2f}")
+    console.print(f"{len(rankings)} rankings from {len(config.labelers)} labelers through the app's API "
+                  f"({run / 'feedback.db'}); pairwise agreement {agreed.pairwise_agreement:.2f}, Krippendorff α "
+                  f"{agreed.krippendorff_alpha:.2f}, mean Kendall W {agreed.mean_kendall_w:.2f}")
     for s in agreed.per_labeler:
         console.print(f"  {s.labeler_id:8s} τ vs the others {s.tau:+.2f}"
                       + (f"  [bold red]poor: {s.reason}[/]" if s.poor else ""))

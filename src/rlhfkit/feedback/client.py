@@ -17,8 +17,11 @@ from rlhfkit.reward.base import RewardFn
 class FeedbackClient:
     """A logged-in session with the app; raises for unexpected statuses with the server's reason."""
 
-    def __init__(self, url: str, username: str, password: str, timeout: float = 30.0) -> None:
-        self.http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout)
+    def __init__(self, url: str, username: str, password: str, timeout: float = 30.0,
+                 http: httpx.Client | None = None) -> None:
+        """``http``: an existing client to talk through instead (e.g. FastAPI's TestClient for an app
+        running in this process)."""
+        self.http = http or httpx.Client(base_url=url.rstrip("/"), timeout=timeout)
         response = self.http.post("/api/login", json={"username": username, "password": password})
         self._check(response)
         self.http.headers["X-CSRF-Token"] = response.json()["csrf"]

@@ -209,8 +209,15 @@ def _batch_loss(reward_model: RewardModel, batch: list[list[PreferencePair]]) ->
 
 def load_backbone(config: RewardModelConfig) -> RewardModel:
     """A fresh reward model: the backbone with a new 1-output head (and LoRA adapters if asked)."""
+    from transformers.utils import logging as hf_logging
+
     backbone = config.backbone or default_backbone()
-    model = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the new head's "newly initialised weights" report is expected here
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if config.lora:
         from peft import LoraConfig, TaskType, get_peft_model
 
