@@ -42,15 +42,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(db: str, port: int) -> subprocess.Popen:
-    """`rlhfkit feedback serve` in a child process; returns once it answers."""
+def start_server(db: str, port: int, log: Path | None = None) -> subprocess.Popen:
+    """`rlhfkit feedback serve` in a child process, its output in ``log``; returns once it answers."""
     env = {**os.environ, "RLHFKIT_ADMIN_PASSWORD": PASSWORD}
-    process = subprocess.Popen([sys.executable, "-m", "rlhfkit.cli", "feedback", "serve", "--db", db, "--port",
-                                str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = log or Path(tempfile.mkstemp(prefix="rlhfkit-server-", suffix=".log")[1])
+    with open(log, "ab") as out:
+        process = subprocess.Popen([sys.executable, "-m", "rlhfkit.cli", "feedback", "serve", "--db", db, "--port",
+                                    str(port)], env=env, stdout=out, stderr=subprocess.STDOUT)
+    process.log = log
     deadline = time.time() + 60
     while time.time() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"the server exited: {process.stderr.read().decode()[-2000:]}")
+            raise RuntimeError(f"the server exited: {log.read_text()[-2000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
                 return process
@@ -74,6 +77,7 @@ def prepare(db: str, labelers: int, prompts: int, overlap: int) -> None:
 
 def label_until_done(url: str, name: str, acknowledged: list, errors: list, stop: threading.Event,
                      rng: random.Random) -> None:
+    client = None
     try:
         client = FeedbackClient(url, name, PASSWORD, timeout=60)
         while not stop.is_set():
@@ -92,6 +96,9 @@ def label_until_done(url: str, name: str, acknowledged: list, errors: list, stop
     except (httpx.HTTPError, RuntimeError) as exc:
         if not stop.is_set():
             errors.append(f"{name}: {exc}")
+    finally:
+        if client is not None:
+            client.close()
 
 
 def run(db: str, labelers: int = 50, prompts: int = 200, overlap: int = 3, kill_after: float | None = None,
@@ -121,7 +128,11 @@ def run(db: str, labelers: int = 50, prompts: int = 200, overlap: int = 3, kill_
     if killed:  # restart on the same database: migrations and state must survive
         server = start_server(db, port)
     server.send_signal(signal.SIGTERM)
-    server.wait(timeout=30)
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        errors.append("the server did not stop within 30 s of SIGTERM")
     sessions = session_factory(db)
     with sessions() as session:
         stored = {(label.user_id, label.item_id): label.id for label in session.query(Label).all()}

@@ -94,6 +94,7 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
 
     def current_user(request: Request, session: Session = Depends(db)) -> User:
         user = session.get(User, request.session.get("user_id", -1))
+        session.commit()  # short transactions: do not hold the database while the endpoint works
         if user is None:
             raise HTTPException(401, "log in first")
         return user

@@ -134,7 +134,8 @@ def normalise_url(url: str) -> str:
 def make_engine(url: str) -> Engine:
     url = normalise_url(url)
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=20,
+                               max_overflow=40)
 
         @event.listens_for(engine, "connect")
         def _sqlite_setup(connection, _record) -> None:
@@ -146,7 +147,8 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         # BEGIN IMMEDIATE: a transaction takes the write lock at its start, so concurrent writers queue
-        # (busy timeout) instead of failing half-way.
+        # (busy timeout) instead of failing half-way. Transactions are therefore kept short: the app
+        # commits as soon as it has read what it needs (see app.current_user, service.authenticate).
         @event.listens_for(engine, "begin")
         def _begin_immediate(connection) -> None:
             connection.exec_driver_sql("BEGIN IMMEDIATE")

@@ -88,6 +88,7 @@ def accept_invite(session: Session, token: str, password: str) -> User:
 
 def authenticate(session: Session, username: str, password: str) -> User | None:
     user = session.scalar(select(User).where(User.username == username))
+    session.commit()  # end the transaction (and SQLite's lock) before the deliberately slow hash check
     return user if user is not None and check_password(password, user.password_hash) else None
 
 
