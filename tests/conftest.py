@@ -120,3 +120,19 @@ def make_prompts(n: int = 3) -> list[Prompt]:
 def make_completions(prompt_id: str = "p0", n: int = 4) -> list[Completion]:
     return [Completion(id=f"{prompt_id}-{i}", prompt_id=prompt_id, prompt="q", text=f"answer {i}", index=i)
             for i in range(n)]
+
+
+def invoke(*args):
+    """Run the `rlhfkit` command line in-process with these arguments (stringified)."""
+    from typer.testing import CliRunner
+
+    from rlhfkit.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def save_tiny_policy(path):
+    """The tiny causal policy and its word tokenizer as a `from_pretrained` folder."""
+    build_tiny_causal().save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return path

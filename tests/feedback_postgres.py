@@ -67,3 +67,18 @@ def fresh_database(server_url: str) -> str:
     with psycopg.connect(server_url, autocommit=True) as connection:
         connection.execute(f'CREATE DATABASE "{name}"')
     return server_url.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """One PostgreSQL server per test module."""
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """A fresh database per test: a SQLite file, or a new database on the module's PostgreSQL server."""
+    if request.param == "sqlite":
+        return str(tmp_path / "feedback.db")
+    return fresh_database(request.getfixturevalue("postgres"))

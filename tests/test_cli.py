@@ -1,33 +1,22 @@
 import json
 
 import pytest
-from typer.testing import CliRunner
 
 from conftest import (
     TOPICS,
-    build_tiny_causal,
     build_tiny_reward_backbone,
+    invoke,
     minilm_tokenizer,
+    save_tiny_policy,
     synthetic_pairs,
-    word_tokenizer,
 )
-from rlhfkit.cli import app
 from rlhfkit.data.io import read_records, write_records
 from rlhfkit.data.records import Completion, PreferencePair, Ranking
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture
 def policy_dir(tmp_path):
-    path = tmp_path / "policy"
-    build_tiny_causal().save_pretrained(path)
-    word_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny_policy(tmp_path / "policy")
 
 
 @pytest.mark.parametrize("command", [[], ["generate"], ["pairs"], ["import-pairs"], ["reward", "train"],

@@ -1,23 +1,13 @@
 import pytest
-from typer.testing import CliRunner
 
-from conftest import build_tiny_causal, word_tokenizer
-from rlhfkit.cli import app
+from conftest import invoke, save_tiny_policy
 from rlhfkit.data.io import read_records, write_records
 from rlhfkit.data.records import Completion, PreferencePair, Revision
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture
 def setup(tmp_path):
-    model = tmp_path / "model"
-    build_tiny_causal().save_pretrained(model)
-    word_tokenizer().save_pretrained(model)
+    model = save_tiny_policy(tmp_path / "model")
     (tmp_path / "prompts.txt").write_text("how do i fix bike\nplan day\n")
     (tmp_path / "c.yaml").write_text(
         "principles:\n  - {name: kind, critique: is it bad, revision: make it nice, choose: which is kind}\n"

@@ -2,30 +2,15 @@
 
 import threading
 
-import pytest
 from fastapi.testclient import TestClient
 
 from conftest import make_completions
-from feedback_postgres import fresh_database, postgres_server
+from feedback_postgres import db_url, postgres  # noqa: F401 - fixtures
 from rlhfkit.data.records import Ranking
 from rlhfkit.feedback import service
 from rlhfkit.feedback.app import create_app
 
 PROMPTS = [f"p{i}" for i in range(6)]
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    with postgres_server() as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    """A fresh database per test: a SQLite file, or a new database on the module's PostgreSQL server."""
-    if request.param == "sqlite":
-        return str(tmp_path / "feedback.db")
-    return fresh_database(request.getfixturevalue("postgres"))
 
 
 def setup_project(app, overlap=2, gold=()):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_completions
-from feedback_postgres import fresh_database, postgres_server
+from feedback_postgres import db_url, postgres  # noqa: F401 - fixtures
 from rlhfkit.data.io import read_records, write_records
 from rlhfkit.data.records import PreferencePair, Ranking
 
@@ -19,19 +19,6 @@ spec = importlib.util.spec_from_file_location("feedback_load", Path(__file__).pa
                                               "feedback_load.py")
 load = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(load)
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    with postgres_server() as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        return str(tmp_path / "feedback.db")
-    return fresh_database(request.getfixturevalue("postgres"))
 
 
 @pytest.mark.slow
