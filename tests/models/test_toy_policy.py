@@ -1,0 +1,36 @@
+from collections import Counter
+
+import pytest
+
+from rlhfkit.models.toy_policy import ToyPolicyConfig, corpus_examples, load_toy_policy, toy_corpus, toy_prompts
+
+
+def test_corpus_mixes_kind_rude_and_empty_replies_as_configured():
+    corpus = toy_corpus()
+    rude = {r.split("{topic}")[0][:12] for r in corpus["rude"]}
+    examples = corpus_examples(corpus, 4000, seed=0)
+    share = sum(any(reply.lower().startswith(r.lower()[:12]) for r in rude) for _, reply in examples) / len(examples)
+    assert share == pytest.approx(corpus["mix"]["rude"], abs=0.06)
+    assert all("{topic}" not in q + a for q, a in examples)
+
+
+def test_held_out_prompts_are_about_other_topics():
+    corpus = toy_corpus()
+    train, test = toy_prompts(corpus["topics"][:-12], corpus), toy_prompts(corpus["topics"][-12:], corpus, seed=1)
+    assert len(test) == 24 and len({p.id for p in train + test}) == len(train) + len(test)
+    assert not any(topic in p.text for topic in corpus["topics"][-12:] for p in train)
+    assert Counter(p.id.rsplit("-", 1)[0] for p in test).most_common(1)[0][1] == 2  # two requests per topic
+
+
+def test_toy_policy_is_trained_once_then_loaded_from_the_cache(tmp_path):
+    config = ToyPolicyConfig(examples=200, epochs=1, vocab_size=400, n_embd=32)
+    _, tokenizer, folder = load_toy_policy(tmp_path, config, progress=False)
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    _, _, same = load_toy_policy(tmp_path, config, progress=False)
+    assert same == folder and (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    assert tokenizer.padding_side == "left" and tokenizer.chat_template
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Any tips for baking bread?"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert text == "user: Any tips for baking bread?\nassistant:"
+    assert tokenizer.decode(tokenizer("Great question! For baking bread")["input_ids"]) == \
+        "Great question! For baking bread"
