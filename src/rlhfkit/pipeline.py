@@ -218,7 +218,8 @@ def label_in_app(db: Path, completions: list[Completion], criterion: str, qualit
             project = service.get_project(session, "demo")
         except service.FeedbackError:
             for labeler in config.labelers:
-                service.create_user(session, labeler.id, password=password)
+                if service.authenticate(session, labeler.id, password) is None:  # (a crash may have made some)
+                    service.create_user(session, labeler.id, password=password)
             project = service.create_project(session, "demo", criterion, completions,
                                              instructions=f"Rank the answers by: **{criterion}**.",
                                              overlap=len(config.labelers), consensus=config.consensus)
