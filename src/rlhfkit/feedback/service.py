@@ -190,7 +190,7 @@ def next_item(session: Session, user: User, project: Project, rng: random.Random
 def item_view(item: Item, project: Project, user: User, session: Session) -> dict:
     """What a labeler sees of an item (never whether it is gold, nor other labelers' work)."""
     done = session.scalar(select(func.count()).select_from(Label).join(Item, Item.id == Label.item_id).where(
-        Label.user_id == user.id, Item.project_id == project.id))
+        Label.user_id == user.id, Item.project_id == project.id, Item.is_gold.is_(False)))
     return {"item_id": item.id, "prompt": item.prompt_value, "criterion": project.criterion,
             "completions": [{"id": c.completion_id, "text": c.text} for c in item.completions],
             "progress": {"done": done, "total": _items_for(session, project)}}
