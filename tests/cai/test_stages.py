@@ -138,3 +138,35 @@ def test_rlaif_wires_responses_feedback_reward_model_and_ppo_and_resumes(tmp_pat
     assert (run_dir / "reward_model" / "model.safetensors").exists()
     stamp = (run_dir / "ai_pairs.jsonl").stat().st_mtime_ns
     assert run()["ppo_steps"] == 2 and (run_dir / "ai_pairs.jsonl").stat().st_mtime_ns == stamp
+
+
+def test_interrupted_sft_resumes_after_its_last_epoch_and_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    import rlhfkit.cai.sft as sft_module
+
+    examples = [("how do i fix bike", "you are doing great thanks for asking"),
+                ("plan day", "happy to help with your plan"), ("bake cake", "great question glad you asked")]
+    config = SFTConfig(epochs=3, lr=3e-3, batch_size=2, use_chat_template=False)
+    _, whole = train_sft(build_tiny_causal(), word_tokenizer(), examples, config, output_dir=tmp_path / "whole",
+                         progress=False)
+
+    real_loss, calls = sft_module.sft_loss, {"n": 0}
+
+    def crash_in_third_epoch(model, batch):
+        calls["n"] += 1
+        if calls["n"] > 4 + 2 * 2:  # the loss before (2 batches), 2 epochs of 2 batches, then a crash
+            raise KeyboardInterrupt
+        return real_loss(model, batch)
+
+    monkeypatch.setattr(sft_module, "sft_loss", crash_in_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(build_tiny_causal(), word_tokenizer(), examples, config, output_dir=tmp_path / "cut", progress=False)
+    assert (tmp_path / "cut" / "checkpoint.pt").exists()
+    monkeypatch.setattr(sft_module, "sft_loss", real_loss)
+    _, resumed = train_sft(build_tiny_causal(), word_tokenizer(), examples, config, output_dir=tmp_path / "cut",
+                           progress=False)
+    assert resumed["loss_after"] == pytest.approx(whole["loss_after"], rel=1e-5)
+    assert [h["train_loss"] for h in resumed["history"]] == pytest.approx([h["train_loss"] for h in whole["history"]])
+    assert not (tmp_path / "cut" / "checkpoint.pt").exists()
+    _, again = train_sft(build_tiny_causal(), word_tokenizer(), examples, config, output_dir=tmp_path / "cut",
+                         progress=False)
+    assert again == resumed  # finished: loaded, not retrained

@@ -9,6 +9,7 @@ is merged into the weights on save, so later stages load a plain model).
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from collections.abc import Sequence
@@ -25,6 +26,8 @@ from rlhfkit.data.records import Text
 from rlhfkit.generate import format_prompt
 from rlhfkit.models.policy import TokenBatch, completion_logits, prepare_tokenizer, token_logprobs
 from rlhfkit.models.reference import add_lora
+
+METRICS_FILE = "sft_metrics.json"  # written last: its presence means the run finished
 
 
 @dataclass
@@ -90,10 +93,17 @@ def train_sft(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, exampl
               config: SFTConfig | None = None, helpful: Sequence[tuple[Text, str]] = (),
               output_dir: str | os.PathLike | None = None, progress: bool = True) -> tuple[PreTrainedModel, dict]:
     """Fine-tune on ``examples`` (+ a ``helpful_fraction`` of ``helpful``); returns the model and its
-    losses on ``examples`` before and after, and per epoch."""
+    losses on ``examples`` before and after, and per epoch.
+
+    With ``output_dir`` the run is resumable: a checkpoint (trainable weights, optimizer, RNG states) is
+    written after every epoch and picked up by a rerun; a finished run is loaded instead of retrained."""
     config = config or SFTConfig()
     if not examples:
         raise ValueError("no examples to fine-tune on")
+    out = Path(output_dir) if output_dir is not None else None
+    if out is not None and (out / METRICS_FILE).exists():
+        console.print(f"SFT already finished in {out}; loading it")
+        return type(model).from_pretrained(out).eval(), json.loads((out / METRICS_FILE).read_text())
     tokenizer = prepare_tokenizer(tokenizer, model)
     chat = uses_chat_template(tokenizer, model, config.use_chat_template)
     rng = random.Random(config.seed)
@@ -106,13 +116,23 @@ def train_sft(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, exampl
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     torch.manual_seed(config.seed)
-    before = mean_loss(model, tokenizer, examples, chat, config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
-    history = []
+    checkpoint = out / "checkpoint.pt" if out is not None else None
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["trainable"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        before, history, mixed = state["loss_before"], state["history"], state["mixed"]
+        console.print(f"resuming SFT after epoch {len(history)} from {checkpoint}")
+    else:
+        before, history = mean_loss(model, tokenizer, examples, chat, config), []
     steps = config.epochs * -(-len(mixed) // config.batch_size)
     with progress_bar(progress) as bar:
-        task = bar.add_task("SFT", total=steps, info="")
-        for epoch in range(config.epochs):
+        task = bar.add_task("SFT", total=steps, completed=len(history) * -(-len(mixed) // config.batch_size),
+                            info="")
+        for epoch in range(len(history), config.epochs):
             model.train()
             rng.shuffle(mixed)
             losses = []
@@ -126,6 +146,13 @@ def train_sft(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, exampl
                 losses.append(loss.item())
                 bar.update(task, advance=1, info=f"epoch {epoch + 1} loss {loss.item():.3f}")
             history.append({"epoch": epoch + 1, "train_loss": sum(losses) / len(losses)})
+            if checkpoint is not None:
+                checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+                torch.save({"trainable": trainable, "optimizer": optimizer.state_dict(), "rng": rng.getstate(),
+                            "torch_rng": torch.get_rng_state(), "loss_before": before, "history": history,
+                            "mixed": mixed}, checkpoint.with_suffix(".tmp"))
+                checkpoint.with_suffix(".tmp").replace(checkpoint)
     model.eval()
     if config.lora:
         model = model.merge_and_unload()
@@ -133,8 +160,10 @@ def train_sft(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, exampl
                "examples": len(examples), "helpful_examples": len(mixed) - len(examples), "history": history}
     if progress:
         console.print(f"SFT loss on the revisions: {metrics['loss_before']:.3f} → {metrics['loss_after']:.3f}")
-    if output_dir is not None:
-        model.save_pretrained(output_dir)
-        tokenizer.save_pretrained(output_dir)
-        save_config(config, Path(output_dir) / "sft_config.yaml")
+    if out is not None:
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        save_config(config, out / "sft_config.yaml")
+        (out / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
+        checkpoint.unlink(missing_ok=True)
     return model, metrics
