@@ -33,6 +33,7 @@ def test_perfect_agreement_gives_one_everywhere():
     assert result.pairwise_agreement == 1.0
     assert result.krippendorff_alpha == pytest.approx(1.0)
     assert result.mean_kendall_w == pytest.approx(1.0)
+    assert result.kendall_w_per_item == pytest.approx({"p0": 1.0, "p1": 1.0})
     assert all(s.tau == pytest.approx(1.0) and not s.poor for s in result.per_labeler)
 
 
@@ -83,6 +84,9 @@ def test_random_labeler_gets_low_tau_and_is_flagged():
     assert taus["random"] < 0.2 < 0.6 < min(taus["good1"], taus["good2"], taus["good3"])
     assert result.poor_labelers == ["random"]
     assert 0.3 < result.krippendorff_alpha < 0.95
+    assert len(result.kendall_w_per_item) == 30
+    lowest = result.least_agreed(3)
+    assert [w for _, w in lowest] == sorted(result.kendall_w_per_item.values())[:3]
 
 
 def test_gold_items_measure_accuracy_and_flag_careless_labelers():

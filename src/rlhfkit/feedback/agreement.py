@@ -24,7 +24,7 @@ import itertools
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rlhfkit.data.records import Ranking
 
@@ -191,6 +191,11 @@ class Agreement:
     krippendorff_alpha: float
     mean_kendall_w: float
     per_labeler: list[LabelerStats]
+    kendall_w_per_item: dict[str, float] = field(default_factory=dict)  # prompt id → W
+
+    def least_agreed(self, n: int = 5) -> list[tuple[str, float]]:
+        """The items the labelers agreed on least (lowest W): ambiguous prompts or unclear instructions."""
+        return sorted(self.kendall_w_per_item.items(), key=lambda kv: kv[1])[:n]
 
     @property
     def poor_labelers(self) -> list[str]:
@@ -205,7 +210,8 @@ class Agreement:
         return {**clean({"items": self.items, "labelers": self.labelers,
                          "pairwise_agreement": self.pairwise_agreement, "krippendorff_alpha": self.krippendorff_alpha,
                          "mean_kendall_w": self.mean_kendall_w}),
-                "poor_labelers": self.poor_labelers, "per_labeler": [clean(vars(s)) for s in self.per_labeler]}
+                "poor_labelers": self.poor_labelers, "per_labeler": [clean(vars(s)) for s in self.per_labeler],
+                "kendall_w_per_item": self.kendall_w_per_item}
 
 
 def agreement(rankings: Sequence[Ranking], consensus: Callable[[Sequence[Ranking]], Ranking],
@@ -214,7 +220,8 @@ def agreement(rankings: Sequence[Ranking], consensus: Callable[[Sequence[Ranking
     """All the agreement figures of a set of rankings (gold items excluded from the item statistics)."""
     gold = gold or {}
     regular = [r for r in rankings if r.prompt_id not in gold]
-    ws = [w for item in by_item(regular).values() if not math.isnan(w := kendall_w(item))]
+    per_item = {pid: w for pid, item in by_item(regular).items() if not math.isnan(w := kendall_w(item))}
+    ws = list(per_item.values())
     return Agreement(
         items=len(by_item(regular)),
         labelers=len({r.labeler_id for r in rankings}),
@@ -222,4 +229,5 @@ def agreement(rankings: Sequence[Ranking], consensus: Callable[[Sequence[Ranking
         krippendorff_alpha=krippendorff_alpha_ordinal(regular),
         mean_kendall_w=sum(ws) / len(ws) if ws else math.nan,
         per_labeler=labeler_stats(rankings, consensus, gold, min_tau, min_gold_accuracy),
+        kendall_w_per_item=per_item,
     )
