@@ -384,10 +384,9 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict:
 
     _rule("summary")
     for name, c in comparisons.items():
-        verdict = "improved" if c.significant and c.difference > 0 else "worse" if c.significant else "no clear change"
         console.print(f"{name:14s} before {c.before:.3f} → after {c.after:.3f}: {c.difference:+.3f} "
                       f"(95% CI [{c.ci_low:+.3f}, {c.ci_high:+.3f}], {c.prompts} held-out prompts × "
-                      f"{c.samples // c.prompts} samples) — {verdict}")
+                      f"{c.samples // c.prompts} samples) — {c.verdict}")
     console.print(f"KL to the reference after PPO: {stats['after']['kl']:.2f} nats per response; reward model "
                   f"held-out accuracy {rm_accuracy:.3f}; monitor warnings: {len(monitor.events)}")
     console.print(f"done in {summary['seconds']['total_s']:.0f}s → {report} (every stage's files are in {run}/)")

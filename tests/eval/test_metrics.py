@@ -9,10 +9,13 @@ def test_bootstrap_interval_excludes_zero_for_a_clear_improvement_only():
     result = paired_bootstrap(before, better)
     assert result.difference == pytest.approx(0.5) and result.ci_low == pytest.approx(0.5)
     assert result.significant and result.prompts == 20 and result.samples == 40
+    assert result.verdict == "improved"
+    few = paired_bootstrap({p: before[p] for p in list(before)[:4]}, {p: better[p] for p in list(before)[:4]})
+    assert few.verdict == "improved (only 4 prompts: unreliable)"
 
     noisy = {p: [s + (0.3 if i % 2 else -0.3) for s in scores] for i, (p, scores) in enumerate(before.items())}
     result = paired_bootstrap(before, noisy)
-    assert result.ci_low < 0 < result.ci_high and not result.significant
+    assert result.ci_low < 0 < result.ci_high and not result.significant and result.verdict == "no clear change"
 
 
 def test_bootstrap_interval_covers_the_mean_difference_and_narrows_with_more_prompts():

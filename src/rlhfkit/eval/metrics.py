@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+MIN_PROMPTS = 10  # below this many prompts a bootstrap interval over prompts is not worth much
+
 
 @dataclass
 class Comparison:
@@ -31,8 +33,15 @@ class Comparison:
         """The 95% interval excludes zero."""
         return self.ci_low > 0 or self.ci_high < 0
 
+    @property
+    def verdict(self) -> str:
+        """improved / worse / no clear change; with fewer than MIN_PROMPTS prompts the percentile
+        bootstrap's interval is too narrow to trust, and the verdict says so."""
+        verdict = ("improved" if self.difference > 0 else "worse") if self.significant else "no clear change"
+        return verdict if self.prompts >= MIN_PROMPTS else f"{verdict} (only {self.prompts} prompts: unreliable)"
+
     def as_dict(self) -> dict:
-        return {**vars(self), "significant": self.significant}
+        return {**vars(self), "significant": self.significant, "verdict": self.verdict}
 
 
 def paired_bootstrap(before: dict[str, Sequence[float]], after: dict[str, Sequence[float]],

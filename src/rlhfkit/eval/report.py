@@ -103,8 +103,8 @@ def write_report(path: str | os.PathLike, title: str, summary: dict, config: dic
              f"<h1>{html.escape(title)}</h1>"]
     rows = []
     for key, c in comparisons.items():
-        verdict = ('<span class="good">improved</span>' if c.significant and c.difference > 0 else
-                   '<span class="bad">worse</span>' if c.significant else "no significant change")
+        css = "good" if c.verdict == "improved" else "bad" if c.verdict == "worse" else ""
+        verdict = f'<span class="{css}">{html.escape(c.verdict)}</span>'
         rows.append([key, c.before, c.after, c.difference, f"[{c.ci_low:+.3f}, {c.ci_high:+.3f}]", verdict,
                      c.prompts, c.samples])
     parts += ["<h2>Result: independent judges on held-out prompts</h2>",
