@@ -355,7 +355,7 @@ def evaluate(
                  {"prompts": str(prompts), "samples": samples, "seeds": seeds}, [], before, after, comparisons, stats)
     for name, c in comparisons.items():
         console.print(f"{name}: {c.before:.3f} → {c.after:.3f}, {c.difference:+.3f} "
-                      f"(95% CI [{c.ci_low:+.3f}, {c.ci_high:+.3f}], {c.prompts} prompts)")
+                      f"(95% CI [{c.ci_low:+.3f}, {c.ci_high:+.3f}], {c.prompts} prompts) — {c.verdict}")
     console.print(f"KL to the reference {stats['after']['kl']:.2f} nats/response → {output_dir / 'report.html'}")
 
 
