@@ -34,6 +34,14 @@ def format_prompt(prompt: Text, tokenizer: PreTrainedTokenizerBase, use_chat_tem
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def uses_chat_template(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, given: bool | None) -> bool:
+    """``given`` if set; else the chat template when the tokenizer has one and the model is causal
+    (instruct models expect it; seq2seq models read plain text)."""
+    if given is not None:
+        return given
+    return bool(getattr(tokenizer, "chat_template", None)) and not is_seq2seq(model)
+
+
 def _generate_kwargs(sampling: SamplingParams) -> dict:
     kwargs: dict = {"max_new_tokens": sampling.max_new_tokens, "do_sample": sampling.do_sample}
     if sampling.do_sample:
@@ -89,8 +97,7 @@ def generate_completions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     sampling = sampling or SamplingParams()
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be at least 1 (got n={n}, batch_size={batch_size})")
-    if use_chat_template is None:
-        use_chat_template = bool(getattr(tokenizer, "chat_template", None)) and not is_seq2seq(model)
+    use_chat_template = uses_chat_template(tokenizer, model, use_chat_template)
     model_name = model_name or str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
     output = Path(output) if output is not None else None
     done = _resume(output, n) if output is not None else {}

@@ -85,11 +85,10 @@ def sft(
     dry_run: DryRunOption = False,
 ) -> None:
     """Stage 1: supervised fine-tuning on (prompt, final revision), optionally mixed with helpful answers."""
-    from rlhfkit.cai.critique import uses_chat_template
     from rlhfkit.cai.sft import SFTConfig, train_sft
     from rlhfkit.data.io import read_records
     from rlhfkit.data.records import PreferencePair, Revision
-    from rlhfkit.generate import format_prompt
+    from rlhfkit.generate import format_prompt, uses_chat_template
     from rlhfkit.models.policy import load_policy
 
     examples = [(r.prompt, r.final) for r in read_records(revisions, Revision) if r.final]
@@ -129,10 +128,10 @@ def label(
     """Stage 2: compare every two responses to a prompt under a random principle, in both orders; the
     normalised answer probabilities are the soft preference label."""
     from rlhfkit.cai.constitution import load_constitution
-    from rlhfkit.cai.critique import uses_chat_template
     from rlhfkit.cai.feedback import FeedbackConfig, ModelOptionScorer, comparison_dry_run, label_pairs
     from rlhfkit.data.io import read_records
     from rlhfkit.data.records import Completion, render_text
+    from rlhfkit.generate import uses_chat_template
     from rlhfkit.models.policy import load_policy
 
     rules = load_constitution(constitution)
@@ -178,7 +177,7 @@ def rlaif(
                                  "output_dir": output_dir}.items() if v is not None}
     settings = config_from_mapping(RLAIFConfig, fields, str(config or "flags"))
     if dry_run:
-        from rlhfkit.cai.critique import uses_chat_template
+        from rlhfkit.generate import uses_chat_template
         from rlhfkit.models.policy import load_policy
 
         rules = load_constitution(settings.constitution)

@@ -26,15 +26,8 @@ from rlhfkit.cai.constitution import Constitution, Principle
 from rlhfkit.console import progress_bar
 from rlhfkit.data.io import append_records, drop_partial_last_line, read_records
 from rlhfkit.data.records import Prompt, Revision, RevisionStep, SamplingParams, Text, render_text
-from rlhfkit.generate import _batch_seed, format_prompt, sample_batch
-from rlhfkit.models.policy import is_seq2seq, prepare_tokenizer
-
-
-def uses_chat_template(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, given: bool | None) -> bool:
-    """As in `generate`: the chat template when the tokenizer has one and the model is causal."""
-    if given is not None:
-        return given
-    return bool(getattr(tokenizer, "chat_template", None)) and not is_seq2seq(model)
+from rlhfkit.generate import _batch_seed, format_prompt, sample_batch, uses_chat_template
+from rlhfkit.models.policy import prepare_tokenizer
 
 
 def complete(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[Text],

@@ -30,11 +30,11 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhfkit.cai.constitution import Constitution
-from rlhfkit.cai.critique import complete, uses_chat_template
+from rlhfkit.cai.critique import complete
 from rlhfkit.console import progress_bar
 from rlhfkit.data.io import append_records, drop_partial_last_line, read_records
 from rlhfkit.data.records import Completion, PreferencePair, SamplingParams, render_text
-from rlhfkit.generate import format_prompt
+from rlhfkit.generate import format_prompt, uses_chat_template
 from rlhfkit.models.policy import TokenBatch, completion_logits, prepare_tokenizer
 
 # texts → P(first option) for each text, normalised over the two options

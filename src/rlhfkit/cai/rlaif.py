@@ -19,11 +19,11 @@ from pathlib import Path
 import yaml
 
 from rlhfkit.cai.constitution import load_constitution
-from rlhfkit.cai.critique import uses_chat_template
 from rlhfkit.cai.feedback import FeedbackConfig, ModelOptionScorer, label_pairs
 from rlhfkit.console import console
 from rlhfkit.data.io import read_prompts, read_records
 from rlhfkit.data.records import Completion, PreferencePair, SamplingParams
+from rlhfkit.generate import uses_chat_template
 
 
 @dataclass

@@ -19,11 +19,10 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhfkit.cai.critique import uses_chat_template
 from rlhfkit.config import save_config
 from rlhfkit.console import console, progress_bar
 from rlhfkit.data.records import Text
-from rlhfkit.generate import format_prompt
+from rlhfkit.generate import format_prompt, uses_chat_template
 from rlhfkit.models.policy import TokenBatch, completion_logits, prepare_tokenizer, token_logprobs
 from rlhfkit.models.reference import add_lora
 
