@@ -23,7 +23,13 @@ from rlhfkit.config import save_config
 from rlhfkit.console import console, progress_bar
 from rlhfkit.data.records import Text
 from rlhfkit.generate import format_prompt, uses_chat_template
-from rlhfkit.models.policy import TokenBatch, completion_logits, prepare_tokenizer, token_logprobs
+from rlhfkit.models.policy import (
+    TokenBatch,
+    completion_logits,
+    prepare_tokenizer,
+    token_logprobs,
+    tokenize_completions,
+)
 from rlhfkit.models.reference import add_lora
 
 METRICS_FILE = "sft_metrics.json"  # written last: its presence means the run finished
@@ -34,7 +40,7 @@ class SFTConfig:
     epochs: int = 2
     lr: float = 5e-5
     batch_size: int = 8
-    max_prompt_tokens: int = 256  # longer prompts are truncated
+    max_prompt_tokens: int = 256  # longer prompts keep their last tokens
     max_response_tokens: int = 256
     lora: bool = False
     lora_r: int = 8
@@ -47,23 +53,11 @@ class SFTConfig:
 
 def sft_batch(tokenizer: PreTrainedTokenizerBase, examples: Sequence[tuple[Text, str]], chat: bool,
               config: SFTConfig, device: torch.device | str = "cpu") -> TokenBatch:
-    """Prompts formatted as at generation time (left-padded), responses + EOS (right-padded)."""
-    prompts = tokenizer([format_prompt(x, tokenizer, chat) for x, _ in examples], add_special_tokens=not chat,
-                        truncation=True, max_length=config.max_prompt_tokens)["input_ids"]
-    eos = tokenizer.eos_token_id
-    responses = [[*tokenizer(y, add_special_tokens=False)["input_ids"][: config.max_response_tokens - 1], eos]
-                 for _, y in examples]
-    width_p, width_r = max(map(len, prompts)), max(map(len, responses))
-    pad = tokenizer.pad_token_id
-
-    def padded(rows, width, left):
-        ids = [([pad] * (width - len(r)) + r) if left else (r + [pad] * (width - len(r))) for r in rows]
-        mask = [([0] * (width - len(r)) + [1] * len(r)) if left else ([1] * len(r) + [0] * (width - len(r)))
-                for r in rows]
-        return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
-
-    left = tokenizer.padding_side == "left"
-    return TokenBatch(*padded(prompts, width_p, left), *padded(responses, width_r, False))
+    """Prompts formatted as at generation time, responses + EOS (the same layout as DPO's batches)."""
+    batch = tokenize_completions(tokenizer, [format_prompt(x, tokenizer, chat) for x, _ in examples],
+                                 [y for _, y in examples], not chat, config.max_prompt_tokens,
+                                 config.max_response_tokens)
+    return batch.to(device)
 
 
 def sft_loss(model: PreTrainedModel, batch: TokenBatch) -> torch.Tensor:

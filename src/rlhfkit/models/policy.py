@@ -8,6 +8,7 @@ output of `generate`.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,26 @@ class TokenBatch:
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
+
+
+def tokenize_completions(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], completions: Sequence[str],
+                         add_special_tokens: bool, max_prompt_tokens: int, max_completion_tokens: int) -> TokenBatch:
+    """Formatted prompts (padded on the tokenizer's side, truncated from the left so that they keep
+    their end) and completions + EOS (right-padded, truncated) as a TokenBatch."""
+    side = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"
+    prompt = tokenizer(list(prompts), padding=True, truncation=True, max_length=max_prompt_tokens, return_tensors="pt",
+                       add_special_tokens=add_special_tokens)
+    tokenizer.truncation_side = side
+    encoded = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    encoded = [[*ids[: max_completion_tokens - 1], tokenizer.eos_token_id] for ids in encoded]
+    width = max(len(ids) for ids in encoded)
+    ids = torch.full((len(encoded), width), tokenizer.pad_token_id)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, tokens in enumerate(encoded):
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+        mask[row, : len(tokens)] = 1
+    return TokenBatch(prompt["input_ids"], prompt["attention_mask"], ids, mask)
 
 
 def completion_logits(model: PreTrainedModel, batch: TokenBatch,

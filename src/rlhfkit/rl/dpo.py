@@ -26,7 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlhfkit.console import console, progress_bar
 from rlhfkit.data.records import PreferencePair, Text
 from rlhfkit.generate import format_prompt
-from rlhfkit.models.policy import TokenBatch
+from rlhfkit.models.policy import TokenBatch, tokenize_completions
 from rlhfkit.models.reference import Reference
 from rlhfkit.reward.model import split_by_prompt
 from rlhfkit.rl.trainer import prepare_training, save_trained_policy
@@ -62,30 +62,12 @@ def _completion_text(text: Text) -> str:
     return text if isinstance(text, str) else "".join(m.content for m in text)
 
 
-def tokenize_completions(prompts: Sequence[Text], completions: Sequence[Text], tokenizer: PreTrainedTokenizerBase,
-                         config: DPOConfig) -> TokenBatch:
-    """Prompts left-padded (truncated from the left), completions + EOS right-padded (truncated)."""
-    side = tokenizer.truncation_side
-    tokenizer.truncation_side = "left"
-    prompt = tokenizer([format_prompt(p, tokenizer, config.use_chat_template) for p in prompts], padding=True,
-                       truncation=True, max_length=config.max_prompt_tokens, return_tensors="pt",
-                       add_special_tokens=not config.use_chat_template)
-    tokenizer.truncation_side = side
-    encoded = tokenizer([_completion_text(c) for c in completions], add_special_tokens=False)["input_ids"]
-    encoded = [[*ids[: config.max_completion_tokens - 1], tokenizer.eos_token_id] for ids in encoded]
-    width = max(len(ids) for ids in encoded)
-    ids = torch.full((len(encoded), width), tokenizer.pad_token_id)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, tokens in enumerate(encoded):
-        ids[row, : len(tokens)] = torch.tensor(tokens)
-        mask[row, : len(tokens)] = 1
-    return TokenBatch(prompt["input_ids"], prompt["attention_mask"], ids, mask)
-
-
 def _both(pairs: Sequence[PreferencePair], tokenizer, config: DPOConfig) -> TokenBatch:
     """Chosen completions then rejected ones, in one batch (one forward pass for both)."""
-    prompts = [p.prompt for p in pairs] * 2
-    return tokenize_completions(prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs], tokenizer, config)
+    prompts = [format_prompt(p.prompt, tokenizer, config.use_chat_template) for p in pairs] * 2
+    completions = [_completion_text(p.chosen) for p in pairs] + [_completion_text(p.rejected) for p in pairs]
+    return tokenize_completions(tokenizer, prompts, completions, not config.use_chat_template,
+                                config.max_prompt_tokens, config.max_completion_tokens)
 
 
 class DPOTrainer:
