@@ -29,13 +29,28 @@ vertical-align:top}th{background:#f3f3f3}.num{text-align:right;font-variant-nume
 overflow:auto}img{max-width:100%}.warn{background:#fff4d6;padding:.5em 1em;border-left:4px solid #e0a800}"""
 
 
-def _png(figure) -> str:
+def subplots(*args, **kwargs):
+    """matplotlib's ``subplots`` on the Agg backend (files only, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def png_base64(figure, dpi: int = 90) -> str:
+    """The figure as base64 PNG (for a data: URI); the figure is closed."""
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(figure)
-    return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _png(figure) -> str:
+    return f'<img src="data:image/png;base64,{png_base64(figure)}">'
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -54,17 +69,12 @@ def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 
 def training_curves(history: Sequence[dict]) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     shown = [(key, label) for key, label in CURVES if any(key in row for row in history)]
     if not shown:
         return "<p>no training steps were logged</p>"
     columns = 3
     rows = -(-len(shown) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(12, 3.2 * rows), squeeze=False)
+    figure, axes = subplots(rows, columns, figsize=(12, 3.2 * rows), squeeze=False)
     for ax, (key, label) in zip(axes.flat, shown, strict=False):
         points = [(row["step"], row[key]) for row in history if key in row]
         ax.plot(*zip(*points, strict=True), marker=".", linewidth=1)
@@ -77,12 +87,7 @@ def training_curves(history: Sequence[dict]) -> str:
 
 
 def judge_distributions(before: Sequence[Completion], after: Sequence[Completion], keys: Sequence[str]) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.2), squeeze=False)
+    figure, axes = subplots(1, len(keys), figsize=(5 * len(keys), 3.2), squeeze=False)
     for ax, key in zip(axes.flat, keys, strict=True):
         low = min(c.scores[key] for c in [*before, *after])
         high = max(c.scores[key] for c in [*before, *after])

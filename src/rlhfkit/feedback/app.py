@@ -14,7 +14,6 @@ JSON API (what the labeler page and the simulated labelers use):
 
 from __future__ import annotations
 
-import io
 import json
 import secrets
 from pathlib import Path
@@ -289,21 +288,13 @@ def _labeler_plot(stats) -> str | None:
     """Each labeler's τ against the others, as an embedded PNG."""
     if not stats.per_labeler:
         return None
-    import base64
+    from rlhfkit.eval.report import png_base64, subplots
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, ax = plt.subplots(figsize=(6, 0.4 * len(stats.per_labeler) + 1))
+    figure, ax = subplots(figsize=(6, 0.4 * len(stats.per_labeler) + 1))
     names = [s.labeler_id for s in stats.per_labeler]
     taus = [0.0 if s.tau != s.tau else s.tau for s in stats.per_labeler]
     ax.barh(names, taus, color=["#c0392b" if s.poor else "#2e86c1" for s in stats.per_labeler])
     ax.axvline(0.2, color="gray", linestyle="--", linewidth=1)
     ax.set_xlabel("Kendall τ against the other labelers' consensus")
     ax.set_xlim(-1, 1)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
-    plt.close(figure)
-    return base64.b64encode(buffer.getvalue()).decode()
+    return png_base64(figure, dpi=80)

@@ -85,10 +85,9 @@ class SimulatedSession:
             if item is None:
                 break
             started = time.perf_counter()
-            prompt = render_text(item["prompt"]) if isinstance(item["prompt"], str) else "\n".join(
-                f"{m['role']}: {m['content']}" for m in item["prompt"])
-            completions = [Completion(id=c["id"], prompt_id=str(item["item_id"]), prompt=prompt, text=c["text"],
-                                      index=i) for i, c in enumerate(item["completions"])]
+            completions = [Completion(id=c["id"], prompt_id=str(item["item_id"]), prompt=item["prompt"],
+                                      text=c["text"], index=i) for i, c in enumerate(item["completions"])]
+            prompt = render_text(completions[0].prompt)  # a chat prompt arrives as a list of messages
             scores = self.quality([prompt] * len(completions), [c.text for c in completions]).tolist()
             ranking = self.labeler.rank(completions, scores, rng, self.criterion or item["criterion"])
             self.client.submit(item["item_id"], ranking.groups, ranking.flagged, time.perf_counter() - started)
