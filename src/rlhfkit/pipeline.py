@@ -326,13 +326,15 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict:
                            kl_coef=config.kl_coef, use_chat_template=True, lora=config.lora, seed=config.seed,
                            output_dir=str(ppo_dir), save_every=10)
     monitor = RewardHackingMonitor(judges[judge_names[0]], MonitorConfig(stop_on=tuple(config.monitor_stop_on)))
+    # π_ref for PPO's penalty and the evaluation's KL: the adapter-free base with LoRA, else the initial
+    # policy loaded once more (PPO trains `policy` in place)
+    reference_model = None if config.lora else load_demo_policy(config, progress)[0]
     if (ppo_dir / "policy" / "history.json").exists():
         console.print(f"reusing {ppo_dir / 'policy'}")
         trained, tokenizer = load_ppo_policy(config, ppo_dir / "policy", progress)
         saved = json.loads((ppo_dir / "policy" / "history.json").read_text())
         history, monitor.events, stop_reason = saved["history"], saved["monitor_events"], saved["stop_reason"]
     else:
-        reference_model = None if config.lora else load_demo_policy(config, progress)[0]
         trainer = PPOTrainer(ppo_config, policy, tokenizer, reward_model, [p.text for p in train_prompts],
                              reference=Reference.frozen(reference_model) if reference_model else None,
                              monitor=monitor)
@@ -349,7 +351,7 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict:
 
     _rule("8. evaluate the trained policy on the same held-out prompts")
     t = time.perf_counter()
-    reference = Reference(trained) if config.lora else Reference.frozen(load_demo_policy(config, progress)[0])
+    reference = Reference(trained) if config.lora else Reference.frozen(reference_model)
     after = evaluate_policy(trained, tokenizer, eval_prompts, judges, eval_config, reference=reference,
                             model_name="after PPO", output=run / "eval" / "after.jsonl", progress=progress)
     comparisons = {name: compare(before, after, name, seed=config.seed) for name in judges}
