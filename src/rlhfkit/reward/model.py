@@ -37,8 +37,10 @@ from transformers import (
 
 from rlhfkit.config import config_from_yaml, save_config
 from rlhfkit.console import console, progress_bar
+from rlhfkit.data.io import umask_mode
 from rlhfkit.data.pairs import group_by_prompt
 from rlhfkit.data.records import PreferencePair, render_text
+from rlhfkit.models.pretrained import pretrained_source
 
 STATE_FILE = "rlhfkit_reward.json"
 
@@ -72,6 +74,21 @@ class RewardModelConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        at_least_one = {"max_length": self.max_length, "epochs": self.epochs, "batch_size": self.batch_size,
+                        "lora_r": self.lora_r}
+        for field, value in at_least_one.items():
+            if value < 1:
+                raise ValueError(f"{field}: must be at least 1, got {value}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps: must be at least 1 (or unset), got {self.max_steps}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: must be positive, got {self.lr}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike | None = None, **overrides) -> RewardModelConfig:
@@ -153,6 +170,9 @@ class RewardModel:
         (path / STATE_FILE).write_text(json.dumps(state, indent=1))
         if config is not None:
             save_config(config, path / "reward_config.yaml")
+        for file in path.iterdir():  # save_pretrained writes the weights through a 0600 temporary file
+            if file.is_file():
+                file.chmod(umask_mode())
 
     @classmethod
     def load(cls, path: str | os.PathLike, batch_size: int = 32) -> RewardModel:
@@ -211,7 +231,7 @@ def load_backbone(config: RewardModelConfig) -> RewardModel:
     """A fresh reward model: the backbone with a new 1-output head (and LoRA adapters if asked)."""
     from transformers.utils import logging as hf_logging
 
-    backbone = config.backbone or default_backbone()
+    backbone = pretrained_source(config.backbone, "backbone") if config.backbone else default_backbone()
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the new head's "newly initialised weights" report is expected here
     try:
