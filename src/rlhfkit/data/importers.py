@@ -60,16 +60,23 @@ def read_rows(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
     Numbers are file line numbers for JSON and JSONL, 0-based row indices for tables (see :func:`is_table`).
     """
     path = Path(path)
-    if is_table(path):
+    if path.is_dir():
         import datasets
 
         try:
-            dataset = (datasets.load_from_disk(str(path)) if path.is_dir()
-                       else datasets.Dataset.from_parquet(str(path)))
-        except (OSError, ValueError) as exc:  # not a saved dataset / not Parquet (pyarrow's errors)
-            raise DataError(f"cannot be read as a {'datasets folder' if path.is_dir() else 'Parquet file'}: "
-                            f"{exc}", path) from None
+            dataset = datasets.load_from_disk(str(path))
+        except (OSError, ValueError) as exc:
+            raise DataError(f"cannot be read as a `datasets` folder: {exc}", path) from None
         yield from enumerate(dataset)
+        return
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            batches = pq.ParquetFile(path).iter_batches()
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            raise DataError(f"cannot be read as a Parquet file: {exc}", path) from None
+        yield from enumerate(row for batch in batches for row in batch.to_pylist())
         return
     text = "".join(line for _, line in text_lines(path)) if path.suffix == ".json" else ""
     for number, row in iter_json_list(path, text) if text.lstrip().startswith("[") else iter_json_lines(path):

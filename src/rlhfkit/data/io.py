@@ -53,7 +53,9 @@ def validation_error(exc: ValidationError, path: str | os.PathLike | None, line:
     first = exc.errors()[0]
     field = _field_path(first["loc"]) or None
     message = first["msg"]
-    if first["type"] == "missing":
+    if first["type"] == "value_error":  # raised by a validator of ours: its message as written
+        message = str(first["ctx"]["error"])
+    elif first["type"] == "missing":
         message = "required field is missing"
     elif first["type"] == "extra_forbidden":
         message = "unknown field (check its spelling against the record's schema)"
