@@ -93,6 +93,10 @@ CASES = {
     "ppo: blank prompt": ({"p.jsonl": '{"id": "a", "text": ""}\n'},
                           "ppo --policy {policy} --prompts {d}/p.jsonl --reward judge:sentiment --output-dir {d}/out",
                           "p.jsonl:1: field 'text': the prompt is empty or blank"),
+    "ppo: missing prompts file": ({}, "ppo --policy {policy} --prompts {d}/p.txt --reward judge:sentiment "
+                                      "--output-dir {d}/out", "p.txt: file not found"),
+    "dpo: empty pairs": ({"p.jsonl": ""}, "dpo --policy {policy} --pairs {d}/p.jsonl --output-dir {d}/out",
+                         "p.jsonl: no pair records"),
     "feedback project: empty completions": ({"c.jsonl": ""},
                                             "feedback project --name x --completions {d}/c.jsonl --criterion k "
                                             "--db {d}/f.db", "c.jsonl: no completion records"),

@@ -271,10 +271,11 @@ def dpo(config: ConfigOption = None, policy: PolicyOption = None,
                                           "epochs": epochs, "output_dir": output_dir, "lora": lora})
     _need(inputs, "policy", "pairs")
     cfg = config_from_mapping(DPOConfig, fields, str(config or "flags"))
+    train_pairs = read_records(inputs["pairs"], PreferencePair, allow_empty=False)
+    held_out = read_records(inputs["eval_pairs"], PreferencePair, allow_empty=False) if inputs["eval_pairs"] else None
     model, tokenizer = load_policy(inputs["policy"], gguf_file=inputs["gguf_file"])
     trainer = DPOTrainer(cfg, model, tokenizer)
-    held_out = read_records(inputs["eval_pairs"], PreferencePair) if inputs["eval_pairs"] else None
-    trainer.train(read_records(inputs["pairs"], PreferencePair), held_out)
+    trainer.train(train_pairs, held_out)
     trainer.save_policy()
     console.print(f"policy → {Path(cfg.output_dir) / 'policy'}")
 

@@ -158,8 +158,36 @@ def test_a_missing_local_backbone_is_reported_as_missing_not_as_a_hub_id(tmp_pat
 def test_saved_files_follow_the_umask(tmp_path):
     previous = os.umask(0o022)
     try:
-        RewardModel(build_tiny_reward_backbone(), minilm_tokenizer()).save(tmp_path / "rm")
+        tiny_reward_model().save(tmp_path / "rm")
     finally:
         os.umask(previous)
     modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "rm").iterdir()}
     assert "model.safetensors" in modes and set(modes.values()) == {0o644}
+    assert stat.S_IMODE((tmp_path / "rm").stat().st_mode) == 0o755
+
+
+def test_a_save_that_fails_leaves_the_previous_model_whole(tmp_path, monkeypatch):
+    first = tiny_reward_model()
+    first.mean = 1.5
+    first.save(tmp_path / "rm")
+    second = tiny_reward_model()
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(second.tokenizer, "save_pretrained", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        second.save(tmp_path / "rm")
+    assert RewardModel.load(tmp_path / "rm").mean == 1.5
+    assert [p.name for p in tmp_path.iterdir()] == ["rm"]  # no temporary folder left behind
+    second.mean = 2.5
+    monkeypatch.undo()
+    second.save(tmp_path / "rm")
+    assert RewardModel.load(tmp_path / "rm").mean == 2.5 and [p.name for p in tmp_path.iterdir()] == ["rm"]
+
+
+def test_an_output_folder_holding_other_files_is_refused_before_training(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="exists and is not a reward model folder"):
+        train_reward_model(synthetic_pairs(TOPICS[:2]), CONFIG, output_dir=tmp_path, reward_model=tiny_reward_model())
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -148,11 +148,12 @@ def _line(record: Record) -> str:
     return json.dumps({"schema": record.schema_name(), **body}, ensure_ascii=False) + "\n"
 
 
-def umask_mode() -> int:
-    """The mode ``open()`` gives a new file under the current umask (0o644 under umask 022)."""
+def umask_mode(requested: int = 0o666) -> int:
+    """The mode a new file (``requested=0o777``: folder) gets under the current umask, as ``open()`` and
+    ``mkdir()`` give it: 0o644 (0o755) under umask 022."""
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return requested & ~umask
 
 
 def write_records(path: str | os.PathLike, records: Iterable[Record]) -> int:
