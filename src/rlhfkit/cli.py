@@ -50,9 +50,9 @@ def generate(
     from rlhfkit.models.policy import load_policy
 
     prompt_records = read_prompts(prompts)
-    policy, tokenizer = load_policy(model, gguf_file=gguf_file)
     sampling = SamplingParams(do_sample=not greedy, temperature=temperature, top_p=top_p, top_k=top_k,
                               max_new_tokens=max_new_tokens, seed=seed)
+    policy, tokenizer = load_policy(model, gguf_file=gguf_file)
     started = time.perf_counter()
     created = generate_completions(policy, tokenizer, prompt_records, n=n, sampling=sampling, batch_size=batch_size,
                                    output=output, model_name=model, use_chat_template=chat_template)

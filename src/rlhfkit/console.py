@@ -40,8 +40,9 @@ def friendly_errors(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         import typer
+        from pydantic import ValidationError
 
-        from rlhfkit.data.io import DataError, DataWarning
+        from rlhfkit.data.io import DataError, DataWarning, validation_error
 
         with warnings.catch_warnings():
             shown = warnings.showwarning
@@ -57,6 +58,8 @@ def friendly_errors(command):
             try:
                 return command(*args, **kwargs)
             except (DataError, ValueError, OSError) as exc:  # OSError: a model path or hub id that can't be loaded
+                if isinstance(exc, ValidationError):  # settings from flags, e.g. SamplingParams: pydantic's many lines
+                    exc = validation_error(exc, exc.title, None)
                 console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
                 raise typer.Exit(1) from None
 
