@@ -167,23 +167,23 @@ def test_saved_files_follow_the_umask(tmp_path):
 
 
 def test_a_save_that_fails_leaves_the_previous_model_whole(tmp_path, monkeypatch):
-    first = tiny_reward_model()
-    first.mean = 1.5
+    first, second = tiny_reward_model(), tiny_reward_model()
+    with torch.no_grad():
+        second.model.classifier.bias += 1.0
     first.save(tmp_path / "rm")
-    second = tiny_reward_model()
 
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(second.tokenizer, "save_pretrained", crash)
+    monkeypatch.setattr(second.tokenizer, "save_pretrained", crash)  # after the weights were written
     with pytest.raises(RuntimeError, match="disk full"):
         second.save(tmp_path / "rm")
-    assert RewardModel.load(tmp_path / "rm").mean == 1.5
+    assert torch.equal(RewardModel.load(tmp_path / "rm").model.classifier.bias, first.model.classifier.bias)
     assert [p.name for p in tmp_path.iterdir()] == ["rm"]  # no temporary folder left behind
-    second.mean = 2.5
     monkeypatch.undo()
     second.save(tmp_path / "rm")
-    assert RewardModel.load(tmp_path / "rm").mean == 2.5 and [p.name for p in tmp_path.iterdir()] == ["rm"]
+    assert torch.equal(RewardModel.load(tmp_path / "rm").model.classifier.bias, second.model.classifier.bias)
+    assert [p.name for p in tmp_path.iterdir()] == ["rm"]
 
 
 def test_an_output_folder_holding_other_files_is_refused_before_training(tmp_path):
