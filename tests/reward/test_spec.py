@@ -13,6 +13,7 @@ def test_python_spec_loads_the_named_function():
     ("python:no_such_module_xyz:f", r"cannot import module 'no_such_module_xyz' \(No module named"),
     ("python:os.path:no_such_function", r"module 'os.path' \(.*\) has no function 'no_such_function'"),
     ("python:os.path:sep", "has no function 'sep'"),  # an attribute, not a function
+    ("python:sys:nope", r"module 'sys' \(built in\) has no function 'nope'"),
     ("python:os.path", "must be python:MODULE:FUNCTION"),
     ("classifier:some-model:", "must be classifier:NAME_OR_PATH:LABEL"),
 ])

@@ -28,7 +28,8 @@ def python_reward(spec: str, module: str, function: str) -> FunctionReward:
                          "PYTHONPATH?") from None
     fn = getattr(namespace, function, None)
     if not callable(fn):
-        raise ValueError(f"reward {spec!r}: module {module!r} ({namespace.__file__}) has no function {function!r}")
+        where = getattr(namespace, "__file__", None) or "built in"
+        raise ValueError(f"reward {spec!r}: module {module!r} ({where}) has no function {function!r}")
     return FunctionReward(fn)
 
 
