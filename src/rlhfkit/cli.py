@@ -50,9 +50,9 @@ def generate(
     from rlhfkit.models.policy import load_policy
 
     prompt_records = read_prompts(prompts)
-    policy, tokenizer = load_policy(model, gguf_file=gguf_file)
     sampling = SamplingParams(do_sample=not greedy, temperature=temperature, top_p=top_p, top_k=top_k,
                               max_new_tokens=max_new_tokens, seed=seed)
+    policy, tokenizer = load_policy(model, gguf_file=gguf_file)
     started = time.perf_counter()
     created = generate_completions(policy, tokenizer, prompt_records, n=n, sampling=sampling, batch_size=batch_size,
                                    output=output, model_name=model, use_chat_template=chat_template)
@@ -74,14 +74,18 @@ def pairs(
         help="Completions flagged as nonsense: drop, keep (pair by rank) or last (below all others).")] = "drop",
 ) -> None:
     """Rankings → preference pairs: all N-choose-2 pairs per prompt, preferred first; ties give none."""
-    from rlhfkit.data.io import read_records, write_records
+    from rlhfkit.data.io import DataError, read_records, write_records
     from rlhfkit.data.pairs import load_rankings, rankings_to_pairs
     from rlhfkit.data.records import Completion
 
-    completion_records = read_records(completions, Completion)
+    completion_records = read_records(completions, Completion, allow_empty=False)
     ranking_records = load_rankings(rankings, completion_records)
+    if not ranking_records:
+        raise DataError("no ranking records: the file is empty", rankings)
     result = rankings_to_pairs(ranking_records, completion_records,
                                consensus=None if consensus == "none" else consensus, flagged=flagged)
+    if not result:
+        raise DataError(f"no pairs: every ranking ties all its completions (with --flagged {flagged})", rankings)
     write_records(output, result)
     console.print(f"{len(result)} pairs from {len(ranking_records)} rankings → {output}")
 
@@ -126,11 +130,14 @@ def reward_train(
 
     cfg = RewardModelConfig.from_yaml(config, backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr,
                                       lora=lora)
-    held_out = read_records(eval_pairs, PreferencePair) if eval_pairs else None
-    rm = train_reward_model(read_records(pairs_file, PreferencePair), cfg, output_dir=output, eval_pairs=held_out)
-    final = rm.metrics.get("eval", {})
-    console.print(f"reward model → {output}; held-out accuracy {final.get('eval_accuracy', float('nan')):.3f} "
-                  f"on {rm.metrics['eval_pairs']} pairs")
+    held_out = read_records(eval_pairs, PreferencePair, allow_empty=False) if eval_pairs else None
+    rm = train_reward_model(read_records(pairs_file, PreferencePair, allow_empty=False), cfg, output_dir=output,
+                            eval_pairs=held_out)
+    if rm.metrics["eval_pairs"]:
+        measured = f"held-out accuracy {rm.metrics['eval']['eval_accuracy']:.3f} on {rm.metrics['eval_pairs']} pairs"
+    else:
+        measured = "no held-out pairs (a single prompt, or eval_fraction: 0), so no held-out accuracy"
+    console.print(f"reward model → {output}; {measured}")
 
 
 @reward_app.command("eval")
@@ -144,7 +151,7 @@ def reward_eval(
     from rlhfkit.data.records import PreferencePair
     from rlhfkit.reward.model import RewardModel
 
-    metrics = RewardModel.load(model).evaluate(read_records(pairs_file, PreferencePair))
+    metrics = RewardModel.load(model).evaluate(read_records(pairs_file, PreferencePair, allow_empty=False))
     typer.echo(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
 
 
@@ -162,14 +169,13 @@ def reward_score(
     from rlhfkit.data.records import Completion, render_text
     from rlhfkit.reward.spec import load_reward
 
-    records = read_records(completions, Completion)
+    records = read_records(completions, Completion, allow_empty=False)
     reward_fn = load_reward(reward)
     values = reward_fn([render_text(c.prompt) for c in records], [c.text for c in records]).tolist()
     key = name or getattr(reward_fn, "name", reward)
     write_records(output, [c.model_copy(update={"scores": {**c.scores, key: v}}) for c, v in
                            zip(records, values, strict=True)])
-    mean = sum(values) / len(values) if values else float("nan")
-    console.print(f"scored {len(records)} completions, mean {key} = {mean:.4f} → {output}")
+    console.print(f"scored {len(records)} completions, mean {key} = {sum(values) / len(values):.4f} → {output}")
 
 
 RUN_INPUTS = ("policy", "gguf_file", "prompts", "reward", "pairs", "eval_pairs")
@@ -265,10 +271,11 @@ def dpo(config: ConfigOption = None, policy: PolicyOption = None,
                                           "epochs": epochs, "output_dir": output_dir, "lora": lora})
     _need(inputs, "policy", "pairs")
     cfg = config_from_mapping(DPOConfig, fields, str(config or "flags"))
+    train_pairs = read_records(inputs["pairs"], PreferencePair, allow_empty=False)
+    held_out = read_records(inputs["eval_pairs"], PreferencePair, allow_empty=False) if inputs["eval_pairs"] else None
     model, tokenizer = load_policy(inputs["policy"], gguf_file=inputs["gguf_file"])
     trainer = DPOTrainer(cfg, model, tokenizer)
-    held_out = read_records(inputs["eval_pairs"], PreferencePair) if inputs["eval_pairs"] else None
-    trainer.train(read_records(inputs["pairs"], PreferencePair), held_out)
+    trainer.train(train_pairs, held_out)
     trainer.save_policy()
     console.print(f"policy → {Path(cfg.output_dir) / 'policy'}")
 

@@ -86,3 +86,11 @@ def test_group_by_prompt_keeps_each_prompts_pairs_together():
                               make_completions("p1", 2))
     groups = group_by_prompt([pairs[0], *other, *pairs[1:]])
     assert [len(g) for g in groups] == [6, 1]
+
+
+def test_flagged_last_works_on_rankings_without_flags():
+    r = ranking([[0], [1], [2], [3]])
+    assert as_ids(ranking_pairs(r, BY_ID, "last")) == as_ids(ranking_pairs(r, BY_ID, "keep"))
+    assert len(rankings_to_pairs([r], COMPLETIONS, flagged="last")) == 6
+    with pytest.raises(ValueError, match="flagged must be 'drop', 'keep' or 'last', not 'first'"):
+        ranking_pairs(r, BY_ID, "first")

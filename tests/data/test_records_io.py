@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 
 import pytest
 
@@ -8,6 +10,7 @@ from rlhfkit.data.io import (
     append_records,
     drop_partial_last_line,
     from_dataset,
+    read_prompts,
     read_records,
     to_dataset,
     write_records,
@@ -115,7 +118,8 @@ def test_dataset_errors_name_row_and_field():
     with pytest.raises(DataError) as err:
         from_dataset([{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a"}],
                      PreferencePair)
-    assert (err.value.line, err.value.field) == (1, "rejected")
+    assert (err.value.row, err.value.line, err.value.field) == (1, None, "rejected")
+    assert str(err.value).startswith("<dataset>: row 1: field 'rejected'")
 
 
 @pytest.mark.parametrize(("groups", "flagged", "message"), [
@@ -132,3 +136,60 @@ def test_ranking_must_partition_the_completions():
     ranking = Ranking(prompt_id="p", labeler_id="l", groups=[["a"], ["b"], ["x"]])
     with pytest.raises(ValueError, match=r"missing \['c'\]; unknown \['x'\]"):
         ranking.check_partition({"a", "b", "c"})
+
+
+@pytest.mark.parametrize("text", ['""', '"  \\n "', '[{"role": "user", "content": " "}]', "[]"])
+def test_empty_or_blank_prompts_are_refused_with_line_and_field(tmp_path, text):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(f'{{"id": "a", "text": "x"}}\n{{"id": "b", "text": {text}}}\n')
+    with pytest.raises(DataError, match="empty or blank") as err:
+        read_prompts(path)
+    assert (err.value.line, err.value.field) == (2, "text")
+
+
+@pytest.mark.parametrize(("name", "content"), [("p.txt", "\n  \n"), ("p.jsonl", ""), ("p.jsonl", "\n\n")])
+def test_a_prompts_file_without_prompts_is_refused(tmp_path, name, content):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError, match="no prompt"):
+        read_prompts(tmp_path / name)
+
+
+def test_an_empty_file_is_refused_where_records_are_required(tmp_path):
+    (tmp_path / "c.jsonl").write_text("")
+    assert read_records(tmp_path / "c.jsonl", Completion) == []
+    with pytest.raises(DataError, match=r"c\.jsonl: no completion records: the file is empty"):
+        read_records(tmp_path / "c.jsonl", Completion, allow_empty=False)
+
+
+@pytest.mark.parametrize("name", ["prompts.jsonl", "prompts.txt"])
+def test_non_utf8_input_names_file_line_and_column(tmp_path, name):
+    first = b'{"id": "a", "text": "x"}\n' if name.endswith(".jsonl") else b"hello\n"
+    (tmp_path / name).write_bytes(first + b'{"id": "b", "text": "caf\xe9"}\n')
+    with pytest.raises(DataError) as err:
+        read_prompts(tmp_path / name)
+    assert err.value.line == 2 and str(tmp_path / name) in str(err.value)
+    assert "not UTF-8 text (byte 0xe9 at column 25)" in str(err.value)
+
+
+def test_malformed_json_names_the_column(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"id": "a", "text": "x"}\n{"id": "b",, "text": "y"}\n')
+    with pytest.raises(DataError, match=r"prompts.jsonl:2: malformed JSON \(.* at column 12\)"):
+        read_records(path, Prompt)
+
+
+def test_a_utf8_byte_order_mark_is_accepted_and_stripped(tmp_path):
+    (tmp_path / "p.jsonl").write_text('\ufeff{"id": "a", "text": "Hello"}\n', encoding="utf-8")
+    (tmp_path / "p.txt").write_text("\ufeffHello\nBye\n", encoding="utf-8")
+    assert [p.text for p in read_prompts(tmp_path / "p.jsonl")] == ["Hello"]
+    assert [p.text for p in read_prompts(tmp_path / "p.txt")] == ["Hello", "Bye"]
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_get_the_umask_mode(tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        write_records(tmp_path / "p.jsonl", [Prompt(id="a", text="x")])
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "p.jsonl").stat().st_mode) == mode

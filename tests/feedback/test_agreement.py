@@ -109,3 +109,11 @@ def test_ranked_pairs_majority_order_and_cycle_breaking():
     # no majority between a and b: a tie group
     assert ranked_pairs([ranking("a|b|c", "x"), ranking("b|a|c", "y")]).groups == [["a", "b"], ["c"]]
     assert ranked_pairs(votes).labeler_id == "consensus:ranked_pairs"
+
+
+def test_a_labeler_who_ties_everything_is_flagged_as_poor():
+    rankings = [r for p in ("p0", "p1", "p2") for r in (ranking("a|b|c|d", "x", p), ranking("a|b|d|c", "y", p),
+                                                         ranking("abcd", "tie", p))]
+    stats = {s.labeler_id: s for s in agreement(rankings, borda).per_labeler}
+    assert math.isnan(stats["tie"].tau) and stats["tie"].poor and "ties every completion" in stats["tie"].reason
+    assert not stats["x"].poor and not stats["y"].poor

@@ -1,4 +1,6 @@
 import math
+import os
+import stat
 
 import pytest
 import torch
@@ -136,3 +138,56 @@ def test_soft_labels_train_a_weaker_preference_than_hard_ones():
     hard = train_reward_model(train, config, eval_pairs=held_out, reward_model=tiny_reward_model(), progress=False)
     soft_margin, hard_margin = soft.evaluate(train)["margin"], hard.evaluate(train)["margin"]
     assert 0.1 < soft_margin < 1.0 < hard_margin
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("epochs", 0, "epochs: must be at least 1, got 0"), ("batch_size", 0, "batch_size: must be at least 1"),
+    ("lr", 0.0, "lr: must be positive"), ("eval_fraction", 1.0, r"eval_fraction: must be in \[0, 1\)"),
+    ("max_steps", 0, "max_steps: must be at least 1"),
+])
+def test_config_refuses_values_that_cannot_train(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        RewardModelConfig(**{field: value})
+
+
+def test_a_missing_local_backbone_is_reported_as_missing_not_as_a_hub_id(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such backbone folder"):
+        train_reward_model(synthetic_pairs(TOPICS[:2]), RewardModelConfig(backbone=str(tmp_path / "nope")))
+
+
+def test_saved_files_follow_the_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        tiny_reward_model().save(tmp_path / "rm")
+    finally:
+        os.umask(previous)
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "rm").iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}
+    assert stat.S_IMODE((tmp_path / "rm").stat().st_mode) == 0o755
+
+
+def test_a_save_that_fails_leaves_the_previous_model_whole(tmp_path, monkeypatch):
+    first, second = tiny_reward_model(), tiny_reward_model()
+    with torch.no_grad():
+        second.model.classifier.bias += 1.0
+    first.save(tmp_path / "rm")
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(second.tokenizer, "save_pretrained", crash)  # after the weights were written
+    with pytest.raises(RuntimeError, match="disk full"):
+        second.save(tmp_path / "rm")
+    assert torch.equal(RewardModel.load(tmp_path / "rm").model.classifier.bias, first.model.classifier.bias)
+    assert [p.name for p in tmp_path.iterdir()] == ["rm"]  # no temporary folder left behind
+    monkeypatch.undo()
+    second.save(tmp_path / "rm")
+    assert torch.equal(RewardModel.load(tmp_path / "rm").model.classifier.bias, second.model.classifier.bias)
+    assert [p.name for p in tmp_path.iterdir()] == ["rm"]
+
+
+def test_an_output_folder_holding_other_files_is_refused_before_training(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="exists and is not a reward model folder"):
+        train_reward_model(synthetic_pairs(TOPICS[:2]), CONFIG, output_dir=tmp_path, reward_model=tiny_reward_model())
+    assert (tmp_path / "notes.txt").read_text() == "mine"

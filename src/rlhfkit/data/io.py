@@ -22,43 +22,55 @@ R = TypeVar("R", bound=Record)
 
 
 class DataError(ValueError):
-    """Bad input data, located by file, line and field, with a hint on how to fix it."""
+    """Bad input data, located by file, line (or 0-based row of a table) and field, with a hint on how to
+    fix it: ``file:line: field 'name': reason``."""
 
     def __init__(self, message: str, path: str | os.PathLike | None = None, line: int | None = None,
-                 field: str | None = None) -> None:
-        self.path, self.line, self.field, self.message = path, line, field, message
+                 field: str | None = None, row: int | None = None) -> None:
+        self.path, self.line, self.field, self.row, self.message = path, line, field, row, message
         where = str(path) if path is not None else "<data>"
         if line is not None:
             where += f":{line}"
+        if row is not None:
+            where += f": row {row}"
         if field:
             where += f": field '{field}'"
         super().__init__(f"{where}: {message}")
+
+
+class DataWarning(UserWarning):
+    """Input that was read but not used (e.g. a pair that compares an answer with itself), located like a
+    :class:`DataError`; the command line prints each as one line."""
 
 
 def _field_path(loc: tuple) -> str:
     return ".".join(str(part) for part in loc)
 
 
-def validation_error(exc: ValidationError, path: str | os.PathLike | None, line: int | None) -> DataError:
+def validation_error(exc: ValidationError, path: str | os.PathLike | None, line: int | None,
+                     row: int | None = None) -> DataError:
     """Turn pydantic's error into a DataError naming the first bad field."""
     first = exc.errors()[0]
     field = _field_path(first["loc"]) or None
     message = first["msg"]
-    if first["type"] == "missing":
+    if first["type"] == "value_error":  # raised by a validator of ours: its message as written
+        message = str(first["ctx"]["error"])
+    elif first["type"] == "missing":
         message = "required field is missing"
     elif first["type"] == "extra_forbidden":
         message = "unknown field (check its spelling against the record's schema)"
     more = len(exc.errors()) - 1
     if more:
         message += f" (and {more} more problem{'s' if more > 1 else ''} on this line)"
-    return DataError(message, path, line, field)
+    return DataError(message, path, line, field, row)
 
 
 def parse_record(data: Any, record_type: type[R], path: str | os.PathLike | None = None,
-                 line: int | None = None) -> R:
-    """Validate one decoded JSON object as ``record_type``, checking its ``schema`` field if present."""
+                 line: int | None = None, row: int | None = None) -> R:
+    """Validate one decoded JSON object as ``record_type``, checking its ``schema`` field if present;
+    errors name ``path`` and ``line`` (or ``row``, a 0-based index of a table)."""
     if not isinstance(data, dict):
-        raise DataError(f"expected a JSON object, got {type(data).__name__}", path, line)
+        raise DataError(f"expected a JSON object, got {type(data).__name__}", path, line, row=row)
     data = dict(data)
     schema = data.pop("schema", None)
     if schema is not None and schema != record_type.schema_name():
@@ -67,26 +79,45 @@ def parse_record(data: Any, record_type: type[R], path: str | os.PathLike | None
             hint = f"written by a different rlhfkit version (this one reads version {record_type.version})"
         else:
             hint = f"this is a {kind.removeprefix('rlhfkit.')} file, expected {record_type.kind} records"
-        raise DataError(f"schema {schema!r} is not {record_type.schema_name()!r}: {hint}", path, line, "schema")
+        raise DataError(f"schema {schema!r} is not {record_type.schema_name()!r}: {hint}", path, line, "schema",
+                        row)
     try:
         return record_type.model_validate(data)
     except ValidationError as exc:
-        raise validation_error(exc, path, line) from None
+        raise validation_error(exc, path, line, row) from None
+
+
+def text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line of a UTF-8 file, a leading byte-order mark dropped; a missing file
+    or bytes that are not UTF-8 are a DataError naming the line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("a folder, not a file" if path.is_dir() else "file not found", path)
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                                "save the file as UTF-8", path, number) from None
+            yield number, text.removeprefix("\ufeff") if number == 1 else text
+
+
+def malformed_json(exc: json.JSONDecodeError, path: str | os.PathLike, line: int | None = None) -> DataError:
+    """A DataError at the decoder's line and column (``line`` given: a line of a JSONL file)."""
+    return DataError(f"malformed JSON ({exc.msg} at column {exc.colno})", path,
+                     exc.lineno if line is None else line)
 
 
 def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     """(line number, decoded object) for each non-blank line; malformed JSON is a DataError."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError("file not found", path)
-    with path.open(encoding="utf-8") as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                yield number, json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"malformed JSON ({exc.msg} at column {exc.colno})", path, number) from None
+    for number, raw in text_lines(path):
+        if not raw.strip():
+            continue
+        try:
+            yield number, json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise malformed_json(exc, path, number) from None
 
 
 def iter_records(path: str | os.PathLike, record_type: type[R]) -> Iterator[tuple[int, R]]:
@@ -103,9 +134,13 @@ def iter_records(path: str | os.PathLike, record_type: type[R]) -> Iterator[tupl
         yield number, record
 
 
-def read_records(path: str | os.PathLike, record_type: type[R]) -> list[R]:
-    """All records of a JSONL file of ``record_type`` (see :func:`iter_records`)."""
-    return [record for _, record in iter_records(path, record_type)]
+def read_records(path: str | os.PathLike, record_type: type[R], allow_empty: bool = True) -> list[R]:
+    """All records of a JSONL file of ``record_type`` (see :func:`iter_records`); ``allow_empty=False``
+    refuses a file without any."""
+    records = [record for _, record in iter_records(path, record_type)]
+    if not records and not allow_empty:
+        raise DataError(f"no {record_type.kind} records: the file is empty", path)
+    return records
 
 
 def _line(record: Record) -> str:
@@ -113,13 +148,23 @@ def _line(record: Record) -> str:
     return json.dumps({"schema": record.schema_name(), **body}, ensure_ascii=False) + "\n"
 
 
+def umask_mode(requested: int = 0o666) -> int:
+    """The mode a new file (``requested=0o777``: folder) gets under the current umask, as ``open()`` and
+    ``mkdir()`` give it: 0o644 (0o755) under umask 022."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return requested & ~umask
+
+
 def write_records(path: str | os.PathLike, records: Iterable[Record]) -> int:
-    """Write records atomically (temp file + rename); returns how many were written."""
+    """Write records atomically (temp file + rename); returns how many were written. The file gets the
+    umask's mode, as a plain ``open()`` would give it (a temporary file starts at 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     count = 0
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, umask_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for record in records:
                 f.write(_line(record))
@@ -178,20 +223,20 @@ def _without_arrow_fill(row: dict, record_type: type[Record]) -> dict:
 
 
 def from_dataset(dataset, record_type: type[R]) -> list[R]:
-    """Records from a `datasets.Dataset` (or any iterable of dicts); errors name the row and field."""
-    return [parse_record(_without_arrow_fill(row, record_type), record_type, "<dataset>", index)
+    """Records from a `datasets.Dataset` (or any iterable of dicts); errors name the 0-based row and field."""
+    return [parse_record(_without_arrow_fill(row, record_type), record_type, "<dataset>", row=index)
             for index, row in enumerate(dataset)]
 
 
 def read_prompts(path: str | os.PathLike):
     """Prompts from a JSONL file of prompt records, or a .txt file with one prompt per line
-    (ids ``line-N``; blank lines skipped)."""
+    (ids ``line-N``; blank lines skipped). A file without any prompt is a DataError."""
     from rlhfkit.data.records import Prompt
 
     path = Path(path)
     if path.suffix != ".txt":
-        return read_records(path, Prompt)
-    if not path.exists():
-        raise DataError("file not found", path)
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [Prompt(id=f"line-{n}", text=text.strip()) for n, text in enumerate(lines, start=1) if text.strip()]
+        return read_records(path, Prompt, allow_empty=False)
+    prompts = [Prompt(id=f"line-{n}", text=text.strip()) for n, text in text_lines(path) if text.strip()]
+    if not prompts:
+        raise DataError("no prompts: the file has no non-blank line", path)
+    return prompts

@@ -120,15 +120,14 @@ def ranking_pairs(ranking: Ranking, completions: dict[str, Completion], flagged:
     ``flagged``: 'drop' removes flagged completions before pairing; 'keep' pairs them by their rank;
     'last' moves them below every unflagged completion (tied among themselves).
     """
+    if flagged not in ("drop", "keep", "last"):
+        raise ValueError(f"flagged must be 'drop', 'keep' or 'last', not {flagged!r}")
     groups = ranking.groups
     marked = set(ranking.flagged)
-    if flagged == "drop":
+    if flagged != "keep":
         groups = [[c for c in g if c not in marked] for g in groups]
-    elif flagged == "last" and marked:
-        groups = [[c for c in g if c not in marked] for g in groups] + [[c for c in ranking.completion_ids
-                                                                          if c in marked]]
-    elif flagged != "keep":
-        raise ValueError(f"flagged must be 'drop', 'keep' or 'last', not {flagged!r}")
+    if flagged == "last":
+        groups = [*groups, [c for c in ranking.completion_ids if c in marked]]
     groups = [g for g in groups if g]
     base = {"criterion": ranking.criterion, "labeler": ranking.labeler_id, **(provenance or {})}
     pairs = []

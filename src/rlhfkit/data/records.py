@@ -44,6 +44,14 @@ class Prompt(Record):
     text: Text
     metadata: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("text")
+    @classmethod
+    def _not_blank(cls, text: Text) -> Text:
+        blank = not text.strip() if isinstance(text, str) else not any(m.content.strip() for m in text)
+        if blank:
+            raise ValueError("the prompt is empty or blank; remove the line or give it a text")
+        return text
+
 
 class SamplingParams(BaseModel):
     """How a completion was sampled; stored with it so that a file says how it was made."""

@@ -144,8 +144,8 @@ class LabelerStats:
 def labeler_stats(rankings: Sequence[Ranking], consensus: Callable[[Sequence[Ranking]], Ranking],
                   gold: dict[str, Ranking] | None = None, min_tau: float = 0.2,
                   min_gold_accuracy: float = 0.7) -> list[LabelerStats]:
-    """Per-labeler agreement with the others, and who is poor: mean τ below ``min_tau`` or gold
-    accuracy below ``min_gold_accuracy``."""
+    """Per-labeler agreement with the others, and who is poor: mean τ below ``min_tau``, every ranking one
+    tie (τ undefined: the labeler orders nothing), or gold accuracy below ``min_gold_accuracy``."""
     gold = gold or {}
     taus: dict[str, list[float]] = defaultdict(list)
     mine: dict[str, list[Ranking]] = defaultdict(list)
@@ -173,6 +173,8 @@ def labeler_stats(rankings: Sequence[Ranking], consensus: Callable[[Sequence[Ran
         reasons = []
         if tau < min_tau:
             reasons.append(f"τ {tau:.2f} < {min_tau}")
+        elif math.isnan(tau) and all(len(r.groups) == 1 for r in own):
+            reasons.append("ties every completion, so τ is undefined")
         if accuracy is not None and accuracy < min_gold_accuracy:
             reasons.append(f"gold accuracy {accuracy:.2f} < {min_gold_accuracy}")
         result.append(LabelerStats(

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from rlhfkit.console import console, friendly_errors
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 feedback_app = typer.Typer(help="The human-feedback web app: labelers rank completions; agreement, export.",
                            no_args_is_help=True)
@@ -18,12 +23,27 @@ DbOption = Annotated[str, typer.Option(help="Database: a SQLite file path, or po
 DEFAULT_DB = "runs/feedback.db"
 
 
-def _sessions(db: str):
+@contextmanager
+def _session(db: str) -> Iterator[Session]:
+    """A session on the database (migrated first). An unreachable or unknown database and a refused
+    request (a name that exists, a project that does not) end the command with one line naming ``db``."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from rlhfkit.feedback.db import session_factory
+    from rlhfkit.feedback.service import FeedbackError
 
     if "://" not in db:
         Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    return session_factory(db)
+    try:
+        with session_factory(db)() as session:
+            yield session
+    except FeedbackError as exc:
+        raise ValueError(f"{db}: {exc.message}") from None
+    except SQLAlchemyError as exc:  # the driver's own error (e.g. connection refused) says most
+        reason = " ".join(str(getattr(exc, "orig", None) or exc).split()).partition(" (Background on")[0]
+        raise ValueError(f"{db}: cannot use the database: {reason}") from None
+    except ImportError as exc:
+        raise ValueError(f"{db}: no driver for this database ({exc})") from None
 
 
 @feedback_app.command()
@@ -43,7 +63,7 @@ def serve(
     from rlhfkit.feedback import service
     from rlhfkit.feedback.db import User
 
-    with _sessions(db)() as session:
+    with _session(db) as session:
         if session.scalar(select(User).where(User.role == "admin")) is None:
             password = os.environ.get("RLHFKIT_ADMIN_PASSWORD") or secrets.token_urlsafe(12)
             service.create_user(session, "admin", "admin", password=password)
@@ -81,9 +101,9 @@ def project(
     from rlhfkit.data.records import Completion, Ranking
     from rlhfkit.feedback import service
 
-    records = read_records(completions, Completion)
-    answers = read_records(gold, Ranking) if gold else []
-    with _sessions(db)() as session:
+    records = read_records(completions, Completion, allow_empty=False)
+    answers = read_records(gold, Ranking, allow_empty=False) if gold else []
+    with _session(db) as session:
         created = service.create_project(session, name, criterion, records,
                                          instructions.read_text() if instructions else "", overlap, consensus,
                                          answers, gold_rate)
@@ -101,7 +121,7 @@ def user(
     """Create an account; prints the invite link path with which its owner sets a password."""
     from rlhfkit.feedback import service
 
-    with _sessions(db)() as session:
+    with _session(db) as session:
         created = service.create_user(session, name, role)
         console.print(f"{role} {name!r}: send them /invite/{created.invite_token}")
 
@@ -121,10 +141,14 @@ def export(
 
     if rankings is None and pairs is None:
         raise ValueError("nothing to export: pass --rankings and/or --pairs")
-    with _sessions(db)() as session:
+    with _session(db) as session:
         chosen = service.get_project(session, project)
         stats = service.project_agreement(session, chosen)
         kept, consensus_pairs = service.export(session, chosen, keep_poor)
+    if not kept or (pairs is not None and not consensus_pairs):
+        left_out = "" if keep_poor or not stats.poor_labelers else " (poor labelers left out; --keep-poor keeps them)"
+        raise ValueError(f"{db}: project {project!r} has no {'rankings' if not kept else 'pairs'} to export"
+                         f"{left_out}")
     if rankings is not None:
         write_records(rankings, kept)
     if pairs is not None:

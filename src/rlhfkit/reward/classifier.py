@@ -14,6 +14,8 @@ from typing import Literal
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
+from rlhfkit.models.pretrained import pretrained_source
+
 
 def label_index(model: PreTrainedModel, label: str | int) -> int:
     """The output index of ``label`` (a name from ``config.label2id``, or an index)."""
@@ -44,8 +46,9 @@ class ClassifierReward:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, label: str | int, **kwargs) -> ClassifierReward:
-        model = AutoModelForSequenceClassification.from_pretrained(name_or_path)
-        return cls(model, AutoTokenizer.from_pretrained(name_or_path), label, **kwargs)
+        source = pretrained_source(name_or_path, "classifier")
+        model = AutoModelForSequenceClassification.from_pretrained(source)
+        return cls(model, AutoTokenizer.from_pretrained(source), label, **kwargs)
 
     @torch.inference_mode()
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:

@@ -20,6 +20,8 @@ import json
 import math
 import os
 import random
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +39,10 @@ from transformers import (
 
 from rlhfkit.config import config_from_yaml, save_config
 from rlhfkit.console import console, progress_bar
+from rlhfkit.data.io import malformed_json, umask_mode
 from rlhfkit.data.pairs import group_by_prompt
 from rlhfkit.data.records import PreferencePair, render_text
+from rlhfkit.models.pretrained import pretrained_source
 
 STATE_FILE = "rlhfkit_reward.json"
 
@@ -72,6 +76,21 @@ class RewardModelConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        at_least_one = {"max_length": self.max_length, "epochs": self.epochs, "batch_size": self.batch_size,
+                        "lora_r": self.lora_r}
+        for field, value in at_least_one.items():
+            if value < 1:
+                raise ValueError(f"{field}: must be at least 1, got {value}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps: must be at least 1 (or unset), got {self.max_steps}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: must be positive, got {self.lr}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike | None = None, **overrides) -> RewardModelConfig:
@@ -146,13 +165,33 @@ class RewardModel:
         self.std = max(rewards.std().item(), 1e-6) if len(rewards) > 1 else 1.0
 
     def save(self, path: str | os.PathLike, config: RewardModelConfig | None = None) -> None:
+        """Write model, tokenizer, normalisation (and ``config``) to a temporary folder beside ``path``, then
+        swap it in: a crash never leaves a half-written folder that loads as a reward model."""
         path = Path(path)
-        self.model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-        state = {"max_length": self.max_length, "mean": self.mean, "std": self.std, "metrics": self.metrics}
-        (path / STATE_FILE).write_text(json.dumps(state, indent=1))
-        if config is not None:
-            save_config(config, path / "reward_config.yaml")
+        check_output_folder(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        try:
+            self.model.save_pretrained(staging)
+            self.tokenizer.save_pretrained(staging)
+            state = {"max_length": self.max_length, "mean": self.mean, "std": self.std, "metrics": self.metrics}
+            (staging / STATE_FILE).write_text(json.dumps(state, indent=1))
+            if config is not None:
+                save_config(config, staging / "reward_config.yaml")
+            for file in staging.iterdir():  # the weights (written via a temporary file) and mkdtemp are 0600/0700
+                if file.is_file():
+                    file.chmod(umask_mode())
+            staging.chmod(umask_mode(0o777))
+            if path.exists():
+                retired = staging.with_suffix(".old")
+                path.rename(retired)
+                staging.rename(path)
+                shutil.rmtree(retired)
+            else:
+                staging.rename(path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike, batch_size: int = 32) -> RewardModel:
@@ -160,9 +199,20 @@ class RewardModel:
         if not (path / STATE_FILE).exists():
             raise FileNotFoundError(f"{path} is not an rlhfkit reward model (no {STATE_FILE}); train one with "
                                     "`rlhfkit reward train`")
-        state = json.loads((path / STATE_FILE).read_text())
+        try:
+            state = json.loads((path / STATE_FILE).read_text())
+        except json.JSONDecodeError as exc:
+            raise malformed_json(exc, path / STATE_FILE) from None
         model = AutoModelForSequenceClassification.from_pretrained(path).eval()
         return cls(model, AutoTokenizer.from_pretrained(path), batch_size=batch_size, **state)
+
+
+def check_output_folder(path: str | os.PathLike) -> None:
+    """Saving replaces the whole folder: refuse a file, or a folder that holds anything but a reward model."""
+    path = Path(path)
+    if path.is_file() or (path.is_dir() and any(path.iterdir()) and not (path / STATE_FILE).exists()):
+        raise FileExistsError(f"{path}: exists and is not a reward model folder (saving replaces the folder); "
+                              "choose a new output folder")
 
 
 def split_by_prompt(pairs: Sequence[PreferencePair], eval_fraction: float,
@@ -211,7 +261,7 @@ def load_backbone(config: RewardModelConfig) -> RewardModel:
     """A fresh reward model: the backbone with a new 1-output head (and LoRA adapters if asked)."""
     from transformers.utils import logging as hf_logging
 
-    backbone = config.backbone or default_backbone()
+    backbone = pretrained_source(config.backbone, "backbone") if config.backbone else default_backbone()
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the new head's "newly initialised weights" report is expected here
     try:
@@ -239,6 +289,8 @@ def train_reward_model(pairs: Sequence[PreferencePair], config: RewardModelConfi
     config = config or RewardModelConfig()
     if not pairs:
         raise ValueError("no preference pairs to train on")
+    if output_dir is not None:
+        check_output_folder(output_dir)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     if eval_pairs is None:
