@@ -226,10 +226,9 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
-        if not _wants_html(request):
-            from fastapi.encoders import jsonable_encoder
-
-            return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+        if not _wants_html(request):  # the offending input is not echoed (it may be NaN, not JSON)
+            return JSONResponse({"detail": [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
+                                            for e in exc.errors()]}, status_code=422)
         reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in exc.errors())
         return error_response(request, 422, reasons)
 
