@@ -33,13 +33,11 @@ def upgrade() -> None:
         sa.Column("failures", sa.Integer, nullable=False),
         sa.Column("last_failure", sa.DateTime(timezone=True), nullable=False),
     )
-    with op.batch_alter_table("users") as users:
-        users.add_column(sa.Column("disabled", sa.Boolean, nullable=False, server_default=sa.false()))
-    with op.batch_alter_table("labels") as labels:
-        labels.add_column(sa.Column("shown_order", sa.JSON))
-    with op.batch_alter_table("assignments") as assignments:
-        assignments.add_column(sa.Column("project_id", sa.Integer))
-        assignments.add_column(sa.Column("slot", sa.Integer))
+    # plain ADD COLUMN: a batch copy of a table that others reference would break their foreign keys on SQLite
+    op.add_column("users", sa.Column("disabled", sa.Boolean, nullable=False, server_default=sa.false()))
+    op.add_column("labels", sa.Column("shown_order", sa.JSON))
+    op.add_column("assignments", sa.Column("project_id", sa.Integer))
+    op.add_column("assignments", sa.Column("slot", sa.Integer))
 
     connection = op.get_bind()
     users = connection.execute(sa.text("SELECT id, username FROM users ORDER BY id")).all()
@@ -65,7 +63,7 @@ def upgrade() -> None:
             slots[item_id] = slots.get(item_id, -1) + 1
             connection.execute(sa.text("UPDATE assignments SET slot = :s WHERE id = :i"),
                                {"s": slots[item_id], "i": assignment_id})
-    with op.batch_alter_table("assignments") as assignments:
+    with op.batch_alter_table("assignments") as assignments:  # no table references assignments: a copy is safe
         assignments.alter_column("project_id", existing_type=sa.Integer, nullable=False)
         assignments.create_foreign_key("assignments_project_id_fkey", "projects", ["project_id"], ["id"])
     op.create_index("one_holder_per_slot", "assignments", ["item_id", "slot"], unique=True,
@@ -82,9 +80,7 @@ def downgrade() -> None:
         assignments.drop_constraint("assignments_project_id_fkey", type_="foreignkey")
         assignments.drop_column("slot")
         assignments.drop_column("project_id")
-    with op.batch_alter_table("labels") as labels:
-        labels.drop_column("shown_order")
-    with op.batch_alter_table("users") as users:
-        users.drop_column("disabled")
+    op.drop_column("labels", "shown_order")
+    op.drop_column("users", "disabled")
     op.drop_table("login_failures")
     op.drop_table("web_sessions")
