@@ -136,6 +136,11 @@ def sanitised_markdown(text: str) -> str:
     return nh3.clean(markdown.markdown(text), url_schemes={"http", "https", "mailto"})
 
 
+def _client(request: Request) -> str:
+    """The client's address, for login throttling (behind a proxy: run uvicorn with --forwarded-allow-ips)."""
+    return request.client.host if request.client else "unknown"
+
+
 def _wants_html(request: Request) -> bool:
     return not request.url.path.startswith("/api/") and "text/html" in request.headers.get("accept", "")
 
@@ -164,22 +169,19 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
         if not expected or not given or not secrets.compare_digest(expected, given):
             raise HTTPException(403, "missing or wrong CSRF token")
 
-    def begin_session(request: Request, session: Session, user: User) -> str:
-        """Log the client in as ``user`` (a new session and CSRF token); returns the token."""
+    def begin_session(request: Request, session: Session, user: User, token: str | None = None) -> str:
+        """Log the client in as ``user`` with a new session (``token``, or one started here) and CSRF
+        token; the client's previous session ends. Returns the CSRF token."""
         if "token" in request.session:
             service.end_session(session, request.session["token"])
         request.session.clear()
-        request.session.update(token=service.start_session(session, user), csrf=secrets.token_urlsafe(32))
+        request.session.update(token=token or service.start_session(session, user), csrf=secrets.token_urlsafe(32))
         return request.session["csrf"]
 
     def end_session(request: Request, session: Session) -> None:
         if "token" in request.session:
             service.end_session(session, request.session["token"])
         request.session.clear()
-
-    def log_in(request: Request, session: Session, username: str, password: str) -> User:
-        client = request.client.host if request.client else "unknown"
-        return service.log_in(session, username, password, client)
 
     def current_user(request: Request, session: Session = Depends(db)) -> User:
         user = service.session_user(session, request.session.get("token"))
@@ -242,10 +244,10 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
                    session: Session = Depends(db)):
         check_csrf(request, csrf)
         try:
-            user = log_in(request, session, username, password)
+            user, token = service.log_in(session, username, password, _client(request))
         except service.FeedbackError as exc:
             return RedirectResponse(f"/login?error={quote(exc.message)}", 303)
-        begin_session(request, session, user)
+        begin_session(request, session, user, token)
         return RedirectResponse("/admin" if user.role == "admin" else "/", 303)
 
     @app.post("/logout")
@@ -345,8 +347,8 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
     # ------------------------------------------------------------ JSON API
     @app.post("/api/login")
     def api_login(body: LoginBody, request: Request, session: Session = Depends(db)):
-        user = log_in(request, session, body.username, body.password)
-        return {"csrf": begin_session(request, session, user), "role": user.role}
+        user, token = service.log_in(session, body.username, body.password, _client(request))
+        return {"csrf": begin_session(request, session, user, token), "role": user.role}
 
     @app.post("/api/logout")
     def api_logout(request: Request, user: User = Depends(api_user), session: Session = Depends(db)):

@@ -179,8 +179,9 @@ def record_login_failure(session: Session, keys: Sequence[str]) -> None:
     session.commit()
 
 
-def log_in(session: Session, username: str, password: str, client: str) -> User:
-    """The account, or a refusal: 429 while the account or the client address is throttled, else 401."""
+def log_in(session: Session, username: str, password: str, client: str) -> tuple[User, str]:
+    """The account and a new session token, or a refusal: 429 while the account or the client address is
+    throttled, else 401 for a wrong username or password."""
     keys = [f"user:{normalise_username(username)[:64]}", f"ip:{client[:64]}"]
     wait = login_wait(session, keys)
     if wait > 0:
@@ -189,9 +190,8 @@ def log_in(session: Session, username: str, password: str, client: str) -> User:
     if user is None:
         record_login_failure(session, keys)
         raise FeedbackError("wrong username or password", 401)
-    session.execute(delete(LoginFailures).where(LoginFailures.key == keys[0]))
-    session.commit()
-    return user
+    session.execute(delete(LoginFailures).where(LoginFailures.key == keys[0]))  # committed with the session
+    return user, start_session(session, user)
 
 
 def start_session(session: Session, user: User) -> str:
