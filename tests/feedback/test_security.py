@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import update
+from sqlalchemy import select, update
 from test_app import login, setup_project
 from typer.testing import CliRunner
 
@@ -232,3 +232,32 @@ def test_errors_are_pages_for_browsers_and_json_for_the_api(tmp_path):
     assert "export rankings or pairs" in page.text and "<h1>Not found</h1>" in page.text
     api = admin.get("/api/next?project=nope", headers={"accept": "text/html"})
     assert api.status_code == 404 and api.json() == {"detail": "no project 'nope'"}
+
+
+def test_the_admin_page_disables_resets_and_reopens_through_csrf_protected_forms(tmp_path):
+    import re
+
+    app = create_app(str(tmp_path / "app.db"))
+    setup_project(app, overlap=4)
+    bob = login(TestClient(app), "bob")
+    item = bob.get("/api/next").json()
+    bob.post("/api/skip", json={"item_id": item["item_id"]})
+    browser = TestClient(app)
+    token = re.search(r'name="csrf" value="([^"]+)"', browser.get("/login").text).group(1)
+    browser.post("/login", data={"username": "admin", "password": "admin-pass", "csrf": token})
+    page = browser.get("/admin").text
+    token = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    assert 'action="/admin/users/bob/disable"' in page and 'action="/admin/users/ann/reset"' in page
+    assert browser.post("/admin/users/bob/disable", data={"disabled": "true"}).status_code == 403  # no token
+    assert browser.post("/admin/users/bob/disable", data={"disabled": "true", "csrf": token},
+                        follow_redirects=False).status_code == 303
+    assert bob.get("/api/next").status_code == 401
+    browser.post("/admin/users/ann/reset", data={"csrf": token})
+    assert "invite link: <code>/invite/" in browser.get("/admin").text
+    assert f'action="/admin/items/{item["item_id"]}/reopen"' in browser.get("/admin").text  # k = 4 > 3 others
+    assert browser.post(f"/admin/items/{item['item_id']}/reopen", data={"csrf": token},
+                        follow_redirects=False).status_code == 303
+    with app.state.sessions() as db:
+        users = {u.username: u for u in db.scalars(select(service.User))}
+        assert users["bob"].disabled and users["ann"].password_hash is None
+        assert service.assignment_overview(db, service.get_project(db, "demo"))["skips"] == {}
