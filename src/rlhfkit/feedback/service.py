@@ -1,17 +1,21 @@
-"""What the labeling app does, without HTTP: accounts, projects, assignment, labels, statistics, export.
+"""What the labeling app does, without HTTP: accounts, sessions, projects, assignment, labels, statistics,
+export.
 
 Assignment: every item should reach ``overlap`` (k) distinct labelers. A labeler's next item is their
-open assignment if they have one; otherwise the item closest to completion among those that still
-need labelers and that this labeler has never been given (so nobody gets an item twice). The item row
-is locked while its slots are counted (``SELECT … FOR UPDATE`` on PostgreSQL; SQLite serialises
-writers), so concurrent labelers cannot over-fill an item. Open assignments older than
-``ASSIGNMENT_TIMEOUT`` stop holding a slot. Gold items (known answers) are mixed in at the project's
-``gold_rate`` as attention checks.
+open assignment if they have one (at most one per project: a partial unique index); otherwise the item
+closest to completion among those that still need labelers and that this labeler has never been given
+(so nobody gets an item twice). A regular item has k slots; a new assignment takes a free one while the
+item row is locked (``SELECT … FOR UPDATE`` on PostgreSQL; SQLite serialises writers), and a partial
+unique index on (item, slot) over open and done assignments makes a second holder impossible. Open
+assignments older than ``ASSIGNMENT_TIMEOUT`` are expired and give their slot back. Gold items (known
+answers, no slots) are mixed in at the project's ``gold_rate`` as attention checks, in an order of each
+labeler's own.
 
-Labels: a submission must be a partition of the item's completions and the item must be assigned to
-the labeler; the same submission twice (double click, retry) stores one label and answers as the
-first did; a different second submission is refused.
-"""
+Labels: a submission must be a partition of the item's completions and is stored only with the
+statement that turns the labeler's own open, unexpired assignment into done, so an item never has more
+labels than slots; the same submission twice (double click, retry) stores one label and answers as the
+first did; a different second submission is refused. The last label can be undone while its item is
+still open."""
 
 from __future__ import annotations
 
@@ -347,13 +351,14 @@ def next_item(session: Session, user: User, project: Project, rng: random.Random
         session.commit()
         if open_item is not None:
             return open_item
-        outcome = _assign_new(session, user, project, rng)
-        if outcome != "raced":
-            return outcome
+        try:
+            return _assign_new(session, user, project, rng)
+        except IntegrityError:  # a parallel request of this labeler won: read its assignment
+            session.rollback()
     raise FeedbackError("the server is busy: try again", 503)
 
 
-def _assign_new(session: Session, user: User, project: Project, rng: random.Random) -> Item | str | None:
+def _assign_new(session: Session, user: User, project: Project, rng: random.Random) -> Item | None:
     seen = select(Assignment.item_id).where(Assignment.user_id == user.id)
     filled = (select(func.count()).select_from(Assignment).where(Assignment.item_id == Item.id, _holds_slot())
               .correlate(Item).scalar_subquery())
@@ -379,11 +384,7 @@ def _assign_new(session: Session, user: User, project: Project, rng: random.Rand
                     continue
                 slot = free[0]
             session.add(Assignment(item_id=item_id, user_id=user.id, project_id=project.id, slot=slot))
-            try:
-                session.commit()
-            except IntegrityError:
-                session.rollback()
-                return "raced"
+            session.commit()
             return item
     session.commit()
     return None
