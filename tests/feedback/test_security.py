@@ -68,6 +68,7 @@ def test_login_is_throttled_per_account_then_locked(tmp_path):
     assert [attempt("wrong-password").status_code for _ in range(3)] == [401, 401, 401]
     refused = attempt("ann-password")  # right, but too soon after 3 failures
     assert refused.status_code == 429 and "try again in 1 s" in refused.json()["detail"]
+    assert refused.headers["retry-after"] == "1"
     with app.state.sessions() as db:
         db.execute(update(LoginFailures).values(last_failure=now() - timedelta(seconds=2)))
         db.commit()

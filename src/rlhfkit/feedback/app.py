@@ -207,7 +207,7 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
         check_csrf(request, csrf)
         return user
 
-    def error_response(request: Request, status: int, reason: str) -> Response:
+    def error_response(request: Request, status: int, reason: str, retry_after: int | None = None) -> Response:
         if status == 401 and _wants_html(request):
             return RedirectResponse("/login", 303)
         if _wants_html(request):
@@ -216,11 +216,12 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
             return TEMPLATES.TemplateResponse(request, "error.html", {
                 "status": status, "title": titles.get(status, "Something went wrong"), "reason": reason},
                 status_code=status)
-        return JSONResponse({"detail": reason}, status_code=status)
+        return JSONResponse({"detail": reason}, status_code=status,
+                            headers={"retry-after": str(retry_after)} if retry_after else None)
 
     @app.exception_handler(service.FeedbackError)
     async def _feedback_error(request: Request, exc: service.FeedbackError) -> Response:
-        return error_response(request, exc.status, exc.message)
+        return error_response(request, exc.status, exc.message, exc.retry_after)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> Response:

@@ -56,11 +56,12 @@ SESSION_LIFETIME = timedelta(days=14)
 
 
 class FeedbackError(Exception):
-    """A request that cannot be served; ``status`` is the HTTP status it maps to."""
+    """A request that cannot be served; ``status`` is the HTTP status it maps to, ``retry_after`` the
+    seconds after which the same request may succeed (sent as Retry-After)."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, retry_after: int | None = None) -> None:
         super().__init__(message)
-        self.message, self.status = message, status
+        self.message, self.status, self.retry_after = message, status, retry_after
 
 
 # ---------------------------------------------------------------- accounts
@@ -189,7 +190,7 @@ def log_in(session: Session, username: str, password: str, client: str) -> tuple
     keys = [f"user:{normalise_username(username)[:64]}", f"ip:{client[:64]}"]
     wait = login_wait(session, keys)
     if wait > 0:
-        raise FeedbackError(f"too many failed logins: try again in {math.ceil(wait)} s", 429)
+        raise FeedbackError(f"too many failed logins: try again in {math.ceil(wait)} s", 429, math.ceil(wait))
     user = authenticate(session, username, password)
     if user is None:
         record_login_failure(session, keys)

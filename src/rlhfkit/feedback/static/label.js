@@ -103,7 +103,7 @@ list.addEventListener('drop', e => { e.preventDefault(); dragged && dragged.focu
 document.addEventListener('keydown', e => {
   // only keys without Ctrl/Alt/Meta (the browser's own shortcuts stay theirs), and never while a
   // control (link, button, field, the Instructions summary) has the focus: Enter there is that control's
-  if (e.ctrlKey || e.altKey || e.metaKey || e.repeat) return;
+  if (e.ctrlKey || e.altKey || e.metaKey) return;
   if (e.target.closest && e.target.closest('a, button, input, textarea, select, summary, [contenteditable]')) return;
   const li = document.activeElement && document.activeElement.closest && document.activeElement.closest('li.completion');
   const key = e.key.length === 1 ? e.key.toLowerCase() : e.key;
