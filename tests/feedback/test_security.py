@@ -128,6 +128,7 @@ def test_logout_password_change_disable_and_reset_end_sessions(db_url):
 
     admin, cat = login(TestClient(app), "admin", "admin-pass"), login(TestClient(app), "cat")
     assert cat.post("/api/admin/users/dan/disable", json={}).status_code == 403  # labelers cannot
+    assert admin.post("/api/admin/users/admin/disable", json={}).status_code == 409  # nor the admin themself
     assert admin.post("/api/admin/users/cat/disable", json={"disabled": True}).json()["disabled"] is True
     assert cat.get("/api/next").status_code == 401
     assert TestClient(app).post("/api/login", json={"username": "cat", "password": "cat-password"}).status_code == 401

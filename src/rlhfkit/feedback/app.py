@@ -320,7 +320,7 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
     @app.post("/admin/users/{username:path}/disable")
     def disable_user_form(username: str, disabled: bool = Form(True), user: User = Depends(form_admin),
                           session: Session = Depends(db)):
-        service.set_disabled(session, username, disabled)
+        service.set_disabled(session, username, disabled, user)
         return RedirectResponse("/admin", 303)
 
     @app.post("/admin/users/{username:path}/reset")
@@ -407,7 +407,7 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
     @app.post("/api/admin/users/{username:path}/disable")
     def api_disable_user(*, username: str, user: User = Depends(api_admin),
                          body: DisableJson, session: Session = Depends(db)):
-        changed = service.set_disabled(session, username, body.disabled)
+        changed = service.set_disabled(session, username, body.disabled, user)
         return {"username": changed.username, "disabled": changed.disabled}
 
     @app.post("/api/admin/users/{username:path}/reset")

@@ -248,9 +248,11 @@ def change_password(session: Session, user: User, old: str, new: str) -> None:
     session.commit()
 
 
-def set_disabled(session: Session, username: str, disabled: bool) -> User:
-    """(admin) Turn an account off (its sessions end at once) or back on."""
+def set_disabled(session: Session, username: str, disabled: bool, admin: User) -> User:
+    """(``admin``) Turn another account off (its sessions end at once) or back on."""
     user = get_user(session, username)
+    if user.id == admin.id:
+        raise FeedbackError("you cannot disable your own account (you would be locked out)", 409)
     user.disabled = disabled
     if disabled:
         _end_sessions_of(session, user)
