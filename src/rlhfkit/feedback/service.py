@@ -200,8 +200,10 @@ def log_in(session: Session, username: str, password: str, client: str) -> tuple
 
 
 def start_session(session: Session, user: User) -> str:
-    """A new server-side session; returns its token (for the cookie; the table keeps only its hash)."""
+    """A new server-side session; returns its token (for the cookie; the table keeps only its hash).
+    The account's expired sessions are removed on the way."""
     token = secrets.token_urlsafe(32)
+    session.execute(delete(WebSession).where(WebSession.user_id == user.id, WebSession.expires_at <= now()))
     session.add(WebSession(id=_token_hash(token), user_id=user.id, expires_at=now() + SESSION_LIFETIME))
     session.commit()
     return token
