@@ -263,3 +263,23 @@ def test_the_admin_page_disables_resets_and_reopens_through_csrf_protected_forms
         users = {u.username: u for u in db.scalars(select(service.User))}
         assert users["bob"].disabled and users["ann"].password_hash is None
         assert service.assignment_overview(db, service.get_project(db, "demo"))["skips"] == {}
+
+
+def test_a_labeler_changes_their_password_on_the_account_page_and_other_sessions_end(tmp_path):
+    import re
+
+    app = create_app(str(tmp_path / "app.db"))
+    setup_project(app)
+    elsewhere = login(TestClient(app), "ann")
+    browser = TestClient(app)
+    token = re.search(r'name="csrf" value="([^"]+)"', browser.get("/login").text).group(1)
+    browser.post("/login", data={"username": "ann", "password": "ann-password", "csrf": token})
+    token = re.search(r'name="csrf" value="([^"]+)"', browser.get("/account").text).group(1)
+    form = {"old": "ann-password", "new": "ann-new-password", "confirm": "ann-new-passw0rd", "csrf": token}
+    differ = browser.post("/account/password", data=form, headers={"accept": "text/html"})
+    assert differ.status_code == 400 and "differ" in differ.text
+    changed = browser.post("/account/password", data={**form, "confirm": "ann-new-password"},
+                           headers={"accept": "text/html"})
+    assert changed.status_code == 200 and "Password changed." in changed.text  # still logged in here
+    assert elsewhere.get("/api/next").status_code == 401
+    login(TestClient(app), "ann", "ann-new-password")

@@ -273,6 +273,22 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
         begin_session(request, session, user)
         return RedirectResponse("/", 303)
 
+    @app.get("/account", response_class=HTMLResponse)
+    def account_page(request: Request, message: str = "", user: User = Depends(current_user)):
+        return TEMPLATES.TemplateResponse(request, "account.html", {
+            "csrf": csrf_token(request), "user": user, "message": message,
+            "min_length": service.MIN_PASSWORD_LENGTH})
+
+    @app.post("/account/password")
+    def password_form(request: Request, old: str = Form(...), new: str = Form(...), confirm: str = Form(...),
+                      csrf: str = Form(""), user: User = Depends(current_user), session: Session = Depends(db)):
+        check_csrf(request, csrf)
+        if new != confirm:
+            raise service.FeedbackError("the two new passwords differ: type the same password twice", 400)
+        service.change_password(session, user, old, new)
+        begin_session(request, session, user)
+        return RedirectResponse("/account?message=" + quote("Password changed."), 303)
+
     @app.get("/", response_class=HTMLResponse)
     def label_page(request: Request, project: str | None = None, user: User = Depends(current_user),
                    session: Session = Depends(db)):
