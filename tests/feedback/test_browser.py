@@ -205,14 +205,16 @@ def test_labeler_keys_order_progress_prompts_undo_errors_and_invite(tmp_path):
         expect(page.locator("#progress")).to_contain_text("1 done")
         page.click("#undo")  # take it back: the same item returns
         expect(page.locator("#status")).to_contain_text("taken back")
+        expect(page.locator("#progress")).to_contain_text("0 done")
         assert page.inner_text("#prompt") == first_prompt
-        assert first_prompt == "line one\nline two"  # a plain prompt keeps its line breaks
-        page.locator("li.completion").first.focus()
-        page.keyboard.press("Enter")
-        expect(page.locator("#prompt .role")).to_have_count(2)  # a chat prompt: one block per turn
-        assert page.locator("#prompt .role").all_inner_texts() == ["System:", "User:"]
-        page.locator("li.completion").first.focus()
-        page.keyboard.press("Enter")
+        roles = {}  # prompt text → the roles of its turns
+        for done in ("1 done", "2 done"):
+            roles[page.inner_text("#prompt")] = page.locator("#prompt .role").all_inner_texts()
+            page.locator("li.completion").first.focus()
+            page.keyboard.press("Enter")
+            expect(page.locator("#progress")).to_contain_text(done)
+        # a plain prompt keeps its line breaks; a chat prompt shows one block per turn
+        assert roles == {"line one\nline two": [], "System:Be brief.\nUser:Hello?": ["System:", "User:"]}
         expect(page.locator("#status")).to_contain_text("All done")
         assert page.inner_text("#progress") == "(2 done, at most 0 left)"  # fresh at "All done"
 
@@ -239,5 +241,6 @@ def test_labeler_keys_order_progress_prompts_undo_errors_and_invite(tmp_path):
         items = {item.id: item for item in session.query(service.Item).all()}
     assert sorted(items[i].prompt_id for i in labels) == ["p0", "p1"]
     assert all(label.groups[0] == [label.shown_order[0]] for label in labels.values())  # Enter took the order shown
-    assert shown == labels[min(labels)].shown_order  # the page showed the order stored with the label
+    [first] = [label for i, label in labels.items() if items[i].prompt_id == shown[0].split("-")[0]]
+    assert shown == first.shown_order  # the page showed the order stored with the label
     assert any(label.shown_order != sorted(label.shown_order) for label in labels.values())  # not file order
