@@ -1,37 +1,59 @@
 """The labeling web app (FastAPI): labelers rank completions, the admin watches agreement and exports.
 
-Every endpoint but the login and invite pages needs a session (a signed, HTTP-only, SameSite=strict
-cookie; Secure when ``secure_cookies``). Every state-changing request needs the session's CSRF token:
-a hidden form field on forms, the ``X-CSRF-Token`` header on JSON calls. Labelers see only their own
-items and work; the admin pages and the export need the admin role.
+Security model:
+- Sessions are server-side: the signed, HTTP-only, SameSite=strict cookie (Secure with
+  ``secure_cookies``) carries a random token whose SHA-256 is a row of ``web_sessions``; logging out,
+  changing the password, a password reset and disabling the account delete the rows, which ends them.
+- Every state-changing request needs the session's CSRF token: a hidden form field on forms, the
+  ``X-CSRF-Token`` header on JSON calls. JSON bodies of authenticated calls are read only after the
+  session and the token were checked; every body is limited in size before it is read (middleware).
+- Logins are throttled per account and per client address (state in the database, so every worker
+  process shares it); an unknown username costs the same password hash as a known one.
+- Markdown instructions are rendered, then sanitised with an allow-list (nh3); pages load scripts only
+  from the app's files, and every response carries a strict Content-Security-Policy, X-Frame-Options,
+  nosniff and a Referrer-Policy.
+- Labelers see only their own items and work; the admin pages and the export need the admin role.
 
 JSON API (what the labeler page and the simulated labelers use):
-    POST /api/login {username, password} → {csrf}      GET /api/next?project=NAME → item | 204
+    POST /api/login {username, password} → {csrf, role}  POST /api/logout
+    GET /api/next?project=NAME → item | 204                GET /api/progress?project=NAME
     POST /api/labels {item_id, groups, flagged, seconds} → {label_id, duplicate}
-    POST /api/skip {item_id}                             POST /api/invite/{token} {password}
-    POST /api/admin/users {username, role} → {invite}    GET /api/admin/stats?project=NAME
+    POST /api/skip {item_id}   POST /api/undo {project}   POST /api/password {old, new} → {csrf}
+    POST /api/invite/{token} {password}
+    POST /api/admin/users {username, role} → {invite}      GET /api/admin/stats?project=NAME
+    POST /api/admin/users/{name}/disable {disabled}        POST /api/admin/users/{name}/reset → {invite}
+    POST /api/admin/items/{id}/reopen → {released}
 """
 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from pathlib import Path
+from typing import Annotated
+from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, Form, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.middleware.sessions import SessionMiddleware
 
 from rlhfkit.feedback import service
 from rlhfkit.feedback.db import Setting, User, session_factory
+from rlhfkit.feedback.middleware import BodyLimit, SecurityHeaders
 
-TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+HERE = Path(__file__).parent
+TEMPLATES = Jinja2Templates(directory=str(HERE / "templates"))
 # a statistic that is undefined (too few labels yet) shows as a dash
 TEMPLATES.env.filters["num"] = lambda v: "–" if v is None or v != v else f"{v:.3f}"
+
+ItemId = Annotated[int, Field(ge=1, le=2**31 - 1)]  # the database's integer range
 
 
 class LoginBody(BaseModel):
@@ -40,14 +62,18 @@ class LoginBody(BaseModel):
 
 
 class LabelBody(BaseModel):
-    item_id: int
+    item_id: ItemId
     groups: list[list[str]]
     flagged: list[str] = []
-    seconds: float | None = None
+    seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
 
 
 class ItemBody(BaseModel):
-    item_id: int
+    item_id: ItemId
+
+
+class ProjectBody(BaseModel):
+    project: str | None = None
 
 
 class UserBody(BaseModel):
@@ -55,12 +81,21 @@ class UserBody(BaseModel):
     role: str = "labeler"
 
 
+class DisableBody(BaseModel):
+    disabled: bool = True
+
+
 class PasswordBody(BaseModel):
     password: str
 
 
+class PasswordChangeBody(BaseModel):
+    old: str
+    new: str
+
+
 def _secret(sessions: sessionmaker) -> str:
-    """The session signing key, kept in the database so that sessions survive a restart."""
+    """The cookie signing key, kept in the database so that cookies survive a restart."""
     with sessions() as db:
         row = db.get(Setting, "session_secret")
         if row is None:
@@ -70,11 +105,54 @@ def _secret(sessions: sessionmaker) -> str:
         return row.value
 
 
+def json_body(model: type[BaseModel]):
+    """A dependency that reads and validates the JSON body. Listed after the session dependency, it
+    runs only for an authenticated request: FastAPI itself would parse a body parameter first."""
+
+    async def parse(request: Request) -> BaseModel:
+        try:
+            return model.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors(include_url=False)) from None
+
+    return parse
+
+
+# the JSON bodies of authenticated calls, read after the session dependency (list them after it)
+PasswordChangeJson = Annotated[PasswordChangeBody, Depends(json_body(PasswordChangeBody))]
+LabelJson = Annotated[LabelBody, Depends(json_body(LabelBody))]
+ItemJson = Annotated[ItemBody, Depends(json_body(ItemBody))]
+ProjectJson = Annotated[ProjectBody, Depends(json_body(ProjectBody))]
+UserJson = Annotated[UserBody, Depends(json_body(UserBody))]
+DisableJson = Annotated[DisableBody, Depends(json_body(DisableBody))]
+
+
+def sanitised_markdown(text: str) -> str:
+    """Markdown as HTML with only an allow-list of tags and attributes left (no script, event handler,
+    iframe, style or javascript: URL); links get rel="noopener noreferrer"."""
+    import markdown
+    import nh3
+
+    return nh3.clean(markdown.markdown(text), url_schemes={"http", "https", "mailto"})
+
+
+def _client(request: Request) -> str:
+    """The client's address, for login throttling (behind a proxy: run uvicorn with --forwarded-allow-ips)."""
+    return request.client.host if request.client else "unknown"
+
+
+def _wants_html(request: Request) -> bool:
+    return not request.url.path.startswith("/api/") and "text/html" in request.headers.get("accept", "")
+
+
 def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
     sessions = session_factory(db_url)
     app = FastAPI(title="rlhfkit feedback", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(SessionMiddleware, secret_key=_secret(sessions), same_site="strict",
-                       https_only=secure_cookies, max_age=14 * 24 * 3600)
+                       https_only=secure_cookies, max_age=int(service.SESSION_LIFETIME.total_seconds()))
+    app.add_middleware(SecurityHeaders)
+    app.add_middleware(BodyLimit)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.state.sessions = sessions
 
     def db():
@@ -91,9 +169,22 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
         if not expected or not given or not secrets.compare_digest(expected, given):
             raise HTTPException(403, "missing or wrong CSRF token")
 
+    def begin_session(request: Request, session: Session, user: User, token: str | None = None) -> str:
+        """Log the client in as ``user`` with a new session (``token``, or one started here) and CSRF
+        token; the client's previous session ends. Returns the CSRF token."""
+        if "token" in request.session:
+            service.end_session(session, request.session["token"])
+        request.session.clear()
+        request.session.update(token=token or service.start_session(session, user), csrf=secrets.token_urlsafe(32))
+        return request.session["csrf"]
+
+    def end_session(request: Request, session: Session) -> None:
+        if "token" in request.session:
+            service.end_session(session, request.session["token"])
+        request.session.clear()
+
     def current_user(request: Request, session: Session = Depends(db)) -> User:
-        user = session.get(User, request.session.get("user_id", -1))
-        session.commit()  # short transactions: do not hold the database while the endpoint works
+        user = service.session_user(session, request.session.get("token"))
         if user is None:
             raise HTTPException(401, "log in first")
         return user
@@ -112,15 +203,37 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
         check_csrf(request, request.headers.get("x-csrf-token"))
         return user
 
+    def form_admin(request: Request, csrf: str = Form(""), user: User = Depends(admin_user)) -> User:
+        check_csrf(request, csrf)
+        return user
+
+    def error_response(request: Request, status: int, reason: str, retry_after: int | None = None) -> Response:
+        if status == 401 and _wants_html(request):
+            return RedirectResponse("/login", 303)
+        if _wants_html(request):
+            titles = {400: "That request was not right", 403: "Not allowed", 404: "Not found", 409: "Conflict",
+                      413: "Too large", 422: "Something in the form was not right", 429: "Too many attempts"}
+            return TEMPLATES.TemplateResponse(request, "error.html", {
+                "status": status, "title": titles.get(status, "Something went wrong"), "reason": reason},
+                status_code=status)
+        return JSONResponse({"detail": reason}, status_code=status,
+                            headers={"retry-after": str(retry_after)} if retry_after else None)
+
     @app.exception_handler(service.FeedbackError)
-    async def _feedback_error(_request: Request, exc: service.FeedbackError) -> JSONResponse:
-        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+    async def _feedback_error(request: Request, exc: service.FeedbackError) -> Response:
+        return error_response(request, exc.status, exc.message, exc.retry_after)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> Response:
-        if exc.status_code == 401 and "text/html" in request.headers.get("accept", ""):
-            return RedirectResponse("/login", 303)
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+        return error_response(request, exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        if not _wants_html(request):  # the offending input is not echoed (it may be NaN, not JSON)
+            return JSONResponse({"detail": [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
+                                            for e in exc.errors()]}, status_code=422)
+        reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in exc.errors())
+        return error_response(request, 422, reasons)
 
     # ------------------------------------------------------------ pages
     @app.get("/login", response_class=HTMLResponse)
@@ -131,41 +244,58 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
     def login_form(request: Request, username: str = Form(...), password: str = Form(...), csrf: str = Form(""),
                    session: Session = Depends(db)):
         check_csrf(request, csrf)
-        user = service.authenticate(session, username, password)
-        if user is None:
-            return RedirectResponse("/login?error=wrong+username+or+password", 303)
-        request.session.clear()
-        request.session.update(user_id=user.id, csrf=secrets.token_urlsafe(32))
+        try:
+            user, token = service.log_in(session, username, password, _client(request))
+        except service.FeedbackError as exc:
+            return RedirectResponse(f"/login?error={quote(exc.message)}", 303)
+        begin_session(request, session, user, token)
         return RedirectResponse("/admin" if user.role == "admin" else "/", 303)
 
     @app.post("/logout")
-    def logout(request: Request, csrf: str = Form("")):
+    def logout(request: Request, csrf: str = Form(""), session: Session = Depends(db)):
         check_csrf(request, csrf)
-        request.session.clear()
+        end_session(request, session)
         return RedirectResponse("/login", 303)
 
     @app.get("/invite/{token}", response_class=HTMLResponse)
-    def invite_page(request: Request, token: str):
-        return TEMPLATES.TemplateResponse(request, "invite.html", {"csrf": csrf_token(request), "token": token})
+    def invite_page(request: Request, token: str, session: Session = Depends(db)):
+        return TEMPLATES.TemplateResponse(request, "invite.html", {
+            "csrf": csrf_token(request), "token": token, "username": service.invited_user(session, token).username,
+            "min_length": service.MIN_PASSWORD_LENGTH})
 
     @app.post("/invite/{token}")
-    def invite_form(request: Request, token: str, password: str = Form(...), csrf: str = Form(""),
-                    session: Session = Depends(db)):
+    def invite_form(request: Request, token: str, password: str = Form(...), confirm: str = Form(...),
+                    csrf: str = Form(""), session: Session = Depends(db)):
         check_csrf(request, csrf)
+        if password != confirm:
+            raise service.FeedbackError("the two passwords differ: type the same password twice", 400)
         user = service.accept_invite(session, token, password)
-        request.session.clear()
-        request.session.update(user_id=user.id, csrf=secrets.token_urlsafe(32))
+        begin_session(request, session, user)
         return RedirectResponse("/", 303)
+
+    @app.get("/account", response_class=HTMLResponse)
+    def account_page(request: Request, message: str = "", user: User = Depends(current_user)):
+        return TEMPLATES.TemplateResponse(request, "account.html", {
+            "csrf": csrf_token(request), "user": user, "message": message,
+            "min_length": service.MIN_PASSWORD_LENGTH})
+
+    @app.post("/account/password")
+    def password_form(request: Request, old: str = Form(...), new: str = Form(...), confirm: str = Form(...),
+                      csrf: str = Form(""), user: User = Depends(current_user), session: Session = Depends(db)):
+        check_csrf(request, csrf)
+        if new != confirm:
+            raise service.FeedbackError("the two new passwords differ: type the same password twice", 400)
+        service.change_password(session, user, old, new)
+        begin_session(request, session, user)
+        return RedirectResponse("/account?message=" + quote("Password changed."), 303)
 
     @app.get("/", response_class=HTMLResponse)
     def label_page(request: Request, project: str | None = None, user: User = Depends(current_user),
                    session: Session = Depends(db)):
         chosen = service.get_project(session, project)
-        import markdown
-
         return TEMPLATES.TemplateResponse(request, "label.html", {
             "csrf": csrf_token(request), "user": user, "project": chosen,
-            "instructions": markdown.markdown(chosen.instructions)})
+            "instructions": sanitised_markdown(chosen.instructions)})
 
     @app.get("/admin", response_class=HTMLResponse)
     def admin_page(request: Request, project: str | None = None, user: User = Depends(admin_user),
@@ -179,7 +309,8 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
             chosen = service.get_project(session, project or projects[0].name)
             stats = service.project_agreement(session, chosen)
             context |= {"project": chosen, "progress": service.progress(session, chosen), "stats": stats,
-                        "plot": _labeler_plot(stats)}
+                        "plot": _labeler_plot(stats), "bias": service.position_bias(session, chosen),
+                        "overview": service.assignment_overview(session, chosen)}
         return TEMPLATES.TemplateResponse(request, "admin.html", context)
 
     @app.post("/admin/projects")
@@ -187,22 +318,35 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
                                   instructions: str = Form(""), overlap: int = Form(3),
                                   consensus: str = Form("borda"), gold_rate: float = Form(0.1),
                                   completions: UploadFile | None = None, gold: UploadFile | None = None,
-                                  csrf: str = Form(""), user: User = Depends(admin_user),
-                                  session: Session = Depends(db)):
-        check_csrf(request, csrf)
+                                  user: User = Depends(form_admin), session: Session = Depends(db)):
         from rlhfkit.data.records import Completion, Ranking
 
         records = _upload_records(await completions.read(), completions.filename, Completion) if completions else []
         answers = _upload_records(await gold.read(), gold.filename, Ranking) if gold and gold.filename else []
         service.create_project(session, name, criterion, records, instructions, overlap, consensus, answers,
                                gold_rate)
-        return RedirectResponse(f"/admin?project={name}", 303)
+        return RedirectResponse(f"/admin?project={quote(name)}", 303)
 
     @app.post("/admin/users")
-    def create_user_form(request: Request, username: str = Form(...), role: str = Form("labeler"),
-                         csrf: str = Form(""), user: User = Depends(admin_user), session: Session = Depends(db)):
-        check_csrf(request, csrf)
+    def create_user_form(username: str = Form(...), role: str = Form("labeler"), user: User = Depends(form_admin),
+                         session: Session = Depends(db)):
         service.create_user(session, username, role)
+        return RedirectResponse("/admin", 303)
+
+    @app.post("/admin/users/{username:path}/disable")
+    def disable_user_form(username: str, disabled: bool = Form(True), user: User = Depends(form_admin),
+                          session: Session = Depends(db)):
+        service.set_disabled(session, username, disabled, user)
+        return RedirectResponse("/admin", 303)
+
+    @app.post("/admin/users/{username:path}/reset")
+    def reset_password_form(username: str, user: User = Depends(form_admin), session: Session = Depends(db)):
+        service.reset_password(session, username)
+        return RedirectResponse("/admin", 303)
+
+    @app.post("/admin/items/{item_id}/reopen")
+    def reopen_item_form(item_id: ItemId, user: User = Depends(form_admin), session: Session = Depends(db)):
+        service.reopen_item(session, item_id)
         return RedirectResponse("/admin", 303)
 
     @app.get("/admin/export/{kind}")
@@ -214,18 +358,26 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
         records = kept if kind == "rankings" else pairs
         body = "".join(json.dumps({"schema": r.schema_name(), **r.model_dump(mode="json")}, ensure_ascii=False) + "\n"
                        for r in records)
-        return PlainTextResponse(body, media_type="application/x-ndjson", headers={
-            "content-disposition": f'attachment; filename="{project}-{kind}.jsonl"'})
+        return PlainTextResponse(body, media_type="application/x-ndjson",
+                                 headers={"content-disposition": _attachment(f"{project}-{kind}.jsonl")})
 
     # ------------------------------------------------------------ JSON API
     @app.post("/api/login")
     def api_login(body: LoginBody, request: Request, session: Session = Depends(db)):
-        user = service.authenticate(session, body.username, body.password)
-        if user is None:
-            raise HTTPException(401, "wrong username or password")
-        request.session.clear()
-        request.session.update(user_id=user.id, csrf=secrets.token_urlsafe(32))
-        return {"csrf": request.session["csrf"], "role": user.role}
+        user, token = service.log_in(session, body.username, body.password, _client(request))
+        return {"csrf": begin_session(request, session, user, token), "role": user.role}
+
+    @app.post("/api/logout")
+    def api_logout(request: Request, user: User = Depends(api_user), session: Session = Depends(db)):
+        end_session(request, session)
+        return {"logged_out": user.username}
+
+    @app.post("/api/password")
+    def api_password(*, request: Request, user: User = Depends(api_user),
+                     body: PasswordChangeJson,
+                     session: Session = Depends(db)):
+        service.change_password(session, user, body.old, body.new)
+        return {"csrf": begin_session(request, session, user)}
 
     @app.post("/api/invite/{token}")
     def api_invite(token: str, body: PasswordBody, session: Session = Depends(db)):
@@ -240,26 +392,55 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
             return Response(status_code=204)
         return service.item_view(item, chosen, user, session)
 
+    @app.get("/api/progress")
+    def api_progress(project: str | None = None, user: User = Depends(current_user),
+                     session: Session = Depends(db)):
+        return service.labeler_progress(session, user, service.get_project(session, project))
+
     @app.post("/api/labels")
-    def api_label(body: LabelBody, user: User = Depends(api_user), session: Session = Depends(db)):
+    def api_label(*, user: User = Depends(api_user), body: LabelJson,
+                  session: Session = Depends(db)):
         result = service.submit_label(session, user, body.item_id, body.groups, body.flagged, body.seconds)
         return {"label_id": result.label_id, "duplicate": result.duplicate}
 
     @app.post("/api/skip")
-    def api_skip(body: ItemBody, user: User = Depends(api_user), session: Session = Depends(db)):
+    def api_skip(*, user: User = Depends(api_user), body: ItemJson,
+                 session: Session = Depends(db)):
         service.skip(session, user, body.item_id)
         return {"skipped": body.item_id}
 
+    @app.post("/api/undo")
+    def api_undo(*, user: User = Depends(api_user), body: ProjectJson,
+                 session: Session = Depends(db)):
+        return {"reopened": service.undo_last_label(session, user, service.get_project(session, body.project))}
+
     @app.post("/api/admin/users")
-    def api_create_user(body: UserBody, user: User = Depends(api_admin), session: Session = Depends(db)):
+    def api_create_user(*, user: User = Depends(api_admin), body: UserJson,
+                        session: Session = Depends(db)):
         created = service.create_user(session, body.username, body.role)
         return {"username": created.username, "invite": created.invite_token}
+
+    @app.post("/api/admin/users/{username:path}/disable")
+    def api_disable_user(*, username: str, user: User = Depends(api_admin),
+                         body: DisableJson, session: Session = Depends(db)):
+        changed = service.set_disabled(session, username, body.disabled, user)
+        return {"username": changed.username, "disabled": changed.disabled}
+
+    @app.post("/api/admin/users/{username:path}/reset")
+    def api_reset_password(username: str, user: User = Depends(api_admin), session: Session = Depends(db)):
+        return {"invite": service.reset_password(session, username)}
+
+    @app.post("/api/admin/items/{item_id}/reopen")
+    def api_reopen_item(item_id: ItemId, user: User = Depends(api_admin), session: Session = Depends(db)):
+        return {"released": service.reopen_item(session, item_id)}
 
     @app.get("/api/admin/stats")
     def api_stats(project: str | None = None, user: User = Depends(admin_user), session: Session = Depends(db)):
         chosen = service.get_project(session, project)
         return {"progress": service.progress(session, chosen),
-                "agreement": service.project_agreement(session, chosen).as_dict()}
+                "agreement": service.project_agreement(session, chosen).as_dict(),
+                "position_bias": service.position_bias(session, chosen),
+                **service.assignment_overview(session, chosen)}
 
     @app.get("/healthz")
     def health():
@@ -268,14 +449,25 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
     return app
 
 
+def _attachment(filename: str) -> str:
+    """Content-Disposition for any file name: an ASCII stand-in, and the real name per RFC 5987."""
+    fallback = re.sub(r"[^A-Za-z0-9._-]", "_", filename)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
 def _upload_records(data: bytes, filename: str | None, record_type):
     """Records from an uploaded JSONL file; errors name the file, line and field."""
     import tempfile
 
     from rlhfkit.data.io import DataError, read_records
 
+    name = Path(filename or "upload.jsonl").name
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise service.FeedbackError(f"{name}: not UTF-8 text (byte {exc.start}); save the file as UTF-8", 422) from None
     with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / Path(filename or "upload.jsonl").name
+        path = Path(folder) / name
         path.write_bytes(data)
         try:
             return read_records(path, record_type)

@@ -65,9 +65,14 @@ def serve(
 
     with _session(db) as session:
         if session.scalar(select(User).where(User.role == "admin")) is None:
-            password = os.environ.get("RLHFKIT_ADMIN_PASSWORD") or secrets.token_urlsafe(12)
+            given = os.environ.get("RLHFKIT_ADMIN_PASSWORD")
+            if given is not None and len(given) < service.MIN_PASSWORD_LENGTH:
+                raise ValueError(f"$RLHFKIT_ADMIN_PASSWORD is {'empty' if not given else 'too short'}: set a "
+                                 f"password of at least {service.MIN_PASSWORD_LENGTH} characters, or unset the "
+                                 "variable to have one generated and printed")
+            password = given or secrets.token_urlsafe(12)
             service.create_user(session, "admin", "admin", password=password)
-            shown = "from $RLHFKIT_ADMIN_PASSWORD" if "RLHFKIT_ADMIN_PASSWORD" in os.environ else password
+            shown = "from $RLHFKIT_ADMIN_PASSWORD" if given else password
             console.print(f"created the admin account: user [bold]admin[/], password [bold]{shown}[/]")
     os.environ["RLHFKIT_FEEDBACK_DB"] = db
     os.environ["RLHFKIT_SECURE_COOKIES"] = "1" if secure_cookies else ""

@@ -16,12 +16,14 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
     UniqueConstraint,
     create_engine,
     event,
+    text,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
@@ -42,6 +44,7 @@ class User(Base):
     password_hash: Mapped[str | None] = mapped_column(String(256))  # None until the invite is used
     role: Mapped[str] = mapped_column(String(16), default="labeler")  # admin | labeler
     invite_token: Mapped[str | None] = mapped_column(String(64), unique=True)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)  # an admin turned the account off
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
 
 
@@ -89,14 +92,28 @@ class ItemCompletion(Base):
 
 
 class Assignment(Base):
-    """An item handed to a labeler: open until labeled (done) or skipped."""
+    """An item handed to a labeler: open until labeled (done), skipped, or expired (its slot was freed).
+
+    A regular item's assignment holds one of its k slots (``slot`` in 0..k-1) while open or done; the
+    partial unique index on (item, slot) makes a second holder of a slot impossible, and the one on
+    (labeler, project) over open assignments gives a labeler one open item per project. Gold items
+    have no slots (``slot`` is NULL): every labeler may get them.
+    """
 
     __tablename__ = "assignments"
-    __table_args__ = (UniqueConstraint("item_id", "user_id"),)
+    __table_args__ = (
+        UniqueConstraint("item_id", "user_id"),
+        Index("one_holder_per_slot", "item_id", "slot", unique=True,
+              sqlite_where=text("status IN ('open', 'done')"), postgresql_where=text("status IN ('open', 'done')")),
+        Index("one_open_item_per_labeler", "user_id", "project_id", unique=True,
+              sqlite_where=text("status = 'open'"), postgresql_where=text("status = 'open'")),
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), index=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
-    status: Mapped[str] = mapped_column(String(16), default="open")  # open | done | skipped
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    slot: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default="open")  # open | done | skipped | expired
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
 
 
@@ -111,7 +128,27 @@ class Label(Base):
     groups: Mapped[list] = mapped_column(JSON)
     flagged: Mapped[list] = mapped_column(JSON, default=list)
     seconds: Mapped[float | None] = mapped_column(Float)  # time the labeler spent, as reported by the page
+    shown_order: Mapped[list | None] = mapped_column(JSON)  # completion ids in the order the labeler saw them
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class WebSession(Base):
+    """A logged-in browser or API client. The cookie carries a random token; the table keeps its SHA-256,
+    so deleting the row (logout, password change, account disabled) ends the session at once."""
+
+    __tablename__ = "web_sessions"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256(token), hex
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class LoginFailures(Base):
+    """Recent failed logins of one account (``user:NAME``) or one client address (``ip:ADDR``)."""
+
+    __tablename__ = "login_failures"
+    key: Mapped[str] = mapped_column(String(160), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    last_failure: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
 
 
 class Setting(Base):

@@ -1,47 +1,67 @@
-"""What the labeling app does, without HTTP: accounts, projects, assignment, labels, statistics, export.
+"""What the labeling app does, without HTTP: accounts, sessions, projects, assignment, labels, statistics,
+export.
 
 Assignment: every item should reach ``overlap`` (k) distinct labelers. A labeler's next item is their
-open assignment if they have one; otherwise the item closest to completion among those that still
-need labelers and that this labeler has never been given (so nobody gets an item twice). The item row
-is locked while its slots are counted (``SELECT … FOR UPDATE`` on PostgreSQL; SQLite serialises
-writers), so concurrent labelers cannot over-fill an item. Open assignments older than
-``ASSIGNMENT_TIMEOUT`` stop holding a slot. Gold items (known answers) are mixed in at the project's
-``gold_rate`` as attention checks.
+open assignment if they have one (at most one per project: a partial unique index); otherwise the item
+closest to completion among those that still need labelers and that this labeler has never been given
+(so nobody gets an item twice). A regular item has k slots; a new assignment takes a free one while the
+item row is locked (``SELECT … FOR UPDATE`` on PostgreSQL; SQLite serialises writers), and a partial
+unique index on (item, slot) over open and done assignments makes a second holder impossible. Open
+assignments older than ``ASSIGNMENT_TIMEOUT`` are expired and give their slot back. Gold items (known
+answers, no slots) are mixed in at the project's ``gold_rate`` as attention checks, in an order of each
+labeler's own.
 
-Labels: a submission must be a partition of the item's completions and the item must be assigned to
-the labeler; the same submission twice (double click, retry) stores one label and answers as the
-first did; a different second submission is refused.
-"""
+Labels: a submission must be a partition of the item's completions and is stored only with the
+statement that turns the labeler's own open, unexpired assignment into done, so an item never has more
+labels than slots; the same submission twice (double click, retry) stores one label and answers as the
+first did; a different second submission is refused. The last label can be undone while its item is
+still open."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
+import math
 import random
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.sql import Update
 
 from rlhfkit.data.pairs import CONSENSUS, rankings_to_pairs
 from rlhfkit.data.records import Completion, PreferencePair, Ranking
 from rlhfkit.feedback.agreement import Agreement, agreement
-from rlhfkit.feedback.db import Assignment, Item, ItemCompletion, Label, Project, User, now
+from rlhfkit.feedback.db import (
+    Assignment,
+    Item,
+    ItemCompletion,
+    Label,
+    LoginFailures,
+    Project,
+    User,
+    WebSession,
+    now,
+)
 
 ASSIGNMENT_TIMEOUT = timedelta(hours=1)
+MIN_PASSWORD_LENGTH = 10
+SESSION_LIFETIME = timedelta(days=14)
 
 
 class FeedbackError(Exception):
-    """A request that cannot be served; ``status`` is the HTTP status it maps to."""
+    """A request that cannot be served; ``status`` is the HTTP status it maps to, ``retry_after`` the
+    seconds after which the same request may succeed (sent as Retry-After)."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, retry_after: int | None = None) -> None:
         super().__init__(message)
-        self.message, self.status = message, status
+        self.message, self.status, self.retry_after = message, status, retry_after
 
 
 # ---------------------------------------------------------------- accounts
@@ -60,12 +80,31 @@ def check_password(password: str, stored: str | None) -> bool:
     return hmac.compare_digest(hash_password(password, bytes.fromhex(salt)).split("$")[2], digest)
 
 
+@functools.cache
+def _dummy_hash() -> str:
+    """Checked against when the username is unknown, so that the answer takes as long as for a known one."""
+    return hash_password(secrets.token_urlsafe(16))
+
+
+def normalise_username(username: str) -> str:
+    """" Ann " and "ann" are one account: usernames are stripped and case-folded."""
+    return username.strip().casefold()
+
+
+def check_password_policy(password: str) -> None:
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise FeedbackError(f"a password has at least {MIN_PASSWORD_LENGTH} characters")
+
+
 def create_user(session: Session, username: str, role: str = "labeler", password: str | None = None) -> User:
     """A new account; without a password it gets an invite token to set one."""
     if role not in ("admin", "labeler"):
         raise FeedbackError(f"role must be admin or labeler, not {role!r}")
-    if not username or len(username) > 64:
-        raise FeedbackError("a username has 1 to 64 characters")
+    username = normalise_username(username)
+    if not username or len(username) > 64 or not username.isprintable():
+        raise FeedbackError("a username has 1 to 64 printable characters")
+    if password is not None:
+        check_password_policy(password)
     if session.scalar(select(User).where(User.username == username)):
         raise FeedbackError(f"user {username!r} exists", 409)
     user = User(username=username, role=role, password_hash=hash_password(password) if password else None,
@@ -75,21 +114,162 @@ def create_user(session: Session, username: str, role: str = "labeler", password
     return user
 
 
-def accept_invite(session: Session, token: str, password: str) -> User:
-    if len(password) < 8:
-        raise FeedbackError("a password has at least 8 characters")
+def invited_user(session: Session, token: str) -> User:
     user = session.scalar(select(User).where(User.invite_token == token))
     if user is None:
         raise FeedbackError("unknown or used invite link", 404)
+    return user
+
+
+def accept_invite(session: Session, token: str, password: str) -> User:
+    check_password_policy(password)
+    user = invited_user(session, token)
     user.password_hash, user.invite_token = hash_password(password), None
     session.commit()
     return user
 
 
 def authenticate(session: Session, username: str, password: str) -> User | None:
-    user = session.scalar(select(User).where(User.username == username))
+    """The account if the password is right and the account enabled. An unknown username costs the same
+    hash as a known one, so the answer time does not tell whether it exists."""
+    user = session.scalar(select(User).where(User.username == normalise_username(username)))
     session.commit()  # end the transaction (and SQLite's lock) before the deliberately slow hash check
-    return user if user is not None and check_password(password, user.password_hash) else None
+    right = check_password(password, user.password_hash if user and user.password_hash else _dummy_hash())
+    return user if right and user is not None and user.password_hash and not user.disabled else None
+
+
+# Login throttling, kept in the database so that every server worker process sees the same counts.
+# After ``start`` recent failures of a key, the next attempt waits 2^(failures - start) s; from ``lock``
+# failures on, the key is locked for LOGIN_LOCK. Failures older than LOGIN_FORGET are forgotten. A
+# client address gets more room than an account (several people may share one address).
+LOGIN_THROTTLE = {"user": (3, 10), "ip": (20, 60)}
+LOGIN_LOCK = timedelta(minutes=15)
+LOGIN_FORGET = timedelta(hours=1)
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite gives datetimes back without their (UTC) zone."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def login_wait(session: Session, keys: Sequence[str]) -> float:
+    """Seconds before another login attempt is allowed for these keys (``user:NAME``, ``ip:ADDR``); 0: now."""
+    wait = 0.0
+    for row in session.scalars(select(LoginFailures).where(LoginFailures.key.in_(keys))):
+        start, lock = LOGIN_THROTTLE[row.key.split(":", 1)[0]]
+        if row.failures < start:
+            continue
+        pause = LOGIN_LOCK if row.failures >= lock else min(timedelta(seconds=2 ** (row.failures - start)),
+                                                              LOGIN_LOCK)
+        since = now() - _aware(row.last_failure)
+        if since < LOGIN_FORGET:
+            wait = max(wait, (pause - since).total_seconds())
+    session.commit()
+    return wait
+
+
+def record_login_failure(session: Session, keys: Sequence[str]) -> None:
+    """One more failure per key, atomically (an upsert), so parallel workers count every failure."""
+    from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    insert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    moment = now()
+    for key in keys:
+        statement = insert(LoginFailures).values(key=key, failures=1, last_failure=moment)
+        session.execute(statement.on_conflict_do_update(index_elements=[LoginFailures.key], set_={
+            "failures": case((LoginFailures.last_failure < moment - LOGIN_FORGET, 1),
+                             else_=LoginFailures.failures + 1),
+            "last_failure": moment}))
+    session.commit()
+
+
+def log_in(session: Session, username: str, password: str, client: str) -> tuple[User, str]:
+    """The account and a new session token, or a refusal: 429 while the account or the client address is
+    throttled, else 401 for a wrong username or password."""
+    keys = [f"user:{normalise_username(username)[:64]}", f"ip:{client[:64]}"]
+    wait = login_wait(session, keys)
+    if wait > 0:
+        raise FeedbackError(f"too many failed logins: try again in {math.ceil(wait)} s", 429, math.ceil(wait))
+    user = authenticate(session, username, password)
+    if user is None:
+        record_login_failure(session, keys)
+        raise FeedbackError("wrong username or password", 401)
+    session.execute(delete(LoginFailures).where(LoginFailures.key == keys[0]))  # committed with the session
+    return user, start_session(session, user)
+
+
+def start_session(session: Session, user: User) -> str:
+    """A new server-side session; returns its token (for the cookie; the table keeps only its hash).
+    The account's expired sessions are removed on the way."""
+    token = secrets.token_urlsafe(32)
+    session.execute(delete(WebSession).where(WebSession.user_id == user.id, WebSession.expires_at <= now()))
+    session.add(WebSession(id=_token_hash(token), user_id=user.id, expires_at=now() + SESSION_LIFETIME))
+    session.commit()
+    return token
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def session_user(session: Session, token: str | None) -> User | None:
+    """The account of a live session: not logged out, not expired, the account not disabled."""
+    if not token:
+        return None
+    user = session.scalar(select(User).join(WebSession, WebSession.user_id == User.id).where(
+        WebSession.id == _token_hash(token), WebSession.expires_at > now(), User.disabled.is_(False)))
+    session.commit()
+    return user
+
+
+def end_session(session: Session, token: str) -> None:
+    session.execute(delete(WebSession).where(WebSession.id == _token_hash(token)))
+    session.commit()
+
+
+def _end_sessions_of(session: Session, user: User) -> None:
+    session.execute(delete(WebSession).where(WebSession.user_id == user.id))
+
+
+def get_user(session: Session, username: str) -> User:
+    user = session.scalar(select(User).where(User.username == normalise_username(username)))
+    if user is None:
+        raise FeedbackError(f"no user {username!r}", 404)
+    return user
+
+
+def change_password(session: Session, user: User, old: str, new: str) -> None:
+    """The user's own change; every session of the account ends (the caller starts a new one)."""
+    if not check_password(old, user.password_hash):
+        raise FeedbackError("the current password is wrong", 403)
+    check_password_policy(new)
+    user = session.merge(user)
+    user.password_hash = hash_password(new)
+    _end_sessions_of(session, user)
+    session.commit()
+
+
+def set_disabled(session: Session, username: str, disabled: bool, admin: User) -> User:
+    """(``admin``) Turn another account off (its sessions end at once) or back on."""
+    user = get_user(session, username)
+    if user.id == admin.id:
+        raise FeedbackError("you cannot disable your own account (you would be locked out)", 409)
+    user.disabled = disabled
+    if disabled:
+        _end_sessions_of(session, user)
+    session.commit()
+    return user
+
+
+def reset_password(session: Session, username: str) -> str:
+    """(admin) Forget the account's password and end its sessions; returns a new invite token with
+    which its owner chooses a new one."""
+    user = get_user(session, username)
+    user.password_hash, user.invite_token = None, secrets.token_urlsafe(24)
+    _end_sessions_of(session, user)
+    session.commit()
+    return user.invite_token
 
 
 # ---------------------------------------------------------------- projects
@@ -100,6 +280,8 @@ def create_project(session: Session, name: str, criterion: str, completions: Seq
                    gold: Sequence[Ranking] = (), gold_rate: float = 0.1) -> Project:
     """A project with one item per prompt of ``completions``; prompts with a ranking in ``gold`` become
     gold items with that ranking as their answer."""
+    if not 1 <= len(name) <= 128 or not name.isprintable() or not 1 <= len(criterion) <= 128:
+        raise FeedbackError("a project name and a criterion have 1 to 128 printable characters", 422)
     if overlap < 1:
         raise FeedbackError("overlap (labelers per item) must be at least 1")
     if consensus not in CONSENSUS:
@@ -154,61 +336,108 @@ def _holds_slot():
                                            & (Assignment.created_at > now() - ASSIGNMENT_TIMEOUT))
 
 
+def _expire(*where) -> Update:
+    """Open assignments older than ASSIGNMENT_TIMEOUT (matching ``where``) give their slot back."""
+    return update(Assignment).where(Assignment.status == "open", Assignment.created_at <= now() - ASSIGNMENT_TIMEOUT,
+                                    *where).values(status="expired").execution_options(synchronize_session=False)
+
+
 def next_item(session: Session, user: User, project: Project, rng: random.Random | None = None) -> Item | None:
-    """The labeler's open item, or a new assignment; None when nothing is left for them."""
-    open_item = session.scalar(select(Item).join(Assignment, Assignment.item_id == Item.id).where(
-        Assignment.user_id == user.id, Assignment.status == "open", Item.project_id == project.id))
-    if open_item is not None:
-        return open_item
+    """The labeler's open item, or a new assignment; None when nothing is left for them.
+
+    A regular item's new assignment takes the lowest free slot (0..k-1) while the item row is locked;
+    the unique indexes turn any race the lock does not cover (two requests of one labeler, two labelers
+    on one slot) into an IntegrityError, after which the labeler's state is read again."""
+    rng = rng or random.Random()
+    for _ in range(5):
+        session.execute(_expire(Assignment.user_id == user.id, Assignment.project_id == project.id))
+        open_item = session.scalar(select(Item).join(Assignment, Assignment.item_id == Item.id).where(
+            Assignment.user_id == user.id, Assignment.project_id == project.id, Assignment.status == "open"))
+        session.commit()
+        if open_item is not None:
+            return open_item
+        try:
+            return _assign_new(session, user, project, rng)
+        except IntegrityError:  # a parallel request of this labeler won: read its assignment
+            session.rollback()
+    raise FeedbackError("the server is busy: try again", 503)
+
+
+def _assign_new(session: Session, user: User, project: Project, rng: random.Random) -> Item | None:
     seen = select(Assignment.item_id).where(Assignment.user_id == user.id)
     filled = (select(func.count()).select_from(Assignment).where(Assignment.item_id == Item.id, _holds_slot())
               .correlate(Item).scalar_subquery())
-    rng = rng or random.Random()
     want_gold = project.gold_rate > 0 and rng.random() < project.gold_rate
     for gold in ([True, False] if want_gold else [False]):
         query = select(Item.id).where(Item.project_id == project.id, Item.is_gold == gold, Item.id.not_in(seen))
-        if not gold:
-            query = query.where(filled < project.overlap)
-        candidates = session.scalars(query.order_by(filled.desc(), Item.id).limit(20)).all()
+        if gold:  # each labeler meets the gold items in an order of their own
+            candidates = session.scalars(query).all()
+            candidates = rng.sample(candidates, len(candidates))
+        else:
+            candidates = session.scalars(query.where(filled < project.overlap).order_by(filled.desc(), Item.id)
+                                         .limit(20)).all()
         for item_id in candidates:
             item = session.scalar(select(Item).where(Item.id == item_id).with_for_update())
-            taken = session.scalar(select(func.count()).select_from(Assignment).where(
-                Assignment.item_id == item_id, _holds_slot()))
-            if not gold and taken >= project.overlap:
-                session.rollback()
-                continue
-            session.add(Assignment(item_id=item_id, user_id=user.id))
-            try:
-                session.commit()
-            except IntegrityError:  # the same labeler asked twice at once: use the other request's assignment
-                session.rollback()
-                continue
+            slot = None
+            if not gold:
+                session.execute(_expire(Assignment.item_id == item_id))
+                used = set(session.scalars(select(Assignment.slot).where(
+                    Assignment.item_id == item_id, Assignment.status.in_(("open", "done")))))
+                free = sorted(set(range(project.overlap)) - used)
+                if not free:
+                    session.rollback()
+                    continue
+                slot = free[0]
+            session.add(Assignment(item_id=item_id, user_id=user.id, project_id=project.id, slot=slot))
+            session.commit()
             return item
+    session.commit()
     return None
+
+
+def answer_order(user_id: int, item: Item) -> list[str]:
+    """The order in which this labeler sees this item's answers: shuffled, seeded by (labeler, item), so a
+    reload shows the same order and the order can be stored with the label."""
+    ids = [c.completion_id for c in item.completions]
+    random.Random(f"{user_id}:{item.id}").shuffle(ids)
+    return ids
 
 
 def item_view(item: Item, project: Project, user: User, session: Session) -> dict:
     """What a labeler sees of an item (never whether it is gold, nor other labelers' work)."""
-    done = session.scalar(select(func.count()).select_from(Label).join(Item, Item.id == Label.item_id).where(
-        Label.user_id == user.id, Item.project_id == project.id, Item.is_gold.is_(False)))
+    texts = {c.completion_id: c.text for c in item.completions}
     return {"item_id": item.id, "prompt": item.prompt_value, "criterion": project.criterion,
-            "completions": [{"id": c.completion_id, "text": c.text} for c in item.completions],
-            "progress": {"done": done, "total": _items_for(session, project)}}
+            "completions": [{"id": i, "text": texts[i]} for i in answer_order(user.id, item)],
+            "progress": labeler_progress(session, user, project)}
 
 
-def _items_for(session: Session, project: Project) -> int:
-    return session.scalar(select(func.count()).select_from(Item).where(Item.project_id == project.id,
-                                                                        Item.is_gold.is_(False)))
+def labeler_progress(session: Session, user: User, project: Project) -> dict:
+    """This labeler's labels in the project (gold items count like any other, so that they cannot be told
+    apart) and the regular items still open to them: at most that many are left."""
+    done = session.scalar(select(func.count()).select_from(Label).join(Item, Item.id == Label.item_id).where(
+        Label.user_id == user.id, Item.project_id == project.id))
+    seen = select(Assignment.item_id).where(Assignment.user_id == user.id, Assignment.status != "open")
+    filled = (select(func.count()).select_from(Assignment).where(
+        Assignment.item_id == Item.id, Assignment.user_id != user.id, _holds_slot()).correlate(Item).scalar_subquery())
+    left = session.scalar(select(func.count()).select_from(Item).where(
+        Item.project_id == project.id, Item.is_gold.is_(False), Item.id.not_in(seen), filled < project.overlap))
+    session.commit()
+    return {"done": done, "left": left}
+
+
+def _assignment(session: Session, user: User, item_id: int) -> Assignment:
+    assignment = session.scalar(select(Assignment).where(Assignment.item_id == item_id, Assignment.user_id == user.id)
+                                .with_for_update())
+    if assignment is None:
+        raise FeedbackError("this item is not assigned to you", 403)
+    return assignment
 
 
 def skip(session: Session, user: User, item_id: int) -> None:
-    assignment = session.scalar(select(Assignment).where(Assignment.item_id == item_id,
-                                                         Assignment.user_id == user.id))
-    if assignment is None:
-        raise FeedbackError("this item is not assigned to you", 403)
+    assignment = _assignment(session, user, item_id)
     if assignment.status == "open":
         assignment.status = "skipped"
-        session.commit()
+    session.commit()
 
 
 # ---------------------------------------------------------------- labels
@@ -222,32 +451,69 @@ class Submitted:
 
 def submit_label(session: Session, user: User, item_id: int, groups: list[list[str]], flagged: list[str],
                  seconds: float | None = None) -> Submitted:
+    """Store a label. It is accepted only for the labeler's own open, unexpired assignment of the item
+    (which holds one of the item's k slots): the assignment turns from open to done in the same
+    statement that checks it, so a skipped or expired assignment cannot take a label, and an item can
+    never have more labels than slots."""
     item = session.get(Item, item_id)
     if item is None:
         raise FeedbackError(f"unknown item {item_id}", 404)
-    assignment = session.scalar(select(Assignment).where(Assignment.item_id == item_id,
-                                                         Assignment.user_id == user.id))
-    if assignment is None:
-        raise FeedbackError("this item is not assigned to you", 403)
+    assignment = _assignment(session, user, item_id)
     try:
         ranking = Ranking(prompt_id=item.prompt_id, labeler_id=user.username, groups=groups, flagged=flagged)
         ranking.check_partition({c.completion_id for c in item.completions})
     except ValueError as exc:
+        session.rollback()
         raise FeedbackError(f"invalid ranking: {exc}", 422) from None
     existing = session.scalar(select(Label).where(Label.item_id == item_id, Label.user_id == user.id))
     if existing is None:
-        label = Label(item_id=item_id, user_id=user.id, groups=groups, flagged=flagged, seconds=seconds)
+        claimed = session.execute(update(Assignment).where(
+            Assignment.id == assignment.id, Assignment.status == "open",
+            Assignment.created_at > now() - ASSIGNMENT_TIMEOUT).values(status="done")
+            .execution_options(synchronize_session=False)).rowcount
+        if not claimed:
+            session.rollback()
+            reason = "you skipped this item" if assignment.status == "skipped" else (
+                f"your assignment of this item expired (after {ASSIGNMENT_TIMEOUT}) and its place went back to "
+                "the pool")
+            raise FeedbackError(f"{reason}; the label was not stored: ask for the next item", 409)
+        label = Label(item_id=item_id, user_id=user.id, groups=groups, flagged=flagged, seconds=seconds,
+                      shown_order=answer_order(user.id, item))
         session.add(label)
-        assignment.status = "done"
         try:
             session.commit()
             return Submitted(label.id, duplicate=False)
         except IntegrityError:  # a concurrent identical request won the race
             session.rollback()
             existing = session.scalar(select(Label).where(Label.item_id == item_id, Label.user_id == user.id))
+    session.commit()
     if existing.groups == groups and sorted(existing.flagged) == sorted(flagged):
         return Submitted(existing.id, duplicate=True)
-    raise FeedbackError("you already labeled this item; a label cannot be changed", 409)
+    raise FeedbackError("you already labeled this item; a label cannot be changed (undo works while the item "
+                        "is still open)", 409)
+
+
+def undo_last_label(session: Session, user: User, project: Project) -> int:
+    """Take back the labeler's latest label in the project while its item is still open (has fewer than k
+    labels, or is a gold item): the label is deleted and the item becomes the labeler's open item again
+    (the item they were given next goes back to the pool). Returns the item id."""
+    label = session.scalar(select(Label).join(Item, Item.id == Label.item_id).where(
+        Label.user_id == user.id, Item.project_id == project.id).order_by(Label.id.desc()).limit(1))
+    if label is None:
+        session.rollback()
+        raise FeedbackError("there is no label of yours to undo in this project", 404)
+    item = session.scalar(select(Item).where(Item.id == label.item_id).with_for_update())
+    labels = session.scalar(select(func.count()).select_from(Label).where(Label.item_id == item.id))
+    if not item.is_gold and labels >= project.overlap:
+        session.rollback()
+        raise FeedbackError(f"this item already has its {project.overlap} labels: they are final", 409)
+    session.execute(delete(Assignment).where(Assignment.user_id == user.id, Assignment.project_id == project.id,
+                                             Assignment.status == "open"))
+    session.delete(label)
+    session.execute(update(Assignment).where(Assignment.item_id == item.id, Assignment.user_id == user.id)
+                    .values(status="open", created_at=now()).execution_options(synchronize_session=False))
+    session.commit()
+    return item.id
 
 
 # ---------------------------------------------------------------- statistics and export
@@ -281,6 +547,53 @@ def progress(session: Session, project: Project) -> dict:
     labels = sum(n for _, n in counts)
     return {"items": len(counts), "complete": sum(n >= project.overlap for _, n in counts), "labels": labels,
             "wanted": len(counts) * project.overlap}
+
+
+def position_bias(session: Session, project: Project) -> dict:
+    """How often the answer ranked best was the one shown at each position. Without position bias the
+    share at position p is about 1/N (N answers per item; ``chance`` is the mean of 1/N over the labels);
+    a tie for first counts 1/|group| for each of its answers."""
+    rows = session.execute(select(Label.groups, Label.shown_order).join(Item, Item.id == Label.item_id).where(
+        Item.project_id == project.id, Label.shown_order.is_not(None))).all()
+    session.commit()
+    if not rows:
+        return {"labels": 0, "best_at_position": [], "chance": None}
+    width = max(len(order) for _, order in rows)
+    best_at = [0.0] * width
+    for groups, order in rows:
+        for answer in groups[0]:
+            best_at[order.index(answer)] += 1 / len(groups[0])
+    return {"labels": len(rows), "best_at_position": [n / len(rows) for n in best_at],
+            "chance": sum(1 / len(order) for _, order in rows) / len(rows)}
+
+
+def assignment_overview(session: Session, project: Project) -> dict:
+    """Skips per labeler, and the stranded items: regular items short of k labelers that fewer enabled
+    labelers can still take than they need (everyone else labeled, skipped or let them expire)."""
+    skips = dict(session.execute(select(User.username, func.count()).join(Assignment, Assignment.user_id == User.id)
+                                 .where(Assignment.project_id == project.id, Assignment.status == "skipped")
+                                 .group_by(User.username).order_by(User.username)).all())
+    labelers = set(session.scalars(select(User.id).where(User.role == "labeler", User.disabled.is_(False),
+                                                         User.password_hash.is_not(None))))
+    stranded = []
+    for item in session.scalars(select(Item).where(Item.project_id == project.id, Item.is_gold.is_(False))
+                                .order_by(Item.id)):
+        rows = session.execute(select(Assignment.user_id, _holds_slot()).where(Assignment.item_id == item.id)).all()
+        holders = sum(bool(holds) for _, holds in rows)
+        could = len(labelers - {user_id for user_id, _ in rows})
+        if holders < project.overlap and could < project.overlap - holders:
+            stranded.append({"item_id": item.id, "prompt_id": item.prompt_id, "labels": holders,
+                             "skipped_or_expired": sum(not holds for _, holds in rows)})
+    session.commit()
+    return {"skips": skips, "stranded": stranded}
+
+
+def reopen_item(session: Session, item_id: int) -> int:
+    """(admin) Offer a stranded item again to the labelers who skipped it or let it expire; returns how many."""
+    released = session.execute(delete(Assignment).where(Assignment.item_id == item_id,
+                                                        Assignment.status.in_(("skipped", "expired")))).rowcount
+    session.commit()
+    return released
 
 
 def project_completions(session: Session, project: Project) -> list[Completion]:

@@ -1,0 +1,209 @@
+"""Assignment correctness on SQLite and PostgreSQL: a label needs the labeler's open, unexpired,
+unskipped assignment; one open item per labeler and project, even under parallel requests; answers in
+an order of each labeler's own; gold items that cannot be told apart; undo; stranded items."""
+
+import random
+import threading
+from datetime import timedelta
+
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select, update
+from test_app import login, setup_project
+
+from conftest import make_completions
+from feedback_postgres import db_url, postgres  # noqa: F401 - fixtures
+from rlhfkit.data.records import Ranking
+from rlhfkit.feedback import service
+from rlhfkit.feedback.app import create_app
+from rlhfkit.feedback.db import Assignment, Label, User, now
+
+
+def order(item):
+    return [[c["id"]] for c in item["completions"]]
+
+
+def label_count(app, item_id=None):
+    with app.state.sessions() as db:
+        query = select(func.count()).select_from(Label)
+        return db.scalar(query.where(Label.item_id == item_id) if item_id else query)
+
+
+def test_a_skipped_item_takes_no_label(db_url):
+    app = create_app(db_url)
+    setup_project(app, overlap=3)
+    ann = login(TestClient(app), "ann")
+    item = ann.get("/api/next").json()
+    assert ann.post("/api/skip", json={"item_id": item["item_id"]}).status_code == 200
+    late = ann.post("/api/labels", json={"item_id": item["item_id"], "groups": order(item)})
+    assert late.status_code == 409 and "skipped" in late.json()["detail"]
+    assert label_count(app) == 0
+
+
+def test_an_expired_assignment_takes_no_label_after_its_slot_went_to_someone_else(db_url):
+    app = create_app(db_url)
+    setup_project(app, overlap=1)
+    ann, bob = login(TestClient(app), "ann"), login(TestClient(app), "bob")
+    item = ann.get("/api/next").json()
+    with app.state.sessions() as db:  # ann went for lunch
+        db.execute(update(Assignment).values(created_at=now() - service.ASSIGNMENT_TIMEOUT - timedelta(minutes=1)))
+        db.commit()
+    bob_items = []
+    while (r := bob.get("/api/next")).status_code == 200:
+        bob_items.append(r.json()["item_id"])
+        assert bob.post("/api/labels", json={"item_id": r.json()["item_id"], "groups": order(r.json())}).status_code \
+            == 200
+    assert item["item_id"] in bob_items  # the slot went back to the pool
+    late = ann.post("/api/labels", json={"item_id": item["item_id"], "groups": order(item)})
+    assert late.status_code == 409 and "expired" in late.json()["detail"]
+    assert label_count(app, item["item_id"]) == 1
+
+
+def test_late_submissions_racing_new_assignments_never_overfill(db_url):
+    app = create_app(db_url)
+    setup_project(app, overlap=1)
+    names = [f"u{i}" for i in range(8)]
+    with app.state.sessions() as db:
+        for name in names:
+            service.create_user(db, name, password="password-1")
+    clients = {name: login(TestClient(app), name, "password-1") for name in names}
+    held = {name: clients[name].get("/api/next") for name in names[:6]}  # six labelers hold the six items
+    with app.state.sessions() as db:
+        db.execute(update(Assignment).values(created_at=now() - service.ASSIGNMENT_TIMEOUT - timedelta(seconds=1)))
+        db.commit()
+    barrier = threading.Barrier(8)
+
+    def late(name):
+        barrier.wait()
+        item = held[name].json()
+        clients[name].post("/api/labels", json={"item_id": item["item_id"], "groups": order(item)})
+
+    def fresh(name):
+        barrier.wait()
+        r = clients[name].get("/api/next")
+        if r.status_code == 200:
+            clients[name].post("/api/labels", json={"item_id": r.json()["item_id"], "groups": order(r.json())})
+
+    threads = [threading.Thread(target=late, args=(n,)) for n in names[:6]]
+    threads += [threading.Thread(target=fresh, args=(n,)) for n in names[6:]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with app.state.sessions() as db:
+        per_item = db.execute(select(Label.item_id, func.count()).group_by(Label.item_id)).all()
+        assert all(n == 1 for _, n in per_item)  # k = 1: never two labels on an item
+        assert db.scalar(select(func.count()).select_from(Label)) == len(per_item) == 2  # only the fresh ones
+
+
+def test_parallel_next_from_one_labeler_opens_one_assignment(db_url):
+    app = create_app(db_url)
+    setup_project(app, overlap=1)
+    ann = login(TestClient(app), "ann")
+    barrier, got = threading.Barrier(8), []
+
+    def ask():
+        barrier.wait()
+        got.append(ann.get("/api/next").json()["item_id"])
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 8 and len(set(got)) == 1  # two tabs and retries see the same item
+    with app.state.sessions() as db:
+        assert db.scalar(select(func.count()).select_from(Assignment)) == 1
+    bob = login(TestClient(app), "bob")
+    assert len({bob.get("/api/next").json()["item_id"]} | set(got)) == 2  # the other five items are free
+
+
+def test_answers_come_in_each_labelers_own_order_which_is_stored_with_the_label(db_url):
+    app = create_app(db_url)
+    setup_project(app, overlap=2)
+    seen = {}
+    for name in ("ann", "bob"):
+        client = login(TestClient(app), name)
+        while (r := client.get("/api/next")).status_code == 200:
+            item = r.json()
+            assert client.get("/api/next").json()["completions"] == item["completions"]  # a reload: same order
+            seen[name, item["item_id"]] = [c["id"] for c in item["completions"]]
+            client.post("/api/labels", json={"item_id": item["item_id"], "groups": order(item)})  # as shown
+    orders = list(seen.values())
+    assert any(o != sorted(o) for o in orders) and len({tuple(o) for o in orders}) > 1
+    with app.state.sessions() as db:
+        users = {u.id: u.username for u in db.scalars(select(User))}
+        for label in db.scalars(select(Label)):
+            assert label.shown_order == seen[users[label.user_id], label.item_id]
+    admin = login(TestClient(app), "admin", "admin-pass")
+    bias = admin.get("/api/admin/stats?project=demo").json()["position_bias"]
+    assert bias["labels"] == 12 and bias["best_at_position"] == [1.0, 0.0, 0.0]  # everyone kept the order shown
+    assert abs(bias["chance"] - 1 / 3) < 1e-9
+    assert "100%, 0%, 0%" in admin.get("/admin?project=demo").text
+
+
+def test_gold_items_move_progress_and_come_in_each_labelers_own_order(db_url):
+    gold = [Ranking(prompt_id=f"p{i}", labeler_id="gold", groups=[[f"p{i}-0"], [f"p{i}-1"], [f"p{i}-2"]])
+            for i in range(3, 6)]
+    app = create_app(db_url)
+    setup_project(app, overlap=2, gold=gold)  # gold rate 1: the gold items come first
+    with app.state.sessions() as db:
+        project = service.get_project(db, "demo")
+        firsts = set()
+        for seed, name in enumerate(("ann", "bob", "cat", "dan")):
+            user = db.scalar(select(User).where(User.username == name))
+            firsts.add(service.next_item(db, user, project, random.Random(seed)).prompt_id)
+    assert len(firsts) > 1  # not the same gold item for everyone
+    ann = login(TestClient(app), "ann")
+    item = ann.get("/api/next").json()
+    before = item["progress"]
+    ann.post("/api/labels", json={"item_id": item["item_id"], "groups": order(item)})
+    after = ann.get("/api/next").json()["progress"]
+    assert after["done"] == before["done"] + 1  # a gold item counts like any other
+
+
+def test_progress_is_the_labelers_own_and_undo_works_while_the_item_is_open(db_url):
+    app = create_app(db_url)
+    setup_project(app, overlap=2)
+    ann, bob = login(TestClient(app), "ann"), login(TestClient(app), "bob")
+    first = ann.get("/api/next").json()
+    assert first["progress"] == {"done": 0, "left": 6}
+    ann.post("/api/labels", json={"item_id": first["item_id"], "groups": order(first)})
+    second = ann.get("/api/next").json()
+    assert second["progress"] == {"done": 1, "left": 5}
+    undone = ann.post("/api/undo", json={"project": "demo"})
+    assert undone.status_code == 200 and undone.json()["reopened"] == first["item_id"]
+    assert label_count(app) == 0 and ann.get("/api/next").json()["item_id"] == first["item_id"]
+    reranked = [list(reversed(order(first)))]
+    assert ann.post("/api/labels", json={"item_id": first["item_id"], "groups": reranked[0]}).status_code == 200
+    # bob completes the item (k = 2): now it is final
+    while (r := bob.get("/api/next")).status_code == 200 and r.json()["item_id"] != first["item_id"]:
+        bob.post("/api/skip", json={"item_id": r.json()["item_id"]})
+    bob.post("/api/labels", json={"item_id": first["item_id"], "groups": order(r.json())})
+    final = ann.post("/api/undo", json={"project": "demo"})
+    assert final.status_code == 409 and "final" in final.json()["detail"]
+    while (r := ann.get("/api/next")).status_code == 200:
+        ann.post("/api/labels", json={"item_id": r.json()["item_id"], "groups": order(r.json())})
+    assert ann.get("/api/progress?project=demo").json() == {"done": 6, "left": 0}  # fresh at "All done"
+
+
+def test_admin_sees_skips_and_stranded_items_and_offers_them_again(db_url):
+    app = create_app(db_url)
+    with app.state.sessions() as db:
+        service.create_user(db, "admin", "admin", password="admin-pass")
+        for name in ("ann", "bob"):
+            service.create_user(db, name, password=f"{name}-password")
+        service.create_project(db, "demo", "helpfulness", make_completions("p0", 3), overlap=2)
+    ann, bob = login(TestClient(app), "ann"), login(TestClient(app), "bob")
+    item = ann.get("/api/next").json()
+    ann.post("/api/skip", json={"item_id": item["item_id"]})  # with exactly k labelers, one skip strands it
+    admin = login(TestClient(app), "admin", "admin-pass")
+    stats = admin.get("/api/admin/stats?project=demo").json()
+    assert stats["skips"] == {"ann": 1}
+    assert [s["prompt_id"] for s in stats["stranded"]] == ["p0"]
+    assert "offer again" in admin.get("/admin?project=demo").text
+    assert admin.post(f"/api/admin/items/{item['item_id']}/reopen").json() == {"released": 1}
+    for client in (ann, bob):
+        again = client.get("/api/next").json()
+        assert client.post("/api/labels", json={"item_id": again["item_id"], "groups": order(again)}).status_code \
+            == 200
+    assert admin.get("/api/admin/stats?project=demo").json()["progress"]["complete"] == 1

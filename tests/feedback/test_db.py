@@ -1,0 +1,39 @@
+"""Migration 0002 on a database that 0001 made and the old app filled, on SQLite and PostgreSQL."""
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import text
+
+from feedback_postgres import db_url, postgres  # noqa: F401 - fixtures
+from rlhfkit.feedback import db as feedback_db
+
+
+def test_0002_normalises_names_numbers_slots_and_closes_extra_open_assignments(db_url):
+    engine = feedback_db.make_engine(db_url)
+    config = Config()
+    config.set_main_option("script_location", str(feedback_db.Path(feedback_db.__file__).parent / "migrations"))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+        run = lambda sql: connection.execute(text(sql))  # noqa: E731
+        run("INSERT INTO users (id, username, role, created_at) VALUES (1, ' Ann', 'labeler', CURRENT_TIMESTAMP), "
+            "(2, 'bob', 'labeler', CURRENT_TIMESTAMP), (3, 'BOB', 'labeler', CURRENT_TIMESTAMP)")
+        run("INSERT INTO projects (id, name, criterion, instructions, overlap, consensus, gold_rate, created_at) "
+            "VALUES (1, 'p', 'c', '', 2, 'borda', 0, CURRENT_TIMESTAMP)")
+        run("INSERT INTO items (id, project_id, prompt_id, prompt, is_gold) VALUES (1, 1, 'a', '\"q\"', false), "
+            "(2, 1, 'b', '\"q\"', false)")
+        # ann holds two open assignments (parallel requests on PostgreSQL), bob labeled item 1
+        run("INSERT INTO assignments (id, item_id, user_id, status, created_at) VALUES "
+            "(1, 1, 1, 'open', CURRENT_TIMESTAMP), (2, 2, 1, 'open', CURRENT_TIMESTAMP), "
+            "(3, 1, 2, 'done', CURRENT_TIMESTAMP)")
+    feedback_db.migrate(engine)
+    with engine.connect() as connection:
+        names = connection.execute(text("SELECT id, username FROM users ORDER BY id")).all()
+        assignments = connection.execute(text("SELECT id, project_id, slot, status FROM assignments ORDER BY id")).all()
+    assert names == [(1, "ann"), (2, "bob"), (3, "BOB")]  # "BOB" would collide with "bob": left for the admin
+    assert [tuple(a) for a in assignments] == [(1, 1, 0, "open"), (2, 1, None, "expired"), (3, 1, 1, "done")]
+    with engine.begin() as connection:  # and back, and up again
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0001")
+        command.upgrade(config, "head")
+    engine.dispose()
