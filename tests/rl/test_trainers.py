@@ -154,3 +154,10 @@ def test_each_epoch_visits_every_prompt_once_in_a_seeded_order(tmp_path):
     assert sorted(epoch0) == sorted(prompts) == sorted(epoch1) and epoch0 != epoch1
     again = GRPOTrainer(config, build_tiny_causal(), word_tokenizer(), REWARD, prompts)
     assert again.prompts_for_step(3) == trainer.prompts_for_step(3)  # a function of the step alone
+
+
+def test_a_prompt_too_long_for_the_model_is_refused_before_training(tmp_path):
+    prompts = [*PROMPTS, " ".join(["cake"] * 130)]
+    with pytest.raises(ValueError, match="has 130 tokens; the model's 128 positions leave room for 120"):
+        PPOTrainer(PPOConfig(max_new_tokens=8, output_dir=str(tmp_path)), build_tiny_causal(), word_tokenizer(),
+                   REWARD, prompts)

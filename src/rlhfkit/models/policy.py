@@ -8,7 +8,7 @@ output of `generate`.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +17,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
+    GenerationConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -62,6 +63,60 @@ def completion_tokens(model: PreTrainedModel, output: torch.Tensor, prompt_lengt
     """The new tokens in the output of ``generate``: after the prompt for a causal model, after the
     decoder start token for a seq2seq one."""
     return output[:, 1:] if is_seq2seq(model) else output[:, prompt_length:]
+
+
+def plain_generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int,
+                            n: int = 1, do_sample: bool = True, temperature: float = 1.0, top_k: int = 0,
+                            top_p: float = 1.0, min_new_tokens: int = 0) -> GenerationConfig:
+    """rlhfkit's sampling settings and nothing else: softmax(logits / temperature), optionally cut to the
+    top-k tokens or the top-p mass, EOS allowed after ``min_new_tokens``."""
+    return GenerationConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None,
+                            num_return_sequences=n, pad_token_id=tokenizer.pad_token_id,
+                            eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                            decoder_start_token_id=getattr(model.config, "decoder_start_token_id", None))
+
+
+def generate_exactly(model: PreTrainedModel, encoded: Mapping[str, torch.Tensor],
+                     config: GenerationConfig) -> torch.Tensor:
+    """``model.generate`` with ``config`` and nothing else. transformers fills every field a config
+    leaves unset from the model's own ``generation_config`` (no_repeat_ngram_size, suppress_tokens,
+    bad_words_ids, min_new_tokens, num_beams, repetition_penalty...), so samples would come from
+    another distribution than softmax(logits / τ); the model's config is swapped for an empty one
+    for the duration of the call."""
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper
+    own = hf_model.generation_config
+    hf_model.generation_config = GenerationConfig()
+    try:
+        return model.generate(**encoded, generation_config=config)
+    finally:
+        hf_model.generation_config = own
+
+
+def max_positions(model: PreTrainedModel) -> int | None:
+    """How many positions the model can attend over (None: no limit, e.g. T5's relative positions)."""
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def check_prompt_lengths(model: PreTrainedModel, attention_mask: torch.Tensor, prompts: Sequence[str],
+                         max_new_tokens: int) -> None:
+    """A prompt must leave room for ``max_new_tokens`` within the model's positions (a causal model
+    reads both in one sequence; a seq2seq one reads the prompt in its encoder), else a ValueError that
+    names the prompt instead of an IndexError inside the model."""
+    limit = max_positions(model)
+    if limit is None:
+        return
+    seq2seq = is_seq2seq(model)
+    budget = limit if seq2seq else limit - max_new_tokens
+    if max_new_tokens > limit or budget < 1:
+        raise ValueError(f"max_new_tokens {max_new_tokens} does not fit the model's {limit} positions")
+    lengths = attention_mask.sum(dim=1).tolist()
+    for prompt, length in zip(prompts, lengths, strict=True):
+        if length > budget:
+            shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+            room = "" if seq2seq else f" with max_new_tokens {max_new_tokens}"
+            raise ValueError(f"prompt {shown!r} has {length} tokens; the model's {limit} positions leave room for "
+                             f"{budget}{room}: shorten it or lower max_new_tokens")
 
 
 def save_dequantized(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | os.PathLike) -> None:

@@ -23,7 +23,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlhfkit.config import save_config
 from rlhfkit.console import console
 from rlhfkit.data.records import Text
-from rlhfkit.models.policy import SamplingDistribution, prepare_tokenizer
+from rlhfkit.generate import format_prompt
+from rlhfkit.models.policy import SamplingDistribution, check_prompt_lengths, prepare_tokenizer
 from rlhfkit.models.reference import Reference, add_lora, is_lora
 from rlhfkit.models.value_head import Actor
 from rlhfkit.reward.base import RewardFn
@@ -98,6 +99,7 @@ class OnPolicyTrainer:
         self.tokenizer, self.reference, self.actor, self.optimizer = prepare_training(
             config, policy, tokenizer, reference, self.accelerator, self.uses_value_head)
         self.sampling = SamplingDistribution(config.temperature, config.min_new_tokens, self.tokenizer.eos_token_id)
+        self.check_prompts_fit()
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.stop_reason = ""
@@ -105,6 +107,14 @@ class OnPolicyTrainer:
         self._orders: dict[int, list[int]] = {}  # prompt order of the current and previous epoch
 
     # ------------------------------------------------------------ data
+    def check_prompts_fit(self) -> None:
+        """Every prompt leaves room for max_new_tokens in the model's positions: checked once, before
+        training, rather than at the step that first draws a long prompt."""
+        use_chat = self.config.use_chat_template
+        texts = [format_prompt(p, self.tokenizer, use_chat) for p in self.prompts]
+        lengths = self.tokenizer(texts, padding=True, add_special_tokens=not use_chat, return_tensors="pt")
+        check_prompt_lengths(self._bare_actor().model, lengths["attention_mask"], texts, self.config.max_new_tokens)
+
     def prompts_for_step(self, step: int) -> list[Text]:
         """This process's prompts for ``step``: epochs are seeded permutations of the prompt list, each
         step takes the next batch_size × num_processes of them, each process its own slice. A function
