@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhfkit.config import require
 from rlhfkit.console import console, progress_bar
 from rlhfkit.data.records import PreferencePair, Text
 from rlhfkit.generate import format_prompt
@@ -49,6 +50,14 @@ class DPOConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     output_dir: str = "runs/dpo"
+
+    def __post_init__(self) -> None:
+        for name in ("beta", "lr", "max_grad_norm"):
+            require(getattr(self, name) > 0, name, "must be positive")
+        for name in ("epochs", "batch_size", "max_prompt_tokens", "max_completion_tokens", "lora_r"):
+            require(getattr(self, name) >= 1, name, "must be at least 1")
+        require(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be at least 1 (or null: all epochs)")
+        require(0 <= self.eval_fraction < 1, "eval_fraction", "must be in [0, 1)")
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,

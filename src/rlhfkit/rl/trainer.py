@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhfkit.config import save_config
+from rlhfkit.config import require, save_config
 from rlhfkit.console import console
 from rlhfkit.data.records import Text
 from rlhfkit.generate import format_prompt
@@ -54,6 +54,16 @@ class RLConfig:
     output_dir: str = "runs/rl"
     save_every: int = 0  # checkpoint every this many steps (0: only at the end)
     log_dir: str | None = None  # TensorBoard logs (default: OUTPUT_DIR/tensorboard)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "save_every", "min_new_tokens"):
+            require(getattr(self, name) >= 0, name, "must be at least 0")
+        for name in ("batch_size", "max_new_tokens", "lora_r"):
+            require(getattr(self, name) >= 1, name, "must be at least 1")
+        for name in ("lr", "temperature", "max_grad_norm"):
+            require(getattr(self, name) > 0, name, "must be positive")
+        require(self.kl_coef >= 0, "kl_coef", "must be at least 0 (β weighs a penalty)")
+        require(self.min_new_tokens <= self.max_new_tokens, "min_new_tokens", "exceeds max_new_tokens")
 
 
 def prepare_training(config, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
