@@ -30,7 +30,7 @@ from rlhfkit.generate import format_prompt
 from rlhfkit.models.policy import TokenBatch, tokenize_completions
 from rlhfkit.models.reference import Reference
 from rlhfkit.reward.model import split_by_prompt
-from rlhfkit.rl.trainer import prepare_training, save_trained_policy
+from rlhfkit.rl.trainer import TrainingDiverged, apply_gradients, prepare_training, save_trained_policy
 
 
 @dataclass
@@ -140,10 +140,10 @@ class DPOTrainer:
                     policy = self.sequence_logprobs(_both([mine[i] for i in index], self.tokenizer, cfg))
                     ref = ref_by_pair[index]
                     loss, margins = dpo_loss(policy[: len(index)], policy[len(index):], ref[:, 0], ref[:, 1], cfg.beta)
-                    self.optimizer.zero_grad()
-                    acc.backward(loss)
-                    acc.clip_grad_norm_(self.actor.parameters(), cfg.max_grad_norm)
-                    self.optimizer.step()
+                    try:
+                        apply_gradients(acc, self.actor, self.optimizer, loss, cfg.max_grad_norm)
+                    except TrainingDiverged as exc:
+                        raise TrainingDiverged(f"dpo stopped at step {step + 1}: {exc}") from None
                     step += 1
                     self.history.append({"step": step, "loss": loss.item(), "margin": margins.mean().item(),
                                          "accuracy": (margins > 0).float().mean().item(),

@@ -34,7 +34,7 @@ from rlhfkit.models.policy import (
 )
 from rlhfkit.models.reference import Reference
 from rlhfkit.models.value_head import Actor
-from rlhfkit.reward.base import RewardFn
+from rlhfkit.reward.base import RewardFn, score_completions
 
 
 @dataclass
@@ -102,5 +102,5 @@ def collect_rollout(actor: torch.nn.Module, reference: Reference, tokenizer: Pre
                                          + tokenizer.pad_token_id * (1 - batch.completion_mask),
                                          skip_special_tokens=True)
     repeated = [render_text(p) for p in prompts for _ in range(n_per_prompt)]
-    scores = reward_fn(repeated, completions).to(device=device, dtype=torch.float32)
+    scores = score_completions(reward_fn, repeated, completions).to(device)
     return Rollout(repeated, completions, batch, logprobs, ref_logprobs, values, scores)

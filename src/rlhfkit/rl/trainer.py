@@ -8,6 +8,7 @@ prompts, and gradients are averaged by the wrapper; logged numbers are means ove
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ from rlhfkit.generate import format_prompt
 from rlhfkit.models.policy import SamplingDistribution, check_prompt_lengths, prepare_tokenizer
 from rlhfkit.models.reference import Reference, add_lora, is_lora
 from rlhfkit.models.value_head import Actor
-from rlhfkit.reward.base import RewardFn
+from rlhfkit.reward.base import RewardError, RewardFn
 from rlhfkit.rl.monitors import RewardHackingMonitor
 from rlhfkit.rl.rollout import Rollout, collect_rollout
 
@@ -80,6 +81,30 @@ def prepare_training(config, policy: PreTrainedModel, tokenizer: PreTrainedToken
     trainable = [p for p in actor.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
     return (tokenizer, reference, *accelerator.prepare(actor, optimizer))
+
+
+class TrainingDiverged(ValueError):
+    """A non-finite loss or gradient norm: the update was not applied, and training stops."""
+
+
+def apply_gradients(accelerator: Accelerator, actor: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    loss: torch.Tensor, max_grad_norm: float) -> float:
+    """Backward, clip, step; returns the gradient norm before clipping. A loss or gradient norm that is
+    NaN or infinite raises :class:`TrainingDiverged` before the step, so the weights never take it in
+    (on every process at once under DDP: the verdict is summed over them)."""
+    optimizer.zero_grad()
+    accelerator.backward(loss)
+    norm = float(accelerator.clip_grad_norm_(actor.parameters(), max_grad_norm))
+    finite = math.isfinite(norm) and math.isfinite(loss.item())
+    diverged = torch.tensor([0.0 if finite else 1.0], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        diverged = accelerator.reduce(diverged, reduction="sum")
+    if diverged.item():
+        optimizer.zero_grad()
+        raise TrainingDiverged(f"loss {loss.item():.4g}, gradient norm {norm:.4g}: not finite (on this or another "
+                               "process); the update was not applied")
+    optimizer.step()
+    return norm
 
 
 def save_trained_policy(accelerator: Accelerator, actor: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, config,
@@ -174,17 +199,17 @@ class OnPolicyTrainer:
         raise NotImplementedError
 
     def optimizer_step(self, loss: torch.Tensor) -> float:
-        """Backward, clip, step; returns the gradient norm before clipping."""
-        self.optimizer.zero_grad()
-        self.accelerator.backward(loss)
-        norm = self.accelerator.clip_grad_norm_(self.actor.parameters(), self.config.max_grad_norm)
-        self.optimizer.step()
-        return float(norm)
+        return apply_gradients(self.accelerator, self.actor, self.optimizer, loss, self.config.max_grad_norm)
 
     def train_step(self) -> dict[str, float]:
+        """One rollout and its update. A reward that breaks its contract (NaN, wrong shape) or a
+        non-finite loss stops training with the step and the cause; the policy is not saved."""
         started = time.perf_counter()
-        rollout = self.rollout(self.prompts_for_step(self.step))
-        stats = self.update(rollout)
+        try:
+            rollout = self.rollout(self.prompts_for_step(self.step))
+            stats = self.update(rollout)
+        except (RewardError, TrainingDiverged) as exc:
+            raise type(exc)(f"{self.algorithm} stopped at step {self.step + 1}: {exc}") from None
         if self.monitor is not None:
             stats |= self.monitor.measure(rollout.prompts, rollout.completions, rollout.scores)
         stats = self.mean_over_processes(stats)
