@@ -8,6 +8,7 @@ output of `generate`.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -155,24 +156,51 @@ class TokenBatch:
         return self.completion_ids.shape[0]
 
 
+def _padded(rows: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as one [B, width] tensor and its 0/1 mask, padded on the left or the right."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.tensor(list(row), dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
 def tokenize_completions(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], completions: Sequence[str],
-                         add_special_tokens: bool, max_prompt_tokens: int, max_completion_tokens: int) -> TokenBatch:
-    """Formatted prompts (padded on the tokenizer's side, truncated from the left so that they keep
-    their end) and completions + EOS (right-padded, truncated) as a TokenBatch."""
-    side = tokenizer.truncation_side
-    tokenizer.truncation_side = "left"
-    prompt = tokenizer(list(prompts), padding=True, truncation=True, max_length=max_prompt_tokens, return_tensors="pt",
-                       add_special_tokens=add_special_tokens)
-    tokenizer.truncation_side = side
-    encoded = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
-    encoded = [[*ids[: max_completion_tokens - 1], tokenizer.eos_token_id] for ids in encoded]
-    width = max(len(ids) for ids in encoded)
-    ids = torch.full((len(encoded), width), tokenizer.pad_token_id)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, tokens in enumerate(encoded):
-        ids[row, : len(tokens)] = torch.tensor(tokens)
-        mask[row, : len(tokens)] = 1
-    return TokenBatch(prompt["input_ids"], prompt["attention_mask"], ids, mask)
+                         add_special_tokens: bool, max_prompt_tokens: int, max_completion_tokens: int,
+                         model: PreTrainedModel | None = None) -> TokenBatch:
+    """Formatted prompts (padded on the tokenizer's side) and completions (right-padded) as a TokenBatch.
+
+    A completion ends with EOS when it is whole; one cut at ``max_completion_tokens`` keeps no EOS (the
+    model must not learn to stop at the cut). A prompt keeps its last ``max_prompt_tokens`` tokens, and
+    fewer when ``model``'s positions require it (a causal model reads prompt and completion in one
+    sequence): then a warning says how many prompts were cut.
+    """
+    limit = max_positions(model) if model is not None else None
+    causal = model is None or not is_seq2seq(model)
+    if limit is not None:
+        max_completion_tokens = min(max_completion_tokens, limit - 1 if causal else limit)
+    completion_rows = []
+    for ids in tokenizer(list(completions), add_special_tokens=False)["input_ids"]:
+        whole = len(ids) < max_completion_tokens
+        completion_rows.append([*ids, tokenizer.eos_token_id] if whole else ids[:max_completion_tokens])
+    prompt_rows, cut = [], 0
+    for ids, completion in zip(tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"],
+                               completion_rows, strict=True):
+        budget = max_prompt_tokens
+        if limit is not None:
+            room = limit - len(completion) if causal else limit
+            cut += len(ids) > room and room < budget
+            budget = min(budget, room)
+        prompt_rows.append(ids[max(len(ids) - budget, 0):])
+    if cut:
+        warnings.warn(f"{cut} of {len(prompts)} prompts cut from the left to fit the model's {limit} positions",
+                      stacklevel=2)
+    prompt_ids, prompt_mask = _padded(prompt_rows, tokenizer.pad_token_id, tokenizer.padding_side == "left")
+    completion_ids, completion_mask = _padded(completion_rows, tokenizer.pad_token_id, left=False)
+    return TokenBatch(prompt_ids, prompt_mask, completion_ids, completion_mask)
 
 
 def completion_logits(model: PreTrainedModel, batch: TokenBatch,
