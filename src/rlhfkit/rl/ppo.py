@@ -121,7 +121,8 @@ class PPOTrainer(OnPolicyTrainer):
                 for key, value in mb_stats.items():
                     stats.setdefault(key, []).append(value)
 
-        sequence_kl = kl.sum(dim=1).mean().item()
+        # β adapts to the KL of every process's rollouts, so that it stays the same on all of them
+        sequence_kl = self.mean_over_processes({"kl": kl.sum(dim=1).mean().item()})["kl"]
         self.kl_controller.update(sequence_kl, len(rollout.batch))
         explained = 1 - masked_var(returns - rollout.values, mask) / masked_var(returns, mask).clamp(min=1e-8)
         return {

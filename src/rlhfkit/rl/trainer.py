@@ -274,7 +274,7 @@ class OnPolicyTrainer:
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         """Everything needed to continue exactly: trainable weights (and value head), optimizer, KL
-        controller, step, history, each process's RNG state, and the config."""
+        controller, step, history, each process's RNG state (CPU, and CUDA on a GPU), and the config."""
         path = Path(path)
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
@@ -287,7 +287,21 @@ class OnPolicyTrainer:
             (path / "trainer_state.json").write_text(json.dumps(state, indent=1))
             save_config(self.config, path / f"{self.algorithm}_config.yaml")
         self.accelerator.wait_for_everyone()
-        torch.save(torch.get_rng_state(), path / f"rng-{self.accelerator.process_index}.pt")
+        torch.save(self.rng_state(), path / f"rng-{self.accelerator.process_index}.pt")
+
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """This process's random state: the CPU generator's and, on a GPU, its device's (sampling draws there)."""
+        state = {"cpu": torch.get_rng_state()}
+        if self.accelerator.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.accelerator.device)
+        return state
+
+    def set_rng_state(self, state: dict[str, torch.Tensor] | torch.Tensor) -> None:
+        if isinstance(state, torch.Tensor):  # a checkpoint from before the CUDA state was kept
+            state = {"cpu": state}
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and self.accelerator.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.accelerator.device)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         path = Path(path)
@@ -300,7 +314,7 @@ class OnPolicyTrainer:
         state = json.loads((path / "trainer_state.json").read_text())
         self.step, self.history = state["step"], state["history"]
         self.load_extra_state(state)
-        torch.set_rng_state(torch.load(path / f"rng-{self.accelerator.process_index}.pt"))
+        self.set_rng_state(torch.load(path / f"rng-{self.accelerator.process_index}.pt"))
 
     def extra_state(self) -> dict:
         return {}
