@@ -205,3 +205,23 @@ def test_the_command_line_exits_non_zero_on_a_nan_reward_and_leaves_no_policy(tm
     assert result.exit_code == 1, result.output
     assert "grpo stopped at step 1: reward 'score' gave nan for completion 0" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "run" / "policy").exists()
+
+
+@pytest.mark.parametrize(("weights_dtype", "changed"), [("float32", 0.8), ("bfloat16", None)])
+def test_a_bf16_checkpoint_is_fine_tuned_with_float32_master_weights(weights_dtype, changed, tmp_path):
+    """Small updates (lr 1e-5) round away in bf16 weights; fp32 master weights keep them, unless bf16 is asked."""
+    model = build_tiny_causal().to(torch.bfloat16)
+    initial = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+    config = GRPOConfig(steps=3, batch_size=4, group_size=2, lr=1e-5, max_new_tokens=6, weights_dtype=weights_dtype,
+                        output_dir=str(tmp_path))
+    trainer = GRPOTrainer(config, model, word_tokenizer(), REWARD, PROMPTS)
+    trainer.train()
+    trained = dict(trainer.actor.model.named_parameters())
+    assert {p.dtype for p in trained.values()} == {getattr(torch, weights_dtype)}
+    moved = sum(int((trained[n].detach().float() != w).sum()) for n, w in initial.items())
+    share = moved / sum(w.numel() for w in initial.values())
+    print(f"{weights_dtype} weights: {share:.1%} changed after 3 steps at lr 1e-5")
+    if changed is not None:
+        assert share > changed
+    else:
+        assert share < 0.5

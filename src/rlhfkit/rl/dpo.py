@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,7 @@ class DPOConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     output_dir: str = "runs/dpo"
+    weights_dtype: Literal["float32", "bfloat16"] = "float32"  # of the trained weights (see RLConfig)
 
     def __post_init__(self) -> None:
         for name in ("beta", "lr", "max_grad_norm"):

@@ -55,6 +55,9 @@ class RLConfig:
     output_dir: str = "runs/rl"
     save_every: int = 0  # checkpoint every this many steps (0: only at the end)
     log_dir: str | None = None  # TensorBoard logs (default: OUTPUT_DIR/tensorboard)
+    # dtype of the weights the optimiser updates: float32 master weights even for a bf16 checkpoint (an
+    # update smaller than bf16's resolution would round away); bfloat16 only to halve their memory
+    weights_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self) -> None:
         for name in ("steps", "save_every", "min_new_tokens"):
@@ -67,15 +70,29 @@ class RLConfig:
         require(self.min_new_tokens <= self.max_new_tokens, "min_new_tokens", "exceeds max_new_tokens")
 
 
+def cast_trainable(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The weights the optimiser updates in ``dtype``; frozen ones (a LoRA base) stay as loaded."""
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.is_floating_point():
+            parameter.data = parameter.data.to(dtype)
+
+
 def prepare_training(config, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                      reference: Reference | None, accelerator: Accelerator, value_head: bool):
     """What every policy trainer sets up: dropout off (a rollout's log-probs must be reproducible in the
-    update), LoRA if asked, the tokenizer, the reference on the policy's device, the actor and its AdamW,
-    prepared by `accelerate`. Returns (tokenizer, reference, actor, optimizer)."""
+    update), LoRA if asked, trainable weights in ``config.weights_dtype`` (float32 master weights by
+    default; compute in bf16 comes from accelerate's mixed precision, which autocasts), the tokenizer,
+    the reference on the policy's device and in the policy's precision (so that KL is zero before the
+    first update), the actor and its AdamW, prepared by `accelerate`. Returns (tokenizer, reference,
+    actor, optimizer)."""
     policy.eval()
     if config.lora and not is_lora(policy):
         policy = add_lora(policy, config.lora_r, config.lora_alpha)
+    dtype = getattr(torch, config.weights_dtype)
+    cast_trainable(policy, dtype)
     tokenizer = prepare_tokenizer(tokenizer, policy)
+    if reference is not None and not reference.shared:
+        reference.model.to(next(policy.parameters()).dtype)
     reference = (reference or Reference(policy)).to(accelerator.device)
     actor = Actor(policy, value_head=value_head).to(accelerator.device)
     trainable = [p for p in actor.parameters() if p.requires_grad]
