@@ -70,9 +70,8 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     """(L = −mean[y log σ(h) + (1 − y) log σ(−h)], the margins h) for sequence log-probs of chosen and
     rejected completions; ``labels`` y default to 1 (hard preferences)."""
     margins = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
-    if labels is None:
-        return -F.logsigmoid(margins).mean(), margins
-    return -(labels * F.logsigmoid(margins) + (1 - labels) * F.logsigmoid(-margins)).mean(), margins
+    y = torch.ones_like(margins) if labels is None else labels
+    return -(y * F.logsigmoid(margins) + (1 - y) * F.logsigmoid(-margins)).mean(), margins
 
 
 def pair_labels(pairs: Sequence[PreferencePair]) -> torch.Tensor:
@@ -152,11 +151,11 @@ class DPOTrainer:
                         break
                     started = time.perf_counter()
                     index = order[start:start + cfg.batch_size]
-                    chosen = [mine[i] for i in index]
-                    policy = self.sequence_logprobs(self.batch(chosen))
+                    step_pairs = [mine[i] for i in index]
+                    policy = self.sequence_logprobs(self.batch(step_pairs))
                     ref = ref_by_pair[index]
                     loss, margins = dpo_loss(policy[: len(index)], policy[len(index):], ref[:, 0], ref[:, 1], cfg.beta,
-                                             pair_labels(chosen).to(policy.device))
+                                             pair_labels(step_pairs).to(policy.device))
                     try:
                         apply_gradients(acc, self.actor, self.optimizer, loss, cfg.max_grad_norm)
                     except TrainingDiverged as exc:

@@ -81,10 +81,9 @@ def prepare_training(config, policy: PreTrainedModel, tokenizer: PreTrainedToken
                      reference: Reference | None, accelerator: Accelerator, value_head: bool):
     """What every policy trainer sets up: dropout off (a rollout's log-probs must be reproducible in the
     update), LoRA if asked, trainable weights in ``config.weights_dtype`` (float32 master weights by
-    default; compute in bf16 comes from accelerate's mixed precision, which autocasts), the tokenizer,
-    the reference on the policy's device and in the policy's precision (so that KL is zero before the
-    first update), the actor and its AdamW, prepared by `accelerate`. Returns (tokenizer, reference,
-    actor, optimizer)."""
+    default), the tokenizer, the reference on the policy's device and in the policy's precision (so
+    that KL is zero before the first update), the actor and its AdamW, prepared by `accelerate`.
+    Returns (tokenizer, reference, actor, optimizer)."""
     policy.eval()
     if config.lora and not is_lora(policy):
         policy = add_lora(policy, config.lora_r, config.lora_alpha)
