@@ -71,6 +71,16 @@ def build_tiny_seq2seq():
     return T5ForConditionalGeneration(config).eval()
 
 
+def make_generation_config_hostile(model):
+    """Settings a checkpoint's generation_config may carry that change what `generate` samples; rlhfkit
+    must ignore every one of them."""
+    config = model.generation_config
+    config.no_repeat_ngram_size, config.suppress_tokens, config.bad_words_ids = 1, [4, 5, 6], [[7], [8]]
+    config.min_new_tokens, config.num_beams, config.repetition_penalty = 5, 4, 3.0
+    config.top_k, config.top_p = 1, 0.1
+    return model
+
+
 @pytest.fixture
 def tiny_causal():
     return build_tiny_causal()

@@ -1,8 +1,8 @@
 import pytest
 
-from conftest import make_prompts
+from conftest import build_tiny_causal, make_generation_config_hostile, make_prompts
 from rlhfkit.data.io import read_records
-from rlhfkit.data.records import Completion, SamplingParams
+from rlhfkit.data.records import Completion, Prompt, SamplingParams
 from rlhfkit.generate import format_prompt, generate_completions
 from rlhfkit.models.policy import prepare_tokenizer
 
@@ -63,3 +63,24 @@ def test_chat_template_wraps_plain_prompt_as_user_turn(tokenizer):
                                "{% if add_generation_prompt %}assistant{% endif %}")
     assert format_prompt("hi there", tokenizer, True) == "<bos> user hi there assistant"
     assert format_prompt("hi there", tokenizer, False) == "hi there"
+
+
+@pytest.mark.parametrize("do_sample", [True, False], ids=["sampling", "greedy"])
+def test_generation_ignores_a_hostile_generation_config_of_the_model(do_sample, tokenizer):
+    """Only rlhfkit's sampling settings count: a checkpoint's no_repeat_ngram_size, suppress_tokens,
+    bad_words_ids, min_new_tokens, num_beams, top-k... change nothing."""
+    sampling = SamplingParams(max_new_tokens=8, seed=3, do_sample=do_sample)
+    runs = []
+    for model in (build_tiny_causal(), make_generation_config_hostile(build_tiny_causal())):
+        prepare_tokenizer(tokenizer, model)
+        runs.append([c.text for c in generate_completions(model, tokenizer, make_prompts(3), n=1, sampling=sampling,
+                                                          progress=False)])
+    assert runs[0] == runs[1]
+
+
+def test_a_prompt_longer_than_the_model_positions_is_refused_by_id(tiny_causal, tokenizer):
+    prepare_tokenizer(tokenizer, tiny_causal)
+    prompts = [*make_prompts(1), Prompt(id="long-one", text=" ".join(["cake"] * 200))]
+    with pytest.raises(ValueError, match=r"prompt 'long-one' has 200 tokens; the model's 128 positions leave room "
+                                         r"for 122 with max_new_tokens 6"):
+        generate_completions(tiny_causal, tokenizer, prompts, n=1, sampling=SAMPLING, progress=False)

@@ -207,7 +207,7 @@ def _on_policy(algorithm: str, config_file: Path | None, resume: Path | None, **
     from rlhfkit.data.io import read_prompts
     from rlhfkit.models.policy import load_policy
     from rlhfkit.reward.spec import load_reward
-    from rlhfkit.rl.grpo import GRPOConfig, GRPOTrainer, rloo_config
+    from rlhfkit.rl.grpo import RLOO_DEFAULTS, GRPOConfig, GRPOTrainer
     from rlhfkit.rl.ppo import PPOConfig, PPOTrainer
 
     inputs, fields = _run_inputs(config_file, given)
@@ -218,7 +218,7 @@ def _on_policy(algorithm: str, config_file: Path | None, resume: Path | None, **
     elif algorithm == "grpo":
         trainer_cls, config = GRPOTrainer, config_from_mapping(GRPOConfig, fields, source)
     else:
-        trainer_cls, config = GRPOTrainer, config_from_mapping(GRPOConfig, rloo_config(**fields).__dict__, source)
+        trainer_cls, config = GRPOTrainer, config_from_mapping(GRPOConfig, RLOO_DEFAULTS | fields, source)
     prompts = [p.text for p in read_prompts(inputs["prompts"])]
     policy, tokenizer = load_policy(inputs["policy"], gguf_file=inputs["gguf_file"])
     trainer = trainer_cls(config, policy, tokenizer, load_reward(inputs["reward"]), prompts)

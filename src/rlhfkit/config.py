@@ -1,5 +1,12 @@
 """Typed configs from YAML: every trainer's config is a dataclass with working defaults; a YAML file
-(and command-line flags) override some of its fields, and the result is saved next to the checkpoint."""
+(and command-line flags) override some of its fields, and the result is saved next to the checkpoint.
+
+One validation layer for every command: the fields are checked against the dataclass's types by
+pydantic (a number written as text, ``lr: 1e-3``, which YAML 1.1 reads as a string, is read as the
+number; ``'no'``/``'off'``/``'false'`` as False; anything else of the wrong type is refused), then by the
+dataclass's own ``__post_init__`` rules (ranges, fields that must agree). Every error is one line
+``file:line: field 'name': reason``.
+"""
 
 from __future__ import annotations
 
@@ -9,24 +16,75 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from pydantic import TypeAdapter, ValidationError
+
+from rlhfkit.data.io import DataError
 
 C = TypeVar("C")
 
 
+class FieldError(ValueError):
+    """A config field with a value its dataclass refuses (raised by ``__post_init__`` rules)."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        self.field, self.reason = field, reason
+        super().__init__(f"field '{field}': {reason}")
+
+
+def require(condition: bool, field: str, reason: str) -> None:
+    """A ``__post_init__`` rule: ``field`` is refused with ``reason`` unless ``condition``."""
+    if not condition:
+        raise FieldError(field, reason)
+
+
+def _yaml_error(exc: yaml.YAMLError, path: str | os.PathLike) -> DataError:
+    mark = getattr(exc, "problem_mark", None)
+    return DataError(f"not valid YAML: {getattr(exc, 'problem', None) or exc}", path,
+                     mark.line + 1 if mark else None)
+
+
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    loaded = yaml.safe_load(Path(path).read_text()) or {}
+    """The mapping in a YAML file; a syntax error is one line naming the file and line."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise _yaml_error(exc, path) from None
     if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: expected a mapping of config fields, got {type(loaded).__name__}")
+        raise DataError(f"expected a mapping of config fields, got {type(loaded).__name__}", path)
     return loaded
 
 
+def key_lines(path: str | os.PathLike) -> dict[str, int]:
+    """The 1-based line of each top-level key of a YAML mapping (for error messages)."""
+    try:
+        node = yaml.compose(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {str(key.value): key.start_mark.line + 1 for key, _ in node.value}
+
+
 def config_from_mapping(cls: type[C], data: dict[str, Any], source: str = "config") -> C:
-    """``cls`` from a mapping of its fields; unknown fields are refused with the list of known ones."""
+    """``cls`` from a mapping of its fields, validated (see the module docstring); ``source`` is the
+    YAML file the mapping came from (its lines are then named in errors) or a word such as "flags"."""
+    lines = key_lines(source) if Path(source).is_file() else {}
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known, key=lambda k: lines.get(k, 0))
     if unknown:
-        raise ValueError(f"{source}: unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")
-    return cls(**data)
+        raise DataError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(known)}", source,
+                        lines.get(unknown[0]))
+    try:
+        return TypeAdapter(cls).validate_python(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        rule = (error.get("ctx") or {}).get("error")
+        if isinstance(rule, FieldError):
+            field, reason = rule.field, rule.reason
+        else:
+            field = ".".join(str(part) for part in error["loc"])
+            reason = f"{error['msg']} (got {error['input']!r})"
+        raise DataError(reason, source, lines.get(field.split(".")[0]), field) from None
 
 
 def config_from_yaml(cls: type[C], path: str | os.PathLike | None = None, **overrides: Any) -> C:

@@ -16,12 +16,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhfkit.console import progress_bar
 from rlhfkit.data.io import append_records, drop_partial_last_line, read_records, write_records
 from rlhfkit.data.records import Completion, Prompt, SamplingParams, Text, render_text
-from rlhfkit.models.policy import completion_tokens, is_seq2seq
+from rlhfkit.models.policy import (
+    check_prompt_lengths,
+    completion_tokens,
+    generate_exactly,
+    is_seq2seq,
+    plain_generation_config,
+)
 
 
 def format_prompt(prompt: Text, tokenizer: PreTrainedTokenizerBase, use_chat_template: bool) -> str:
@@ -42,11 +48,12 @@ def uses_chat_template(tokenizer: PreTrainedTokenizerBase, model: PreTrainedMode
     return bool(getattr(tokenizer, "chat_template", None)) and not is_seq2seq(model)
 
 
-def _generate_kwargs(sampling: SamplingParams) -> dict:
-    kwargs: dict = {"max_new_tokens": sampling.max_new_tokens, "do_sample": sampling.do_sample}
-    if sampling.do_sample:
-        kwargs |= {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k}
-    return kwargs
+def _generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sampling: SamplingParams,
+                       n: int) -> GenerationConfig:
+    if not sampling.do_sample:
+        return plain_generation_config(model, tokenizer, sampling.max_new_tokens, n, do_sample=False)
+    return plain_generation_config(model, tokenizer, sampling.max_new_tokens, n, temperature=sampling.temperature,
+                                   top_k=sampling.top_k, top_p=sampling.top_p)
 
 
 def _batch_seed(seed: int, prompt_ids: Sequence[str]) -> int:
@@ -57,12 +64,15 @@ def _batch_seed(seed: int, prompt_ids: Sequence[str]) -> int:
 
 @torch.inference_mode()
 def sample_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], n: int,
-                 sampling: SamplingParams, use_chat_template: bool) -> tuple[list[list[str]], int]:
-    """``n`` completions for each of ``texts`` (already formatted), and the number of new tokens."""
+                 sampling: SamplingParams, use_chat_template: bool,
+                 names: Sequence[str] | None = None) -> tuple[list[list[str]], int]:
+    """``n`` completions for each of ``texts`` (already formatted; ``names`` label them in errors), sampled
+    with ``sampling``'s settings only (none from the model's generation_config), and the number of new tokens."""
     # A chat template already holds the special tokens the model expects; don't add them twice.
     encoded = tokenizer(texts, return_tensors="pt", padding=True,
                         add_special_tokens=not use_chat_template).to(model.device)
-    output = model.generate(**encoded, num_return_sequences=n, **_generate_kwargs(sampling))
+    check_prompt_lengths(model, encoded["attention_mask"], names or texts, sampling.max_new_tokens)
+    output = generate_exactly(model, encoded, _generation_config(model, tokenizer, sampling, n))
     new_tokens = completion_tokens(model, output, encoded["input_ids"].shape[1])
     special = torch.tensor(sorted(tokenizer.all_special_ids), device=new_tokens.device)
     produced = int((~torch.isin(new_tokens, special)).sum())
@@ -110,7 +120,8 @@ def generate_completions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
             batch = todo[start:start + batch_size]
             torch.manual_seed(_batch_seed(sampling.seed, [p.id for p in batch]))
             texts = [format_prompt(p.text, tokenizer, use_chat_template) for p in batch]
-            samples, produced = sample_batch(model, tokenizer, texts, n, sampling, use_chat_template)
+            samples, produced = sample_batch(model, tokenizer, texts, n, sampling, use_chat_template,
+                                             [p.id for p in batch])
             tokens += produced
             new = [Completion(id=f"{p.id}-{i}", prompt_id=p.id, prompt=p.text, text=text, index=i,
                               model=model_name, sampling=sampling)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import build_tiny_causal, build_tiny_reward_backbone, build_tiny_seq2seq, minilm_tokenizer, word_tokenizer
-from rlhfkit.cai.constitution import Constitution
+from rlhfkit.cai.constitution import Constitution, Example
 from rlhfkit.cai.critique import revise, revision_dry_run
 from rlhfkit.cai.feedback import FeedbackConfig, ModelOptionScorer, comparison_dry_run, label_pairs
 from rlhfkit.cai.sft import SFTConfig, mean_loss, train_sft
@@ -170,3 +170,45 @@ def test_interrupted_sft_resumes_after_its_last_epoch_and_matches_an_uninterrupt
     _, again = train_sft(build_tiny_causal(), word_tokenizer(), examples, config, output_dir=tmp_path / "cut",
                          progress=False)
     assert again == resumed  # finished: loaded, not retrained
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<bos> {{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}assistant{% endif %}")
+
+
+def test_a_chat_model_critiques_and_revises_in_a_real_multi_turn_conversation(monkeypatch):
+    """Critique and revision requests are user turns after the answer's assistant turn: no transcript
+    pasted into one user turn, no dangling "Critique:" cue."""
+    import rlhfkit.cai.critique as critique
+
+    tokenizer = word_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    seen = []
+
+    def sample_batch(model, tokenizer, texts, n, sampling, use_chat_template):
+        seen.extend(texts)
+        return [[f"answer {len(seen)}"] for _ in texts], 1
+
+    monkeypatch.setattr(critique, "sample_batch", sample_batch)
+    rules = RULES.model_copy(update={"principles": RULES.principles[:1]})
+    [record] = revise(build_tiny_causal(), tokenizer, PROMPTS[:1], rules, rounds=1, use_chat_template=True,
+                      progress=False)
+    assert seen == [
+        "<bos> user how do i fix bike assistant",
+        "<bos> user how do i fix bike <bos> assistant answer 1 <bos> user is it bad assistant",
+        "<bos> user how do i fix bike <bos> assistant answer 1 <bos> user is it bad <bos> assistant answer 2 "
+        "<bos> user make it nice assistant"]
+    assert record.final == "answer 3"
+    shown = revision_dry_run(rules, "how do i fix bike", tokenizer, use_chat_template=True)
+    assert list(shown.values())[2] == ("<bos> user how do i fix bike <bos> assistant <initial response> <bos> user "
+                                       "is it bad <bos> assistant <critique> <bos> user make it nice assistant")
+
+
+def test_few_shot_examples_are_earlier_exchanges_of_the_same_conversation():
+    from rlhfkit.cai.critique import critique_request
+
+    rules = RULES.model_copy(update={"examples": [Example(prompt="p", response="r", critique="c", revision="v")]})
+    turns = critique_request(rules, "how do i fix bike", "go away", rules.principles[0], chat=True)
+    assert [(t.role, t.content) for t in turns] == [
+        ("user", "p"), ("assistant", "r"), ("user", "is it bad"), ("assistant", "c"), ("user", "make it nice"),
+        ("assistant", "v"), ("user", "how do i fix bike"), ("assistant", "go away"), ("user", "is it bad")]

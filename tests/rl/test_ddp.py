@@ -7,7 +7,7 @@ import pytest
 
 
 @pytest.mark.slow
-def test_two_process_ddp_on_cpu_sees_different_prompts_and_keeps_weights_identical(tmp_path):
+def test_two_process_ddp_on_cpu_sees_different_prompts_and_keeps_weights_and_beta_identical(tmp_path):
     """2-process DDP with the gloo backend, launched like `accelerate launch` does (torchrun)."""
     worker = Path(__file__).with_name("ddp_worker.py")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker),
@@ -22,3 +22,7 @@ def test_two_process_ddp_on_cpu_sees_different_prompts_and_keeps_weights_identic
     # logged numbers are means over both ranks (the wall time is each rank's own)
     logged = [[{k: v for k, v in h.items() if k != "time/step_s"} for h in r["history"]] for r in ranks]
     assert logged[0] == logged[1]
+    # the adaptive β follows the KL of both ranks' rollouts: the same on both, and a resumed run matches
+    assert ranks[0]["beta"] == ranks[1]["beta"] != 0.05
+    assert [r["resumed_weights"] for r in ranks] == [r["weights"] for r in ranks]
+    assert [r["resumed_beta"] for r in ranks] == [r["beta"] for r in ranks]

@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from conftest import build_tiny_causal, build_tiny_seq2seq, word_tokenizer
+from conftest import build_tiny_causal, build_tiny_seq2seq, make_generation_config_hostile, word_tokenizer
 from rlhfkit.models.policy import SamplingDistribution
 from rlhfkit.models.reference import Reference, add_lora
 from rlhfkit.models.value_head import Actor
@@ -86,3 +87,27 @@ def test_min_new_tokens_is_part_of_the_distribution_that_log_probs_use():
     assert (rollout.logprobs > plain).all()  # the EOS mass is redistributed over the other tokens
     _, entropy, _ = actor(rollout.batch, sampling)
     assert torch.isfinite(entropy).all()
+
+
+def test_rollouts_ignore_a_hostile_generation_config_of_the_model():
+    """Samples, log-probs and KL come from plain temperature sampling, whatever the checkpoint's
+    generation_config says (no_repeat_ngram_size, suppress_tokens, bad_words_ids, min_new_tokens, beams)."""
+    torch.manual_seed(0)
+    plain, _ = rollout_for(build_tiny_causal(), n=8, temperature=1.0)
+    torch.manual_seed(0)
+    hostile, _ = rollout_for(make_generation_config_hostile(build_tiny_causal()), n=8, temperature=1.0)
+    assert torch.equal(hostile.batch.completion_ids, plain.batch.completion_ids)
+    assert torch.allclose(hostile.logprobs, plain.logprobs)
+    # and plain sampling does what the hostile settings forbid: repeat tokens, sample suppressed ones
+    ids = hostile.batch.completion_ids[hostile.batch.completion_mask.bool()]
+    assert torch.isin(ids, torch.tensor([4, 5, 6, 7, 8])).any()
+    assert any(len(set(row)) < len(row) for row in hostile.batch.completion_ids.tolist())
+
+
+def test_a_prompt_longer_than_the_model_positions_is_refused_by_name():
+    tokenizer = word_tokenizer()
+    model = build_tiny_causal()  # 128 positions
+    long_prompt = " ".join(["bike"] * 125)
+    with pytest.raises(ValueError, match=r"has 125 tokens; the model's 128 positions leave room for 122"):
+        collect_rollout(Actor(model, value_head=False), Reference(model), tokenizer, [long_prompt], LENGTH,
+                        max_new_tokens=6)

@@ -154,3 +154,74 @@ def test_each_epoch_visits_every_prompt_once_in_a_seeded_order(tmp_path):
     assert sorted(epoch0) == sorted(prompts) == sorted(epoch1) and epoch0 != epoch1
     again = GRPOTrainer(config, build_tiny_causal(), word_tokenizer(), REWARD, prompts)
     assert again.prompts_for_step(3) == trainer.prompts_for_step(3)  # a function of the step alone
+
+
+def test_a_prompt_too_long_for_the_model_is_refused_before_training(tmp_path):
+    prompts = [*PROMPTS, " ".join(["cake"] * 130)]
+    with pytest.raises(ValueError, match="has 130 tokens; the model's 128 positions leave room for 120"):
+        PPOTrainer(PPOConfig(max_new_tokens=8, output_dir=str(tmp_path)), build_tiny_causal(), word_tokenizer(),
+                   REWARD, prompts)
+
+
+@pytest.mark.parametrize("make", ["ppo", "grpo"])
+def test_a_non_finite_reward_stops_training_with_the_step_and_the_sample_and_saves_nothing(make, tmp_path):
+    from rlhfkit.reward.base import RewardError
+
+    reward = FunctionReward(lambda p, c: float("nan") if len(c.split()) > 2 else 1.0, name="flaky")
+    if make == "ppo":
+        config = PPOConfig(steps=3, batch_size=4, minibatch_size=4, max_new_tokens=6, output_dir=str(tmp_path))
+        trainer = PPOTrainer(config, build_tiny_causal(), word_tokenizer(), reward, PROMPTS)
+    else:
+        config = GRPOConfig(steps=3, batch_size=2, group_size=2, max_new_tokens=6, output_dir=str(tmp_path))
+        trainer = GRPOTrainer(config, build_tiny_causal(), word_tokenizer(), reward, PROMPTS)
+    with pytest.raises(RewardError, match=rf"{make} stopped at step 1: reward 'flaky' gave nan for completion \d+"):
+        trainer.train()
+    assert not (tmp_path / "policy").exists()
+
+
+def test_a_non_finite_loss_stops_training_before_the_weights_take_it_in(tmp_path):
+    from rlhfkit.rl.trainer import TrainingDiverged
+
+    config = GRPOConfig(steps=3, batch_size=2, group_size=2, max_new_tokens=6, output_dir=str(tmp_path))
+    trainer = GRPOTrainer(config, build_tiny_causal(), word_tokenizer(), REWARD, PROMPTS)
+    before = [p.detach().clone() for p in trainer.actor.parameters()]
+    # NaN logits in the update's forward pass only (sampling runs without gradients)
+    head = trainer.actor.model.lm_head
+    head.register_forward_hook(lambda m, i, out: out * float("nan") if torch.is_grad_enabled() else out)
+    with pytest.raises(TrainingDiverged, match=r"grpo stopped at step 1: loss nan, gradient norm nan: not finite"):
+        trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.actor.parameters(), strict=True))
+    assert not (tmp_path / "policy").exists()
+
+
+def test_the_command_line_exits_non_zero_on_a_nan_reward_and_leaves_no_policy(tmp_path, monkeypatch):
+    from conftest import invoke, save_tiny_policy
+
+    (tmp_path / "nan_reward.py").write_text("def score(prompt, completion):\n    return float('nan')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "prompts.txt").write_text("how do i fix bike\nplan day\n")
+    result = invoke("grpo", "--policy", save_tiny_policy(tmp_path / "policy"), "--prompts", tmp_path / "prompts.txt",
+                    "--reward", "python:nan_reward:score", "--output-dir", tmp_path / "run", "--steps", 2)
+    assert result.exit_code == 1, result.output
+    assert "grpo stopped at step 1: reward 'score' gave nan for completion 0" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "run" / "policy").exists()
+
+
+@pytest.mark.parametrize(("weights_dtype", "changed"), [("float32", 0.8), ("bfloat16", None)])
+def test_a_bf16_checkpoint_is_fine_tuned_with_float32_master_weights(weights_dtype, changed, tmp_path):
+    """Small updates (lr 1e-5) round away in bf16 weights; fp32 master weights keep them, unless bf16 is asked."""
+    model = build_tiny_causal().to(torch.bfloat16)
+    initial = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+    config = GRPOConfig(steps=3, batch_size=4, group_size=2, lr=1e-5, max_new_tokens=6, weights_dtype=weights_dtype,
+                        output_dir=str(tmp_path))
+    trainer = GRPOTrainer(config, model, word_tokenizer(), REWARD, PROMPTS)
+    trainer.train()
+    trained = dict(trainer.actor.model.named_parameters())
+    assert {p.dtype for p in trained.values()} == {getattr(torch, weights_dtype)}
+    moved = sum(int((trained[n].detach().float() != w).sum()) for n, w in initial.items())
+    share = moved / sum(w.numel() for w in initial.values())
+    print(f"{weights_dtype} weights: {share:.1%} changed after 3 steps at lr 1e-5")
+    if changed is not None:
+        assert share > changed
+    else:
+        assert share < 0.5

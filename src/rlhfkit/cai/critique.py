@@ -7,6 +7,14 @@ For each prompt x:
         y_k = model(revision_prompt(x, y_{k−1}, p_k, c_k))             the answer rewritten
     SFT target: (x, y_n)
 
+For a chat model (a chat template in use) the critique and the revision are turns of one real
+conversation, not a transcript pasted into a user turn that ends in a dangling "Critique:" cue:
+
+    user x · assistant y_{k−1} · user <critique request of p_k>                → c_k
+    user x · assistant y_{k−1} · user <critique request> · assistant c_k · user <revision request>  → y_k
+
+with the constitution's few-shot examples played first as earlier exchanges of the same shape.
+
 Every step is kept in the output JSONL (one :class:`Revision` per prompt) for inspection. Batches of
 prompts are generated together and appended when finished, so a rerun continues where a crash stopped.
 """
@@ -25,7 +33,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlhfkit.cai.constitution import Constitution, Principle
 from rlhfkit.console import progress_bar
 from rlhfkit.data.io import append_records, drop_partial_last_line, read_records
-from rlhfkit.data.records import Prompt, Revision, RevisionStep, SamplingParams, Text, render_text
+from rlhfkit.data.records import Message, Prompt, Revision, RevisionStep, SamplingParams, Text, render_text
 from rlhfkit.generate import _batch_seed, format_prompt, sample_batch, uses_chat_template
 from rlhfkit.models.policy import prepare_tokenizer
 
@@ -36,6 +44,41 @@ def complete(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: 
     formatted = [format_prompt(t, tokenizer, use_chat_template) for t in texts]
     samples, _ = sample_batch(model, tokenizer, formatted, 1, sampling, use_chat_template)
     return [s[0] for s in samples]
+
+
+def _turn(role: str, content: str) -> Message:
+    return Message(role=role, content=content)
+
+
+def example_turns(constitution: Constitution) -> list[Message]:
+    """The few-shot examples as exchanges: prompt, response, critique request, critique, revision request, revision."""
+    turns = []
+    for example in constitution.examples:
+        principle = constitution.principle(example.principle)
+        turns += [_turn("user", example.prompt), _turn("assistant", example.response),
+                  _turn("user", principle.critique), _turn("assistant", example.critique),
+                  _turn("user", principle.revision), _turn("assistant", example.revision)]
+    return turns
+
+
+def critique_request(constitution: Constitution, prompt: str, response: str, principle: Principle,
+                     chat: bool) -> Text:
+    """What the model reads to critique ``response``: for a chat model the conversation so far and the
+    critique request as the user's next turn; else the constitution's text template."""
+    if not chat:
+        return constitution.critique_prompt(prompt, response, principle)
+    return [*example_turns(constitution), _turn("user", prompt), _turn("assistant", response),
+            _turn("user", principle.critique)]
+
+
+def revision_request(constitution: Constitution, prompt: str, response: str, principle: Principle, critique: str,
+                     chat: bool) -> Text:
+    """What the model reads to revise ``response``: for a chat model the critique exchange, the critique as
+    the assistant's turn and the revision request as the user's next; else the text template."""
+    if not chat:
+        return constitution.revision_prompt(prompt, response, principle, critique)
+    return [*critique_request(constitution, prompt, response, principle, chat), _turn("assistant", critique),
+            _turn("user", principle.revision)]
 
 
 def principle_rng(seed: int, prompt_id: str) -> random.Random:
@@ -73,11 +116,11 @@ def revise(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: 
                 principles: list[Principle] = [constitution.draw(rng, {s.principle for s in done_steps})
                                                for rng, done_steps in zip(rngs, steps, strict=True)]
                 critiques = [constitution.cut(c) for c in complete(
-                    model, tokenizer, [constitution.critique_prompt(x, y, p)
+                    model, tokenizer, [critique_request(constitution, x, y, p, chat)
                                        for x, y, p in zip(texts, responses, principles, strict=True)],
                     sampling, chat)]
                 revisions = [constitution.cut(r) for r in complete(
-                    model, tokenizer, [constitution.revision_prompt(x, y, p, c)
+                    model, tokenizer, [revision_request(constitution, x, y, p, c, chat)
                                        for x, y, p, c in zip(texts, responses, principles, critiques, strict=True)],
                     sampling, chat)]
                 for i, (p, c, r) in enumerate(zip(principles, critiques, revisions, strict=True)):
@@ -99,14 +142,15 @@ def revision_dry_run(constitution: Constitution, prompt: str, tokenizer: PreTrai
     """The exact strings the model would get for one prompt's first round, with the model's own
     outputs shown as placeholders."""
     principle = constitution.principles[0]
+    chat = use_chat_template and tokenizer is not None
 
-    def shown(text: str) -> str:
-        return format_prompt(text, tokenizer, True) if use_chat_template and tokenizer is not None else text
+    def shown(text: Text) -> str:
+        return format_prompt(text, tokenizer, True) if chat else render_text(text)
 
     return {
         "initial response request": shown(prompt),
         f"critique request (principle {principle.name!r})": shown(
-            constitution.critique_prompt(prompt, "<initial response>", principle)),
-        "revision request": shown(constitution.revision_prompt(prompt, "<initial response>", principle,
-                                                               "<critique>")),
+            critique_request(constitution, prompt, "<initial response>", principle, chat)),
+        "revision request": shown(revision_request(constitution, prompt, "<initial response>", principle,
+                                                   "<critique>", chat)),
     }

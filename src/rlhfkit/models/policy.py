@@ -8,7 +8,8 @@ output of `generate`.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
+    GenerationConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -64,6 +66,60 @@ def completion_tokens(model: PreTrainedModel, output: torch.Tensor, prompt_lengt
     return output[:, 1:] if is_seq2seq(model) else output[:, prompt_length:]
 
 
+def plain_generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int,
+                            n: int = 1, do_sample: bool = True, temperature: float = 1.0, top_k: int = 0,
+                            top_p: float = 1.0, min_new_tokens: int = 0) -> GenerationConfig:
+    """rlhfkit's sampling settings and nothing else: softmax(logits / temperature), optionally cut to the
+    top-k tokens or the top-p mass, EOS allowed after ``min_new_tokens``."""
+    return GenerationConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None,
+                            num_return_sequences=n, pad_token_id=tokenizer.pad_token_id,
+                            eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                            decoder_start_token_id=getattr(model.config, "decoder_start_token_id", None))
+
+
+def generate_exactly(model: PreTrainedModel, encoded: Mapping[str, torch.Tensor],
+                     config: GenerationConfig) -> torch.Tensor:
+    """``model.generate`` with ``config`` and nothing else. transformers fills every field a config
+    leaves unset from the model's own ``generation_config`` (no_repeat_ngram_size, suppress_tokens,
+    bad_words_ids, min_new_tokens, num_beams, repetition_penalty...), so samples would come from
+    another distribution than softmax(logits / τ); the model's config is swapped for an empty one
+    for the duration of the call."""
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper
+    own = hf_model.generation_config
+    hf_model.generation_config = GenerationConfig()
+    try:
+        return model.generate(**encoded, generation_config=config)
+    finally:
+        hf_model.generation_config = own
+
+
+def max_positions(model: PreTrainedModel) -> int | None:
+    """How many positions the model can attend over (None: no limit, e.g. T5's relative positions)."""
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def check_prompt_lengths(model: PreTrainedModel, attention_mask: torch.Tensor, prompts: Sequence[str],
+                         max_new_tokens: int) -> None:
+    """A prompt must leave room for ``max_new_tokens`` within the model's positions (a causal model
+    reads both in one sequence; a seq2seq one reads the prompt in its encoder), else a ValueError that
+    names the prompt instead of an IndexError inside the model."""
+    limit = max_positions(model)
+    if limit is None:
+        return
+    seq2seq = is_seq2seq(model)
+    budget = limit if seq2seq else limit - max_new_tokens
+    if max_new_tokens > limit or budget < 1:
+        raise ValueError(f"max_new_tokens {max_new_tokens} does not fit the model's {limit} positions")
+    lengths = attention_mask.sum(dim=1).tolist()
+    for prompt, length in zip(prompts, lengths, strict=True):
+        if length > budget:
+            shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+            room = "" if seq2seq else f" with max_new_tokens {max_new_tokens}"
+            raise ValueError(f"prompt {shown!r} has {length} tokens; the model's {limit} positions leave room for "
+                             f"{budget}{room}: shorten it or lower max_new_tokens")
+
+
 def save_dequantized(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | os.PathLike) -> None:
     """Save a model loaded from GGUF (already dequantised to float32 by transformers) as a plain
     safetensors folder, which reloads in about a second instead of dequantising again."""
@@ -100,24 +156,51 @@ class TokenBatch:
         return self.completion_ids.shape[0]
 
 
+def _padded(rows: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as one [B, width] tensor and its 0/1 mask, padded on the left or the right."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.tensor(list(row), dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
 def tokenize_completions(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], completions: Sequence[str],
-                         add_special_tokens: bool, max_prompt_tokens: int, max_completion_tokens: int) -> TokenBatch:
-    """Formatted prompts (padded on the tokenizer's side, truncated from the left so that they keep
-    their end) and completions + EOS (right-padded, truncated) as a TokenBatch."""
-    side = tokenizer.truncation_side
-    tokenizer.truncation_side = "left"
-    prompt = tokenizer(list(prompts), padding=True, truncation=True, max_length=max_prompt_tokens, return_tensors="pt",
-                       add_special_tokens=add_special_tokens)
-    tokenizer.truncation_side = side
-    encoded = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
-    encoded = [[*ids[: max_completion_tokens - 1], tokenizer.eos_token_id] for ids in encoded]
-    width = max(len(ids) for ids in encoded)
-    ids = torch.full((len(encoded), width), tokenizer.pad_token_id)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, tokens in enumerate(encoded):
-        ids[row, : len(tokens)] = torch.tensor(tokens)
-        mask[row, : len(tokens)] = 1
-    return TokenBatch(prompt["input_ids"], prompt["attention_mask"], ids, mask)
+                         add_special_tokens: bool, max_prompt_tokens: int, max_completion_tokens: int,
+                         model: PreTrainedModel | None = None) -> TokenBatch:
+    """Formatted prompts (padded on the tokenizer's side) and completions (right-padded) as a TokenBatch.
+
+    A completion ends with EOS when it is whole; one cut at ``max_completion_tokens`` keeps no EOS (the
+    model must not learn to stop at the cut). A prompt keeps its last ``max_prompt_tokens`` tokens, and
+    fewer when ``model``'s positions require it (a causal model reads prompt and completion in one
+    sequence): then a warning says how many prompts were cut.
+    """
+    limit = max_positions(model) if model is not None else None
+    causal = model is None or not is_seq2seq(model)
+    if limit is not None:
+        max_completion_tokens = min(max_completion_tokens, limit - 1 if causal else limit)
+    completion_rows = []
+    for ids in tokenizer(list(completions), add_special_tokens=False)["input_ids"]:
+        whole = len(ids) < max_completion_tokens
+        completion_rows.append([*ids, tokenizer.eos_token_id] if whole else ids[:max_completion_tokens])
+    prompt_rows, cut = [], 0
+    for ids, completion in zip(tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"],
+                               completion_rows, strict=True):
+        budget = max_prompt_tokens
+        if limit is not None:
+            room = limit - len(completion) if causal else limit
+            cut += len(ids) > room and room < budget
+            budget = min(budget, room)
+        prompt_rows.append(ids[max(len(ids) - budget, 0):])
+    if cut:
+        warnings.warn(f"{cut} of {len(prompts)} prompts cut from the left to fit the model's {limit} positions",
+                      stacklevel=2)
+    prompt_ids, prompt_mask = _padded(prompt_rows, tokenizer.pad_token_id, tokenizer.padding_side == "left")
+    completion_ids, completion_mask = _padded(completion_rows, tokenizer.pad_token_id, left=False)
+    return TokenBatch(prompt_ids, prompt_mask, completion_ids, completion_mask)
 
 
 def completion_logits(model: PreTrainedModel, batch: TokenBatch,

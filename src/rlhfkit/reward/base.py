@@ -1,11 +1,14 @@
 """The reward contract shared by reward models, classifiers, judges and plain functions.
 
 A reward is anything callable as ``reward(prompts, completions) -> torch.Tensor`` with one float per
-completion. PPO, GRPO, evaluation and the reward-hacking monitors never care which kind they got.
+completion. PPO, GRPO, evaluation and the reward-hacking monitors never care which kind they got;
+they call it through :func:`score_completions`, which holds every reward to that contract (one finite
+float per completion: no scalar broadcast to the batch, no NaN or inf trained on).
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -15,6 +18,42 @@ import torch
 @runtime_checkable
 class RewardFn(Protocol):
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor: ...
+
+
+class RewardError(ValueError):
+    """A reward broke its contract; the message names the reward and, where one is to blame, the sample."""
+
+
+def reward_name(reward_fn: RewardFn) -> str:
+    return str(getattr(reward_fn, "name", None) or getattr(reward_fn, "__name__", None) or type(reward_fn).__name__)
+
+
+def _shown(text: str, width: int = 60) -> str:
+    return repr(text if len(text) <= width else text[: width - 3] + "...")
+
+
+def score_completions(reward_fn: RewardFn, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+    """``reward_fn(prompts, completions)`` as a float32 tensor [n], after checking the contract: a tensor
+    of n finite numbers, else a :class:`RewardError` naming the reward (and the first bad sample)."""
+    name, n = reward_name(reward_fn), len(completions)
+    scores = reward_fn(prompts, completions)
+    if not isinstance(scores, torch.Tensor):
+        raise RewardError(f"reward {name!r} returned a {type(scores).__name__}; a reward returns a torch.Tensor "
+                          "with one float per completion")
+    if scores.dim() != 1 or len(scores) != n:
+        got = "a single value" if scores.dim() == 0 else f"a tensor of shape {tuple(scores.shape)}"
+        raise RewardError(f"reward {name!r} returned {got} for {n} completions; it must return one float per "
+                          "completion (shape [n]); a scalar is not broadcast")
+    if scores.is_complex():
+        raise RewardError(f"reward {name!r} returned a tensor of {scores.dtype}; rewards are real numbers")
+    scores = scores.detach().float()
+    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+    if bad:
+        i = bad[0]
+        raise RewardError(f"reward {name!r} gave {scores[i].item()} for completion {i} of {n} (prompt "
+                          f"{_shown(prompts[i])}, completion {_shown(completions[i])}); "
+                          f"{len(bad)} of {n} scores are not finite")
+    return scores
 
 
 class FunctionReward:
@@ -32,10 +71,23 @@ class FunctionReward:
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
         if self.batched:
-            values = list(self.fn(list(prompts), list(completions)))
+            returned = self.fn(list(prompts), list(completions))
+            if isinstance(returned, str | bytes) or not isinstance(returned, Sequence | torch.Tensor):
+                raise RewardError(f"reward {self.name!r} returned a {type(returned).__name__} for a batch of "
+                                  f"{len(completions)}; a batched reward returns one float per completion")
+            values = list(returned)
         else:
             values = [self.fn(p, c) for p, c in zip(prompts, completions, strict=True)]
         if len(values) != len(completions):
-            raise ValueError(f"reward {self.name!r} returned {len(values)} values for {len(completions)} "
-                             "completions")
-        return torch.tensor([float(v) for v in values], dtype=torch.float32)
+            raise RewardError(f"reward {self.name!r} returned {len(values)} values for {len(completions)} "
+                              "completions")
+        return torch.tensor([self._number(v, i, completions) for i, v in enumerate(values)], dtype=torch.float32)
+
+    def _number(self, value: object, index: int, completions: Sequence[str]) -> float:
+        """A returned value as a float: a real number (or a one-element tensor), never a string or a list."""
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, numbers.Real):
+            return float(value)
+        raise RewardError(f"reward {self.name!r} returned {type(value).__name__} {_shown(str(value))} for completion "
+                          f"{index} ({_shown(completions[index])}); it must return a number")

@@ -1,10 +1,12 @@
 """Direct Preference Optimisation (Rafailov et al. 2023), straight from preference pairs.
 
-With log-probs summed over the completion's tokens (EOS included),
+With log-probs summed over the completion's tokens (EOS included when the completion is whole),
 
     h = β · [ (log π_θ(y_c|x) − log π_ref(y_c|x)) − (log π_θ(y_r|x) − log π_ref(y_r|x)) ]
-    L = −E[ log σ(h) ]                                       (the sigmoid loss)
+    L = −E[ y log σ(h) + (1 − y) log σ(−h) ]                 (the sigmoid loss, soft targets)
 
+where y is the pair's ``label``, the probability that the chosen completion is the better one (1 for
+a hard preference, where L = −E[log σ(h)]; e.g. 0.7 from AI feedback, Mitchell 2023's conservative DPO).
 β · (log π_θ − log π_ref) is the implicit reward of a completion; h is the chosen-over-rejected
 margin, reported with its accuracy P(h > 0) on held-out pairs. The reference is the policy with its
 LoRA adapter disabled, or a frozen copy; its log-probs are computed once, before training.
@@ -17,19 +19,21 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhfkit.config import require
 from rlhfkit.console import console, progress_bar
 from rlhfkit.data.records import PreferencePair, Text
 from rlhfkit.generate import format_prompt
 from rlhfkit.models.policy import TokenBatch, tokenize_completions
 from rlhfkit.models.reference import Reference
 from rlhfkit.reward.model import split_by_prompt
-from rlhfkit.rl.trainer import prepare_training, save_trained_policy
+from rlhfkit.rl.trainer import TrainingDiverged, apply_gradients, prepare_training, save_trained_policy
 
 
 @dataclass
@@ -49,25 +53,34 @@ class DPOConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     output_dir: str = "runs/dpo"
+    weights_dtype: Literal["float32", "bfloat16"] = "float32"  # of the trained weights (see RLConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("beta", "lr", "max_grad_norm"):
+            require(getattr(self, name) > 0, name, "must be positive")
+        for name in ("epochs", "batch_size", "max_prompt_tokens", "max_completion_tokens", "lora_r"):
+            require(getattr(self, name) >= 1, name, "must be at least 1")
+        require(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be at least 1 (or null: all epochs)")
+        require(0 <= self.eval_fraction < 1, "eval_fraction", "must be in [0, 1)")
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L = −mean log σ(h), the margins h) for sequence log-probs of chosen and rejected completions."""
+             ref_rejected: torch.Tensor, beta: float,
+             labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L = −mean[y log σ(h) + (1 − y) log σ(−h)], the margins h) for sequence log-probs of chosen and
+    rejected completions; ``labels`` y default to 1 (hard preferences)."""
     margins = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
-    return -F.logsigmoid(margins).mean(), margins
+    y = torch.ones_like(margins) if labels is None else labels
+    return -(y * F.logsigmoid(margins) + (1 - y) * F.logsigmoid(-margins)).mean(), margins
+
+
+def pair_labels(pairs: Sequence[PreferencePair]) -> torch.Tensor:
+    """y of each pair: its soft ``label``, or 1 for a hard preference."""
+    return torch.tensor([1.0 if p.label is None else p.label for p in pairs])
 
 
 def _completion_text(text: Text) -> str:
     return text if isinstance(text, str) else "".join(m.content for m in text)
-
-
-def _both(pairs: Sequence[PreferencePair], tokenizer, config: DPOConfig) -> TokenBatch:
-    """Chosen completions then rejected ones, in one batch (one forward pass for both)."""
-    prompts = [format_prompt(p.prompt, tokenizer, config.use_chat_template) for p in pairs] * 2
-    completions = [_completion_text(p.chosen) for p in pairs] + [_completion_text(p.rejected) for p in pairs]
-    return tokenize_completions(tokenizer, prompts, completions, not config.use_chat_template,
-                                config.max_prompt_tokens, config.max_completion_tokens)
 
 
 class DPOTrainer:
@@ -80,6 +93,16 @@ class DPOTrainer:
             config, policy, tokenizer, reference, self.accelerator, value_head=False)
         self.history: list[dict] = []
 
+    def batch(self, pairs: Sequence[PreferencePair]) -> TokenBatch:
+        """Chosen completions then rejected ones, in one batch (one forward pass for both); prompts cut to
+        fit the model's positions if need be."""
+        cfg = self.config
+        prompts = [format_prompt(p.prompt, self.tokenizer, cfg.use_chat_template) for p in pairs] * 2
+        completions = [_completion_text(p.chosen) for p in pairs] + [_completion_text(p.rejected) for p in pairs]
+        return tokenize_completions(self.tokenizer, prompts, completions, not cfg.use_chat_template,
+                                    cfg.max_prompt_tokens, cfg.max_completion_tokens,
+                                    self.accelerator.unwrap_model(self.actor).model)
+
     def sequence_logprobs(self, batch: TokenBatch, reference: bool = False) -> torch.Tensor:
         batch = batch.to(self.accelerator.device)
         logprobs = self.reference.logprobs(batch) if reference else self.actor(batch, with_entropy=False)[0]
@@ -90,7 +113,7 @@ class DPOTrainer:
         """Held-out mean margin h and accuracy P(h > 0)."""
         margins = []
         for start in range(0, len(pairs), self.config.batch_size):
-            batch = _both(pairs[start:start + self.config.batch_size], self.tokenizer, self.config)
+            batch = self.batch(pairs[start:start + self.config.batch_size])
             policy, ref = self.sequence_logprobs(batch), self.sequence_logprobs(batch, reference=True)
             half = len(batch) // 2
             margins.append(dpo_loss(policy[:half], policy[half:], ref[:half], ref[half:], self.config.beta)[1])
@@ -110,7 +133,7 @@ class DPOTrainer:
         # this process's share of the pairs; every process runs the same number of steps
         per_process = len(pairs) // acc.num_processes
         mine = list(pairs[acc.process_index * per_process:(acc.process_index + 1) * per_process])
-        reference = [self.sequence_logprobs(_both(mine[i:i + cfg.batch_size], self.tokenizer, cfg), reference=True)
+        reference = [self.sequence_logprobs(self.batch(mine[i:i + cfg.batch_size]), reference=True)
                      for i in range(0, len(mine), cfg.batch_size)]
         ref_by_pair = torch.cat([torch.stack([r[: len(r) // 2], r[len(r) // 2:]], dim=1) for r in reference])
         before = self.evaluate(eval_pairs)
@@ -128,13 +151,15 @@ class DPOTrainer:
                         break
                     started = time.perf_counter()
                     index = order[start:start + cfg.batch_size]
-                    policy = self.sequence_logprobs(_both([mine[i] for i in index], self.tokenizer, cfg))
+                    step_pairs = [mine[i] for i in index]
+                    policy = self.sequence_logprobs(self.batch(step_pairs))
                     ref = ref_by_pair[index]
-                    loss, margins = dpo_loss(policy[: len(index)], policy[len(index):], ref[:, 0], ref[:, 1], cfg.beta)
-                    self.optimizer.zero_grad()
-                    acc.backward(loss)
-                    acc.clip_grad_norm_(self.actor.parameters(), cfg.max_grad_norm)
-                    self.optimizer.step()
+                    loss, margins = dpo_loss(policy[: len(index)], policy[len(index):], ref[:, 0], ref[:, 1], cfg.beta,
+                                             pair_labels(step_pairs).to(policy.device))
+                    try:
+                        apply_gradients(acc, self.actor, self.optimizer, loss, cfg.max_grad_norm)
+                    except TrainingDiverged as exc:
+                        raise TrainingDiverged(f"dpo stopped at step {step + 1}: {exc}") from None
                     step += 1
                     self.history.append({"step": step, "loss": loss.item(), "margin": margins.mean().item(),
                                          "accuracy": (margins > 0).float().mean().item(),

@@ -24,6 +24,7 @@ from typing import Literal
 
 import torch
 
+from rlhfkit.config import require
 from rlhfkit.rl.advantages import group_normalized, leave_one_out, masked_mean
 from rlhfkit.rl.kl import kl_estimator
 from rlhfkit.rl.rollout import Rollout
@@ -42,19 +43,31 @@ class GRPOConfig(RLConfig):
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     scale_rewards: bool = True  # GRPO: divide by the group's std
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # one completion is its own group baseline: its advantage is 0 (and a std of one value undefined)
+        require(self.group_size >= 2, "group_size", "must be at least 2 (a group baseline needs several completions "
+                                                    "of a prompt)")
+        require(self.epochs >= 1, "epochs", "must be at least 1")
+        rollout = self.batch_size * self.group_size
+        require(self.minibatch_size >= 0, "minibatch_size", "must be at least 0 (0: the whole rollout)")
+        require(self.minibatch_size == 0 or rollout % self.minibatch_size == 0, "minibatch_size",
+                f"{self.minibatch_size} does not divide the rollout's batch_size × group_size = {rollout} completions")
+        require(self.clip_eps > 0, "clip_eps", "must be positive")
+
+
+RLOO_DEFAULTS = {"advantage": "rloo", "kl_penalty": "reward", "kl_estimator": "k1", "kl_coef": 0.05}
+
 
 def rloo_config(**overrides) -> GRPOConfig:
     """RLOO's defaults: leave-one-out baseline, sequence-level k1 KL folded into the reward."""
-    return GRPOConfig(**({"advantage": "rloo", "kl_penalty": "reward", "kl_estimator": "k1", "kl_coef": 0.05}
-                         | overrides))
+    return GRPOConfig(**(RLOO_DEFAULTS | overrides))
 
 
 class GRPOTrainer(OnPolicyTrainer):
     """GRPO, or RLOO with ``rloo_config()`` (the ``algorithm`` name follows the config)."""
 
     def __init__(self, config: GRPOConfig, *args, **kwargs) -> None:
-        if config.advantage == "rloo" and config.group_size < 2:
-            raise ValueError("RLOO needs group_size ≥ 2 for a leave-one-out baseline")
         self.algorithm = config.advantage
         super().__init__(config, *args, **kwargs)
         self.kl = kl_estimator(config.kl_estimator)

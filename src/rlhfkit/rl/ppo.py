@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhfkit.config import require
 from rlhfkit.rl.advantages import gae, masked_mean, masked_var, whiten
 from rlhfkit.rl.kl import KLController, kl_estimator
 from rlhfkit.rl.rollout import Rollout
@@ -43,6 +44,23 @@ class PPOConfig(RLConfig):
     kl_target: float | None = None  # set to use the adaptive KL controller
     kl_horizon: int = 10_000
     whiten_advantages: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.ppo_epochs >= 1, "ppo_epochs", "must be at least 1")
+        require(1 <= self.minibatch_size <= self.batch_size, "minibatch_size",
+                f"must be between 1 and batch_size ({self.batch_size})")
+        require(self.batch_size % self.minibatch_size == 0, "minibatch_size",
+                f"{self.minibatch_size} does not divide batch_size {self.batch_size} (the last minibatch would "
+                "be smaller and weigh more per sequence)")
+        require(0 <= self.gamma <= 1, "gamma", "must be between 0 and 1")
+        require(0 <= self.lam <= 1, "lam", "must be between 0 and 1")
+        require(self.clip_eps > 0, "clip_eps", "must be positive")
+        require(self.value_clip is None or self.value_clip > 0, "value_clip", "must be positive (or null: unclipped)")
+        require(self.kl_target is None or self.kl_target > 0, "kl_target", "must be positive (or null: fixed β)")
+        # β ← β (1 + e n / horizon) with e ≥ −0.2 stays positive only if 0.2 n / horizon < 1
+        require(self.kl_target is None or self.kl_horizon > 0.2 * self.batch_size, "kl_horizon",
+                f"must exceed 0.2 × batch_size = {0.2 * self.batch_size:g}, or the adaptive β can turn negative")
 
 
 def ppo_losses(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, values: torch.Tensor,
@@ -77,8 +95,6 @@ class PPOTrainer(OnPolicyTrainer):
     uses_value_head = True
 
     def __init__(self, config: PPOConfig, *args, **kwargs) -> None:
-        if config.minibatch_size > config.batch_size:
-            raise ValueError(f"minibatch_size {config.minibatch_size} exceeds batch_size {config.batch_size}")
         super().__init__(config, *args, **kwargs)
         self.kl_controller = KLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.kl = kl_estimator(config.kl_estimator)
@@ -105,7 +121,8 @@ class PPOTrainer(OnPolicyTrainer):
                 for key, value in mb_stats.items():
                     stats.setdefault(key, []).append(value)
 
-        sequence_kl = kl.sum(dim=1).mean().item()
+        # β adapts to the KL of every process's rollouts, so that it stays the same on all of them
+        sequence_kl = self.mean_over_processes({"kl": kl.sum(dim=1).mean().item()})["kl"]
         self.kl_controller.update(sequence_kl, len(rollout.batch))
         explained = 1 - masked_var(returns - rollout.values, mask) / masked_var(returns, mask).clamp(min=1e-8)
         return {

@@ -7,7 +7,9 @@ the reward from any reward callable.
 Sampling is plain temperature sampling: top-k, top-p, repetition penalties and the like would make the
 sampling distribution differ from softmax(logits / τ), the distribution whose log-probs enter the KL
 estimate and the PPO ratio; that mismatch is the classic cause of a KL that comes out negative. So the
-generation settings are built here from scratch, never taken from the model's `generation_config`.
+generation settings are built here from scratch, and none is taken from the model's `generation_config`
+(`generate_exactly`). A prompt that leaves no room for ``max_new_tokens`` in the model's positions is
+refused with its text.
 """
 
 from __future__ import annotations
@@ -17,14 +19,22 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from rlhfkit.data.records import Text, render_text
 from rlhfkit.generate import format_prompt
-from rlhfkit.models.policy import PLAIN_SAMPLING, SamplingDistribution, TokenBatch, completion_tokens
+from rlhfkit.models.policy import (
+    PLAIN_SAMPLING,
+    SamplingDistribution,
+    TokenBatch,
+    check_prompt_lengths,
+    completion_tokens,
+    generate_exactly,
+    plain_generation_config,
+)
 from rlhfkit.models.reference import Reference
 from rlhfkit.models.value_head import Actor
-from rlhfkit.reward.base import RewardFn
+from rlhfkit.reward.base import RewardFn, score_completions
 
 
 @dataclass
@@ -47,15 +57,6 @@ def completion_mask(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     is_eos = (tokens == eos_token_id).long()
     after_eos = (is_eos.cumsum(dim=1) - is_eos) > 0
     return (~after_eos).long()
-
-
-def sampling_config(tokenizer: PreTrainedTokenizerBase, model, sampling: SamplingDistribution, max_new_tokens: int,
-                    n: int) -> GenerationConfig:
-    return GenerationConfig(do_sample=True, temperature=sampling.temperature, top_k=0, top_p=1.0,
-                            max_new_tokens=max_new_tokens, min_new_tokens=sampling.min_new_tokens or None,
-                            num_return_sequences=n, pad_token_id=tokenizer.pad_token_id,
-                            eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-                            decoder_start_token_id=getattr(model.config, "decoder_start_token_id", None))
 
 
 def full_parameters(actor: torch.nn.Module):
@@ -85,9 +86,11 @@ def collect_rollout(actor: torch.nn.Module, reference: Reference, tokenizer: Pre
     texts = [format_prompt(p, tokenizer, use_chat_template) for p in prompts]
     encoded = tokenizer(texts, return_tensors="pt", padding=True,
                         add_special_tokens=not use_chat_template).to(device)
-    config = sampling_config(tokenizer, model, sampling, max_new_tokens, n_per_prompt)
+    check_prompt_lengths(model, encoded["attention_mask"], texts, max_new_tokens)
+    config = plain_generation_config(model, tokenizer, max_new_tokens, n_per_prompt, temperature=sampling.temperature,
+                                     min_new_tokens=sampling.min_new_tokens)
     with full_parameters(actor):
-        output = model.generate(**encoded, generation_config=config)
+        output = generate_exactly(model, encoded, config)
     completion_ids = completion_tokens(model, output, encoded["input_ids"].shape[1])
     batch = TokenBatch(prompt_ids=encoded["input_ids"].repeat_interleave(n_per_prompt, dim=0),
                        prompt_mask=encoded["attention_mask"].repeat_interleave(n_per_prompt, dim=0),
@@ -99,5 +102,5 @@ def collect_rollout(actor: torch.nn.Module, reference: Reference, tokenizer: Pre
                                          + tokenizer.pad_token_id * (1 - batch.completion_mask),
                                          skip_special_tokens=True)
     repeated = [render_text(p) for p in prompts for _ in range(n_per_prompt)]
-    scores = reward_fn(repeated, completions).to(device=device, dtype=torch.float32)
+    scores = score_completions(reward_fn, repeated, completions).to(device)
     return Rollout(repeated, completions, batch, logprobs, ref_logprobs, values, scores)

@@ -8,6 +8,7 @@ prompts, and gradients are averaged by the wrapper; logged numbers are means ove
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -20,13 +21,14 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhfkit.config import save_config
+from rlhfkit.config import require, save_config
 from rlhfkit.console import console
 from rlhfkit.data.records import Text
-from rlhfkit.models.policy import SamplingDistribution, prepare_tokenizer
+from rlhfkit.generate import format_prompt
+from rlhfkit.models.policy import SamplingDistribution, check_prompt_lengths, prepare_tokenizer
 from rlhfkit.models.reference import Reference, add_lora, is_lora
 from rlhfkit.models.value_head import Actor
-from rlhfkit.reward.base import RewardFn
+from rlhfkit.reward.base import RewardError, RewardFn
 from rlhfkit.rl.monitors import RewardHackingMonitor
 from rlhfkit.rl.rollout import Rollout, collect_rollout
 
@@ -53,22 +55,72 @@ class RLConfig:
     output_dir: str = "runs/rl"
     save_every: int = 0  # checkpoint every this many steps (0: only at the end)
     log_dir: str | None = None  # TensorBoard logs (default: OUTPUT_DIR/tensorboard)
+    # dtype of the weights the optimiser updates: float32 master weights even for a bf16 checkpoint (an
+    # update smaller than bf16's resolution would round away); bfloat16 only to halve their memory
+    weights_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "save_every", "min_new_tokens"):
+            require(getattr(self, name) >= 0, name, "must be at least 0")
+        for name in ("batch_size", "max_new_tokens", "lora_r"):
+            require(getattr(self, name) >= 1, name, "must be at least 1")
+        for name in ("lr", "temperature", "max_grad_norm"):
+            require(getattr(self, name) > 0, name, "must be positive")
+        require(self.kl_coef >= 0, "kl_coef", "must be at least 0 (β weighs a penalty)")
+        require(self.min_new_tokens <= self.max_new_tokens, "min_new_tokens", "exceeds max_new_tokens")
+
+
+def cast_trainable(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The weights the optimiser updates in ``dtype``; frozen ones (a LoRA base) stay as loaded."""
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.is_floating_point():
+            parameter.data = parameter.data.to(dtype)
 
 
 def prepare_training(config, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                      reference: Reference | None, accelerator: Accelerator, value_head: bool):
     """What every policy trainer sets up: dropout off (a rollout's log-probs must be reproducible in the
-    update), LoRA if asked, the tokenizer, the reference on the policy's device, the actor and its AdamW,
-    prepared by `accelerate`. Returns (tokenizer, reference, actor, optimizer)."""
+    update), LoRA if asked, trainable weights in ``config.weights_dtype`` (float32 master weights by
+    default), the tokenizer, the reference on the policy's device and in the policy's precision (so
+    that KL is zero before the first update), the actor and its AdamW, prepared by `accelerate`.
+    Returns (tokenizer, reference, actor, optimizer)."""
     policy.eval()
     if config.lora and not is_lora(policy):
         policy = add_lora(policy, config.lora_r, config.lora_alpha)
+    dtype = getattr(torch, config.weights_dtype)
+    cast_trainable(policy, dtype)
     tokenizer = prepare_tokenizer(tokenizer, policy)
+    if reference is not None and not reference.shared:
+        reference.model.to(next(policy.parameters()).dtype)
     reference = (reference or Reference(policy)).to(accelerator.device)
     actor = Actor(policy, value_head=value_head).to(accelerator.device)
     trainable = [p for p in actor.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
     return (tokenizer, reference, *accelerator.prepare(actor, optimizer))
+
+
+class TrainingDiverged(ValueError):
+    """A non-finite loss or gradient norm: the update was not applied, and training stops."""
+
+
+def apply_gradients(accelerator: Accelerator, actor: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    loss: torch.Tensor, max_grad_norm: float) -> float:
+    """Backward, clip, step; returns the gradient norm before clipping. A loss or gradient norm that is
+    NaN or infinite raises :class:`TrainingDiverged` before the step, so the weights never take it in
+    (on every process at once under DDP: the verdict is summed over them)."""
+    optimizer.zero_grad()
+    accelerator.backward(loss)
+    norm = float(accelerator.clip_grad_norm_(actor.parameters(), max_grad_norm))
+    finite = math.isfinite(norm) and math.isfinite(loss.item())
+    diverged = torch.tensor([0.0 if finite else 1.0], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        diverged = accelerator.reduce(diverged, reduction="sum")
+    if diverged.item():
+        optimizer.zero_grad()
+        raise TrainingDiverged(f"loss {loss.item():.4g}, gradient norm {norm:.4g}: not finite (on this or another "
+                               "process); the update was not applied")
+    optimizer.step()
+    return norm
 
 
 def save_trained_policy(accelerator: Accelerator, actor: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, config,
@@ -98,6 +150,7 @@ class OnPolicyTrainer:
         self.tokenizer, self.reference, self.actor, self.optimizer = prepare_training(
             config, policy, tokenizer, reference, self.accelerator, self.uses_value_head)
         self.sampling = SamplingDistribution(config.temperature, config.min_new_tokens, self.tokenizer.eos_token_id)
+        self.check_prompts_fit()
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.stop_reason = ""
@@ -105,6 +158,14 @@ class OnPolicyTrainer:
         self._orders: dict[int, list[int]] = {}  # prompt order of the current and previous epoch
 
     # ------------------------------------------------------------ data
+    def check_prompts_fit(self) -> None:
+        """Every prompt leaves room for max_new_tokens in the model's positions: checked once, before
+        training, rather than at the step that first draws a long prompt."""
+        use_chat = self.config.use_chat_template
+        texts = [format_prompt(p, self.tokenizer, use_chat) for p in self.prompts]
+        lengths = self.tokenizer(texts, padding=True, add_special_tokens=not use_chat, return_tensors="pt")
+        check_prompt_lengths(self._bare_actor().model, lengths["attention_mask"], texts, self.config.max_new_tokens)
+
     def prompts_for_step(self, step: int) -> list[Text]:
         """This process's prompts for ``step``: epochs are seeded permutations of the prompt list, each
         step takes the next batch_size × num_processes of them, each process its own slice. A function
@@ -154,17 +215,17 @@ class OnPolicyTrainer:
         raise NotImplementedError
 
     def optimizer_step(self, loss: torch.Tensor) -> float:
-        """Backward, clip, step; returns the gradient norm before clipping."""
-        self.optimizer.zero_grad()
-        self.accelerator.backward(loss)
-        norm = self.accelerator.clip_grad_norm_(self.actor.parameters(), self.config.max_grad_norm)
-        self.optimizer.step()
-        return float(norm)
+        return apply_gradients(self.accelerator, self.actor, self.optimizer, loss, self.config.max_grad_norm)
 
     def train_step(self) -> dict[str, float]:
+        """One rollout and its update. A reward that breaks its contract (NaN, wrong shape) or a
+        non-finite loss stops training with the step and the cause; the policy is not saved."""
         started = time.perf_counter()
-        rollout = self.rollout(self.prompts_for_step(self.step))
-        stats = self.update(rollout)
+        try:
+            rollout = self.rollout(self.prompts_for_step(self.step))
+            stats = self.update(rollout)
+        except (RewardError, TrainingDiverged) as exc:
+            raise type(exc)(f"{self.algorithm} stopped at step {self.step + 1}: {exc}") from None
         if self.monitor is not None:
             stats |= self.monitor.measure(rollout.prompts, rollout.completions, rollout.scores)
         stats = self.mean_over_processes(stats)
@@ -229,7 +290,7 @@ class OnPolicyTrainer:
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         """Everything needed to continue exactly: trainable weights (and value head), optimizer, KL
-        controller, step, history, each process's RNG state, and the config."""
+        controller, step, history, each process's RNG state (CPU, and CUDA on a GPU), and the config."""
         path = Path(path)
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
@@ -242,7 +303,21 @@ class OnPolicyTrainer:
             (path / "trainer_state.json").write_text(json.dumps(state, indent=1))
             save_config(self.config, path / f"{self.algorithm}_config.yaml")
         self.accelerator.wait_for_everyone()
-        torch.save(torch.get_rng_state(), path / f"rng-{self.accelerator.process_index}.pt")
+        torch.save(self.rng_state(), path / f"rng-{self.accelerator.process_index}.pt")
+
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """This process's random state: the CPU generator's and, on a GPU, its device's (sampling draws there)."""
+        state = {"cpu": torch.get_rng_state()}
+        if self.accelerator.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.accelerator.device)
+        return state
+
+    def set_rng_state(self, state: dict[str, torch.Tensor] | torch.Tensor) -> None:
+        if isinstance(state, torch.Tensor):  # a checkpoint from before the CUDA state was kept
+            state = {"cpu": state}
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and self.accelerator.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.accelerator.device)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         path = Path(path)
@@ -255,7 +330,7 @@ class OnPolicyTrainer:
         state = json.loads((path / "trainer_state.json").read_text())
         self.step, self.history = state["step"], state["history"]
         self.load_extra_state(state)
-        torch.set_rng_state(torch.load(path / f"rng-{self.accelerator.process_index}.pt"))
+        self.set_rng_state(torch.load(path / f"rng-{self.accelerator.process_index}.pt"))
 
     def extra_state(self) -> dict:
         return {}

@@ -1,0 +1,49 @@
+"""DPO's loss takes a pair's soft label, and its batches fit the model."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import build_tiny_causal, word_tokenizer
+from rlhfkit.data.records import PreferencePair
+from rlhfkit.rl.dpo import DPOConfig, DPOTrainer, dpo_loss
+
+
+def test_the_soft_target_loss_is_smallest_at_the_margin_that_matches_the_label():
+    """−[y log σ(h) + (1 − y) log σ(−h)] is minimal at h = log(y / (1 − y)); a hard label pushes h up."""
+    for y in (0.5, 0.7, 0.9):
+        h = torch.tensor([math.log(y / (1 - y))], requires_grad=True)
+        loss, _ = dpo_loss(h, torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=1.0, labels=torch.tensor([y]))
+        loss.backward()
+        assert h.grad.abs().item() < 1e-6
+    h = torch.zeros(1, requires_grad=True)
+    dpo_loss(h, torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=1.0)[0].backward()
+    assert h.grad.item() == pytest.approx(-0.5)
+
+
+def test_pairs_labelled_one_half_teach_nothing(tmp_path):
+    """At the start policy = reference (h = 0), where a 0.5 label's gradient σ(h) − y is zero."""
+    pairs = [PreferencePair(prompt="how do i fix bike", chosen="happy kind nice", rejected="stupid dumb idiot",
+                            label=0.5)] * 4
+    trainer = DPOTrainer(DPOConfig(lr=1e-2, batch_size=4, max_steps=1, output_dir=str(tmp_path)),
+                         build_tiny_causal(), word_tokenizer())
+    before = [p.detach().clone() for p in trainer.actor.parameters()]
+    trainer.train(pairs, eval_pairs=pairs[:1], progress=False)
+    assert all(torch.allclose(a, b) for a, b in zip(before, trainer.actor.parameters(), strict=True))
+    hard = DPOTrainer(DPOConfig(lr=1e-2, batch_size=4, max_steps=1, output_dir=str(tmp_path)), build_tiny_causal(),
+                      word_tokenizer())
+    hard.train([p.model_copy(update={"label": None}) for p in pairs], eval_pairs=pairs[:1], progress=False)
+    assert not all(torch.allclose(a, b) for a, b in zip(before, hard.actor.parameters(), strict=True))
+
+
+def test_a_prompt_longer_than_the_model_positions_is_cut_from_the_left_with_a_warning(tmp_path):
+    long_prompt = " ".join(["bike"] * 200) + " how do i fix bike"
+    pairs = [PreferencePair(prompt=long_prompt, chosen="happy kind nice", rejected="stupid dumb idiot")]
+    trainer = DPOTrainer(DPOConfig(output_dir=str(tmp_path)), build_tiny_causal(), word_tokenizer())  # 128 positions
+    with pytest.warns(UserWarning, match="2 of 2 prompts cut from the left to fit the model's 128 positions"):
+        batch = trainer.batch(pairs)
+    assert batch.prompt_ids.shape[1] + batch.completion_ids.shape[1] <= 128
+    assert trainer.tokenizer.decode(batch.prompt_ids[0, -5:]) == "how do i fix bike"
+    with pytest.warns(UserWarning):
+        assert math.isfinite(trainer.evaluate(pairs)["margin"])
