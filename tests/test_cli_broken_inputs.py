@@ -66,7 +66,7 @@ CASES = {
     "import-pairs: unknown format": ({"t.jsonl": PAIR}, "import-pairs {d}/t.jsonl --format tlr -o {d}/out",
                                      "unknown format 'tlr'"),
     "reward train: --epochs 0": ({"p.jsonl": PAIR}, "reward train {d}/p.jsonl -o {d}/out --epochs 0",
-                                 "epochs: must be at least 1, got 0"),
+                                 "field 'epochs': must be at least 1, got 0"),
     "reward train: empty pairs": ({"p.jsonl": ""}, "reward train {d}/p.jsonl -o {d}/out",
                                   "p.jsonl: no pair records"),
     "reward train: missing local backbone": ({"p.jsonl": PAIR},

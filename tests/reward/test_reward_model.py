@@ -141,9 +141,10 @@ def test_soft_labels_train_a_weaker_preference_than_hard_ones():
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
-    ("epochs", 0, "epochs: must be at least 1, got 0"), ("batch_size", 0, "batch_size: must be at least 1"),
-    ("lr", 0.0, "lr: must be positive"), ("eval_fraction", 1.0, r"eval_fraction: must be in \[0, 1\)"),
-    ("max_steps", 0, "max_steps: must be at least 1"),
+    ("epochs", 0, "field 'epochs': must be at least 1, got 0"),
+    ("batch_size", 0, "field 'batch_size': must be at least 1"),
+    ("lr", 0.0, "field 'lr': must be positive"), ("eval_fraction", 1.0, r"field 'eval_fraction': must be in \[0, 1\)"),
+    ("max_steps", 0, "field 'max_steps': must be at least 1"),
 ])
 def test_config_refuses_values_that_cannot_train(field, value, message):
     with pytest.raises(ValueError, match=message):

@@ -37,7 +37,7 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from rlhfkit.config import config_from_yaml, save_config
+from rlhfkit.config import config_from_yaml, require, save_config
 from rlhfkit.console import console, progress_bar
 from rlhfkit.data.io import malformed_json, umask_mode
 from rlhfkit.data.pairs import group_by_prompt
@@ -81,16 +81,12 @@ class RewardModelConfig:
         at_least_one = {"max_length": self.max_length, "epochs": self.epochs, "batch_size": self.batch_size,
                         "lora_r": self.lora_r}
         for field, value in at_least_one.items():
-            if value < 1:
-                raise ValueError(f"{field}: must be at least 1, got {value}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps: must be at least 1 (or unset), got {self.max_steps}")
-        if not self.lr > 0:
-            raise ValueError(f"lr: must be positive, got {self.lr}")
-        if not 0 <= self.eval_fraction < 1:
-            raise ValueError(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+            require(value >= 1, field, f"must be at least 1, got {value}")
+        require(self.max_steps is None or self.max_steps >= 1, "max_steps",
+                f"must be at least 1 (or unset), got {self.max_steps}")
+        require(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        require(0 <= self.eval_fraction < 1, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+        require(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike | None = None, **overrides) -> RewardModelConfig:
