@@ -188,7 +188,9 @@ class Labelers:
 
     async def run(self, seconds: float, kill_after: float | None, kill) -> float:
         """Log everyone in, then label; returns the seconds of labeling (login excluded)."""
-        limits = httpx.Limits(max_connections=1)
+        # idle connections are dropped by the client before uvicorn's 5 s keep-alive can close them under a
+        # request (the wait for everyone's login is longer than that)
+        limits = httpx.Limits(max_connections=1, keepalive_expiry=2)
         clients = [httpx.AsyncClient(base_url=self.url, timeout=60, limits=limits) for _ in range(self.count)]
         try:
             async def login(i: int) -> None:
@@ -196,7 +198,10 @@ class Labelers:
                     "/api/login", json={"username": f"load-{i}", "password": PASSWORD}))
                 clients[i].headers["X-CSRF-Token"] = response.json()["csrf"]
 
+            started = time.perf_counter()
             await asyncio.gather(*(login(i) for i in range(self.count)))
+            print(f"{self.count} labelers logged in in {time.perf_counter() - started:.1f} s; labeling",
+                  file=sys.stderr, flush=True)
             started = time.perf_counter()
 
             async def labeler(i: int) -> None:

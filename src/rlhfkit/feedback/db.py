@@ -191,7 +191,9 @@ def make_engine(url: str) -> Engine:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_size=20, max_overflow=40, pool_pre_ping=True)
+    # per server process: `serve --workers N` opens up to N × 15 connections, which must stay under
+    # PostgreSQL's max_connections (100 by default); requests beyond 15 wait for a free connection
+    return create_engine(url, pool_size=10, max_overflow=5, pool_pre_ping=True)
 
 
 def migrate(engine: Engine) -> None:
