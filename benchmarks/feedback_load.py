@@ -9,7 +9,7 @@ file path uses that database, which must be empty. Everything listens on 127.0.0
 
 Every labeler logs in (timed apart from the load), then loops: GET /api/next → think → POST /api/labels,
 sending 10% of submissions twice (a double click must return the same label). Labelers stop when the
-queue is empty or after ``--seconds``. The think time is drawn uniformly from [0.5, 1.5] × ``--think``.
+queue is empty or take no new item after ``--seconds``. The think time is drawn uniformly from [0.5, 1.5] × ``--think``.
 By Little's law the labelers in flight N, the label rate X and the time per label satisfy
 N = X · (think + latency of next + latency of submit): with ``--think 0`` every labeler waits on the
 server all the time, so latency is N / X and only the rate measures the server; with a think time the
@@ -235,10 +235,12 @@ def run(db: str, labelers: int = 50, prompts: int = 200, overlap: int = 3, kill_
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
 
-    elapsed = asyncio.run(crowd.run(seconds, kill_after, kill))
-    if kill_after is not None:  # restart on the same database: migrations and state must survive
-        server = start_server(db, port, workers)
-    complaint = stop_server(server)
+    try:
+        elapsed = asyncio.run(crowd.run(seconds, kill_after, kill))
+        if kill_after is not None:  # restart on the same database: migrations and state must survive
+            server = start_server(db, port, workers)
+    finally:
+        complaint = stop_server(server)
     if complaint:
         crowd.errors.append(complaint)
     counts = audit(stored_labels(db), crowd.acknowledged, overlap)
@@ -286,7 +288,7 @@ def main() -> None:
     parser.add_argument("--overlap", type=int, default=3, help="labelers per item (k)")
     parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes")
     parser.add_argument("--think", type=float, default=1.0, help="mean seconds a labeler reads before submitting")
-    parser.add_argument("--seconds", type=float, default=60.0, help="stop labeling after this long")
+    parser.add_argument("--seconds", type=float, default=60.0, help="take no new item after this long")
     parser.add_argument("--kill-after", type=float, default=5.0,
                         help="also run once with kill -9 this many seconds into the load (0: no kill run)")
     parser.add_argument("--out", type=Path, help="results file [default: results/feedback_load-TIMESTAMP.json]")
@@ -297,18 +299,20 @@ def main() -> None:
     given = [kind for kind in args.db if kind not in ("sqlite", "postgresql")]
     if given and args.kill_after > 0:
         sys.exit(f"--db {given[0]}: a given database serves one run; add --kill-after 0")
+    out.parent.mkdir(parents=True, exist_ok=True)
     results = []
     for kind in args.db:
         with databases(kind) as new_database:
             for kill_after in [None] + ([args.kill_after] if args.kill_after > 0 else []):
-                result = run(new_database(), args.labelers, args.prompts, args.overlap, kill_after, args.workers,
-                             args.think, args.seconds)
+                try:
+                    result = run(new_database(), args.labelers, args.prompts, args.overlap, kill_after,
+                                 args.workers, args.think, args.seconds)
+                except service.FeedbackError as exc:
+                    sys.exit(f"--db {kind}: {exc.message} (the benchmark needs an empty database)")
                 print(json.dumps(result), flush=True)
                 results.append(result)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "x") as f:
-        json.dump({"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "runs": results}, f,
-                  indent=1)
+                out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+                                           "runs": results}, indent=1))  # after each run: a failure keeps them
     print(f"written to {out}")
     failed = [r for r in results if r["lost"] or r["duplicated"] or r["over_filled_items"] or r["error_count"]]
     if failed:
