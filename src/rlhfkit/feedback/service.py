@@ -376,8 +376,15 @@ def _assign_new(session: Session, user: User, project: Project, rng: random.Rand
         else:
             candidates = session.scalars(query.where(filled < project.overlap).order_by(filled.desc(), Item.id)
                                          .limit(20)).all()
-        for item_id in candidates:
-            item = session.scalar(select(Item).where(Item.id == item_id).with_for_update())
+        # An item that another labeler is being given right now (row locked) is passed over (SKIP LOCKED,
+        # PostgreSQL) and tried again last, waiting then: otherwise every labeler queues on the same
+        # fullest item. SQLite serialises whole transactions and never skips.
+        queue = [(item_id, False) for item_id in candidates]
+        for item_id, wait in queue:
+            item = session.scalar(select(Item).where(Item.id == item_id).with_for_update(skip_locked=not wait))
+            if item is None:
+                queue.append((item_id, True))
+                continue
             slot = None
             if not gold:
                 session.execute(_expire(Assignment.item_id == item_id))
