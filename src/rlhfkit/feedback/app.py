@@ -39,8 +39,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, Field, ValidationError
 from sqlalchemy import select
+from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.middleware.sessions import SessionMiddleware
 
@@ -56,15 +57,30 @@ TEMPLATES.env.filters["num"] = lambda v: "–" if v is None or v != v else f"{v:
 ItemId = Annotated[int, Field(ge=1, le=2**31 - 1)]  # the database's integer range
 
 
+def _storable(value: str) -> str:
+    """Text that every database and the password hash can take: no NUL character (PostgreSQL refuses
+    it), no lone surrogate (not encodable as UTF-8; JSON's "\\ud800" makes one)."""
+    if "\x00" in value:
+        raise ValueError("contains a NUL character")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError("contains a lone surrogate (not valid Unicode text)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_storable)]
+
+
 class LoginBody(BaseModel):
-    username: str
-    password: str
+    username: Text
+    password: Text
 
 
 class LabelBody(BaseModel):
     item_id: ItemId
-    groups: list[list[str]]
-    flagged: list[str] = []
+    groups: list[list[Text]]
+    flagged: list[Text] = []
     seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
 
 
@@ -73,12 +89,12 @@ class ItemBody(BaseModel):
 
 
 class ProjectBody(BaseModel):
-    project: str | None = None
+    project: Text | None = None
 
 
 class UserBody(BaseModel):
-    username: str
-    role: str = "labeler"
+    username: Text
+    role: Text = "labeler"
 
 
 class DisableBody(BaseModel):
@@ -86,12 +102,12 @@ class DisableBody(BaseModel):
 
 
 class PasswordBody(BaseModel):
-    password: str
+    password: Text
 
 
 class PasswordChangeBody(BaseModel):
-    old: str
-    new: str
+    old: Text
+    new: Text
 
 
 def _secret(sessions: sessionmaker) -> str:
@@ -226,6 +242,13 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> Response:
         return error_response(request, exc.status_code, str(exc.detail))
+
+    @app.exception_handler(DataError)
+    async def _data_error(request: Request, exc: DataError) -> Response:
+        """What only the database refuses (PostgreSQL: a NUL character in a name, a number out of its
+        range) is the client's input, not a server fault."""
+        return error_response(request, 422, "a value of this request cannot be stored: it contains a NUL "
+                                            "character or a number out of range; remove it and send again")
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:

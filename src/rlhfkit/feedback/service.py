@@ -52,6 +52,7 @@ from rlhfkit.feedback.db import (
 
 ASSIGNMENT_TIMEOUT = timedelta(hours=1)
 MIN_PASSWORD_LENGTH = 10
+MAX_OVERLAP = 1000  # labelers per item; a typo like 10**8 would make every assignment enumerate its slots
 SESSION_LIFETIME = timedelta(days=14)
 
 
@@ -280,14 +281,21 @@ def create_project(session: Session, name: str, criterion: str, completions: Seq
                    gold: Sequence[Ranking] = (), gold_rate: float = 0.1) -> Project:
     """A project with one item per prompt of ``completions``; prompts with a ranking in ``gold`` become
     gold items with that ranking as their answer."""
-    if not 1 <= len(name) <= 128 or not name.isprintable() or not 1 <= len(criterion) <= 128:
+    if not all(1 <= len(text) <= 128 and text.isprintable() for text in (name, criterion)):
         raise FeedbackError("a project name and a criterion have 1 to 128 printable characters", 422)
-    if overlap < 1:
-        raise FeedbackError("overlap (labelers per item) must be at least 1")
+    if not 1 <= overlap <= MAX_OVERLAP:
+        raise FeedbackError(f"overlap (labelers per item) must be 1 to {MAX_OVERLAP}, not {overlap}", 422)
+    if not 0 <= gold_rate <= 1:  # also refuses NaN
+        raise FeedbackError(f"the gold-item rate is a probability from 0 to 1, not {gold_rate}", 422)
     if consensus not in CONSENSUS:
         raise FeedbackError(f"unknown consensus {consensus!r}; choose one of {sorted(CONSENSUS)}")
     if not completions:
         raise FeedbackError("no completions to label")
+    if "\x00" in instructions:
+        raise FeedbackError("the instructions contain a NUL character", 422)
+    with_nul = next((c for c in completions if "\x00" in c.id + c.prompt_id + c.text + c.model), None)
+    if with_nul is not None:
+        raise FeedbackError(f"completion {with_nul.id!r} contains a NUL character", 422)
     if session.scalar(select(Project).where(Project.name == name)):
         raise FeedbackError(f"project {name!r} exists", 409)
     answers = {r.prompt_id: r for r in gold}
