@@ -77,3 +77,103 @@ def test_a_project_refuses_an_overlap_or_gold_rate_out_of_range(db_url):
         assert refused.status_code == 422, (field, value, refused.status_code)
     with app.state.sessions() as db, pytest.raises(service.FeedbackError, match="overlap"):
         service.create_project(db, "big", "helpfulness", make_completions("q", 2), overlap=service.MAX_OVERLAP + 1)
+
+
+def test_an_anonymous_upload_is_refused_before_its_form_is_parsed(tmp_path, monkeypatch):
+    from starlette.requests import Request
+
+    app = create_app(str(tmp_path / "app.db"))
+    setup_project(app)
+    parsed = []
+    real_form = Request._get_form
+    monkeypatch.setattr(Request, "_get_form", lambda self, **kw: parsed.append(self.url.path) or real_form(self, **kw))
+    upload = {"completions": ("c.jsonl", b"x" * 2_000_000)}  # up to 256 MiB once were parsed for anyone
+    assert TestClient(app).post("/admin/projects", data={"csrf": "x"}, files=upload).status_code == 401
+    assert login(TestClient(app), "ann").post("/admin/projects", files=upload).status_code == 403
+    assert parsed == []
+    admin = TestClient(app)
+    admin.post("/login", data={"username": "admin", "password": "admin-pass", "csrf": page_csrf(admin.get("/login"))})
+    form = {"csrf": page_csrf(admin.get("/admin")), "name": "new", "criterion": "helpfulness", "overlap": "2"}
+    created = admin.post("/admin/projects", data=form, files={"completions": ("c.jsonl", completions_file())},
+                         follow_redirects=False)
+    assert created.status_code == 303 and parsed[-1] == "/admin/projects"
+    missing_csrf = admin.post("/admin/projects", data=form | {"csrf": "wrong", "name": "other"},
+                              files={"completions": ("c.jsonl", completions_file())})
+    assert missing_csrf.status_code == 403
+
+
+def test_parallel_wrong_passwords_get_no_more_tries_than_the_back_off_allows(db_url, monkeypatch):
+    import threading
+    import time
+
+    app = create_app(db_url)
+    setup_project(app)
+    real_check = service.check_password
+    # a slow hash keeps all 20 attempts in flight at once, as a client with 20 connections would
+    monkeypatch.setattr(service, "check_password", lambda password, stored: time.sleep(0.3) or real_check(password,
+                                                                                                            stored))
+    answers = []
+
+    def attempt(client):
+        with app.state.sessions() as db:
+            try:
+                service.log_in(db, "ann", "wrong-password", client)
+            except service.FeedbackError as exc:
+                answers.append(exc.status)
+
+    threads = [threading.Thread(target=attempt, args=(f"10.0.0.{i}",)) for i in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    start, _ = service.LOGIN_THROTTLE["user"]
+    assert sorted(answers) == [401] * start + [429] * (20 - start)  # 20 password checks before the fix
+    with app.state.sessions() as db:
+        db.execute(service.update(service.LoginFailures).values(last_failure=service.now() - service.LOGIN_FORGET))
+        db.commit()
+        service.log_in(db, "ann", "ann-password", "10.0.0.1")  # a success forgets the account's failures
+        assert db.get(service.LoginFailures, "user:ann") is None
+        assert db.get(service.LoginFailures, "ip:10.0.0.1").failures == 0  # its own attempt taken back
+
+
+def test_one_labeler_racing_next_submit_undo_and_skip_in_many_tabs_gets_no_server_error(db_url):
+    import random
+    import threading
+
+    app = create_app(db_url)
+    setup_project(app, overlap=2)
+    failures = []
+
+    def tab(seed):
+        rng = random.Random(seed)
+        with app.state.sessions() as db:
+            ann, project = service.get_user(db, "ann"), service.get_project(db, "demo")
+            for _ in range(25):
+                try:
+                    item = service.next_item(db, ann, project)
+                    action = rng.choice(["submit", "submit", "undo", "skip"])
+                    if item is None or action == "undo":
+                        service.undo_last_label(db, ann, project)
+                    elif action == "submit":
+                        ids = [c.completion_id for c in item.completions]
+                        service.submit_label(db, ann, item.id, [[i] for i in ids], [])
+                    else:
+                        service.skip(db, ann, item.id)
+                except service.FeedbackError:
+                    db.rollback()
+                except Exception as exc:  # a deadlock or an integrity error would be a 500
+                    db.rollback()
+                    failures.append(repr(exc)[:300])
+
+    threads = [threading.Thread(target=tab, args=(seed,)) for seed in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    with app.state.sessions() as db:
+        for item in db.scalars(service.select(service.Item)):
+            holders = db.scalars(service.select(service.Assignment).where(
+                service.Assignment.item_id == item.id, service.Assignment.status.in_(("open", "done")))).all()
+            labels = db.scalars(service.select(service.Label).where(service.Label.item_id == item.id)).all()
+            assert len(holders) <= 2 and len(labels) == sum(a.status == "done" for a in holders)

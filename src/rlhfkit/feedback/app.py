@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import Depends, FastAPI, Form, HTTPException, Request, UploadFile
+from fastapi import Depends, FastAPI, Form, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -43,6 +43,7 @@ from pydantic import AfterValidator, BaseModel, Field, ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.datastructures import UploadFile as StarletteUpload
 from starlette.middleware.sessions import SessionMiddleware
 
 from rlhfkit.feedback import service
@@ -95,6 +96,15 @@ class ProjectBody(BaseModel):
 class UserBody(BaseModel):
     username: Text
     role: Text = "labeler"
+
+
+class ProjectForm(BaseModel):
+    name: Text
+    criterion: Text
+    instructions: Text = ""
+    overlap: int = 3
+    consensus: Text = "borda"
+    gold_rate: float = 0.1
 
 
 class DisableBody(BaseModel):
@@ -337,18 +347,26 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
         return TEMPLATES.TemplateResponse(request, "admin.html", context)
 
     @app.post("/admin/projects")
-    async def create_project_form(request: Request, name: str = Form(...), criterion: str = Form(...),
-                                  instructions: str = Form(""), overlap: int = Form(3),
-                                  consensus: str = Form("borda"), gold_rate: float = Form(0.1),
-                                  completions: UploadFile | None = None, gold: UploadFile | None = None,
-                                  user: User = Depends(form_admin), session: Session = Depends(db)):
+    async def create_project_form(request: Request, user: User = Depends(admin_user), session: Session = Depends(db)):
+        """The form is read only here, after the admin's session was checked (a form parameter would make
+        FastAPI parse the whole upload, up to its 256 MiB limit, for an anonymous client too)."""
         from rlhfkit.data.records import Completion, Ranking
 
-        records = _upload_records(await completions.read(), completions.filename, Completion) if completions else []
-        answers = _upload_records(await gold.read(), gold.filename, Ranking) if gold and gold.filename else []
-        service.create_project(session, name, criterion, records, instructions, overlap, consensus, answers,
-                               gold_rate)
-        return RedirectResponse(f"/admin?project={quote(name)}", 303)
+        async with request.form(max_files=2, max_fields=10) as form:
+            check_csrf(request, form.get("csrf") if isinstance(form.get("csrf"), str) else None)
+            try:
+                fields = ProjectForm.model_validate({k: v for k, v in form.items() if isinstance(v, str)})
+            except ValidationError as exc:
+                raise RequestValidationError([{**e, "loc": ("form", *e["loc"])}
+                                              for e in exc.errors(include_url=False)]) from None
+            completions, gold = form.get("completions"), form.get("gold")
+            records = (_upload_records(await completions.read(), completions.filename, Completion)
+                       if isinstance(completions, StarletteUpload) else [])
+            answers = (_upload_records(await gold.read(), gold.filename, Ranking)
+                       if isinstance(gold, StarletteUpload) and gold.filename else [])
+        service.create_project(session, fields.name, fields.criterion, records, fields.instructions, fields.overlap,
+                               fields.consensus, answers, fields.gold_rate)
+        return RedirectResponse(f"/admin?project={quote(fields.name)}", 303)
 
     @app.post("/admin/users")
     def create_user_form(username: str = Form(...), role: str = Form("labeler"), user: User = Depends(form_admin),

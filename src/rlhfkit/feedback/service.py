@@ -153,10 +153,24 @@ def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def login_wait(session: Session, keys: Sequence[str]) -> float:
-    """Seconds before another login attempt is allowed for these keys (``user:NAME``, ``ip:ADDR``); 0: now."""
+def _upsert(session: Session):
+    from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+
+
+def reserve_login_attempt(session: Session, keys: Sequence[str]) -> float:
+    """Seconds before another login attempt is allowed for these keys (``user:NAME``, ``ip:ADDR``). At 0
+    the attempt is counted as a failure at once, before its password is checked (a success takes the
+    count back): check and count are one transaction over the keys' locked rows, so parallel attempts
+    cannot all pass the check before the first failure is counted."""
+    keys = sorted(set(keys))
+    session.execute(_upsert(session)(LoginFailures).values([{"key": k, "failures": 0, "last_failure": now()}
+                                                             for k in keys]).on_conflict_do_nothing())
     wait = 0.0
-    for row in session.scalars(select(LoginFailures).where(LoginFailures.key.in_(keys))):
+    for row in session.scalars(select(LoginFailures).where(LoginFailures.key.in_(keys)).order_by(LoginFailures.key)
+                               .with_for_update()):
         start, lock = LOGIN_THROTTLE[row.key.split(":", 1)[0]]
         if row.failures < start:
             continue
@@ -165,19 +179,18 @@ def login_wait(session: Session, keys: Sequence[str]) -> float:
         since = now() - _aware(row.last_failure)
         if since < LOGIN_FORGET:
             wait = max(wait, (pause - since).total_seconds())
-    session.commit()
-    return wait
+    if wait > 0:
+        session.commit()
+        return wait
+    record_login_failure(session, keys)
+    return 0.0
 
 
 def record_login_failure(session: Session, keys: Sequence[str]) -> None:
     """One more failure per key, atomically (an upsert), so parallel workers count every failure."""
-    from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-    insert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
     moment = now()
     for key in keys:
-        statement = insert(LoginFailures).values(key=key, failures=1, last_failure=moment)
+        statement = _upsert(session)(LoginFailures).values(key=key, failures=1, last_failure=moment)
         session.execute(statement.on_conflict_do_update(index_elements=[LoginFailures.key], set_={
             "failures": case((LoginFailures.last_failure < moment - LOGIN_FORGET, 1),
                              else_=LoginFailures.failures + 1),
@@ -188,15 +201,17 @@ def record_login_failure(session: Session, keys: Sequence[str]) -> None:
 def log_in(session: Session, username: str, password: str, client: str) -> tuple[User, str]:
     """The account and a new session token, or a refusal: 429 while the account or the client address is
     throttled, else 401 for a wrong username or password."""
-    keys = [f"user:{normalise_username(username)[:64]}", f"ip:{client[:64]}"]
-    wait = login_wait(session, keys)
+    user_key, client_key = f"user:{normalise_username(username)[:64]}", f"ip:{client[:64]}"
+    wait = reserve_login_attempt(session, [user_key, client_key])
     if wait > 0:
         raise FeedbackError(f"too many failed logins: try again in {math.ceil(wait)} s", 429, math.ceil(wait))
     user = authenticate(session, username, password)
     if user is None:
-        record_login_failure(session, keys)
         raise FeedbackError("wrong username or password", 401)
-    session.execute(delete(LoginFailures).where(LoginFailures.key == keys[0]))  # committed with the session
+    # the attempt was counted as a failure: the account forgets its failures, the address this one
+    session.execute(delete(LoginFailures).where(LoginFailures.key == user_key))
+    session.execute(update(LoginFailures).where(LoginFailures.key == client_key, LoginFailures.failures > 0)
+                    .values(failures=LoginFailures.failures - 1))  # committed with the session
     return user, start_session(session, user)
 
 
@@ -463,8 +478,10 @@ def submit_label(session: Session, user: User, item_id: int, groups: list[list[s
     (which holds one of the item's k slots): the assignment turns from open to done in the same
     statement that checks it, so a skipped or expired assignment cannot take a label, and an item can
     never have more labels than slots."""
-    item = session.get(Item, item_id)
+    # locks in the order every writer takes them, item then assignment (PostgreSQL: no deadlock with undo)
+    item = session.get(Item, item_id, with_for_update=True)
     if item is None:
+        session.rollback()
         raise FeedbackError(f"unknown item {item_id}", 404)
     assignment = _assignment(session, user, item_id)
     try:
@@ -511,6 +528,9 @@ def undo_last_label(session: Session, user: User, project: Project) -> int:
         session.rollback()
         raise FeedbackError("there is no label of yours to undo in this project", 404)
     item = session.scalar(select(Item).where(Item.id == label.item_id).with_for_update())
+    if session.scalar(select(Label.id).where(Label.id == label.id)) is None:  # another tab undid it meanwhile
+        session.rollback()
+        raise FeedbackError("that label was just undone (in another tab?): reload to see your item", 409)
     labels = session.scalar(select(func.count()).select_from(Label).where(Label.item_id == item.id))
     if not item.is_gold and labels >= project.overlap:
         session.rollback()
@@ -518,9 +538,13 @@ def undo_last_label(session: Session, user: User, project: Project) -> int:
     session.execute(delete(Assignment).where(Assignment.user_id == user.id, Assignment.project_id == project.id,
                                              Assignment.status == "open"))
     session.delete(label)
-    session.execute(update(Assignment).where(Assignment.item_id == item.id, Assignment.user_id == user.id)
-                    .values(status="open", created_at=now()).execution_options(synchronize_session=False))
-    session.commit()
+    try:
+        session.execute(update(Assignment).where(Assignment.item_id == item.id, Assignment.user_id == user.id)
+                        .values(status="open", created_at=now()).execution_options(synchronize_session=False))
+        session.commit()
+    except IntegrityError:  # a parallel /api/next of this labeler opened a new item after the delete above
+        session.rollback()
+        raise FeedbackError("your next item was being opened at the same moment: undo again", 409) from None
     return item.id
 
 
