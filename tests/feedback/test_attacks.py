@@ -177,3 +177,35 @@ def test_one_labeler_racing_next_submit_undo_and_skip_in_many_tabs_gets_no_serve
                 service.Assignment.item_id == item.id, service.Assignment.status.in_(("open", "done")))).all()
             labels = db.scalars(service.select(service.Label).where(service.Label.item_id == item.id)).all()
             assert len(holders) <= 2 and len(labels) == sum(a.status == "done" for a in holders)
+
+
+def test_progress_moves_by_one_for_gold_and_regular_items_alike(db_url):
+    from rlhfkit.data.records import Ranking
+
+    gold = [Ranking(prompt_id=f"p{i}", labeler_id="gold", groups=[[f"p{i}-0"], [f"p{i}-1"], [f"p{i}-2"]])
+            for i in range(3, 5)]
+    app = create_app(db_url)
+    setup_project(app, overlap=2, gold=gold)
+    ann = login(TestClient(app), "ann")
+    steps = []
+    while (response := ann.get("/api/next")).status_code == 200:
+        item = response.json()
+        ann.post("/api/labels", json={"item_id": item["item_id"], "groups": [[c["id"]] for c in item["completions"]]})
+        steps.append((item["progress"]["left"], ann.get("/api/progress").json()["left"]))
+    assert len(steps) == 6  # 2 gold items, 4 regular ones: left fell by 1 after every label, which told gold apart
+    assert all(after == before - 1 for before, after in steps), steps
+    assert steps[-1][1] == 0
+
+
+def test_login_and_account_pages_show_no_message_taken_from_the_url(tmp_path):
+    app = create_app(str(tmp_path / "app.db"))
+    setup_project(app)
+    spoof = "Your password expired: set a new one at evil.example"
+    browser = TestClient(app)
+    assert "evil.example" not in browser.get("/login", params={"error": spoof}).text
+    failed = browser.post("/login", data={"username": "ann", "password": "wrong-password",
+                                          "csrf": page_csrf(browser.get("/login"))})
+    assert failed.status_code == 401 and "wrong username or password" in failed.text
+    token = page_csrf(browser.get("/login"))
+    browser.post("/login", data={"username": "ann", "password": "ann-password", "csrf": token})
+    assert "evil.example" not in browser.get("/account", params={"message": spoof}).text

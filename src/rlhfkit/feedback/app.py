@@ -270,8 +270,8 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
 
     # ------------------------------------------------------------ pages
     @app.get("/login", response_class=HTMLResponse)
-    def login_page(request: Request, error: str = ""):
-        return TEMPLATES.TemplateResponse(request, "login.html", {"csrf": csrf_token(request), "error": error})
+    def login_page(request: Request):
+        return TEMPLATES.TemplateResponse(request, "login.html", {"csrf": csrf_token(request)})
 
     @app.post("/login")
     def login_form(request: Request, username: str = Form(...), password: str = Form(...), csrf: str = Form(""),
@@ -279,8 +279,9 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
         check_csrf(request, csrf)
         try:
             user, token = service.log_in(session, username, password, _client(request))
-        except service.FeedbackError as exc:
-            return RedirectResponse(f"/login?error={quote(exc.message)}", 303)
+        except service.FeedbackError as exc:  # shown on the page, never taken from the URL (no spoofed messages)
+            return TEMPLATES.TemplateResponse(request, "login.html", {
+                "csrf": csrf_token(request), "error": exc.message}, status_code=exc.status)
         begin_session(request, session, user, token)
         return RedirectResponse("/admin" if user.role == "admin" else "/", 303)
 
@@ -307,9 +308,9 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
         return RedirectResponse("/", 303)
 
     @app.get("/account", response_class=HTMLResponse)
-    def account_page(request: Request, message: str = "", user: User = Depends(current_user)):
+    def account_page(request: Request, changed: bool = False, user: User = Depends(current_user)):
         return TEMPLATES.TemplateResponse(request, "account.html", {
-            "csrf": csrf_token(request), "user": user, "message": message,
+            "csrf": csrf_token(request), "user": user, "changed": changed,
             "min_length": service.MIN_PASSWORD_LENGTH})
 
     @app.post("/account/password")
@@ -320,7 +321,7 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
             raise service.FeedbackError("the two new passwords differ: type the same password twice", 400)
         service.change_password(session, user, old, new)
         begin_session(request, session, user)
-        return RedirectResponse("/account?message=" + quote("Password changed."), 303)
+        return RedirectResponse("/account?changed=true", 303)
 
     @app.get("/", response_class=HTMLResponse)
     def label_page(request: Request, project: str | None = None, user: User = Depends(current_user),

@@ -435,8 +435,9 @@ def item_view(item: Item, project: Project, user: User, session: Session) -> dic
 
 
 def labeler_progress(session: Session, user: User, project: Project) -> dict:
-    """This labeler's labels in the project (gold items count like any other, so that they cannot be told
-    apart) and the regular items still open to them: at most that many are left."""
+    """This labeler's labels in the project and the items still open to them: at most that many are left.
+    Gold items count like any other in both (while regular items remain), so that neither number tells
+    a gold item apart: each label, gold or not, moves ``done`` up and ``left`` down by one."""
     done = session.scalar(select(func.count()).select_from(Label).join(Item, Item.id == Label.item_id).where(
         Label.user_id == user.id, Item.project_id == project.id))
     seen = select(Assignment.item_id).where(Assignment.user_id == user.id, Assignment.status != "open")
@@ -444,6 +445,9 @@ def labeler_progress(session: Session, user: User, project: Project) -> dict:
         Assignment.item_id == Item.id, Assignment.user_id != user.id, _holds_slot()).correlate(Item).scalar_subquery())
     left = session.scalar(select(func.count()).select_from(Item).where(
         Item.project_id == project.id, Item.is_gold.is_(False), Item.id.not_in(seen), filled < project.overlap))
+    if left:
+        left += session.scalar(select(func.count()).select_from(Item).where(
+            Item.project_id == project.id, Item.is_gold.is_(True), Item.id.not_in(seen)))
     session.commit()
     return {"done": done, "left": left}
 
