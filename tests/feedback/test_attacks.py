@@ -209,3 +209,32 @@ def test_login_and_account_pages_show_no_message_taken_from_the_url(tmp_path):
     token = page_csrf(browser.get("/login"))
     browser.post("/login", data={"username": "ann", "password": "ann-password", "csrf": token})
     assert "evil.example" not in browser.get("/account", params={"message": spoof}).text
+
+
+def test_after_migration_an_action_on_an_old_unnormalised_name_reaches_that_account_only(db_url):
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import text
+
+    from rlhfkit.feedback import db as feedback_db
+
+    engine = feedback_db.make_engine(db_url)
+    config = Config()
+    config.set_main_option("script_location", str(feedback_db.Path(feedback_db.__file__).parent / "migrations"))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+        connection.execute(text("INSERT INTO users (id, username, role, password_hash, created_at) VALUES "
+                                "(1, 'bob', 'labeler', :bob, CURRENT_TIMESTAMP), "
+                                "(2, 'BOB', 'labeler', :big, CURRENT_TIMESTAMP), "
+                                "(3, 'root', 'admin', :root, CURRENT_TIMESTAMP)"),
+                           {"bob": service.hash_password("bob-password"), "big": service.hash_password("BOB-password"),
+                            "root": service.hash_password("root-password")})
+    engine.dispose()
+    app = create_app(db_url)  # migrates to head; "BOB" keeps its name (it would collide with "bob")
+    assert login(TestClient(app), "BOB", "BOB-password")  # was refused: "BOB" was looked up as "bob"
+    admin = login(TestClient(app), "root", "root-password")
+    assert admin.post("/api/admin/users/BOB/disable", json={}).json() == {"username": "BOB", "disabled": True}
+    with app.state.sessions() as db:  # the admin page's "disable" next to BOB used to disable bob
+        assert not service.get_user(db, "bob").disabled and service.get_user(db, "BOB").disabled
+    assert login(TestClient(app), "bob")

@@ -133,7 +133,7 @@ def accept_invite(session: Session, token: str, password: str) -> User:
 def authenticate(session: Session, username: str, password: str) -> User | None:
     """The account if the password is right and the account enabled. An unknown username costs the same
     hash as a known one, so the answer time does not tell whether it exists."""
-    user = session.scalar(select(User).where(User.username == normalise_username(username)))
+    user = find_user(session, username)
     session.commit()  # end the transaction (and SQLite's lock) before the deliberately slow hash check
     right = check_password(password, user.password_hash if user and user.password_hash else _dummy_hash())
     return user if right and user is not None and user.password_hash and not user.disabled else None
@@ -248,8 +248,16 @@ def _end_sessions_of(session: Session, user: User) -> None:
     session.execute(delete(WebSession).where(WebSession.user_id == user.id))
 
 
+def find_user(session: Session, username: str) -> User | None:
+    """The account named exactly ``username``, else the one with its normalised name. Exact first: a
+    database from before names were normalised may hold both "BOB" and "bob" (migration 0002 leaves
+    such a pair alone), and an action on "BOB" must not reach "bob"."""
+    exact = session.scalar(select(User).where(User.username == username))
+    return exact or session.scalar(select(User).where(User.username == normalise_username(username)))
+
+
 def get_user(session: Session, username: str) -> User:
-    user = session.scalar(select(User).where(User.username == normalise_username(username)))
+    user = find_user(session, username)
     if user is None:
         raise FeedbackError(f"no user {username!r}", 404)
     return user
