@@ -238,3 +238,42 @@ def test_after_migration_an_action_on_an_old_unnormalised_name_reaches_that_acco
     with app.state.sessions() as db:  # the admin page's "disable" next to BOB used to disable bob
         assert not service.get_user(db, "bob").disabled and service.get_user(db, "BOB").disabled
     assert login(TestClient(app), "bob")
+
+
+def test_a_double_click_on_create_gives_one_account_or_project_and_a_409(db_url):
+    import threading
+
+    app = create_app(db_url)
+    setup_project(app)
+    statuses = []
+
+    def create(kind, barrier):
+        with app.state.sessions() as db:
+            barrier.wait()
+            try:
+                if kind == "user":
+                    service.create_user(db, "eve")
+                else:
+                    service.create_project(db, "twice", "helpfulness", make_completions("q", 2))
+                statuses.append(200)
+            except service.FeedbackError as exc:
+                statuses.append(exc.status)
+
+    for kind in ("user", "project"):
+        barrier = threading.Barrier(4)
+        threads = [threading.Thread(target=create, args=(kind, barrier)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert sorted(statuses) == [200, 200] + [409] * 6  # PostgreSQL: an IntegrityError (500) lost the race
+
+
+def test_disabling_a_labeler_frees_their_open_item_at_once(db_url):
+    app = create_app(db_url)
+    setup_project(app, overlap=1)
+    ann, bob = login(TestClient(app), "ann"), login(TestClient(app), "bob")
+    held = ann.get("/api/next").json()["item_id"]
+    admin = login(TestClient(app), "admin", "admin-pass")
+    assert admin.post("/api/admin/users/ann/disable", json={}).status_code == 200
+    assert bob.get("/api/next").json()["item_id"] == held  # was held by the disabled account for an hour

@@ -111,8 +111,18 @@ def create_user(session: Session, username: str, role: str = "labeler", password
     user = User(username=username, role=role, password_hash=hash_password(password) if password else None,
                 invite_token=None if password else secrets.token_urlsafe(24))
     session.add(user)
-    session.commit()
+    _commit_new(session, f"user {username!r}")
     return user
+
+
+def _commit_new(session: Session, what: str) -> None:
+    """Commit a new named row; on PostgreSQL a parallel request (a double click on the form) may have
+    taken the name between the check and the commit, which the unique index turns into a 409."""
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        raise FeedbackError(f"{what} exists", 409) from None
 
 
 def invited_user(session: Session, token: str) -> User:
@@ -275,13 +285,16 @@ def change_password(session: Session, user: User, old: str, new: str) -> None:
 
 
 def set_disabled(session: Session, username: str, disabled: bool, admin: User) -> User:
-    """(``admin``) Turn another account off (its sessions end at once) or back on."""
+    """(``admin``) Turn another account off (its sessions end and its open items go back to the pool at
+    once, not after ASSIGNMENT_TIMEOUT) or back on."""
     user = get_user(session, username)
     if user.id == admin.id:
         raise FeedbackError("you cannot disable your own account (you would be locked out)", 409)
     user.disabled = disabled
     if disabled:
         _end_sessions_of(session, user)
+        session.execute(update(Assignment).where(Assignment.user_id == user.id, Assignment.status == "open")
+                        .values(status="expired").execution_options(synchronize_session=False))
     session.commit()
     return user
 
@@ -344,7 +357,7 @@ def create_project(session: Session, name: str, criterion: str, completions: Seq
         item.completions = [ItemCompletion(completion_id=c.id, text=c.text, index=c.index, model=c.model)
                             for c in sorted(group, key=lambda c: c.index)]
         session.add(item)
-    session.commit()
+    _commit_new(session, f"project {name!r}")
     return project
 
 
