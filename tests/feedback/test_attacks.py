@@ -277,3 +277,20 @@ def test_disabling_a_labeler_frees_their_open_item_at_once(db_url):
     admin = login(TestClient(app), "admin", "admin-pass")
     assert admin.post("/api/admin/users/ann/disable", json={}).status_code == 200
     assert bob.get("/api/next").json()["item_id"] == held  # was held by the disabled account for an hour
+
+
+def test_the_admin_page_draws_labelers_whose_names_hold_dollar_signs(tmp_path):
+    app = create_app(str(tmp_path / "app.db"))
+    setup_project(app)
+    names = ["cost $5 or $6", "x$\\sqrt{$"]  # matplotlib read "$...$" as math: a 500 on the admin page
+    with app.state.sessions() as db:
+        for name in names:
+            service.create_user(db, name, password="long-enough-password")
+    for name in [*names, "ann"]:
+        labeler = login(TestClient(app), name, "long-enough-password" if "$" in name else None)
+        for _ in range(3):
+            item = labeler.get("/api/next").json()
+            labeler.post("/api/labels", json={"item_id": item["item_id"],
+                                              "groups": [[c["id"]] for c in item["completions"]]})
+    page = login(TestClient(app), "admin", "admin-pass").get("/admin")
+    assert page.status_code == 200 and "x$\\sqrt{$" in page.text and "labeler agreement" in page.text

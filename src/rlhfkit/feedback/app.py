@@ -525,7 +525,7 @@ def _labeler_plot(stats) -> str | None:
     from rlhfkit.eval.report import png_base64, subplots
 
     figure, ax = subplots(figsize=(6, 0.4 * len(stats.per_labeler) + 1))
-    names = [s.labeler_id for s in stats.per_labeler]
+    names = [s.labeler_id.replace("$", r"\$") for s in stats.per_labeler]  # "$" would start matplotlib's math
     taus = [0.0 if s.tau != s.tau else s.tau for s in stats.per_labeler]
     ax.barh(names, taus, color=["#c0392b" if s.poor else "#2e86c1" for s in stats.per_labeler])
     ax.axvline(0.2, color="gray", linestyle="--", linewidth=1)
