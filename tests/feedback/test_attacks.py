@@ -294,3 +294,20 @@ def test_the_admin_page_draws_labelers_whose_names_hold_dollar_signs(tmp_path):
                                               "groups": [[c["id"]] for c in item["completions"]]})
     page = login(TestClient(app), "admin", "admin-pass").get("/admin")
     assert page.status_code == 200 and "x$\\sqrt{$" in page.text and "labeler agreement" in page.text
+
+
+def test_any_upload_file_name_is_accepted_and_only_shown_in_errors(tmp_path):
+    app = create_app(str(tmp_path / "app.db"))
+    setup_project(app)
+    admin = TestClient(app, raise_server_exceptions=False)
+    admin.post("/login", data={"username": "admin", "password": "admin-pass", "csrf": page_csrf(admin.get("/login"))})
+    form = {"csrf": page_csrf(admin.get("/admin")), "criterion": "helpfulness"}
+    # the name was a path in a temporary folder: ".", ".." and "/" named a folder, NUL and 300 bytes an OSError
+    for i, name in enumerate((".", "..", "/", "a\x00b", "x" * 300, "../../escape.jsonl")):
+        created = admin.post("/admin/projects", data=form | {"name": f"p{i}"}, follow_redirects=False,
+                             files={"completions": (name, completions_file())})
+        assert created.status_code == 303, (name, created.status_code)
+        refused = admin.post("/admin/projects", data=form | {"name": f"q{i}"},
+                             files={"completions": (name, b'{"schema": "x"}\n')})
+        assert refused.status_code == 422, (name, refused.status_code)
+    assert not (tmp_path.parent / "escape.jsonl").exists()

@@ -498,24 +498,24 @@ def _attachment(filename: str) -> str:
 
 
 def _upload_records(data: bytes, filename: str | None, record_type):
-    """Records from an uploaded JSONL file; errors name the file, line and field."""
+    """Records from an uploaded JSONL file; errors name the file, line and field. The client's file name
+    is only shown, never used as a path (".", "..", "/", NUL or 300 bytes are all names a client can send)."""
     import tempfile
 
     from rlhfkit.data.io import DataError, read_records
 
-    name = Path(filename or "upload.jsonl").name
+    name = Path(filename or "").name or "upload.jsonl"
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise service.FeedbackError(f"{name}: not UTF-8 text (byte {exc.start}); save the file as UTF-8", 422) from None
     with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / name
+        path = Path(folder) / "upload.jsonl"
         path.write_bytes(data)
         try:
             return read_records(path, record_type)
         except DataError as exc:
-            raise service.FeedbackError(f"{Path(filename or 'upload').name}: {exc.message} "
-                                        f"(line {exc.line}, field {exc.field})", 422) from None
+            raise service.FeedbackError(f"{name}: {exc.message} (line {exc.line}, field {exc.field})", 422) from None
 
 
 def _labeler_plot(stats) -> str | None:
