@@ -109,15 +109,23 @@ def malformed_json(exc: json.JSONDecodeError, path: str | os.PathLike, line: int
                      exc.lineno if line is None else line)
 
 
+def decode_json(text: str, path: str | os.PathLike, line: int | None = None) -> Any:
+    """``text`` (the whole of ``path``, or its line ``line``) decoded; malformed JSON, or nesting deeper
+    than Python's recursion limit (which would crash the decoder), is a DataError at its line."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise malformed_json(exc, path, line) from None
+    except RecursionError:
+        raise DataError("JSON nested too deeply to read (lists or objects inside each other thousands of "
+                        "levels deep)", path, line) from None
+
+
 def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     """(line number, decoded object) for each non-blank line; malformed JSON is a DataError."""
     for number, raw in text_lines(path):
-        if not raw.strip():
-            continue
-        try:
-            yield number, json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise malformed_json(exc, path, number) from None
+        if raw.strip():
+            yield number, decode_json(raw, path, number)
 
 
 def iter_records(path: str | os.PathLike, record_type: type[R]) -> Iterator[tuple[int, R]]:
