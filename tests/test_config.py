@@ -7,6 +7,7 @@ import pytest
 from conftest import invoke
 from rlhfkit.config import config_from_yaml
 from rlhfkit.data.io import DataError
+from rlhfkit.reward.model import RewardModelConfig
 from rlhfkit.rl.dpo import DPOConfig
 from rlhfkit.rl.grpo import GRPOConfig
 from rlhfkit.rl.ppo import PPOConfig
@@ -41,6 +42,13 @@ def test_numbers_and_booleans_written_as_text_are_read_as_what_they_say(tmp_path
     (DPOConfig, "epochs: 1\nlearning_rate: 0.1\n", r"run.yaml:2: unknown DPOConfig fields \['learning_rate'\]; "
                                                    r"known: .*'lr'"),
     (DPOConfig, "epochs: 1\n  beta: [\n", r"run.yaml:2: not valid YAML"),
+    (DPOConfig, "beta: " + "[" * 5000 + "]" * 5000 + "\n", r"run.yaml: not valid YAML: nested too deeply"),
+    (PPOConfig, "steps: 1\ntemperature: .inf\n", r"run.yaml:2: field 'temperature': must be a finite number"),
+    (PPOConfig, "clip_eps: .inf\n", r"run.yaml:1: field 'clip_eps': must be a finite number"),
+    (PPOConfig, "reward_threshold: .nan\n", r"run.yaml:1: field 'reward_threshold': must be a finite number"),
+    (GRPOConfig, "max_grad_norm: inf\n", r"run.yaml:1: field 'max_grad_norm': must be a finite number"),
+    (DPOConfig, "beta: .inf\n", r"run.yaml:1: field 'beta': must be a finite number"),
+    (RewardModelConfig, "lr: .inf\n", r"run.yaml:1: field 'lr': must be a finite number"),
 ])
 def test_a_bad_field_is_refused_with_file_line_field_and_reason(tmp_path, cls, yaml_text, expected):
     with pytest.raises(DataError, match=expected):
@@ -50,6 +58,8 @@ def test_a_bad_field_is_refused_with_file_line_field_and_reason(tmp_path, cls, y
 def test_rules_hold_for_configs_built_in_python_too():
     with pytest.raises(ValueError, match="field 'minibatch_size'"):
         PPOConfig(batch_size=8, minibatch_size=3)
+    with pytest.raises(ValueError, match="field 'temperature': must be a finite number"):
+        GRPOConfig(temperature=float("inf"))
 
 
 @pytest.mark.parametrize("command", ["ppo", "grpo", "rloo", "dpo"])
