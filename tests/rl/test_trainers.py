@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import build_tiny_causal, build_tiny_seq2seq, word_tokenizer
+from rlhfkit.data.io import DataError
 from rlhfkit.data.records import PreferencePair
 from rlhfkit.reward.base import FunctionReward
 from rlhfkit.rl.dpo import DPOConfig, DPOTrainer
@@ -92,6 +93,51 @@ def test_resumed_run_matches_an_uninterrupted_one(algorithm, tmp_path):
     assert [[round(h[k], 5) for k in keys] for h in rest] == [[round(h[k], 5) for k in keys] for h in full]
     for (name, a), b in zip(straight.actor.named_parameters(), resumed.actor.parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+
+def tiny_grpo(output) -> GRPOTrainer:
+    config = GRPOConfig(steps=1, batch_size=2, group_size=2, max_new_tokens=3, output_dir=str(output))
+    return GRPOTrainer(config, build_tiny_causal(), word_tokenizer(), REWARD, PROMPTS)
+
+
+def test_a_checkpoint_or_policy_cut_short_while_saving_leaves_nothing_that_looks_done(tmp_path, monkeypatch):
+    trainer = tiny_grpo(tmp_path)
+    trainer.train()
+    trainer.save_checkpoint(tmp_path / "ckpt")
+    trainer.step = 7
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the process dies here, e.g. kill -9 or out of disk
+
+    monkeypatch.setattr(GRPOTrainer, "rng_state", killed)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint(tmp_path / "ckpt-7")
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint(tmp_path / "ckpt")  # over an older checkpoint: the older one stays whole
+    monkeypatch.setattr(type(trainer.tokenizer), "save_pretrained", killed)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_policy(tmp_path / "policy-new")
+    assert not (tmp_path / "ckpt-7").exists() and not (tmp_path / "policy-new").exists()
+    resumed = tiny_grpo(tmp_path / "b")
+    resumed.load_checkpoint(tmp_path / "ckpt")
+    assert resumed.step == 1
+
+
+@pytest.mark.parametrize(("name", "damage"), [
+    *[(name, "truncated") for name in ("trainable.safetensors", "optimizer.pt", "trainer_state.json", "rng-0.pt")],
+    *[(name, "missing") for name in ("trainable.safetensors", "optimizer.pt", "rng-0.pt")],
+])
+def test_a_damaged_checkpoint_file_is_named_when_resuming(tmp_path, name, damage):
+    trainer = tiny_grpo(tmp_path)
+    trainer.save_checkpoint(tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / name
+    if damage == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(DataError, match=rf"ckpt/{name}: (missing from the checkpoint|cannot be read .* damaged)"):
+        tiny_grpo(tmp_path / "b").load_checkpoint(tmp_path / "ckpt")
 
 
 def pairs_for(topics, seed):

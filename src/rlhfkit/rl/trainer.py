@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -23,6 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhfkit.config import require, require_finite, save_config
 from rlhfkit.console import console
+from rlhfkit.data.io import DataError
 from rlhfkit.data.records import Text
 from rlhfkit.generate import format_prompt
 from rlhfkit.models.policy import SamplingDistribution, check_prompt_lengths, prepare_tokenizer
@@ -31,6 +33,8 @@ from rlhfkit.models.value_head import Actor
 from rlhfkit.reward.base import RewardError, RewardFn
 from rlhfkit.rl.monitors import RewardHackingMonitor
 from rlhfkit.rl.rollout import Rollout, collect_rollout
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -124,14 +128,43 @@ def apply_gradients(accelerator: Accelerator, actor: torch.nn.Module, optimizer:
     return norm
 
 
+def partial_folder(path: Path) -> Path:
+    """Where a folder is written before it is moved into place: hidden, next to it, on the same disk."""
+    return path.with_name(f".{path.name}.partial")
+
+
+def publish_folder(path: Path) -> None:
+    """Move the fully written :func:`partial_folder` of ``path`` into place (replacing an older one). A
+    run killed while writing leaves only the hidden partial folder, never a ``path`` that looks done."""
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(partial_folder(path), path)
+
+
 def save_trained_policy(accelerator: Accelerator, actor: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, config,
                 algorithm: str, path: str | os.PathLike) -> None:
-    """The trained policy as a `save_pretrained` folder (LoRA: the adapter), with the run's config."""
+    """The trained policy as a `save_pretrained` folder (LoRA: the adapter), with the run's config;
+    written whole or not at all (see :func:`publish_folder`)."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        accelerator.unwrap_model(actor).model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        save_config(config, Path(path) / f"{algorithm}_config.yaml")
+        path, partial = Path(path), partial_folder(Path(path))
+        shutil.rmtree(partial, ignore_errors=True)
+        accelerator.unwrap_model(actor).model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        save_config(config, partial / f"{algorithm}_config.yaml")
+        publish_folder(path)
+
+
+def read_checkpoint_file(path: Path, read: Callable[[Path], T]) -> T:
+    """``read(path)``; a missing file or one that cannot be read (cut short by a crash, corrupted) is a
+    DataError naming it, not the reader's traceback."""
+    if not path.is_file():
+        raise DataError("missing from the checkpoint; resume from another checkpoint", path)
+    try:
+        return read(path)
+    except Exception as exc:  # safetensors, torch.load and json each raise their own kinds
+        raise DataError(f"cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                        "the checkpoint is damaged, resume from another one", path) from exc
 
 
 class OnPolicyTrainer:
@@ -292,19 +325,24 @@ class OnPolicyTrainer:
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         """Everything needed to continue exactly: trainable weights (and value head), optimizer, KL
         controller, step, history, each process's RNG state (CPU, and CUDA on a GPU), and the config."""
-        path = Path(path)
+        path, partial = Path(path), partial_folder(Path(path))
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            path.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
             trainable = {n: p.detach().contiguous().cpu() for n, p in self._bare_actor().named_parameters()
                          if p.requires_grad}
-            save_file(trainable, path / "trainable.safetensors")
-            torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
+            save_file(trainable, partial / "trainable.safetensors")
+            torch.save(self.optimizer.state_dict(), partial / "optimizer.pt")
             state = {"step": self.step, "history": self.history, **self.extra_state()}
-            (path / "trainer_state.json").write_text(json.dumps(state, indent=1))
-            save_config(self.config, path / f"{self.algorithm}_config.yaml")
+            (partial / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            save_config(self.config, partial / f"{self.algorithm}_config.yaml")
         self.accelerator.wait_for_everyone()
-        torch.save(self.rng_state(), path / f"rng-{self.accelerator.process_index}.pt")
+        torch.save(self.rng_state(), partial / f"rng-{self.accelerator.process_index}.pt")
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            publish_folder(path)
+        self.accelerator.wait_for_everyone()
 
     def rng_state(self) -> dict[str, torch.Tensor]:
         """This process's random state: the CPU generator's and, on a GPU, its device's (sampling draws there)."""
@@ -321,17 +359,21 @@ class OnPolicyTrainer:
             torch.cuda.set_rng_state(state["cuda"], self.accelerator.device)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Continue from a :meth:`save_checkpoint` folder; a missing or damaged file is a DataError naming it."""
         path = Path(path)
         if not (path / "trainer_state.json").exists():
             raise FileNotFoundError(f"{path} is not an rlhfkit checkpoint (no trainer_state.json)")
-        missing = self._bare_actor().load_state_dict(load_file(path / "trainable.safetensors"), strict=False)
+        weights = read_checkpoint_file(path / "trainable.safetensors", load_file)
+        missing = self._bare_actor().load_state_dict(weights, strict=False)
         if missing.unexpected_keys:
             raise ValueError(f"{path}: checkpoint has weights this model lacks: {missing.unexpected_keys[:5]}")
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-        state = json.loads((path / "trainer_state.json").read_text())
+        optimizer_state = read_checkpoint_file(path / "optimizer.pt", lambda f: torch.load(f, weights_only=False))
+        state = read_checkpoint_file(path / "trainer_state.json", lambda f: json.loads(f.read_text()))
+        rng = read_checkpoint_file(path / f"rng-{self.accelerator.process_index}.pt", torch.load)
+        self.optimizer.load_state_dict(optimizer_state)
         self.step, self.history = state["step"], state["history"]
         self.load_extra_state(state)
-        self.set_rng_state(torch.load(path / f"rng-{self.accelerator.process_index}.pt"))
+        self.set_rng_state(rng)
 
     def extra_state(self) -> dict:
         return {}
