@@ -1,6 +1,7 @@
 """Every trainer config from YAML is type-checked and range-checked; errors are one line: file:line: field."""
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -60,6 +61,24 @@ def test_rules_hold_for_configs_built_in_python_too():
         PPOConfig(batch_size=8, minibatch_size=3)
     with pytest.raises(ValueError, match="field 'temperature': must be a finite number"):
         GRPOConfig(temperature=float("inf"))
+
+
+@pytest.mark.parametrize(("build", "expected"), [
+    (lambda: PPOConfig(lr=None), r"field 'lr': Input should be a valid number \(got None\)"),
+    (lambda: GRPOConfig(group_size=2.5), r"field 'group_size': Input should be a valid integer, got a number with "
+                                         r"a fractional part"),
+    (lambda: DPOConfig(beta="strong"), r"field 'beta': Input should be a valid number"),
+    (lambda: RewardModelConfig(batching="prompts"), r"field 'batching': Input should be 'prompt' or 'pairs'"),
+])
+def test_a_config_built_in_python_with_a_value_of_the_wrong_type_names_the_field(build, expected):
+    with pytest.raises(ValueError, match=expected):
+        build()
+
+
+def test_a_config_built_in_python_reads_text_as_yaml_would():
+    config = PPOConfig(lr="1e-3", whiten_advantages="no", steps="7", output_dir=Path("runs/x"))
+    assert config.lr == 0.001 and config.whiten_advantages is False and config.steps == 7
+    assert config.output_dir == "runs/x"
 
 
 @pytest.mark.parametrize("command", ["ppo", "grpo", "rloo", "dpo"])

@@ -11,8 +11,10 @@ dataclass's own ``__post_init__`` rules (ranges, fields that must agree). Every 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,13 +40,26 @@ def require(condition: bool, field: str, reason: str) -> None:
         raise FieldError(field, reason)
 
 
-def require_finite(config: Any) -> None:
-    """A ``__post_init__`` rule for every float field of a config dataclass: NaN or infinity is refused
-    (``lr: .inf`` or ``temperature: .inf`` passes every ``> 0`` rule and then trains on nonsense)."""
+@functools.cache
+def _field_type(config_type: type, name: str) -> TypeAdapter:
+    return TypeAdapter(typing.get_type_hints(config_type)[name])
+
+
+def require_field_types(config: Any) -> None:
+    """The first ``__post_init__`` rule of a config dataclass, so that one built in Python is read like one
+    from YAML: each field is validated against its annotation by pydantic (``lr="1e-3"`` becomes 0.001,
+    ``whiten_advantages="no"`` False; ``lr=None`` is refused by name, not a TypeError in a comparison),
+    and a float must be finite (``temperature=inf`` passes every ``> 0`` rule, then samples nonsense)."""
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
+        value = os.fspath(value) if isinstance(value, os.PathLike) else value  # output_dir=Path(...) is fine
+        try:
+            value = _field_type(type(config), field.name).validate_python(value)
+        except ValidationError as exc:
+            raise FieldError(field.name, f"{exc.errors()[0]['msg']} (got {value!r})") from None
         require(not isinstance(value, float) or math.isfinite(value), field.name,
                 f"must be a finite number, got {value}")
+        setattr(config, field.name, value)
 
 
 def _yaml_error(exc: yaml.YAMLError, path: str | os.PathLike) -> DataError:
@@ -88,7 +103,7 @@ def config_from_mapping(cls: type[C], data: dict[str, Any], source: str = "confi
                         lines.get(unknown[0]))
     try:
         config = TypeAdapter(cls).validate_python(data)
-        require_finite(config)
+        require_field_types(config)  # finiteness, also for a config without __post_init__ rules (cai/)
         return config
     except FieldError as rule:
         field, reason = rule.field, rule.reason

@@ -37,7 +37,7 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from rlhfkit.config import config_from_yaml, require, require_finite, save_config
+from rlhfkit.config import config_from_yaml, require, require_field_types, save_config
 from rlhfkit.console import console, progress_bar
 from rlhfkit.data.io import malformed_json, umask_mode
 from rlhfkit.data.pairs import group_by_prompt
@@ -78,7 +78,7 @@ class RewardModelConfig:
     lora_dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        require_finite(self)
+        require_field_types(self)
         at_least_one = {"max_length": self.max_length, "epochs": self.epochs, "batch_size": self.batch_size,
                         "lora_r": self.lora_r}
         for field, value in at_least_one.items():

@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhfkit.config import require, require_finite, save_config
+from rlhfkit.config import require, require_field_types, save_config
 from rlhfkit.console import console
 from rlhfkit.data.io import DataError
 from rlhfkit.data.records import Text
@@ -64,7 +64,7 @@ class RLConfig:
     weights_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self) -> None:
-        require_finite(self)
+        require_field_types(self)
         for name in ("steps", "save_every", "min_new_tokens"):
             require(getattr(self, name) >= 0, name, "must be at least 0")
         for name in ("batch_size", "max_new_tokens", "lora_r"):
