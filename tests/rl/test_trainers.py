@@ -140,6 +140,18 @@ def test_a_damaged_checkpoint_file_is_named_when_resuming(tmp_path, name, damage
         tiny_grpo(tmp_path / "b").load_checkpoint(tmp_path / "ckpt")
 
 
+
+@pytest.mark.parametrize(("prompts", "reward", "expected"), [
+    ("how do i fix bike", REWARD, r"prompts must be a list of prompts, got a str"),
+    (["fix bike", "  "], REWARD, r"prompts\[1\]: .*the prompt is empty or blank"),
+    (["fix bike"], "judge:sentiment", r"reward_fn must be callable .* rlhfkit.reward.spec.load_reward"),
+])
+def test_a_trainer_built_in_python_refuses_inputs_that_cannot_train_by_name(tmp_path, prompts, reward, expected):
+    config = GRPOConfig(batch_size=2, group_size=2, output_dir=str(tmp_path))
+    with pytest.raises((TypeError, ValueError), match=expected):
+        GRPOTrainer(config, build_tiny_causal(), word_tokenizer(), reward, prompts)
+
+
 def pairs_for(topics, seed):
     rng = random.Random(seed)
     good, bad = sorted(KIND), ["stupid", "idiot", "dumb", "hate", "bad", "useless"]

@@ -19,13 +19,14 @@ from typing import Literal, TypeVar
 
 import torch
 from accelerate import Accelerator
+from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhfkit.config import require, require_field_types, save_config
 from rlhfkit.console import console
 from rlhfkit.data.io import DataError
-from rlhfkit.data.records import Text
+from rlhfkit.data.records import Prompt, Text
 from rlhfkit.generate import format_prompt
 from rlhfkit.models.policy import SamplingDistribution, check_prompt_lengths, prepare_tokenizer
 from rlhfkit.models.reference import Reference, add_lora, is_lora
@@ -167,6 +168,24 @@ def read_checkpoint_file(path: Path, read: Callable[[Path], T]) -> T:
                         "the checkpoint is damaged, resume from another one", path) from exc
 
 
+def check_run_inputs(prompts: Sequence[Text], reward_fn: RewardFn) -> None:
+    """What a Python caller can get wrong before any rollout: no prompts, one string instead of a list of
+    them (its characters would be the prompts), a blank prompt, a reward that cannot be called (a spec
+    string: resolve it with ``rlhfkit.reward.spec.load_reward``). Each is an error naming the prompt."""
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts must be a list of prompts, got a {type(prompts).__name__}")
+    if not prompts:
+        raise ValueError("no prompts to train on")
+    for index, text in enumerate(prompts):
+        try:
+            Prompt(id=str(index), text=text)
+        except ValidationError as exc:
+            raise ValueError(f"prompts[{index}]: {exc.errors()[0]['msg']} (got {text!r})") from None
+    if not callable(reward_fn):
+        raise TypeError(f"reward_fn must be callable as reward(prompts, completions), got {reward_fn!r}; a spec "
+                        "string such as 'judge:sentiment' is resolved by rlhfkit.reward.spec.load_reward")
+
+
 class OnPolicyTrainer:
     """The outer loop: rollout → algorithm update → log → maybe checkpoint or stop."""
 
@@ -176,8 +195,7 @@ class OnPolicyTrainer:
     def __init__(self, config: RLConfig, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  reward_fn: RewardFn, prompts: Sequence[Text], reference: Reference | None = None,
                  accelerator: Accelerator | None = None, monitor: RewardHackingMonitor | None = None) -> None:
-        if not prompts:
-            raise ValueError("no prompts to train on")
+        check_run_inputs(prompts, reward_fn)
         self.config, self.reward_fn, self.prompts, self.monitor = config, reward_fn, list(prompts), monitor
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         torch.manual_seed(config.seed + self.accelerator.process_index)
