@@ -2,6 +2,7 @@
 while the KL to the reference stays bounded; DPO must raise the held-out chosen-over-rejected margin."""
 
 import itertools
+import json
 import random
 
 import pytest
@@ -150,6 +151,18 @@ def test_a_trainer_built_in_python_refuses_inputs_that_cannot_train_by_name(tmp_
     config = GRPOConfig(batch_size=2, group_size=2, output_dir=str(tmp_path))
     with pytest.raises((TypeError, ValueError), match=expected):
         GRPOTrainer(config, build_tiny_causal(), word_tokenizer(), reward, prompts)
+
+
+
+def test_a_policy_whose_generation_config_transformers_would_refuse_to_save_is_saved_as_it_was(tmp_path):
+    policy = build_tiny_causal()
+    policy.generation_config.use_cache, policy.generation_config.cache_implementation = False, "static"
+    policy.generation_config.top_p = 0.5  # without do_sample: transformers refuses to save this
+    config = GRPOConfig(steps=1, batch_size=2, group_size=2, max_new_tokens=3, output_dir=str(tmp_path))
+    GRPOTrainer(config, policy, word_tokenizer(), REWARD, PROMPTS).train()
+    saved = json.loads((tmp_path / "policy" / "generation_config.json").read_text())
+    assert saved["cache_implementation"] == "static" and saved["top_p"] == 0.5
+    assert (tmp_path / "policy" / "model.safetensors").exists()
 
 
 def pairs_for(topics, seed):

@@ -21,7 +21,7 @@ import torch
 from accelerate import Accelerator
 from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhfkit.config import require, require_field_types, save_config
 from rlhfkit.console import console
@@ -142,6 +142,23 @@ def publish_folder(path: Path) -> None:
     os.replace(partial_folder(path), path)
 
 
+def save_as_loaded(model: PreTrainedModel, path: Path) -> None:
+    """``model.save_pretrained(path)`` with its ``generation_config`` written as it is. transformers checks a
+    generation config strictly when saving and refuses settings it loaded without complaint (a checkpoint's
+    ``cache_implementation`` without ``use_cache``, ``top_p`` without ``do_sample``): that would lose a
+    finished run at its last step, for settings rlhfkit's sampling never reads."""
+    own = None if is_lora(model) else model.generation_config
+    if own is None:  # a LoRA adapter folder has no generation config
+        model.save_pretrained(path)
+        return
+    model.generation_config = GenerationConfig()
+    try:
+        model.save_pretrained(path)
+    finally:
+        model.generation_config = own
+    own.to_json_file(path / "generation_config.json", use_diff=True)
+
+
 def save_trained_policy(accelerator: Accelerator, actor: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, config,
                 algorithm: str, path: str | os.PathLike) -> None:
     """The trained policy as a `save_pretrained` folder (LoRA: the adapter), with the run's config;
@@ -150,7 +167,7 @@ def save_trained_policy(accelerator: Accelerator, actor: torch.nn.Module, tokeni
     if accelerator.is_main_process:
         path, partial = Path(path), partial_folder(Path(path))
         shutil.rmtree(partial, ignore_errors=True)
-        accelerator.unwrap_model(actor).model.save_pretrained(partial)
+        save_as_loaded(accelerator.unwrap_model(actor).model, partial)
         tokenizer.save_pretrained(partial)
         save_config(config, partial / f"{algorithm}_config.yaml")
         publish_folder(path)
