@@ -190,3 +190,11 @@ def test_reward_score_refuses_a_reward_that_breaks_the_contract(tmp_path, monkey
     result = run(f"reward score {{d}}/c.jsonl --reward python:{module}:score -o {{d}}/out", tmp_path, None)
     assert_one_located_error(result, expected)
     assert not (tmp_path / "out").exists()
+
+
+def test_pairs_written_over_the_rankings_they_come_from_is_refused_and_the_rankings_kept(tmp_path):
+    (tmp_path / "r.jsonl").write_text(RANKING)
+    (tmp_path / "c.jsonl").write_text(COMPLETIONS)
+    result = run("pairs {d}/r.jsonl --completions {d}/c.jsonl -o {d}/r.jsonl", tmp_path, None)
+    assert_one_located_error(result, "r.jsonl: holds rlhfkit.ranking/1, not rlhfkit.pair/1; it is not overwritten")
+    assert (tmp_path / "r.jsonl").read_text() == RANKING

@@ -212,3 +212,23 @@ def test_non_finite_numbers_in_records_are_refused_by_field(tmp_path, line):
     (tmp_path / "r.jsonl").write_text(line + "\n")
     with pytest.raises(DataError, match=r"r\.jsonl:1: field '(label|scores\.r|sampling\.temperature)': .*finite"):
         read_records(tmp_path / "r.jsonl", record_type)
+
+
+@pytest.mark.parametrize("existing", [
+    '{"schema": "rlhfkit.ranking/1", "prompt_id": "p", "labeler_id": "l", "groups": [["a"], ["b"]]}\n',
+    '{"prompt": "q", "chosen": "a", "rejected": "b"}\n',
+    "# my notes\n",
+])
+def test_a_file_of_another_kind_is_not_overwritten(tmp_path, existing):
+    path = tmp_path / "out.jsonl"
+    path.write_text(existing)
+    with pytest.raises(DataError, match=r"out\.jsonl: holds .*, not rlhfkit.pair/1; it is not overwritten"):
+        write_records(path, [PreferencePair(prompt="q", chosen="a", rejected="b")])
+    assert path.read_text() == existing and [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+def test_a_file_of_the_same_kind_is_replaced(tmp_path):
+    path = tmp_path / "out.jsonl"
+    write_records(path, [Prompt(id="a", text="x")])
+    write_records(path, [Prompt(id="b", text="y")])
+    assert [p.id for p in read_records(path, Prompt)] == ["b"]
