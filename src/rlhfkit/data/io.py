@@ -200,7 +200,7 @@ def write_records(path: str | os.PathLike, records: Iterable[Record]) -> int:
             os.fsync(f.fileno())
         existing = _schema_of_first_line(path)
         if schema and existing not in (None, schema):
-            raise DataError(f"holds {existing or 'data that is not rlhfkit records'}, not {schema}; it is not "
+            raise DataError(f"holds {existing or 'data without an rlhfkit schema'}, not {schema}; it is not "
                             "overwritten: choose another output file (or delete this one first)", path)
         os.replace(tmp, path)
     except BaseException:
