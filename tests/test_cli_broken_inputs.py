@@ -196,5 +196,6 @@ def test_pairs_written_over_the_rankings_they_come_from_is_refused_and_the_ranki
     (tmp_path / "r.jsonl").write_text(RANKING)
     (tmp_path / "c.jsonl").write_text(COMPLETIONS)
     result = run("pairs {d}/r.jsonl --completions {d}/c.jsonl -o {d}/r.jsonl", tmp_path, None)
-    assert_one_located_error(result, "r.jsonl: holds data without an rlhfkit schema, not rlhfkit.pair/1; it is not overwritten")
+    assert_one_located_error(result, "r.jsonl: holds data without an rlhfkit schema, not rlhfkit.pair/1; it is not "
+                                     "overwritten")
     assert (tmp_path / "r.jsonl").read_text() == RANKING
