@@ -125,6 +125,19 @@ def test_a_checkpoint_or_policy_cut_short_while_saving_leaves_nothing_that_looks
     assert resumed.step == 1
 
 
+
+def test_a_folder_named_like_the_policy_that_rlhfkit_did_not_write_is_never_replaced(tmp_path):
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "policy" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"policy: exists and is not a policy or checkpoint saved by rlhfkit"):
+        tiny_grpo(tmp_path)
+    (tmp_path / "other" / "checkpoint-1").mkdir(parents=True)
+    (tmp_path / "other" / "checkpoint-1" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"checkpoint-1: exists and is not"):
+        tiny_grpo(tmp_path / "other").save_checkpoint(tmp_path / "other" / "checkpoint-1")
+    assert (tmp_path / "policy" / "notes.txt").exists() and (tmp_path / "other" / "checkpoint-1" / "notes.txt").exists()
+
+
 @pytest.mark.parametrize(("name", "damage"), [
     *[(name, "truncated") for name in ("trainable.safetensors", "optimizer.pt", "trainer_state.json", "rng-0.pt")],
     *[(name, "missing") for name in ("trainable.safetensors", "optimizer.pt", "rng-0.pt")],

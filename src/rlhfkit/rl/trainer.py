@@ -90,6 +90,7 @@ def prepare_training(config, policy: PreTrainedModel, tokenizer: PreTrainedToken
     default), the tokenizer, the reference on the policy's device and in the policy's precision (so
     that KL is zero before the first update), the actor and its AdamW, prepared by `accelerate`.
     Returns (tokenizer, reference, actor, optimizer)."""
+    check_replaceable(Path(config.output_dir) / "policy")  # before training, not after it
     policy.eval()
     if config.lora and not is_lora(policy):
         policy = add_lora(policy, config.lora_r, config.lora_alpha)
@@ -134,9 +135,18 @@ def partial_folder(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial")
 
 
+def check_replaceable(path: Path) -> None:
+    """Saving replaces ``path`` whole: refuse a file, or a folder with anything in it that rlhfkit did not
+    write (it writes a ``*_config.yaml`` into every policy and checkpoint folder)."""
+    if path.is_file() or (path.is_dir() and any(path.iterdir()) and not any(path.glob("*_config.yaml"))):
+        raise FileExistsError(f"{path}: exists and is not a policy or checkpoint saved by rlhfkit (saving "
+                              "replaces the folder); choose another output_dir")
+
+
 def publish_folder(path: Path) -> None:
     """Move the fully written :func:`partial_folder` of ``path`` into place (replacing an older one). A
     run killed while writing leaves only the hidden partial folder, never a ``path`` that looks done."""
+    check_replaceable(path)
     if path.exists():
         shutil.rmtree(path)
     os.replace(partial_folder(path), path)
