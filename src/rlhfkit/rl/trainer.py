@@ -177,10 +177,14 @@ def save_trained_policy(accelerator: Accelerator, actor: torch.nn.Module, tokeni
     if accelerator.is_main_process:
         path, partial = Path(path), partial_folder(Path(path))
         shutil.rmtree(partial, ignore_errors=True)
-        save_as_loaded(accelerator.unwrap_model(actor).model, partial)
-        tokenizer.save_pretrained(partial)
-        save_config(config, partial / f"{algorithm}_config.yaml")
-        publish_folder(path)
+        try:
+            save_as_loaded(accelerator.unwrap_model(actor).model, partial)
+            tokenizer.save_pretrained(partial)
+            save_config(config, partial / f"{algorithm}_config.yaml")
+            publish_folder(path)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
 
 
 def read_checkpoint_file(path: Path, read: Callable[[Path], T]) -> T:
@@ -371,22 +375,28 @@ class OnPolicyTrainer:
         """Everything needed to continue exactly: trainable weights (and value head), optimizer, KL
         controller, step, history, each process's RNG state (CPU, and CUDA on a GPU), and the config."""
         path, partial = Path(path), partial_folder(Path(path))
+        main = self.accelerator.is_main_process
         self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
-            trainable = {n: p.detach().contiguous().cpu() for n, p in self._bare_actor().named_parameters()
-                         if p.requires_grad}
-            save_file(trainable, partial / "trainable.safetensors")
-            torch.save(self.optimizer.state_dict(), partial / "optimizer.pt")
-            state = {"step": self.step, "history": self.history, **self.extra_state()}
-            (partial / "trainer_state.json").write_text(json.dumps(state, indent=1))
-            save_config(self.config, partial / f"{self.algorithm}_config.yaml")
-        self.accelerator.wait_for_everyone()
-        torch.save(self.rng_state(), partial / f"rng-{self.accelerator.process_index}.pt")
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            publish_folder(path)
+        try:
+            if main:
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir(parents=True)
+                trainable = {n: p.detach().contiguous().cpu() for n, p in self._bare_actor().named_parameters()
+                             if p.requires_grad}
+                save_file(trainable, partial / "trainable.safetensors")
+                torch.save(self.optimizer.state_dict(), partial / "optimizer.pt")
+                state = {"step": self.step, "history": self.history, **self.extra_state()}
+                (partial / "trainer_state.json").write_text(json.dumps(state, indent=1))
+                save_config(self.config, partial / f"{self.algorithm}_config.yaml")
+            self.accelerator.wait_for_everyone()
+            torch.save(self.rng_state(), partial / f"rng-{self.accelerator.process_index}.pt")
+            self.accelerator.wait_for_everyone()
+            if main:
+                publish_folder(path)
+        except BaseException:
+            if main:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
         self.accelerator.wait_for_everyone()
 
     def rng_state(self) -> dict[str, torch.Tensor]:
