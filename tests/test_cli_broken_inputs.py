@@ -96,6 +96,15 @@ CASES = {
     "ppo: blank prompt": ({"p.jsonl": '{"id": "a", "text": ""}\n'},
                           "ppo --policy {policy} --prompts {d}/p.jsonl --reward judge:sentiment --output-dir {d}/out",
                           "p.jsonl:1: field 'text': the prompt is empty or blank"),
+    "ppo: reward in the config is a list": ({"p.txt": "hi\n", "run.yaml": "policy: x\nreward: [judge:sentiment]\n"},
+                                            "ppo --config {d}/run.yaml --prompts {d}/p.txt --output-dir {d}/out",
+                                            "run.yaml:2: field 'reward': must be text"),
+    "grpo: policy in the config is a number": ({"run.yaml": "policy: 5\nprompts: p.txt\nreward: judge:sentiment\n"},
+                                               "grpo --config {d}/run.yaml --output-dir {d}/out",
+                                               "run.yaml:1: field 'policy': must be text"),
+    "dpo: pairs in the config is a mapping": ({"run.yaml": "policy: x\npairs: {a: 1}\n"},
+                                              "dpo --config {d}/run.yaml --output-dir {d}/out",
+                                              "run.yaml:2: field 'pairs': must be text"),
     "ppo: missing prompts file": ({}, "ppo --policy {policy} --prompts {d}/p.txt --reward judge:sentiment "
                                       "--output-dir {d}/out", "p.txt: file not found"),
     "dpo: empty pairs": ({"p.jsonl": ""}, "dpo --policy {policy} --pairs {d}/p.jsonl --output-dir {d}/out",
@@ -165,3 +174,28 @@ def test_pairs_flagged_last_works_on_rankings_without_flags(tmp_path):
     (tmp_path / "c.jsonl").write_text(COMPLETIONS)
     result = run("pairs {d}/r.jsonl --completions {d}/c.jsonl -o {d}/out --flagged last", tmp_path, None)
     assert result.exit_code == 0 and "1 pairs from 1 rankings" in result.output, result.output
+
+
+
+@pytest.mark.parametrize(("returned", "expected"), [
+    ("float('nan')", "reward 'score' gave nan for completion 0 of 2"),
+    ("1e39", "reward 'score' gave inf for completion 0 of 2"),  # beyond float32
+    ("{}['x']", ".py:2: reward 'score' raised KeyError: 'x' (scoring completion 0 ('answer 0'))"),
+])
+def test_reward_score_refuses_a_reward_that_breaks_the_contract(tmp_path, monkeypatch, returned, expected):
+    module = f"reward_{tmp_path.name}"  # one module per case: imported modules are cached
+    (tmp_path / "c.jsonl").write_text(COMPLETIONS)
+    (tmp_path / f"{module}.py").write_text(f"def score(prompt, completion):\n    return {returned}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = run(f"reward score {{d}}/c.jsonl --reward python:{module}:score -o {{d}}/out", tmp_path, None)
+    assert_one_located_error(result, expected)
+    assert not (tmp_path / "out").exists()
+
+
+def test_pairs_written_over_the_rankings_they_come_from_is_refused_and_the_rankings_kept(tmp_path):
+    (tmp_path / "r.jsonl").write_text(RANKING)
+    (tmp_path / "c.jsonl").write_text(COMPLETIONS)
+    result = run("pairs {d}/r.jsonl --completions {d}/c.jsonl -o {d}/r.jsonl", tmp_path, None)
+    assert_one_located_error(result, "r.jsonl: holds data without an rlhfkit schema, not rlhfkit.pair/1; it is not "
+                                     "overwritten")
+    assert (tmp_path / "r.jsonl").read_text() == RANKING

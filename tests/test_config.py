@@ -1,12 +1,14 @@
 """Every trainer config from YAML is type-checked and range-checked; errors are one line: file:line: field."""
 
 import re
+from pathlib import Path
 
 import pytest
 
 from conftest import invoke
 from rlhfkit.config import config_from_yaml
 from rlhfkit.data.io import DataError
+from rlhfkit.reward.model import RewardModelConfig
 from rlhfkit.rl.dpo import DPOConfig
 from rlhfkit.rl.grpo import GRPOConfig
 from rlhfkit.rl.ppo import PPOConfig
@@ -41,6 +43,13 @@ def test_numbers_and_booleans_written_as_text_are_read_as_what_they_say(tmp_path
     (DPOConfig, "epochs: 1\nlearning_rate: 0.1\n", r"run.yaml:2: unknown DPOConfig fields \['learning_rate'\]; "
                                                    r"known: .*'lr'"),
     (DPOConfig, "epochs: 1\n  beta: [\n", r"run.yaml:2: not valid YAML"),
+    (DPOConfig, "beta: " + "[" * 5000 + "]" * 5000 + "\n", r"run.yaml: not valid YAML: nested too deeply"),
+    (PPOConfig, "steps: 1\ntemperature: .inf\n", r"run.yaml:2: field 'temperature': must be a finite number"),
+    (PPOConfig, "clip_eps: .inf\n", r"run.yaml:1: field 'clip_eps': must be a finite number"),
+    (PPOConfig, "reward_threshold: .nan\n", r"run.yaml:1: field 'reward_threshold': must be a finite number"),
+    (GRPOConfig, "max_grad_norm: inf\n", r"run.yaml:1: field 'max_grad_norm': must be a finite number"),
+    (DPOConfig, "beta: .inf\n", r"run.yaml:1: field 'beta': must be a finite number"),
+    (RewardModelConfig, "lr: .inf\n", r"run.yaml:1: field 'lr': must be a finite number"),
 ])
 def test_a_bad_field_is_refused_with_file_line_field_and_reason(tmp_path, cls, yaml_text, expected):
     with pytest.raises(DataError, match=expected):
@@ -50,6 +59,26 @@ def test_a_bad_field_is_refused_with_file_line_field_and_reason(tmp_path, cls, y
 def test_rules_hold_for_configs_built_in_python_too():
     with pytest.raises(ValueError, match="field 'minibatch_size'"):
         PPOConfig(batch_size=8, minibatch_size=3)
+    with pytest.raises(ValueError, match="field 'temperature': must be a finite number"):
+        GRPOConfig(temperature=float("inf"))
+
+
+@pytest.mark.parametrize(("build", "expected"), [
+    (lambda: PPOConfig(lr=None), r"field 'lr': Input should be a valid number \(got None\)"),
+    (lambda: GRPOConfig(group_size=2.5), r"field 'group_size': Input should be a valid integer, got a number with "
+                                         r"a fractional part"),
+    (lambda: DPOConfig(beta="strong"), r"field 'beta': Input should be a valid number"),
+    (lambda: RewardModelConfig(batching="prompts"), r"field 'batching': Input should be 'prompt' or 'pairs'"),
+])
+def test_a_config_built_in_python_with_a_value_of_the_wrong_type_names_the_field(build, expected):
+    with pytest.raises(ValueError, match=expected):
+        build()
+
+
+def test_a_config_built_in_python_reads_text_as_yaml_would():
+    config = PPOConfig(lr="1e-3", whiten_advantages="no", steps="7", output_dir=Path("runs/x"))
+    assert config.lr == 0.001 and config.whiten_advantages is False and config.steps == 7
+    assert config.output_dir == "runs/x"
 
 
 @pytest.mark.parametrize("command", ["ppo", "grpo", "rloo", "dpo"])

@@ -84,3 +84,8 @@ def test_a_prompt_longer_than_the_model_positions_is_refused_by_id(tiny_causal, 
     with pytest.raises(ValueError, match=r"prompt 'long-one' has 200 tokens; the model's 128 positions leave room "
                                          r"for 122 with max_new_tokens 6"):
         generate_completions(tiny_causal, tokenizer, prompts, n=1, sampling=SAMPLING, progress=False)
+
+
+def test_plain_strings_instead_of_prompt_records_are_refused_by_position(tiny_causal, tokenizer):
+    with pytest.raises(TypeError, match=r"prompts\[1\] is a str; generate_completions takes Prompt records"):
+        generate_completions(tiny_causal, tokenizer, [Prompt(id="a", text="help you"), "fix bike"], n=1)

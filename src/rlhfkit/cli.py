@@ -167,11 +167,12 @@ def reward_score(
     """Score completions with any reward → the same records with scores[NAME] set."""
     from rlhfkit.data.io import read_records, write_records
     from rlhfkit.data.records import Completion, render_text
+    from rlhfkit.reward.base import score_completions
     from rlhfkit.reward.spec import load_reward
 
     records = read_records(completions, Completion, allow_empty=False)
     reward_fn = load_reward(reward)
-    values = reward_fn([render_text(c.prompt) for c in records], [c.text for c in records]).tolist()
+    values = score_completions(reward_fn, [render_text(c.prompt) for c in records], [c.text for c in records]).tolist()
     key = name or getattr(reward_fn, "name", reward)
     write_records(output, [c.model_copy(update={"scores": {**c.scores, key: v}}) for c, v in
                            zip(records, values, strict=True)])
@@ -188,9 +189,17 @@ LoraOption = Annotated[bool | None, typer.Option(help="LoRA adapters; the refere
 
 
 def _run_inputs(config_file: Path | None, given: dict) -> tuple[dict, dict]:
-    """(run inputs: policy, prompts, reward, pairs...; the trainer's config fields) from the YAML and flags."""
+    """(run inputs: policy, prompts, reward, pairs...; the trainer's config fields) from the YAML and flags.
+    A run input in the YAML is a path, hub id or spec: text, else a DataError at its line."""
+    from rlhfkit.config import key_lines
+    from rlhfkit.data.io import DataError
+
     data = read_yaml(config_file) if config_file else {}
     inputs = {key: data.pop(key, None) for key in RUN_INPUTS}
+    for key, value in inputs.items():
+        if value is not None and not isinstance(value, str):
+            raise DataError(f"must be text (a path, hub id or reward spec), got {type(value).__name__} {value!r}",
+                            config_file, key_lines(config_file).get(key), key)
     inputs |= {k: v for k, v in given.items() if k in RUN_INPUTS and v is not None}
     data |= {k: v for k, v in given.items() if k not in RUN_INPUTS and v is not None}
     return inputs, data

@@ -11,7 +11,10 @@ dataclass's own ``__post_init__`` rules (ranges, fields that must agree). Every 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import os
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,6 +40,28 @@ def require(condition: bool, field: str, reason: str) -> None:
         raise FieldError(field, reason)
 
 
+@functools.cache
+def _field_type(config_type: type, name: str) -> TypeAdapter:
+    return TypeAdapter(typing.get_type_hints(config_type)[name])
+
+
+def require_field_types(config: Any) -> None:
+    """The first ``__post_init__`` rule of a config dataclass, so that one built in Python is read like one
+    from YAML: each field is validated against its annotation by pydantic (``lr="1e-3"`` becomes 0.001,
+    ``whiten_advantages="no"`` False; ``lr=None`` is refused by name, not a TypeError in a comparison),
+    and a float must be finite (``temperature=inf`` passes every ``> 0`` rule, then samples nonsense)."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        value = os.fspath(value) if isinstance(value, os.PathLike) else value  # output_dir=Path(...) is fine
+        try:
+            value = _field_type(type(config), field.name).validate_python(value)
+        except ValidationError as exc:
+            raise FieldError(field.name, f"{exc.errors()[0]['msg']} (got {value!r})") from None
+        require(not isinstance(value, float) or math.isfinite(value), field.name,
+                f"must be a finite number, got {value}")
+        setattr(config, field.name, value)
+
+
 def _yaml_error(exc: yaml.YAMLError, path: str | os.PathLike) -> DataError:
     mark = getattr(exc, "problem_mark", None)
     return DataError(f"not valid YAML: {getattr(exc, 'problem', None) or exc}", path,
@@ -49,6 +74,8 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         loaded = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as exc:
         raise _yaml_error(exc, path) from None
+    except RecursionError:  # PyYAML's parser recurses once per level of [[[...]]]
+        raise DataError("not valid YAML: nested too deeply to read", path) from None
     if not isinstance(loaded, dict):
         raise DataError(f"expected a mapping of config fields, got {type(loaded).__name__}", path)
     return loaded
@@ -58,7 +85,7 @@ def key_lines(path: str | os.PathLike) -> dict[str, int]:
     """The 1-based line of each top-level key of a YAML mapping (for error messages)."""
     try:
         node = yaml.compose(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
+    except (OSError, yaml.YAMLError, RecursionError):
         return {}
     if not isinstance(node, yaml.MappingNode):
         return {}
@@ -75,7 +102,11 @@ def config_from_mapping(cls: type[C], data: dict[str, Any], source: str = "confi
         raise DataError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(known)}", source,
                         lines.get(unknown[0]))
     try:
-        return TypeAdapter(cls).validate_python(data)
+        config = TypeAdapter(cls).validate_python(data)
+        require_field_types(config)  # finiteness, also for a config without __post_init__ rules (cai/)
+        return config
+    except FieldError as rule:
+        field, reason = rule.field, rule.reason
     except ValidationError as exc:
         error = exc.errors()[0]
         rule = (error.get("ctx") or {}).get("error")
@@ -84,7 +115,7 @@ def config_from_mapping(cls: type[C], data: dict[str, Any], source: str = "confi
         else:
             field = ".".join(str(part) for part in error["loc"])
             reason = f"{error['msg']} (got {error['input']!r})"
-        raise DataError(reason, source, lines.get(field.split(".")[0]), field) from None
+    raise DataError(reason, source, lines.get(field.split(".")[0]), field)
 
 
 def config_from_yaml(cls: type[C], path: str | os.PathLike | None = None, **overrides: Any) -> C:

@@ -105,6 +105,10 @@ def generate_completions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     causal (instruct models expect it). With an ``output`` file the run is resumable.
     """
     sampling = sampling or SamplingParams()
+    for index, prompt in enumerate(prompts):
+        if not isinstance(prompt, Prompt):
+            raise TypeError(f"prompts[{index}] is a {type(prompt).__name__}; generate_completions takes Prompt "
+                            "records (their ids let a rerun resume): [Prompt(id=..., text=...)] or read_prompts(path)")
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be at least 1 (got n={n}, batch_size={batch_size})")
     use_chat_template = uses_chat_template(tokenizer, model, use_chat_template)

@@ -103,6 +103,13 @@ def test_malformed_json_list_names_the_line_and_column(tmp_path):
         import_pairs(path, "trl")
 
 
+def test_a_json_list_nested_too_deeply_is_one_located_error(tmp_path):
+    path = tmp_path / "trl.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match=r"trl\.json: JSON nested too deeply"):
+        import_pairs(path, "trl")
+
+
 def test_a_file_that_is_not_parquet_is_one_located_error(tmp_path):
     (tmp_path / "pairs.parquet").write_text("not parquet")
     with pytest.raises(DataError, match=r"pairs\.parquet: cannot be read as a Parquet file"):

@@ -193,3 +193,42 @@ def test_written_files_get_the_umask_mode(tmp_path, umask, mode):
     finally:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "p.jsonl").stat().st_mode) == mode
+
+
+def test_json_nested_deeper_than_the_decoder_can_go_is_one_located_error(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a", "text": "x"}\n{"id": "b", "text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(DataError, match=r"p\.jsonl:2: JSON nested too deeply"):
+        read_records(path, Prompt)
+
+
+@pytest.mark.parametrize("line", [
+    '{"prompt": "q", "chosen": "a", "rejected": "b", "label": NaN}',
+    '{"id": "c", "prompt_id": "p", "prompt": "q", "text": "t", "index": 0, "scores": {"r": Infinity}}',
+    '{"id": "c", "prompt_id": "p", "prompt": "q", "text": "t", "index": 0, "sampling": {"temperature": Infinity}}',
+])
+def test_non_finite_numbers_in_records_are_refused_by_field(tmp_path, line):
+    record_type = PreferencePair if "chosen" in line else Completion
+    (tmp_path / "r.jsonl").write_text(line + "\n")
+    with pytest.raises(DataError, match=r"r\.jsonl:1: field '(label|scores\.r|sampling\.temperature)': .*finite"):
+        read_records(tmp_path / "r.jsonl", record_type)
+
+
+@pytest.mark.parametrize("existing", [
+    '{"schema": "rlhfkit.ranking/1", "prompt_id": "p", "labeler_id": "l", "groups": [["a"], ["b"]]}\n',
+    '{"prompt": "q", "chosen": "a", "rejected": "b"}\n',
+    "# my notes\n",
+])
+def test_a_file_of_another_kind_is_not_overwritten(tmp_path, existing):
+    path = tmp_path / "out.jsonl"
+    path.write_text(existing)
+    with pytest.raises(DataError, match=r"out\.jsonl: holds .*, not rlhfkit.pair/1; it is not overwritten"):
+        write_records(path, [PreferencePair(prompt="q", chosen="a", rejected="b")])
+    assert path.read_text() == existing and [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+def test_a_file_of_the_same_kind_is_replaced(tmp_path):
+    path = tmp_path / "out.jsonl"
+    write_records(path, [Prompt(id="a", text="x")])
+    write_records(path, [Prompt(id="b", text="y")])
+    assert [p.id for p in read_records(path, Prompt)] == ["b"]

@@ -1,5 +1,6 @@
 """The reward contract: one finite float per completion, else an error naming the reward and the sample."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -46,3 +47,28 @@ def test_a_reward_that_breaks_the_contract_is_named_with_the_sample(returned, ex
 def test_a_python_reward_returning_text_or_lists_is_refused(fn, batched, expected):
     with pytest.raises(RewardError, match=expected):
         FunctionReward(fn, batched=batched, name="f")(PROMPTS, COMPLETIONS)
+
+
+def failing_reward(prompt, completion):
+    return {"no such key": 1.0}["score"]
+
+
+def test_an_exception_in_a_python_reward_names_where_it_was_raised_and_the_sample():
+    with pytest.raises(RewardError, match=r"test_base\.py:\d+: reward 'failing_reward' raised KeyError: 'score' "
+                                          r"\(scoring completion 0 \('happy to help'\)\)") as err:
+        FunctionReward(failing_reward)(PROMPTS, COMPLETIONS)
+    assert isinstance(err.value.__cause__, KeyError)
+
+
+@pytest.mark.parametrize(("fn", "batched"), [
+    (lambda ps, cs: np.arange(len(cs), dtype=np.float64), True),
+    (lambda p, c: np.float32(PROMPTS.index(p)), False),
+    (lambda p, c: np.array([PROMPTS.index(p)]), False),
+])
+def test_numpy_numbers_and_arrays_are_rewards(fn, batched):
+    assert FunctionReward(fn, batched=batched)(PROMPTS, COMPLETIONS).tolist() == [0.0, 1.0, 2.0]
+
+
+def test_an_integer_too_large_for_a_float_is_refused_by_name():
+    with pytest.raises(RewardError, match=r"reward 'f' returned '1000.*' for completion 0 .* too large for a float"):
+        FunctionReward(lambda p, c: 10**400, name="f")(PROMPTS, COMPLETIONS)

@@ -1,3 +1,4 @@
+import json
 import math
 import os
 import stat
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from conftest import TOPICS, build_tiny_reward_backbone, minilm_tokenizer, synthetic_pairs
+from rlhfkit.data.io import DataError
 from rlhfkit.reward.model import (
     RewardModel,
     RewardModelConfig,
@@ -192,3 +194,17 @@ def test_an_output_folder_holding_other_files_is_refused_before_training(tmp_pat
     with pytest.raises(FileExistsError, match="exists and is not a reward model folder"):
         train_reward_model(synthetic_pairs(TOPICS[:2]), CONFIG, output_dir=tmp_path, reward_model=tiny_reward_model())
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(("state", "expected"), [
+    ({"std": 0.0}, r"rlhfkit_reward.json: field 'std': Input should be greater than 0"),
+    ({"std": float("nan")}, r"rlhfkit_reward.json: field 'std': Input should be a finite number"),
+    ({"max_length": -1}, r"rlhfkit_reward.json: field 'max_length': Input should be greater than or equal to 1"),
+    ({"mean": "zero"}, r"rlhfkit_reward.json: field 'mean': Input should be a valid number"),
+])
+def test_a_reward_model_whose_state_file_cannot_give_finite_rewards_is_refused_on_load(tmp_path, state, expected):
+    tiny_reward_model().save(tmp_path / "rm")
+    path = tmp_path / "rm" / "rlhfkit_reward.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | state))
+    with pytest.raises(DataError, match=expected):
+        RewardModel.load(tmp_path / "rm")

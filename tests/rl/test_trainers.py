@@ -2,12 +2,14 @@
 while the KL to the reference stays bounded; DPO must raise the held-out chosen-over-rejected margin."""
 
 import itertools
+import json
 import random
 
 import pytest
 import torch
 
 from conftest import build_tiny_causal, build_tiny_seq2seq, word_tokenizer
+from rlhfkit.data.io import DataError
 from rlhfkit.data.records import PreferencePair
 from rlhfkit.reward.base import FunctionReward
 from rlhfkit.rl.dpo import DPOConfig, DPOTrainer
@@ -92,6 +94,88 @@ def test_resumed_run_matches_an_uninterrupted_one(algorithm, tmp_path):
     assert [[round(h[k], 5) for k in keys] for h in rest] == [[round(h[k], 5) for k in keys] for h in full]
     for (name, a), b in zip(straight.actor.named_parameters(), resumed.actor.parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+
+def tiny_grpo(output) -> GRPOTrainer:
+    config = GRPOConfig(steps=1, batch_size=2, group_size=2, max_new_tokens=3, output_dir=str(output))
+    return GRPOTrainer(config, build_tiny_causal(), word_tokenizer(), REWARD, PROMPTS)
+
+
+def test_a_checkpoint_or_policy_cut_short_while_saving_leaves_nothing_that_looks_done(tmp_path, monkeypatch):
+    trainer = tiny_grpo(tmp_path)
+    trainer.train()
+    trainer.save_checkpoint(tmp_path / "ckpt")
+    trainer.step = 7
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the process dies here, e.g. kill -9 or out of disk
+
+    monkeypatch.setattr(GRPOTrainer, "rng_state", killed)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint(tmp_path / "ckpt-7")
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint(tmp_path / "ckpt")  # over an older checkpoint: the older one stays whole
+    monkeypatch.setattr(type(trainer.tokenizer), "save_pretrained", killed)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_policy(tmp_path / "policy-new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "policy", "tensorboard"]  # no partial folder
+    resumed = tiny_grpo(tmp_path / "b")
+    resumed.load_checkpoint(tmp_path / "ckpt")
+    assert resumed.step == 1
+
+
+
+def test_a_folder_named_like_the_policy_that_rlhfkit_did_not_write_is_never_replaced(tmp_path):
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "policy" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"policy: exists and is not a policy or checkpoint saved by rlhfkit"):
+        tiny_grpo(tmp_path)
+    (tmp_path / "other" / "checkpoint-1").mkdir(parents=True)
+    (tmp_path / "other" / "checkpoint-1" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"checkpoint-1: exists and is not"):
+        tiny_grpo(tmp_path / "other").save_checkpoint(tmp_path / "other" / "checkpoint-1")
+    assert (tmp_path / "policy" / "notes.txt").exists() and (tmp_path / "other" / "checkpoint-1" / "notes.txt").exists()
+
+
+@pytest.mark.parametrize(("name", "damage"), [
+    *[(name, "truncated") for name in ("trainable.safetensors", "optimizer.pt", "trainer_state.json", "rng-0.pt")],
+    *[(name, "missing") for name in ("trainable.safetensors", "optimizer.pt", "rng-0.pt")],
+])
+def test_a_damaged_checkpoint_file_is_named_when_resuming(tmp_path, name, damage):
+    trainer = tiny_grpo(tmp_path)
+    trainer.save_checkpoint(tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / name
+    if damage == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(DataError, match=rf"ckpt/{name}: (missing from the checkpoint|cannot be read .* damaged)"):
+        tiny_grpo(tmp_path / "b").load_checkpoint(tmp_path / "ckpt")
+
+
+
+@pytest.mark.parametrize(("prompts", "reward", "expected"), [
+    ("how do i fix bike", REWARD, r"prompts must be a list of prompts, got a str"),
+    (["fix bike", "  "], REWARD, r"prompts\[1\]: .*the prompt is empty or blank"),
+    (["fix bike"], "judge:sentiment", r"reward_fn must be callable .* rlhfkit.reward.spec.load_reward"),
+])
+def test_a_trainer_built_in_python_refuses_inputs_that_cannot_train_by_name(tmp_path, prompts, reward, expected):
+    config = GRPOConfig(batch_size=2, group_size=2, output_dir=str(tmp_path))
+    with pytest.raises((TypeError, ValueError), match=expected):
+        GRPOTrainer(config, build_tiny_causal(), word_tokenizer(), reward, prompts)
+
+
+
+def test_a_policy_whose_generation_config_transformers_would_refuse_to_save_is_saved_as_it_was(tmp_path):
+    policy = build_tiny_causal()
+    policy.generation_config.use_cache, policy.generation_config.cache_implementation = False, "static"
+    policy.generation_config.top_p = 0.5  # without do_sample: transformers refuses to save this
+    config = GRPOConfig(steps=1, batch_size=2, group_size=2, max_new_tokens=3, output_dir=str(tmp_path))
+    GRPOTrainer(config, policy, word_tokenizer(), REWARD, PROMPTS).train()
+    saved = json.loads((tmp_path / "policy" / "generation_config.json").read_text())
+    assert saved["cache_implementation"] == "static" and saved["top_p"] == 0.5
+    assert (tmp_path / "policy" / "model.safetensors").exists()
 
 
 def pairs_for(topics, seed):

@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from rlhfkit.data.io import DataError, DataWarning, iter_json_lines, malformed_json, text_lines, validation_error
+from rlhfkit.data.io import DataError, DataWarning, decode_json, iter_json_lines, text_lines, validation_error
 from rlhfkit.data.records import Message, PreferencePair
 
 HH_ASSISTANT = "\n\nAssistant:"
@@ -37,10 +37,7 @@ def is_table(path: Path) -> bool:
 
 def iter_json_list(path: str | os.PathLike, text: str) -> Iterator[tuple[int, Any]]:
     """(line where the element starts, element) of ``text``, the content of ``path``: one JSON list."""
-    try:
-        json.loads(text)  # a syntax error is located at its line and column of the whole file
-    except json.JSONDecodeError as exc:
-        raise malformed_json(exc, path) from None
+    decode_json(text, path)  # a syntax error is located at its line and column of the whole file
     decoder, separators = json.JSONDecoder(), re.compile(r"[\s,]*")
     index = text.index("[") + 1
     line, counted = 1, 0

@@ -109,15 +109,23 @@ def malformed_json(exc: json.JSONDecodeError, path: str | os.PathLike, line: int
                      exc.lineno if line is None else line)
 
 
+def decode_json(text: str, path: str | os.PathLike, line: int | None = None) -> Any:
+    """``text`` (the whole of ``path``, or its line ``line``) decoded; malformed JSON, or nesting deeper
+    than Python's recursion limit (which would crash the decoder), is a DataError at its line."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise malformed_json(exc, path, line) from None
+    except RecursionError:
+        raise DataError("JSON nested too deeply to read (lists or objects inside each other thousands of "
+                        "levels deep)", path, line) from None
+
+
 def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     """(line number, decoded object) for each non-blank line; malformed JSON is a DataError."""
     for number, raw in text_lines(path):
-        if not raw.strip():
-            continue
-        try:
-            yield number, json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise malformed_json(exc, path, number) from None
+        if raw.strip():
+            yield number, decode_json(raw, path, number)
 
 
 def iter_records(path: str | os.PathLike, record_type: type[R]) -> Iterator[tuple[int, R]]:
@@ -156,21 +164,44 @@ def umask_mode(requested: int = 0o666) -> int:
     return requested & ~umask
 
 
+def _schema_of_first_line(path: Path) -> str | None:
+    """The ``schema`` of an existing file's first line: None for no file or an empty one, "" for a file
+    that is not rlhfkit records (another format, or not JSON at all)."""
+    if not path.is_file():
+        return None
+    with path.open("rb") as f:
+        first = f.readline(1 << 20)
+    if not first.strip():
+        return None
+    try:
+        data = json.loads(first.decode("utf-8-sig"))
+    except (ValueError, RecursionError):
+        return ""
+    return str(data.get("schema", "")) if isinstance(data, dict) else ""
+
+
 def write_records(path: str | os.PathLike, records: Iterable[Record]) -> int:
     """Write records atomically (temp file + rename); returns how many were written. The file gets the
-    umask's mode, as a plain ``open()`` would give it (a temporary file starts at 0600)."""
+    umask's mode, as a plain ``open()`` would give it (a temporary file starts at 0600). An existing file
+    is replaced only by records of its own kind: ``-o`` naming an input of another kind (the rankings a
+    ``pairs`` run reads, a TRL file being imported) is a DataError, not the input lost."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    count = 0
+    count, schema = 0, None
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, umask_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for record in records:
+                schema = schema or record.schema_name()
                 f.write(_line(record))
                 count += 1
             f.flush()
             os.fsync(f.fileno())
+        existing = _schema_of_first_line(path)
+        if schema and existing not in (None, schema):
+            raise DataError(f"holds {existing or 'data without an rlhfkit schema'}, not {schema}; it is not "
+                            "overwritten: choose another output file (or delete this one first)", path)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

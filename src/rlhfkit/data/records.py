@@ -13,9 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 
 class Record(BaseModel):
-    """Base of every record: strict about unknown fields, knows its schema name."""
+    """Base of every record: strict about unknown fields and non-finite numbers (a NaN score or label
+    would be written as the non-JSON literal ``NaN`` and poison every mean), knows its schema name."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     kind: ClassVar[str]
     version: ClassVar[int] = 1
     # The field that must be unique within one file (None: no uniqueness rule).
@@ -56,7 +57,7 @@ class Prompt(Record):
 class SamplingParams(BaseModel):
     """How a completion was sampled; stored with it so that a file says how it was made."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     do_sample: bool = True
     temperature: float = Field(default=1.0, gt=0)
     top_p: float = Field(default=1.0, gt=0, le=1)

@@ -8,10 +8,13 @@ float per completion: no scalar broadcast to the batch, no NaN or inf trained on
 
 from __future__ import annotations
 
+import math
 import numbers
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 
@@ -71,23 +74,38 @@ class FunctionReward:
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
         if self.batched:
-            returned = self.fn(list(prompts), list(completions))
-            if isinstance(returned, str | bytes) or not isinstance(returned, Sequence | torch.Tensor):
+            returned = self._call(list(prompts), list(completions), what=f"a batch of {len(completions)}")
+            if isinstance(returned, str | bytes) or not isinstance(returned, Sequence | torch.Tensor | np.ndarray):
                 raise RewardError(f"reward {self.name!r} returned a {type(returned).__name__} for a batch of "
                                   f"{len(completions)}; a batched reward returns one float per completion")
             values = list(returned)
         else:
-            values = [self.fn(p, c) for p, c in zip(prompts, completions, strict=True)]
+            values = [self._call(p, c, what=f"completion {i} ({_shown(c)})")
+                      for i, (p, c) in enumerate(zip(prompts, completions, strict=True))]
         if len(values) != len(completions):
             raise RewardError(f"reward {self.name!r} returned {len(values)} values for {len(completions)} "
                               "completions")
         return torch.tensor([self._number(v, i, completions) for i, v in enumerate(values)], dtype=torch.float32)
 
+    def _call(self, *args: object, what: str) -> object:
+        """``fn(*args)``; an exception in the user's function is a RewardError naming where it was raised
+        (``file:line``) and what it was scoring (the original stays chained as ``__cause__``)."""
+        try:
+            return self.fn(*args)
+        except Exception as exc:
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            raise RewardError(f"{frame.filename}:{frame.lineno}: reward {self.name!r} raised "
+                              f"{type(exc).__name__}: {exc} (scoring {what})") from exc
+
     def _number(self, value: object, index: int, completions: Sequence[str]) -> float:
         """A returned value as a float: a real number (or a one-element tensor), never a string or a list."""
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
+        if isinstance(value, torch.Tensor | np.ndarray) and math.prod(value.shape) == 1:
             value = value.item()
         if isinstance(value, numbers.Real):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise RewardError(f"reward {self.name!r} returned {_shown(str(value))} for completion {index} "
+                                  f"({_shown(completions[index])}); it is too large for a float") from None
         raise RewardError(f"reward {self.name!r} returned {type(value).__name__} {_shown(str(value))} for completion "
                           f"{index} ({_shown(completions[index])}); it must return a number")

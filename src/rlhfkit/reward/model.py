@@ -25,10 +25,11 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -37,14 +38,25 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from rlhfkit.config import config_from_yaml, require, save_config
+from rlhfkit.config import config_from_yaml, require, require_field_types, save_config
 from rlhfkit.console import console, progress_bar
-from rlhfkit.data.io import malformed_json, umask_mode
+from rlhfkit.data.io import malformed_json, umask_mode, validation_error
 from rlhfkit.data.pairs import group_by_prompt
 from rlhfkit.data.records import PreferencePair, render_text
 from rlhfkit.models.pretrained import pretrained_source
 
 STATE_FILE = "rlhfkit_reward.json"
+
+
+class RewardState(BaseModel):
+    """What ``STATE_FILE`` holds, checked on load: a std of 0 or NaN would make every reward infinite or
+    NaN, a max_length below 1 crash the tokenizer."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    max_length: int = Field(ge=1)
+    mean: float
+    std: float = Field(gt=0)
+    metrics: dict[str, Any] = {}
 
 
 def default_backbone() -> str:
@@ -78,6 +90,7 @@ class RewardModelConfig:
     lora_dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        require_field_types(self)
         at_least_one = {"max_length": self.max_length, "epochs": self.epochs, "batch_size": self.batch_size,
                         "lora_r": self.lora_r}
         for field, value in at_least_one.items():
@@ -196,11 +209,13 @@ class RewardModel:
             raise FileNotFoundError(f"{path} is not an rlhfkit reward model (no {STATE_FILE}); train one with "
                                     "`rlhfkit reward train`")
         try:
-            state = json.loads((path / STATE_FILE).read_text())
+            state = RewardState.model_validate(json.loads((path / STATE_FILE).read_text()))
         except json.JSONDecodeError as exc:
             raise malformed_json(exc, path / STATE_FILE) from None
+        except ValidationError as exc:
+            raise validation_error(exc, path / STATE_FILE, None) from None
         model = AutoModelForSequenceClassification.from_pretrained(path).eval()
-        return cls(model, AutoTokenizer.from_pretrained(path), batch_size=batch_size, **state)
+        return cls(model, AutoTokenizer.from_pretrained(path), batch_size=batch_size, **state.model_dump())
 
 
 def check_output_folder(path: str | os.PathLike) -> None:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhfkit.config import require
+from rlhfkit.config import require, require_field_types
 from rlhfkit.console import console, progress_bar
 from rlhfkit.data.records import PreferencePair, Text
 from rlhfkit.generate import format_prompt
@@ -56,6 +56,7 @@ class DPOConfig:
     weights_dtype: Literal["float32", "bfloat16"] = "float32"  # of the trained weights (see RLConfig)
 
     def __post_init__(self) -> None:
+        require_field_types(self)
         for name in ("beta", "lr", "max_grad_norm"):
             require(getattr(self, name) > 0, name, "must be positive")
         for name in ("epochs", "batch_size", "max_prompt_tokens", "max_completion_tokens", "lora_r"):

@@ -10,20 +10,23 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from accelerate import Accelerator
+from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhfkit.config import require, save_config
+from rlhfkit.config import require, require_field_types, save_config
 from rlhfkit.console import console
-from rlhfkit.data.records import Text
+from rlhfkit.data.io import DataError
+from rlhfkit.data.records import Prompt, Text
 from rlhfkit.generate import format_prompt
 from rlhfkit.models.policy import SamplingDistribution, cast_trainable, check_prompt_lengths, prepare_tokenizer
 from rlhfkit.models.reference import Reference, add_lora, is_lora
@@ -31,6 +34,8 @@ from rlhfkit.models.value_head import Actor
 from rlhfkit.reward.base import RewardError, RewardFn
 from rlhfkit.rl.monitors import RewardHackingMonitor
 from rlhfkit.rl.rollout import Rollout, collect_rollout
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -60,6 +65,7 @@ class RLConfig:
     weights_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self) -> None:
+        require_field_types(self)
         for name in ("steps", "save_every", "min_new_tokens"):
             require(getattr(self, name) >= 0, name, "must be at least 0")
         for name in ("batch_size", "max_new_tokens", "lora_r"):
@@ -77,6 +83,7 @@ def prepare_training(config, policy: PreTrainedModel, tokenizer: PreTrainedToken
     default), the tokenizer, the reference on the policy's device and in the policy's precision (so
     that KL is zero before the first update), the actor and its AdamW, prepared by `accelerate`.
     Returns (tokenizer, reference, actor, optimizer)."""
+    check_replaceable(Path(config.output_dir) / "policy")  # before training, not after it
     policy.eval()
     if config.lora and not is_lora(policy):
         policy = add_lora(policy, config.lora_r, config.lora_alpha)
@@ -116,14 +123,91 @@ def apply_gradients(accelerator: Accelerator, actor: torch.nn.Module, optimizer:
     return norm
 
 
+def partial_folder(path: Path) -> Path:
+    """Where a folder is written before it is moved into place: hidden, next to it, on the same disk."""
+    return path.with_name(f".{path.name}.partial")
+
+
+def check_replaceable(path: Path) -> None:
+    """Saving replaces ``path`` whole: refuse a file, or a folder with anything in it that rlhfkit did not
+    write (it writes a ``*_config.yaml`` into every policy and checkpoint folder)."""
+    if path.is_file() or (path.is_dir() and any(path.iterdir()) and not any(path.glob("*_config.yaml"))):
+        raise FileExistsError(f"{path}: exists and is not a policy or checkpoint saved by rlhfkit (saving "
+                              "replaces the folder); choose another output_dir")
+
+
+def publish_folder(path: Path) -> None:
+    """Move the fully written :func:`partial_folder` of ``path`` into place (replacing an older one). A
+    run killed while writing leaves only the hidden partial folder, never a ``path`` that looks done."""
+    check_replaceable(path)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(partial_folder(path), path)
+
+
+def save_as_loaded(model: PreTrainedModel, path: Path) -> None:
+    """``model.save_pretrained(path)`` with its ``generation_config`` written as it is. transformers checks a
+    generation config strictly when saving and refuses settings it loaded without complaint (a checkpoint's
+    ``cache_implementation`` without ``use_cache``, ``top_p`` without ``do_sample``): that would lose a
+    finished run at its last step, for settings rlhfkit's sampling never reads."""
+    own = None if is_lora(model) else model.generation_config
+    if own is None:  # a LoRA adapter folder has no generation config
+        model.save_pretrained(path)
+        return
+    model.generation_config = GenerationConfig()
+    try:
+        model.save_pretrained(path)
+    finally:
+        model.generation_config = own
+    own.to_json_file(path / "generation_config.json", use_diff=True)
+
+
 def save_trained_policy(accelerator: Accelerator, actor: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, config,
                 algorithm: str, path: str | os.PathLike) -> None:
-    """The trained policy as a `save_pretrained` folder (LoRA: the adapter), with the run's config."""
+    """The trained policy as a `save_pretrained` folder (LoRA: the adapter), with the run's config;
+    written whole or not at all (see :func:`publish_folder`)."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        accelerator.unwrap_model(actor).model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        save_config(config, Path(path) / f"{algorithm}_config.yaml")
+        path, partial = Path(path), partial_folder(Path(path))
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            save_as_loaded(accelerator.unwrap_model(actor).model, partial)
+            tokenizer.save_pretrained(partial)
+            save_config(config, partial / f"{algorithm}_config.yaml")
+            publish_folder(path)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+
+
+def read_checkpoint_file(path: Path, read: Callable[[Path], T]) -> T:
+    """``read(path)``; a missing file or one that cannot be read (cut short by a crash, corrupted) is a
+    DataError naming it, not the reader's traceback."""
+    if not path.is_file():
+        raise DataError("missing from the checkpoint; resume from another checkpoint", path)
+    try:
+        return read(path)
+    except Exception as exc:  # safetensors, torch.load and json each raise their own kinds
+        raise DataError(f"cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                        "the checkpoint is damaged, resume from another one", path) from exc
+
+
+def check_run_inputs(prompts: Sequence[Text], reward_fn: RewardFn) -> None:
+    """What a Python caller can get wrong before any rollout: no prompts, one string instead of a list of
+    them (its characters would be the prompts), a blank prompt, a reward that cannot be called (a spec
+    string: resolve it with ``rlhfkit.reward.spec.load_reward``). Each is an error naming the prompt."""
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts must be a list of prompts, got a {type(prompts).__name__}")
+    if not prompts:
+        raise ValueError("no prompts to train on")
+    for index, text in enumerate(prompts):
+        try:
+            Prompt(id=str(index), text=text)
+        except ValidationError as exc:
+            raise ValueError(f"prompts[{index}]: {exc.errors()[0]['msg']} (got {text!r})") from None
+    if not callable(reward_fn):
+        raise TypeError(f"reward_fn must be callable as reward(prompts, completions), got {reward_fn!r}; a spec "
+                        "string such as 'judge:sentiment' is resolved by rlhfkit.reward.spec.load_reward")
 
 
 class OnPolicyTrainer:
@@ -135,8 +219,7 @@ class OnPolicyTrainer:
     def __init__(self, config: RLConfig, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  reward_fn: RewardFn, prompts: Sequence[Text], reference: Reference | None = None,
                  accelerator: Accelerator | None = None, monitor: RewardHackingMonitor | None = None) -> None:
-        if not prompts:
-            raise ValueError("no prompts to train on")
+        check_run_inputs(prompts, reward_fn)
         self.config, self.reward_fn, self.prompts, self.monitor = config, reward_fn, list(prompts), monitor
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         torch.manual_seed(config.seed + self.accelerator.process_index)
@@ -284,19 +367,30 @@ class OnPolicyTrainer:
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         """Everything needed to continue exactly: trainable weights (and value head), optimizer, KL
         controller, step, history, each process's RNG state (CPU, and CUDA on a GPU), and the config."""
-        path = Path(path)
+        path, partial = Path(path), partial_folder(Path(path))
+        main = self.accelerator.is_main_process
         self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            path.mkdir(parents=True, exist_ok=True)
-            trainable = {n: p.detach().contiguous().cpu() for n, p in self._bare_actor().named_parameters()
-                         if p.requires_grad}
-            save_file(trainable, path / "trainable.safetensors")
-            torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
-            state = {"step": self.step, "history": self.history, **self.extra_state()}
-            (path / "trainer_state.json").write_text(json.dumps(state, indent=1))
-            save_config(self.config, path / f"{self.algorithm}_config.yaml")
+        try:
+            if main:
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir(parents=True)
+                trainable = {n: p.detach().contiguous().cpu() for n, p in self._bare_actor().named_parameters()
+                             if p.requires_grad}
+                save_file(trainable, partial / "trainable.safetensors")
+                torch.save(self.optimizer.state_dict(), partial / "optimizer.pt")
+                state = {"step": self.step, "history": self.history, **self.extra_state()}
+                (partial / "trainer_state.json").write_text(json.dumps(state, indent=1))
+                save_config(self.config, partial / f"{self.algorithm}_config.yaml")
+            self.accelerator.wait_for_everyone()
+            torch.save(self.rng_state(), partial / f"rng-{self.accelerator.process_index}.pt")
+            self.accelerator.wait_for_everyone()
+            if main:
+                publish_folder(path)
+        except BaseException:
+            if main:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
         self.accelerator.wait_for_everyone()
-        torch.save(self.rng_state(), path / f"rng-{self.accelerator.process_index}.pt")
 
     def rng_state(self) -> dict[str, torch.Tensor]:
         """This process's random state: the CPU generator's and, on a GPU, its device's (sampling draws there)."""
@@ -313,17 +407,21 @@ class OnPolicyTrainer:
             torch.cuda.set_rng_state(state["cuda"], self.accelerator.device)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Continue from a :meth:`save_checkpoint` folder; a missing or damaged file is a DataError naming it."""
         path = Path(path)
         if not (path / "trainer_state.json").exists():
             raise FileNotFoundError(f"{path} is not an rlhfkit checkpoint (no trainer_state.json)")
-        missing = self._bare_actor().load_state_dict(load_file(path / "trainable.safetensors"), strict=False)
+        weights = read_checkpoint_file(path / "trainable.safetensors", load_file)
+        missing = self._bare_actor().load_state_dict(weights, strict=False)
         if missing.unexpected_keys:
             raise ValueError(f"{path}: checkpoint has weights this model lacks: {missing.unexpected_keys[:5]}")
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-        state = json.loads((path / "trainer_state.json").read_text())
+        optimizer_state = read_checkpoint_file(path / "optimizer.pt", lambda f: torch.load(f, weights_only=False))
+        state = read_checkpoint_file(path / "trainer_state.json", lambda f: json.loads(f.read_text()))
+        rng = read_checkpoint_file(path / f"rng-{self.accelerator.process_index}.pt", torch.load)
+        self.optimizer.load_state_dict(optimizer_state)
         self.step, self.history = state["step"], state["history"]
         self.load_extra_state(state)
-        self.set_rng_state(torch.load(path / f"rng-{self.accelerator.process_index}.pt"))
+        self.set_rng_state(rng)
 
     def extra_state(self) -> dict:
         return {}
