@@ -339,3 +339,17 @@ def test_a_held_enter_key_submits_one_item_not_every_next_one(tmp_path):
         page.wait_for_timeout(500)
         with sessions() as db:
             assert db.scalar(select(func.count()).select_from(Label)) == 2
+
+
+def test_a_throttled_client_adds_no_rows_however_many_usernames_it_tries(db_url):
+    from sqlalchemy import func, select
+
+    app = create_app(db_url)
+    setup_project(app)
+    with app.state.sessions() as db:
+        service.record_login_failure(db, ["ip:10.9.9.9"] * 30)
+        before = db.scalar(select(func.count()).select_from(service.LoginFailures))
+        for i in range(20):
+            with pytest.raises(service.FeedbackError, match="too many"):
+                service.log_in(db, f"made-up-{i}", "some-password", "10.9.9.9")
+        assert db.scalar(select(func.count()).select_from(service.LoginFailures)) == before
