@@ -311,3 +311,45 @@ def test_any_upload_file_name_is_accepted_and_only_shown_in_errors(tmp_path):
                              files={"completions": (name, b'{"schema": "x"}\n')})
         assert refused.status_code == 422, (name, refused.status_code)
     assert not (tmp_path.parent / "escape.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_held_enter_key_submits_one_item_not_every_next_one(tmp_path):
+    from sqlalchemy import func, select
+    from test_browser import chromium_browser, expect, log_in, running_app
+
+    from rlhfkit.feedback.db import Label
+
+    completions = [c for p in range(3) for c in make_completions(f"p{p}", 3)]
+    with running_app(tmp_path, "Rank them.", completions) as (url, sessions), chromium_browser() as browser:
+        page = browser.new_page()
+        log_in(page, url, "ann", "ann-password")
+        page.wait_for_selector("li.completion")
+        first = page.get_attribute("li.completion", "data-id")
+        page.keyboard.down("Enter")  # pressed and held: the browser repeats it while the next item loads
+        expect(page.locator("li.completion").first).not_to_have_attribute(
+            "data-id", re.compile(f"^{first.split('-')[0]}-"))  # the next item is shown
+        for _ in range(5):
+            page.keyboard.down("Enter")  # repeat=true, as a held key sends
+            page.wait_for_timeout(150)
+        page.keyboard.up("Enter")
+        with sessions() as db:
+            assert db.scalar(select(func.count()).select_from(Label)) == 1  # was one label per repeat
+        page.keyboard.press("Enter")  # a fresh press still submits
+        page.wait_for_timeout(500)
+        with sessions() as db:
+            assert db.scalar(select(func.count()).select_from(Label)) == 2
+
+
+def test_a_throttled_client_adds_no_rows_however_many_usernames_it_tries(db_url):
+    from sqlalchemy import func, select
+
+    app = create_app(db_url)
+    setup_project(app)
+    with app.state.sessions() as db:
+        service.record_login_failure(db, ["ip:10.9.9.9"] * 30)
+        before = db.scalar(select(func.count()).select_from(service.LoginFailures))
+        for i in range(20):
+            with pytest.raises(service.FeedbackError, match="too many"):
+                service.log_in(db, f"made-up-{i}", "some-password", "10.9.9.9")
+        assert db.scalar(select(func.count()).select_from(service.LoginFailures)) == before

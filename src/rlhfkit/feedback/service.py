@@ -174,26 +174,34 @@ def reserve_login_attempt(session: Session, keys: Sequence[str]) -> float:
     """Seconds before another login attempt is allowed for these keys (``user:NAME``, ``ip:ADDR``). At 0
     the attempt is counted as a failure at once, before its password is checked (a success takes the
     count back): check and count are one transaction over the keys' locked rows, so parallel attempts
-    cannot all pass the check before the first failure is counted."""
+    cannot all pass the check before the first failure is counted. A refused attempt writes nothing."""
     keys = sorted(set(keys))
-    session.execute(_upsert(session)(LoginFailures).values([{"key": k, "failures": 0, "last_failure": now()}
-                                                             for k in keys]).on_conflict_do_nothing())
+    wait = _login_wait(session, keys)
+    if wait <= 0:
+        session.execute(_upsert(session)(LoginFailures).values([{"key": k, "failures": 0, "last_failure": now()}
+                                                                 for k in keys]).on_conflict_do_nothing())
+        wait = _login_wait(session, keys, lock=True)
+        if wait <= 0:
+            record_login_failure(session, keys)
+            return 0.0
+    session.commit()
+    return wait
+
+
+def _login_wait(session: Session, keys: Sequence[str], lock: bool = False) -> float:
+    """The longest wait that the keys' failures impose (the rules above); ``lock`` holds their rows."""
+    query = select(LoginFailures).where(LoginFailures.key.in_(keys)).order_by(LoginFailures.key)
     wait = 0.0
-    for row in session.scalars(select(LoginFailures).where(LoginFailures.key.in_(keys)).order_by(LoginFailures.key)
-                               .with_for_update()):
-        start, lock = LOGIN_THROTTLE[row.key.split(":", 1)[0]]
+    for row in session.scalars(query.with_for_update() if lock else query):
+        start, lock_at = LOGIN_THROTTLE[row.key.split(":", 1)[0]]
         if row.failures < start:
             continue
-        pause = LOGIN_LOCK if row.failures >= lock else min(timedelta(seconds=2 ** (row.failures - start)),
-                                                              LOGIN_LOCK)
+        pause = LOGIN_LOCK if row.failures >= lock_at else min(timedelta(seconds=2 ** (row.failures - start)),
+                                                                 LOGIN_LOCK)
         since = now() - _aware(row.last_failure)
         if since < LOGIN_FORGET:
             wait = max(wait, (pause - since).total_seconds())
-    if wait > 0:
-        session.commit()
-        return wait
-    record_login_failure(session, keys)
-    return 0.0
+    return wait
 
 
 def record_login_failure(session: Session, keys: Sequence[str]) -> None:
