@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -63,14 +63,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(db: str, port: int, workers: int = 1, log: Path | None = None) -> subprocess.Popen:
+def start_server(db: str, port: int, workers: int = 1, log: Path | None = None,
+                 extra: Sequence[str] = ()) -> subprocess.Popen:
     """`rlhfkit feedback serve` in a child process (its own process group, so that a kill reaches every
     worker), its output in ``log``; returns once it answers."""
     env = {**os.environ, "RLHFKIT_ADMIN_PASSWORD": PASSWORD}
     log = log or Path(tempfile.mkstemp(prefix="rlhfkit-server-", suffix=".log")[1])
     with open(log, "ab") as out:
         process = subprocess.Popen([sys.executable, "-m", "rlhfkit.cli", "feedback", "serve", "--db", db, "--port",
-                                    str(port), "--workers", str(workers)], env=env, stdout=out,
+                                    str(port), "--workers", str(workers), *extra], env=env, stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     process.log = log
     deadline = time.time() + 60

@@ -45,3 +45,20 @@ def test_two_workers_start_once_and_serve_one_session_on_every_connection(db_url
         assert session.scalar(select(func.count()).select_from(User).where(User.role == "admin")) == 1
         assert session.scalar(select(func.count()).select_from(Setting)) <= 1  # one session key, if any
     sessions.kw["bind"].dispose()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trusted", [False, True], ids=["header-ignored", "proxy-trusted"])
+def test_x_forwarded_for_moves_the_throttled_address_only_from_a_trusted_proxy(tmp_path, trusted):
+    """Wrong passwords for made-up names, each claiming another address: the server counts them against the
+    real client (and throttles it) unless it was told the client is a trusted proxy."""
+    port = load.free_port()
+    extra = ["--forwarded-allow-ips", "127.0.0.1"] if trusted else []
+    server = load.start_server(f"sqlite:///{tmp_path / 'x.db'}", port, extra=extra)
+    try:
+        statuses = [httpx.post(f"http://127.0.0.1:{port}/api/login", json={"username": f"nobody{i}",
+                                                                            "password": "wrong password"},
+                               headers={"X-Forwarded-For": f"10.1.2.{i}"}).status_code for i in range(25)]
+    finally:
+        assert load.stop_server(server) is None
+    assert (429 in statuses) is not trusted, statuses

@@ -55,6 +55,9 @@ def serve(
     secure_cookies: Annotated[bool, typer.Option(help="Mark session cookies Secure (serve over HTTPS).")] = False,
     workers: Annotated[int, typer.Option(min=1, help="Server processes (each opens up to 15 PostgreSQL "
                                                      "connections).")] = 1,
+    forwarded_allow_ips: Annotated[str | None, typer.Option(
+        help="Comma-separated addresses of your reverse proxies: only requests from them may set the client "
+             "address with X-Forwarded-For (used for login throttling). Unset: the header is ignored.")] = None,
 ) -> None:
     """Start the app (migrations are applied first). The first start creates an `admin` account with the
     password in $RLHFKIT_ADMIN_PASSWORD, or a generated one that is printed once."""
@@ -80,6 +83,7 @@ def serve(
     app_from_environment()  # the app's own start-up writes (the session key) happen once here, not in racing workers
     console.print(f"labeling app on http://{host}:{port}/ (admin: /admin), database {db}")
     uvicorn.run("rlhfkit.feedback.cli:app_from_environment", factory=True, host=host, port=port, workers=workers,
+                proxy_headers=forwarded_allow_ips is not None, forwarded_allow_ips=forwarded_allow_ips,
                 log_level="warning")
 
 
