@@ -1,19 +1,35 @@
 """Load on the labeling app: N concurrent labelers label through the HTTP API of a real server process.
 
-    python benchmarks/feedback_load.py --labelers 50                       # SQLite
-    python benchmarks/feedback_load.py --labelers 50 --db postgresql://u@host/db
-    python benchmarks/feedback_load.py --labelers 50 --kill-after 3        # kill -9 the server mid-load
+    python benchmarks/feedback_load.py                      # 200 labelers, SQLite and PostgreSQL, kill -9 runs
+    python benchmarks/feedback_load.py --db postgresql --labelers 50 --workers 1 --think 0 --kill-after 0
+    python benchmarks/feedback_load.py --db postgresql://u@host/db   # an existing (empty) database
 
-Every labeler logs in and loops next item → submit (10% of submissions are sent twice, as a double
-click would). Afterwards the database is checked: every label that got a success response is there,
-no (item, labeler) has two labels, and no item has more than k labels. With ``--kill-after`` the
-server gets SIGKILL during the load, is restarted on the same database, and the same checks run.
-Prints the numbers and writes them as JSON.
+``--db postgresql`` starts a throwaway PostgreSQL server (initdb + pg_ctl, as the tests do); a URL or a
+file path uses that database, which must be empty. Everything listens on 127.0.0.1 only.
+
+Every labeler logs in (timed apart from the load), then loops: GET /api/next → think → POST /api/labels,
+sending 10% of submissions twice (a double click must return the same label). Labelers stop when the
+queue is empty or take no new item after ``--seconds``. The think time is drawn uniformly from [0.5, 1.5] × ``--think``.
+By Little's law the labelers in flight N, the label rate X and the time per label satisfy
+N = X · (think + latency of next + latency of submit): with ``--think 0`` every labeler waits on the
+server all the time, so latency is N / X and only the rate measures the server; with a think time the
+latency is the server's answer time under an offered load of at most N / think labels per second.
+
+Afterwards the label rows are read back from the database and counted (``audit``): labels per
+(labeler, item) above one are duplicates, items with more than k labels are over-filled, acknowledged
+label ids missing from the table are lost. With ``--kill-after S`` a second run per database gets
+SIGKILL to the server's whole process group S seconds into the load, restarts the server on the same
+database (migrations and start-up must survive) and runs the same counts.
+
+Writes the results to a new timestamped JSON file in benchmarks/results/ (never an existing file), with
+the load average of the machine before and after each run (the machine may be shared).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import os
 import random
@@ -22,18 +38,23 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import numpy as np
+from sqlalchemy import select
 
 from rlhfkit.data.records import Completion
 from rlhfkit.feedback import service
-from rlhfkit.feedback.client import FeedbackClient
-from rlhfkit.feedback.db import Label, session_factory
+from rlhfkit.feedback.db import Label, User, session_factory
 
 PASSWORD = "load-test-password"
+RESULTS = Path(__file__).parent / "results"
+TESTS = Path(__file__).parents[1] / "tests"
 
 
 def free_port() -> int:
@@ -42,13 +63,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(db: str, port: int, log: Path | None = None) -> subprocess.Popen:
-    """`rlhfkit feedback serve` in a child process, its output in ``log``; returns once it answers."""
+def start_server(db: str, port: int, workers: int = 1, log: Path | None = None) -> subprocess.Popen:
+    """`rlhfkit feedback serve` in a child process (its own process group, so that a kill reaches every
+    worker), its output in ``log``; returns once it answers."""
     env = {**os.environ, "RLHFKIT_ADMIN_PASSWORD": PASSWORD}
     log = log or Path(tempfile.mkstemp(prefix="rlhfkit-server-", suffix=".log")[1])
     with open(log, "ab") as out:
         process = subprocess.Popen([sys.executable, "-m", "rlhfkit.cli", "feedback", "serve", "--db", db, "--port",
-                                    str(port)], env=env, stdout=out, stderr=subprocess.STDOUT)
+                                    str(port), "--workers", str(workers)], env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
     process.log = log
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -59,113 +82,241 @@ def start_server(db: str, port: int, log: Path | None = None) -> subprocess.Pope
                 return process
         except httpx.HTTPError:
             time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("the server did not start within 60 s")
+    os.killpg(process.pid, signal.SIGKILL)
+    raise RuntimeError(f"the server did not start within 60 s: {log.read_text()[-2000:]}")
+
+
+def stop_server(process: subprocess.Popen) -> str | None:
+    """SIGTERM, then SIGKILL to the whole group after 30 s; returns a complaint if it needed the kill."""
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        return "the server did not stop within 30 s of SIGTERM"
+    return None
 
 
 def prepare(db: str, labelers: int, prompts: int, overlap: int) -> None:
-    """A project of ``prompts`` items × 4 completions and ``labelers`` accounts."""
+    """A project of ``prompts`` items × 4 completions and ``labelers`` accounts (one scrypt hash, shared)."""
     sessions = session_factory(db)
     with sessions() as session:
         completions = [Completion(id=f"p{i}-{j}", prompt_id=f"p{i}", prompt=f"question {i}", text=f"answer {j}",
                                   index=j) for i in range(prompts) for j in range(4)]
         service.create_project(session, "load", "helpfulness", completions, overlap=overlap)
-        for i in range(labelers):
-            service.create_user(session, f"load-{i}", password=PASSWORD)
+        first = service.create_user(session, "load-0", password=PASSWORD)
+        session.add_all(User(username=f"load-{i}", role="labeler", password_hash=first.password_hash)
+                        for i in range(1, labelers))
+        session.commit()
     sessions.kw["bind"].dispose()
 
 
-def label_until_done(url: str, name: str, acknowledged: list, errors: list, stop: threading.Event,
-                     rng: random.Random) -> None:
-    client = None
-    try:
-        client = FeedbackClient(url, name, PASSWORD, timeout=60)
-        while not stop.is_set():
-            item = client.next_item("load")
-            if item is None:
+def stored_labels(db: str) -> list[tuple[int, int, int]]:
+    """(label id, user id, item id) of every row of the labels table."""
+    sessions = session_factory(db)
+    with sessions() as session:
+        rows = [tuple(row) for row in session.execute(select(Label.id, Label.user_id, Label.item_id))]
+    sessions.kw["bind"].dispose()
+    return rows
+
+
+def audit(rows: Iterable[tuple[int, int, int]], acknowledged: Iterable[int], overlap: int) -> dict:
+    """What the database holds against what the server acknowledged.
+
+    rows: (label id, user id, item id) per stored label; acknowledged: the label ids of success responses.
+    duplicated = Σ over (user, item) of max(0, labels − 1); over_filled_items = #{item : labels > k};
+    lost = #{acknowledged ids not stored}.
+    """
+    rows = list(rows)
+    per_pair = Counter((user, item) for _, user, item in rows)
+    per_item = Counter(item for _, _, item in rows)
+    ids = {label_id for label_id, _, _ in rows}
+    return {"stored": len(rows), "lost": len(set(acknowledged) - ids),
+            "duplicated": sum(n - 1 for n in per_pair.values()),
+            "over_filled_items": sum(n > overlap for n in per_item.values())}
+
+
+def latency_ms(seconds: list[float]) -> dict:
+    """p50 / p95 / max of a list of durations, in milliseconds (None when nothing was timed)."""
+    if not seconds:
+        return {"n": 0, "p50": None, "p95": None, "max": None}
+    p50, p95 = np.percentile(seconds, [50, 95]) * 1000
+    return {"n": len(seconds), "p50": round(float(p50), 1), "p95": round(float(p95), 1),
+            "max": round(max(seconds) * 1000, 1)}
+
+
+class Labelers:
+    """N labelers as asyncio tasks, each with its own HTTP client (cookies) and random generator."""
+
+    def __init__(self, url: str, count: int, think: float, seed: int) -> None:
+        self.url, self.count, self.think, self.seed = url, count, think, seed
+        self.timings: dict[str, list[float]] = {"login": [], "next": [], "submit": []}
+        self.acknowledged: list[int] = []
+        self.errors: list[str] = []
+        self.stop = asyncio.Event()
+
+    async def _timed(self, kind: str, request) -> httpx.Response:
+        started = time.perf_counter()
+        response = await request
+        self.timings[kind].append(time.perf_counter() - started)
+        if response.status_code >= 400:
+            raise RuntimeError(f"{response.request.method} {response.request.url.path}: {response.status_code} "
+                               f"{response.text[:200]}")
+        return response
+
+    async def _label(self, client: httpx.AsyncClient, name: str, rng: random.Random, deadline: float) -> None:
+        while not self.stop.is_set() and time.perf_counter() < deadline:
+            response = await self._timed("next", client.get("/api/next", params={"project": "load"}))
+            if response.status_code == 204:
                 return
+            item = response.json()
             ids = [c["id"] for c in item["completions"]]
             rng.shuffle(ids)
-            groups = [[i] for i in ids]
-            result = client.submit(item["item_id"], groups)
-            acknowledged.append((name, item["item_id"], result["label_id"]))
+            body = {"item_id": item["item_id"], "groups": [[i] for i in ids], "flagged": []}
+            if self.think:
+                with contextlib.suppress(TimeoutError):  # a kill ends the thinking at once
+                    await asyncio.wait_for(self.stop.wait(), self.think * rng.uniform(0.5, 1.5))
+                if self.stop.is_set():
+                    return
+            result = (await self._timed("submit", client.post("/api/labels", json=body))).json()
+            self.acknowledged.append(result["label_id"])
             if rng.random() < 0.1:  # a double click: must come back as the same label
-                again = client.submit(item["item_id"], groups)
-                if not again["duplicate"] or again["label_id"] != result["label_id"]:
-                    errors.append(f"{name}: resubmission stored a second label")
-    except (httpx.HTTPError, RuntimeError) as exc:
-        if not stop.is_set():
-            errors.append(f"{name}: {exc}")
-    finally:
-        if client is not None:
-            client.close()
+                again = (await client.post("/api/labels", json=body)).json()
+                if not again.get("duplicate") or again.get("label_id") != result["label_id"]:
+                    self.errors.append(f"{name}: resubmission of item {item['item_id']} answered {again}")
+
+    async def run(self, seconds: float, kill_after: float | None, kill) -> float:
+        """Log everyone in, then label; returns the seconds of labeling (login excluded)."""
+        # idle connections are dropped by the client before uvicorn's 5 s keep-alive can close them under a
+        # request (the wait for everyone's login is longer than that)
+        limits = httpx.Limits(max_connections=1, keepalive_expiry=2)
+        clients = [httpx.AsyncClient(base_url=self.url, timeout=60, limits=limits) for _ in range(self.count)]
+        try:
+            async def login(i: int) -> None:
+                response = await self._timed("login", clients[i].post(
+                    "/api/login", json={"username": f"load-{i}", "password": PASSWORD}))
+                clients[i].headers["X-CSRF-Token"] = response.json()["csrf"]
+
+            started = time.perf_counter()
+            await asyncio.gather(*(login(i) for i in range(self.count)))
+            print(f"{self.count} labelers logged in in {time.perf_counter() - started:.1f} s; labeling",
+                  file=sys.stderr, flush=True)
+            started = time.perf_counter()
+
+            async def labeler(i: int) -> None:
+                try:
+                    await self._label(clients[i], f"load-{i}", random.Random(self.seed + i), started + seconds)
+                except (httpx.HTTPError, RuntimeError) as exc:
+                    if not self.stop.is_set():
+                        self.errors.append(f"load-{i}: {type(exc).__name__}: {exc}")
+
+            tasks = [asyncio.create_task(labeler(i)) for i in range(self.count)]
+            if kill_after is not None:
+                await asyncio.wait(tasks, timeout=kill_after)
+                self.stop.set()
+                kill()
+            await asyncio.gather(*tasks)
+            return time.perf_counter() - started
+        finally:
+            await asyncio.gather(*(c.aclose() for c in clients))
 
 
 def run(db: str, labelers: int = 50, prompts: int = 200, overlap: int = 3, kill_after: float | None = None,
-        seed: int = 0) -> dict:
+        workers: int = 1, think: float = 0.0, seconds: float = 120.0, seed: int = 0) -> dict:
+    """One load run on an empty database ``db``; the counts of ``audit`` and the timings."""
     prepare(db, labelers, prompts, overlap)
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = start_server(db, port)
-    acknowledged: list[tuple[str, int, int]] = []
-    errors: list[str] = []
-    stop = threading.Event()
-    threads = [threading.Thread(target=label_until_done, args=(url, f"load-{i}", acknowledged, errors, stop,
-                                                               random.Random(seed + i))) for i in range(labelers)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    killed = False
-    if kill_after is not None:
-        time.sleep(kill_after)
-        stop.set()
-        server.send_signal(signal.SIGKILL)
+    load_before = os.getloadavg()
+    server = start_server(db, port, workers)
+    crowd = Labelers(f"http://127.0.0.1:{port}", labelers, think, seed)
+
+    def kill() -> None:
+        os.killpg(server.pid, signal.SIGKILL)
         server.wait()
-        killed = True
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - started
-    if killed:  # restart on the same database: migrations and state must survive
-        server = start_server(db, port)
-    server.send_signal(signal.SIGTERM)
+
     try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        errors.append("the server did not stop within 30 s of SIGTERM")
-    sessions = session_factory(db)
-    with sessions() as session:
-        stored = {(label.user_id, label.item_id): label.id for label in session.query(Label).all()}
-        by_id = {label_id for label_id in stored.values()}
-        per_item: dict[int, int] = {}
-        for _, item_id in stored:
-            per_item[item_id] = per_item.get(item_id, 0) + 1
-    sessions.kw["bind"].dispose()
-    lost = [a for a in acknowledged if a[2] not in by_id]
+        elapsed = asyncio.run(crowd.run(seconds, kill_after, kill))
+        if kill_after is not None:  # restart on the same database: migrations and state must survive
+            server = start_server(db, port, workers)
+    finally:
+        complaint = stop_server(server)
+    if complaint:
+        crowd.errors.append(complaint)
+    counts = audit(stored_labels(db), crowd.acknowledged, overlap)
     return {
         "database": db.split("://")[0] if "://" in db else "sqlite",
-        "labelers": labelers, "items": prompts, "overlap": overlap, "killed": killed,
-        "seconds": round(elapsed, 2), "acknowledged": len(acknowledged), "stored": len(stored),
-        "labels_per_second": round(len(acknowledged) / elapsed, 1),
-        "lost": len(lost), "over_filled_items": sum(n > overlap for n in per_item.values()),
-        "errors": errors[:10], "error_count": len(errors),
+        "labelers": labelers, "items": prompts, "overlap": overlap, "workers": workers, "think_seconds": think,
+        "killed": kill_after is not None, "seconds": round(elapsed, 2), "acknowledged": len(crowd.acknowledged),
+        **counts, "labels_per_second": round(len(crowd.acknowledged) / elapsed, 1),
+        "latency_ms": {kind: latency_ms(values) for kind, values in crowd.timings.items()},
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "errors": crowd.errors[:10], "error_count": len(crowd.errors),
     }
+
+
+@contextlib.contextmanager
+def databases(kind: str) -> Iterator:
+    """A function that returns a new empty database URL for each run: ``sqlite`` (a temporary file),
+    ``postgresql`` (a throwaway local server), or one given URL / file path (one run only)."""
+    if kind == "sqlite":
+        folder = Path(tempfile.mkdtemp(prefix="rlhfkit-load-"))
+        count = iter(range(1_000_000))
+        yield lambda: str(folder / f"load-{next(count)}.db")
+    elif kind == "postgresql":
+        sys.path.insert(0, str(TESTS))
+        import pytest
+
+        from feedback_postgres import fresh_database, postgres_server
+
+        try:
+            with postgres_server() as server:
+                yield lambda: fresh_database(server)
+        except pytest.skip.Exception as exc:
+            raise SystemExit(f"--db postgresql: {exc.msg}") from None
+    else:
+        yield lambda: kind
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--db", help="database URL (default: a fresh SQLite file)")
-    parser.add_argument("--labelers", type=int, default=50)
-    parser.add_argument("--prompts", type=int, default=200)
-    parser.add_argument("--overlap", type=int, default=3)
-    parser.add_argument("--kill-after", type=float)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/feedback_load.json"))
+    parser.add_argument("--db", nargs="+", default=["sqlite", "postgresql"],
+                        help="sqlite, postgresql (a throwaway server), or an empty database URL / file path")
+    parser.add_argument("--labelers", type=int, default=200)
+    parser.add_argument("--prompts", type=int, default=1000, help="items to label (× --overlap labels)")
+    parser.add_argument("--overlap", type=int, default=3, help="labelers per item (k)")
+    parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes")
+    parser.add_argument("--think", type=float, default=1.0, help="mean seconds a labeler reads before submitting")
+    parser.add_argument("--seconds", type=float, default=60.0, help="take no new item after this long")
+    parser.add_argument("--kill-after", type=float, default=5.0,
+                        help="also run once with kill -9 this many seconds into the load (0: no kill run)")
+    parser.add_argument("--out", type=Path, help="results file [default: results/feedback_load-TIMESTAMP.json]")
     args = parser.parse_args()
-    db = args.db or str(Path(tempfile.mkdtemp()) / "load.db")
-    result = run(db, args.labelers, args.prompts, args.overlap, args.kill_after)
-    print(json.dumps(result, indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    out = args.out or RESULTS / f"feedback_load-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
+    if out.exists():
+        sys.exit(f"{out} exists: choose another --out (results are never overwritten)")
+    given = [kind for kind in args.db if kind not in ("sqlite", "postgresql")]
+    if given and args.kill_after > 0:
+        sys.exit(f"--db {given[0]}: a given database serves one run; add --kill-after 0")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = []
+    for kind in args.db:
+        with databases(kind) as new_database:
+            for kill_after in [None] + ([args.kill_after] if args.kill_after > 0 else []):
+                try:
+                    result = run(new_database(), args.labelers, args.prompts, args.overlap, kill_after,
+                                 args.workers, args.think, args.seconds)
+                except service.FeedbackError as exc:
+                    sys.exit(f"--db {kind}: {exc.message} (the benchmark needs an empty database)")
+                print(json.dumps(result), flush=True)
+                results.append(result)
+                out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+                                           "runs": results}, indent=1))  # after each run: a failure keeps them
+    print(f"written to {out}")
+    failed = [r for r in results if r["lost"] or r["duplicated"] or r["over_filled_items"] or r["error_count"]]
+    if failed:
+        sys.exit(f"{len(failed)} run(s) lost, duplicated or over-filled labels, or had errors: see {out}")
 
 
 if __name__ == "__main__":

@@ -113,6 +113,17 @@ def test_sft_lowers_the_loss_on_revisions(build, lora, tmp_path):
                                                                                            rel=1e-4)
 
 
+def test_sft_of_a_bf16_checkpoint_updates_float32_master_weights():
+    examples = [("how do i fix bike", "you are doing great thanks for asking"), ("plan day", "happy to help")]
+    config = SFTConfig(epochs=2, lr=1e-5, batch_size=2, use_chat_template=False)
+    before = build_tiny_causal().to(torch.bfloat16)
+    start = [p.detach().float().clone() for p in before.parameters()]
+    model, _ = train_sft(before, word_tokenizer(), examples, config, progress=False)
+    after = list(model.parameters())
+    assert all(p.dtype == torch.float32 for p in after)
+    changed = sum(int((a.detach() != s).sum()) for a, s in zip(after, start, strict=True))
+    assert changed / sum(s.numel() for s in start) > 0.5  # in pure bf16, most 1e-5 updates round away
+
 
 def test_sft_stops_on_a_non_finite_loss_and_saves_nothing(tmp_path):
     model = build_tiny_causal()

@@ -207,3 +207,21 @@ def test_admin_sees_skips_and_stranded_items_and_offers_them_again(db_url):
         assert client.post("/api/labels", json={"item_id": again["item_id"], "groups": order(again)}).status_code \
             == 200
     assert admin.get("/api/admin/stats?project=demo").json()["progress"]["complete"] == 1
+
+
+def test_an_item_locked_by_another_labelers_assignment_is_passed_over_not_waited_for(postgres):
+    from feedback_postgres import fresh_database
+
+    app = create_app(fresh_database(postgres))
+    setup_project(app, overlap=3)
+    ann = login(TestClient(app), "ann")
+    first = ann.get("/api/next").json()["item_id"]  # the fullest item is the one every labeler would want
+    with app.state.sessions() as holder:  # someone else's assignment of it is under way
+        holder.execute(select(service.Item).where(service.Item.id == first).with_for_update())
+        bob = login(TestClient(app), "bob")
+        result = {}
+        asking = threading.Thread(target=lambda: result.update(item=bob.get("/api/next").json()["item_id"]))
+        asking.start()
+        asking.join(timeout=10)
+        assert not asking.is_alive() and result["item"] != first  # bob got another item at once
+        holder.rollback()

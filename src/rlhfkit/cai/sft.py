@@ -26,6 +26,7 @@ from rlhfkit.data.records import Text
 from rlhfkit.generate import format_prompt, uses_chat_template
 from rlhfkit.models.policy import (
     TokenBatch,
+    cast_trainable,
     completion_logits,
     prepare_tokenizer,
     token_logprobs,
@@ -108,6 +109,7 @@ def train_sft(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, exampl
         mixed += rng.sample(list(helpful), count)
     if config.lora:
         model = add_lora(model, config.lora_r, config.lora_alpha)
+    cast_trainable(model, torch.float32)  # fp32 master weights, also for a bf16 checkpoint
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     torch.manual_seed(config.seed)

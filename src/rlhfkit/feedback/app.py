@@ -34,14 +34,16 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import Depends, FastAPI, Form, HTTPException, Request, UploadFile
+from fastapi import Depends, FastAPI, Form, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, Field, ValidationError
 from sqlalchemy import select
+from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.datastructures import UploadFile as StarletteUpload
 from starlette.middleware.sessions import SessionMiddleware
 
 from rlhfkit.feedback import service
@@ -56,15 +58,30 @@ TEMPLATES.env.filters["num"] = lambda v: "–" if v is None or v != v else f"{v:
 ItemId = Annotated[int, Field(ge=1, le=2**31 - 1)]  # the database's integer range
 
 
+def _storable(value: str) -> str:
+    """Text that every database and the password hash can take: no NUL character (PostgreSQL refuses
+    it), no lone surrogate (not encodable as UTF-8; JSON's "\\ud800" makes one)."""
+    if "\x00" in value:
+        raise ValueError("contains a NUL character")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError("contains a lone surrogate (not valid Unicode text)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_storable)]
+
+
 class LoginBody(BaseModel):
-    username: str
-    password: str
+    username: Text
+    password: Text
 
 
 class LabelBody(BaseModel):
     item_id: ItemId
-    groups: list[list[str]]
-    flagged: list[str] = []
+    groups: list[list[Text]]
+    flagged: list[Text] = []
     seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
 
 
@@ -73,12 +90,21 @@ class ItemBody(BaseModel):
 
 
 class ProjectBody(BaseModel):
-    project: str | None = None
+    project: Text | None = None
 
 
 class UserBody(BaseModel):
-    username: str
-    role: str = "labeler"
+    username: Text
+    role: Text = "labeler"
+
+
+class ProjectForm(BaseModel):
+    name: Text
+    criterion: Text
+    instructions: Text = ""
+    overlap: int = 3
+    consensus: Text = "borda"
+    gold_rate: float = 0.1
 
 
 class DisableBody(BaseModel):
@@ -86,12 +112,12 @@ class DisableBody(BaseModel):
 
 
 class PasswordBody(BaseModel):
-    password: str
+    password: Text
 
 
 class PasswordChangeBody(BaseModel):
-    old: str
-    new: str
+    old: Text
+    new: Text
 
 
 def _secret(sessions: sessionmaker) -> str:
@@ -227,6 +253,13 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
     async def _http_error(request: Request, exc: HTTPException) -> Response:
         return error_response(request, exc.status_code, str(exc.detail))
 
+    @app.exception_handler(DataError)
+    async def _data_error(request: Request, exc: DataError) -> Response:
+        """What only the database refuses (PostgreSQL: a NUL character in a name, a number out of its
+        range) is the client's input, not a server fault."""
+        return error_response(request, 422, "a value of this request cannot be stored: it contains a NUL "
+                                            "character or a number out of range; remove it and send again")
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
         if not _wants_html(request):  # the offending input is not echoed (it may be NaN, not JSON)
@@ -237,8 +270,8 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
 
     # ------------------------------------------------------------ pages
     @app.get("/login", response_class=HTMLResponse)
-    def login_page(request: Request, error: str = ""):
-        return TEMPLATES.TemplateResponse(request, "login.html", {"csrf": csrf_token(request), "error": error})
+    def login_page(request: Request):
+        return TEMPLATES.TemplateResponse(request, "login.html", {"csrf": csrf_token(request)})
 
     @app.post("/login")
     def login_form(request: Request, username: str = Form(...), password: str = Form(...), csrf: str = Form(""),
@@ -246,8 +279,9 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
         check_csrf(request, csrf)
         try:
             user, token = service.log_in(session, username, password, _client(request))
-        except service.FeedbackError as exc:
-            return RedirectResponse(f"/login?error={quote(exc.message)}", 303)
+        except service.FeedbackError as exc:  # shown on the page, never taken from the URL (no spoofed messages)
+            return TEMPLATES.TemplateResponse(request, "login.html", {
+                "csrf": csrf_token(request), "error": exc.message}, status_code=exc.status)
         begin_session(request, session, user, token)
         return RedirectResponse("/admin" if user.role == "admin" else "/", 303)
 
@@ -274,9 +308,9 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
         return RedirectResponse("/", 303)
 
     @app.get("/account", response_class=HTMLResponse)
-    def account_page(request: Request, message: str = "", user: User = Depends(current_user)):
+    def account_page(request: Request, changed: bool = False, user: User = Depends(current_user)):
         return TEMPLATES.TemplateResponse(request, "account.html", {
-            "csrf": csrf_token(request), "user": user, "message": message,
+            "csrf": csrf_token(request), "user": user, "changed": changed,
             "min_length": service.MIN_PASSWORD_LENGTH})
 
     @app.post("/account/password")
@@ -287,7 +321,7 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
             raise service.FeedbackError("the two new passwords differ: type the same password twice", 400)
         service.change_password(session, user, old, new)
         begin_session(request, session, user)
-        return RedirectResponse("/account?message=" + quote("Password changed."), 303)
+        return RedirectResponse("/account?changed=true", 303)
 
     @app.get("/", response_class=HTMLResponse)
     def label_page(request: Request, project: str | None = None, user: User = Depends(current_user),
@@ -314,18 +348,26 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
         return TEMPLATES.TemplateResponse(request, "admin.html", context)
 
     @app.post("/admin/projects")
-    async def create_project_form(request: Request, name: str = Form(...), criterion: str = Form(...),
-                                  instructions: str = Form(""), overlap: int = Form(3),
-                                  consensus: str = Form("borda"), gold_rate: float = Form(0.1),
-                                  completions: UploadFile | None = None, gold: UploadFile | None = None,
-                                  user: User = Depends(form_admin), session: Session = Depends(db)):
+    async def create_project_form(request: Request, user: User = Depends(admin_user), session: Session = Depends(db)):
+        """The form is read only here, after the admin's session was checked (a form parameter would make
+        FastAPI parse the whole upload, up to its 256 MiB limit, for an anonymous client too)."""
         from rlhfkit.data.records import Completion, Ranking
 
-        records = _upload_records(await completions.read(), completions.filename, Completion) if completions else []
-        answers = _upload_records(await gold.read(), gold.filename, Ranking) if gold and gold.filename else []
-        service.create_project(session, name, criterion, records, instructions, overlap, consensus, answers,
-                               gold_rate)
-        return RedirectResponse(f"/admin?project={quote(name)}", 303)
+        async with request.form(max_files=2, max_fields=10) as form:
+            check_csrf(request, form.get("csrf") if isinstance(form.get("csrf"), str) else None)
+            try:
+                fields = ProjectForm.model_validate({k: v for k, v in form.items() if isinstance(v, str)})
+            except ValidationError as exc:
+                raise RequestValidationError([{**e, "loc": ("form", *e["loc"])}
+                                              for e in exc.errors(include_url=False)]) from None
+            completions, gold = form.get("completions"), form.get("gold")
+            records = (_upload_records(await completions.read(), completions.filename, Completion)
+                       if isinstance(completions, StarletteUpload) else [])
+            answers = (_upload_records(await gold.read(), gold.filename, Ranking)
+                       if isinstance(gold, StarletteUpload) and gold.filename else [])
+        service.create_project(session, fields.name, fields.criterion, records, fields.instructions, fields.overlap,
+                               fields.consensus, answers, fields.gold_rate)
+        return RedirectResponse(f"/admin?project={quote(fields.name)}", 303)
 
     @app.post("/admin/users")
     def create_user_form(username: str = Form(...), role: str = Form("labeler"), user: User = Depends(form_admin),
@@ -456,24 +498,24 @@ def _attachment(filename: str) -> str:
 
 
 def _upload_records(data: bytes, filename: str | None, record_type):
-    """Records from an uploaded JSONL file; errors name the file, line and field."""
+    """Records from an uploaded JSONL file; errors name the file, line and field. The client's file name
+    is only shown, never used as a path (".", "..", "/", NUL or 300 bytes are all names a client can send)."""
     import tempfile
 
     from rlhfkit.data.io import DataError, read_records
 
-    name = Path(filename or "upload.jsonl").name
+    name = Path(filename or "").name or "upload.jsonl"
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise service.FeedbackError(f"{name}: not UTF-8 text (byte {exc.start}); save the file as UTF-8", 422) from None
     with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / name
+        path = Path(folder) / "upload.jsonl"
         path.write_bytes(data)
         try:
             return read_records(path, record_type)
         except DataError as exc:
-            raise service.FeedbackError(f"{Path(filename or 'upload').name}: {exc.message} "
-                                        f"(line {exc.line}, field {exc.field})", 422) from None
+            raise service.FeedbackError(f"{name}: {exc.message} (line {exc.line}, field {exc.field})", 422) from None
 
 
 def _labeler_plot(stats) -> str | None:
@@ -483,7 +525,7 @@ def _labeler_plot(stats) -> str | None:
     from rlhfkit.eval.report import png_base64, subplots
 
     figure, ax = subplots(figsize=(6, 0.4 * len(stats.per_labeler) + 1))
-    names = [s.labeler_id for s in stats.per_labeler]
+    names = [s.labeler_id.replace("$", r"\$") for s in stats.per_labeler]  # "$" would start matplotlib's math
     taus = [0.0 if s.tau != s.tau else s.tau for s in stats.per_labeler]
     ax.barh(names, taus, color=["#c0392b" if s.poor else "#2e86c1" for s in stats.per_labeler])
     ax.axvline(0.2, color="gray", linestyle="--", linewidth=1)

@@ -53,7 +53,8 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     secure_cookies: Annotated[bool, typer.Option(help="Mark session cookies Secure (serve over HTTPS).")] = False,
-    workers: Annotated[int, typer.Option(help="uvicorn worker processes.")] = 1,
+    workers: Annotated[int, typer.Option(min=1, help="Server processes (each opens up to 15 PostgreSQL "
+                                                     "connections).")] = 1,
 ) -> None:
     """Start the app (migrations are applied first). The first start creates an `admin` account with the
     password in $RLHFKIT_ADMIN_PASSWORD, or a generated one that is printed once."""
@@ -76,6 +77,7 @@ def serve(
             console.print(f"created the admin account: user [bold]admin[/], password [bold]{shown}[/]")
     os.environ["RLHFKIT_FEEDBACK_DB"] = db
     os.environ["RLHFKIT_SECURE_COOKIES"] = "1" if secure_cookies else ""
+    app_from_environment()  # the app's own start-up writes (the session key) happen once here, not in racing workers
     console.print(f"labeling app on http://{host}:{port}/ (admin: /admin), database {db}")
     uvicorn.run("rlhfkit.feedback.cli:app_from_environment", factory=True, host=host, port=port, workers=workers,
                 log_level="warning")

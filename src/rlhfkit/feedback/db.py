@@ -191,7 +191,11 @@ def make_engine(url: str) -> Engine:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_size=20, max_overflow=40, pool_pre_ping=True)
+    # Per server process: `serve --workers N` opens up to N × 15 connections, which must stay under
+    # PostgreSQL's max_connections (100 by default); requests beyond 15 wait for a free connection.
+    # No pre-ping: it cost a round trip per checkout (3 per /api/next); after a database restart the
+    # first request on a dead connection fails and SQLAlchemy then replaces the whole pool.
+    return create_engine(url, pool_size=10, max_overflow=5)
 
 
 def migrate(engine: Engine) -> None:

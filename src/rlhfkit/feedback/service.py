@@ -52,6 +52,7 @@ from rlhfkit.feedback.db import (
 
 ASSIGNMENT_TIMEOUT = timedelta(hours=1)
 MIN_PASSWORD_LENGTH = 10
+MAX_OVERLAP = 1000  # labelers per item; a typo like 10**8 would make every assignment enumerate its slots
 SESSION_LIFETIME = timedelta(days=14)
 
 
@@ -110,8 +111,18 @@ def create_user(session: Session, username: str, role: str = "labeler", password
     user = User(username=username, role=role, password_hash=hash_password(password) if password else None,
                 invite_token=None if password else secrets.token_urlsafe(24))
     session.add(user)
-    session.commit()
+    _commit_new(session, f"user {username!r}")
     return user
+
+
+def _commit_new(session: Session, what: str) -> None:
+    """Commit a new named row; on PostgreSQL a parallel request (a double click on the form) may have
+    taken the name between the check and the commit, which the unique index turns into a 409."""
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        raise FeedbackError(f"{what} exists", 409) from None
 
 
 def invited_user(session: Session, token: str) -> User:
@@ -132,7 +143,7 @@ def accept_invite(session: Session, token: str, password: str) -> User:
 def authenticate(session: Session, username: str, password: str) -> User | None:
     """The account if the password is right and the account enabled. An unknown username costs the same
     hash as a known one, so the answer time does not tell whether it exists."""
-    user = session.scalar(select(User).where(User.username == normalise_username(username)))
+    user = find_user(session, username)
     session.commit()  # end the transaction (and SQLite's lock) before the deliberately slow hash check
     right = check_password(password, user.password_hash if user and user.password_hash else _dummy_hash())
     return user if right and user is not None and user.password_hash and not user.disabled else None
@@ -152,31 +163,52 @@ def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def login_wait(session: Session, keys: Sequence[str]) -> float:
-    """Seconds before another login attempt is allowed for these keys (``user:NAME``, ``ip:ADDR``); 0: now."""
+def _upsert(session: Session):
+    from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+
+
+def reserve_login_attempt(session: Session, keys: Sequence[str]) -> float:
+    """Seconds before another login attempt is allowed for these keys (``user:NAME``, ``ip:ADDR``). At 0
+    the attempt is counted as a failure at once, before its password is checked (a success takes the
+    count back): check and count are one transaction over the keys' locked rows, so parallel attempts
+    cannot all pass the check before the first failure is counted. A refused attempt writes nothing."""
+    keys = sorted(set(keys))
+    wait = _login_wait(session, keys)
+    if wait <= 0:
+        session.execute(_upsert(session)(LoginFailures).values([{"key": k, "failures": 0, "last_failure": now()}
+                                                                 for k in keys]).on_conflict_do_nothing())
+        wait = _login_wait(session, keys, lock=True)
+        if wait <= 0:
+            record_login_failure(session, keys)
+            return 0.0
+    session.commit()
+    return wait
+
+
+def _login_wait(session: Session, keys: Sequence[str], lock: bool = False) -> float:
+    """The longest wait that the keys' failures impose (the rules above); ``lock`` holds their rows."""
+    query = select(LoginFailures).where(LoginFailures.key.in_(keys)).order_by(LoginFailures.key)
     wait = 0.0
-    for row in session.scalars(select(LoginFailures).where(LoginFailures.key.in_(keys))):
-        start, lock = LOGIN_THROTTLE[row.key.split(":", 1)[0]]
+    for row in session.scalars(query.with_for_update() if lock else query):
+        start, lock_at = LOGIN_THROTTLE[row.key.split(":", 1)[0]]
         if row.failures < start:
             continue
-        pause = LOGIN_LOCK if row.failures >= lock else min(timedelta(seconds=2 ** (row.failures - start)),
-                                                              LOGIN_LOCK)
+        pause = LOGIN_LOCK if row.failures >= lock_at else min(timedelta(seconds=2 ** (row.failures - start)),
+                                                                 LOGIN_LOCK)
         since = now() - _aware(row.last_failure)
         if since < LOGIN_FORGET:
             wait = max(wait, (pause - since).total_seconds())
-    session.commit()
     return wait
 
 
 def record_login_failure(session: Session, keys: Sequence[str]) -> None:
     """One more failure per key, atomically (an upsert), so parallel workers count every failure."""
-    from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-    insert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
     moment = now()
     for key in keys:
-        statement = insert(LoginFailures).values(key=key, failures=1, last_failure=moment)
+        statement = _upsert(session)(LoginFailures).values(key=key, failures=1, last_failure=moment)
         session.execute(statement.on_conflict_do_update(index_elements=[LoginFailures.key], set_={
             "failures": case((LoginFailures.last_failure < moment - LOGIN_FORGET, 1),
                              else_=LoginFailures.failures + 1),
@@ -187,15 +219,17 @@ def record_login_failure(session: Session, keys: Sequence[str]) -> None:
 def log_in(session: Session, username: str, password: str, client: str) -> tuple[User, str]:
     """The account and a new session token, or a refusal: 429 while the account or the client address is
     throttled, else 401 for a wrong username or password."""
-    keys = [f"user:{normalise_username(username)[:64]}", f"ip:{client[:64]}"]
-    wait = login_wait(session, keys)
+    user_key, client_key = f"user:{normalise_username(username)[:64]}", f"ip:{client[:64]}"
+    wait = reserve_login_attempt(session, [user_key, client_key])
     if wait > 0:
         raise FeedbackError(f"too many failed logins: try again in {math.ceil(wait)} s", 429, math.ceil(wait))
     user = authenticate(session, username, password)
     if user is None:
-        record_login_failure(session, keys)
         raise FeedbackError("wrong username or password", 401)
-    session.execute(delete(LoginFailures).where(LoginFailures.key == keys[0]))  # committed with the session
+    # the attempt was counted as a failure: the account forgets its failures, the address this one
+    session.execute(delete(LoginFailures).where(LoginFailures.key == user_key))
+    session.execute(update(LoginFailures).where(LoginFailures.key == client_key, LoginFailures.failures > 0)
+                    .values(failures=LoginFailures.failures - 1))  # committed with the session
     return user, start_session(session, user)
 
 
@@ -232,8 +266,16 @@ def _end_sessions_of(session: Session, user: User) -> None:
     session.execute(delete(WebSession).where(WebSession.user_id == user.id))
 
 
+def find_user(session: Session, username: str) -> User | None:
+    """The account named exactly ``username``, else the one with its normalised name. Exact first: a
+    database from before names were normalised may hold both "BOB" and "bob" (migration 0002 leaves
+    such a pair alone), and an action on "BOB" must not reach "bob"."""
+    exact = session.scalar(select(User).where(User.username == username))
+    return exact or session.scalar(select(User).where(User.username == normalise_username(username)))
+
+
 def get_user(session: Session, username: str) -> User:
-    user = session.scalar(select(User).where(User.username == normalise_username(username)))
+    user = find_user(session, username)
     if user is None:
         raise FeedbackError(f"no user {username!r}", 404)
     return user
@@ -251,13 +293,16 @@ def change_password(session: Session, user: User, old: str, new: str) -> None:
 
 
 def set_disabled(session: Session, username: str, disabled: bool, admin: User) -> User:
-    """(``admin``) Turn another account off (its sessions end at once) or back on."""
+    """(``admin``) Turn another account off (its sessions end and its open items go back to the pool at
+    once, not after ASSIGNMENT_TIMEOUT) or back on."""
     user = get_user(session, username)
     if user.id == admin.id:
         raise FeedbackError("you cannot disable your own account (you would be locked out)", 409)
     user.disabled = disabled
     if disabled:
         _end_sessions_of(session, user)
+        session.execute(update(Assignment).where(Assignment.user_id == user.id, Assignment.status == "open")
+                        .values(status="expired").execution_options(synchronize_session=False))
     session.commit()
     return user
 
@@ -280,14 +325,21 @@ def create_project(session: Session, name: str, criterion: str, completions: Seq
                    gold: Sequence[Ranking] = (), gold_rate: float = 0.1) -> Project:
     """A project with one item per prompt of ``completions``; prompts with a ranking in ``gold`` become
     gold items with that ranking as their answer."""
-    if not 1 <= len(name) <= 128 or not name.isprintable() or not 1 <= len(criterion) <= 128:
+    if not all(1 <= len(text) <= 128 and text.isprintable() for text in (name, criterion)):
         raise FeedbackError("a project name and a criterion have 1 to 128 printable characters", 422)
-    if overlap < 1:
-        raise FeedbackError("overlap (labelers per item) must be at least 1")
+    if not 1 <= overlap <= MAX_OVERLAP:
+        raise FeedbackError(f"overlap (labelers per item) must be 1 to {MAX_OVERLAP}, not {overlap}", 422)
+    if not 0 <= gold_rate <= 1:  # also refuses NaN
+        raise FeedbackError(f"the gold-item rate is a probability from 0 to 1, not {gold_rate}", 422)
     if consensus not in CONSENSUS:
         raise FeedbackError(f"unknown consensus {consensus!r}; choose one of {sorted(CONSENSUS)}")
     if not completions:
         raise FeedbackError("no completions to label")
+    if "\x00" in instructions:
+        raise FeedbackError("the instructions contain a NUL character", 422)
+    with_nul = next((c for c in completions if "\x00" in c.id + c.prompt_id + c.text + c.model), None)
+    if with_nul is not None:
+        raise FeedbackError(f"completion {with_nul.id!r} contains a NUL character", 422)
     if session.scalar(select(Project).where(Project.name == name)):
         raise FeedbackError(f"project {name!r} exists", 409)
     answers = {r.prompt_id: r for r in gold}
@@ -313,7 +365,7 @@ def create_project(session: Session, name: str, criterion: str, completions: Seq
         item.completions = [ItemCompletion(completion_id=c.id, text=c.text, index=c.index, model=c.model)
                             for c in sorted(group, key=lambda c: c.index)]
         session.add(item)
-    session.commit()
+    _commit_new(session, f"project {name!r}")
     return project
 
 
@@ -376,8 +428,15 @@ def _assign_new(session: Session, user: User, project: Project, rng: random.Rand
         else:
             candidates = session.scalars(query.where(filled < project.overlap).order_by(filled.desc(), Item.id)
                                          .limit(20)).all()
-        for item_id in candidates:
-            item = session.scalar(select(Item).where(Item.id == item_id).with_for_update())
+        # An item that another labeler is being given right now (row locked) is passed over (SKIP LOCKED,
+        # PostgreSQL) and tried again last, waiting then: otherwise every labeler queues on the same
+        # fullest item. SQLite serialises whole transactions and never skips.
+        queue = [(item_id, False) for item_id in candidates]
+        for item_id, wait in queue:
+            item = session.scalar(select(Item).where(Item.id == item_id).with_for_update(skip_locked=not wait))
+            if item is None:
+                queue.append((item_id, True))
+                continue
             slot = None
             if not gold:
                 session.execute(_expire(Assignment.item_id == item_id))
@@ -412,8 +471,9 @@ def item_view(item: Item, project: Project, user: User, session: Session) -> dic
 
 
 def labeler_progress(session: Session, user: User, project: Project) -> dict:
-    """This labeler's labels in the project (gold items count like any other, so that they cannot be told
-    apart) and the regular items still open to them: at most that many are left."""
+    """This labeler's labels in the project and the items still open to them: at most that many are left.
+    Gold items count like any other in both (while regular items remain), so that neither number tells
+    a gold item apart: each label, gold or not, moves ``done`` up and ``left`` down by one."""
     done = session.scalar(select(func.count()).select_from(Label).join(Item, Item.id == Label.item_id).where(
         Label.user_id == user.id, Item.project_id == project.id))
     seen = select(Assignment.item_id).where(Assignment.user_id == user.id, Assignment.status != "open")
@@ -421,6 +481,9 @@ def labeler_progress(session: Session, user: User, project: Project) -> dict:
         Assignment.item_id == Item.id, Assignment.user_id != user.id, _holds_slot()).correlate(Item).scalar_subquery())
     left = session.scalar(select(func.count()).select_from(Item).where(
         Item.project_id == project.id, Item.is_gold.is_(False), Item.id.not_in(seen), filled < project.overlap))
+    if left:
+        left += session.scalar(select(func.count()).select_from(Item).where(
+            Item.project_id == project.id, Item.is_gold.is_(True), Item.id.not_in(seen)))
     session.commit()
     return {"done": done, "left": left}
 
@@ -455,8 +518,10 @@ def submit_label(session: Session, user: User, item_id: int, groups: list[list[s
     (which holds one of the item's k slots): the assignment turns from open to done in the same
     statement that checks it, so a skipped or expired assignment cannot take a label, and an item can
     never have more labels than slots."""
-    item = session.get(Item, item_id)
+    # locks in the order every writer takes them, item then assignment (PostgreSQL: no deadlock with undo)
+    item = session.get(Item, item_id, with_for_update=True)
     if item is None:
+        session.rollback()
         raise FeedbackError(f"unknown item {item_id}", 404)
     assignment = _assignment(session, user, item_id)
     try:
@@ -503,6 +568,9 @@ def undo_last_label(session: Session, user: User, project: Project) -> int:
         session.rollback()
         raise FeedbackError("there is no label of yours to undo in this project", 404)
     item = session.scalar(select(Item).where(Item.id == label.item_id).with_for_update())
+    if session.scalar(select(Label.id).where(Label.id == label.id)) is None:  # another tab undid it meanwhile
+        session.rollback()
+        raise FeedbackError("that label was just undone (in another tab?): reload to see your item", 409)
     labels = session.scalar(select(func.count()).select_from(Label).where(Label.item_id == item.id))
     if not item.is_gold and labels >= project.overlap:
         session.rollback()
@@ -510,9 +578,13 @@ def undo_last_label(session: Session, user: User, project: Project) -> int:
     session.execute(delete(Assignment).where(Assignment.user_id == user.id, Assignment.project_id == project.id,
                                              Assignment.status == "open"))
     session.delete(label)
-    session.execute(update(Assignment).where(Assignment.item_id == item.id, Assignment.user_id == user.id)
-                    .values(status="open", created_at=now()).execution_options(synchronize_session=False))
-    session.commit()
+    try:
+        session.execute(update(Assignment).where(Assignment.item_id == item.id, Assignment.user_id == user.id)
+                        .values(status="open", created_at=now()).execution_options(synchronize_session=False))
+        session.commit()
+    except IntegrityError:  # a parallel /api/next of this labeler opened a new item after the delete above
+        session.rollback()
+        raise FeedbackError("your next item was being opened at the same moment: undo again", 409) from None
     return item.id
 
 

@@ -251,3 +251,10 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, sampling: Samplin
     logprobs = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all.nan_to_num(neginf=0.0)).sum(-1) if with_entropy else None
     return logprobs, entropy
+
+
+def cast_trainable(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The weights the optimiser updates in ``dtype``; frozen ones (a LoRA base) stay as loaded."""
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.is_floating_point():
+            parameter.data = parameter.data.to(dtype)

@@ -28,7 +28,7 @@ from rlhfkit.console import console
 from rlhfkit.data.io import DataError
 from rlhfkit.data.records import Prompt, Text
 from rlhfkit.generate import format_prompt
-from rlhfkit.models.policy import SamplingDistribution, check_prompt_lengths, prepare_tokenizer
+from rlhfkit.models.policy import SamplingDistribution, cast_trainable, check_prompt_lengths, prepare_tokenizer
 from rlhfkit.models.reference import Reference, add_lora, is_lora
 from rlhfkit.models.value_head import Actor
 from rlhfkit.reward.base import RewardError, RewardFn
@@ -74,13 +74,6 @@ class RLConfig:
             require(getattr(self, name) > 0, name, "must be positive")
         require(self.kl_coef >= 0, "kl_coef", "must be at least 0 (β weighs a penalty)")
         require(self.min_new_tokens <= self.max_new_tokens, "min_new_tokens", "exceeds max_new_tokens")
-
-
-def cast_trainable(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """The weights the optimiser updates in ``dtype``; frozen ones (a LoRA base) stay as loaded."""
-    for parameter in model.parameters():
-        if parameter.requires_grad and parameter.is_floating_point():
-            parameter.data = parameter.data.to(dtype)
 
 
 def prepare_training(config, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,

@@ -107,6 +107,9 @@ document.addEventListener('keydown', e => {
   if (e.target.closest && e.target.closest('a, button, input, textarea, select, summary, [contenteditable]')) return;
   const li = document.activeElement && document.activeElement.closest && document.activeElement.closest('li.completion');
   const key = e.key.length === 1 ? e.key.toLowerCase() : e.key;
+  // a held key repeats: only the arrows may (moving an answer far); a held Enter would submit every next
+  // item unread, a held S skip them, a held T or F flip on and off
+  if (e.repeat && key !== 'ArrowUp' && key !== 'ArrowDown') return;
   if (key === '?') { const d = document.getElementById('instructions'); d.open = !d.open; return; }
   if (key === 'Enter') { e.preventDefault(); submit(); return; }
   if (key === 's') { skip(); return; }
