@@ -10,6 +10,7 @@ from rlhfkit.cai.feedback import FeedbackConfig, ModelOptionScorer, comparison_d
 from rlhfkit.cai.sft import SFTConfig, mean_loss, train_sft
 from rlhfkit.data.io import read_records
 from rlhfkit.data.records import Completion, PreferencePair, Prompt, Revision, SamplingParams
+from rlhfkit.rl.trainer import TrainingDiverged
 
 # the word-level test vocabulary has no "A"/"B": answer with "a" and "i"
 RULES = Constitution.model_validate({
@@ -122,6 +123,26 @@ def test_sft_of_a_bf16_checkpoint_updates_float32_master_weights():
     assert all(p.dtype == torch.float32 for p in after)
     changed = sum(int((a.detach() != s).sum()) for a, s in zip(after, start, strict=True))
     assert changed / sum(s.numel() for s in start) > 0.5  # in pure bf16, most 1e-5 updates round away
+
+
+def test_sft_stops_on_a_non_finite_loss_and_saves_nothing(tmp_path):
+    model = build_tiny_causal()
+    with torch.no_grad():
+        model.lm_head.weight[5] = float("nan")
+    config = SFTConfig(epochs=1, batch_size=2, use_chat_template=False)
+    with pytest.raises(TrainingDiverged, match=r"SFT stopped in epoch 1: loss nan, .*not finite"):
+        train_sft(model, word_tokenizer(), [("plan day", "happy to help")], config, output_dir=tmp_path / "sft",
+                  progress=False)
+    assert not (tmp_path / "sft" / "config.json").exists()
+
+
+def test_sft_saves_a_model_whose_generation_config_transformers_would_refuse_to_save(tmp_path):
+    model = build_tiny_causal()
+    model.generation_config.top_p = 0.5  # without do_sample: transformers' strict check on save refuses it
+    config = SFTConfig(epochs=1, batch_size=2, use_chat_template=False)
+    train_sft(model, word_tokenizer(), [("plan day", "happy to help")], config, output_dir=tmp_path / "sft",
+              progress=False)
+    assert (tmp_path / "sft" / "model.safetensors").exists()
 
 
 def test_rlaif_wires_responses_feedback_reward_model_and_ppo_and_resumes(tmp_path):

@@ -208,3 +208,13 @@ def test_a_reward_model_whose_state_file_cannot_give_finite_rewards_is_refused_o
     path.write_text(json.dumps(json.loads(path.read_text()) | state))
     with pytest.raises(DataError, match=expected):
         RewardModel.load(tmp_path / "rm")
+
+
+def test_training_stops_on_a_non_finite_loss_and_saves_nothing(tmp_path):
+    rm = tiny_reward_model()
+    with torch.no_grad():
+        rm.model.classifier.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"reward-model training stopped at step 1: loss nan, .*not finite"):
+        train_reward_model(synthetic_pairs(TOPICS[:2]), CONFIG, output_dir=tmp_path / "rm", reward_model=rm,
+                           progress=False)
+    assert not (tmp_path / "rm").exists()

@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from conftest import build_tiny_causal, build_tiny_seq2seq, word_tokenizer
 from rlhfkit.data.io import DataError
@@ -152,6 +153,16 @@ def test_a_damaged_checkpoint_file_is_named_when_resuming(tmp_path, name, damage
         path.write_bytes(path.read_bytes()[:20])
     with pytest.raises(DataError, match=rf"ckpt/{name}: (missing from the checkpoint|cannot be read .* damaged)"):
         tiny_grpo(tmp_path / "b").load_checkpoint(tmp_path / "ckpt")
+
+
+def test_a_checkpoint_of_another_model_size_is_named_on_resume(tmp_path):
+    tiny_grpo(tmp_path).save_checkpoint(tmp_path / "ckpt")
+    wider = GPT2LMHeadModel(GPT2Config(**build_tiny_causal().config.to_diff_dict() | {"n_embd": 64}))
+    config = GRPOConfig(steps=1, batch_size=2, group_size=2, max_new_tokens=3, output_dir=str(tmp_path / "b"))
+    trainer = GRPOTrainer(config, wider, word_tokenizer(), REWARD, PROMPTS)
+    with pytest.raises(DataError, match=r"trainable.safetensors: weight '.*' is \[96\] in the checkpoint but "
+                                        r"\[192\] in this policy"):
+        trainer.load_checkpoint(tmp_path / "ckpt")
 
 
 

@@ -10,6 +10,7 @@ is merged into the weights on save, so later stages load a plain model).
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ from rlhfkit.models.policy import (
     tokenize_completions,
 )
 from rlhfkit.models.reference import add_lora
+from rlhfkit.rl.trainer import TrainingDiverged, save_as_loaded
 
 METRICS_FILE = "sft_metrics.json"  # written last: its presence means the run finished
 
@@ -136,7 +138,11 @@ def train_sft(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, exampl
                                                  device))
                 optimizer.zero_grad()
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+                if not (math.isfinite(loss.item()) and math.isfinite(norm)):
+                    raise TrainingDiverged(f"SFT stopped in epoch {epoch + 1}: loss {loss.item():.4g}, gradient norm "
+                                           f"{norm:.4g}: not finite; the update was not applied and the model not "
+                                           "saved")
                 optimizer.step()
                 losses.append(loss.item())
                 bar.update(task, advance=1, info=f"epoch {epoch + 1} loss {loss.item():.3f}")
@@ -156,7 +162,7 @@ def train_sft(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, exampl
     if progress:
         console.print(f"SFT loss on the revisions: {metrics['loss_before']:.3f} → {metrics['loss_after']:.3f}")
     if out is not None:
-        model.save_pretrained(out)
+        save_as_loaded(model, out)
         tokenizer.save_pretrained(out)
         save_config(config, out / "sft_config.yaml")
         (out / METRICS_FILE).write_text(json.dumps(metrics, indent=1))

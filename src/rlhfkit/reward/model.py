@@ -330,7 +330,13 @@ def train_reward_model(pairs: Sequence[PreferencePair], config: RewardModelConfi
                 loss, stats = _batch_loss(reward_model, batch)
                 optimizer.zero_grad()
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm))
+                if not (math.isfinite(loss.item()) and math.isfinite(norm)):
+                    from rlhfkit.rl.trainer import TrainingDiverged  # here: rl imports reward
+
+                    raise TrainingDiverged(f"reward-model training stopped at step {step + 1}: loss {loss.item():.4g}, "
+                                           f"gradient norm {norm:.4g}: not finite; the update was not applied and "
+                                           "nothing was saved")
                 optimizer.step()
                 scheduler.step()
                 step += 1

@@ -412,6 +412,12 @@ class OnPolicyTrainer:
         if not (path / "trainer_state.json").exists():
             raise FileNotFoundError(f"{path} is not an rlhfkit checkpoint (no trainer_state.json)")
         weights = read_checkpoint_file(path / "trainable.safetensors", load_file)
+        own = self._bare_actor().state_dict()
+        for name, tensor in weights.items():
+            if name in own and own[name].shape != tensor.shape:
+                raise DataError(f"weight {name!r} is {list(tensor.shape)} in the checkpoint but "
+                                f"{list(own[name].shape)} in this policy; resume with the policy the checkpoint "
+                                "was trained from", path / "trainable.safetensors")
         missing = self._bare_actor().load_state_dict(weights, strict=False)
         if missing.unexpected_keys:
             raise ValueError(f"{path}: checkpoint has weights this model lacks: {missing.unexpected_keys[:5]}")
