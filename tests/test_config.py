@@ -36,6 +36,7 @@ def test_numbers_and_booleans_written_as_text_are_read_as_what_they_say(tmp_path
     (PPOConfig, "minibatch_size: 0\n", r"run.yaml:1: field 'minibatch_size': must be between 1 and batch_size"),
     (PPOConfig, "kl_target: 1.0\nkl_horizon: 2\n", r"run.yaml:2: field 'kl_horizon': must exceed 0.2 × batch_size"),
     (PPOConfig, "lr: -1.0\n", r"run.yaml:1: field 'lr': must be positive"),
+    (PPOConfig, "steps: 0\n", r"run.yaml:1: field 'steps': must be at least 1"),
     (GRPOConfig, "group_size: 1\n", r"run.yaml:1: field 'group_size': must be at least 2"),
     (GRPOConfig, "batch_size: 4\ngroup_size: 3\nminibatch_size: 5\n", r"run.yaml:3: field 'minibatch_size': 5 "
                                                                       r"does not divide"),

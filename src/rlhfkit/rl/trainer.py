@@ -66,9 +66,9 @@ class RLConfig:
 
     def __post_init__(self) -> None:
         require_field_types(self)
-        for name in ("steps", "save_every", "min_new_tokens"):
+        for name in ("save_every", "min_new_tokens"):
             require(getattr(self, name) >= 0, name, "must be at least 0")
-        for name in ("batch_size", "max_new_tokens", "lora_r"):
+        for name in ("steps", "batch_size", "max_new_tokens", "lora_r"):  # steps 0 would save an untrained policy
             require(getattr(self, name) >= 1, name, "must be at least 1")
         for name in ("lr", "temperature", "max_grad_norm"):
             require(getattr(self, name) > 0, name, "must be positive")
