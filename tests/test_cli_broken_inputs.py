@@ -112,8 +112,8 @@ CASES = {
     "feedback project: empty completions": ({"c.jsonl": ""},
                                             "feedback project --name x --completions {d}/c.jsonl --criterion k "
                                             "--db {d}/f.db", "c.jsonl: no completion records"),
-    "feedback export: unknown project": ({}, "feedback export --project nope --db {d}/f.db --pairs {d}/out",
-                                         "f.db: no project 'nope'"),
+    "feedback export: no such database": ({}, "feedback export --project nope --db {d}/out/f.db --pairs {d}/p",
+                                          "f.db: no such database file"),
     "feedback serve: unreachable PostgreSQL": ({}, "feedback serve --db postgresql://u@127.0.0.1:9/db",
                                                "postgresql://u@127.0.0.1:9/db: cannot use the database"),
 }
@@ -151,6 +151,8 @@ def test_broken_input_is_one_located_error(tmp_path, policy, case):
      "feedback project --name x --completions {d}/c.jsonl --criterion k --db {d}/f.db", "f.db: project 'x' exists"),
     ("feedback project --name x --completions {d}/c.jsonl --criterion k --db {d}/f.db",
      "feedback export --project x --db {d}/f.db --rankings {d}/out", "f.db: project 'x' has no rankings to export"),
+    ("feedback user --name bob --db {d}/f.db", "feedback export --project nope --db {d}/f.db --pairs {d}/out",
+     "f.db: no project 'nope'"),
 ])
 def test_a_feedback_request_that_is_refused_is_one_located_error(tmp_path, setup, command, expected):
     (tmp_path / "c.jsonl").write_text(COMPLETIONS)

@@ -24,15 +24,18 @@ DEFAULT_DB = "runs/feedback.db"
 
 
 @contextmanager
-def _session(db: str) -> Iterator[Session]:
-    """A session on the database (migrated first). An unreachable or unknown database and a refused
-    request (a name that exists, a project that does not) end the command with one line naming ``db``."""
+def _session(db: str, create: bool = True) -> Iterator[Session]:
+    """A session on the database (migrated first; a SQLite file is made unless ``create`` is false). An
+    unreachable or unknown database and a refused request (a name that exists, a project that does not)
+    end the command with one line naming ``db``."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from rlhfkit.feedback.db import session_factory
     from rlhfkit.feedback.service import FeedbackError
 
     if "://" not in db:
+        if not create and not Path(db).expanduser().is_file():
+            raise ValueError(f"{db}: no such database file")
         Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
     try:
         with session_factory(db)() as session:
@@ -152,7 +155,7 @@ def export(
 
     if rankings is None and pairs is None:
         raise ValueError("nothing to export: pass --rankings and/or --pairs")
-    with _session(db) as session:
+    with _session(db, create=False) as session:
         chosen = service.get_project(session, project)
         stats = service.project_agreement(session, chosen)
         kept, consensus_pairs = service.export(session, chosen, keep_poor)
