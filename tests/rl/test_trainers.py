@@ -217,7 +217,7 @@ def test_single_step_update_reusing_the_policy_pass_equals_the_two_pass_update(a
     """One gradient step per rollout skips the rollout's policy pass; the update must not change."""
     import copy
 
-    from rlhfkit.rl.rollout import collect_rollout
+    from rlhfkit.rollout import collect_rollout
 
     def make():
         if algorithm == "ppo":

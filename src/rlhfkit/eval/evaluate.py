@@ -25,7 +25,7 @@ from rlhfkit.models.policy import SamplingDistribution, prepare_tokenizer
 from rlhfkit.models.reference import Reference
 from rlhfkit.models.value_head import Actor
 from rlhfkit.reward.base import RewardFn
-from rlhfkit.rl.rollout import collect_rollout
+from rlhfkit.rollout import collect_rollout
 
 
 @dataclass

@@ -27,8 +27,8 @@ import torch
 from rlhfkit.config import require
 from rlhfkit.rl.advantages import group_normalized, leave_one_out, masked_mean
 from rlhfkit.rl.kl import kl_estimator
-from rlhfkit.rl.rollout import Rollout
 from rlhfkit.rl.trainer import OnPolicyTrainer, RLConfig
+from rlhfkit.rollout import Rollout
 
 
 @dataclass

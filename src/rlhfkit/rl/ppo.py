@@ -27,8 +27,8 @@ import torch
 from rlhfkit.config import require
 from rlhfkit.rl.advantages import gae, masked_mean, masked_var, whiten
 from rlhfkit.rl.kl import KLController, kl_estimator
-from rlhfkit.rl.rollout import Rollout
 from rlhfkit.rl.trainer import OnPolicyTrainer, RLConfig
+from rlhfkit.rollout import Rollout
 
 
 @dataclass

@@ -33,7 +33,7 @@ from rlhfkit.models.reference import Reference, add_lora, is_lora
 from rlhfkit.models.value_head import Actor
 from rlhfkit.reward.base import RewardError, RewardFn
 from rlhfkit.rl.monitors import RewardHackingMonitor
-from rlhfkit.rl.rollout import Rollout, collect_rollout
+from rlhfkit.rollout import Rollout, collect_rollout
 
 T = TypeVar("T")
 

@@ -7,7 +7,7 @@ from rlhfkit.models.reference import Reference, add_lora
 from rlhfkit.models.value_head import Actor
 from rlhfkit.reward.base import FunctionReward
 from rlhfkit.rl.kl import KL_ESTIMATORS
-from rlhfkit.rl.rollout import collect_rollout, completion_mask
+from rlhfkit.rollout import collect_rollout, completion_mask
 
 PROMPTS = ["how do i fix bike", "write code please", "plan day"]
 LENGTH = FunctionReward(lambda p, c: len(c.split()))
