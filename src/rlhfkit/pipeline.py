@@ -354,7 +354,7 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict:
     reference = Reference(trained) if config.lora else Reference.frozen(reference_model)
     after = evaluate_policy(trained, tokenizer, eval_prompts, judges, eval_config, reference=reference,
                             model_name="after PPO", output=run / "eval" / "after.jsonl", progress=progress)
-    comparisons = {name: compare(before, after, name, seed=config.seed) for name in judges}
+    comparisons = {name: compare(before, after, name) for name in judges}
     stats = {"before": text_stats(before), "after": text_stats(after)}
     lap("eval_after_s", t)
 
