@@ -25,7 +25,7 @@ def run_variant(variant: str, steps: int) -> dict:
 
     from rlhfkit.console import console
     from rlhfkit.models.reference import Reference, add_lora
-    from rlhfkit.pipeline import load_smollm2
+    from rlhfkit.demo.presets import load_smollm2
     from rlhfkit.reward.base import FunctionReward
     from rlhfkit.rl.ppo import PPOConfig, PPOTrainer
 

@@ -161,24 +161,31 @@ def compare(before: Sequence[Completion], after: Sequence[Completion], key: str,
     return paired_comparison(scores_by_prompt(before, key), scores_by_prompt(after, key), clusters, higher_is_better)
 
 
-def compare_distinct_2(before: Sequence[Completion], after: Sequence[Completion],
+def compare_distinct_2(before: Sequence[Completion], afters: Sequence[Sequence[Completion]],
                        clusters: Mapping[str, str] | None = None) -> Comparison:
-    """Distinct-2 of all after texts − of all before texts, with the same cluster jackknife interval;
-    the win rate is the share of prompts whose own samples are more diverse after."""
-    texts = {side: defaultdict(list) for side in ("before", "after")}
-    for side, completions in (("before", before), ("after", after)):
+    """Distinct-2 of the after texts − of the before texts on the same prompts, each "after" (one per
+    training seed) measured on its own (distinct-n falls with the number of texts) and averaged, with
+    the cluster jackknife interval; the win rate is the share of prompts whose own samples are more
+    diverse after."""
+    def by_prompt(completions: Sequence[Completion]) -> dict[str, list[str]]:
+        texts = defaultdict(list)
         for c in completions:
-            texts[side][c.prompt_id].append(c.text)
+            texts[c.prompt_id].append(c.text)
+        return texts
 
-    def distinct(side: str, prompts: Sequence[str]) -> float:
-        return distinct_n([t for p in prompts for t in texts[side][p]], 2)
+    sides = [by_prompt(before), *map(by_prompt, afters)]
+    prompts = sorted(set.intersection(*(set(side) for side in sides)))
 
-    per_prompt = paired_comparison({p: [distinct("before", [p])] for p in texts["before"]},
-                                   {p: [distinct("after", [p])] for p in texts["after"]}, clusters)
-    prompts = sorted(texts["before"].keys() & texts["after"].keys())
-    difference, low, high = jackknife_interval(lambda s: distinct("after", s) - distinct("before", s), prompts,
-                                               clusters)
-    return Comparison(before=distinct("before", prompts), after=distinct("after", prompts), difference=difference,
-                      ci_low=low, ci_high=high, prompts=len(prompts), clusters=per_prompt.clusters,
-                      samples=len(after), win_rate=per_prompt.win_rate, win_low=per_prompt.win_low,
-                      win_high=per_prompt.win_high)
+    def distinct(side: dict[str, list[str]], subset: Sequence[str]) -> float:
+        return distinct_n([t for p in subset for t in side[p]], 2)
+
+    def after(subset: Sequence[str]) -> float:
+        return sum(distinct(side, subset) for side in sides[1:]) / len(afters)
+
+    per_prompt = paired_comparison({p: [distinct(sides[0], [p])] for p in prompts},
+                                   {p: [after([p])] for p in prompts}, clusters)
+    difference, low, high = jackknife_interval(lambda s: after(s) - distinct(sides[0], s), prompts, clusters)
+    return Comparison(before=distinct(sides[0], prompts), after=after(prompts), difference=difference, ci_low=low,
+                      ci_high=high, prompts=len(prompts), clusters=per_prompt.clusters,
+                      samples=sum(len(a) for a in afters) // len(afters), win_rate=per_prompt.win_rate,
+                      win_low=per_prompt.win_low, win_high=per_prompt.win_high)
