@@ -7,7 +7,7 @@ from rlhfkit.models.toy_policy import ToyPolicyConfig, corpus_examples, load_toy
 
 def test_corpus_mixes_kind_rude_and_empty_replies_as_configured():
     corpus = toy_corpus()
-    rude = {r.split("{topic}")[0][:12] for r in corpus["rude"][0]}
+    rude = {r.split("{topic}")[0][:12] for r in corpus["rude"]}
     examples = corpus_examples(corpus, 4000, seed=0)
     share = sum(any(reply.lower().startswith(r.lower()[:12]) for r in rude) for _, reply in examples) / len(examples)
     assert share == pytest.approx(corpus["mix"]["rude"], abs=0.06)

@@ -46,12 +46,6 @@ def toy_prompts(topics: list[str], corpus: dict | None = None, per_topic: int = 
     return prompts
 
 
-def corpus_reply(corpus: dict, kind: str, topic: str, rng: random.Random) -> str:
-    """A reply of one kind about ``topic``: one choice from each of the kind's parts, joined."""
-    reply = " ".join(part for part in (rng.choice(parts).format(topic=topic) for parts in corpus[kind]) if part)
-    return reply[0].upper() + reply[1:]
-
-
 def corpus_examples(corpus: dict, size: int, seed: int) -> list[tuple[str, str]]:
     """(request, reply) pairs drawn with the corpus's mix of kind, rude and empty replies."""
     rng = random.Random(seed)
@@ -59,8 +53,8 @@ def corpus_examples(corpus: dict, size: int, seed: int) -> list[tuple[str, str]]
     examples = []
     for _ in range(size):
         topic = rng.choice(corpus["topics"])
-        reply = corpus_reply(corpus, rng.choices(kinds, weights)[0], topic, rng)
-        examples.append((rng.choice(corpus["prompts"]).format(topic=topic), reply))
+        reply = rng.choice(corpus[rng.choices(kinds, weights)[0]]).format(topic=topic)
+        examples.append((rng.choice(corpus["prompts"]).format(topic=topic), reply[0].upper() + reply[1:]))
     return examples
 
 
