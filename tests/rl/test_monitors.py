@@ -13,7 +13,8 @@ def steps(n, reward=lambda i: 0.0, judge=lambda i: 0.5, kl=lambda i: 1.0, releva
     """A history of n steps; reward, judge, kl, relevance and template share are functions of the step index."""
     return [{"step": i + 1, "reward/score": reward(i), "reward/score_std": 1.0, "monitor/judge": judge(i),
              "monitor/judge_std": 0.2, "kl/kl": kl(i), "response/length": length, "monitor/distinct_2": distinct,
-             "monitor/relevance": relevance(i), "monitor/relevance_std": 0.2, "monitor/template_share": template(i)}
+             "monitor/relevance": relevance(i), "monitor/relevance_std": 0.2, "monitor/template_share": template(i),
+             "monitor/answers": 32.0}
             for i in range(n)]
 
 
@@ -41,8 +42,10 @@ def test_a_benign_run_does_not_warn():
 
 
 def test_rising_reward_with_falling_relevance_warns_and_can_stop():
-    history = steps(12, reward=lambda i: 0.2 * i, judge=lambda i: 0.5 + 0.05 * i, relevance=lambda i: 0.6 - 0.02 * i)
+    history = steps(12, reward=lambda i: 0.2 * i, judge=lambda i: 0.5 + 0.05 * i, relevance=lambda i: 0.6 - 0.04 * i)
     assert warned(history, window=3) == ["relevance"]
+    noisy_start = steps(3, relevance=lambda i: 0.39 if i < 2 else 0.28)  # one batch of 32 lower: noise, z < 3
+    assert warned(noisy_start, window=5) == []
     monitor = RewardHackingMonitor(JUDGE, MonitorConfig(window=3, stop_on=("relevance",)))
     assert "relevance to the request fell" in monitor.check(history)
 
