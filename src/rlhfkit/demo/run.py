@@ -171,9 +171,11 @@ def demo_summary(config: DemoConfig, task: DemoTask, model_name: str, results: l
 def demo_report(path: Path, config: DemoConfig, task: DemoTask, summary: dict, results: list[SeedResult],
                 pooled: dict[str, Comparison], verdicts: dict[str, str], before: list[Completion],
                 afters: list[list[Completion]], agreement: dict) -> Path:
+    from rlhfkit.eval.judges import FluencyJudge
     from rlhfkit.eval.report import write_report
 
     independent = {name: getattr(judge, "independent", True) for name, judge in task.judges.items()}
+    independent["fluency"] = FluencyJudge.independent
     conclusions = [f"Verdict: {summary['result']} (training seeds {list(config.seeds)}; pooled over seeds, "
                    "'improved' only when every seed agrees and the pooled interval excludes zero)."]
     conclusions += [f"{'✓' if ok else '✗'} {name}" for name, ok in summary["criteria"].items()]
