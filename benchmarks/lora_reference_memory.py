@@ -24,8 +24,8 @@ def run_variant(variant: str, steps: int) -> dict:
     import torch
 
     from rlhfkit.console import console
+    from rlhfkit.demo.presets import load_smollm2
     from rlhfkit.models.reference import Reference, add_lora
-    from rlhfkit.pipeline import load_smollm2
     from rlhfkit.reward.base import FunctionReward
     from rlhfkit.rl.ppo import PPOConfig, PPOTrainer
 

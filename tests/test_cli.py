@@ -153,7 +153,7 @@ def test_evaluate_a_policy_against_itself_finds_no_difference_and_zero_kl(tmp_pa
     import yaml
 
     results = yaml.safe_load((out / "results.yaml").read_text())
-    assert set(results["judges"]) == {"sentiment", "not_offensive"}
+    assert set(results["judges"]) == {"relevance", "sentiment", "not_offensive"}  # relevance always
     assert results["judges"]["sentiment"]["difference"] == 0.0  # same model, same seeds, same samples
     assert results["text"]["after"]["kl"] == 0.0
     assert len(read_records(out / "after.jsonl", Completion)) == 3 * 2 * 2

@@ -296,24 +296,32 @@ def demo(
                                              "(SmolLM2-135M-Instruct with LoRA; slower).")] = "toy",
     run_dir: Annotated[Path | None, typer.Option(help="Folder for every stage's files; a rerun resumes "
                                                       "[default: runs/demo or runs/demo-smollm2].")] = None,
+    seeds: Annotated[int | None, typer.Option(help="Training seeds: labeling, reward model and PPO run once per "
+                                                   "seed [default: 3 for toy, 1 for smollm2].")] = None,
     label_prompts: Annotated[int | None, typer.Option(help="Prompts to label and train on.")] = None,
     eval_prompts: Annotated[int | None, typer.Option(help="Held-out prompts for the evaluation.")] = None,
-    ppo_steps: Annotated[int | None, typer.Option(help="PPO steps.")] = None,
+    ppo_steps: Annotated[int | None, typer.Option(help="PPO steps (at most; the monitors may stop earlier).")] = None,
+    kl_coef: Annotated[float | None, typer.Option(help="β of PPO's KL penalty to the reference.")] = None,
     stop_on: Annotated[list[str] | None, typer.Option(
-        help="Stop PPO when the monitor warns of this (hacking, kl, length, diversity); repeatable.")] = None,
+        help="Stop PPO when the monitor warns of this (hacking, relevance, kl, kl_spike, length, diversity, "
+             "collapse); repeatable [default: relevance, kl, kl_spike, collapse].")] = None,
 ) -> None:
-    """The whole RLHF loop offline: generate → simulated labelers → agreement → pairs → reward model →
-    PPO with KL and reward-hacking monitors → evaluation with independent judges → report.html.
+    """The whole RLHF loop offline, once per training seed: generate → simulated labelers → agreement →
+    pairs → reward model → PPO with KL and reward-hacking monitors → evaluation (the labelers' criterion,
+    relevance, diversity, KL; the proxy apart) → per-seed and pooled results → report.html.
 
     On your own model, prompts and people, run the same stages one by one: `rlhfkit generate --model M
     --prompts P`, have people rank the completions (the feedback app) or bring rankings, `rlhfkit pairs`,
     `rlhfkit reward train`, `rlhfkit ppo --policy M --reward RM_DIR`, then `rlhfkit evaluate`.
     """
-    from rlhfkit.pipeline import DemoConfig, run_demo
+    from rlhfkit.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig.preset_defaults(preset, run_dir=run_dir, label_prompts=label_prompts,
-                                        eval_prompts=eval_prompts, ppo_steps=ppo_steps,
-                                        monitor_stop_on=tuple(stop_on) if stop_on else None))
+    if seeds is not None and seeds < 1:
+        raise ValueError(f"--seeds: must be at least 1, got {seeds}")
+    run_demo(DemoConfig.preset_defaults(
+        preset, run_dir=run_dir, seeds=tuple(range(seeds)) if seeds else None, label_prompts=label_prompts,
+        eval_prompts=eval_prompts, ppo_steps=ppo_steps, kl_coef=kl_coef,
+        monitor_stop_on=tuple(stop_on) if stop_on else None))
 
 
 @app.command()
@@ -323,32 +331,40 @@ def evaluate(
                                              "needs --reference as its base).")],
     reference: Annotated[str, typer.Option(help="The policy before training (the KL reference).")],
     prompts: Annotated[Path, typer.Option(help="Held-out prompts, JSONL or .txt.")],
-    judge: Annotated[list[str], typer.Option(help="Independent judges: profanity, sentiment, or any reward spec "
-                                                  "(repeatable).")] = ["profanity", "sentiment"],  # noqa: B006
+    judge: Annotated[list[str], typer.Option(help="Judges: relevance, profanity, sentiment, or any reward spec "
+                                                  "(repeatable; relevance is always added).")] = [  # noqa: B006
+        "relevance", "profanity", "sentiment"],
     samples: Annotated[int, typer.Option(help="Completions per prompt and seed.")] = 4,
     seeds: Annotated[int, typer.Option(help="Number of sampling seeds.")] = 3,
     max_new_tokens: int = 64,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (use the one the policy was trained "
+                                                    "at).")] = 1.0,
     chat_template: Annotated[bool, typer.Option(help="Format prompts with the chat template.")] = True,
-    output_dir: Annotated[Path, typer.Option(help="Where the scored samples, results and report go.")] = Path(
-        "runs/eval"),
+    output_dir: Annotated[Path, typer.Option(help="Where the scored samples, results and report go; earlier "
+                                                  "results there are reused only if made with the same policy, "
+                                                  "reference, judges and settings.")] = Path("runs/eval"),
 ) -> None:
-    """Judge a policy before and after training on held-out prompts: judge means, paired bootstrap 95% CI
-    over prompts, KL to the reference, length and diversity; writes results.yaml and report.html."""
+    """Judge a policy before and after training on held-out prompts: relevance to the request and the other
+    judges (mean, 95% interval over prompts, per-prompt win rate), distinct-2 and KL to the reference;
+    writes results.yaml and report.html."""
     import yaml
 
     from rlhfkit.data.io import read_prompts
-    from rlhfkit.eval.evaluate import EvalConfig, compare, evaluate_policy, text_stats
+    from rlhfkit.eval.evaluate import EvalConfig, compare, compare_distinct_2, evaluate_policy, text_stats
     from rlhfkit.eval.judges import JUDGES
     from rlhfkit.eval.report import write_report
     from rlhfkit.models.policy import load_policy
     from rlhfkit.models.reference import Reference
     from rlhfkit.reward.spec import load_reward
 
+    if samples < 1 or seeds < 1 or max_new_tokens < 1 or not temperature > 0:
+        raise ValueError("--samples, --seeds and --max-new-tokens must be at least 1 and --temperature positive")
     held_out = read_prompts(prompts)
-    judges = {name: JUDGES[name]() if name in JUDGES else load_reward(name) for name in judge}
+    judges = {name: JUDGES[name]() if name in JUDGES else load_reward(name) for name in dict.fromkeys(
+        ["relevance", *judge])}
     judges = {getattr(fn, "name", name): fn for name, fn in judges.items()}
     config = EvalConfig(samples=samples, seeds=tuple(range(seeds)), max_new_tokens=max_new_tokens,
-                        use_chat_template=chat_template)
+                        temperature=temperature, use_chat_template=chat_template)
     output_dir.mkdir(parents=True, exist_ok=True)
     base, tokenizer = load_policy(reference)
     before = evaluate_policy(base, tokenizer, held_out, judges, config, model_name="before",
@@ -363,16 +379,25 @@ def evaluate(
         ref = Reference.frozen(base)
     after = evaluate_policy(trained, tokenizer, held_out, judges, config, reference=ref, model_name="after",
                             output=output_dir / "after.jsonl")
-    comparisons = {name: compare(before, after, name) for name in judges}
+    comparisons = {name: compare(before, after, name, higher_is_better=getattr(fn, "higher_is_better", True))
+                   for name, fn in judges.items()}
+    comparisons["distinct_2"] = compare_distinct_2(before, [after])
+    comparisons["kl"] = compare(before, after, "kl", higher_is_better=False)
     stats = {"before": text_stats(before), "after": text_stats(after)}
-    results = {"judges": {name: c.as_dict() for name, c in comparisons.items()}, "text": stats}
+    results = {"policy": policy, "reference": reference,
+               "judges": {name: comparisons[name].as_dict() for name in judges},
+               "distinct_2": comparisons["distinct_2"].as_dict(), "kl": comparisons["kl"].as_dict(), "text": stats}
     (output_dir / "results.yaml").write_text(yaml.safe_dump(results, sort_keys=False))
-    write_report(output_dir / "report.html", f"evaluation of {policy}", {"policy": policy, "reference": reference},
-                 {"prompts": str(prompts), "samples": samples, "seeds": seeds}, [], before, after, comparisons, stats)
+    write_report(output_dir / "report.html", f"evaluation of {policy}", comparisons, before, after,
+                 config={"policy": policy, "reference": reference, "prompts": str(prompts), "samples": samples,
+                         "seeds": seeds, "temperature": temperature},
+                 independent={name: getattr(fn, "independent", True) for name, fn in judges.items()},
+                 text_stats=stats)
     for name, c in comparisons.items():
-        console.print(f"{name}: {c.before:.3f} → {c.after:.3f}, {c.difference:+.3f} "
-                      f"(95% CI [{c.ci_low:+.3f}, {c.ci_high:+.3f}], {c.prompts} prompts) — {c.verdict}")
-    console.print(f"KL to the reference {stats['after']['kl']:.2f} nats/response → {output_dir / 'report.html'}")
+        console.print(f"{name}: {c.before:.3f} → {c.after:.3f}, {c.difference:+.3f} (95% CI [{c.ci_low:+.3f}, "
+                      f"{c.ci_high:+.3f}], {c.prompts} prompts, win rate {c.win_rate:.2f}) — {c.verdict}",
+                      highlight=False)
+    console.print(f"→ {output_dir / 'report.html'}")
 
 
 if __name__ == "__main__":

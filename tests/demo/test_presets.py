@@ -1,0 +1,29 @@
+import pytest
+
+from conftest import invoke
+from rlhfkit.demo import DemoConfig
+
+
+def test_presets_train_on_three_seeds_for_toy_and_sample_smollm2_where_it_is_coherent():
+    toy, smollm2 = DemoConfig.preset_defaults("toy"), DemoConfig.preset_defaults("smollm2", ppo_steps=2)
+    assert toy.seeds == (0, 1, 2) and toy.off_topic >= 1 and "relevance" in toy.monitor_stop_on
+    assert smollm2.temperature == 0.7 and smollm2.lora and smollm2.ppo_steps == 2
+
+
+@pytest.mark.parametrize(("overrides", "message"), [({"ppo_steps": -1}, "ppo_steps: must be at least 1"),
+                                                    ({"seeds": ()}, "seeds: give at least one"),
+                                                    ({"temperature": 0.0}, "temperature: must be positive"),
+                                                    ({"monitor_stop_on": ("boredom",)}, "stop_on: unknown")])
+def test_settings_that_cannot_run_are_rejected_by_name(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        DemoConfig.preset_defaults("toy", **overrides)
+
+
+@pytest.mark.parametrize(("args", "message"), [(["--ppo-steps", "-1"], "ppo_steps: must be at least 1"),
+                                               (["--seeds", "0"], "--seeds: must be at least 1"),
+                                               (["--preset", "gpt5"], "preset: unknown 'gpt5'")])
+def test_demo_command_rejects_bad_options_in_one_line(tmp_path, args, message):
+    result = invoke("demo", "--run-dir", tmp_path / "run", *args)
+    assert result.exit_code == 1 and message in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()

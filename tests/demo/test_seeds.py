@@ -1,0 +1,28 @@
+from rlhfkit.demo.seeds import accuracy_interval, pooled_verdict
+from rlhfkit.eval.metrics import Comparison
+
+
+def comparison(difference, low, high, higher_is_better=True):
+    return Comparison(before=0.0, after=difference, difference=difference, ci_low=low, ci_high=high, prompts=24,
+                      clusters=12, samples=96, win_rate=0.5, win_low=0.3, win_high=0.7,
+                      higher_is_better=higher_is_better)
+
+
+def test_improved_only_when_every_seed_agrees_and_the_pooled_interval_excludes_zero():
+    pooled = comparison(0.3, 0.1, 0.5)
+    seeds = [comparison(0.4, 0.1, 0.7), comparison(0.2, -0.1, 0.5), comparison(0.3, 0.0, 0.6)]
+    assert pooled_verdict(seeds, pooled) == "improved"
+    one_against = [*seeds[:2], comparison(-0.05, -0.3, 0.2)]
+    assert pooled_verdict(one_against, pooled) == "seeds disagree"
+    assert pooled_verdict(seeds, comparison(0.3, -0.01, 0.6)) == "no clear change"
+
+
+def test_verdict_follows_the_direction_of_the_measure():
+    lower_is_better = [comparison(-0.5, -0.8, -0.2, higher_is_better=False)] * 3
+    assert pooled_verdict(lower_is_better, comparison(-0.5, -0.7, -0.3, higher_is_better=False)) == "improved"
+
+
+def test_reward_model_accuracy_interval_narrows_with_more_pairs():
+    low_few, high_few = accuracy_interval(0.8, 20)
+    low_many, high_many = accuracy_interval(0.8, 500)
+    assert low_few < low_many < 0.8 < high_many < high_few
