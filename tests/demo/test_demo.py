@@ -34,13 +34,13 @@ def demo_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_default_demo_improves_the_labelers_criterion_with_bounded_kl_and_diversity(demo_run):
+def test_default_demo_improves_the_labelers_criterion_with_bounded_kl(demo_run):
+    """What holds today; diversity (distinct-2 ≥ 0.9 × before) is part of the honest win below."""
     _, summary = demo_run
     print({k: v for k, v in summary.items() if k != "config"})
     pooled = summary["pooled"]
     assert pooled["gold"]["verdict"] == "improved" and pooled["gold"]["ci_low"] > 0
     assert pooled["gold"]["win_rate"] > 0.5
-    assert pooled["distinct_2"]["after"] >= 0.9 * pooled["distinct_2"]["before"]
     assert 0 < pooled["kl"]["after"] < 10
     seed = summary["per_seed"][0]
     assert seed["reward_model_accuracy"] > 0.65 and seed["proxy_difference"] > 0

@@ -70,6 +70,11 @@ def test_reward_threshold_stops_early(tmp_path):
     history = trainer.train()
     assert len(history) < 50 and history[-1]["reward/score"] >= 0.4
     assert "threshold" in trainer.stop_reason
+    # resumed from the checkpoint of the step where it stopped, it stops there again without a step more
+    trainer.save_checkpoint(tmp_path / "stopped")
+    resumed = PPOTrainer(config, build_tiny_causal(), word_tokenizer(), REWARD, PROMPTS)
+    resumed.load_checkpoint(tmp_path / "stopped")
+    assert len(resumed.train()) == len(history) and "threshold" in resumed.stop_reason
 
 
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo"])

@@ -311,19 +311,25 @@ class OnPolicyTrainer:
         self.log(stats)
         return stats
 
+    def should_stop(self) -> str:
+        """Why training stops after the last step of the history (reward threshold, monitor), or ""."""
+        if not self.history:
+            return ""
+        score, threshold = self.history[-1]["reward/score"], self.config.reward_threshold
+        if threshold is not None and score >= threshold:
+            return f"mean reward {score:.4f} ≥ threshold {threshold}"
+        return (self.monitor.check(self.history) or "") if self.monitor is not None else ""
+
     def train(self) -> list[dict[str, float]]:
-        """Run until ``steps`` rollouts or the reward threshold; saves checkpoints and the final policy."""
+        """Run until ``steps`` rollouts, the reward threshold or a monitor's stop; saves checkpoints and the
+        final policy. A run resumed from the checkpoint of the step where it stopped stops there again."""
         cfg = self.config
-        while self.step < cfg.steps:
-            stats = self.train_step()
+        self.stop_reason = self.should_stop()
+        while self.step < cfg.steps and not self.stop_reason:
+            self.train_step()
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self.save_checkpoint(Path(cfg.output_dir) / f"checkpoint-{self.step}")
-            if cfg.reward_threshold is not None and stats["reward/score"] >= cfg.reward_threshold:
-                self.stop_reason = f"mean reward {stats['reward/score']:.4f} ≥ threshold {cfg.reward_threshold}"
-                break
-            if self.monitor is not None and (reason := self.monitor.check(self.history)):
-                self.stop_reason = reason
-                break
+            self.stop_reason = self.should_stop()
         self.stop_reason = self.stop_reason or f"reached {cfg.steps} steps"
         if self.accelerator.is_main_process:
             console.print(f"[bold]{self.algorithm} stopped at step {self.step}:[/] {self.stop_reason}")
