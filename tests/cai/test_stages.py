@@ -10,7 +10,7 @@ from rlhfkit.cai.feedback import FeedbackConfig, ModelOptionScorer, comparison_d
 from rlhfkit.cai.sft import SFTConfig, mean_loss, train_sft
 from rlhfkit.data.io import read_records
 from rlhfkit.data.records import Completion, PreferencePair, Prompt, Revision, SamplingParams
-from rlhfkit.rl.trainer import TrainingDiverged
+from rlhfkit.models.update import TrainingDiverged
 
 # the word-level test vocabulary has no "A"/"B": answer with "a" and "i"
 RULES = Constitution.model_validate({

@@ -280,7 +280,7 @@ def test_a_non_finite_reward_stops_training_with_the_step_and_the_sample_and_sav
 
 
 def test_a_non_finite_loss_stops_training_before_the_weights_take_it_in(tmp_path):
-    from rlhfkit.rl.trainer import TrainingDiverged
+    from rlhfkit.models.update import TrainingDiverged
 
     config = GRPOConfig(steps=3, batch_size=2, group_size=2, max_new_tokens=6, output_dir=str(tmp_path))
     trainer = GRPOTrainer(config, build_tiny_causal(), word_tokenizer(), REWARD, PROMPTS)

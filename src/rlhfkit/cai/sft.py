@@ -10,7 +10,6 @@ is merged into the weights on save, so later stages load a plain model).
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 from collections.abc import Sequence
@@ -33,7 +32,8 @@ from rlhfkit.models.policy import (
     tokenize_completions,
 )
 from rlhfkit.models.reference import add_lora
-from rlhfkit.rl.trainer import TrainingDiverged, save_as_loaded
+from rlhfkit.models.update import guarded_step
+from rlhfkit.rl.trainer import save_as_loaded
 
 METRICS_FILE = "sft_metrics.json"  # written last: its presence means the run finished
 
@@ -136,14 +136,7 @@ def train_sft(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, exampl
             for start in range(0, len(mixed), config.batch_size):
                 loss = sft_loss(model, sft_batch(tokenizer, mixed[start:start + config.batch_size], chat, config,
                                                  device))
-                optimizer.zero_grad()
-                loss.backward()
-                norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
-                if not (math.isfinite(loss.item()) and math.isfinite(norm)):
-                    raise TrainingDiverged(f"SFT stopped in epoch {epoch + 1}: loss {loss.item():.4g}, gradient norm "
-                                           f"{norm:.4g}: not finite; the update was not applied and the model not "
-                                           "saved")
-                optimizer.step()
+                guarded_step(optimizer, model.parameters(), loss, 1.0, f"SFT stopped in epoch {epoch + 1}")
                 losses.append(loss.item())
                 bar.update(task, advance=1, info=f"epoch {epoch + 1} loss {loss.item():.3f}")
             history.append({"epoch": epoch + 1, "train_loss": sum(losses) / len(losses)})

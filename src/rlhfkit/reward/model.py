@@ -44,6 +44,7 @@ from rlhfkit.data.io import malformed_json, umask_mode, validation_error
 from rlhfkit.data.pairs import group_by_prompt
 from rlhfkit.data.records import PreferencePair, render_text
 from rlhfkit.models.pretrained import pretrained_source
+from rlhfkit.models.update import guarded_step
 
 STATE_FILE = "rlhfkit_reward.json"
 
@@ -328,16 +329,8 @@ def train_reward_model(pairs: Sequence[PreferencePair], config: RewardModelConfi
             losses = []
             for batch in _batches(train_groups, config, rng)[: total - step]:
                 loss, stats = _batch_loss(reward_model, batch)
-                optimizer.zero_grad()
-                loss.backward()
-                norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm))
-                if not (math.isfinite(loss.item()) and math.isfinite(norm)):
-                    from rlhfkit.rl.trainer import TrainingDiverged  # here: rl imports reward
-
-                    raise TrainingDiverged(f"reward-model training stopped at step {step + 1}: loss {loss.item():.4g}, "
-                                           f"gradient norm {norm:.4g}: not finite; the update was not applied and "
-                                           "nothing was saved")
-                optimizer.step()
+                guarded_step(optimizer, model.parameters(), loss, config.max_grad_norm,
+                             f"reward-model training stopped at step {step + 1}")
                 scheduler.step()
                 step += 1
                 losses.append(loss.item())

@@ -32,8 +32,9 @@ from rlhfkit.data.records import PreferencePair, Text
 from rlhfkit.generate import format_prompt
 from rlhfkit.models.policy import TokenBatch, tokenize_completions
 from rlhfkit.models.reference import Reference
+from rlhfkit.models.update import TrainingDiverged
 from rlhfkit.reward.model import split_by_prompt
-from rlhfkit.rl.trainer import TrainingDiverged, apply_gradients, prepare_training, save_trained_policy
+from rlhfkit.rl.trainer import apply_gradients, prepare_training, save_trained_policy
 
 
 @dataclass

@@ -30,6 +30,7 @@ from rlhfkit.data.records import Prompt, Text
 from rlhfkit.generate import format_prompt
 from rlhfkit.models.policy import SamplingDistribution, cast_trainable, check_prompt_lengths, prepare_tokenizer
 from rlhfkit.models.reference import Reference, add_lora, is_lora
+from rlhfkit.models.update import TrainingDiverged
 from rlhfkit.models.value_head import Actor
 from rlhfkit.reward.base import RewardError, RewardFn
 from rlhfkit.rl.monitors import RewardHackingMonitor
@@ -97,10 +98,6 @@ def prepare_training(config, policy: PreTrainedModel, tokenizer: PreTrainedToken
     trainable = [p for p in actor.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
     return (tokenizer, reference, *accelerator.prepare(actor, optimizer))
-
-
-class TrainingDiverged(ValueError):
-    """A non-finite loss or gradient norm: the update was not applied, and training stops."""
 
 
 def apply_gradients(accelerator: Accelerator, actor: torch.nn.Module, optimizer: torch.optim.Optimizer,
