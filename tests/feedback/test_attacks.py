@@ -212,18 +212,13 @@ def test_login_and_account_pages_show_no_message_taken_from_the_url(tmp_path):
 
 
 def test_after_migration_an_action_on_an_old_unnormalised_name_reaches_that_account_only(db_url):
-    from alembic import command
-    from alembic.config import Config
     from sqlalchemy import text
 
     from rlhfkit.feedback import db as feedback_db
 
     engine = feedback_db.make_engine(db_url)
-    config = Config()
-    config.set_main_option("script_location", str(feedback_db.Path(feedback_db.__file__).parent / "migrations"))
+    feedback_db.migrate(engine, "0001")
     with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "0001")
         connection.execute(text("INSERT INTO users (id, username, role, password_hash, created_at) VALUES "
                                 "(1, 'bob', 'labeler', :bob, CURRENT_TIMESTAMP), "
                                 "(2, 'BOB', 'labeler', :big, CURRENT_TIMESTAMP), "

@@ -1,7 +1,6 @@
 """Migration 0002 on a database that 0001 made and the old app filled, on SQLite and PostgreSQL."""
 
 from alembic import command
-from alembic.config import Config
 from sqlalchemy import text
 
 from feedback_postgres import db_url, postgres  # noqa: F401 - fixtures
@@ -10,11 +9,8 @@ from rlhfkit.feedback import db as feedback_db
 
 def test_0002_normalises_names_numbers_slots_and_closes_extra_open_assignments(db_url):
     engine = feedback_db.make_engine(db_url)
-    config = Config()
-    config.set_main_option("script_location", str(feedback_db.Path(feedback_db.__file__).parent / "migrations"))
+    feedback_db.migrate(engine, "0001")
     with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "0001")
         run = lambda sql: connection.execute(text(sql))  # noqa: E731
         run("INSERT INTO users (id, username, role, created_at) VALUES (1, ' Ann', 'labeler', CURRENT_TIMESTAMP), "
             "(2, 'bob', 'labeler', CURRENT_TIMESTAMP), (3, 'BOB', 'labeler', CURRENT_TIMESTAMP)")
@@ -33,7 +29,6 @@ def test_0002_normalises_names_numbers_slots_and_closes_extra_open_assignments(d
     assert names == [(1, "ann"), (2, "bob"), (3, "BOB")]  # "BOB" would collide with "bob": left for the admin
     assert [tuple(a) for a in assignments] == [(1, 1, 0, "open"), (2, 1, None, "expired"), (3, 1, 1, "done")]
     with engine.begin() as connection:  # and back, and up again
-        config.attributes["connection"] = connection
-        command.downgrade(config, "0001")
-        command.upgrade(config, "head")
+        command.downgrade(feedback_db.alembic_config(connection), "0001")
+        command.upgrade(feedback_db.alembic_config(connection), "head")
     engine.dispose()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import (
     JSON,
@@ -25,8 +26,11 @@ from sqlalchemy import (
     event,
     text,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 
 def now() -> datetime:
@@ -198,16 +202,22 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_size=10, max_overflow=5)
 
 
-def migrate(engine: Engine) -> None:
-    """Bring the schema to the latest Alembic revision (creates it on an empty database)."""
-    from alembic import command
+def alembic_config(connection: Connection) -> Config:
+    """Alembic's configuration for our migrations, run on ``connection``."""
     from alembic.config import Config
 
     config = Config()
     config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    config.attributes["connection"] = connection
+    return config
+
+
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Bring the schema up to ``revision``, the latest by default (creates it on an empty database)."""
+    from alembic import command
+
     with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+        command.upgrade(alembic_config(connection), revision)
 
 
 def session_factory(url: str) -> sessionmaker:
