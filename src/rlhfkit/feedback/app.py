@@ -432,7 +432,7 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
         item = service.next_item(session, user, chosen)
         if item is None:
             return Response(status_code=204)
-        return service.item_view(item, chosen, user, session)
+        return service.item_view(item, chosen, user)
 
     @app.get("/api/progress")
     def api_progress(project: str | None = None, user: User = Depends(current_user),
