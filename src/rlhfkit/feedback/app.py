@@ -43,6 +43,7 @@ from pydantic import AfterValidator, BaseModel, Field, ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile as StarletteUpload
 from starlette.middleware.sessions import SessionMiddleware
 
@@ -181,9 +182,17 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.state.sessions = sessions
 
-    def db():
-        with sessions() as session:
+    # Every sync function (dependency or endpoint) costs a hop to a worker thread and back: the
+    # dependencies that do no I/O are async, so a labeler's request makes two hops (user, endpoint).
+    async def db():
+        session = sessions()
+        try:
             yield session
+        finally:
+            if session.in_transaction():  # the endpoint failed half-way: the rollback is I/O
+                await run_in_threadpool(session.close)
+            else:
+                session.close()
 
     def csrf_token(request: Request) -> str:
         if "csrf" not in request.session:
@@ -215,21 +224,21 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
             raise HTTPException(401, "log in first")
         return user
 
-    def admin_user(user: User = Depends(current_user)) -> User:
+    async def admin_user(user: User = Depends(current_user)) -> User:
         if user.role != "admin":
             raise HTTPException(403, "admins only")
         return user
 
-    def api_user(request: Request, user: User = Depends(current_user)) -> User:
+    async def api_user(request: Request, user: User = Depends(current_user)) -> User:
         """A JSON call that changes state: the CSRF token must come in the X-CSRF-Token header."""
         check_csrf(request, request.headers.get("x-csrf-token"))
         return user
 
-    def api_admin(request: Request, user: User = Depends(admin_user)) -> User:
+    async def api_admin(request: Request, user: User = Depends(admin_user)) -> User:
         check_csrf(request, request.headers.get("x-csrf-token"))
         return user
 
-    def form_admin(request: Request, csrf: str = Form(""), user: User = Depends(admin_user)) -> User:
+    async def form_admin(request: Request, csrf: str = Form(""), user: User = Depends(admin_user)) -> User:
         check_csrf(request, csrf)
         return user
 

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Row, case, delete, func, insert, select, update
+from sqlalchemy import Row, Select, bindparam, case, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Update
@@ -251,10 +251,13 @@ def session_user(session: Session, token: str | None) -> User | None:
     """The account of a live session: not logged out, not expired, the account not disabled."""
     if not token:
         return None
-    user = session.scalar(select(User).join(WebSession, WebSession.user_id == User.id).where(
-        WebSession.id == _token_hash(token), WebSession.expires_at > now(), User.disabled.is_(False)))
+    user = session.scalar(_SESSION_USER, {"token_hash": _token_hash(token), "now": now()})
     session.commit()
     return user
+
+
+_SESSION_USER = select(User).join(WebSession, WebSession.user_id == User.id).where(
+    WebSession.id == bindparam("token_hash"), WebSession.expires_at > bindparam("now"), User.disabled.is_(False))
 
 
 def end_session(session: Session, token: str) -> None:
@@ -370,25 +373,29 @@ def create_project(session: Session, name: str, criterion: str, completions: Seq
 
 
 def get_project(session: Session, name: str | None = None) -> Project:
-    query = select(Project).order_by(Project.id)
-    if name is not None:
-        query = query.where(Project.name == name)
-    project = session.scalar(query)
+    """The project named ``name``, or the first one."""
+    project = session.scalar(_FIRST_PROJECT) if name is None else session.scalar(_PROJECT, {"name": name})
     if project is None:
         raise FeedbackError(f"no project {name!r}" if name else "no project yet", 404)
     return project
 
 
+_FIRST_PROJECT = select(Project).order_by(Project.id).limit(1)
+_PROJECT = select(Project).where(Project.name == bindparam("name"))
+
+
 # ---------------------------------------------------------------- assignment
 # /api/next and /api/labels are what every labeler repeats, so they are the app's load: each runs one
-# transaction of few statements, reading the columns it needs (no ORM objects). benchmarks/README.md
-# has the numbers.
+# transaction of few statements that read only the columns they need. Their statements are built once
+# (the _CAPITALS below, values as bound parameters): building a statement and its cache key on every
+# request took a third of the server's CPU. benchmarks/README.md has the numbers.
 
 
-def _holds_slot():
-    """Assignments that count towards an item's k: done, or open and recent."""
-    return (Assignment.status == "done") | ((Assignment.status == "open")
-                                           & (Assignment.created_at > now() - ASSIGNMENT_TIMEOUT))
+def _holds_slot(stale_before=None):
+    """Assignments that count towards an item's k: done, or open and created after ``stale_before``
+    (now − ASSIGNMENT_TIMEOUT unless given, e.g. as a bound parameter)."""
+    stale_before = now() - ASSIGNMENT_TIMEOUT if stale_before is None else stale_before
+    return (Assignment.status == "done") | ((Assignment.status == "open") & (Assignment.created_at > stale_before))
 
 
 def _expire(*where) -> Update:
@@ -433,8 +440,8 @@ def next_item(session: Session, user: User, project: Project, rng: random.Random
 
 def _open_item(session: Session, user: User, project: Project) -> int | None:
     """The item of the labeler's open assignment in the project; one that timed out is expired here."""
-    open_assignment = session.execute(select(Assignment.id, Assignment.item_id, Assignment.created_at).where(
-        Assignment.user_id == user.id, Assignment.project_id == project.id, Assignment.status == "open")).first()
+    open_assignment = session.connection().execute(_OPEN_ASSIGNMENT, {"user_id": user.id,
+                                                                      "project_id": project.id}).first()
     if open_assignment is None:
         return None
     if _is_stale(open_assignment.created_at):
@@ -443,47 +450,67 @@ def _open_item(session: Session, user: User, project: Project) -> int | None:
     return open_assignment.item_id
 
 
+_OPEN_ASSIGNMENT = select(Assignment.id, Assignment.item_id, Assignment.created_at).where(
+    Assignment.user_id == bindparam("user_id"), Assignment.project_id == bindparam("project_id"),
+    Assignment.status == "open")
+
+
 def _assign_new(session: Session, user: User, project: Project, rng: random.Random) -> int | None:
     """Assign the labeler an item they were never given; returns its id, or None when none is left.
 
     Gold items come at the project's gold rate, in an order of each labeler's own. Regular items: the
     fullest first (closest to k labels), ties broken at random, so that every labeler meets the items
     in an order of their own and a gold item's place in the sequence tells nothing."""
-    seen = select(Assignment.item_id).where(Assignment.user_id == user.id)
+    connection, mine = session.connection(), {"user_id": user.id, "project_id": project.id}
     if project.gold_rate > 0 and rng.random() < project.gold_rate:
-        gold = session.scalars(select(Item.id).where(Item.project_id == project.id, Item.is_gold.is_(True),
-                                                     Item.id.not_in(seen)).order_by(Item.id)).all()
+        gold = connection.scalars(_GOLD_NOT_SEEN, mine).all()
         if gold:
             item_id = rng.choice(gold)
-            session.execute(insert(Assignment).values(item_id=item_id, user_id=user.id, project_id=project.id))
+            connection.execute(_ASSIGN, {**mine, "item_id": item_id, "slot": None})
             return item_id
-    filled = (select(func.count()).select_from(Assignment).where(Assignment.item_id == Item.id, _holds_slot())
-              .correlate(Item).scalar_subquery())
-    fullest = (select(Item.id).where(Item.project_id == project.id, Item.is_gold.is_(False), Item.id.not_in(seen),
-                                     filled < project.overlap)
-               .order_by(filled.desc(), func.random()).limit(1))
     # The candidate is locked in the same statement. An item that another labeler is being given right now
     # (row locked) is passed over (SKIP LOCKED, PostgreSQL): otherwise every labeler queues on the same
     # fullest item; only when all candidates are locked does the second round wait for one. SQLite
     # serialises whole transactions and never skips.
     tried: list[int] = []
-    for wait in (False, True):
-        while (item_id := session.scalar((fullest.where(Item.id.not_in(tried)) if tried else fullest)
-                                         .with_for_update(of=Item, skip_locked=not wait))) is not None:
+    for lock_fullest in (_LOCK_FULLEST_UNLOCKED, _LOCK_FULLEST):
+        while (item_id := connection.scalar(lock_fullest, {**mine, "overlap": project.overlap, "tried": tried,
+                                                           "stale_before": now() - ASSIGNMENT_TIMEOUT})) is not None:
             tried.append(item_id)
             slot = _free_slot(session, item_id, project.overlap)
             if slot is not None:
-                session.execute(insert(Assignment).values(item_id=item_id, user_id=user.id, project_id=project.id,
-                                                          slot=slot))
+                connection.execute(_ASSIGN, {**mine, "item_id": item_id, "slot": slot})
                 return item_id
     return None
+
+
+_SEEN = select(Assignment.item_id).where(Assignment.user_id == bindparam("user_id"))
+_GOLD_NOT_SEEN = select(Item.id).where(Item.project_id == bindparam("project_id"), Item.is_gold.is_(True),
+                                       Item.id.not_in(_SEEN)).order_by(Item.id)
+
+
+def _fullest_statement() -> Select:
+    """A regular item of the project with a free slot that the labeler was never given (nor ``tried``):
+    the fullest, the first among equals at random."""
+    filled = (select(func.count()).select_from(Assignment)
+              .where(Assignment.item_id == Item.id, _holds_slot(bindparam("stale_before")))
+              .correlate(Item).scalar_subquery())
+    return (select(Item.id).where(Item.project_id == bindparam("project_id"), Item.is_gold.is_(False),
+                                  Item.id.not_in(_SEEN), Item.id.not_in(bindparam("tried", expanding=True)),
+                                  filled < bindparam("overlap"))
+            .order_by(filled.desc(), func.random()).limit(1))
+
+
+_FULLEST = _fullest_statement()
+_LOCK_FULLEST_UNLOCKED = _FULLEST.with_for_update(of=Item, skip_locked=True)
+_LOCK_FULLEST = _FULLEST.with_for_update(of=Item)
+_ASSIGN = insert(Assignment.__table__)
 
 
 def _free_slot(session: Session, item_id: int, overlap: int) -> int | None:
     """The lowest slot of the (locked) item that no open or done assignment holds; timed-out holders are
     expired on the way."""
-    holders = session.execute(select(Assignment.slot, Assignment.status, Assignment.created_at).where(
-        Assignment.item_id == item_id, Assignment.status.in_(("open", "done")))).all()
+    holders = session.connection().execute(_SLOT_HOLDERS, {"item_id": item_id}).all()
     stale = [h.status == "open" and _is_stale(h.created_at) for h in holders]
     if any(stale):
         session.execute(_expire(Assignment.item_id == item_id))
@@ -491,11 +518,18 @@ def _free_slot(session: Session, item_id: int, overlap: int) -> int | None:
     return next((slot for slot in range(overlap) if slot not in used), None)
 
 
+_SLOT_HOLDERS = select(Assignment.slot, Assignment.status, Assignment.created_at).where(
+    Assignment.item_id == bindparam("item_id"), Assignment.status.in_(("open", "done")))
+
+
 def _offered(session: Session, user: User, project: Project, item_id: int) -> Offered:
-    rows = session.execute(select(Item.prompt_id, Item.prompt, ItemCompletion.completion_id, ItemCompletion.text)
-                           .join(ItemCompletion, ItemCompletion.item_id == Item.id).where(Item.id == item_id)
-                           .order_by(ItemCompletion.index)).all()
+    rows = session.connection().execute(_ITEM_CONTENT, {"item_id": item_id}).all()
     return Offered(item_id, rows[0].prompt_id, rows[0].prompt, rows, _progress(session, user, project))
+
+
+_ITEM_CONTENT = (select(Item.prompt_id, Item.prompt, ItemCompletion.completion_id, ItemCompletion.text)
+                 .join(ItemCompletion, ItemCompletion.item_id == Item.id).where(Item.id == bindparam("item_id"))
+                 .order_by(ItemCompletion.index))
 
 
 def answer_order(user_id: int, item_id: int, completion_ids: Sequence[str]) -> list[str]:
@@ -524,16 +558,28 @@ def _progress(session: Session, user: User, project: Project) -> dict:
     """This labeler's labels in the project and the items still open to them: at most that many are left.
     Gold items count like any other in both (while regular items remain), so that neither number tells
     a gold item apart: each label, gold or not, moves ``done`` up and ``left`` down by one. One query."""
-    seen = select(Assignment.item_id).where(Assignment.user_id == user.id, Assignment.status != "open")
-    filled = (select(func.count()).select_from(Assignment).where(
-        Assignment.item_id == Item.id, Assignment.user_id != user.id, _holds_slot()).correlate(Item).scalar_subquery())
-    left = select(func.count()).select_from(Item).where(Item.project_id == project.id, Item.id.not_in(seen))
-    done, regular, gold = session.execute(select(
-        select(func.count()).select_from(Label).join(Item, Item.id == Label.item_id)
-        .where(Label.user_id == user.id, Item.project_id == project.id).scalar_subquery(),
-        left.where(Item.is_gold.is_(False), filled < project.overlap).scalar_subquery(),
-        left.where(Item.is_gold.is_(True)).scalar_subquery())).one()
+    done, regular, gold = session.connection().execute(_PROGRESS, {
+        "user_id": user.id, "project_id": project.id, "overlap": project.overlap,
+        "stale_before": now() - ASSIGNMENT_TIMEOUT}).one()
     return {"done": done, "left": regular + gold if regular else 0}
+
+
+def _progress_statement() -> Select:
+    """(labels of the labeler in the project, regular items left to them, gold items left to them)."""
+    seen = select(Assignment.item_id).where(Assignment.user_id == bindparam("user_id"), Assignment.status != "open")
+    filled_by_others = (select(func.count()).select_from(Assignment).where(
+        Assignment.item_id == Item.id, Assignment.user_id != bindparam("user_id"),
+        _holds_slot(bindparam("stale_before"))).correlate(Item).scalar_subquery())
+    left = select(func.count()).select_from(Item).where(Item.project_id == bindparam("project_id"),
+                                                        Item.id.not_in(seen))
+    return select(
+        select(func.count()).select_from(Label).join(Item, Item.id == Label.item_id)
+        .where(Label.user_id == bindparam("user_id"), Item.project_id == bindparam("project_id")).scalar_subquery(),
+        left.where(Item.is_gold.is_(False), filled_by_others < bindparam("overlap")).scalar_subquery(),
+        left.where(Item.is_gold.is_(True)).scalar_subquery())
+
+
+_PROGRESS = _progress_statement()
 
 
 def _assignment(session: Session, user: User, item_id: int) -> Assignment:
@@ -567,9 +613,8 @@ def submit_label(session: Session, user: User, item_id: int, groups: list[list[s
     statement that checks it, so a skipped or expired assignment cannot take a label, and an item can
     never have more labels than slots."""
     # locks in the order every writer takes them, item then assignment (PostgreSQL: no deadlock with undo)
-    rows = session.execute(select(Item.prompt_id, ItemCompletion.completion_id)
-                           .join(ItemCompletion, ItemCompletion.item_id == Item.id).where(Item.id == item_id)
-                           .order_by(ItemCompletion.index).with_for_update(of=Item)).all()
+    connection = session.connection()
+    rows = connection.execute(_LOCK_ITEM_WITH_COMPLETIONS, {"item_id": item_id}).all()
     if not rows:
         session.rollback()
         raise FeedbackError(f"unknown item {item_id}", 404)
@@ -581,17 +626,25 @@ def submit_label(session: Session, user: User, item_id: int, groups: list[list[s
         _assignment(session, user, item_id)  # not assigned: 403 first
         session.rollback()
         raise FeedbackError(f"invalid ranking: {exc}", 422) from None
-    claimed = session.scalar(update(Assignment).where(
-        Assignment.item_id == item_id, Assignment.user_id == user.id, Assignment.status == "open",
-        Assignment.created_at > now() - ASSIGNMENT_TIMEOUT).values(status="done").returning(Assignment.id)
-        .execution_options(synchronize_session=False))
-    if claimed is None:
+    if connection.scalar(_CLAIM, {"claimed_item": item_id, "labeler": user.id,
+                                  "stale_before": now() - ASSIGNMENT_TIMEOUT}) is None:
         return _submitted_again(session, user, item_id, groups, flagged)
-    label_id = session.scalar(insert(Label).values(
-        item_id=item_id, user_id=user.id, groups=groups, flagged=flagged, seconds=seconds,
-        shown_order=answer_order(user.id, item_id, completion_ids)).returning(Label.id))
+    label_id = connection.scalar(_STORE_LABEL, {
+        "item_id": item_id, "user_id": user.id, "groups": groups, "flagged": flagged, "seconds": seconds,
+        "shown_order": answer_order(user.id, item_id, completion_ids)})
     session.commit()
     return Submitted(label_id, duplicate=False)
+
+
+_LOCK_ITEM_WITH_COMPLETIONS = (select(Item.prompt_id, ItemCompletion.completion_id)
+                               .join(ItemCompletion, ItemCompletion.item_id == Item.id)
+                               .where(Item.id == bindparam("item_id")).order_by(ItemCompletion.index)
+                               .with_for_update(of=Item))
+_CLAIM = (update(Assignment.__table__).where(
+    Assignment.item_id == bindparam("claimed_item"), Assignment.user_id == bindparam("labeler"),  # not column names
+    Assignment.status == "open", Assignment.created_at > bindparam("stale_before"))
+    .values(status="done").returning(Assignment.id))
+_STORE_LABEL = insert(Label.__table__).returning(Label.id)
 
 
 def _submitted_again(session: Session, user: User, item_id: int, groups: list[list[str]],
