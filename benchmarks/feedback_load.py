@@ -242,9 +242,9 @@ class Labelers:
             await asyncio.gather(*(c.close() for c in clients))
 
 
-def cpu_seconds(server: subprocess.Popen) -> dict:
-    """CPU seconds used so far by this client process, the server (all its worker processes), the local
-    PostgreSQL server's processes, and the whole machine (every process, ours or not)."""
+def cpu_seconds(server: subprocess.Popen, db: str) -> dict:
+    """CPU seconds used so far by this client process, the server (all its worker processes), the
+    PostgreSQL backends serving ``db`` (on this machine), and the whole machine (every process, ours or not)."""
     def process_tree(pid: int) -> float:
         with contextlib.suppress(psutil.Error):
             parent = psutil.Process(pid)
@@ -252,9 +252,13 @@ def cpu_seconds(server: subprocess.Popen) -> dict:
         return 0.0
 
     machine = psutil.cpu_times()
-    return {"client": time.process_time(), "server": process_tree(server.pid),
-            "postgresql": sum(_cpu(p) for p in psutil.process_iter(["name"]) if p.info["name"] == "postgres"),
-            "machine": sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)}
+    seconds = {"client": time.process_time(), "server": process_tree(server.pid),
+               "machine": sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)}
+    if db.startswith("postgresql"):  # a backend's title is "postgres: USER DATABASE ADDRESS STATE"
+        database = db.rsplit("/", 1)[1]
+        seconds["postgresql"] = sum(_cpu(p) for p in psutil.process_iter(["cmdline"])
+                                    if database in " ".join(p.info["cmdline"] or []).split())
+    return seconds
 
 
 def _cpu(process: psutil.Process) -> float:
@@ -278,7 +282,7 @@ def run(db: str, labelers: int = 50, prompts: int = 200, overlap: int = 3, kill_
         server.wait()
 
     try:
-        elapsed, cpu_used = asyncio.run(crowd.run(seconds, kill_after, kill, lambda: cpu_seconds(server)))
+        elapsed, cpu_used = asyncio.run(crowd.run(seconds, kill_after, kill, lambda: cpu_seconds(server, db)))
         if kill_after is not None:  # restart on the same database: migrations and state must survive
             server = start_server(db, port, workers)
     finally:

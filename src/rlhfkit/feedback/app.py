@@ -174,7 +174,17 @@ def _wants_html(request: Request) -> bool:
 
 def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
     sessions = session_factory(db_url)
-    app = FastAPI(title="rlhfkit feedback", docs_url=None, redoc_url=None, openapi_url=None)
+    import contextlib
+    import os
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        import anyio.to_thread
+        if os.environ.get("RLHFKIT_THREADS"):
+            anyio.to_thread.current_default_thread_limiter().total_tokens = int(os.environ["RLHFKIT_THREADS"])
+        yield
+
+    app = FastAPI(title="rlhfkit feedback", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.add_middleware(SessionMiddleware, secret_key=_secret(sessions), same_site="strict",
                        https_only=secure_cookies, max_age=int(service.SESSION_LIFETIME.total_seconds()))
     app.add_middleware(SecurityHeaders)
