@@ -269,12 +269,12 @@ def _cpu(process: psutil.Process) -> float:
 
 
 def run(db: str, labelers: int = 50, prompts: int = 200, overlap: int = 3, kill_after: float | None = None,
-        workers: int = 1, think: float = 0.0, seconds: float = 120.0, seed: int = 0) -> dict:
+        workers: int = 1, think: float = 0.0, seconds: float = 120.0, seed: int = 0, threads: int = 8) -> dict:
     """One load run on an empty database ``db``; the counts of ``audit`` and the timings."""
     prepare(db, labelers, prompts, overlap)
     port = free_port()
     load_before = os.getloadavg()
-    server = start_server(db, port, workers)
+    server = start_server(db, port, workers, extra=["--threads", str(threads)])
     crowd = Labelers(f"http://127.0.0.1:{port}", labelers, think, seed)
 
     def kill() -> None:
@@ -284,7 +284,7 @@ def run(db: str, labelers: int = 50, prompts: int = 200, overlap: int = 3, kill_
     try:
         elapsed, cpu_used = asyncio.run(crowd.run(seconds, kill_after, kill, lambda: cpu_seconds(server, db)))
         if kill_after is not None:  # restart on the same database: migrations and state must survive
-            server = start_server(db, port, workers)
+            server = start_server(db, port, workers, extra=["--threads", str(threads)])
     finally:
         complaint = stop_server(server)
     if complaint:
@@ -292,7 +292,8 @@ def run(db: str, labelers: int = 50, prompts: int = 200, overlap: int = 3, kill_
     counts = audit(stored_labels(db), crowd.acknowledged, overlap)
     return {
         "database": db.split("://")[0] if "://" in db else "sqlite",
-        "labelers": labelers, "items": prompts, "overlap": overlap, "workers": workers, "think_seconds": think,
+        "labelers": labelers, "items": prompts, "overlap": overlap, "workers": workers, "threads": threads,
+        "think_seconds": think,
         "killed": kill_after is not None, "seconds": round(elapsed, 2), "acknowledged": len(crowd.acknowledged),
         **counts, "labels_per_second": round(len(crowd.acknowledged) / elapsed, 1),
         "latency_ms": {kind: latency_ms(values) for kind, values in crowd.timings.items()},
@@ -335,6 +336,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=1000, help="items to label (× --overlap labels)")
     parser.add_argument("--overlap", type=int, default=3, help="labelers per item (k)")
     parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes")
+    parser.add_argument("--threads", type=int, default=8, help="requests per worker that run database work at once")
     parser.add_argument("--think", type=float, default=1.0, help="mean seconds a labeler reads before submitting")
     parser.add_argument("--seconds", type=float, default=60.0, help="take no new item after this long")
     parser.add_argument("--kill-after", type=float, default=5.0,
@@ -354,7 +356,7 @@ def main() -> None:
             for kill_after in [None] + ([args.kill_after] if args.kill_after > 0 else []):
                 try:
                     result = run(new_database(), args.labelers, args.prompts, args.overlap, kill_after,
-                                 args.workers, args.think, args.seconds)
+                                 args.workers, args.think, args.seconds, threads=args.threads)
                 except service.FeedbackError as exc:
                     sys.exit(f"--db {kind}: {exc.message} (the benchmark needs an empty database)")
                 print(json.dumps(result), flush=True)

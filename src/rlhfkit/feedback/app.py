@@ -27,6 +27,7 @@ JSON API (what the labeler page and the simulated labelers use):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import secrets
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote
 
+import anyio.to_thread
 from fastapi import Depends, FastAPI, Form, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
@@ -172,16 +174,17 @@ def _wants_html(request: Request) -> bool:
     return not request.url.path.startswith("/api/") and "text/html" in request.headers.get("accept", "")
 
 
-def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
+def create_app(db_url: str, secure_cookies: bool = False, threads: int | None = None) -> FastAPI:
+    """The app on the database ``db_url``. ``threads``: how many requests of this process run their
+    database work at once (the size of the thread pool that runs sync endpoints and dependencies;
+    anyio's default is 40). The rest wait their turn on the event loop, which costs less CPU than 40
+    threads taking turns at the interpreter lock (benchmarks/README.md)."""
     sessions = session_factory(db_url)
-    import contextlib
-    import os
 
     @contextlib.asynccontextmanager
-    async def lifespan(_app):
-        import anyio.to_thread
-        if os.environ.get("RLHFKIT_THREADS"):
-            anyio.to_thread.current_default_thread_limiter().total_tokens = int(os.environ["RLHFKIT_THREADS"])
+    async def lifespan(_app: FastAPI):
+        if threads is not None:
+            anyio.to_thread.current_default_thread_limiter().total_tokens = threads
         yield
 
     app = FastAPI(title="rlhfkit feedback", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
