@@ -156,8 +156,8 @@ class Labelers:
     aiohttp (C HTTP parser) rather than httpx: the client runs on the same cores as the server, and
     httpx's pure-Python stack took about one of the two cores at 40 labels/s."""
 
-    def __init__(self, url: str, count: int, think: float, seed: int) -> None:
-        self.url, self.count, self.think, self.seed = url, count, think, seed
+    def __init__(self, url: str, count: int, think: float, seed: int, ramp: float = 0.0) -> None:
+        self.url, self.count, self.think, self.seed, self.ramp = url, count, think, seed, ramp
         self.timings: dict[str, list[float]] = {"login": [], "next": [], "submit": []}
         self.acknowledged: list[int] = []
         self.errors: list[str] = []
@@ -176,6 +176,7 @@ class Labelers:
         return response.status, json.loads(body) if body else None
 
     async def _label(self, client: aiohttp.ClientSession, name: str, rng: random.Random, deadline: float) -> None:
+        await asyncio.sleep(rng.uniform(0, self.ramp))  # each labeler starts at a moment of their own
         while not self.stop.is_set() and time.perf_counter() < deadline:
             status, item = await self._request("next", client, "GET", "/api/next", params={"project": "load"})
             if status == 204:
@@ -269,13 +270,14 @@ def _cpu(process: psutil.Process) -> float:
 
 
 def run(db: str, labelers: int = 50, prompts: int = 200, overlap: int = 3, kill_after: float | None = None,
-        workers: int = 1, think: float = 0.0, seconds: float = 120.0, seed: int = 0, threads: int = 8) -> dict:
+        workers: int = 1, think: float = 0.0, seconds: float = 120.0, seed: int = 0, threads: int = 8,
+        ramp: float = 0.0) -> dict:
     """One load run on an empty database ``db``; the counts of ``audit`` and the timings."""
     prepare(db, labelers, prompts, overlap)
     port = free_port()
     load_before = os.getloadavg()
     server = start_server(db, port, workers, extra=["--threads", str(threads)])
-    crowd = Labelers(f"http://127.0.0.1:{port}", labelers, think, seed)
+    crowd = Labelers(f"http://127.0.0.1:{port}", labelers, think, seed, ramp)
 
     def kill() -> None:
         os.killpg(server.pid, signal.SIGKILL)
@@ -293,7 +295,7 @@ def run(db: str, labelers: int = 50, prompts: int = 200, overlap: int = 3, kill_
     return {
         "database": db.split("://")[0] if "://" in db else "sqlite",
         "labelers": labelers, "items": prompts, "overlap": overlap, "workers": workers, "threads": threads,
-        "think_seconds": think,
+        "think_seconds": think, "ramp_seconds": ramp,
         "killed": kill_after is not None, "seconds": round(elapsed, 2), "acknowledged": len(crowd.acknowledged),
         **counts, "labels_per_second": round(len(crowd.acknowledged) / elapsed, 1),
         "latency_ms": {kind: latency_ms(values) for kind, values in crowd.timings.items()},
@@ -339,6 +341,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=8, help="requests per worker that run database work at once")
     parser.add_argument("--think", type=float, default=1.0, help="mean seconds a labeler reads before submitting")
     parser.add_argument("--seconds", type=float, default=60.0, help="take no new item after this long")
+    parser.add_argument("--ramp", type=float, help="labelers start at random moments over this many seconds "
+                                                   "[default: the think time; 0: all at once]")
     parser.add_argument("--kill-after", type=float, default=5.0,
                         help="also run once with kill -9 this many seconds into the load (0: no kill run)")
     parser.add_argument("--out", type=Path, help="results file [default: results/feedback_load-TIMESTAMP.json]")
@@ -356,7 +360,8 @@ def main() -> None:
             for kill_after in [None] + ([args.kill_after] if args.kill_after > 0 else []):
                 try:
                     result = run(new_database(), args.labelers, args.prompts, args.overlap, kill_after,
-                                 args.workers, args.think, args.seconds, threads=args.threads)
+                                 args.workers, args.think, args.seconds, threads=args.threads,
+                                 ramp=args.think if args.ramp is None else args.ramp)
                 except service.FeedbackError as exc:
                     sys.exit(f"--db {kind}: {exc.message} (the benchmark needs an empty database)")
                 print(json.dumps(result), flush=True)
