@@ -434,8 +434,10 @@ def next_item(session: Session, user: User, project: Project, rng: random.Random
     rng = rng or random.Random()
     for _ in range(5):
         try:
-            item_id = _open_item(session, user, project) or _assign_new(session, user, project, rng)
-            offered = None if item_id is None else _offered(session, user, project, item_id)
+            item_id, progress = _open_item(session, user, project), None
+            if item_id is None:
+                item_id, progress = _assign_new(session, user, project, rng)
+            offered = None if item_id is None else _offered(session, user, project, item_id, progress)
             session.commit()
             return offered
         except IntegrityError:  # a parallel request of this labeler won: read its assignment
@@ -460,8 +462,10 @@ _OPEN_ASSIGNMENT = select(Assignment.id, Assignment.item_id, Assignment.created_
     Assignment.status == "open")
 
 
-def _assign_new(session: Session, user: User, project: Project, rng: random.Random) -> int | None:
-    """Assign the labeler an item they were never given; returns its id, or None when none is left.
+def _assign_new(session: Session, user: User, project: Project,
+                rng: random.Random) -> tuple[int | None, dict | None]:
+    """Assign the labeler an item they were never given; returns its id (None when none is left) and,
+    for a regular item, the labeler's progress, read by the statement that chose it.
 
     Gold items come at the project's gold rate, in an order of each labeler's own. Regular items: the
     fullest first (closest to k labels), ties broken at random, so that every labeler meets the items
@@ -472,21 +476,21 @@ def _assign_new(session: Session, user: User, project: Project, rng: random.Rand
         if gold:
             item_id = rng.choice(gold)
             connection.execute(_ASSIGN, {**mine, "item_id": item_id, "slot": None})
-            return item_id
+            return item_id, None
     # The candidate is locked in the same statement. An item that another labeler is being given right now
     # (row locked) is passed over (SKIP LOCKED, PostgreSQL): otherwise every labeler queues on the same
     # fullest item; only when all candidates are locked does the second round wait for one. SQLite
     # serialises whole transactions and never skips.
     tried: list[int] = []
     for lock_fullest in (_LOCK_FULLEST_UNLOCKED, _LOCK_FULLEST):
-        while (item_id := connection.scalar(lock_fullest, {**mine, "overlap": project.overlap, "tried": tried,
-                                                           "stale_before": now() - ASSIGNMENT_TIMEOUT})) is not None:
-            tried.append(item_id)
-            slot = _free_slot(session, item_id, project.overlap)
+        while (row := connection.execute(lock_fullest, {**mine, "overlap": project.overlap, "tried": tried,
+                                                        "stale_before": now() - ASSIGNMENT_TIMEOUT}).first()):
+            tried.append(row.id)
+            slot = _free_slot(session, row.id, project.overlap)
             if slot is not None:
-                connection.execute(_ASSIGN, {**mine, "item_id": item_id, "slot": slot})
-                return item_id
-    return None
+                connection.execute(_ASSIGN, {**mine, "item_id": row.id, "slot": slot})
+                return row.id, _progress_of(*row[1:])
+    return None, None
 
 
 _SEEN = select(Assignment.item_id).where(Assignment.user_id == bindparam("user_id"))
@@ -494,23 +498,47 @@ _GOLD_NOT_SEEN = select(Item.id).where(Item.project_id == bindparam("project_id"
                                        Item.id.not_in(_SEEN)).order_by(Item.id)
 
 
-def _slots_held(name: str, *where) -> CTE:
-    """(item_id, held): the slots held per item of the project (assignments matching ``where`` too),
-    counted in one pass over the project's assignments: a count per item (a correlated subquery)
-    cost PostgreSQL about as much CPU as the whole server under load. MATERIALIZED: computed once,
-    whatever plan PostgreSQL picks (without statistics, on a new project, it re-ran a plain subquery
-    for every item)."""
+def _slots_held() -> CTE:
+    """(item_id, held): the slots held per item of the project, counted in one pass over the project's
+    assignments: a count per item (a correlated subquery) cost PostgreSQL about as much CPU as the
+    whole server under load. MATERIALIZED: computed once, whatever plan PostgreSQL picks (without
+    statistics, on a new project, it re-ran a plain subquery for every item)."""
     return (select(Assignment.item_id, func.count().label("held"))
-            .where(Assignment.project_id == bindparam("project_id"), _holds_slot(bindparam("stale_before")), *where)
-            .group_by(Assignment.item_id).cte(name).prefix_with("MATERIALIZED", dialect="postgresql"))
+            .where(Assignment.project_id == bindparam("project_id"), _holds_slot(bindparam("stale_before")))
+            .group_by(Assignment.item_id).cte("slots_held").prefix_with("MATERIALIZED", dialect="postgresql"))
+
+
+def _progress_columns(slots: CTE) -> tuple:
+    """The labeler's progress as three scalar subqueries: their labels in the project; the regular
+    items left to them — never given to them and with a free slot, plus their open (unexpired) regular
+    item, which holds one of its slots; the gold items they were not given or hold open."""
+    closed = select(Assignment.item_id).where(Assignment.user_id == bindparam("user_id"), Assignment.status != "open")
+    in_project = select(func.count()).select_from(Item).where(Item.project_id == bindparam("project_id"))
+    return (
+        select(func.count()).select_from(Label).join(Item, Item.id == Label.item_id)
+        .where(Label.user_id == bindparam("user_id"), Item.project_id == bindparam("project_id")).scalar_subquery(),
+        in_project.outerjoin(slots, slots.c.item_id == Item.id)
+        .where(Item.is_gold.is_(False), Item.id.not_in(_SEEN), func.coalesce(slots.c.held, 0) < bindparam("overlap"))
+        .scalar_subquery()
+        + in_project.join(Assignment, Assignment.item_id == Item.id)
+        .where(Item.is_gold.is_(False), Assignment.user_id == bindparam("user_id"), Assignment.status == "open",
+               Assignment.created_at > bindparam("stale_before")).scalar_subquery(),
+        in_project.where(Item.is_gold.is_(True), Item.id.not_in(closed)).scalar_subquery())
+
+
+def _progress_of(done: int, regular: int, gold: int) -> dict:
+    """Gold items count like any other in both numbers while regular items remain, so that neither tells
+    a gold item apart: each label, gold or not, moves ``done`` up and ``left`` down by one."""
+    return {"done": done, "left": regular + gold if regular else 0}
 
 
 def _fullest_statement() -> Select:
     """A regular item of the project with a free slot that the labeler was never given (nor ``tried``):
-    the fullest, the first among equals at random."""
-    slots = _slots_held("slots_held")
+    the fullest, the first among equals at random; and the labeler's progress once it is theirs (it is
+    counted among the items left: the same count as after the assignment), from the same slot counts."""
+    slots = _slots_held()
     held = func.coalesce(slots.c.held, 0)
-    return (select(Item.id).outerjoin(slots, slots.c.item_id == Item.id)
+    return (select(Item.id, *_progress_columns(slots)).outerjoin(slots, slots.c.item_id == Item.id)
             .where(Item.project_id == bindparam("project_id"), Item.is_gold.is_(False), Item.id.not_in(_SEEN),
                    Item.id.not_in(bindparam("tried", expanding=True)), held < bindparam("overlap"))
             .order_by(held.desc(), func.random()).limit(1))
@@ -537,9 +565,9 @@ _SLOT_HOLDERS = select(Assignment.slot, Assignment.status, Assignment.created_at
     Assignment.item_id == bindparam("item_id"), Assignment.status.in_(("open", "done")))
 
 
-def _offered(session: Session, user: User, project: Project, item_id: int) -> Offered:
+def _offered(session: Session, user: User, project: Project, item_id: int, progress: dict | None) -> Offered:
     rows = session.connection().execute(_ITEM_CONTENT, {"item_id": item_id}).all()
-    return Offered(item_id, rows[0].prompt_id, rows[0].prompt, rows, _progress(session, user, project))
+    return Offered(item_id, rows[0].prompt_id, rows[0].prompt, rows, progress or _progress(session, user, project))
 
 
 _ITEM_CONTENT = (select(Item.prompt_id, Item.prompt, ItemCompletion.completion_id, ItemCompletion.text)
@@ -570,30 +598,14 @@ def labeler_progress(session: Session, user: User, project: Project) -> dict:
 
 
 def _progress(session: Session, user: User, project: Project) -> dict:
-    """This labeler's labels in the project and the items still open to them: at most that many are left.
-    Gold items count like any other in both (while regular items remain), so that neither number tells
-    a gold item apart: each label, gold or not, moves ``done`` up and ``left`` down by one. One query."""
-    done, regular, gold = session.connection().execute(_PROGRESS, {
+    """This labeler's labels in the project and the items still open to them: at most that many are
+    left. One query."""
+    return _progress_of(*session.connection().execute(_PROGRESS, {
         "user_id": user.id, "project_id": project.id, "overlap": project.overlap,
-        "stale_before": now() - ASSIGNMENT_TIMEOUT}).one()
-    return {"done": done, "left": regular + gold if regular else 0}
+        "stale_before": now() - ASSIGNMENT_TIMEOUT}).one())
 
 
-def _progress_statement() -> Select:
-    """(labels of the labeler in the project, regular items left to them, gold items left to them)."""
-    seen = select(Assignment.item_id).where(Assignment.user_id == bindparam("user_id"), Assignment.status != "open")
-    by_others = _slots_held("held_by_others", Assignment.user_id != bindparam("user_id"))
-    left = select(func.count()).select_from(Item).where(Item.project_id == bindparam("project_id"),
-                                                        Item.id.not_in(seen))
-    return select(
-        select(func.count()).select_from(Label).join(Item, Item.id == Label.item_id)
-        .where(Label.user_id == bindparam("user_id"), Item.project_id == bindparam("project_id")).scalar_subquery(),
-        left.outerjoin(by_others, by_others.c.item_id == Item.id)
-        .where(Item.is_gold.is_(False), func.coalesce(by_others.c.held, 0) < bindparam("overlap")).scalar_subquery(),
-        left.where(Item.is_gold.is_(True)).scalar_subquery())
-
-
-_PROGRESS = _progress_statement()
+_PROGRESS = select(*_progress_columns(_slots_held()))
 
 
 def _assignment(session: Session, user: User, item_id: int) -> Assignment:
