@@ -44,8 +44,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+import aiohttp
 import httpx
 import numpy as np
+import psutil
 from sqlalchemy import select
 
 from rlhfkit.data.records import Completion
@@ -55,6 +57,7 @@ from rlhfkit.feedback.db import Label, User, session_factory
 PASSWORD = "load-test-password"
 RESULTS = Path(__file__).parent / "results"
 TESTS = Path(__file__).parents[1] / "tests"
+LOGINS_AT_ONCE = 10  # under the app's per-address throttle (service.LOGIN_THROTTLE["ip"])
 
 
 def free_port() -> int:
@@ -148,30 +151,36 @@ def latency_ms(seconds: list[float]) -> dict:
 
 
 class Labelers:
-    """N labelers as asyncio tasks, each with its own HTTP client (cookies) and random generator."""
+    """N labelers as asyncio tasks, each with its own HTTP session (cookies) and random generator.
 
-    def __init__(self, url: str, count: int, think: float, seed: int) -> None:
-        self.url, self.count, self.think, self.seed = url, count, think, seed
+    aiohttp (C HTTP parser) rather than httpx: the client runs on the same cores as the server, and
+    httpx took 3.6 ms of CPU per label against aiohttp's 1.1 (benchmarks/README.md)."""
+
+    def __init__(self, url: str, count: int, think: float, seed: int, ramp: float = 0.0) -> None:
+        self.url, self.count, self.think, self.seed, self.ramp = url, count, think, seed, ramp
         self.timings: dict[str, list[float]] = {"login": [], "next": [], "submit": []}
         self.acknowledged: list[int] = []
         self.errors: list[str] = []
         self.stop = asyncio.Event()
 
-    async def _timed(self, kind: str, request) -> httpx.Response:
+    async def _request(self, kind: str | None, client: aiohttp.ClientSession, method: str, path: str,
+                       **kwargs) -> tuple[int, dict | None]:
+        """(status, JSON body or None for 204); timed under ``kind``; a status ≥ 400 raises."""
         started = time.perf_counter()
-        response = await request
-        self.timings[kind].append(time.perf_counter() - started)
-        if response.status_code >= 400:
-            raise RuntimeError(f"{response.request.method} {response.request.url.path}: {response.status_code} "
-                               f"{response.text[:200]}")
-        return response
+        async with client.request(method, path, **kwargs) as response:
+            body = await response.read()
+        if kind:
+            self.timings[kind].append(time.perf_counter() - started)
+        if response.status >= 400:
+            raise RuntimeError(f"{method} {path}: {response.status} {body[:200]!r}")
+        return response.status, json.loads(body) if body else None
 
-    async def _label(self, client: httpx.AsyncClient, name: str, rng: random.Random, deadline: float) -> None:
+    async def _label(self, client: aiohttp.ClientSession, name: str, rng: random.Random, deadline: float) -> None:
+        await asyncio.sleep(rng.uniform(0, self.ramp))  # each labeler starts at a moment of their own
         while not self.stop.is_set() and time.perf_counter() < deadline:
-            response = await self._timed("next", client.get("/api/next", params={"project": "load"}))
-            if response.status_code == 204:
+            status, item = await self._request("next", client, "GET", "/api/next", params={"project": "load"})
+            if status == 204:
                 return
-            item = response.json()
             ids = [c["id"] for c in item["completions"]]
             rng.shuffle(ids)
             body = {"item_id": item["item_id"], "groups": [[i] for i in ids], "flagged": []}
@@ -180,66 +189,104 @@ class Labelers:
                     await asyncio.wait_for(self.stop.wait(), self.think * rng.uniform(0.5, 1.5))
                 if self.stop.is_set():
                     return
-            result = (await self._timed("submit", client.post("/api/labels", json=body))).json()
+            _, result = await self._request("submit", client, "POST", "/api/labels", json=body)
             self.acknowledged.append(result["label_id"])
             if rng.random() < 0.1:  # a double click: must come back as the same label
-                again = (await client.post("/api/labels", json=body)).json()
+                _, again = await self._request(None, client, "POST", "/api/labels", json=body)
                 if not again.get("duplicate") or again.get("label_id") != result["label_id"]:
                     self.errors.append(f"{name}: resubmission of item {item['item_id']} answered {again}")
 
-    async def run(self, seconds: float, kill_after: float | None, kill) -> float:
-        """Log everyone in, then label; returns the seconds of labeling (login excluded)."""
-        # idle connections are dropped by the client before uvicorn's 5 s keep-alive can close them under a
-        # request (the wait for everyone's login is longer than that)
-        limits = httpx.Limits(max_connections=1, keepalive_expiry=2)
-        clients = [httpx.AsyncClient(base_url=self.url, timeout=60, limits=limits) for _ in range(self.count)]
+    async def run(self, seconds: float, kill_after: float | None, kill, cpu) -> tuple[float, dict]:
+        """Log everyone in, then label; returns the seconds of labeling (login excluded) and the CPU
+        seconds that ``cpu()`` counted meanwhile (before a kill)."""
+        # one connection per labeler; idle ones are dropped by the client before uvicorn's 5 s keep-alive
+        # can close them under a request (the wait for everyone's login is longer than that)
+        clients = [aiohttp.ClientSession(self.url, cookie_jar=aiohttp.CookieJar(unsafe=True),
+                                         timeout=aiohttp.ClientTimeout(total=60),
+                                         connector=aiohttp.TCPConnector(limit=1, keepalive_timeout=2))
+                   for _ in range(self.count)]
         try:
+            # The app counts a login in flight as a failure of the client address until its password
+            # checks out, and throttles an address with 20 of them: all labelers come from 127.0.0.1.
+            logging_in = asyncio.Semaphore(LOGINS_AT_ONCE)
+
             async def login(i: int) -> None:
-                response = await self._timed("login", clients[i].post(
-                    "/api/login", json={"username": f"load-{i}", "password": PASSWORD}))
-                clients[i].headers["X-CSRF-Token"] = response.json()["csrf"]
+                async with logging_in:
+                    _, answer = await self._request("login", clients[i], "POST", "/api/login",
+                                                    json={"username": f"load-{i}", "password": PASSWORD})
+                clients[i].headers["X-CSRF-Token"] = answer["csrf"]
 
             started = time.perf_counter()
             await asyncio.gather(*(login(i) for i in range(self.count)))
             print(f"{self.count} labelers logged in in {time.perf_counter() - started:.1f} s; labeling",
                   file=sys.stderr, flush=True)
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), cpu()
 
             async def labeler(i: int) -> None:
                 try:
                     await self._label(clients[i], f"load-{i}", random.Random(self.seed + i), started + seconds)
-                except (httpx.HTTPError, RuntimeError) as exc:
+                except (aiohttp.ClientError, TimeoutError, RuntimeError) as exc:
                     if not self.stop.is_set():
                         self.errors.append(f"load-{i}: {type(exc).__name__}: {exc}")
 
             tasks = [asyncio.create_task(labeler(i)) for i in range(self.count)]
             if kill_after is not None:
                 await asyncio.wait(tasks, timeout=kill_after)
+                cpu_used = {k: v - cpu_started[k] for k, v in cpu().items()}
                 self.stop.set()
                 kill()
             await asyncio.gather(*tasks)
-            return time.perf_counter() - started
+            if kill_after is None:
+                cpu_used = {k: v - cpu_started[k] for k, v in cpu().items()}
+            return time.perf_counter() - started, cpu_used
         finally:
-            await asyncio.gather(*(c.aclose() for c in clients))
+            await asyncio.gather(*(c.close() for c in clients))
+
+
+def cpu_seconds(server: subprocess.Popen, db: str) -> dict:
+    """CPU seconds used so far by this client process, the server (all its worker processes), the
+    PostgreSQL backends serving ``db`` (on this machine), and the whole machine (every process, ours or not)."""
+    def process_tree(pid: int) -> float:
+        with contextlib.suppress(psutil.Error):
+            parent = psutil.Process(pid)
+            return sum(_cpu(p) for p in [parent, *parent.children(recursive=True)])
+        return 0.0
+
+    machine = psutil.cpu_times()
+    seconds = {"client": time.process_time(), "server": process_tree(server.pid),
+               "machine": sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)}
+    if db.startswith("postgresql"):  # a backend's title is "postgres: USER DATABASE ADDRESS STATE"
+        database = db.rsplit("/", 1)[1]
+        seconds["postgresql"] = sum(_cpu(p) for p in psutil.process_iter(["cmdline"])
+                                    if database in " ".join(p.info["cmdline"] or []).split())
+    return seconds
+
+
+def _cpu(process: psutil.Process) -> float:
+    with contextlib.suppress(psutil.Error):
+        times = process.cpu_times()
+        return times.user + times.system
+    return 0.0
 
 
 def run(db: str, labelers: int = 50, prompts: int = 200, overlap: int = 3, kill_after: float | None = None,
-        workers: int = 1, think: float = 0.0, seconds: float = 120.0, seed: int = 0) -> dict:
+        workers: int = 1, think: float = 0.0, seconds: float = 120.0, seed: int = 0, threads: int = 8,
+        ramp: float = 0.0) -> dict:
     """One load run on an empty database ``db``; the counts of ``audit`` and the timings."""
     prepare(db, labelers, prompts, overlap)
     port = free_port()
     load_before = os.getloadavg()
-    server = start_server(db, port, workers)
-    crowd = Labelers(f"http://127.0.0.1:{port}", labelers, think, seed)
+    server = start_server(db, port, workers, extra=["--threads", str(threads)])
+    crowd = Labelers(f"http://127.0.0.1:{port}", labelers, think, seed, ramp)
 
     def kill() -> None:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
 
     try:
-        elapsed = asyncio.run(crowd.run(seconds, kill_after, kill))
+        elapsed, cpu_used = asyncio.run(crowd.run(seconds, kill_after, kill, lambda: cpu_seconds(server, db)))
         if kill_after is not None:  # restart on the same database: migrations and state must survive
-            server = start_server(db, port, workers)
+            server = start_server(db, port, workers, extra=["--threads", str(threads)])
     finally:
         complaint = stop_server(server)
     if complaint:
@@ -247,10 +294,13 @@ def run(db: str, labelers: int = 50, prompts: int = 200, overlap: int = 3, kill_
     counts = audit(stored_labels(db), crowd.acknowledged, overlap)
     return {
         "database": db.split("://")[0] if "://" in db else "sqlite",
-        "labelers": labelers, "items": prompts, "overlap": overlap, "workers": workers, "think_seconds": think,
+        "labelers": labelers, "items": prompts, "overlap": overlap, "workers": workers, "threads": threads,
+        "think_seconds": think, "ramp_seconds": ramp,
         "killed": kill_after is not None, "seconds": round(elapsed, 2), "acknowledged": len(crowd.acknowledged),
         **counts, "labels_per_second": round(len(crowd.acknowledged) / elapsed, 1),
         "latency_ms": {kind: latency_ms(values) for kind, values in crowd.timings.items()},
+        # cores used while labeling (CPU seconds / seconds; until the kill in a kill run): where the 2 went
+        "cores_used": {k: round(v / (kill_after or elapsed), 2) for k, v in cpu_used.items()},
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "errors": crowd.errors[:10], "error_count": len(crowd.errors),
@@ -288,8 +338,11 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=1000, help="items to label (× --overlap labels)")
     parser.add_argument("--overlap", type=int, default=3, help="labelers per item (k)")
     parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes")
+    parser.add_argument("--threads", type=int, default=8, help="requests per worker that run database work at once")
     parser.add_argument("--think", type=float, default=1.0, help="mean seconds a labeler reads before submitting")
     parser.add_argument("--seconds", type=float, default=60.0, help="take no new item after this long")
+    parser.add_argument("--ramp", type=float, help="labelers start at random moments over this many seconds "
+                                                   "[default: the think time; 0: all at once]")
     parser.add_argument("--kill-after", type=float, default=5.0,
                         help="also run once with kill -9 this many seconds into the load (0: no kill run)")
     parser.add_argument("--out", type=Path, help="results file [default: results/feedback_load-TIMESTAMP.json]")
@@ -307,7 +360,8 @@ def main() -> None:
             for kill_after in [None] + ([args.kill_after] if args.kill_after > 0 else []):
                 try:
                     result = run(new_database(), args.labelers, args.prompts, args.overlap, kill_after,
-                                 args.workers, args.think, args.seconds)
+                                 args.workers, args.think, args.seconds, threads=args.threads,
+                                 ramp=args.think if args.ramp is None else args.ramp)
                 except service.FeedbackError as exc:
                     sys.exit(f"--db {kind}: {exc.message} (the benchmark needs an empty database)")
                 print(json.dumps(result), flush=True)

@@ -202,3 +202,11 @@ def test_admin_creates_a_project_by_upload_through_the_csrf_protected_forms(tmp_
     assert "bad.jsonl" in refused.json()["detail"] and "line 1" in refused.json()["detail"]
     with app.state.sessions() as db:
         assert service.progress(db, service.get_project(db, "uploaded"))["items"] == 2
+
+
+def test_threads_caps_the_requests_that_run_database_work_at_once(tmp_path):
+    import anyio.to_thread
+
+    with TestClient(create_app(str(tmp_path / "t.db"), threads=3)) as client:  # the app's start-up sets it
+        assert client.portal.call(lambda: anyio.to_thread.current_default_thread_limiter().total_tokens) == 3
+        assert client.get("/healthz").status_code == 200

@@ -2,6 +2,7 @@
 unskipped assignment; one open item per labeler and project, even under parallel requests; answers in
 an order of each labeler's own; gold items that cannot be told apart; undo; stranded items."""
 
+import itertools
 import random
 import threading
 from datetime import timedelta
@@ -225,3 +226,54 @@ def test_an_item_locked_by_another_labelers_assignment_is_passed_over_not_waited
         asking.join(timeout=10)
         assert not asking.is_alive() and result["item"] != first  # bob got another item at once
         holder.rollback()
+
+
+def ascents(ids):
+    """The share of steps to a larger id: about 1/2 in a random order, 1 in file order."""
+    return sum(b > a for a, b in itertools.pairwise(ids)) / (len(ids) - 1)
+
+
+def test_labelers_meet_the_items_in_orders_of_their_own_in_which_a_gold_item_has_no_telling_place(db_url):
+    gold = [Ranking(prompt_id=f"g{i}", labeler_id="gold", groups=[[f"g{i}-0"], [f"g{i}-1"]]) for i in range(4)]
+    app = create_app(db_url)
+    with app.state.sessions() as db:
+        for name in ("ann", "bob"):
+            service.create_user(db, name, password=f"{name}-password")
+        completions = [c for i in range(40) for c in make_completions(f"p{i}", 2)]
+        completions[20 * 2:20 * 2] = [c for i in range(4) for c in make_completions(f"g{i}", 2)]  # gold in the middle
+        service.create_project(db, "demo", "helpfulness", completions, overlap=2, gold=gold, gold_rate=0.1)
+        gold_ids = set(db.scalars(select(service.Item.id).where(service.Item.is_gold.is_(True))))
+    sequences = {}
+    for name in ("ann", "bob"):  # ann labels everything first: to bob every item is equally full
+        client, sequences[name] = login(TestClient(app), name), []
+        while (r := client.get("/api/next")).status_code == 200:
+            sequences[name].append(r.json()["item_id"])
+            client.post("/api/labels", json={"item_id": sequences[name][-1], "groups": order(r.json())})
+    regular = {name: [i for i in ids if i not in gold_ids] for name, ids in sequences.items()}
+    assert sorted(regular["ann"]) == sorted(regular["bob"]) and len(regular["ann"]) == 40
+    assert regular["ann"] != regular["bob"]  # not one sequence for everyone
+    # regular ids come in no order, so a gold item (ids 21-24 here) breaking the order of the ids is no sign
+    assert all(0.2 < ascents(ids) < 0.8 for ids in regular.values()), {n: ascents(i) for n, i in regular.items()}
+
+
+def test_undo_takes_back_only_the_last_label_once(db_url):
+    app = create_app(db_url)
+    setup_project(app, overlap=3)
+    ann = login(TestClient(app), "ann")
+    labeled = []
+    for _ in range(2):
+        item = ann.get("/api/next").json()
+        ann.post("/api/labels", json={"item_id": item["item_id"], "groups": order(item)})
+        labeled.append(item)
+    assert ann.post("/api/undo", json={"project": "demo"}).json()["reopened"] == labeled[1]["item_id"]
+    again = ann.post("/api/undo", json={"project": "demo"})  # U pressed twice: the label before is not reached
+    assert again.status_code == 409 and "only your last label" in again.json()["detail"]
+    assert label_count(app, labeled[0]["item_id"]) == 1
+    ann.post("/api/skip", json={"item_id": labeled[1]["item_id"]})  # nor after skipping the item taken back
+    ann.get("/api/next")
+    assert ann.post("/api/undo", json={"project": "demo"}).status_code == 409
+    assert label_count(app, labeled[0]["item_id"]) == 1
+    item = ann.get("/api/next").json()  # a new label is the last one again: undo reaches it, once
+    ann.post("/api/labels", json={"item_id": item["item_id"], "groups": order(item)})
+    assert ann.post("/api/undo", json={"project": "demo"}).json()["reopened"] == item["item_id"]
+    assert ann.post("/api/undo", json={"project": "demo"}).status_code == 409

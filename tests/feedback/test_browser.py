@@ -198,21 +198,24 @@ def test_labeler_keys_order_progress_prompts_undo_errors_and_invite(tmp_path):
         page.keyboard.press("Control+f")
         page.wait_for_timeout(300)
         assert page.inner_text("#status") == "" and page.locator("li.flagged").count() == 0
-        first_prompt = page.inner_text("#prompt")
-        page.locator("li.completion").first.focus()
-        page.keyboard.press("Enter")
-        expect(page.locator("#status")).to_contain_text("Saved")
-        expect(page.locator("#progress")).to_contain_text("1 done")
-        page.click("#undo")  # take it back: the same item returns
-        expect(page.locator("#status")).to_contain_text("taken back")
-        expect(page.locator("#progress")).to_contain_text("0 done")
-        assert page.inner_text("#prompt") == first_prompt
         roles = {}  # prompt text → the roles of its turns
         for done in ("1 done", "2 done"):
             roles[page.inner_text("#prompt")] = page.locator("#prompt .role").all_inner_texts()
             page.locator("li.completion").first.focus()
             page.keyboard.press("Enter")
+            expect(page.locator("#status")).to_contain_text("Saved")
             expect(page.locator("#progress")).to_contain_text(done)
+        last_prompt = list(roles)[-1]
+        page.click("#undo")  # take the last label back: its item returns
+        expect(page.locator("#status")).to_contain_text("taken back")
+        expect(page.locator("#progress")).to_contain_text("1 done")
+        assert page.inner_text("#prompt") == last_prompt
+        page.keyboard.press("u")  # U again does not reach the label before it
+        expect(page.locator("#status")).to_contain_text("only your last label")
+        assert page.inner_text("#progress") == "(1 done, at most 1 left)"
+        page.locator("li.completion").first.focus()
+        page.keyboard.press("Enter")
+        expect(page.locator("#progress")).to_contain_text("2 done")
         # a plain prompt keeps its line breaks; a chat prompt shows one block per turn
         assert roles == {"line one\nline two": [], "System:Be brief.\nUser:Hello?": ["System:", "User:"]}
         expect(page.locator("#status")).to_contain_text("All done")

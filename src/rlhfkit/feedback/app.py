@@ -27,6 +27,7 @@ JSON API (what the labeler page and the simulated labelers use):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import secrets
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote
 
+import anyio.to_thread
 from fastapi import Depends, FastAPI, Form, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
@@ -43,6 +45,7 @@ from pydantic import AfterValidator, BaseModel, Field, ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile as StarletteUpload
 from starlette.middleware.sessions import SessionMiddleware
 
@@ -171,9 +174,20 @@ def _wants_html(request: Request) -> bool:
     return not request.url.path.startswith("/api/") and "text/html" in request.headers.get("accept", "")
 
 
-def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
+def create_app(db_url: str, secure_cookies: bool = False, threads: int | None = None) -> FastAPI:
+    """The app on the database ``db_url``. ``threads``: how many requests of this process run their
+    database work at once (the size of the thread pool that runs sync endpoints and dependencies;
+    anyio's default is 40). The rest wait their turn on the event loop, which costs less CPU than 40
+    threads taking turns at the interpreter lock (benchmarks/README.md)."""
     sessions = session_factory(db_url)
-    app = FastAPI(title="rlhfkit feedback", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        if threads is not None:
+            anyio.to_thread.current_default_thread_limiter().total_tokens = threads
+        yield
+
+    app = FastAPI(title="rlhfkit feedback", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.add_middleware(SessionMiddleware, secret_key=_secret(sessions), same_site="strict",
                        https_only=secure_cookies, max_age=int(service.SESSION_LIFETIME.total_seconds()))
     app.add_middleware(SecurityHeaders)
@@ -181,9 +195,17 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.state.sessions = sessions
 
-    def db():
-        with sessions() as session:
+    # Every sync function (dependency or endpoint) costs a hop to a worker thread and back: the
+    # dependencies that do no I/O are async, so a labeler's request makes two hops (user, endpoint).
+    async def db():
+        session = sessions()
+        try:
             yield session
+        finally:
+            if session.in_transaction():  # the endpoint failed half-way: the rollback is I/O
+                await run_in_threadpool(session.close)
+            else:
+                session.close()
 
     def csrf_token(request: Request) -> str:
         if "csrf" not in request.session:
@@ -215,21 +237,21 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
             raise HTTPException(401, "log in first")
         return user
 
-    def admin_user(user: User = Depends(current_user)) -> User:
+    async def admin_user(user: User = Depends(current_user)) -> User:
         if user.role != "admin":
             raise HTTPException(403, "admins only")
         return user
 
-    def api_user(request: Request, user: User = Depends(current_user)) -> User:
+    async def api_user(request: Request, user: User = Depends(current_user)) -> User:
         """A JSON call that changes state: the CSRF token must come in the X-CSRF-Token header."""
         check_csrf(request, request.headers.get("x-csrf-token"))
         return user
 
-    def api_admin(request: Request, user: User = Depends(admin_user)) -> User:
+    async def api_admin(request: Request, user: User = Depends(admin_user)) -> User:
         check_csrf(request, request.headers.get("x-csrf-token"))
         return user
 
-    def form_admin(request: Request, csrf: str = Form(""), user: User = Depends(admin_user)) -> User:
+    async def form_admin(request: Request, csrf: str = Form(""), user: User = Depends(admin_user)) -> User:
         check_csrf(request, csrf)
         return user
 
@@ -432,7 +454,7 @@ def create_app(db_url: str, secure_cookies: bool = False) -> FastAPI:
         item = service.next_item(session, user, chosen)
         if item is None:
             return Response(status_code=204)
-        return service.item_view(item, chosen, user, session)
+        return service.item_view(item, chosen, user)
 
     @app.get("/api/progress")
     def api_progress(project: str | None = None, user: User = Depends(current_user),

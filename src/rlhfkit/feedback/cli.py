@@ -58,6 +58,8 @@ def serve(
     secure_cookies: Annotated[bool, typer.Option(help="Mark session cookies Secure (serve over HTTPS).")] = False,
     workers: Annotated[int, typer.Option(min=1, help="Server processes (each opens up to 15 PostgreSQL "
                                                      "connections).")] = 1,
+    threads: Annotated[int, typer.Option(min=1, help="Requests per server process that run their database work "
+                                                     "at once; the others wait on the event loop.")] = 8,
     forwarded_allow_ips: Annotated[str | None, typer.Option(
         help="Comma-separated addresses of your reverse proxies: only requests from them may set the client "
              "address with X-Forwarded-For (used for login throttling). Unset: the header is ignored.")] = None,
@@ -83,18 +85,20 @@ def serve(
             console.print(f"created the admin account: user [bold]admin[/], password [bold]{shown}[/]")
     os.environ["RLHFKIT_FEEDBACK_DB"] = db
     os.environ["RLHFKIT_SECURE_COOKIES"] = "1" if secure_cookies else ""
+    os.environ["RLHFKIT_THREADS"] = str(threads)
     app_from_environment()  # the app's own start-up writes (the session key) happen once here, not in racing workers
     console.print(f"labeling app on http://{host}:{port}/ (admin: /admin), database {db}")
     uvicorn.run("rlhfkit.feedback.cli:app_from_environment", factory=True, host=host, port=port, workers=workers,
                 proxy_headers=forwarded_allow_ips is not None, forwarded_allow_ips=forwarded_allow_ips,
-                log_level="warning")
+                log_level="warning", access_log=False)
 
 
 def app_from_environment():
     """The app for uvicorn's factory mode (one per worker process)."""
     from rlhfkit.feedback.app import create_app
 
-    return create_app(os.environ["RLHFKIT_FEEDBACK_DB"], bool(os.environ.get("RLHFKIT_SECURE_COOKIES")))
+    return create_app(os.environ["RLHFKIT_FEEDBACK_DB"], bool(os.environ.get("RLHFKIT_SECURE_COOKIES")),
+                      int(os.environ.get("RLHFKIT_THREADS", "8")))
 
 
 @feedback_app.command()

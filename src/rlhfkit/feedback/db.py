@@ -119,6 +119,7 @@ class Assignment(Base):
     slot: Mapped[int | None] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), default="open")  # open | done | skipped | expired
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    undone_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # the labeler's undo of its label
 
 
 class Label(Base):

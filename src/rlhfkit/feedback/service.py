@@ -14,8 +14,8 @@ labeler's own.
 Labels: a submission must be a partition of the item's completions and is stored only with the
 statement that turns the labeler's own open, unexpired assignment into done, so an item never has more
 labels than slots; the same submission twice (double click, retry) stores one label and answers as the
-first did; a different second submission is refused. The last label can be undone while its item is
-still open."""
+first did; a different second submission is refused. The labeler's last label (only the last, once)
+can be undone while its item is still open."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import case, delete, func, select, update
+from sqlalchemy import CTE, Row, Select, bindparam, case, delete, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Update
@@ -251,10 +251,13 @@ def session_user(session: Session, token: str | None) -> User | None:
     """The account of a live session: not logged out, not expired, the account not disabled."""
     if not token:
         return None
-    user = session.scalar(select(User).join(WebSession, WebSession.user_id == User.id).where(
-        WebSession.id == _token_hash(token), WebSession.expires_at > now(), User.disabled.is_(False)))
+    user = session.scalar(_SESSION_USER, {"token_hash": _token_hash(token), "now": now()})
     session.commit()
     return user
+
+
+_SESSION_USER = select(User).join(WebSession, WebSession.user_id == User.id).where(
+    WebSession.id == bindparam("token_hash"), WebSession.expires_at > bindparam("now"), User.disabled.is_(False))
 
 
 def end_session(session: Session, token: str) -> None:
@@ -366,26 +369,38 @@ def create_project(session: Session, name: str, criterion: str, completions: Seq
                             for c in sorted(group, key=lambda c: c.index)]
         session.add(item)
     _commit_new(session, f"project {name!r}")
+    if session.get_bind().dialect.name == "postgresql":
+        # statistics for the new items now, not at autovacuum's next round: without them PostgreSQL
+        # plans the assignment queries for a one-row table (a nested loop over every item, ×4 the time)
+        session.execute(text("ANALYZE items, completions, assignments, labels"))
+        session.commit()
     return project
 
 
 def get_project(session: Session, name: str | None = None) -> Project:
-    query = select(Project).order_by(Project.id)
-    if name is not None:
-        query = query.where(Project.name == name)
-    project = session.scalar(query)
+    """The project named ``name``, or the first one."""
+    project = session.scalar(_FIRST_PROJECT) if name is None else session.scalar(_PROJECT, {"name": name})
     if project is None:
         raise FeedbackError(f"no project {name!r}" if name else "no project yet", 404)
     return project
 
 
+_FIRST_PROJECT = select(Project).order_by(Project.id).limit(1)
+_PROJECT = select(Project).where(Project.name == bindparam("name"))
+
+
 # ---------------------------------------------------------------- assignment
+# /api/next and /api/labels are what every labeler repeats, so they are the app's load: each runs one
+# transaction of few statements that read only the columns they need. Their statements are built once
+# (the _CAPITALS below, values as bound parameters): building a statement and its cache key on every
+# request took a third of the server's CPU. benchmarks/README.md has the numbers.
 
 
-def _holds_slot():
-    """Assignments that count towards an item's k: done, or open and recent."""
-    return (Assignment.status == "done") | ((Assignment.status == "open")
-                                           & (Assignment.created_at > now() - ASSIGNMENT_TIMEOUT))
+def _holds_slot(stale_before=None):
+    """Assignments that count towards an item's k: done, or open and created after ``stale_before``
+    (now − ASSIGNMENT_TIMEOUT unless given, e.g. as a bound parameter)."""
+    stale_before = now() - ASSIGNMENT_TIMEOUT if stale_before is None else stale_before
+    return (Assignment.status == "done") | ((Assignment.status == "open") & (Assignment.created_at > stale_before))
 
 
 def _expire(*where) -> Update:
@@ -394,98 +409,203 @@ def _expire(*where) -> Update:
                                     *where).values(status="expired").execution_options(synchronize_session=False)
 
 
-def next_item(session: Session, user: User, project: Project, rng: random.Random | None = None) -> Item | None:
-    """The labeler's open item, or a new assignment; None when nothing is left for them.
+def _is_stale(created_at: datetime) -> bool:
+    return _aware(created_at) <= now() - ASSIGNMENT_TIMEOUT
+
+
+@dataclass
+class Offered:
+    """An item as a labeler is given it: the prompt (JSON), the completions (``completion_id``, ``text``)
+    in file order, and the labeler's progress at that moment."""
+
+    id: int
+    prompt_id: str
+    prompt: str
+    completions: Sequence[Row]
+    progress: dict
+
+
+def next_item(session: Session, user: User, project: Project, rng: random.Random | None = None) -> Offered | None:
+    """The labeler's open item, or a new assignment; None when nothing is left for them. One transaction.
 
     A regular item's new assignment takes the lowest free slot (0..k-1) while the item row is locked;
     the unique indexes turn any race the lock does not cover (two requests of one labeler, two labelers
     on one slot) into an IntegrityError, after which the labeler's state is read again."""
     rng = rng or random.Random()
     for _ in range(5):
-        session.execute(_expire(Assignment.user_id == user.id, Assignment.project_id == project.id))
-        open_item = session.scalar(select(Item).join(Assignment, Assignment.item_id == Item.id).where(
-            Assignment.user_id == user.id, Assignment.project_id == project.id, Assignment.status == "open"))
-        session.commit()
-        if open_item is not None:
-            return open_item
         try:
-            return _assign_new(session, user, project, rng)
+            item_id, progress = _open_item(session, user, project), None
+            if item_id is None:
+                item_id, progress = _assign_new(session, user, project, rng)
+            offered = None if item_id is None else _offered(session, user, project, item_id, progress)
+            session.commit()
+            return offered
         except IntegrityError:  # a parallel request of this labeler won: read its assignment
             session.rollback()
     raise FeedbackError("the server is busy: try again", 503)
 
 
-def _assign_new(session: Session, user: User, project: Project, rng: random.Random) -> Item | None:
-    seen = select(Assignment.item_id).where(Assignment.user_id == user.id)
-    filled = (select(func.count()).select_from(Assignment).where(Assignment.item_id == Item.id, _holds_slot())
-              .correlate(Item).scalar_subquery())
-    want_gold = project.gold_rate > 0 and rng.random() < project.gold_rate
-    for gold in ([True, False] if want_gold else [False]):
-        query = select(Item.id).where(Item.project_id == project.id, Item.is_gold == gold, Item.id.not_in(seen))
-        if gold:  # each labeler meets the gold items in an order of their own
-            candidates = session.scalars(query).all()
-            candidates = rng.sample(candidates, len(candidates))
-        else:
-            candidates = session.scalars(query.where(filled < project.overlap).order_by(filled.desc(), Item.id)
-                                         .limit(20)).all()
-        # An item that another labeler is being given right now (row locked) is passed over (SKIP LOCKED,
-        # PostgreSQL) and tried again last, waiting then: otherwise every labeler queues on the same
-        # fullest item. SQLite serialises whole transactions and never skips.
-        queue = [(item_id, False) for item_id in candidates]
-        for item_id, wait in queue:
-            item = session.scalar(select(Item).where(Item.id == item_id).with_for_update(skip_locked=not wait))
-            if item is None:
-                queue.append((item_id, True))
-                continue
-            slot = None
-            if not gold:
-                session.execute(_expire(Assignment.item_id == item_id))
-                used = set(session.scalars(select(Assignment.slot).where(
-                    Assignment.item_id == item_id, Assignment.status.in_(("open", "done")))))
-                free = sorted(set(range(project.overlap)) - used)
-                if not free:
-                    session.rollback()
-                    continue
-                slot = free[0]
-            session.add(Assignment(item_id=item_id, user_id=user.id, project_id=project.id, slot=slot))
-            session.commit()
-            return item
-    session.commit()
-    return None
+def _open_item(session: Session, user: User, project: Project) -> int | None:
+    """The item of the labeler's open assignment in the project; one that timed out is expired here."""
+    open_assignment = session.connection().execute(_OPEN_ASSIGNMENT, {"user_id": user.id,
+                                                                      "project_id": project.id}).first()
+    if open_assignment is None:
+        return None
+    if _is_stale(open_assignment.created_at):
+        session.execute(_expire(Assignment.id == open_assignment.id))
+        return None
+    return open_assignment.item_id
 
 
-def answer_order(user_id: int, item: Item) -> list[str]:
+_OPEN_ASSIGNMENT = select(Assignment.id, Assignment.item_id, Assignment.created_at).where(
+    Assignment.user_id == bindparam("user_id"), Assignment.project_id == bindparam("project_id"),
+    Assignment.status == "open")
+
+
+def _assign_new(session: Session, user: User, project: Project,
+                rng: random.Random) -> tuple[int | None, dict | None]:
+    """Assign the labeler an item they were never given; returns its id (None when none is left) and,
+    for a regular item, the labeler's progress, read by the statement that chose it.
+
+    Gold items come at the project's gold rate, in an order of each labeler's own. Regular items: the
+    fullest first (closest to k labels), ties broken at random, so that every labeler meets the items
+    in an order of their own and a gold item's place in the sequence tells nothing."""
+    connection, mine = session.connection(), {"user_id": user.id, "project_id": project.id}
+    if project.gold_rate > 0 and rng.random() < project.gold_rate:
+        gold = connection.scalars(_GOLD_NOT_SEEN, mine).all()
+        if gold:
+            item_id = rng.choice(gold)
+            connection.execute(_ASSIGN, {**mine, "item_id": item_id, "slot": None})
+            return item_id, None
+    # The candidate is locked in the same statement. An item that another labeler is being given right now
+    # (row locked) is passed over (SKIP LOCKED, PostgreSQL): otherwise every labeler queues on the same
+    # fullest item; only when all candidates are locked does the second round wait for one. SQLite
+    # serialises whole transactions and never skips.
+    tried: list[int] = []
+    for lock_fullest in (_LOCK_FULLEST_UNLOCKED, _LOCK_FULLEST):
+        while (row := connection.execute(lock_fullest, {**mine, "overlap": project.overlap, "tried": tried,
+                                                        "stale_before": now() - ASSIGNMENT_TIMEOUT}).first()):
+            tried.append(row.id)
+            slot = _free_slot(session, row.id, project.overlap)
+            if slot is not None:
+                connection.execute(_ASSIGN, {**mine, "item_id": row.id, "slot": slot})
+                return row.id, _progress_of(*row[1:])
+    return None, None
+
+
+_SEEN = select(Assignment.item_id).where(Assignment.user_id == bindparam("user_id"))
+_GOLD_NOT_SEEN = select(Item.id).where(Item.project_id == bindparam("project_id"), Item.is_gold.is_(True),
+                                       Item.id.not_in(_SEEN)).order_by(Item.id)
+
+
+def _slots_held() -> CTE:
+    """(item_id, held): the slots held per item of the project, counted in one pass over the project's
+    assignments: a count per item (a correlated subquery) cost PostgreSQL about as much CPU as the
+    whole server under load. MATERIALIZED: computed once, whatever plan PostgreSQL picks (without
+    statistics, on a new project, it re-ran a plain subquery for every item)."""
+    return (select(Assignment.item_id, func.count().label("held"))
+            .where(Assignment.project_id == bindparam("project_id"), _holds_slot(bindparam("stale_before")))
+            .group_by(Assignment.item_id).cte("slots_held").prefix_with("MATERIALIZED", dialect="postgresql"))
+
+
+def _progress_columns(slots: CTE) -> tuple:
+    """The labeler's progress as three scalar subqueries: their labels in the project; the regular
+    items left to them — never given to them and with a free slot, plus their open (unexpired) regular
+    item, which holds one of its slots; the gold items they were not given or hold open."""
+    closed = select(Assignment.item_id).where(Assignment.user_id == bindparam("user_id"), Assignment.status != "open")
+    in_project = select(func.count()).select_from(Item).where(Item.project_id == bindparam("project_id"))
+    return (
+        select(func.count()).select_from(Label).join(Item, Item.id == Label.item_id)
+        .where(Label.user_id == bindparam("user_id"), Item.project_id == bindparam("project_id")).scalar_subquery(),
+        in_project.outerjoin(slots, slots.c.item_id == Item.id)
+        .where(Item.is_gold.is_(False), Item.id.not_in(_SEEN), func.coalesce(slots.c.held, 0) < bindparam("overlap"))
+        .scalar_subquery()
+        + in_project.join(Assignment, Assignment.item_id == Item.id)
+        .where(Item.is_gold.is_(False), Assignment.user_id == bindparam("user_id"), Assignment.status == "open",
+               Assignment.created_at > bindparam("stale_before")).scalar_subquery(),
+        in_project.where(Item.is_gold.is_(True), Item.id.not_in(closed)).scalar_subquery())
+
+
+def _progress_of(done: int, regular: int, gold: int) -> dict:
+    """Gold items count like any other in both numbers while regular items remain, so that neither tells
+    a gold item apart: each label, gold or not, moves ``done`` up and ``left`` down by one."""
+    return {"done": done, "left": regular + gold if regular else 0}
+
+
+def _fullest_statement() -> Select:
+    """A regular item of the project with a free slot that the labeler was never given (nor ``tried``):
+    the fullest, the first among equals at random; and the labeler's progress once it is theirs (it is
+    counted among the items left: the same count as after the assignment), from the same slot counts."""
+    slots = _slots_held()
+    held = func.coalesce(slots.c.held, 0)
+    return (select(Item.id, *_progress_columns(slots)).outerjoin(slots, slots.c.item_id == Item.id)
+            .where(Item.project_id == bindparam("project_id"), Item.is_gold.is_(False), Item.id.not_in(_SEEN),
+                   Item.id.not_in(bindparam("tried", expanding=True)), held < bindparam("overlap"))
+            .order_by(held.desc(), func.random()).limit(1))
+
+
+_FULLEST = _fullest_statement()
+_LOCK_FULLEST_UNLOCKED = _FULLEST.with_for_update(of=Item, skip_locked=True)
+_LOCK_FULLEST = _FULLEST.with_for_update(of=Item)
+_ASSIGN = insert(Assignment.__table__)
+
+
+def _free_slot(session: Session, item_id: int, overlap: int) -> int | None:
+    """The lowest slot of the (locked) item that no open or done assignment holds; timed-out holders are
+    expired on the way."""
+    holders = session.connection().execute(_SLOT_HOLDERS, {"item_id": item_id}).all()
+    stale = [h.status == "open" and _is_stale(h.created_at) for h in holders]
+    if any(stale):
+        session.execute(_expire(Assignment.item_id == item_id))
+    used = {h.slot for h, gone in zip(holders, stale, strict=True) if not gone}
+    return next((slot for slot in range(overlap) if slot not in used), None)
+
+
+_SLOT_HOLDERS = select(Assignment.slot, Assignment.status, Assignment.created_at).where(
+    Assignment.item_id == bindparam("item_id"), Assignment.status.in_(("open", "done")))
+
+
+def _offered(session: Session, user: User, project: Project, item_id: int, progress: dict | None) -> Offered:
+    rows = session.connection().execute(_ITEM_CONTENT, {"item_id": item_id}).all()
+    return Offered(item_id, rows[0].prompt_id, rows[0].prompt, rows, progress or _progress(session, user, project))
+
+
+_ITEM_CONTENT = (select(Item.prompt_id, Item.prompt, ItemCompletion.completion_id, ItemCompletion.text)
+                 .join(ItemCompletion, ItemCompletion.item_id == Item.id).where(Item.id == bindparam("item_id"))
+                 .order_by(ItemCompletion.index))
+
+
+def answer_order(user_id: int, item_id: int, completion_ids: Sequence[str]) -> list[str]:
     """The order in which this labeler sees this item's answers: shuffled, seeded by (labeler, item), so a
     reload shows the same order and the order can be stored with the label."""
-    ids = [c.completion_id for c in item.completions]
-    random.Random(f"{user_id}:{item.id}").shuffle(ids)
+    ids = list(completion_ids)
+    random.Random(f"{user_id}:{item_id}").shuffle(ids)
     return ids
 
 
-def item_view(item: Item, project: Project, user: User, session: Session) -> dict:
+def item_view(item: Offered, project: Project, user: User) -> dict:
     """What a labeler sees of an item (never whether it is gold, nor other labelers' work)."""
     texts = {c.completion_id: c.text for c in item.completions}
-    return {"item_id": item.id, "prompt": item.prompt_value, "criterion": project.criterion,
-            "completions": [{"id": i, "text": texts[i]} for i in answer_order(user.id, item)],
-            "progress": labeler_progress(session, user, project)}
+    return {"item_id": item.id, "prompt": json.loads(item.prompt), "criterion": project.criterion,
+            "completions": [{"id": i, "text": texts[i]} for i in answer_order(user.id, item.id, texts)],
+            "progress": item.progress}
 
 
 def labeler_progress(session: Session, user: User, project: Project) -> dict:
-    """This labeler's labels in the project and the items still open to them: at most that many are left.
-    Gold items count like any other in both (while regular items remain), so that neither number tells
-    a gold item apart: each label, gold or not, moves ``done`` up and ``left`` down by one."""
-    done = session.scalar(select(func.count()).select_from(Label).join(Item, Item.id == Label.item_id).where(
-        Label.user_id == user.id, Item.project_id == project.id))
-    seen = select(Assignment.item_id).where(Assignment.user_id == user.id, Assignment.status != "open")
-    filled = (select(func.count()).select_from(Assignment).where(
-        Assignment.item_id == Item.id, Assignment.user_id != user.id, _holds_slot()).correlate(Item).scalar_subquery())
-    left = session.scalar(select(func.count()).select_from(Item).where(
-        Item.project_id == project.id, Item.is_gold.is_(False), Item.id.not_in(seen), filled < project.overlap))
-    if left:
-        left += session.scalar(select(func.count()).select_from(Item).where(
-            Item.project_id == project.id, Item.is_gold.is_(True), Item.id.not_in(seen)))
+    progress = _progress(session, user, project)
     session.commit()
-    return {"done": done, "left": left}
+    return progress
+
+
+def _progress(session: Session, user: User, project: Project) -> dict:
+    """This labeler's labels in the project and the items still open to them: at most that many are
+    left. One query."""
+    return _progress_of(*session.connection().execute(_PROGRESS, {
+        "user_id": user.id, "project_id": project.id, "overlap": project.overlap,
+        "stale_before": now() - ASSIGNMENT_TIMEOUT}).one())
+
+
+_PROGRESS = select(*_progress_columns(_slots_held()))
 
 
 def _assignment(session: Session, user: User, item_id: int) -> Assignment:
@@ -519,38 +639,52 @@ def submit_label(session: Session, user: User, item_id: int, groups: list[list[s
     statement that checks it, so a skipped or expired assignment cannot take a label, and an item can
     never have more labels than slots."""
     # locks in the order every writer takes them, item then assignment (PostgreSQL: no deadlock with undo)
-    item = session.get(Item, item_id, with_for_update=True)
-    if item is None:
+    connection = session.connection()
+    rows = connection.execute(_LOCK_ITEM_WITH_COMPLETIONS, {"item_id": item_id}).all()
+    if not rows:
         session.rollback()
         raise FeedbackError(f"unknown item {item_id}", 404)
-    assignment = _assignment(session, user, item_id)
+    completion_ids = [row.completion_id for row in rows]
     try:
-        ranking = Ranking(prompt_id=item.prompt_id, labeler_id=user.username, groups=groups, flagged=flagged)
-        ranking.check_partition({c.completion_id for c in item.completions})
+        ranking = Ranking(prompt_id=rows[0].prompt_id, labeler_id=user.username, groups=groups, flagged=flagged)
+        ranking.check_partition(set(completion_ids))
     except ValueError as exc:
+        _assignment(session, user, item_id)  # not assigned: 403 first
         session.rollback()
         raise FeedbackError(f"invalid ranking: {exc}", 422) from None
-    existing = session.scalar(select(Label).where(Label.item_id == item_id, Label.user_id == user.id))
+    if connection.scalar(_CLAIM, {"claimed_item": item_id, "labeler": user.id,
+                                  "stale_before": now() - ASSIGNMENT_TIMEOUT}) is None:
+        return _submitted_again(session, user, item_id, groups, flagged)
+    label_id = connection.scalar(_STORE_LABEL, {
+        "item_id": item_id, "user_id": user.id, "groups": groups, "flagged": flagged, "seconds": seconds,
+        "shown_order": answer_order(user.id, item_id, completion_ids)})
+    session.commit()
+    return Submitted(label_id, duplicate=False)
+
+
+_LOCK_ITEM_WITH_COMPLETIONS = (select(Item.prompt_id, ItemCompletion.completion_id)
+                               .join(ItemCompletion, ItemCompletion.item_id == Item.id)
+                               .where(Item.id == bindparam("item_id")).order_by(ItemCompletion.index)
+                               .with_for_update(of=Item))
+_CLAIM = (update(Assignment.__table__).where(
+    Assignment.item_id == bindparam("claimed_item"), Assignment.user_id == bindparam("labeler"),  # not column names
+    Assignment.status == "open", Assignment.created_at > bindparam("stale_before"))
+    .values(status="done").returning(Assignment.id))
+_STORE_LABEL = insert(Label.__table__).returning(Label.id)
+
+
+def _submitted_again(session: Session, user: User, item_id: int, groups: list[list[str]],
+                     flagged: list[str]) -> Submitted:
+    """A label the labeler's assignment could not take: the same submission again (a double click, a
+    retry) answers as the first did; otherwise a refusal that says why."""
+    existing = session.execute(select(Label.id, Label.groups, Label.flagged).where(
+        Label.item_id == item_id, Label.user_id == user.id)).first()
     if existing is None:
-        claimed = session.execute(update(Assignment).where(
-            Assignment.id == assignment.id, Assignment.status == "open",
-            Assignment.created_at > now() - ASSIGNMENT_TIMEOUT).values(status="done")
-            .execution_options(synchronize_session=False)).rowcount
-        if not claimed:
-            session.rollback()
-            reason = "you skipped this item" if assignment.status == "skipped" else (
-                f"your assignment of this item expired (after {ASSIGNMENT_TIMEOUT}) and its place went back to "
-                "the pool")
-            raise FeedbackError(f"{reason}; the label was not stored: ask for the next item", 409)
-        label = Label(item_id=item_id, user_id=user.id, groups=groups, flagged=flagged, seconds=seconds,
-                      shown_order=answer_order(user.id, item))
-        session.add(label)
-        try:
-            session.commit()
-            return Submitted(label.id, duplicate=False)
-        except IntegrityError:  # a concurrent identical request won the race
-            session.rollback()
-            existing = session.scalar(select(Label).where(Label.item_id == item_id, Label.user_id == user.id))
+        assignment = _assignment(session, user, item_id)
+        session.rollback()
+        reason = "you skipped this item" if assignment.status == "skipped" else (
+            f"your assignment of this item expired (after {ASSIGNMENT_TIMEOUT}) and its place went back to the pool")
+        raise FeedbackError(f"{reason}; the label was not stored: ask for the next item", 409)
     session.commit()
     if existing.groups == groups and sorted(existing.flagged) == sorted(flagged):
         return Submitted(existing.id, duplicate=True)
@@ -559,14 +693,22 @@ def submit_label(session: Session, user: User, item_id: int, groups: list[list[s
 
 
 def undo_last_label(session: Session, user: User, project: Project) -> int:
-    """Take back the labeler's latest label in the project while its item is still open (has fewer than k
-    labels, or is a gold item): the label is deleted and the item becomes the labeler's open item again
-    (the item they were given next goes back to the pool). Returns the item id."""
-    label = session.scalar(select(Label).join(Item, Item.id == Label.item_id).where(
-        Label.user_id == user.id, Item.project_id == project.id).order_by(Label.id.desc()).limit(1))
+    """Take back the labeler's last label in the project, once, while its item is still open (has fewer
+    than k labels, or is a gold item): the label is deleted and the item becomes the labeler's open item
+    again (the item they were given next goes back to the pool). Only the last: a label stored before
+    the labeler's previous undo in the project stays (pressing undo again does not reach further back).
+    Returns the item id."""
+    label = session.execute(select(Label.id, Label.item_id, Label.created_at).join(Item, Item.id == Label.item_id)
+                            .where(Label.user_id == user.id, Item.project_id == project.id)
+                            .order_by(Label.id.desc()).limit(1)).first()
     if label is None:
         session.rollback()
         raise FeedbackError("there is no label of yours to undo in this project", 404)
+    last_undo = session.scalar(select(func.max(Assignment.undone_at)).where(
+        Assignment.user_id == user.id, Assignment.project_id == project.id))
+    if last_undo is not None and _aware(last_undo) >= _aware(label.created_at):
+        session.rollback()
+        raise FeedbackError("only your last label can be undone, and you took it back already", 409)
     item = session.scalar(select(Item).where(Item.id == label.item_id).with_for_update())
     if session.scalar(select(Label.id).where(Label.id == label.id)) is None:  # another tab undid it meanwhile
         session.rollback()
@@ -577,10 +719,12 @@ def undo_last_label(session: Session, user: User, project: Project) -> int:
         raise FeedbackError(f"this item already has its {project.overlap} labels: they are final", 409)
     session.execute(delete(Assignment).where(Assignment.user_id == user.id, Assignment.project_id == project.id,
                                              Assignment.status == "open"))
-    session.delete(label)
+    session.execute(delete(Label).where(Label.id == label.id))
     try:
+        moment = now()
         session.execute(update(Assignment).where(Assignment.item_id == item.id, Assignment.user_id == user.id)
-                        .values(status="open", created_at=now()).execution_options(synchronize_session=False))
+                        .values(status="open", created_at=moment, undone_at=moment)
+                        .execution_options(synchronize_session=False))
         session.commit()
     except IntegrityError:  # a parallel /api/next of this labeler opened a new item after the delete above
         session.rollback()
