@@ -218,3 +218,22 @@ def test_training_stops_on_a_non_finite_loss_and_saves_nothing(tmp_path):
         train_reward_model(synthetic_pairs(TOPICS[:2]), CONFIG, output_dir=tmp_path / "rm", reward_model=rm,
                            progress=False)
     assert not (tmp_path / "rm").exists()
+
+
+@pytest.mark.parametrize("dropout, deterministic", [(0.0, True), (None, False)])
+def test_dropout_zero_turns_off_every_dropout_of_the_backbone(tmp_path, dropout, deterministic):
+    from rlhfkit.reward.model import load_backbone
+
+    build_tiny_reward_backbone(hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5).save_pretrained(tmp_path)
+    minilm_tokenizer().save_pretrained(tmp_path)
+    rm = load_backbone(RewardModelConfig(backbone=str(tmp_path), dropout=dropout))
+    rm.model.train()
+    first, second = (rm.raw_rewards(["how do I bake bread?"] * 4, ["knead it well"] * 4) for _ in range(2))
+    assert torch.equal(first, second) == deterministic
+    assert (rm.model.config.attention_probs_dropout_prob == 0.0) == deterministic
+
+
+@pytest.mark.parametrize("dropout", [-0.1, 1.0, float("nan")])
+def test_dropout_outside_zero_to_one_is_refused_by_name(dropout):
+    with pytest.raises(ValueError, match="dropout"):
+        RewardModelConfig(dropout=dropout)

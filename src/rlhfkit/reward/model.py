@@ -84,6 +84,7 @@ class RewardModelConfig:
     max_grad_norm: float = 1.0
     eval_fraction: float = 0.1  # share of prompts held out for pairwise accuracy
     seed: int = 0
+    dropout: float | None = None  # None: the backbone's own; 0 turns dropout off (fits faster on few pairs)
     normalize: bool = True  # rescale rewards to mean 0, std 1 over the training completions
     lora: bool = False  # train LoRA adapters (+ the head) instead of all weights; merged when saved
     lora_r: int = 8
@@ -101,6 +102,8 @@ class RewardModelConfig:
         require(self.lr > 0, "lr", f"must be positive, got {self.lr}")
         require(0 <= self.eval_fraction < 1, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
         require(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        require(self.dropout is None or 0 <= self.dropout < 1, "dropout",
+                f"must be in [0, 1) (or unset), got {self.dropout}")
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike | None = None, **overrides) -> RewardModelConfig:
@@ -269,6 +272,20 @@ def _batch_loss(reward_model: RewardModel, batch: list[list[PreferencePair]]) ->
     return loss, stats
 
 
+def set_dropout(model: torch.nn.Module, p: float) -> None:
+    """Every dropout of ``model`` to ``p``: its ``nn.Dropout`` modules, the rates that attention layers keep as
+    plain attributes (``attention_dropout``), and the config's (``hidden_dropout_prob``, ``attn_pdrop``)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and "dropout" in name:
+                setattr(module, name, p)
+    for name, value in vars(model.config).items():
+        if isinstance(value, float) and ("dropout" in name or name.endswith("pdrop")):
+            setattr(model.config, name, p)
+
+
 def load_backbone(config: RewardModelConfig) -> RewardModel:
     """A fresh reward model: the backbone with a new 1-output head (and LoRA adapters if asked)."""
     from transformers.utils import logging as hf_logging
@@ -280,6 +297,8 @@ def load_backbone(config: RewardModelConfig) -> RewardModel:
         model = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1)
     finally:
         hf_logging.set_verbosity(verbosity)
+    if config.dropout is not None:
+        set_dropout(model, config.dropout)
     if config.lora:
         from peft import LoraConfig, TaskType, get_peft_model
 
