@@ -1,4 +1,4 @@
-from rlhfkit.demo.seeds import accuracy_interval, pooled_verdict
+from rlhfkit.demo.seeds import accuracy_interval, honest_criteria, pooled_verdict
 from rlhfkit.eval.metrics import Comparison
 
 
@@ -26,3 +26,12 @@ def test_reward_model_accuracy_interval_narrows_with_more_pairs():
     low_few, high_few = accuracy_interval(0.8, 20)
     low_many, high_many = accuracy_interval(0.8, 500)
     assert low_few < low_many < 0.8 < high_many < high_few
+
+
+def test_too_few_prompts_are_never_called_improved():
+    """With 4 held-out prompts the verdict keeps "unreliable", so the demo's honest bar ("improved") fails."""
+    few = [Comparison(before=0.0, after=0.3, difference=0.3, ci_low=0.1, ci_high=0.5, prompts=4, clusters=2,
+                      samples=16, win_rate=1.0, win_low=1.0, win_high=1.0)] * 2
+    assert pooled_verdict(few[:1], few[1]) == "improved (only 4 prompts: unreliable)"
+    assert not honest_criteria({"relevance": few[0], "distinct_2": few[0]}, {"gold": pooled_verdict(few, few[0])})[
+        "gold improved"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from scipy.stats import binomtest
 
-from rlhfkit.eval.metrics import Comparison
+from rlhfkit.eval.metrics import MIN_PROMPTS, Comparison
 
 DIVERSITY_KEPT = 0.9  # the demo's bar: distinct-2 after ≥ 0.9 × before
 
@@ -50,14 +50,17 @@ def distinct_ratio(c: Comparison) -> float:
 
 def pooled_verdict(per_seed: Sequence[Comparison], pooled: Comparison) -> str:
     """improved / worse only when every seed agrees in direction and the pooled interval excludes zero;
-    "seeds disagree" when they do not; else "no clear change"."""
+    "seeds disagree" when they do not; else "no clear change". Too few prompts keep the pooled
+    verdict's "unreliable" note (so "improved" alone is never said of them)."""
     good = [(c.difference > 0) == c.higher_is_better and c.difference != 0 for c in per_seed]
     bad = [(c.difference < 0) == c.higher_is_better and c.difference != 0 for c in per_seed]
     if pooled.significant and all(good) and pooled.verdict.startswith("improved"):
-        return "improved"
-    if pooled.significant and all(bad) and pooled.verdict.startswith("worse"):
-        return "worse"
-    return "seeds disagree" if any(good) and any(bad) else "no clear change"
+        verdict = "improved"
+    elif pooled.significant and all(bad) and pooled.verdict.startswith("worse"):
+        verdict = "worse"
+    else:
+        verdict = "seeds disagree" if any(good) and any(bad) else "no clear change"
+    return verdict if pooled.prompts >= MIN_PROMPTS else f"{verdict} (only {pooled.prompts} prompts: unreliable)"
 
 
 def accuracy_interval(accuracy: float, pairs: int, confidence: float = 0.95) -> tuple[float, float]:
