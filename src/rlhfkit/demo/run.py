@@ -25,11 +25,12 @@ from rlhfkit.demo.stages import (
     preference_pairs,
     reward_model_stage,
 )
-from rlhfkit.eval.evaluate import compare, compare_distinct_2, scores_by_prompt, text_stats
+from rlhfkit.eval.evaluate import compare, compare_distinct_2, scores_by_prompt, text_stats, weights_digest
 from rlhfkit.eval.metrics import Comparison, paired_comparison
 from rlhfkit.models.reference import Reference
 
 HEADLINE = ("gold", "relevance", "distinct_2", "kl")
+SETTINGS_FILE = "settings.json"
 
 
 def _rule(title: str) -> None:
@@ -111,6 +112,7 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict:
     write_records(run / "prompts.jsonl", task.train_prompts)
     write_records(run / "eval_prompts.jsonl", task.eval_prompts)
     reference_model, tokenizer, model_name = load_demo_policy(config, progress)
+    check_run_settings(run, config, reference_model)
     console.print(f"{len(task.train_prompts)} prompts to label and train on, {len(task.eval_prompts)} held out; "
                   f"policy {model_name}; training seeds {list(config.seeds)}")
 
@@ -137,6 +139,31 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict:
                          agreements[config.seeds[0]])
     print_summary(results, pooled, verdicts, summary, report)
     return summary
+
+
+def run_settings(config: DemoConfig, initial_policy) -> dict:
+    """What every stage file of a run folder depends on: the settings (but the folder and the training
+    seeds, each of which has a folder of its own) and the initial policy's weights."""
+    settings = {k: v for k, v in asdict(config).items() if k not in ("run_dir", "seeds")}
+    return {**json.loads(json.dumps(settings, default=str)), "initial_policy": weights_digest(initial_policy)}
+
+
+def check_run_settings(run: Path, config: DemoConfig, initial_policy) -> None:
+    """A run folder resumes only the run that made it: the first run records :func:`run_settings` in
+    ``settings.json``; a rerun with other settings, or on a folder with stage files and no record,
+    stops with one line instead of reusing samples, labels, reward models or policies made otherwise."""
+    recorded = run / SETTINGS_FILE
+    settings = run_settings(config, initial_policy)
+    if recorded.exists():
+        earlier = json.loads(recorded.read_text())
+        if changed := sorted(k for k in {*earlier, *settings} if earlier.get(k) != settings.get(k)):
+            raise ValueError(f"{run}: made with other settings ({', '.join(changed)} differ from {recorded}); "
+                             "give another --run-dir, or delete that folder to start again")
+        return
+    if any(run.glob("seed-*")):
+        raise ValueError(f"{run}: holds stage files but no {SETTINGS_FILE} (made by an earlier rlhfkit?); "
+                         "give another --run-dir, or delete that folder to start again")
+    recorded.write_text(json.dumps(settings, indent=1))
 
 
 def headline_line(name: str, c: Comparison, verdict: str) -> str:
