@@ -21,6 +21,7 @@ from rlhfkit.demo.stages import (
     evaluate_stage,
     evaluation_judges,
     label_in_app,
+    ppo_settings,
     ppo_stage,
     preference_pairs,
     reward_model_stage,
@@ -103,12 +104,13 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict:
     """Run (or resume) the demo on every training seed; returns its summary, also written to
     ``summary.yaml``, and writes ``report.html``."""
     config = config or DemoConfig()
+    ppo_settings(config, config.seeds[0], Path(config.run_dir))  # PPO's checks now, not after the labeling
+    task = demo_task(config)
     run = Path(config.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
     _rule(f"prompts, judges and the initial policy (preset {config.preset})")
-    task = demo_task(config)
     write_records(run / "prompts.jsonl", task.train_prompts)
     write_records(run / "eval_prompts.jsonl", task.eval_prompts)
     reference_model, tokenizer, model_name = load_demo_policy(config, progress)
