@@ -90,8 +90,9 @@ def completions_to_label(policy, tokenizer, task: DemoTask, config: DemoConfig, 
 def label_in_app(db: Path, completions: list[Completion], task: DemoTask, config: DemoConfig, seed: int):
     """The labeling stage as people would do it, with simulated labelers: a project in the feedback app
     (a SQLite file in the run folder), each labeler logging in and ranking through the JSON API.
-    Returns the rankings and the agreement figures. A rerun continues where the labelers stopped; the
-    same database can be served to real labelers (`rlhfkit feedback serve --db FOLDER/feedback.db`)."""
+    Returns the rankings (by prompt, then labeler) and the agreement figures. A rerun continues where
+    the labelers stopped; the same database can be served to real labelers (`rlhfkit feedback serve
+    --db FOLDER/feedback.db`)."""
     from fastapi.testclient import TestClient
 
     from rlhfkit.feedback import service
@@ -113,8 +114,9 @@ def label_in_app(db: Path, completions: list[Completion], task: DemoTask, config
     for i, labeler in enumerate(config.labelers):
         client = FeedbackClient("http://demo", labeler.id, password, http=TestClient(app, base_url="http://demo"))
         SimulatedSession(client, labeler, task.gold, task.criterion).run("demo", seed=seed * 100 + i)
-    with app.state.sessions() as session:
-        return service.rankings(session, project), service.project_agreement(session, project)
+    with app.state.sessions() as session:  # in a fixed order (the app's is the order of labeling)
+        rankings = sorted(service.rankings(session, project), key=lambda r: (r.prompt_id, r.labeler_id))
+        return rankings, service.project_agreement(session, project)
 
 
 def preference_pairs(rankings: list[Ranking], completions: list[Completion], poor: list[str], config: DemoConfig,
