@@ -133,7 +133,7 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict:
 
     pooled = _comparisons(before, afters, task)
     verdicts = {name: pooled_verdict([r.comparisons[name] for r in results], c) for name, c in pooled.items()}
-    criteria = honest_criteria(pooled, verdicts)
+    criteria = honest_criteria(pooled, verdicts, [r.comparisons for r in results])
     summary = demo_summary(config, task, model_name, results, pooled, verdicts, criteria,
                            round(time.perf_counter() - started, 1))
     (run / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False, allow_unicode=True))
@@ -172,7 +172,7 @@ def headline_line(name: str, c: Comparison, verdict: str) -> str:
     """One line of the printed result."""
     if name == "kl":
         return f"KL to reference {c.after:.2f} nats/answer (95% CI [{c.ci_low:.2f}, {c.ci_high:.2f}])"
-    ratio = f", after/before {distinct_ratio(c):.2f}" if name == "distinct_2" else ""
+    ratio = f", after/before {distinct_ratio(c):.3f}" if name == "distinct_2" else ""  # 0.896 is not 0.90
     return (f"{name} {c.before:.3f} → {c.after:.3f}: {c.difference:+.3f} (95% CI [{c.ci_low:+.3f}, "
             f"{c.ci_high:+.3f}]{ratio}; win rate {c.win_rate:.2f}) — {verdict}")
 
@@ -238,7 +238,7 @@ def print_summary(results: list[SeedResult], pooled: dict[str, Comparison], verd
     for r in results:
         c = r.comparisons
         console.print(f"{r.seed:>4} {c['gold'].difference:>+8.3f} {c['relevance'].difference:>+10.3f} "
-                      f"{distinct_ratio(c['distinct_2']):>10.2f}× {c['kl'].after:>6.2f} {r.proxy.difference:>+8.3f} "
+                      f"{distinct_ratio(c['distinct_2']):>10.3f}× {c['kl'].after:>6.2f} {r.proxy.difference:>+8.3f} "
                       f"{r.reward_model_accuracy:>7.3f} {r.ppo_steps:>5}  {r.stop_reason}", highlight=False)
     _rule("pooled over the training seeds")
     for name in (*HEADLINE, *(k for k in pooled if k not in HEADLINE)):
