@@ -29,10 +29,10 @@ def test_reward_model_accuracy_interval_narrows_with_more_pairs():
 
 
 def test_too_few_prompts_are_never_called_improved():
-    """With 4 held-out prompts the verdict keeps "unreliable", so the demo's honest bar ("improved") fails."""
+    """With 4 held-out prompts on 2 topics the verdict keeps "unreliable": the demo's bar ("improved") fails."""
     few = [Comparison(before=0.0, after=0.3, difference=0.3, ci_low=0.1, ci_high=0.5, prompts=4, clusters=2,
                       samples=16, win_rate=1.0, win_low=1.0, win_high=1.0)] * 2
-    assert pooled_verdict(few[:1], few[1]) == "improved (only 4 prompts: unreliable)"
+    assert pooled_verdict(few[:1], few[1]) == "improved (only 2 groups of prompts: unreliable)"
     assert not honest_criteria({"relevance": few[0], "distinct_2": few[0]}, {"gold": pooled_verdict(few, few[0])},
                                [])["gold improved"]
 

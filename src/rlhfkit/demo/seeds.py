@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from scipy.stats import binomtest
 
-from rlhfkit.eval.metrics import MIN_PROMPTS, Comparison
+from rlhfkit.eval.metrics import Comparison
 
 DIVERSITY_KEPT = 0.9  # the demo's bar: distinct-2 after ≥ 0.9 × before
 
@@ -60,7 +60,7 @@ def pooled_verdict(per_seed: Sequence[Comparison], pooled: Comparison) -> str:
         verdict = "worse"
     else:
         verdict = "seeds disagree" if any(good) and any(bad) else "no clear change"
-    return verdict if pooled.prompts >= MIN_PROMPTS else f"{verdict} (only {pooled.prompts} prompts: unreliable)"
+    return verdict + pooled.caveat
 
 
 def accuracy_interval(accuracy: float, pairs: int, confidence: float = 0.95) -> tuple[float, float]:
