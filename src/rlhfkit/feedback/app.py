@@ -5,8 +5,10 @@ Security model:
   ``secure_cookies``) carries a random token whose SHA-256 is a row of ``web_sessions``; logging out,
   changing the password, a password reset and disabling the account delete the rows, which ends them.
 - Every state-changing request needs the session's CSRF token: a hidden form field on forms, the
-  ``X-CSRF-Token`` header on JSON calls. JSON bodies of authenticated calls are read only after the
-  session and the token were checked; every body is limited in size before it is read (middleware).
+  ``X-CSRF-Token`` header on JSON calls. JSON bodies of authenticated calls are parsed only after the
+  session and the token were checked (read before the database lookup only from a client whose signed
+  cookie holds a session token and the matching CSRF token: /api/labels, see ``labeler_call``);
+  every body is limited in size before it is read (middleware).
 - Logins are throttled per account and per client address (state in the database, so every worker
   process shares it); an unknown username costs the same password hash as a known one.
 - Markdown instructions are rendered, then sanitised with an allow-list (nh3); pages load scripts only
@@ -195,7 +197,8 @@ def create_app(db_url: str, secure_cookies: bool = False, threads: int | None = 
     app.state.sessions = sessions
 
     # Every sync function (dependency or endpoint) costs a hop to a worker thread and back: the
-    # dependencies that do no I/O are async, so a labeler's request makes two hops (user, endpoint).
+    # dependencies that do no I/O are async, so a request makes two hops (user, endpoint); the labeler's
+    # hot calls make one (labeler_call).
     async def db():
         session = sessions()
         try:
