@@ -33,6 +33,7 @@ import contextlib
 import json
 import re
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote
@@ -240,12 +241,13 @@ def create_app(db_url: str, secure_cookies: bool = False, threads: int | None = 
             raise HTTPException(401, "log in first")
         return user
 
-    async def labeler_call(request: Request, work, body_model: type[BaseModel] | None = None) -> Response:
+    async def labeler_call(request: Request, work: Callable[[Session, User, BaseModel | None], dict | Response],
+                           body_model: type[BaseModel] | None = None) -> Response:
         """A labeler's hot call (/api/next, /api/labels) in one hop to a worker thread and one transaction:
         the session lookup (401), then for a call with a body the CSRF token (403) and the parsed body
         (422), then ``work(session, user, body)``, whose dict is the JSON answer. The dependencies of the
         other endpoints cost two hops and two transactions; py-spy put the hops and the lookup's own
-        transaction at a quarter of the server's CPU per label (benchmarks/README.md).
+        transaction at about a quarter of the server's CPU (benchmarks/README.md).
 
         The body is read before the lookup only from a client whose signed cookie holds a session token
         and whose X-CSRF-Token matches it (an anonymous body is never read; BodyLimit caps any body);
@@ -256,10 +258,11 @@ def create_app(db_url: str, secure_cookies: bool = False, threads: int | None = 
             raise HTTPException(401, "log in first")
         body = None
         if body_model is not None:
-            expected, given = request.session.get("csrf"), request.headers.get("x-csrf-token")
-            if not expected or not given or not secrets.compare_digest(expected, given):
-                await run_in_threadpool(lookup_only, token)
-                raise HTTPException(403, "missing or wrong CSRF token")
+            try:
+                check_csrf(request, request.headers.get("x-csrf-token"))
+            except HTTPException:
+                await run_in_threadpool(lookup_only, token)  # a dead session: 401 before the 403
+                raise
             body = await request.body()
 
         def in_thread():
