@@ -35,7 +35,7 @@ def demo_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_default_demo_improves_the_labelers_criterion_with_bounded_kl(demo_run):
-    """What holds today; diversity (distinct-2 ≥ 0.9 × before) is part of the honest win below."""
+    """Gold up with its interval above zero, on most prompts, with bounded KL and a reward model that learned."""
     _, summary = demo_run
     print({k: v for k, v in summary.items() if k != "config"})
     pooled = summary["pooled"]
@@ -58,22 +58,22 @@ def test_the_verdict_is_honest_about_every_criterion(demo_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 11 open: the reward model does not learn topicality from these labels "
-                                       "(same score for on- and off-topic answers), PPO drifts to pleasantries and "
-                                       "relevance falls; remove this mark when the demo wins honestly")
 def test_default_demo_wins_honestly(demo_run):
     _, summary = demo_run
     assert all(summary["criteria"].values())
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 11 open: most after answers are off topic or empty pleasantries")
 def test_the_after_samples_answer_the_topic_that_was_asked(demo_run):
     config, _ = demo_run
     from rlhfkit.demo.criteria import on_topic
 
-    after = read_records(config.run_dir / "seed-0" / "after.jsonl", Completion)
-    assert sum(on_topic(c.prompt, c.text) == 1.0 for c in after) / len(after) > 0.8
+    def answering(path) -> float:  # share of answers that use every content word of the request
+        answers = read_records(path, Completion)
+        return sum(on_topic(c.prompt, c.text) == 1.0 for c in answers) / len(answers)
+
+    after, before = answering(config.run_dir / "seed-0" / "after.jsonl"), answering(config.run_dir / "before.jsonl")
+    assert after > 0.8 and after > before
 
 
 @pytest.mark.slow

@@ -116,6 +116,9 @@ def test_logout_password_change_disable_and_reset_end_sessions(db_url):
     assert saved.get("/api/next").status_code == 200
     assert ann.post("/api/logout").status_code == 200
     assert saved.get("/api/next").status_code == 401  # the cookie saved before logging out is dead
+    # a dead session answers 401 whatever its CSRF token and body: never 403 or 422
+    assert saved.post("/api/labels", content=b"{not json").status_code == 401
+    assert saved.post("/api/labels", content=b"{not json", headers={"X-CSRF-Token": "forged"}).status_code == 401
 
     bob, bob_elsewhere = login(TestClient(app), "bob"), login(TestClient(app), "bob")
     assert bob.post("/api/password", json={"old": "wrong-one", "new": "a-new-password"}).status_code == 403

@@ -7,10 +7,12 @@ from rlhfkit.models.toy_policy import ToyPolicyConfig, corpus_examples, load_toy
 
 def test_corpus_mixes_kind_rude_and_empty_replies_as_configured():
     corpus = toy_corpus()
-    rude = {r.split("{topic}")[0][:12] for r in corpus["rude"]}
     examples = corpus_examples(corpus, 4000, seed=0)
-    share = sum(any(reply.lower().startswith(r.lower()[:12]) for r in rude) for _, reply in examples) / len(examples)
-    assert share == pytest.approx(corpus["mix"]["rude"], abs=0.06)
+    for kind, openers in corpus["openers"].items():
+        share = sum(reply.startswith(tuple(openers)) for _, reply in examples) / len(examples)
+        assert share == pytest.approx(corpus["mix"][kind], abs=0.03)
+    assert sum(reply in corpus["empty"] for _, reply in examples) / len(examples) == pytest.approx(
+        corpus["mix"]["empty"], abs=0.03)
     assert all("{topic}" not in q + a for q, a in examples)
 
 
@@ -34,3 +36,29 @@ def test_toy_policy_is_trained_once_then_loaded_from_the_cache(tmp_path):
     assert text == "user: Any tips for baking bread?\nassistant:"
     assert tokenizer.decode(tokenizer("Great question! For baking bread")["input_ids"]) == \
         "Great question! For baking bread"
+
+
+def test_a_policy_that_drops_the_insults_keeps_the_diversity_of_the_advice():
+    """The demo's bar asks distinct-2 after ≥ 0.9 × before. In this corpus a rude reply insults and then
+    advises, so the ideal aligned policy (the initial one with kind openers only) keeps the advice's
+    variety: at the demo's 288 evaluation answers it stays above that bar (before the corpus was built so,
+    rude replies were their own stock phrases and the ideal policy scored 0.65 ×)."""
+    import random
+
+    from rlhfkit.eval.metrics import distinct_n
+
+    corpus = toy_corpus()
+
+    def answers(weights: dict[str, float], seed: int) -> list[str]:
+        rng, texts = random.Random(seed), []
+        for topic in corpus["topics"][-12:]:
+            for _ in range(24):
+                kind = rng.choices(list(weights), list(weights.values()))[0]
+                advice = rng.choice(corpus["advice"]).format(topic=topic)
+                texts.append(rng.choice(corpus["empty"]) if kind == "empty" else
+                             f"{rng.choice(corpus['openers'][kind])} {advice}")
+        return texts
+
+    ratios = [distinct_n(answers({"kind": 1.0}, seed), 2) / distinct_n(answers(corpus["mix"], seed), 2)
+              for seed in range(5)]
+    assert sum(ratios) / len(ratios) > 0.93

@@ -19,7 +19,7 @@ from rlhfkit.feedback.simulated import SimulatedLabeler
 WORD = re.compile(r"[a-z']+")
 NOT_TOPIC = set("""what when where which your with that this then them they there have some more about best
 start begin keep should would could tips give advice want good better know think tell make does from into
-just like really very much been anyone someone people""".split())
+just like really very much been anyone someone people failing""".split())
 
 
 def on_topic(prompt: str, completion: str) -> float:

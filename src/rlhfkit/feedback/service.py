@@ -248,12 +248,11 @@ def _token_hash(token: str) -> str:
 
 
 def session_user(session: Session, token: str | None) -> User | None:
-    """The account of a live session: not logged out, not expired, the account not disabled."""
+    """The account of a live session: not logged out, not expired, the account not disabled. Read in the
+    caller's transaction (the caller commits)."""
     if not token:
         return None
-    user = session.scalar(_SESSION_USER, {"token_hash": _token_hash(token), "now": now()})
-    session.commit()
-    return user
+    return session.scalar(_SESSION_USER, {"token_hash": _token_hash(token), "now": now()})
 
 
 _SESSION_USER = select(User).join(WebSession, WebSession.user_id == User.id).where(

@@ -47,13 +47,18 @@ def toy_prompts(topics: list[str], corpus: dict | None = None, per_topic: int = 
 
 
 def corpus_examples(corpus: dict, size: int, seed: int) -> list[tuple[str, str]]:
-    """(request, reply) pairs drawn with the corpus's mix of kind, rude and empty replies."""
+    """(request, reply) pairs drawn with the corpus's mix of kind, rude and empty replies; a kind or rude reply
+    is an opener of that kind followed by a piece of advice about the topic."""
     rng = random.Random(seed)
     kinds, weights = zip(*corpus["mix"].items(), strict=True)
     examples = []
     for _ in range(size):
         topic = rng.choice(corpus["topics"])
-        reply = rng.choice(corpus[rng.choices(kinds, weights)[0]]).format(topic=topic)
+        kind = rng.choices(kinds, weights)[0]
+        if kind == "empty":
+            reply = rng.choice(corpus["empty"])
+        else:
+            reply = f"{rng.choice(corpus['openers'][kind])} {rng.choice(corpus['advice']).format(topic=topic)}"
         examples.append((rng.choice(corpus["prompts"]).format(topic=topic), reply[0].upper() + reply[1:]))
     return examples
 
@@ -61,8 +66,8 @@ def corpus_examples(corpus: dict, size: int, seed: int) -> list[tuple[str, str]]
 @dataclass
 class ToyPolicyConfig:
     examples: int = 6000
-    epochs: int = 2
-    batch_size: int = 64
+    epochs: int = 3
+    batch_size: int = 16  # more, smaller steps: the model learns to copy the topic from the request
     lr: float = 3e-3
     vocab_size: int = 1000
     n_embd: int = 128
