@@ -1,4 +1,4 @@
-from rlhfkit.demo.seeds import accuracy_interval, pooled_verdict
+from rlhfkit.demo.seeds import accuracy_interval, honest_criteria, pooled_verdict
 from rlhfkit.eval.metrics import Comparison
 
 
@@ -26,3 +26,26 @@ def test_reward_model_accuracy_interval_narrows_with_more_pairs():
     low_few, high_few = accuracy_interval(0.8, 20)
     low_many, high_many = accuracy_interval(0.8, 500)
     assert low_few < low_many < 0.8 < high_many < high_few
+
+
+def test_too_few_prompts_are_never_called_improved():
+    """With 4 held-out prompts on 2 topics the verdict keeps "unreliable": the demo's bar ("improved") fails."""
+    few = [Comparison(before=0.0, after=0.3, difference=0.3, ci_low=0.1, ci_high=0.5, prompts=4, clusters=2,
+                      samples=16, win_rate=1.0, win_low=1.0, win_high=1.0)] * 2
+    assert pooled_verdict(few[:1], few[1]) == "improved (only 2 groups of prompts: unreliable)"
+    assert not honest_criteria({"relevance": few[0], "distinct_2": few[0]}, {"gold": pooled_verdict(few, few[0])},
+                               [])["gold improved"]
+
+
+def test_a_seed_that_loses_relevance_or_diversity_fails_the_bar_even_when_the_pooled_result_passes():
+    fine = {"relevance": comparison(0.0, -0.05, 0.05), "distinct_2": comparison(0.0, -0.01, 0.01)}
+    fine["distinct_2"].before, fine["distinct_2"].after = 0.2, 0.2
+    worse_relevance = {**fine, "relevance": comparison(-0.1, -0.15, -0.05)}
+    less_diverse = {**fine, "distinct_2": comparison(-0.03, -0.05, -0.01)}
+    less_diverse["distinct_2"].before, less_diverse["distinct_2"].after = 0.2, 0.17
+    criteria = honest_criteria(fine, {"gold": "improved"}, [fine, fine])
+    assert all(criteria.values())
+    assert list(honest_criteria(fine, {"gold": "improved"}, [fine, worse_relevance]).values()) == [True, False, True]
+    assert list(honest_criteria(fine, {"gold": "improved"}, [fine, less_diverse]).values()) == [True, True, False]
+    nan = {**fine, "relevance": comparison(float("nan"), float("nan"), float("nan"))}
+    assert not honest_criteria(nan, {"gold": "improved"}, [])["relevance not worse (pooled, every seed)"]

@@ -3,7 +3,7 @@
 import torch
 
 from conftest import build_tiny_causal, make_prompts, word_tokenizer
-from rlhfkit.eval.evaluate import EvalConfig, compare, evaluate_policy, fingerprint_path
+from rlhfkit.eval.evaluate import EvalConfig, compare, evaluate_policy, fingerprint_path, judge_identity
 from rlhfkit.reward.base import FunctionReward
 
 LENGTH = FunctionReward(lambda p, c: len(c.split()), name="length")
@@ -48,3 +48,22 @@ def test_comparing_on_a_score_the_evaluation_lacks_says_so(tmp_path):
                            progress=False)
     with pytest.raises(ValueError, match="no 'kind' score"):
         compare(done, done, "kind")
+
+
+def test_judges_of_one_kind_and_name_differ_by_their_weights_settings_and_code():
+    """Two reward-model folders both answer to "reward_model": their scores must not be reused for each other."""
+    class Scorer:
+        def __init__(self, shift: float) -> None:
+            self.name, self.shift, self.model = "reward_model", 0.0, torch.nn.Linear(2, 1, bias=False)
+            with torch.no_grad():
+                self.model.weight.fill_(shift)
+
+    assert judge_identity("rm", Scorer(1.0)) == judge_identity("rm", Scorer(1.0))
+    assert judge_identity("rm", Scorer(1.0)) != judge_identity("rm", Scorer(2.0))
+    shifted = Scorer(1.0)
+    shifted.shift = 0.5
+    assert judge_identity("rm", shifted) != judge_identity("rm", Scorer(1.0))
+    words = FunctionReward(lambda p, c: len(c.split()), name="length")
+    assert judge_identity("length", words) == judge_identity("length", LENGTH)
+    assert judge_identity("length", FunctionReward(lambda p, c: len(c), name="length")) != judge_identity(
+        "length", LENGTH)

@@ -21,6 +21,10 @@ def test_interval_excludes_zero_for_a_clear_improvement_only():
     assert result.verdict == "improved"
     few = paired_comparison({p: before[p] for p in list(before)[:4]}, {p: better[p] for p in list(before)[:4]})
     assert few.verdict == "improved (only 4 prompts: unreliable)"
+    # 20 prompts asked about 5 topics are 5 independent observations, not 20
+    topics = {p: f"topic{i % 5}" for i, p in enumerate(before)}
+    assert paired_comparison(before, better, topics).verdict == "improved (only 5 groups of prompts: unreliable)"
+    assert paired_comparison(before, better, {p: f"topic{i % 10}" for i, p in enumerate(before)}).verdict == "improved"
 
     noisy = {p: [s + (0.3 if i % 2 else -0.3) for s in scores] for i, (p, scores) in enumerate(before.items())}
     result = paired_comparison(before, noisy)

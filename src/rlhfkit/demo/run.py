@@ -21,15 +21,17 @@ from rlhfkit.demo.stages import (
     evaluate_stage,
     evaluation_judges,
     label_in_app,
+    ppo_settings,
     ppo_stage,
     preference_pairs,
     reward_model_stage,
 )
-from rlhfkit.eval.evaluate import compare, compare_distinct_2, scores_by_prompt, text_stats
+from rlhfkit.eval.evaluate import compare, compare_distinct_2, scores_by_prompt, text_stats, weights_digest
 from rlhfkit.eval.metrics import Comparison, paired_comparison
 from rlhfkit.models.reference import Reference
 
 HEADLINE = ("gold", "relevance", "distinct_2", "kl")
+SETTINGS_FILE = "settings.json"
 
 
 def _rule(title: str) -> None:
@@ -102,15 +104,17 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict:
     """Run (or resume) the demo on every training seed; returns its summary, also written to
     ``summary.yaml``, and writes ``report.html``."""
     config = config or DemoConfig()
+    ppo_settings(config, config.seeds[0], Path(config.run_dir))  # PPO's checks now, not after the labeling
+    task = demo_task(config)
     run = Path(config.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
     _rule(f"prompts, judges and the initial policy (preset {config.preset})")
-    task = demo_task(config)
     write_records(run / "prompts.jsonl", task.train_prompts)
     write_records(run / "eval_prompts.jsonl", task.eval_prompts)
     reference_model, tokenizer, model_name = load_demo_policy(config, progress)
+    check_run_settings(run, config, reference_model)
     console.print(f"{len(task.train_prompts)} prompts to label and train on, {len(task.eval_prompts)} held out; "
                   f"policy {model_name}; training seeds {list(config.seeds)}")
 
@@ -129,7 +133,7 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict:
 
     pooled = _comparisons(before, afters, task)
     verdicts = {name: pooled_verdict([r.comparisons[name] for r in results], c) for name, c in pooled.items()}
-    criteria = honest_criteria(pooled, verdicts)
+    criteria = honest_criteria(pooled, verdicts, [r.comparisons for r in results])
     summary = demo_summary(config, task, model_name, results, pooled, verdicts, criteria,
                            round(time.perf_counter() - started, 1))
     (run / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False, allow_unicode=True))
@@ -139,11 +143,36 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict:
     return summary
 
 
+def run_settings(config: DemoConfig, initial_policy) -> dict:
+    """What every stage file of a run folder depends on: the settings (but the folder and the training
+    seeds, each of which has a folder of its own) and the initial policy's weights."""
+    settings = {k: v for k, v in asdict(config).items() if k not in ("run_dir", "seeds")}
+    return {**json.loads(json.dumps(settings, default=str)), "initial_policy": weights_digest(initial_policy)}
+
+
+def check_run_settings(run: Path, config: DemoConfig, initial_policy) -> None:
+    """A run folder resumes only the run that made it: the first run records :func:`run_settings` in
+    ``settings.json``; a rerun with other settings, or on a folder with stage files and no record,
+    stops with one line instead of reusing samples, labels, reward models or policies made otherwise."""
+    recorded = run / SETTINGS_FILE
+    settings = run_settings(config, initial_policy)
+    if recorded.exists():
+        earlier = json.loads(recorded.read_text())
+        if changed := sorted(k for k in {*earlier, *settings} if earlier.get(k) != settings.get(k)):
+            raise ValueError(f"{run}: made with other settings ({', '.join(changed)} differ from {recorded}); "
+                             "give another --run-dir, or delete that folder to start again")
+        return
+    if any(run.glob("seed-*")):
+        raise ValueError(f"{run}: holds stage files but no {SETTINGS_FILE} (made by an earlier rlhfkit?); "
+                         "give another --run-dir, or delete that folder to start again")
+    recorded.write_text(json.dumps(settings, indent=1))
+
+
 def headline_line(name: str, c: Comparison, verdict: str) -> str:
     """One line of the printed result."""
     if name == "kl":
         return f"KL to reference {c.after:.2f} nats/answer (95% CI [{c.ci_low:.2f}, {c.ci_high:.2f}])"
-    ratio = f", after/before {distinct_ratio(c):.2f}" if name == "distinct_2" else ""
+    ratio = f", after/before {distinct_ratio(c):.3f}" if name == "distinct_2" else ""  # 0.896 is not 0.90
     return (f"{name} {c.before:.3f} → {c.after:.3f}: {c.difference:+.3f} (95% CI [{c.ci_low:+.3f}, "
             f"{c.ci_high:+.3f}]{ratio}; win rate {c.win_rate:.2f}) — {verdict}")
 
@@ -209,7 +238,7 @@ def print_summary(results: list[SeedResult], pooled: dict[str, Comparison], verd
     for r in results:
         c = r.comparisons
         console.print(f"{r.seed:>4} {c['gold'].difference:>+8.3f} {c['relevance'].difference:>+10.3f} "
-                      f"{distinct_ratio(c['distinct_2']):>10.2f}× {c['kl'].after:>6.2f} {r.proxy.difference:>+8.3f} "
+                      f"{distinct_ratio(c['distinct_2']):>10.3f}× {c['kl'].after:>6.2f} {r.proxy.difference:>+8.3f} "
                       f"{r.reward_model_accuracy:>7.3f} {r.ppo_steps:>5}  {r.stop_reason}", highlight=False)
     _rule("pooled over the training seeds")
     for name in (*HEADLINE, *(k for k in pooled if k not in HEADLINE)):

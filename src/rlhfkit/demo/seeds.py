@@ -50,14 +50,17 @@ def distinct_ratio(c: Comparison) -> float:
 
 def pooled_verdict(per_seed: Sequence[Comparison], pooled: Comparison) -> str:
     """improved / worse only when every seed agrees in direction and the pooled interval excludes zero;
-    "seeds disagree" when they do not; else "no clear change"."""
+    "seeds disagree" when they do not; else "no clear change". Too few prompts keep the pooled
+    verdict's "unreliable" note (so "improved" alone is never said of them)."""
     good = [(c.difference > 0) == c.higher_is_better and c.difference != 0 for c in per_seed]
     bad = [(c.difference < 0) == c.higher_is_better and c.difference != 0 for c in per_seed]
     if pooled.significant and all(good) and pooled.verdict.startswith("improved"):
-        return "improved"
-    if pooled.significant and all(bad) and pooled.verdict.startswith("worse"):
-        return "worse"
-    return "seeds disagree" if any(good) and any(bad) else "no clear change"
+        verdict = "improved"
+    elif pooled.significant and all(bad) and pooled.verdict.startswith("worse"):
+        verdict = "worse"
+    else:
+        verdict = "seeds disagree" if any(good) and any(bad) else "no clear change"
+    return verdict + pooled.caveat
 
 
 def accuracy_interval(accuracy: float, pairs: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -69,11 +72,13 @@ def accuracy_interval(accuracy: float, pairs: int, confidence: float = 0.95) -> 
     return ci.low, ci.high
 
 
-def honest_criteria(pooled: dict[str, Comparison], verdicts: dict[str, str]) -> dict[str, bool]:
-    """The demo's bar, each named: the labelers' criterion (gold) improved on every seed with the
-    pooled interval above zero; relevance not worse (its interval includes zero or is positive);
-    distinct-2 kept at ≥ 0.9 × before."""
-    relevance = pooled["relevance"]
+def honest_criteria(pooled: dict[str, Comparison], verdicts: dict[str, str],
+                    per_seed: Sequence[dict[str, Comparison]]) -> dict[str, bool]:
+    """The demo's bar, each named, held by the pooled result *and* every training seed (as the gold
+    verdict is): the labelers' criterion (gold) improved on every seed with the pooled interval above
+    zero; relevance not worse (its interval includes zero or is positive); distinct-2 kept at
+    ≥ 0.9 × before. A NaN fails every comparison."""
     return {"gold improved": verdicts["gold"] == "improved",
-            "relevance not worse": relevance.ci_high >= 0,
-            f"distinct-2 ≥ {DIVERSITY_KEPT} × before": distinct_ratio(pooled["distinct_2"]) >= DIVERSITY_KEPT}
+            "relevance not worse (pooled, every seed)": all(c["relevance"].ci_high >= 0 for c in [pooled, *per_seed]),
+            f"distinct-2 ≥ {DIVERSITY_KEPT} × before (pooled, every seed)":
+                all(distinct_ratio(c["distinct_2"]) >= DIVERSITY_KEPT for c in [pooled, *per_seed])}

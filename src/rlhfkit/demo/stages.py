@@ -37,7 +37,6 @@ class DemoTask:
 
 
 def demo_task(config: DemoConfig) -> DemoTask:
-    relevance = RelevanceJudge()
     if config.preset == "toy":
         corpus = toy_corpus()
         topics = corpus["topics"]
@@ -45,16 +44,19 @@ def demo_task(config: DemoConfig) -> DemoTask:
         train = toy_prompts(topics[:-held_out], corpus, seed=0)[: config.label_prompts]
         test = toy_prompts(topics[-held_out:], corpus, seed=1)[: config.eval_prompts]
         gold = NotToxicOnTopic(corpus["rude_words"])
-        judges = {"gold": gold, "relevance": relevance, "not_offensive": ProfanityJudge(),
+        topic_of = {p.id: p.id.rsplit("-", 1)[0] for p in train + test}
+        if len({topic_of[p.id] for p in test}) < 2:  # the intervals resample topics
+            raise ValueError(f"eval_prompts: {len(test)} held-out prompts are about one topic; an interval needs "
+                             "two (give --eval-prompts 3 or more)")
+        judges = {"gold": gold, "relevance": RelevanceJudge(), "not_offensive": ProfanityJudge(),
                   "sentiment": SentimentJudge()}
-        return DemoTask(train, test, {p.id: p.id.rsplit("-", 1)[0] for p in train + test},
-                        "not toxic, still on topic", gold, judges, "not_offensive")
+        return DemoTask(train, test, topic_of, "not toxic, still on topic", gold, judges, "not_offensive")
     prompts = read_prompts(files("rlhfkit") / "resources" / "demo_prompts.txt")
     test, train = prompts[: config.eval_prompts], prompts[config.eval_prompts:][: config.label_prompts]
     gold = KindPositiveOnTopic()
     sentiment, not_offensive = SentimentJudge(), ProfanityJudge()
     sentiment.independent = not_offensive.independent = False  # both are part of this criterion
-    judges = {"gold": gold, "relevance": relevance, "sentiment": sentiment, "not_offensive": not_offensive}
+    judges = {"gold": gold, "relevance": RelevanceJudge(), "sentiment": sentiment, "not_offensive": not_offensive}
     return DemoTask(train, test, {p.id: p.id for p in train + test}, "kind and positive, still on topic", gold,
                     judges, "sentiment")
 
@@ -88,8 +90,9 @@ def completions_to_label(policy, tokenizer, task: DemoTask, config: DemoConfig, 
 def label_in_app(db: Path, completions: list[Completion], task: DemoTask, config: DemoConfig, seed: int):
     """The labeling stage as people would do it, with simulated labelers: a project in the feedback app
     (a SQLite file in the run folder), each labeler logging in and ranking through the JSON API.
-    Returns the rankings and the agreement figures. A rerun continues where the labelers stopped; the
-    same database can be served to real labelers (`rlhfkit feedback serve --db FOLDER/feedback.db`)."""
+    Returns the rankings (by prompt, then labeler) and the agreement figures. A rerun continues where
+    the labelers stopped; the same database can be served to real labelers (`rlhfkit feedback serve
+    --db FOLDER/feedback.db`)."""
     from fastapi.testclient import TestClient
 
     from rlhfkit.feedback import service
@@ -111,8 +114,9 @@ def label_in_app(db: Path, completions: list[Completion], task: DemoTask, config
     for i, labeler in enumerate(config.labelers):
         client = FeedbackClient("http://demo", labeler.id, password, http=TestClient(app, base_url="http://demo"))
         SimulatedSession(client, labeler, task.gold, task.criterion).run("demo", seed=seed * 100 + i)
-    with app.state.sessions() as session:
-        return service.rankings(session, project), service.project_agreement(session, project)
+    with app.state.sessions() as session:  # in a fixed order (the app's is the order of labeling)
+        rankings = sorted(service.rankings(session, project), key=lambda r: (r.prompt_id, r.labeler_id))
+        return rankings, service.project_agreement(session, project)
 
 
 def preference_pairs(rankings: list[Ranking], completions: list[Completion], poor: list[str], config: DemoConfig,
@@ -144,7 +148,7 @@ def ppo_stage(policy, tokenizer, reward_model, reference_model, task: DemoTask, 
     stop reason)."""
     from rlhfkit.models.reference import Reference
     from rlhfkit.rl.monitors import MonitorConfig, RewardHackingMonitor
-    from rlhfkit.rl.ppo import PPOConfig, PPOTrainer
+    from rlhfkit.rl.ppo import PPOTrainer
 
     ppo_dir = folder / "ppo"
     saved = ppo_dir / "policy" / "history.json"
@@ -152,14 +156,10 @@ def ppo_stage(policy, tokenizer, reward_model, reference_model, task: DemoTask, 
         trained, tokenizer = load_ppo_policy(config, ppo_dir / "policy", progress)
         state = json.loads(saved.read_text())
         return trained, tokenizer, state["history"], state["monitor_events"], state["stop_reason"]
-    ppo_config = PPOConfig(steps=config.ppo_steps, batch_size=config.ppo_batch_size, lr=config.ppo_lr,
-                           minibatch_size=config.ppo_minibatch_size, ppo_epochs=config.ppo_epochs,
-                           max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                           kl_coef=config.kl_coef, use_chat_template=True, lora=config.lora, seed=seed,
-                           output_dir=str(ppo_dir), save_every=10)
     monitor = RewardHackingMonitor(task.judges[task.monitor_judge], MonitorConfig(stop_on=config.monitor_stop_on),
                                    relevance=task.judges["relevance"], logged={"gold": task.gold})
-    trainer = PPOTrainer(ppo_config, policy, tokenizer, reward_model, [p.text for p in task.train_prompts],
+    trainer = PPOTrainer(ppo_settings(config, seed, ppo_dir), policy, tokenizer, reward_model,
+                         [p.text for p in task.train_prompts],
                          reference=Reference.frozen(reference_model) if reference_model is not None else None,
                          monitor=monitor)
     checkpoints = sorted(ppo_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -171,6 +171,16 @@ def ppo_stage(policy, tokenizer, reward_model, reference_model, task: DemoTask, 
     saved.write_text(json.dumps({"history": trainer.history, "monitor_events": monitor.events,
                                  "stop_reason": trainer.stop_reason}, indent=1))
     return trained, tokenizer, trainer.history, monitor.events, trainer.stop_reason
+
+
+def ppo_settings(config: DemoConfig, seed: int, ppo_dir: Path):
+    """The seed's PPOConfig; building it checks PPO's fields (kl_coef ≥ 0, not NaN, …)."""
+    from rlhfkit.rl.ppo import PPOConfig
+
+    return PPOConfig(steps=config.ppo_steps, batch_size=config.ppo_batch_size, lr=config.ppo_lr,
+                     minibatch_size=config.ppo_minibatch_size, ppo_epochs=config.ppo_epochs,
+                     max_new_tokens=config.max_new_tokens, temperature=config.temperature, kl_coef=config.kl_coef,
+                     use_chat_template=True, lora=config.lora, seed=seed, output_dir=str(ppo_dir), save_every=10)
 
 
 def evaluation_judges(task: DemoTask, config: DemoConfig, reference, tokenizer) -> dict[str, RewardFn]:

@@ -125,8 +125,23 @@ def evaluation_fingerprint(model: torch.nn.Module, reference: Reference, judges:
     policy with its adapter off), each judge by name and kind, and the settings."""
     return {"policy": weights_digest(model),
             "reference": f"{'adapter-off ' if reference.shared else ''}{weights_digest(reference.model)}",
-            "judges": sorted(f"{name}={type(judge).__qualname__}" for name, judge in judges.items()),
+            "judges": sorted(judge_identity(name, judge) for name, judge in judges.items()),
             "settings": json.loads(json.dumps(asdict(config)))}
+
+
+def judge_identity(name: str, judge: RewardFn) -> str:
+    """A judge by name and kind, with its plain settings, the digest of each model it holds and the
+    code of each function it wraps: two reward models from two folders (both named "reward_model"),
+    or one folder retrained, are different judges."""
+    parts = [f"{name}={type(judge).__qualname__}"]
+    for key, value in sorted(getattr(judge, "__dict__", {}).items()):
+        if isinstance(value, torch.nn.Module):
+            parts.append(f"{key}:{weights_digest(value)[:16]}")
+        elif isinstance(value, bool | int | float | str):
+            parts.append(f"{key}={value}")
+        elif code := getattr(value, "__code__", None):
+            parts.append(f"{key}:{hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()[:16]}")
+    return " ".join(parts)
 
 
 class _SelfReference(Reference):

@@ -69,12 +69,19 @@ class Comparison:
         return self.ci_low > 0 or self.ci_high < 0
 
     @property
+    def caveat(self) -> str:
+        """"" — or, with fewer than MIN_PROMPTS independent units (prompts, or groups of prompts: 24
+        prompts in pairs are 12), the note that a verdict on them is unreliable."""
+        if self.clusters >= MIN_PROMPTS:
+            return ""
+        units = f"{self.prompts} prompts" if self.clusters == self.prompts else f"{self.clusters} groups of prompts"
+        return f" (only {units}: unreliable)"
+
+    @property
     def verdict(self) -> str:
-        """improved / worse (in the judge's own direction) / no clear change; with fewer than
-        MIN_PROMPTS prompts the verdict says it is unreliable."""
+        """improved / worse (in the judge's own direction) / no clear change, with its :attr:`caveat`."""
         better = (self.difference > 0) == self.higher_is_better
-        verdict = ("improved" if better else "worse") if self.significant else "no clear change"
-        return verdict if self.prompts >= MIN_PROMPTS else f"{verdict} (only {self.prompts} prompts: unreliable)"
+        return (("improved" if better else "worse") if self.significant else "no clear change") + self.caveat
 
     def as_dict(self) -> dict:
         return {**vars(self), "significant": self.significant, "verdict": self.verdict}

@@ -77,8 +77,9 @@ class SimulatedSession:
     criterion: str = ""
 
     def run(self, project: str | None = None, limit: int | None = None, seed: int = 0) -> int:
-        """Label until the queue is empty (or ``limit`` items); returns how many were labeled."""
-        rng = random.Random(seed)
+        """Label until the queue is empty (or ``limit`` items); returns how many were labeled. The noise of
+        a ranking is seeded by (``seed``, item), so the labels do not depend on the order the server offers
+        the items in (random among equals)."""
         done = 0
         while limit is None or done < limit:
             item = self.client.next_item(project)
@@ -89,7 +90,8 @@ class SimulatedSession:
                                       text=c["text"], index=i) for i, c in enumerate(item["completions"])]
             prompt = render_text(completions[0].prompt)  # a chat prompt arrives as a list of messages
             scores = self.quality([prompt] * len(completions), [c.text for c in completions]).tolist()
-            ranking = self.labeler.rank(completions, scores, rng, self.criterion or item["criterion"])
+            ranking = self.labeler.rank(completions, scores, random.Random(f"{seed}:{item['item_id']}"),
+                                        self.criterion or item["criterion"])
             self.client.submit(item["item_id"], ranking.groups, ranking.flagged, time.perf_counter() - started)
             done += 1
         return done
