@@ -40,3 +40,12 @@ def test_a_demo_that_cannot_finish_stops_at_once_with_one_line(tmp_path, flags, 
     result = invoke("demo", "--run-dir", tmp_path / "run", *flags)
     assert result.exit_code == 1 and result.output.strip().splitlines() == [f"error: {expected}"]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_folder_that_is_a_file_is_refused_in_one_line(tmp_path):
+    (tmp_path / "run").write_text("notes")
+    result = invoke("demo", "--run-dir", tmp_path / "run")
+    assert result.exit_code == 1
+    expected = f"error: run_dir: {tmp_path / 'run'} is a file; give a folder for the run"
+    assert result.output.strip().splitlines() == [expected]
+    assert (tmp_path / "run").read_text() == "notes"

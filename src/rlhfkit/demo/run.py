@@ -104,17 +104,19 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict:
     """Run (or resume) the demo on every training seed; returns its summary, also written to
     ``summary.yaml``, and writes ``report.html``."""
     config = config or DemoConfig()
-    ppo_settings(config, config.seeds[0], Path(config.run_dir))  # PPO's checks now, not after the labeling
-    task = demo_task(config)
     run = Path(config.run_dir)
+    if run.exists() and not run.is_dir():
+        raise ValueError(f"run_dir: {run} is a file; give a folder for the run")
+    ppo_settings(config, config.seeds[0], run)  # PPO's checks now, not after the labeling
+    task = demo_task(config)
     run.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
     _rule(f"prompts, judges and the initial policy (preset {config.preset})")
+    reference_model, tokenizer, model_name = load_demo_policy(config, progress)
+    check_run_settings(run, config, reference_model)  # before writing anything into an earlier run's folder
     write_records(run / "prompts.jsonl", task.train_prompts)
     write_records(run / "eval_prompts.jsonl", task.eval_prompts)
-    reference_model, tokenizer, model_name = load_demo_policy(config, progress)
-    check_run_settings(run, config, reference_model)
     console.print(f"{len(task.train_prompts)} prompts to label and train on, {len(task.eval_prompts)} held out; "
                   f"policy {model_name}; training seeds {list(config.seeds)}")
 
