@@ -267,9 +267,7 @@ def create_app(db_url: str, secure_cookies: bool = False, threads: int | None = 
 
         def in_thread():
             with sessions() as session:
-                user = service.session_user(session, token)
-                if user is None:
-                    raise HTTPException(401, "log in first")
+                user = live_user(session, token)
                 parsed = None
                 if body_model is not None:
                     try:
@@ -284,8 +282,14 @@ def create_app(db_url: str, secure_cookies: bool = False, threads: int | None = 
     def lookup_only(token: str) -> None:
         """401 for a dead session (the caller answers 403 for a live one)."""
         with sessions() as session:
-            if service.session_user(session, token) is None:
-                raise HTTPException(401, "log in first")
+            live_user(session, token)
+
+    def live_user(session: Session, token: str) -> User:
+        """The user of a live session, else 401."""
+        user = service.session_user(session, token)
+        if user is None:
+            raise HTTPException(401, "log in first")
+        return user
 
     async def admin_user(user: User = Depends(current_user)) -> User:
         if user.role != "admin":
