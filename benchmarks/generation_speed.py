@@ -8,7 +8,9 @@ forbidden before, as the shared workload's ``min_new_tokens``), n samples per pr
 The two sides run interleaved (A, B, A, B, ...) so that load from other processes hits both alike; the
 ratio reported is the median of the per-pair ratios. Writes benchmarks/results/generation_speed-<time>.json.
 
-    python benchmarks/generation_speed.py [--rounds 8] [--bench-dir ../shared/bench] [--skip-smollm2]
+    python benchmarks/generation_speed.py [--rounds 8] [--bench-dir ../shared/bench] [--skip-smollm2] [--threads 2]
+
+On a machine shared with other work, --threads 1 keeps the two sides from thrashing each other's threads.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--smollm2-rounds", type=int, default=3)
     parser.add_argument("--skip-smollm2", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the workload's)")
     parser.add_argument("--bench-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "bench"))
     args = parser.parse_args()
     sys.path.insert(0, args.bench_dir)
@@ -98,6 +101,8 @@ def main() -> None:
     import workload as W
 
     B.setup_process()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     runs = [workload_policy(W, args.rounds)]
     if not args.skip_smollm2:
         runs.append(smollm2(args.smollm2_rounds))

@@ -171,6 +171,12 @@ def test_a_sequence_that_ended_gets_padding_and_others_go_on(tiny_causal, tokeni
     assert completions.shape[1] == int(ended_at.max()) + 1  # no step after the last sequence ended
 
 
+def test_right_padded_prompts_are_refused(tiny_causal, tokenizer):
+    tokenizer.padding_side = "right"
+    with pytest.raises(ValueError, match="left-padded"):
+        kv_cached_sampling(tiny_causal, *encode(tokenizer, PROMPTS), 1, decoding())
+
+
 def test_seq2seq_models_fall_back_to_generate(tiny_seq2seq, tokenizer):
     assert not has_static_cache(tiny_seq2seq)
     ids, mask = encode(tokenizer, PROMPTS)

@@ -129,6 +129,9 @@ def kv_cached_sampling(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_
     Positions follow the attention mask (position of a token = number of real tokens before it), as in
     ``generate`` and ``completion_logits``, so a padded prompt decodes as it would alone.
     """
+    if not bool(prompt_mask[:, -1].all()):
+        raise ValueError("kv_cached_sampling takes left-padded prompts (every row's last token real): set the "
+                         "tokenizer's padding_side='left' (rlhfkit.models.policy.prepare_tokenizer does)")
     hf = _hf_model(model)
     batch, prompt_length = prompt_ids.shape
     steps = decoding.max_new_tokens
