@@ -16,6 +16,10 @@ Llama, SmolLM2, Qwen, Mistral...) it runs ``kv_cached_sampling``, which does the
   takes argmax z;
 * the loop stops as soon as every sequence has emitted EOS.
 
+Not done, because it did not pay here (2-core CPU, the shared benchmark's GPT-2 at GRPO's shapes):
+``torch.compile`` of the decode step took 88 s to compile for 1.05-1.22× per rollout; eager attention
+instead of SDPA gave 1.08×. bf16 would be faster but would change the distribution sampled from.
+
 The output is the one ``generate`` gives after the prompt: [B·n, T] token ids, prompt-major (the n samples of
 prompt i in rows i·n…i·n+n−1), pad after a sequence's EOS, T ≤ ``max_new_tokens`` the number of steps run.
 Anything else (seq2seq models, stateful models such as Mamba, models without static-cache support) falls back
@@ -58,8 +62,8 @@ class Decoding:
 
     def generation_config(self, model: PreTrainedModel, n: int) -> GenerationConfig:
         """These settings and nothing else as a GenerationConfig, for ``generate_exactly``."""
-        return GenerationConfig(do_sample=not self.greedy, temperature=self.temperature, top_k=self.top_k,
-                                top_p=self.top_p, max_new_tokens=self.max_new_tokens,
+        sampling = {} if self.greedy else {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
+        return GenerationConfig(do_sample=not self.greedy, **sampling, max_new_tokens=self.max_new_tokens,
                                 min_new_tokens=self.min_new_tokens or None, num_return_sequences=n,
                                 pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
                                 bos_token_id=getattr(model.config, "bos_token_id", None),
