@@ -25,6 +25,26 @@ TRENDS = {"dpo": ["loss", "accuracy", "margin"],
           "ppo": ["reward/score", "kl/kl", "policy/entropy", "value/explained_variance"]}
 
 
+def instrument_engine(stats) -> None:
+    """Time every call of the rollout engine into ``stats`` (bench_common's GenStats): rlhfkit samples
+    through it, not through ``model.generate``, which ``bench_common.instrument_generate`` times."""
+    from rlhfkit.models import engine
+
+    inner = engine.ENGINE
+
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        completions = inner(*args, **kwargs)
+        seconds = time.perf_counter() - started
+        stats.calls += 1
+        stats.tokens += completions.numel()
+        stats.seconds += seconds
+        stats.per_step.append((completions.numel(), seconds))
+        return completions
+
+    engine.ENGINE = timed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("algo", choices=sorted(TRENDS))
@@ -50,7 +70,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])
     policy = AutoModelForCausalLM.from_pretrained(paths["policy"])
     gen = B.GenStats()
-    B.instrument_generate(policy, gen)
+    instrument_engine(gen)
     out = tempfile.mkdtemp(prefix="rlhfkit-bench-")
 
     if args.algo == "dpo":

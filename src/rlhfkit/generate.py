@@ -1,9 +1,10 @@
 """N completions per prompt from any causal or seq2seq model: batched, KV-cached, resumable.
 
-Prompts are processed in batches of ``batch_size``; each batch is one ``model.generate`` call with
-``num_return_sequences=n`` (so the prompt's KV cache is computed once per sample, and every sequence
-of the batch decodes in lock-step). Each finished batch is appended to the output file and fsynced,
-so a crash loses at most the batch in flight, and a rerun skips the prompts already done.
+Prompts are processed in batches of ``batch_size``; each batch is one call of the rollout engine
+(``models/engine.py``: each prompt's KV computed once for its n samples, every sequence of the batch
+decoding in lock-step; ``generate`` for models the engine cannot run). Each finished batch is appended to
+the output file and fsynced, so a crash loses at most the batch in flight, and a rerun skips the prompts
+already done.
 """
 
 from __future__ import annotations
@@ -16,18 +17,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhfkit.console import progress_bar
 from rlhfkit.data.io import append_records, drop_partial_last_line, read_records, write_records
 from rlhfkit.data.records import Completion, Prompt, SamplingParams, Text, render_text
-from rlhfkit.models.policy import (
-    check_prompt_lengths,
-    completion_tokens,
-    generate_exactly,
-    is_seq2seq,
-    plain_generation_config,
-)
+from rlhfkit.models.engine import Decoding, sample_completions
+from rlhfkit.models.policy import check_prompt_lengths, is_seq2seq
 
 
 def format_prompt(prompt: Text, tokenizer: PreTrainedTokenizerBase, use_chat_template: bool) -> str:
@@ -48,12 +44,11 @@ def uses_chat_template(tokenizer: PreTrainedTokenizerBase, model: PreTrainedMode
     return bool(getattr(tokenizer, "chat_template", None)) and not is_seq2seq(model)
 
 
-def _generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sampling: SamplingParams,
-                       n: int) -> GenerationConfig:
+def _decoding(tokenizer: PreTrainedTokenizerBase, sampling: SamplingParams) -> Decoding:
     if not sampling.do_sample:
-        return plain_generation_config(model, tokenizer, sampling.max_new_tokens, n, do_sample=False)
-    return plain_generation_config(model, tokenizer, sampling.max_new_tokens, n, temperature=sampling.temperature,
-                                   top_k=sampling.top_k, top_p=sampling.top_p)
+        return Decoding(sampling.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=True)
+    return Decoding(sampling.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                    temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
 
 
 def _batch_seed(seed: int, prompt_ids: Sequence[str]) -> int:
@@ -72,8 +67,8 @@ def sample_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tex
     encoded = tokenizer(texts, return_tensors="pt", padding=True,
                         add_special_tokens=not use_chat_template).to(model.device)
     check_prompt_lengths(model, encoded["attention_mask"], names or texts, sampling.max_new_tokens)
-    output = generate_exactly(model, encoded, _generation_config(model, tokenizer, sampling, n))
-    new_tokens = completion_tokens(model, output, encoded["input_ids"].shape[1])
+    new_tokens = sample_completions(model, encoded["input_ids"], encoded["attention_mask"], n,
+                                    _decoding(tokenizer, sampling))
     special = torch.tensor(sorted(tokenizer.all_special_ids), device=new_tokens.device)
     produced = int((~torch.isin(new_tokens, special)).sum())
     decoded = [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

@@ -7,9 +7,10 @@ the reward from any reward callable.
 Sampling is plain temperature sampling: top-k, top-p, repetition penalties and the like would make the
 sampling distribution differ from softmax(logits / τ), the distribution whose log-probs enter the KL
 estimate and the PPO ratio; that mismatch is the classic cause of a KL that comes out negative. So the
-generation settings are built here from scratch, and none is taken from the model's `generation_config`
-(`generate_exactly`). A prompt that leaves no room for ``max_new_tokens`` in the model's positions is
-refused with its text.
+generation settings are built here from scratch, and none is taken from the model's `generation_config`;
+the completions come from the rollout engine (`models/engine.py`: each prompt's KV read once for its
+n samples, `generate` for models it cannot run). A prompt that leaves no room for ``max_new_tokens`` in
+the model's positions is refused with its text.
 """
 
 from __future__ import annotations
@@ -23,15 +24,8 @@ from transformers import PreTrainedTokenizerBase
 
 from rlhfkit.data.records import Text, render_text
 from rlhfkit.generate import format_prompt
-from rlhfkit.models.policy import (
-    PLAIN_SAMPLING,
-    SamplingDistribution,
-    TokenBatch,
-    check_prompt_lengths,
-    completion_tokens,
-    generate_exactly,
-    plain_generation_config,
-)
+from rlhfkit.models.engine import Decoding, sample_completions
+from rlhfkit.models.policy import PLAIN_SAMPLING, SamplingDistribution, TokenBatch, check_prompt_lengths
 from rlhfkit.models.reference import Reference
 from rlhfkit.models.value_head import Actor
 from rlhfkit.reward.base import RewardFn, score_completions
@@ -87,11 +81,11 @@ def collect_rollout(actor: torch.nn.Module, reference: Reference, tokenizer: Pre
     encoded = tokenizer(texts, return_tensors="pt", padding=True,
                         add_special_tokens=not use_chat_template).to(device)
     check_prompt_lengths(model, encoded["attention_mask"], texts, max_new_tokens)
-    config = plain_generation_config(model, tokenizer, max_new_tokens, n_per_prompt, temperature=sampling.temperature,
-                                     min_new_tokens=sampling.min_new_tokens)
+    decoding = Decoding(max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                        temperature=sampling.temperature, min_new_tokens=sampling.min_new_tokens)
     with full_parameters(actor):
-        output = generate_exactly(model, encoded, config)
-    completion_ids = completion_tokens(model, output, encoded["input_ids"].shape[1])
+        completion_ids = sample_completions(model, encoded["input_ids"], encoded["attention_mask"], n_per_prompt,
+                                            decoding)
     batch = TokenBatch(prompt_ids=encoded["input_ids"].repeat_interleave(n_per_prompt, dim=0),
                        prompt_mask=encoded["attention_mask"].repeat_interleave(n_per_prompt, dim=0),
                        completion_ids=completion_ids,

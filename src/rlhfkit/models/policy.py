@@ -66,18 +66,6 @@ def completion_tokens(model: PreTrainedModel, output: torch.Tensor, prompt_lengt
     return output[:, 1:] if is_seq2seq(model) else output[:, prompt_length:]
 
 
-def plain_generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int,
-                            n: int = 1, do_sample: bool = True, temperature: float = 1.0, top_k: int = 0,
-                            top_p: float = 1.0, min_new_tokens: int = 0) -> GenerationConfig:
-    """rlhfkit's sampling settings and nothing else: softmax(logits / temperature), optionally cut to the
-    top-k tokens or the top-p mass, EOS allowed after ``min_new_tokens``."""
-    return GenerationConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None,
-                            num_return_sequences=n, pad_token_id=tokenizer.pad_token_id,
-                            eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-                            decoder_start_token_id=getattr(model.config, "decoder_start_token_id", None))
-
-
 def generate_exactly(model: PreTrainedModel, encoded: Mapping[str, torch.Tensor],
                      config: GenerationConfig) -> torch.Tensor:
     """``model.generate`` with ``config`` and nothing else. transformers fills every field a config

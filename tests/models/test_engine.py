@@ -1,0 +1,193 @@
+"""The rollout engine samples from exactly the distribution `generate` samples from, faster."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_generation_config_hostile
+from rlhfkit.models import engine as engine_module
+from rlhfkit.models.engine import (
+    Decoding,
+    generate_sampling,
+    has_static_cache,
+    kv_cached_sampling,
+    sample_completions,
+)
+from rlhfkit.models.policy import TokenBatch, completion_logits, token_logprobs
+from rlhfkit.rollout import completion_mask
+
+EOS, PAD = 3, 0
+
+
+def peaked(model):
+    """Logits ×10 (the final layer norm scaled): a random tiny model is near-uniform, which would hide a
+    wrong temperature or position."""
+    with torch.no_grad():
+        model.transformer.ln_f.weight.mul_(10.0)
+        model.transformer.ln_f.bias.mul_(10.0)
+    return model
+
+
+def encode(tokenizer, texts):
+    encoded = tokenizer(texts, return_tensors="pt", padding=True)
+    return encoded["input_ids"], encoded["attention_mask"]
+
+
+@torch.no_grad()
+def teacher_forced_logprobs(model, ids, mask, n, completions, sampling):
+    """log softmax(z / τ) (EOS at −∞ before min_new_tokens) of the whole vocabulary at every completion
+    position, from one forward pass over prompt + completion."""
+    batch = TokenBatch(ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), completions,
+                       completion_mask(completions, EOS))
+    logits, _ = completion_logits(model, batch)
+    vocab = logits.shape[-1]
+    every = torch.arange(vocab).expand(*logits.shape[:2], vocab).permute(2, 0, 1)
+    return torch.stack([token_logprobs(logits, tokens, sampling)[0] for tokens in every], dim=-1)
+
+
+def decoding(**kwargs) -> Decoding:
+    return Decoding(**{"max_new_tokens": 6, "eos_token_id": EOS, "pad_token_id": PAD} | kwargs)
+
+
+PROMPTS = ["how do i fix my bike", "help", "what is a good plan for the day"]
+
+
+def test_greedy_output_is_generates_token_for_token(tiny_causal, tokenizer):
+    model = make_generation_config_hostile(peaked(tiny_causal))
+    ids, mask = encode(tokenizer, PROMPTS)
+    settings = decoding(greedy=True, max_new_tokens=10, min_new_tokens=3)
+    ours = kv_cached_sampling(model, ids, mask, 2, settings)
+    theirs = generate_sampling(model, ids, mask, 2, settings)
+    assert ours.shape == (6, 10)
+    assert torch.equal(ours, theirs)
+
+
+def test_a_left_padded_prompt_decodes_as_it_does_alone(tiny_causal, tokenizer):
+    model = peaked(tiny_causal)
+    settings = decoding(greedy=True, max_new_tokens=12)
+    ids, mask = encode(tokenizer, PROMPTS)
+    together = kv_cached_sampling(model, ids, mask, 1, settings)
+    for row, prompt in enumerate(PROMPTS):
+        alone = kv_cached_sampling(model, *encode(tokenizer, [prompt]), 1, settings)
+        assert torch.equal(together[row, :alone.shape[1]], alone[0])
+
+
+def test_the_engine_sees_the_logprobs_a_teacher_forced_pass_computes(tiny_causal, tokenizer, monkeypatch):
+    """Temperature, min_new_tokens, padding and positions: every distribution the engine draws from equals
+    softmax(z / τ) of the forward pass the algorithms compute log-probs with."""
+    from rlhfkit.models.policy import SamplingDistribution
+
+    model = peaked(tiny_causal)
+    seen = []
+    real_draw = engine_module.draw
+    monkeypatch.setattr(engine_module, "draw", lambda z, greedy, generator: seen.append(z.log_softmax(-1))
+                        or real_draw(z, greedy, generator))
+    ids, mask = encode(tokenizer, PROMPTS)
+    settings = decoding(temperature=0.7, min_new_tokens=4)
+    completions = kv_cached_sampling(model, ids, mask, 3, settings, torch.Generator().manual_seed(0))
+    engine_logprobs = torch.stack(seen, dim=1)
+    expected = teacher_forced_logprobs(model, ids, mask, 3, completions, SamplingDistribution(0.7, 4, EOS))
+    live = completion_mask(completions, EOS).bool()
+    torch.testing.assert_close(engine_logprobs[live], expected[live], atol=1e-4, rtol=1e-4)
+    assert (completions[:, :4] != EOS).all()
+
+
+def goodness_of_fit(tokens: torch.Tensor, probs: torch.Tensor) -> float:
+    """p-value of Pearson's chi-square test that ``tokens`` [N] were drawn with probabilities ``probs`` [V]
+    (tokens expected fewer than 5 times pooled into one cell)."""
+    from scipy.stats import chisquare
+
+    observed = torch.bincount(tokens, minlength=probs.numel()).double()
+    expected = probs.double() * tokens.numel()
+    rare = expected < 5
+    if expected[rare].sum() > 0:
+        observed = torch.cat([observed[~rare], observed[rare].sum()[None]])
+        expected = torch.cat([expected[~rare], expected[rare].sum()[None]])
+    else:
+        observed, expected = observed[~rare], expected[~rare]
+    return float(chisquare(observed.numpy(), (expected * observed.sum() / expected.sum()).numpy()).pvalue)
+
+
+def same_distribution(first: torch.Tensor, second: torch.Tensor) -> float:
+    """p-value of the chi-square test of homogeneity that two samples of token ids come from one distribution."""
+    from scipy.stats import chi2_contingency
+
+    counts = torch.stack([torch.bincount(first, minlength=int(max(first.max(), second.max())) + 1),
+                          torch.bincount(second, minlength=int(max(first.max(), second.max())) + 1)])
+    return float(chi2_contingency(counts[:, counts.sum(0) > 0].numpy()).pvalue)
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.3])
+def test_token_frequencies_match_softmax_over_temperature_and_generates(tiny_causal, tokenizer, temperature):
+    """At each position t the engine's tokens over 2000 samples per prompt pass a chi-square test against
+    E[softmax(z_t / τ)] (teacher-forced passes over the samples) and against `generate`'s samples; the same
+    test rejects the distribution with the temperature ignored (τ = 1)."""
+    from rlhfkit.models.policy import SamplingDistribution
+
+    model = peaked(tiny_causal)
+    ids, mask = encode(tokenizer, ["help", "how do i fix my bike"])
+    settings = decoding(max_new_tokens=3, min_new_tokens=2, temperature=temperature)
+    n = 2000
+    ours = kv_cached_sampling(model, ids, mask, n, settings, torch.Generator().manual_seed(1))
+    theirs = generate_sampling(model, ids, mask, n, settings, torch.Generator().manual_seed(2))
+    for prompt in range(2):
+        rows, one = slice(prompt * n, (prompt + 1) * n), slice(prompt, prompt + 1)
+        right, wrong = (teacher_forced_logprobs(model, ids[one], mask[one], n, ours[rows],
+                                                SamplingDistribution(tau, 2, EOS)).exp().mean(0)
+                        for tau in (temperature, 1.0))
+        for t in range(3):
+            assert goodness_of_fit(ours[rows, t], right[t]) > 1e-3
+            assert same_distribution(ours[rows, t], theirs[rows, t]) > 1e-3
+        assert min(goodness_of_fit(ours[rows, t], wrong[t]) for t in range(3)) < 1e-6
+
+
+def eos_favoured(model, boost: float):
+    """EOS's logit raised by ``boost`` at every position (a hook on the LM head)."""
+    def hook(module, inputs, output):
+        output[..., EOS] += boost
+        return output
+    model.lm_head.register_forward_hook(hook)
+    return model
+
+
+def test_min_new_tokens_is_honoured_and_the_loop_stops_when_every_sequence_has_ended(tiny_causal, tokenizer):
+    model = eos_favoured(tiny_causal, 100.0)
+    ids, mask = encode(tokenizer, PROMPTS)
+    completions = kv_cached_sampling(model, ids, mask, 4, decoding(max_new_tokens=20, min_new_tokens=3))
+    assert completions.shape == (12, 4)
+    assert (completions[:, :3] != EOS).all() and (completions[:, 3] == EOS).all()
+
+
+def test_a_sequence_that_ended_gets_padding_and_others_go_on(tiny_causal, tokenizer):
+    model = eos_favoured(tiny_causal, 3.0)  # EOS at p ≈ 0.25 each step: sequences end at different steps
+    ids, mask = encode(tokenizer, PROMPTS)
+    completions = kv_cached_sampling(model, ids, mask, 8, decoding(max_new_tokens=12),
+                                     torch.Generator().manual_seed(0))
+    ended_at = (completions == EOS).float().argmax(1)
+    assert ended_at.unique().numel() > 1
+    for row, end in enumerate(ended_at.tolist()):
+        assert (completions[row, end + 1:] == PAD).all()
+    assert completions.shape[1] == int(ended_at.max()) + 1  # no step after the last sequence ended
+
+
+def test_right_padded_prompts_are_refused(tiny_causal, tokenizer):
+    tokenizer.padding_side = "right"
+    with pytest.raises(ValueError, match="left-padded"):
+        kv_cached_sampling(tiny_causal, *encode(tokenizer, PROMPTS), 1, decoding())
+
+
+def test_seq2seq_models_fall_back_to_generate(tiny_seq2seq, tokenizer):
+    assert not has_static_cache(tiny_seq2seq)
+    ids, mask = encode(tokenizer, PROMPTS)
+    settings = decoding(greedy=True, max_new_tokens=5)
+    assert torch.equal(sample_completions(tiny_seq2seq, ids, mask, 2, settings),
+                       generate_sampling(tiny_seq2seq, ids, mask, 2, settings))
+
+
+def test_a_generator_makes_samples_reproducible_on_both_paths(tiny_causal, tiny_seq2seq, tokenizer):
+    ids, mask = encode(tokenizer, PROMPTS)
+    for model in (tiny_causal, tiny_seq2seq):
+        first, second = (sample_completions(model, ids, mask, 2, decoding(), torch.Generator().manual_seed(5))
+                         for _ in range(2))
+        assert torch.equal(first, second)
