@@ -1,0 +1,52 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def run_worker(out: Path, mode: str) -> list[dict]:
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2"] if mode == "ddp" else []
+    out.mkdir()
+    result = subprocess.run([sys.executable, *launcher, str(WORKER), str(out), mode], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return [json.loads(f.read_text()) for f in sorted(out.glob(f"{mode}-rank*.json"))]
+
+
+@pytest.mark.slow
+def test_two_process_sft_matches_one_process_with_the_same_global_batch(tmp_path):
+    """2-process DDP with the gloo backend, launched like `accelerate launch` does (torchrun)."""
+    ranks = run_worker(tmp_path / "ddp", "ddp")
+    [single] = run_worker(tmp_path / "single", "single")
+    assert [r["world"] for r in ranks] == [2, 2] and ranks[0]["backend"] == "gloo" and single["world"] == 1
+    # batches of 3, 3, 1 examples per epoch: each rank trains on its own examples, together the whole batch; in
+    # the batch of 1, rank 1 runs rank 0's example with weight 0 (DDP needs it in the backward pass)
+    for step, whole in enumerate(single["seen"]):
+        first, second = ranks[0]["seen"][step], ranks[1]["seen"][step]
+        if len(whole) > 1:
+            assert not set(first) & set(second) and sorted(first + second) == whole
+        else:
+            assert first == second == whole
+    assert ranks[0]["initial"] != ranks[0]["weights"] == ranks[1]["weights"]
+    # losses are the whole batch's (weighted by each rank's response tokens), the same on both ranks, and the
+    # one-process run's; so is each step's gradient norm
+    assert ranks[0]["metrics"] == ranks[1]["metrics"] and ranks[0]["norms"] == ranks[1]["norms"]
+    two_metrics, one_metrics = ranks[0]["metrics"], single["metrics"]
+    assert [h["train_loss"] for h in two_metrics.pop("history")] == pytest.approx(
+        [h["train_loss"] for h in one_metrics.pop("history")], rel=1e-5)
+    assert two_metrics == pytest.approx(one_metrics, rel=1e-5)
+    assert ranks[0]["norms"] == pytest.approx(single["norms"], rel=1e-4)
+    assert [r["saves"] for r in ranks] == [1, 0] and not (tmp_path / "ddp" / "sft" / "checkpoint.pt").exists()
+    two = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp" / "sft").state_dict()
+    one = AutoModelForCausalLM.from_pretrained(tmp_path / "single" / "sft").state_dict()
+    for name, tensor in two.items():
+        torch.testing.assert_close(tensor, one[name], atol=1e-4, rtol=0, msg=name)
+    # a NaN on rank 1 only stops both ranks at the same step, without a deadlock, and nothing is saved
+    assert all(r["nan_error"].startswith("SFT stopped in epoch 1: ") for r in ranks)
+    assert not (tmp_path / "ddp" / "nan" / "config.json").exists()
