@@ -7,7 +7,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import save_tiny_policy
+from rlhfkit.data.io import write_records
+from rlhfkit.data.records import Revision
+
 WORKER = Path(__file__).with_name("ddp_worker.py")
+EXAMPLES = [("how do i fix bike", "you are doing great thanks for asking"), ("plan day", "happy to help"),
+            ("bake cake", "great question glad you asked"), ("write code", "kind regards"), ("garden", "glad to help")]
 
 
 def run_worker(out: Path, mode: str) -> list[dict]:
@@ -50,3 +56,19 @@ def test_two_process_sft_matches_one_process_with_the_same_global_batch(tmp_path
     # a NaN on rank 1 only stops both ranks at the same step, without a deadlock, and nothing is saved
     assert all(r["nan_error"].startswith("SFT stopped in epoch 1: ") for r in ranks)
     assert not (tmp_path / "ddp" / "nan" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_cai_sft_command_runs_unchanged_under_two_processes(tmp_path):
+    """`rlhfkit cai sft` under torchrun (what `accelerate launch` runs on CPUs): one model, one report."""
+    save_tiny_policy(tmp_path / "model")
+    write_records(tmp_path / "revisions.jsonl", [Revision(id=f"r{i}", prompt=prompt, initial="bad", final=final)
+                                                 for i, (prompt, final) in enumerate(EXAMPLES)])
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "rlhfkit.cli"]
+    result = subprocess.run([*launcher, "cai", "sft", "--model", str(tmp_path / "model"), "--revisions",
+                             str(tmp_path / "revisions.jsonl"), "--no-chat-template", "--epochs", "1", "--batch-size",
+                             "3", "--output-dir", str(tmp_path / "sft")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    printed = result.stdout + result.stderr
+    assert printed.count("SFT loss on the revisions") == printed.count("helpful examples;") == 1
+    assert (tmp_path / "sft" / "config.json").exists() and not (tmp_path / "sft" / "checkpoint.pt").exists()

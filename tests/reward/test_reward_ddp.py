@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TOPICS, synthetic_pairs
+from conftest import TOPICS, build_tiny_reward_backbone, minilm_tokenizer, synthetic_pairs
+from rlhfkit.data.io import write_records
 from rlhfkit.reward.model import RewardModel
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -58,3 +59,20 @@ def test_two_process_reward_model_training_matches_one_process_with_the_same_glo
     # a NaN on rank 1 only stops both ranks at the same step, without a deadlock
     assert all(r["nan_error"].startswith("reward-model training stopped at step 2: ") for r in ranks)
     assert not (tmp_path / "ddp" / "nan").exists()
+
+
+@pytest.mark.slow
+def test_reward_train_command_runs_unchanged_under_two_processes(tmp_path):
+    """`rlhfkit reward train` under torchrun (what `accelerate launch` runs on CPUs): one model, one report."""
+    write_records(tmp_path / "pairs.jsonl", synthetic_pairs(TOPICS[:6]))
+    build_tiny_reward_backbone().save_pretrained(tmp_path / "backbone")
+    minilm_tokenizer().save_pretrained(tmp_path / "backbone")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "rlhfkit.cli"]
+    result = subprocess.run([*launcher, "reward", "train", str(tmp_path / "pairs.jsonl"), "-o", str(tmp_path / "rm"),
+                             "--backbone", str(tmp_path / "backbone"), "--epochs", "1", "--batch-size", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    printed = result.stdout + result.stderr
+    assert printed.count("reward model →") == 1 and printed.count("epoch 1: train loss") == 1
+    assert RewardModel.load(tmp_path / "rm").metrics["eval_pairs"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["backbone", "rm"]

@@ -124,11 +124,12 @@ def train_sft(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, exampl
     if not examples:
         raise ValueError("no examples to fine-tune on")
     out = Path(output_dir) if output_dir is not None else None
-    if out is not None and (out / METRICS_FILE).exists():
-        console.print(f"SFT already finished in {out}; loading it")
-        return type(model).from_pretrained(out).eval(), json.loads((out / METRICS_FILE).read_text())
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
+    if out is not None and (out / METRICS_FILE).exists():
+        if main:
+            console.print(f"SFT already finished in {out}; loading it")
+        return type(model).from_pretrained(out).eval(), json.loads((out / METRICS_FILE).read_text())
     tokenizer = prepare_tokenizer(tokenizer, model)
     chat = uses_chat_template(tokenizer, model, config.use_chat_template)
     rng = random.Random(config.seed)
