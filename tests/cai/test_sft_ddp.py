@@ -1,13 +1,10 @@
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import save_tiny_policy
+from conftest import assert_each_rank_took_its_share, run_cli_in_two_processes, run_ddp_worker, save_tiny_policy
 from rlhfkit.data.io import write_records
 from rlhfkit.data.records import Revision
 
@@ -16,29 +13,13 @@ EXAMPLES = [("how do i fix bike", "you are doing great thanks for asking"), ("pl
             ("bake cake", "great question glad you asked"), ("write code", "kind regards"), ("garden", "glad to help")]
 
 
-def run_worker(out: Path, mode: str) -> list[dict]:
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2"] if mode == "ddp" else []
-    out.mkdir()
-    result = subprocess.run([sys.executable, *launcher, str(WORKER), str(out), mode], capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return [json.loads(f.read_text()) for f in sorted(out.glob(f"{mode}-rank*.json"))]
-
-
 @pytest.mark.slow
 def test_two_process_sft_matches_one_process_with_the_same_global_batch(tmp_path):
     """2-process DDP with the gloo backend, launched like `accelerate launch` does (torchrun)."""
-    ranks = run_worker(tmp_path / "ddp", "ddp")
-    [single] = run_worker(tmp_path / "single", "single")
+    ranks = run_ddp_worker(WORKER, tmp_path / "ddp", "ddp")
+    [single] = run_ddp_worker(WORKER, tmp_path / "single", "single")
     assert [r["world"] for r in ranks] == [2, 2] and ranks[0]["backend"] == "gloo" and single["world"] == 1
-    # batches of 3, 3, 1 examples per epoch: each rank trains on its own examples, together the whole batch; in
-    # the batch of 1, rank 1 runs rank 0's example with weight 0 (DDP needs it in the backward pass)
-    for step, whole in enumerate(single["seen"]):
-        first, second = ranks[0]["seen"][step], ranks[1]["seen"][step]
-        if len(whole) > 1:
-            assert not set(first) & set(second) and sorted(first + second) == whole
-        else:
-            assert first == second == whole
+    assert_each_rank_took_its_share(ranks, single)  # batches of 3, 3, 1 examples
     assert ranks[0]["initial"] != ranks[0]["weights"] == ranks[1]["weights"]
     # losses are the whole batch's (weighted by each rank's response tokens), the same on both ranks, and the
     # one-process run's; so is each step's gradient norm
@@ -64,11 +45,8 @@ def test_cai_sft_command_runs_unchanged_under_two_processes(tmp_path):
     save_tiny_policy(tmp_path / "model")
     write_records(tmp_path / "revisions.jsonl", [Revision(id=f"r{i}", prompt=prompt, initial="bad", final=final)
                                                  for i, (prompt, final) in enumerate(EXAMPLES)])
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "rlhfkit.cli"]
-    result = subprocess.run([*launcher, "cai", "sft", "--model", str(tmp_path / "model"), "--revisions",
-                             str(tmp_path / "revisions.jsonl"), "--no-chat-template", "--epochs", "1", "--batch-size",
-                             "3", "--output-dir", str(tmp_path / "sft")], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    printed = result.stdout + result.stderr
+    printed = run_cli_in_two_processes("cai", "sft", "--model", tmp_path / "model", "--revisions",
+                                       tmp_path / "revisions.jsonl", "--no-chat-template", "--epochs", 1,
+                                       "--batch-size", 3, "--output-dir", tmp_path / "sft")
     assert printed.count("SFT loss on the revisions") == printed.count("helpful examples;") == 1
     assert (tmp_path / "sft" / "config.json").exists() and not (tmp_path / "sft" / "checkpoint.pt").exists()

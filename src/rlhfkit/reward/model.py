@@ -286,9 +286,9 @@ def _batch_loss(reward_model: RewardModel, units: list[list[PreferencePair]], ba
 def _process_share(accelerator: Accelerator, reward_model: RewardModel, model: torch.nn.Module,
                    batch: list[list[PreferencePair]]) -> tuple[torch.Tensor, torch.Tensor]:
     """This process's part of the step's loss (scaled by W for DDP's mean, see the module docstring) and
-    the step's sums over all processes (loss, correct pairs, margin, pairs).
-    A process left without units (a batch smaller than W) still runs a pass, weighted 0, over a unit
-    it borrows: DDP needs every process in each backward pass."""
+    the step's sums over all processes (loss, correct pairs, margin, pairs). A process left without units
+    (a batch smaller than W) still runs a pass, weighted 0, over a unit it borrows: DDP needs every
+    process in each backward pass."""
     share = batch[accelerator.process_index::accelerator.num_processes]
     loss, stats = _batch_loss(reward_model, share or batch[:1], len(batch), model)
     if not share:
