@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,3 +150,35 @@ def save_tiny_policy(path):
     build_tiny_causal().save_pretrained(path)
     word_tokenizer().save_pretrained(path)
     return path
+
+
+TWO_PROCESSES = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]  # CPUs: gloo
+
+
+def run_cli_in_two_processes(*args) -> str:
+    """`rlhfkit ARGS` under torchrun with 2 CPU processes; what both printed."""
+    result = subprocess.run([*TWO_PROCESSES, "-m", "rlhfkit.cli", *map(str, args)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def run_ddp_worker(worker: Path, out: Path, mode: str) -> list[dict]:
+    """Run ``worker OUT MODE`` under torchrun with 2 CPU processes (what `accelerate launch` runs) for mode
+    "ddp", else as one process; returns what each process wrote to OUT/MODE-rank*.json."""
+    out.mkdir()
+    launcher = TWO_PROCESSES if mode == "ddp" else [sys.executable]
+    result = subprocess.run([*launcher, str(worker), str(out), mode], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return [json.loads(f.read_text()) for f in sorted(out.glob(f"{mode}-rank*.json"))]
+
+
+def assert_each_rank_took_its_share(ranks: list[dict], single: dict) -> None:
+    """Per step, the 2 ranks' items ("seen") split the one-process run's batch between them; a batch of
+    one item is run by both, rank 1 with weight 0 (DDP needs every process in each backward pass)."""
+    for step, whole in enumerate(single["seen"]):
+        first, second = ranks[0]["seen"][step], ranks[1]["seen"][step]
+        if len(whole) > 1:
+            assert not set(first) & set(second) and sorted(first + second) == whole
+        else:
+            assert first == second == whole

@@ -124,6 +124,9 @@ def reward_train(
 ) -> None:
     """Train a Bradley-Terry reward model (loss −log σ(r_chosen − r_rejected)) → a save_pretrained folder
     with its config, normalisation and held-out accuracy."""
+    import torch
+    from accelerate import Accelerator
+
     from rlhfkit.data.io import read_records
     from rlhfkit.data.records import PreferencePair
     from rlhfkit.reward.model import RewardModelConfig, train_reward_model
@@ -131,8 +134,11 @@ def reward_train(
     cfg = RewardModelConfig.from_yaml(config, backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr,
                                       lora=lora)
     held_out = read_records(eval_pairs, PreferencePair, allow_empty=False) if eval_pairs else None
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     rm = train_reward_model(read_records(pairs_file, PreferencePair, allow_empty=False), cfg, output_dir=output,
-                            eval_pairs=held_out)
+                            eval_pairs=held_out, accelerator=accelerator)
+    if not accelerator.is_main_process:
+        return
     if rm.metrics["eval_pairs"]:
         measured = f"held-out accuracy {rm.metrics['eval']['eval_accuracy']:.3f} on {rm.metrics['eval_pairs']} pairs"
     else:

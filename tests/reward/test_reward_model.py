@@ -35,7 +35,7 @@ def test_k_way_batch_scores_each_completion_once_and_weighs_prompts_equally():
     rm.model.eval()  # no dropout: both ways of computing must see the same function
     seen = []
     original = rm.raw_rewards
-    rm.raw_rewards = lambda p, c: seen.append(len(c)) or original(p, c)
+    rm.raw_rewards = lambda p, c, model=None: seen.append(len(c)) or original(p, c, model)
     pairs = synthetic_pairs(TOPICS[:2], per_prompt=3)
     # prompt 0: 3 pairs over <= 6 distinct completions; prompt 1 likewise; one forward pass in all
     loss, stats = _batch_loss(rm, [pairs[:3], pairs[3:]])

@@ -85,6 +85,9 @@ def sft(
     dry_run: DryRunOption = False,
 ) -> None:
     """Stage 1: supervised fine-tuning on (prompt, final revision), optionally mixed with helpful answers."""
+    import torch
+    from accelerate import Accelerator
+
     from rlhfkit.cai.sft import SFTConfig, train_sft
     from rlhfkit.data.io import read_records
     from rlhfkit.data.records import PreferencePair, Revision
@@ -104,9 +107,12 @@ def sft(
         _show({"model input (prompt)": format_prompt(prompt, tokenizer, chat),
                "target (loss on these tokens, then EOS)": response})
         return
-    _, metrics = train_sft(policy, tokenizer, examples, config, helpful=extra, output_dir=output_dir)
-    console.print(f"{metrics['examples']} revisions + {metrics['helpful_examples']} helpful examples; loss on the "
-                  f"revisions {metrics['loss_before']:.3f} → {metrics['loss_after']:.3f}; model → {output_dir}")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    _, metrics = train_sft(policy, tokenizer, examples, config, helpful=extra, output_dir=output_dir,
+                           accelerator=accelerator)
+    if accelerator.is_main_process:
+        console.print(f"{metrics['examples']} revisions + {metrics['helpful_examples']} helpful examples; loss on "
+                      f"the revisions {metrics['loss_before']:.3f} → {metrics['loss_after']:.3f}; model → {output_dir}")
 
 
 @cai_app.command()

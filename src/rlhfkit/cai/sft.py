@@ -5,6 +5,11 @@ revisions, optionally mixed with helpful answers so that the model does not drif
 
 Causal and seq2seq models share the code through `completion_logits`; full or LoRA fine-tuning (LoRA
 is merged into the weights on save, so later stages load a plain model).
+
+Under ``accelerate launch`` (DDP) a step's batch is the same as in one process: each of the W processes
+takes its share of the batch's examples, with n_w of the step's N = Σ_w n_w response tokens and mean
+loss L_w over them, and back-propagates W · (n_w / N) · L_w, so that DDP's mean of the gradients is the
+gradient of the whole batch's loss L = Σ_w (n_w / N) · L_w.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhfkit.config import save_config
@@ -26,13 +32,12 @@ from rlhfkit.generate import format_prompt, uses_chat_template
 from rlhfkit.models.policy import (
     TokenBatch,
     cast_trainable,
-    completion_logits,
     prepare_tokenizer,
-    token_logprobs,
     tokenize_completions,
 )
 from rlhfkit.models.reference import add_lora
-from rlhfkit.models.update import guarded_step
+from rlhfkit.models.update import TrainingDiverged, apply_gradients
+from rlhfkit.models.value_head import Actor
 from rlhfkit.rl.trainer import save_as_loaded
 
 METRICS_FILE = "sft_metrics.json"  # written last: its presence means the run finished
@@ -63,10 +68,10 @@ def sft_batch(tokenizer: PreTrainedTokenizerBase, examples: Sequence[tuple[Text,
     return batch.to(device)
 
 
-def sft_loss(model: PreTrainedModel, batch: TokenBatch) -> torch.Tensor:
-    """Mean negative log-likelihood per response token."""
-    logits, _ = completion_logits(model, batch)
-    logprobs, _ = token_logprobs(logits, batch.completion_ids)
+def sft_loss(actor: Actor, batch: TokenBatch) -> torch.Tensor:
+    """Mean negative log-likelihood per response token, with the policy in an :class:`Actor` (one module
+    whose forward is the whole pass: what a DDP wrapper needs)."""
+    logprobs = actor(batch, with_entropy=False)[0]
     mask = batch.completion_mask.float()
     return -(logprobs * mask).sum() / mask.sum()
 
@@ -76,29 +81,54 @@ def mean_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, exampl
               chat: bool, config: SFTConfig) -> float:
     model.eval()
     device = next(model.parameters()).device
+    actor = Actor(model, value_head=False)
     total = tokens = 0.0
     for start in range(0, len(examples), config.batch_size):
         batch = sft_batch(tokenizer, examples[start:start + config.batch_size], chat, config, device)
         n = batch.completion_mask.sum().item()
-        total += sft_loss(model, batch).item() * n
+        total += sft_loss(actor, batch).item() * n
         tokens += n
     return total / max(tokens, 1)
 
 
+def _process_share(accelerator: Accelerator, actor: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                   examples: Sequence[tuple[Text, str]], chat: bool, config: SFTConfig) -> tuple[torch.Tensor, float]:
+    """This process's share of a step's ``examples``: (its loss scaled for DDP's mean of the gradients, see
+    the module docstring; the step's loss L over all processes). A process left without examples (a
+    batch smaller than W) still runs a pass, weighted 0, over an example it borrows: DDP needs every
+    process in each backward pass."""
+    share = examples[accelerator.process_index::accelerator.num_processes]
+    batch = sft_batch(tokenizer, share or examples[:1], chat, config, accelerator.device)
+    loss = sft_loss(actor, batch)
+    n = batch.completion_mask.sum().item() if share else 0
+    sums = torch.tensor([loss.item() * n, n], dtype=torch.float64)
+    if accelerator.num_processes > 1:
+        sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
+    tokens = sums[1].item()
+    return loss * (accelerator.num_processes * n / tokens), sums[0].item() / tokens
+
+
 def train_sft(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: Sequence[tuple[Text, str]],
               config: SFTConfig | None = None, helpful: Sequence[tuple[Text, str]] = (),
-              output_dir: str | os.PathLike | None = None, progress: bool = True) -> tuple[PreTrainedModel, dict]:
+              output_dir: str | os.PathLike | None = None, progress: bool = True,
+              accelerator: Accelerator | None = None) -> tuple[PreTrainedModel, dict]:
     """Fine-tune on ``examples`` (+ a ``helpful_fraction`` of ``helpful``); returns the model and its
     losses on ``examples`` before and after, and per epoch.
 
     With ``output_dir`` the run is resumable: a checkpoint (trainable weights, optimizer, RNG states) is
-    written after every epoch and picked up by a rerun; a finished run is loaded instead of retrained."""
+    written after every epoch and picked up by a rerun; a finished run is loaded instead of retrained.
+    ``accelerator`` (default: a fresh one) is used as given; under ``accelerate launch`` each process
+    trains on its share of every batch, logged losses are the whole batch's, and only the main process
+    writes files. Every process returns the trained model."""
     config = config or SFTConfig()
     if not examples:
         raise ValueError("no examples to fine-tune on")
     out = Path(output_dir) if output_dir is not None else None
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    main = accelerator.is_main_process
     if out is not None and (out / METRICS_FILE).exists():
-        console.print(f"SFT already finished in {out}; loading it")
+        if main:
+            console.print(f"SFT already finished in {out}; loading it")
         return type(model).from_pretrained(out).eval(), json.loads((out / METRICS_FILE).read_text())
     tokenizer = prepare_tokenizer(tokenizer, model)
     chat = uses_chat_template(tokenizer, model, config.use_chat_template)
@@ -110,8 +140,7 @@ def train_sft(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, exampl
     if config.lora:
         model = add_lora(model, config.lora_r, config.lora_alpha)
     cast_trainable(model, torch.float32)  # fp32 master weights, also for a bf16 checkpoint
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device)
+    model.to(accelerator.device)
     torch.manual_seed(config.seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
     checkpoint = out / "checkpoint.pt" if out is not None else None
@@ -122,42 +151,59 @@ def train_sft(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, exampl
         rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
         before, history, mixed = state["loss_before"], state["history"], state["mixed"]
-        console.print(f"resuming SFT after epoch {len(history)} from {checkpoint}")
+        if main:
+            console.print(f"resuming SFT after epoch {len(history)} from {checkpoint}")
     else:
         before, history = mean_loss(model, tokenizer, examples, chat, config), []
+    actor, optimizer = accelerator.prepare(Actor(model, value_head=False), optimizer)
     steps = config.epochs * -(-len(mixed) // config.batch_size)
-    with progress_bar(progress) as bar:
+    with progress_bar(progress and main) as bar:
         task = bar.add_task("SFT", total=steps, completed=len(history) * -(-len(mixed) // config.batch_size),
                             info="")
         for epoch in range(len(history), config.epochs):
-            model.train()
+            actor.train()
             rng.shuffle(mixed)
             losses = []
             for start in range(0, len(mixed), config.batch_size):
-                loss = sft_loss(model, sft_batch(tokenizer, mixed[start:start + config.batch_size], chat, config,
-                                                 device))
-                guarded_step(optimizer, model.parameters(), loss, 1.0, f"SFT stopped in epoch {epoch + 1}")
-                losses.append(loss.item())
-                bar.update(task, advance=1, info=f"epoch {epoch + 1} loss {loss.item():.3f}")
+                loss, step_loss = _process_share(accelerator, actor, tokenizer, mixed[start:start + config.batch_size],
+                                                 chat, config)
+                try:
+                    apply_gradients(accelerator, actor, optimizer, loss, 1.0)
+                except TrainingDiverged as exc:
+                    raise TrainingDiverged(f"SFT stopped in epoch {epoch + 1}: {exc}") from None
+                losses.append(step_loss)
+                bar.update(task, advance=1, info=f"epoch {epoch + 1} loss {step_loss:.3f}")
             history.append({"epoch": epoch + 1, "train_loss": sum(losses) / len(losses)})
             if checkpoint is not None:
-                checkpoint.parent.mkdir(parents=True, exist_ok=True)
-                trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-                torch.save({"trainable": trainable, "optimizer": optimizer.state_dict(), "rng": rng.getstate(),
-                            "torch_rng": torch.get_rng_state(), "loss_before": before, "history": history,
-                            "mixed": mixed}, checkpoint.with_suffix(".tmp"))
-                checkpoint.with_suffix(".tmp").replace(checkpoint)
-    model.eval()
+                save_checkpoint(accelerator, model, optimizer, checkpoint, {
+                    "rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "loss_before": before,
+                    "history": history, "mixed": mixed})
+    model = accelerator.unwrap_model(actor, keep_fp32_wrapper=False).model.eval()
     if config.lora:
         model = model.merge_and_unload()
     metrics = {"loss_before": before, "loss_after": mean_loss(model, tokenizer, examples, chat, config),
                "examples": len(examples), "helpful_examples": len(mixed) - len(examples), "history": history}
-    if progress:
+    if progress and main:
         console.print(f"SFT loss on the revisions: {metrics['loss_before']:.3f} → {metrics['loss_after']:.3f}")
-    if out is not None:
+    if out is not None and main:
         save_as_loaded(model, out)
         tokenizer.save_pretrained(out)
         save_config(config, out / "sft_config.yaml")
         (out / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
         checkpoint.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
     return model, metrics
+
+
+def save_checkpoint(accelerator: Accelerator, model: PreTrainedModel, optimizer: torch.optim.Optimizer,
+                    path: Path, state: dict) -> None:
+    """Trainable weights, optimizer and ``state`` in one file, replaced whole; written by the main process
+    (its random state stands for all: after a resume under several processes, dropout draws differ from
+    an uninterrupted run's)."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        torch.save({"trainable": trainable, "optimizer": optimizer.state_dict(), **state}, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+    accelerator.wait_for_everyone()

@@ -12,6 +12,10 @@ Batches follow InstructGPT's K-way scheme by default (``batching="prompt"``): a 
 prompt with all its pairs, every distinct completion in a batch is scored once, and the loss is the
 mean over prompts of the mean over each prompt's pairs. ``batching="pairs"`` shuffles pairs freely.
 Held-out pairs are split by prompt, so that held-out accuracy is measured on unseen prompts.
+
+Under ``accelerate launch`` (DDP) a step's batch is the same as in one process: each of the W processes
+scores its own share of the batch's units, its loss L_w is its units' part of the batch loss L = Σ_w L_w,
+and it back-propagates W · L_w, so that DDP's mean of the gradients, (1/W) Σ_w ∇(W · L_w), is ∇L.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from transformers import (
     AutoModelForSequenceClassification,
@@ -44,7 +49,7 @@ from rlhfkit.data.io import malformed_json, umask_mode, validation_error
 from rlhfkit.data.pairs import group_by_prompt
 from rlhfkit.data.records import PreferencePair, render_text
 from rlhfkit.models.pretrained import pretrained_source
-from rlhfkit.models.update import guarded_step
+from rlhfkit.models.update import TrainingDiverged, apply_gradients
 
 STATE_FILE = "rlhfkit_reward.json"
 
@@ -142,11 +147,13 @@ class RewardModel:
             model.config.pad_token_id = tokenizer.pad_token_id
         self.name = "reward_model"
 
-    def raw_rewards(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
-        """Unnormalised r(x, y) for each pair of texts, with gradients (one forward pass)."""
+    def raw_rewards(self, prompts: Sequence[str], completions: Sequence[str],
+                    model: torch.nn.Module | None = None) -> torch.Tensor:
+        """Unnormalised r(x, y) for each pair of texts, with gradients (one forward pass); through ``model``
+        when given: the same weights wrapped by `accelerate` for training (DDP syncs gradients in its pass)."""
         encoded = self.tokenizer(list(prompts), list(completions), padding=True, truncation=True,
                                  max_length=self.max_length, return_tensors="pt").to(self.model.device)
-        return self.model(**encoded).logits[:, 0].float()
+        return (model or self.model)(**encoded).logits[:, 0].float()
 
     @torch.inference_mode()
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
@@ -249,27 +256,48 @@ def _batches(groups: list[list[PreferencePair]], config: RewardModelConfig,
     return [units[i:i + config.batch_size] for i in range(0, len(units), config.batch_size)]
 
 
-def _batch_loss(reward_model: RewardModel, batch: list[list[PreferencePair]]) -> tuple[torch.Tensor, dict]:
-    """Score every distinct (prompt, completion) once, then the weighted Bradley-Terry loss: each unit
-    (prompt or pair) weighs 1/len(batch), shared equally by its pairs. Also returns the batch's
-    pairwise accuracy and mean margin."""
+def _batch_loss(reward_model: RewardModel, units: list[list[PreferencePair]], batch_units: int | None = None,
+                model: torch.nn.Module | None = None) -> tuple[torch.Tensor, dict]:
+    """Score every distinct (prompt, completion) of ``units`` once, then the weighted Bradley-Terry loss:
+    each unit (prompt or pair) weighs 1/batch_units, shared equally by its pairs, where ``batch_units``
+    counts the units of the whole step (over all processes; default: ``units`` are the whole step).
+    Also returns the units' pairwise accuracy, mean margin and number of pairs."""
+    batch_units = batch_units or len(units)
     index: dict[tuple[str, str], int] = {}
     chosen_idx, rejected_idx, weights, targets = [], [], [], []
-    for unit in batch:
+    for unit in units:
         for pair in unit:
             targets.append(1.0 if pair.label is None else pair.label)
             prompt = render_text(pair.prompt)
             for completion, out in ((pair.chosen, chosen_idx), (pair.rejected, rejected_idx)):
                 out.append(index.setdefault((prompt, render_text(completion)), len(index)))
-            weights.append(1.0 / (len(batch) * len(unit)))
+            weights.append(1.0 / (batch_units * len(unit)))
     texts = list(index)
-    rewards = reward_model.raw_rewards([t[0] for t in texts], [t[1] for t in texts])
+    rewards = reward_model.raw_rewards([t[0] for t in texts], [t[1] for t in texts], model)
     chosen, rejected = rewards[chosen_idx], rewards[rejected_idx]
     soft = torch.tensor(targets, device=rewards.device) if any(t != 1.0 for t in targets) else None
     loss = bradley_terry_loss(chosen, rejected, torch.tensor(weights, device=rewards.device), soft)
     with torch.no_grad():
-        stats = {"accuracy": (chosen > rejected).float().mean().item(), "margin": (chosen - rejected).mean().item()}
+        stats = {"accuracy": (chosen > rejected).float().mean().item(), "margin": (chosen - rejected).mean().item(),
+                 "pairs": len(chosen)}
     return loss, stats
+
+
+def _process_share(accelerator: Accelerator, reward_model: RewardModel, model: torch.nn.Module,
+                   batch: list[list[PreferencePair]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's part of the step's loss (scaled by W for DDP's mean, see the module docstring) and
+    the step's sums over all processes (loss, correct pairs, margin, pairs). A process left without units
+    (a batch smaller than W) still runs a pass, weighted 0, over a unit it borrows: DDP needs every
+    process in each backward pass."""
+    share = batch[accelerator.process_index::accelerator.num_processes]
+    loss, stats = _batch_loss(reward_model, share or batch[:1], len(batch), model)
+    if not share:
+        loss, stats = loss * 0.0, {"accuracy": 0.0, "margin": 0.0, "pairs": 0}
+    sums = torch.tensor([loss.item(), stats["accuracy"] * stats["pairs"], stats["margin"] * stats["pairs"],
+                         stats["pairs"]], dtype=torch.float64)
+    if accelerator.num_processes > 1:
+        sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
+    return loss * accelerator.num_processes, sums
 
 
 def set_dropout(model: torch.nn.Module, p: float) -> None:
@@ -310,18 +338,24 @@ def load_backbone(config: RewardModelConfig) -> RewardModel:
 def train_reward_model(pairs: Sequence[PreferencePair], config: RewardModelConfig | None = None,
                        output_dir: str | os.PathLike | None = None, eval_pairs: Sequence[PreferencePair] | None = None,
                        reward_model: RewardModel | None = None, progress: bool = True,
-                       on_step: Callable[[dict], None] | None = None) -> RewardModel:
+                       on_step: Callable[[dict], None] | None = None,
+                       accelerator: Accelerator | None = None) -> RewardModel:
     """Train a Bradley-Terry reward model on ``pairs``; held-out accuracy lands in ``.metrics``.
 
     ``eval_pairs`` given: all ``pairs`` train and these evaluate; else ``config.eval_fraction`` of the
     prompts is held out. ``reward_model`` overrides the backbone (e.g. a tiny model in tests).
     ``on_step`` is called after each optimiser step with {step, loss, accuracy, margin} of the batch.
+    ``accelerator`` (default: a fresh one) is used as given; under ``accelerate launch`` each process
+    trains on its share of every batch, logged numbers are the whole batch's, and only the main process
+    saves. Every process returns the trained model.
     """
     config = config or RewardModelConfig()
     if not pairs:
         raise ValueError("no preference pairs to train on")
     if output_dir is not None:
         check_output_folder(output_dir)
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    main = accelerator.is_main_process
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     if eval_pairs is None:
@@ -329,41 +363,46 @@ def train_reward_model(pairs: Sequence[PreferencePair], config: RewardModelConfi
     else:
         train_groups = group_by_prompt(pairs)
     reward_model = reward_model or load_backbone(config)
-    model = reward_model.model
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+    reward_model.model.to(accelerator.device).train()
+    optimizer = torch.optim.AdamW([p for p in reward_model.model.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
     total = len(_batches(train_groups, config, random.Random(0))) * config.epochs
     total = min(total, config.max_steps) if config.max_steps is not None else total
     warmup = int(config.warmup_ratio * total)
+    # not handed to accelerate: its scheduler steps W times per step, for data loaders that shrink with W
     scheduler = (get_linear_schedule_with_warmup(optimizer, warmup, total) if config.lr_schedule == "linear"
                  else get_constant_schedule_with_warmup(optimizer, warmup))
+    model, optimizer = accelerator.prepare(reward_model.model, optimizer)
     step, history = 0, []
-    with progress_bar(progress) as bar:
+    with progress_bar(progress and main) as bar:
         task = bar.add_task("reward model", total=total, info="")
         for epoch in range(config.epochs):
             if step == total:
                 break
             losses = []
             for batch in _batches(train_groups, config, rng)[: total - step]:
-                loss, stats = _batch_loss(reward_model, batch)
-                guarded_step(optimizer, model.parameters(), loss, config.max_grad_norm,
-                             f"reward-model training stopped at step {step + 1}")
+                loss, sums = _process_share(accelerator, reward_model, model, batch)
+                try:
+                    apply_gradients(accelerator, model, optimizer, loss, config.max_grad_norm)
+                except TrainingDiverged as exc:
+                    raise TrainingDiverged(f"reward-model training stopped at step {step + 1}: {exc}") from None
                 scheduler.step()
                 step += 1
-                losses.append(loss.item())
+                losses.append(sums[0].item())
                 if on_step is not None:
-                    on_step({"step": step, "loss": losses[-1], **stats})
+                    on_step({"step": step, "loss": losses[-1], "accuracy": (sums[1] / sums[3]).item(),
+                             "margin": (sums[2] / sums[3]).item()})
                 bar.update(task, advance=1, info=f"epoch {epoch + 1} loss {losses[-1]:.3f}")
-            held_out = reward_model.evaluate(eval_pairs)
+            held_out = reward_model.evaluate(eval_pairs)  # every process: the same weights, the same numbers
             history.append({"epoch": epoch + 1, "train_loss": sum(losses) / len(losses),
                             **{f"eval_{k}": v for k, v in held_out.items()}})
-            if progress:
+            if progress and main:
                 console.print(f"epoch {epoch + 1}: train loss {history[-1]['train_loss']:.4f}, held-out "
                               f"accuracy {held_out['accuracy']:.3f} on {held_out['pairs']} pairs")
+    # the bare model, without a mixed-precision forward: it scores as it will once saved and loaded
+    reward_model.model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     if config.lora:
-        reward_model.model = model.merge_and_unload()
+        reward_model.model = reward_model.model.merge_and_unload()
     reward_model.model.eval()
     if config.normalize:
         train_pairs = [p for g in train_groups for p in g]
@@ -372,6 +411,7 @@ def train_reward_model(pairs: Sequence[PreferencePair], config: RewardModelConfi
         reward_model.fit_normalization(prompts, completions)
     reward_model.metrics = {"history": history, "train_pairs": sum(len(g) for g in train_groups),
                       "eval_pairs": len(eval_pairs), **({"eval": history[-1]} if history else {})}
-    if output_dir is not None:
+    if output_dir is not None and main:
         reward_model.save(output_dir, config)
+    accelerator.wait_for_everyone()
     return reward_model

@@ -8,7 +8,6 @@ prompts, and gradients are averaged by the wrapper; logged numbers are means ove
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -30,7 +29,7 @@ from rlhfkit.data.records import Prompt, Text
 from rlhfkit.generate import format_prompt
 from rlhfkit.models.policy import SamplingDistribution, cast_trainable, check_prompt_lengths, prepare_tokenizer
 from rlhfkit.models.reference import Reference, add_lora, is_lora
-from rlhfkit.models.update import TrainingDiverged
+from rlhfkit.models.update import TrainingDiverged, apply_gradients
 from rlhfkit.models.value_head import Actor
 from rlhfkit.reward.base import RewardError, RewardFn
 from rlhfkit.rl.monitors import RewardHackingMonitor
@@ -98,26 +97,6 @@ def prepare_training(config, policy: PreTrainedModel, tokenizer: PreTrainedToken
     trainable = [p for p in actor.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
     return (tokenizer, reference, *accelerator.prepare(actor, optimizer))
-
-
-def apply_gradients(accelerator: Accelerator, actor: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    loss: torch.Tensor, max_grad_norm: float) -> float:
-    """Backward, clip, step; returns the gradient norm before clipping. A loss or gradient norm that is
-    NaN or infinite raises :class:`TrainingDiverged` before the step, so the weights never take it in
-    (on every process at once under DDP: the verdict is summed over them)."""
-    optimizer.zero_grad()
-    accelerator.backward(loss)
-    norm = float(accelerator.clip_grad_norm_(actor.parameters(), max_grad_norm))
-    finite = math.isfinite(norm) and math.isfinite(loss.item())
-    diverged = torch.tensor([0.0 if finite else 1.0], device=accelerator.device)
-    if accelerator.num_processes > 1:
-        diverged = accelerator.reduce(diverged, reduction="sum")
-    if diverged.item():
-        optimizer.zero_grad()
-        raise TrainingDiverged(f"loss {loss.item():.4g}, gradient norm {norm:.4g}: not finite (on this or another "
-                               "process); the update was not applied")
-    optimizer.step()
-    return norm
 
 
 def partial_folder(path: Path) -> Path:
