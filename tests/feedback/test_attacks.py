@@ -177,6 +177,7 @@ def test_one_labeler_racing_next_submit_undo_and_skip_in_many_tabs_gets_no_serve
                 service.Assignment.item_id == item.id, service.Assignment.status.in_(("open", "done")))).all()
             labels = db.scalars(service.select(service.Label).where(service.Label.item_id == item.id)).all()
             assert len(holders) <= 2 and len(labels) == sum(a.status == "done" for a in holders)
+        assert service.free_slot_mismatches(db) == {}
 
 
 def test_progress_moves_by_one_for_gold_and_regular_items_alike(db_url):
