@@ -367,7 +367,7 @@ def test_many_labelers_racing_every_slot_path_leave_no_counter_wrong_and_no_item
                     db.rollback()
                 except Exception as exc:  # a deadlock, a CHECK or an integrity error would be a 500
                     db.rollback()
-                    failures.append(repr(exc)[:300])
+                    failures.append(repr(exc)[:1000])
 
     threads = [threading.Thread(target=tab, args=(name, seed)) for seed, name in
                enumerate(["ann", "bob", "cat", "dan"] * 2)]  # two tabs each

@@ -28,6 +28,7 @@ import json
 import math
 import random
 import secrets
+import time
 from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -483,10 +484,9 @@ def next_item(session: Session, user: User, project: Project, rng: random.Random
     on one slot) into an IntegrityError, after which the labeler's state is read again."""
     rng = rng or random.Random()
     stale_before = now() - ASSIGNMENT_TIMEOUT
-    expire_stale_assignments(session, project, stale_before)
     for _ in range(5):
         try:
-            item_id, progress = _open_item(session, user, project), None
+            item_id, progress = _open_item(session, user, project, stale_before), None
             if item_id is None:
                 item_id, progress = _assign_new(session, user, project, rng, stale_before)
             offered = None if item_id is None else _offered(session, user, project, item_id, progress)
@@ -497,14 +497,22 @@ def next_item(session: Session, user: User, project: Project, rng: random.Random
     raise FeedbackError("the server is busy: try again", 503)
 
 
-def _open_item(session: Session, user: User, project: Project) -> int | None:
-    """The item of the labeler's open assignment in the project (a timed-out one was expired just before)."""
-    return session.connection().scalar(_OPEN_ASSIGNMENT, {"user_id": user.id, "project_id": project.id})
+def _open_item(session: Session, user: User, project: Project, stale_before: datetime) -> int | None:
+    """The item of the labeler's open assignment in the project, read with whether any open assignment
+    of the project timed out (one statement: /api/next's common case); those are expired first."""
+    mine = {"user_id": user.id, "project_id": project.id, "stale_before": stale_before}
+    item_id, any_stale = session.connection().execute(_OPEN_ITEM_AND_ANY_STALE, mine).one()
+    if any_stale and expire_stale_assignments(session, project, stale_before):
+        item_id = session.connection().scalar(_OPEN_ITEM, mine)
+    return item_id
 
 
-_OPEN_ASSIGNMENT = select(Assignment.item_id).where(
+_OPEN_ITEM = select(Assignment.item_id).where(
     Assignment.user_id == bindparam("user_id"), Assignment.project_id == bindparam("project_id"),
     Assignment.status == "open")
+_OPEN_ITEM_AND_ANY_STALE = select(_OPEN_ITEM.scalar_subquery(), select(Assignment.id).where(
+    Assignment.project_id == bindparam("project_id"), Assignment.status == "open",
+    Assignment.created_at <= bindparam("stale_before")).exists())
 
 
 def _assign_new(session: Session, user: User, project: Project, rng: random.Random,
@@ -524,19 +532,26 @@ def _assign_new(session: Session, user: User, project: Project, rng: random.Rand
             return item_id, None
     # The candidate is locked in the same statement. An item that another labeler is being given right now
     # (row locked) is passed over (SKIP LOCKED, PostgreSQL): otherwise every labeler queues on the same
-    # fullest item; only when all candidates are locked does the second round wait for one. SQLite
-    # serialises whole transactions and never skips.
-    tried: list[int] = []
-    for lock_fullest in (_LOCK_FULLEST_UNLOCKED, _LOCK_FULLEST):
-        while (row := connection.execute(lock_fullest, {**mine, "tried": tried,
-                                                        "stale_before": stale_before}).first()):
+    # fullest item. When all candidates are locked, ask again a moment later instead of waiting for one:
+    # PostgreSQL keeps the lock of a row it locked and then found changed (no free slot left), and a wait
+    # while holding it could close a cycle with the writers that lock several items in id order
+    # (deadlock). SQLite serialises whole transactions and never skips.
+    tried, free = [], {**mine, "stale_before": stale_before}
+    for _ in range(PICK_ATTEMPTS):
+        while (row := connection.execute(_LOCK_FULLEST, {**free, "tried": tried}).first()):
             tried.append(row.id)
             slot = _free_slot(session, row.id, project.overlap)
             if slot is not None:
                 connection.execute(_ASSIGN, {**mine, "item_id": row.id, "slot": slot})
                 connection.execute(_TAKE_SLOT, {"taken_item": row.id})
                 return row.id, _progress_of(*row[1:])
-    return None, None
+        if connection.scalar(_ANY_FREE, {**mine, "tried": tried}) is None:
+            return None, None
+        time.sleep(PICK_PAUSE)
+    raise FeedbackError("the server is busy: try again", 503, retry_after=1)
+
+
+PICK_ATTEMPTS, PICK_PAUSE = 50, 0.02  # seconds: items are locked for a few milliseconds while given out
 
 
 _SEEN = select(Assignment.item_id).where(Assignment.user_id == bindparam("user_id"))
@@ -576,9 +591,10 @@ def _fullest_statement() -> Select:
             .order_by(Item.free_slots, func.random()).limit(1))
 
 
-_FULLEST = _fullest_statement()
-_LOCK_FULLEST_UNLOCKED = _FULLEST.with_for_update(of=Item, skip_locked=True)
-_LOCK_FULLEST = _FULLEST.with_for_update(of=Item)
+_LOCK_FULLEST = _fullest_statement().with_for_update(of=Item, skip_locked=True)
+_ANY_FREE = select(Item.id).where(Item.project_id == bindparam("project_id"), Item.is_gold.is_(False),
+                                  Item.free_slots > 0, Item.id.not_in(_SEEN),
+                                  Item.id.not_in(bindparam("tried", expanding=True))).limit(1)
 _ASSIGN = insert(Assignment.__table__)
 
 
