@@ -433,17 +433,16 @@ _FREE_SLOTS = (update(Item.__table__).where(Item.id == bindparam("freed_item"))
 _TAKE_SLOT = update(Item.__table__).where(Item.id == bindparam("taken_item")).values(free_slots=Item.free_slots - 1)
 
 
-def expire_stale_assignments(session: Session, project: Project, stale_before: datetime) -> bool:
+def expire_stale_assignments(session: Session, project: Project, stale_before: datetime) -> None:
     """Open assignments of the project created at or before ``stale_before`` (now − ASSIGNMENT_TIMEOUT)
-    become expired and give their slot back. Committed on its own when it changed anything, so that its
-    item locks are not held while the caller locks others. Returns whether it did."""
+    become expired and give their slot back. Committed on its own when there were any, so that its item
+    locks are not held while the caller locks others."""
     item_ids = session.connection().scalars(_STALE_ITEMS, {"project_id": project.id,
                                                           "stale_before": stale_before}).all()
     _end_assignments(session, update(Assignment.__table__).values(status="expired").where(
         Assignment.status == "open", Assignment.created_at <= stale_before), item_ids)
     if item_ids:
         session.commit()
-    return bool(item_ids)
 
 
 _STALE_ITEMS = select(Assignment.item_id).where(
@@ -502,7 +501,8 @@ def _open_item(session: Session, user: User, project: Project, stale_before: dat
     of the project timed out (one statement: /api/next's common case); those are expired first."""
     mine = {"user_id": user.id, "project_id": project.id, "stale_before": stale_before}
     item_id, any_stale = session.connection().execute(_OPEN_ITEM_AND_ANY_STALE, mine).one()
-    if any_stale and expire_stale_assignments(session, project, stale_before):
+    if any_stale:  # read again even if another request expired them first: the labeler's may be among them
+        expire_stale_assignments(session, project, stale_before)
         item_id = session.connection().scalar(_OPEN_ITEM, mine)
     return item_id
 
