@@ -277,3 +277,62 @@ def test_undo_takes_back_only_the_last_label_once(db_url):
     ann.post("/api/labels", json={"item_id": item["item_id"], "groups": order(item)})
     assert ann.post("/api/undo", json={"project": "demo"}).json()["reopened"] == item["item_id"]
     assert ann.post("/api/undo", json={"project": "demo"}).status_code == 409
+
+
+def free_slots(app, item_id):
+    with app.state.sessions() as db:
+        return db.get(service.Item, item_id).free_slots
+
+
+def test_every_path_that_takes_or_frees_a_slot_keeps_the_items_free_slot_count(db_url):
+    app = create_app(db_url)
+    setup_project(app, overlap=2)
+    ann, bob, cat, dan = (login(TestClient(app), name) for name in ("ann", "bob", "cat", "dan"))
+    admin = login(TestClient(app), "admin", "admin-pass")
+    steps = []
+
+    def check(step):
+        with app.state.sessions() as db:
+            steps.append((step, service.free_slot_mismatches(db)))
+
+    first = ann.get("/api/next").json()
+    assert free_slots(app, first["item_id"]) == 1
+    ann.post("/api/labels", json={"item_id": first["item_id"], "groups": order(first)})
+    assert free_slots(app, first["item_id"]) == 1  # the done assignment keeps its slot
+    check("next, submit")
+    skipped = ann.get("/api/next").json()["item_id"]  # the fullest: the other slot of the first item, then this
+    ann.post("/api/skip", json={"item_id": skipped})
+    check("skip")
+    given_back = ann.get("/api/next").json()["item_id"]
+    ann.post("/api/undo", json={"project": "demo"})
+    assert free_slots(app, given_back) == 2
+    check("undo")
+    held_by_bob = bob.get("/api/next").json()["item_id"]
+    with app.state.sessions() as db:  # bob went for lunch
+        bob_id = service.get_user(db, "bob").id
+        db.execute(update(Assignment).where(Assignment.user_id == bob_id)
+                   .values(created_at=now() - service.ASSIGNMENT_TIMEOUT - timedelta(minutes=1)))
+        db.commit()
+        before = db.get(service.Item, held_by_bob).free_slots
+    cat.get("/api/progress?project=demo")  # anyone's next or progress gives the timed-out slot back
+    assert free_slots(app, held_by_bob) == before + 1
+    check("expiry")
+    held_by_dan = dan.get("/api/next").json()["item_id"]
+    admin.post("/api/admin/users/dan/disable", json={})
+    check("disable")
+    assert admin.post(f"/api/admin/items/{skipped}/reopen").json() == {"released": 1}
+    check("reopen")
+    assert [mismatch for _, mismatch in steps] == [{}] * len(steps), steps
+    assert held_by_dan and given_back != first["item_id"]
+
+
+def test_free_slots_cannot_go_below_zero(db_url):
+    import pytest
+    from sqlalchemy.exc import IntegrityError
+
+    app = create_app(db_url)
+    setup_project(app, overlap=1)
+    with app.state.sessions() as db, pytest.raises(IntegrityError):
+        db.execute(update(service.Item).values(free_slots=service.Item.free_slots - 2))
+        db.commit()
+

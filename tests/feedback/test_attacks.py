@@ -136,36 +136,47 @@ def test_parallel_wrong_passwords_get_no_more_tries_than_the_back_off_allows(db_
         assert db.get(service.LoginFailures, "ip:10.0.0.1").failures == 0  # its own attempt taken back
 
 
-def test_one_labeler_racing_next_submit_undo_and_skip_in_many_tabs_gets_no_server_error(db_url):
+def test_labelers_racing_next_submit_undo_skip_and_expiry_in_many_tabs_get_no_server_error(db_url):
+    """ann in four tabs, bob and cat in two: no deadlock or integrity error, no item over k labels, every
+    item's free_slots what its rows say."""
     import random
     import threading
+
+    from sqlalchemy import update
 
     app = create_app(db_url)
     setup_project(app, overlap=2)
     failures = []
 
-    def tab(seed):
+    def tab(name, seed):
         rng = random.Random(seed)
         with app.state.sessions() as db:
-            ann, project = service.get_user(db, "ann"), service.get_project(db, "demo")
-            for _ in range(25):
+            user, project = service.get_user(db, name), service.get_project(db, "demo")
+            for _ in range(20):
                 try:
-                    item = service.next_item(db, ann, project)
-                    action = rng.choice(["submit", "submit", "undo", "skip"])
+                    action = rng.choice(["submit", "submit", "submit", "undo", "skip", "expire"])
+                    if action == "expire":  # the labeler's open item times out now
+                        db.execute(update(service.Assignment).where(service.Assignment.user_id == user.id,
+                                                                    service.Assignment.status == "open")
+                                   .values(created_at=service.now() - service.ASSIGNMENT_TIMEOUT))
+                        db.commit()
+                        continue
+                    item = service.next_item(db, user, project, rng)
                     if item is None or action == "undo":
-                        service.undo_last_label(db, ann, project)
+                        service.undo_last_label(db, user, project)
                     elif action == "submit":
                         ids = [c.completion_id for c in item.completions]
-                        service.submit_label(db, ann, item.id, [[i] for i in ids], [])
+                        service.submit_label(db, user, item.id, [[i] for i in ids], [])
                     else:
-                        service.skip(db, ann, item.id)
+                        service.skip(db, user, item.id)
                 except service.FeedbackError:
                     db.rollback()
                 except Exception as exc:  # a deadlock or an integrity error would be a 500
                     db.rollback()
-                    failures.append(repr(exc)[:300])
+                    failures.append(repr(exc)[:1000])
 
-    threads = [threading.Thread(target=tab, args=(seed,)) for seed in range(6)]
+    tabs = ["ann"] * 4 + ["bob"] * 2 + ["cat"] * 2
+    threads = [threading.Thread(target=tab, args=(name, seed)) for seed, name in enumerate(tabs)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -177,6 +188,7 @@ def test_one_labeler_racing_next_submit_undo_and_skip_in_many_tabs_gets_no_serve
                 service.Assignment.item_id == item.id, service.Assignment.status.in_(("open", "done")))).all()
             labels = db.scalars(service.select(service.Label).where(service.Label.item_id == item.id)).all()
             assert len(holders) <= 2 and len(labels) == sum(a.status == "done" for a in holders)
+        assert service.free_slot_mismatches(db) == {}
 
 
 def test_progress_moves_by_one_for_gold_and_regular_items_alike(db_url):

@@ -1,4 +1,4 @@
-"""Migration 0002 on a database that 0001 made and the old app filled, on SQLite and PostgreSQL."""
+"""Migrations 0002 and 0004 on a database that 0001 made and the old app filled, on SQLite and PostgreSQL."""
 
 from alembic import command
 from sqlalchemy import text
@@ -7,7 +7,7 @@ from feedback_postgres import db_url, postgres  # noqa: F401 - fixtures
 from rlhfkit.feedback import db as feedback_db
 
 
-def test_0002_normalises_names_numbers_slots_and_closes_extra_open_assignments(db_url):
+def test_0002_and_0004_normalise_names_number_slots_close_extra_open_assignments_and_count_free_slots(db_url):
     engine = feedback_db.make_engine(db_url)
     feedback_db.migrate(engine, "0001")
     with engine.begin() as connection:
@@ -28,6 +28,8 @@ def test_0002_normalises_names_numbers_slots_and_closes_extra_open_assignments(d
         assignments = connection.execute(text("SELECT id, project_id, slot, status FROM assignments ORDER BY id")).all()
     assert names == [(1, "ann"), (2, "bob"), (3, "BOB")]  # "BOB" would collide with "bob": left for the admin
     assert [tuple(a) for a in assignments] == [(1, 1, 0, "open"), (2, 1, None, "expired"), (3, 1, 1, "done")]
+    with engine.connect() as connection:  # 0004: k = 2 minus the holders of a slot
+        assert connection.execute(text("SELECT id, free_slots FROM items ORDER BY id")).all() == [(1, 0), (2, 2)]
     with engine.begin() as connection:  # and back, and up again
         command.downgrade(feedback_db.alembic_config(connection), "0001")
         command.upgrade(feedback_db.alembic_config(connection), "head")

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import (
     JSON,
     Boolean,
+    CheckConstraint,
     DateTime,
     Float,
     ForeignKey,
@@ -66,7 +67,12 @@ class Project(Base):
 
 
 class Item(Base):
-    """One prompt and its N completions, to be ranked."""
+    """One prompt and its N completions, to be ranked.
+
+    ``free_slots`` = k − (the item's assignments that hold a slot: open or done, ``slot`` not NULL), kept
+    in the transaction that takes or frees a slot, under the item's row lock; it cannot go below 0 (a
+    CHECK), so an item cannot be over-filled. Gold items have no slots (0). /api/next picks by it.
+    """
 
     __tablename__ = "items"
     __table_args__ = (UniqueConstraint("project_id", "prompt_id"),)
@@ -76,6 +82,7 @@ class Item(Base):
     prompt: Mapped[str] = mapped_column(Text)  # JSON: a string or a list of chat messages
     is_gold: Mapped[bool] = mapped_column(Boolean, default=False)
     gold_groups: Mapped[list | None] = mapped_column(JSON)  # the known answer of a gold item
+    free_slots: Mapped[int] = mapped_column(Integer, CheckConstraint("free_slots >= 0"), default=0)
     project: Mapped[Project] = relationship(back_populates="items")
     completions: Mapped[list[ItemCompletion]] = relationship(order_by="ItemCompletion.index")
 
@@ -110,6 +117,8 @@ class Assignment(Base):
         Index("one_holder_per_slot", "item_id", "slot", unique=True,
               sqlite_where=text("status IN ('open', 'done')"), postgresql_where=text("status IN ('open', 'done')")),
         Index("one_open_item_per_labeler", "user_id", "project_id", unique=True,
+              sqlite_where=text("status = 'open'"), postgresql_where=text("status = 'open'")),
+        Index("open_assignments_by_age", "project_id", "created_at",
               sqlite_where=text("status = 'open'"), postgresql_where=text("status = 'open'")),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

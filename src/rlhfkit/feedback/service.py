@@ -6,10 +6,12 @@ open assignment if they have one (at most one per project: a partial unique inde
 closest to completion among those that still need labelers and that this labeler has never been given
 (so nobody gets an item twice). A regular item has k slots; a new assignment takes a free one while the
 item row is locked (``SELECT … FOR UPDATE`` on PostgreSQL; SQLite serialises writers), and a partial
-unique index on (item, slot) over open and done assignments makes a second holder impossible. Open
-assignments older than ``ASSIGNMENT_TIMEOUT`` are expired and give their slot back. Gold items (known
-answers, no slots) are mixed in at the project's ``gold_rate`` as attention checks, in an order of each
-labeler's own.
+unique index on (item, slot) over open and done assignments makes a second holder impossible. Each item
+keeps its count of free slots (``items.free_slots``, never below 0), changed under the same row lock by
+every path that takes or frees a slot; /api/next picks by it. Open assignments older than
+``ASSIGNMENT_TIMEOUT`` are expired by the next /api/next of anyone in the project and give their slot
+back. Gold items (known answers, no slots) are mixed in at the project's ``gold_rate`` as attention
+checks, in an order of each labeler's own.
 
 Labels: a submission must be a partition of the item's completions and is stored only with the
 statement that turns the labeler's own open, unexpired assignment into done, so an item never has more
@@ -26,14 +28,16 @@ import json
 import math
 import random
 import secrets
-from collections.abc import Sequence
+import time
+from collections import Counter
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import CTE, Row, Select, bindparam, case, delete, func, insert, select, text, update
+from sqlalchemy import Row, Select, bindparam, case, delete, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
-from sqlalchemy.sql import Update
+from sqlalchemy.sql import Delete, Update
 
 from rlhfkit.data.pairs import CONSENSUS, rankings_to_pairs
 from rlhfkit.data.records import Completion, PreferencePair, Ranking
@@ -303,8 +307,10 @@ def set_disabled(session: Session, username: str, disabled: bool, admin: User) -
     user.disabled = disabled
     if disabled:
         _end_sessions_of(session, user)
-        session.execute(update(Assignment).where(Assignment.user_id == user.id, Assignment.status == "open")
-                        .values(status="expired").execution_options(synchronize_session=False))
+        held = session.scalars(select(Assignment.item_id).where(Assignment.user_id == user.id,
+                                                                Assignment.status == "open")).all()
+        _end_assignments(session, update(Assignment.__table__).values(status="expired").where(
+            Assignment.user_id == user.id, Assignment.status == "open"), held)
     session.commit()
     return user
 
@@ -363,7 +369,8 @@ def create_project(session: Session, name: str, criterion: str, completions: Seq
         first = group[0]
         prompt = first.prompt if isinstance(first.prompt, str) else [m.model_dump() for m in first.prompt]
         item = Item(project=project, prompt_id=prompt_id, prompt=json.dumps(prompt), is_gold=answer is not None,
-                    gold_groups=answer.groups if answer is not None else None)
+                    gold_groups=answer.groups if answer is not None else None,
+                    free_slots=0 if answer is not None else overlap)
         item.completions = [ItemCompletion(completion_id=c.id, text=c.text, index=c.index, model=c.model)
                             for c in sorted(group, key=lambda c: c.index)]
         session.add(item)
@@ -402,14 +409,57 @@ def _holds_slot(stale_before=None):
     return (Assignment.status == "done") | ((Assignment.status == "open") & (Assignment.created_at > stale_before))
 
 
-def _expire(*where) -> Update:
-    """Open assignments older than ASSIGNMENT_TIMEOUT (matching ``where``) give their slot back."""
-    return update(Assignment).where(Assignment.status == "open", Assignment.created_at <= now() - ASSIGNMENT_TIMEOUT,
-                                    *where).values(status="expired").execution_options(synchronize_session=False)
+def _end_assignments(session: Session, change: Update | Delete, item_ids: Collection[int]) -> list[int]:
+    """Run ``change`` (an UPDATE or DELETE of the assignments table that ends open assignments) on the
+    assignments of ``item_ids`` only, with those items locked first, in id order (the order every
+    writer takes: no deadlock); the slots it ends go back to their items' ``free_slots`` in the same
+    transaction. Returns the items of the assignments it ended."""
+    if not item_ids:
+        return []
+    connection = session.connection()
+    connection.execute(_LOCK_ITEMS, {"item_ids": sorted(set(item_ids))})
+    ended = connection.execute(change.where(Assignment.item_id.in_(item_ids))
+                               .returning(Assignment.item_id, Assignment.slot)).all()
+    freed = Counter(item_id for item_id, slot in ended if slot is not None)
+    if freed:
+        connection.execute(_FREE_SLOTS, [{"freed_item": i, "freed": n} for i, n in freed.items()])
+    return [item_id for item_id, _ in ended]
 
 
-def _is_stale(created_at: datetime) -> bool:
-    return _aware(created_at) <= now() - ASSIGNMENT_TIMEOUT
+_LOCK_ITEMS = (select(Item.id).where(Item.id.in_(bindparam("item_ids", expanding=True))).order_by(Item.id)
+               .with_for_update())
+_FREE_SLOTS = (update(Item.__table__).where(Item.id == bindparam("freed_item"))
+               .values(free_slots=Item.free_slots + bindparam("freed")))
+_TAKE_SLOT = update(Item.__table__).where(Item.id == bindparam("taken_item")).values(free_slots=Item.free_slots - 1)
+
+
+def expire_stale_assignments(session: Session, project: Project, stale_before: datetime) -> None:
+    """Open assignments of the project created at or before ``stale_before`` (now − ASSIGNMENT_TIMEOUT)
+    become expired and give their slot back. Committed on its own when there were any, so that its item
+    locks are not held while the caller locks others."""
+    item_ids = session.connection().scalars(_STALE_ITEMS, {"project_id": project.id,
+                                                          "stale_before": stale_before}).all()
+    _end_assignments(session, update(Assignment.__table__).values(status="expired").where(
+        Assignment.status == "open", Assignment.created_at <= stale_before), item_ids)
+    if item_ids:
+        session.commit()
+
+
+_STALE_ITEMS = select(Assignment.item_id).where(
+    Assignment.project_id == bindparam("project_id"), Assignment.status == "open",
+    Assignment.created_at <= bindparam("stale_before")).distinct()
+
+
+def free_slot_mismatches(session: Session) -> dict[int, tuple[int, int]]:
+    """Items whose ``free_slots`` differs from what their rows say (k − holders, 0 for gold items):
+    {item id: (stored, counted)}. Empty when every path kept the counters right."""
+    holders = (select(func.count()).where(Assignment.item_id == Item.id, Assignment.status.in_(("open", "done")),
+                                          Assignment.slot.is_not(None)).scalar_subquery())
+    counted = case((Item.is_gold, 0), else_=Project.overlap - holders)
+    rows = session.execute(select(Item.id, Item.free_slots, counted).join(Project, Project.id == Item.project_id)
+                           .where(Item.free_slots != counted)).all()
+    session.commit()
+    return {item_id: (stored, right) for item_id, stored, right in rows}
 
 
 @dataclass
@@ -425,17 +475,19 @@ class Offered:
 
 
 def next_item(session: Session, user: User, project: Project, rng: random.Random | None = None) -> Offered | None:
-    """The labeler's open item, or a new assignment; None when nothing is left for them. One transaction.
+    """The labeler's open item, or a new assignment; None when nothing is left for them. One transaction
+    (two when timed-out assignments of the project are expired first).
 
     A regular item's new assignment takes the lowest free slot (0..k-1) while the item row is locked;
     the unique indexes turn any race the lock does not cover (two requests of one labeler, two labelers
     on one slot) into an IntegrityError, after which the labeler's state is read again."""
     rng = rng or random.Random()
+    stale_before = now() - ASSIGNMENT_TIMEOUT
     for _ in range(5):
         try:
-            item_id, progress = _open_item(session, user, project), None
+            item_id, progress = _open_item(session, user, project, stale_before), None
             if item_id is None:
-                item_id, progress = _assign_new(session, user, project, rng)
+                item_id, progress = _assign_new(session, user, project, rng, stale_before)
             offered = None if item_id is None else _offered(session, user, project, item_id, progress)
             session.commit()
             return offered
@@ -444,30 +496,32 @@ def next_item(session: Session, user: User, project: Project, rng: random.Random
     raise FeedbackError("the server is busy: try again", 503)
 
 
-def _open_item(session: Session, user: User, project: Project) -> int | None:
-    """The item of the labeler's open assignment in the project; one that timed out is expired here."""
-    open_assignment = session.connection().execute(_OPEN_ASSIGNMENT, {"user_id": user.id,
-                                                                      "project_id": project.id}).first()
-    if open_assignment is None:
-        return None
-    if _is_stale(open_assignment.created_at):
-        session.execute(_expire(Assignment.id == open_assignment.id))
-        return None
-    return open_assignment.item_id
+def _open_item(session: Session, user: User, project: Project, stale_before: datetime) -> int | None:
+    """The item of the labeler's open assignment in the project, read with whether any open assignment
+    of the project timed out (one statement: /api/next's common case); those are expired first."""
+    mine = {"user_id": user.id, "project_id": project.id, "stale_before": stale_before}
+    item_id, any_stale = session.connection().execute(_OPEN_ITEM_AND_ANY_STALE, mine).one()
+    if any_stale:  # read again even if another request expired them first: the labeler's may be among them
+        expire_stale_assignments(session, project, stale_before)
+        item_id = session.connection().scalar(_OPEN_ITEM, mine)
+    return item_id
 
 
-_OPEN_ASSIGNMENT = select(Assignment.id, Assignment.item_id, Assignment.created_at).where(
+_OPEN_ITEM = select(Assignment.item_id).where(
     Assignment.user_id == bindparam("user_id"), Assignment.project_id == bindparam("project_id"),
     Assignment.status == "open")
+_OPEN_ITEM_AND_ANY_STALE = select(_OPEN_ITEM.scalar_subquery(), select(Assignment.id).where(
+    Assignment.project_id == bindparam("project_id"), Assignment.status == "open",
+    Assignment.created_at <= bindparam("stale_before")).exists())
 
 
-def _assign_new(session: Session, user: User, project: Project,
-                rng: random.Random) -> tuple[int | None, dict | None]:
+def _assign_new(session: Session, user: User, project: Project, rng: random.Random,
+                stale_before: datetime) -> tuple[int | None, dict | None]:
     """Assign the labeler an item they were never given; returns its id (None when none is left) and,
     for a regular item, the labeler's progress, read by the statement that chose it.
 
     Gold items come at the project's gold rate, in an order of each labeler's own. Regular items: the
-    fullest first (closest to k labels), ties broken at random, so that every labeler meets the items
+    fullest first (fewest free slots), ties broken at random, so that every labeler meets the items
     in an order of their own and a gold item's place in the sequence tells nothing."""
     connection, mine = session.connection(), {"user_id": user.id, "project_id": project.id}
     if project.gold_rate > 0 and rng.random() < project.gold_rate:
@@ -478,18 +532,26 @@ def _assign_new(session: Session, user: User, project: Project,
             return item_id, None
     # The candidate is locked in the same statement. An item that another labeler is being given right now
     # (row locked) is passed over (SKIP LOCKED, PostgreSQL): otherwise every labeler queues on the same
-    # fullest item; only when all candidates are locked does the second round wait for one. SQLite
-    # serialises whole transactions and never skips.
-    tried: list[int] = []
-    for lock_fullest in (_LOCK_FULLEST_UNLOCKED, _LOCK_FULLEST):
-        while (row := connection.execute(lock_fullest, {**mine, "overlap": project.overlap, "tried": tried,
-                                                        "stale_before": now() - ASSIGNMENT_TIMEOUT}).first()):
+    # fullest item. When all candidates are locked, ask again a moment later instead of waiting for one:
+    # PostgreSQL keeps the lock of a row it locked and then found changed (no free slot left), and a wait
+    # while holding it could close a cycle with the writers that lock several items in id order
+    # (deadlock). SQLite serialises whole transactions and never skips.
+    tried, free = [], {**mine, "stale_before": stale_before}
+    for _ in range(PICK_ATTEMPTS):
+        while (row := connection.execute(_LOCK_FULLEST, {**free, "tried": tried}).first()):
             tried.append(row.id)
             slot = _free_slot(session, row.id, project.overlap)
             if slot is not None:
                 connection.execute(_ASSIGN, {**mine, "item_id": row.id, "slot": slot})
+                connection.execute(_TAKE_SLOT, {"taken_item": row.id})
                 return row.id, _progress_of(*row[1:])
-    return None, None
+        if connection.scalar(_ANY_FREE, {**mine, "tried": tried}) is None:
+            return None, None
+        time.sleep(PICK_PAUSE)
+    raise FeedbackError("the server is busy: try again", 503, retry_after=1)
+
+
+PICK_ATTEMPTS, PICK_PAUSE = 50, 0.02  # seconds: items are locked for a few milliseconds while given out
 
 
 _SEEN = select(Assignment.item_id).where(Assignment.user_id == bindparam("user_id"))
@@ -497,17 +559,7 @@ _GOLD_NOT_SEEN = select(Item.id).where(Item.project_id == bindparam("project_id"
                                        Item.id.not_in(_SEEN)).order_by(Item.id)
 
 
-def _slots_held() -> CTE:
-    """(item_id, held): the slots held per item of the project, counted in one pass over the project's
-    assignments: a count per item (a correlated subquery) cost PostgreSQL about as much CPU as the
-    whole server under load. MATERIALIZED: computed once, whatever plan PostgreSQL picks (without
-    statistics, on a new project, it re-ran a plain subquery for every item)."""
-    return (select(Assignment.item_id, func.count().label("held"))
-            .where(Assignment.project_id == bindparam("project_id"), _holds_slot(bindparam("stale_before")))
-            .group_by(Assignment.item_id).cte("slots_held").prefix_with("MATERIALIZED", dialect="postgresql"))
-
-
-def _progress_columns(slots: CTE) -> tuple:
+def _progress_columns() -> tuple:
     """The labeler's progress as three scalar subqueries: their labels in the project; the regular
     items left to them — never given to them and with a free slot, plus their open (unexpired) regular
     item, which holds one of its slots; the gold items they were not given or hold open."""
@@ -516,9 +568,7 @@ def _progress_columns(slots: CTE) -> tuple:
     return (
         select(func.count()).select_from(Label).join(Item, Item.id == Label.item_id)
         .where(Label.user_id == bindparam("user_id"), Item.project_id == bindparam("project_id")).scalar_subquery(),
-        in_project.outerjoin(slots, slots.c.item_id == Item.id)
-        .where(Item.is_gold.is_(False), Item.id.not_in(_SEEN), func.coalesce(slots.c.held, 0) < bindparam("overlap"))
-        .scalar_subquery()
+        in_project.where(Item.is_gold.is_(False), Item.id.not_in(_SEEN), Item.free_slots > 0).scalar_subquery()
         + in_project.join(Assignment, Assignment.item_id == Item.id)
         .where(Item.is_gold.is_(False), Assignment.user_id == bindparam("user_id"), Assignment.status == "open",
                Assignment.created_at > bindparam("stale_before")).scalar_subquery(),
@@ -533,35 +583,29 @@ def _progress_of(done: int, regular: int, gold: int) -> dict:
 
 def _fullest_statement() -> Select:
     """A regular item of the project with a free slot that the labeler was never given (nor ``tried``):
-    the fullest, the first among equals at random; and the labeler's progress once it is theirs (it is
-    counted among the items left: the same count as after the assignment), from the same slot counts."""
-    slots = _slots_held()
-    held = func.coalesce(slots.c.held, 0)
-    return (select(Item.id, *_progress_columns(slots)).outerjoin(slots, slots.c.item_id == Item.id)
-            .where(Item.project_id == bindparam("project_id"), Item.is_gold.is_(False), Item.id.not_in(_SEEN),
-                   Item.id.not_in(bindparam("tried", expanding=True)), held < bindparam("overlap"))
-            .order_by(held.desc(), func.random()).limit(1))
+    the fullest (fewest ``free_slots``), the first among equals at random; and the labeler's progress once
+    it is theirs (it is counted among the items left: the same count as after the assignment)."""
+    return (select(Item.id, *_progress_columns())
+            .where(Item.project_id == bindparam("project_id"), Item.is_gold.is_(False), Item.free_slots > 0,
+                   Item.id.not_in(_SEEN), Item.id.not_in(bindparam("tried", expanding=True)))
+            .order_by(Item.free_slots, func.random()).limit(1))
 
 
-_FULLEST = _fullest_statement()
-_LOCK_FULLEST_UNLOCKED = _FULLEST.with_for_update(of=Item, skip_locked=True)
-_LOCK_FULLEST = _FULLEST.with_for_update(of=Item)
+_LOCK_FULLEST = _fullest_statement().with_for_update(of=Item, skip_locked=True)
+_ANY_FREE = select(Item.id).where(Item.project_id == bindparam("project_id"), Item.is_gold.is_(False),
+                                  Item.free_slots > 0, Item.id.not_in(_SEEN),
+                                  Item.id.not_in(bindparam("tried", expanding=True))).limit(1)
 _ASSIGN = insert(Assignment.__table__)
 
 
 def _free_slot(session: Session, item_id: int, overlap: int) -> int | None:
-    """The lowest slot of the (locked) item that no open or done assignment holds; timed-out holders are
-    expired on the way."""
-    holders = session.connection().execute(_SLOT_HOLDERS, {"item_id": item_id}).all()
-    stale = [h.status == "open" and _is_stale(h.created_at) for h in holders]
-    if any(stale):
-        session.execute(_expire(Assignment.item_id == item_id))
-    used = {h.slot for h, gone in zip(holders, stale, strict=True) if not gone}
+    """The lowest slot of the (locked) item that no open or done assignment holds."""
+    used = set(session.connection().scalars(_SLOT_HOLDERS, {"item_id": item_id}))
     return next((slot for slot in range(overlap) if slot not in used), None)
 
 
-_SLOT_HOLDERS = select(Assignment.slot, Assignment.status, Assignment.created_at).where(
-    Assignment.item_id == bindparam("item_id"), Assignment.status.in_(("open", "done")))
+_SLOT_HOLDERS = select(Assignment.slot).where(Assignment.item_id == bindparam("item_id"),
+                                              Assignment.status.in_(("open", "done")))
 
 
 def _offered(session: Session, user: User, project: Project, item_id: int, progress: dict | None) -> Offered:
@@ -591,6 +635,7 @@ def item_view(item: Offered, project: Project, user: User) -> dict:
 
 
 def labeler_progress(session: Session, user: User, project: Project) -> dict:
+    expire_stale_assignments(session, project, now() - ASSIGNMENT_TIMEOUT)
     progress = _progress(session, user, project)
     session.commit()
     return progress
@@ -600,11 +645,10 @@ def _progress(session: Session, user: User, project: Project) -> dict:
     """This labeler's labels in the project and the items still open to them: at most that many are
     left. One query."""
     return _progress_of(*session.connection().execute(_PROGRESS, {
-        "user_id": user.id, "project_id": project.id, "overlap": project.overlap,
-        "stale_before": now() - ASSIGNMENT_TIMEOUT}).one())
+        "user_id": user.id, "project_id": project.id, "stale_before": now() - ASSIGNMENT_TIMEOUT}).one())
 
 
-_PROGRESS = select(*_progress_columns(_slots_held()))
+_PROGRESS = select(*_progress_columns())
 
 
 def _assignment(session: Session, user: User, item_id: int) -> Assignment:
@@ -616,9 +660,11 @@ def _assignment(session: Session, user: User, item_id: int) -> Assignment:
 
 
 def skip(session: Session, user: User, item_id: int) -> None:
-    assignment = _assignment(session, user, item_id)
-    if assignment.status == "open":
-        assignment.status = "skipped"
+    """The labeler's open assignment of the item becomes skipped; its slot goes back to the pool."""
+    skipped = _end_assignments(session, update(Assignment.__table__).values(status="skipped").where(
+        Assignment.user_id == user.id, Assignment.status == "open"), [item_id])
+    if not skipped:
+        _assignment(session, user, item_id)  # 403 unless the item was assigned (and is done or skipped already)
     session.commit()
 
 
@@ -708,27 +754,33 @@ def undo_last_label(session: Session, user: User, project: Project) -> int:
     if last_undo is not None and _aware(last_undo) >= _aware(label.created_at):
         session.rollback()
         raise FeedbackError("only your last label can be undone, and you took it back already", 409)
-    item = session.scalar(select(Item).where(Item.id == label.item_id).with_for_update())
+    # the label's item and that of the labeler's open item (given back), locked in id order like every writer
+    given = session.scalar(select(Assignment.item_id).where(Assignment.user_id == user.id,
+                                                            Assignment.project_id == project.id,
+                                                            Assignment.status == "open"))
+    locked = {label.item_id} if given is None else {label.item_id, given}
+    session.connection().execute(_LOCK_ITEMS, {"item_ids": sorted(locked)})
+    is_gold = session.scalar(select(Item.is_gold).where(Item.id == label.item_id))
     if session.scalar(select(Label.id).where(Label.id == label.id)) is None:  # another tab undid it meanwhile
         session.rollback()
         raise FeedbackError("that label was just undone (in another tab?): reload to see your item", 409)
-    labels = session.scalar(select(func.count()).select_from(Label).where(Label.item_id == item.id))
-    if not item.is_gold and labels >= project.overlap:
+    labels = session.scalar(select(func.count()).select_from(Label).where(Label.item_id == label.item_id))
+    if not is_gold and labels >= project.overlap:
         session.rollback()
         raise FeedbackError(f"this item already has its {project.overlap} labels: they are final", 409)
-    session.execute(delete(Assignment).where(Assignment.user_id == user.id, Assignment.project_id == project.id,
-                                             Assignment.status == "open"))
+    _end_assignments(session, delete(Assignment.__table__).where(
+        Assignment.user_id == user.id, Assignment.project_id == project.id, Assignment.status == "open"), locked)
     session.execute(delete(Label).where(Label.id == label.id))
     try:
         moment = now()
-        session.execute(update(Assignment).where(Assignment.item_id == item.id, Assignment.user_id == user.id)
+        session.execute(update(Assignment).where(Assignment.item_id == label.item_id, Assignment.user_id == user.id)
                         .values(status="open", created_at=moment, undone_at=moment)
                         .execution_options(synchronize_session=False))
         session.commit()
-    except IntegrityError:  # a parallel /api/next of this labeler opened a new item after the delete above
+    except IntegrityError:  # a parallel /api/next of this labeler opened another item (not locked above)
         session.rollback()
         raise FeedbackError("your next item was being opened at the same moment: undo again", 409) from None
-    return item.id
+    return label.item_id
 
 
 # ---------------------------------------------------------------- statistics and export
