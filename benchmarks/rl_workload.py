@@ -3,8 +3,11 @@
 The same work as the TRL runners (run_dpo.py, run_grpo.py, run_rloo.py, run_ppo.py): the same
 5.3M-parameter GPT-2 policy from the same initial weights, the same prompts, pairs and target-token
 reward, batch shapes, step counts and optimiser settings; completions are exactly 32 tokens (EOS
-forbidden before, as TRL's `min_new_tokens`). One difference is by design: rlhfkit's PPO critic is a
-value head on the policy's trunk, TRL's a separate 5.3M-parameter value model.
+forbidden before, as TRL's `min_new_tokens`). GRPO's KL term is importance-weighted (rlhfkit's
+``kl_importance_weight``, TRL's ``use_bias_correction_kl``, both on by default). Differences by design:
+rlhfkit's PPO critic is a value head on the policy's trunk, TRL's a separate 5.3M-parameter value model;
+rlhfkit's log-probs are those of the distribution sampled from (EOS excluded for the first 32 tokens),
+TRL's of the plain softmax.
 Writes ``rlhfkit_<algo>.json`` next to the TRL results with the same keys.
 
     python benchmarks/rl_workload.py grpo [--bench-dir ../shared/bench]
