@@ -10,8 +10,8 @@ GRPO (Shao et al. 2024), ``advantage="grpo"``, ``kl_penalty="loss"``:
 The KL term is weighted by ρ_t (``kl_importance_weight``, as TRL's ``use_bias_correction_kl``): with
 y_t drawn from π_θ_old, E[ρ_t k3_t] = KL(π_θ ‖ π_ref) and its gradient is ∇KL(π_θ ‖ π_ref) =
 E[log(π_θ/π_ref) ∇log π_θ], the KL that is reported and meant. The paper's unweighted k3 has the
-same value at ρ = 1 but the gradient E[(1 − π_ref/π_θ) ∇log π_θ] = ∇KL(π_ref ‖ π_θ), the reverse
-direction (``kl_importance_weight=False`` keeps it).
+same value at ρ = 1 but the gradient E[(1 − π_ref/π_θ) ∇log π_θ] = ∇KL(π_ref ‖ π_θ), the KL the
+other way round (``kl_importance_weight=False`` keeps it).
 
 RLOO (Ahmadian et al. 2024), ``advantage="rloo"``, ``kl_penalty="reward"``:
 
