@@ -239,10 +239,14 @@ def main() -> int:
             for work, r in runs.items()]
     text = table(rows)
     path = new_result_path(args.results)
-    path.write_text(json.dumps({"machine": machine(), "seeds": seeds, "logs": str(scratch), "table": text,
+    host = machine()
+    path.write_text(json.dumps({"machine": host, "seeds": seeds, "logs": str(scratch), "table": text,
                                 "rows": rows, "runs": runs}, indent=1, default=str))
     print(text)
-    print(f"\n{len(seeds)} seed(s) per side; logs in {scratch}; written {path}")
+    for side in ("trl", "rlhfkit"):
+        versions = {(k, v) for r in runs.values() for result in r[side] for k, v in result.get("versions", {}).items()}
+        print(f"{side}: " + ", ".join(f"{k} {v}" for k, v in sorted(versions)))
+    print(f"{host}\n{len(seeds)} seed(s) per side; logs in {scratch}; written {path}")
     return 0 if all(row["complete"] for row in rows) else 1
 
 
