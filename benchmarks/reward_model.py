@@ -20,10 +20,15 @@ from types import SimpleNamespace
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bench-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "bench"))
+    parser.add_argument("--seed", type=int, default=None,
+                        help="training seed: pair order (default: the workload's SEED); initial weights and data "
+                             "stay the workload's")
     args = parser.parse_args()
     sys.path.insert(0, args.bench_dir)
     import bench_common as B
     import workload as W
+
+    seed = W.SEED if args.seed is None else args.seed
 
     B.setup_process()
     t_start = time.perf_counter()
@@ -41,7 +46,7 @@ def main() -> None:
     config = RewardModelConfig(batching="pairs", batch_size=W.REWARD.pairs_per_step, max_steps=W.REWARD.steps,
                                epochs=1 + W.REWARD.steps * W.REWARD.pairs_per_step // len(pairs), lr=W.REWARD.lr,
                                lr_schedule="constant", warmup_ratio=0.0, max_grad_norm=W.REWARD.max_grad_norm,
-                               eval_fraction=0.0, normalize=False, seed=W.SEED)
+                               eval_fraction=0.0, normalize=False, seed=seed)
     timer = SimpleNamespace(step_times=[], logs=[], t_train_begin=time.perf_counter(), t_train_end=None)
     last = [timer.t_train_begin]
 
@@ -54,7 +59,7 @@ def main() -> None:
     train_reward_model(pairs, config, eval_pairs=[], reward_model=reward_model, progress=False, on_step=on_step)
     timer.t_train_end = time.perf_counter()
     B.finish("rlhfkit_reward", timer, W.REWARD.warmup_steps_excluded,
-             {"workload": W.workload_summary()["reward"], "params": B.param_count(model)},
+             {"workload": W.workload_summary()["reward"], "seed": seed, "params": B.param_count(model)},
              ["loss", "accuracy", "margin"], t_start=t_start)
 
 

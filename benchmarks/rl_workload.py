@@ -3,8 +3,11 @@
 The same work as the TRL runners (run_dpo.py, run_grpo.py, run_rloo.py, run_ppo.py): the same
 5.3M-parameter GPT-2 policy from the same initial weights, the same prompts, pairs and target-token
 reward, batch shapes, step counts and optimiser settings; completions are exactly 32 tokens (EOS
-forbidden before, as TRL's `min_new_tokens`). One difference is by design: rlhfkit's PPO critic is a
-value head on the policy's trunk, TRL's a separate 5.3M-parameter value model.
+forbidden before, as TRL's `min_new_tokens`). GRPO's KL term is importance-weighted (rlhfkit's
+``kl_importance_weight``, TRL's ``use_bias_correction_kl``, both on by default). Differences by design:
+rlhfkit's PPO critic is a value head on the policy's trunk, TRL's a separate 5.3M-parameter value model;
+rlhfkit's log-probs are those of the distribution sampled from (EOS excluded for the first 32 tokens),
+TRL's of the plain softmax.
 Writes ``rlhfkit_<algo>.json`` next to the TRL results with the same keys.
 
     python benchmarks/rl_workload.py grpo [--bench-dir ../shared/bench]
@@ -19,8 +22,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-TRENDS = {"dpo": ["loss", "accuracy", "margin"],
-          "grpo": ["reward/score", "kl/kl", "policy/entropy"],
+TRENDS = {"dpo": ["loss", "accuracy", "margin", "grad_norm"],
+          "grpo": ["reward/score", "kl/kl", "policy/entropy", "policy/grad_norm"],
           "rloo": ["reward/score", "kl/kl", "policy/entropy"],
           "ppo": ["reward/score", "kl/kl", "policy/entropy", "value/explained_variance"]}
 
@@ -49,10 +52,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("algo", choices=sorted(TRENDS))
     parser.add_argument("--bench-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "bench"))
+    parser.add_argument("--seed", type=int, default=None,
+                        help="training seed: prompt/pair order and sampling (default: the workload's SEED); "
+                             "initial weights and data stay the workload's")
     args = parser.parse_args()
     sys.path.insert(0, args.bench_dir)
     import bench_common as B
     import workload as W
+
+    seed = W.SEED if args.seed is None else args.seed
 
     B.setup_process()
     t_start = time.perf_counter()
@@ -78,7 +86,7 @@ def main() -> None:
         pairs = [PreferencePair(**p) for p in W.preference_pairs()]
         trainer = DPOTrainer(DPOConfig(beta=wl.beta, lr=wl.lr, batch_size=wl.pairs_per_step, max_steps=wl.steps,
                                        epochs=1 + wl.steps * wl.pairs_per_step // len(pairs), eval_fraction=0.0,
-                                       max_grad_norm=wl.max_grad_norm, seed=W.SEED, output_dir=out),
+                                       max_grad_norm=wl.max_grad_norm, seed=seed, output_dir=out),
                              policy, tokenizer)
         trained = time.perf_counter()
         history = [h for h in trainer.train(pairs, eval_pairs=[], progress=False) if "loss" in h]
@@ -89,7 +97,7 @@ def main() -> None:
 
         reward = FunctionReward(target_fraction, batched=True)
         common = dict(lr=W.GRPO.lr, max_grad_norm=1.0, temperature=1.0, max_new_tokens=W.COMPLETION_LEN,
-                      min_new_tokens=W.COMPLETION_LEN, seed=W.SEED, output_dir=out)
+                      min_new_tokens=W.COMPLETION_LEN, seed=seed, output_dir=out)
         if args.algo == "ppo":
             wl = W.PPO
             config = PPOConfig(steps=wl.steps, batch_size=wl.prompts_per_step, minibatch_size=wl.prompts_per_step,
@@ -109,7 +117,8 @@ def main() -> None:
     timer = SimpleNamespace(step_times=[h["time/step_s"] for h in history], logs=history,
                             t_train_begin=trained, t_train_end=time.perf_counter())
     B.finish(f"rlhfkit_{args.algo}", timer, wl.warmup_steps_excluded,
-             {"workload": args.algo, "params": B.param_count(policy)}, TRENDS[args.algo], gen=gen, t_start=t_start)
+             {"workload": args.algo, "seed": seed, "params": B.param_count(policy)}, TRENDS[args.algo], gen=gen,
+             t_start=t_start)
 
 
 if __name__ == "__main__":

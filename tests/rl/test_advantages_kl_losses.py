@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from rlhfkit.rl.advantages import gae, group_normalized, leave_one_out, whiten
+from rlhfkit.rl.grpo import kl_loss_term
 from rlhfkit.rl.kl import KL_ESTIMATORS, KLController, kl_estimator
 from rlhfkit.rl.ppo import PPOConfig, ppo_losses
 
@@ -55,6 +56,30 @@ def test_every_kl_estimator_is_zero_when_policy_equals_reference():
     assert (kl_estimator("k3")(logprobs, other) >= 0).all() and (kl_estimator("k1")(logprobs, other) < 0).any()
     with pytest.raises(ValueError, match="unknown KL estimator"):
         kl_estimator("k9")
+
+
+def _expected_kl_term_gradient(importance_weight: bool, logits: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """∇_θ E_{y∼π_old}[GRPO's KL term at y], summed exactly over a small vocabulary, at θ = θ_old."""
+    theta = logits.clone().requires_grad_(True)
+    logprobs = torch.log_softmax(theta, dim=-1)
+    old = logprobs.detach()
+    term = kl_loss_term(kl_estimator("k3"), logprobs, torch.exp(logprobs - old), ref, importance_weight)
+    (old.exp() * term).sum().backward()
+    return theta.grad
+
+
+def test_the_importance_weighted_k3_term_has_the_gradient_of_kl_policy_to_reference():
+    """With ρ_t the term's expected gradient is ∇KL(π_θ ‖ π_ref); without it, ∇KL(π_ref ‖ π_θ)."""
+    torch.manual_seed(0)
+    logits, ref = torch.randn(6), torch.log_softmax(torch.randn(6), dim=-1)
+    theta = logits.clone().requires_grad_(True)
+    policy = torch.log_softmax(theta, dim=-1)
+    (policy.exp() * (policy - ref)).sum().backward()  # KL(π_θ ‖ π_ref)
+    reverse = logits.clone().requires_grad_(True)
+    (ref.exp() * (ref - torch.log_softmax(reverse, dim=-1))).sum().backward()  # KL(π_ref ‖ π_θ)
+    assert torch.allclose(_expected_kl_term_gradient(True, logits, ref), theta.grad, atol=1e-6)
+    assert torch.allclose(_expected_kl_term_gradient(False, logits, ref), reverse.grad, atol=1e-6)
+    assert not torch.allclose(theta.grad, reverse.grad, atol=1e-3)
 
 
 def test_adaptive_kl_controller_moves_beta_towards_the_target():

@@ -31,9 +31,11 @@ def test_pairs_labelled_one_half_teach_nothing(tmp_path):
     before = [p.detach().clone() for p in trainer.actor.parameters()]
     trainer.train(pairs, eval_pairs=pairs[:1], progress=False)
     assert all(torch.allclose(a, b) for a, b in zip(before, trainer.actor.parameters(), strict=True))
+    assert trainer.history[1]["grad_norm"] == 0  # the logged norm is the step's gradient's
     hard = DPOTrainer(DPOConfig(lr=1e-2, batch_size=4, max_steps=1, output_dir=str(tmp_path)), build_tiny_causal(),
                       word_tokenizer())
     hard.train([p.model_copy(update={"label": None}) for p in pairs], eval_pairs=pairs[:1], progress=False)
+    assert hard.history[1]["grad_norm"] > 0
     assert not all(torch.allclose(a, b) for a, b in zip(before, hard.actor.parameters(), strict=True))
 
 

@@ -159,12 +159,12 @@ class DPOTrainer:
                     loss, margins = dpo_loss(policy[: len(index)], policy[len(index):], ref[:, 0], ref[:, 1], cfg.beta,
                                              pair_labels(step_pairs).to(policy.device))
                     try:
-                        apply_gradients(acc, self.actor, self.optimizer, loss, cfg.max_grad_norm)
+                        grad_norm = apply_gradients(acc, self.actor, self.optimizer, loss, cfg.max_grad_norm)
                     except TrainingDiverged as exc:
                         raise TrainingDiverged(f"dpo stopped at step {step + 1}: {exc}") from None
                     step += 1
                     self.history.append({"step": step, "loss": loss.item(), "margin": margins.mean().item(),
-                                         "accuracy": (margins > 0).float().mean().item(),
+                                         "accuracy": (margins > 0).float().mean().item(), "grad_norm": grad_norm,
                                          "time/step_s": time.perf_counter() - started})
                     bar.update(task, advance=1, info=f"loss {loss.item():.3f}")
         after = self.evaluate(eval_pairs)

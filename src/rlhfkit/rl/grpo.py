@@ -5,7 +5,13 @@ Both use PPO's rollout and log-prob code; they differ in the baseline and where 
 GRPO (Shao et al. 2024), ``advantage="grpo"``, ``kl_penalty="loss"``:
 
     A_i = (R_i − mean_j R_j) / std_j R_j                       over the G completions of one prompt
-    L = −1/G Σ_i 1/|y_i| Σ_t [ min(ρ_t A_i, clip(ρ_t, 1−ε, 1+ε) A_i) − β · KL_k3,t ]
+    L = −1/G Σ_i 1/|y_i| Σ_t [ min(ρ_t A_i, clip(ρ_t, 1−ε, 1+ε) A_i) − β · ρ_t · KL_k3,t ]
+
+The KL term is weighted by ρ_t (``kl_importance_weight``, as TRL's ``use_bias_correction_kl``): with
+y_t drawn from π_θ_old, E[ρ_t k3_t] = KL(π_θ ‖ π_ref) and its gradient is ∇KL(π_θ ‖ π_ref) =
+E[log(π_θ/π_ref) ∇log π_θ], the KL that is reported and meant. The paper's unweighted k3 has the
+same value at ρ = 1 but the gradient E[(1 − π_ref/π_θ) ∇log π_θ] = ∇KL(π_ref ‖ π_θ), the KL the
+other way round (``kl_importance_weight=False`` keeps it).
 
 RLOO (Ahmadian et al. 2024), ``advantage="rloo"``, ``kl_penalty="reward"``:
 
@@ -26,7 +32,7 @@ import torch
 
 from rlhfkit.config import require
 from rlhfkit.rl.advantages import group_normalized, leave_one_out, masked_mean
-from rlhfkit.rl.kl import kl_estimator
+from rlhfkit.rl.kl import KLEstimator, kl_estimator
 from rlhfkit.rl.trainer import OnPolicyTrainer, RLConfig
 from rlhfkit.rollout import Rollout
 
@@ -41,6 +47,7 @@ class GRPOConfig(RLConfig):
     kl_penalty: Literal["loss", "reward"] = "loss"
     kl_coef: float = 0.04
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_importance_weight: bool = True  # GRPO's KL term times ρ_t: the gradient of KL(π_θ ‖ π_ref) (module docstring)
     scale_rewards: bool = True  # GRPO: divide by the group's std
 
     def __post_init__(self) -> None:
@@ -62,6 +69,14 @@ RLOO_DEFAULTS = {"advantage": "rloo", "kl_penalty": "reward", "kl_estimator": "k
 def rloo_config(**overrides) -> GRPOConfig:
     """RLOO's defaults: leave-one-out baseline, sequence-level k1 KL folded into the reward."""
     return GRPOConfig(**(RLOO_DEFAULTS | overrides))
+
+
+def kl_loss_term(kl: KLEstimator, logprobs: torch.Tensor, ratio: torch.Tensor, ref_logprobs: torch.Tensor,
+                 importance_weight: bool) -> torch.Tensor:
+    """Per-token KL penalty of GRPO's loss: ρ_t · k(π_θ, π_ref) with ``importance_weight``, else k(π_θ, π_ref);
+    ρ_t = π_θ(y_t) / π_θ_old(y_t) carries the gradient (its value is 1 on a rollout's first pass)."""
+    per_token = kl(logprobs, ref_logprobs)
+    return per_token * ratio if importance_weight else per_token
 
 
 class GRPOTrainer(OnPolicyTrainer):
@@ -101,7 +116,8 @@ class GRPOTrainer(OnPolicyTrainer):
                 adv = advantages[mb].unsqueeze(1)
                 per_token = torch.min(ratio * adv, torch.clamp(ratio, 1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv)
                 if cfg.kl_penalty == "loss":
-                    per_token = per_token - beta * self.kl(logprobs, rollout.ref_logprobs[mb])
+                    per_token = per_token - beta * kl_loss_term(self.kl, logprobs, ratio, rollout.ref_logprobs[mb],
+                                                                cfg.kl_importance_weight)
                 loss = -masked_mean(per_token, mask[mb], dim=1).mean()  # per-sequence mean, then mean
                 grad_norm = self.optimizer_step(loss)
                 with torch.no_grad():
