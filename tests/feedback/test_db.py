@@ -34,3 +34,31 @@ def test_0002_and_0004_normalise_names_number_slots_close_extra_open_assignments
         command.downgrade(feedback_db.alembic_config(connection), "0001")
         command.upgrade(feedback_db.alembic_config(connection), "head")
     engine.dispose()
+
+
+def test_an_item_over_filled_before_0004_takes_no_new_labeler_when_one_of_its_holders_lets_go(db_url):
+    """k = 2 and three holders (from before slots existed): after 0004 the counter says 0 free and agrees
+    with the rows; when the open holder skips, the item still has its 2 labels, so nobody is given it."""
+    from rlhfkit.feedback import service
+
+    engine = feedback_db.make_engine(db_url)
+    feedback_db.migrate(engine, "0001")
+    with engine.begin() as connection:
+        run = lambda sql: connection.execute(text(sql))  # noqa: E731
+        run("INSERT INTO users (id, username, role, created_at) VALUES (1, 'ann', 'labeler', CURRENT_TIMESTAMP), "
+            "(2, 'bob', 'labeler', CURRENT_TIMESTAMP), (3, 'cat', 'labeler', CURRENT_TIMESTAMP), "
+            "(4, 'dan', 'labeler', CURRENT_TIMESTAMP)")
+        run("INSERT INTO projects (id, name, criterion, instructions, overlap, consensus, gold_rate, created_at) "
+            "VALUES (1, 'p', 'c', '', 2, 'borda', 0, CURRENT_TIMESTAMP)")
+        run("INSERT INTO items (id, project_id, prompt_id, prompt, is_gold) VALUES (1, 1, 'a', '\"q\"', false)")
+        run("INSERT INTO assignments (id, item_id, user_id, status, created_at) VALUES "
+            "(1, 1, 1, 'done', CURRENT_TIMESTAMP), (2, 1, 2, 'done', CURRENT_TIMESTAMP), "
+            "(3, 1, 3, 'open', CURRENT_TIMESTAMP)")
+    feedback_db.migrate(engine)
+    with feedback_db.sessionmaker(engine, expire_on_commit=False)() as db:
+        assert service.free_slot_mismatches(db) == {}
+        project = service.get_project(db, "p")
+        service.skip(db, service.get_user(db, "cat"), 1)
+        assert service.free_slot_mismatches(db) == {}
+        assert service.next_item(db, service.get_user(db, "dan"), project) is None
+    engine.dispose()

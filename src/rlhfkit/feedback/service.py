@@ -29,7 +29,6 @@ import math
 import random
 import secrets
 import time
-from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -420,16 +419,26 @@ def _end_assignments(session: Session, change: Update | Delete, item_ids: Collec
     connection.execute(_LOCK_ITEMS, {"item_ids": sorted(set(item_ids))})
     ended = connection.execute(change.where(Assignment.item_id.in_(item_ids))
                                .returning(Assignment.item_id, Assignment.slot)).all()
-    freed = Counter(item_id for item_id, slot in ended if slot is not None)
+    freed = sorted({item_id for item_id, slot in ended if slot is not None})
     if freed:
-        connection.execute(_FREE_SLOTS, [{"freed_item": i, "freed": n} for i, n in freed.items()])
+        connection.execute(_FREE_SLOTS, {"freed_items": freed})
     return [item_id for item_id, _ in ended]
+
+
+def _free_slots_counted():
+    """An item's free slots as its rows say: max(0, k − holders), 0 for a gold item. Holders beyond k exist
+    only on an item over-filled before slots were kept (migration 0002 numbers them all): freeing one of
+    its slots must not open the item to a new labeler while it still has k."""
+    holders = (select(func.count()).where(Assignment.item_id == Item.id, Assignment.status.in_(("open", "done")),
+                                          Assignment.slot.is_not(None)).scalar_subquery())
+    overlap = select(Project.overlap).where(Project.id == Item.project_id).scalar_subquery()
+    return case((Item.is_gold, 0), (holders >= overlap, 0), else_=overlap - holders)
 
 
 _LOCK_ITEMS = (select(Item.id).where(Item.id.in_(bindparam("item_ids", expanding=True))).order_by(Item.id)
                .with_for_update())
-_FREE_SLOTS = (update(Item.__table__).where(Item.id == bindparam("freed_item"))
-               .values(free_slots=Item.free_slots + bindparam("freed")))
+_FREE_SLOTS = (update(Item.__table__).where(Item.id.in_(bindparam("freed_items", expanding=True)))  # recounted
+               .values(free_slots=_free_slots_counted()))
 _TAKE_SLOT = update(Item.__table__).where(Item.id == bindparam("taken_item")).values(free_slots=Item.free_slots - 1)
 
 
@@ -451,13 +460,10 @@ _STALE_ITEMS = select(Assignment.item_id).where(
 
 
 def free_slot_mismatches(session: Session) -> dict[int, tuple[int, int]]:
-    """Items whose ``free_slots`` differs from what their rows say (k − holders, 0 for gold items):
+    """Items whose ``free_slots`` differs from what their rows say (max(0, k − holders), 0 for gold items):
     {item id: (stored, counted)}. Empty when every path kept the counters right."""
-    holders = (select(func.count()).where(Assignment.item_id == Item.id, Assignment.status.in_(("open", "done")),
-                                          Assignment.slot.is_not(None)).scalar_subquery())
-    counted = case((Item.is_gold, 0), else_=Project.overlap - holders)
-    rows = session.execute(select(Item.id, Item.free_slots, counted).join(Project, Project.id == Item.project_id)
-                           .where(Item.free_slots != counted)).all()
+    counted = _free_slots_counted()
+    rows = session.execute(select(Item.id, Item.free_slots, counted).where(Item.free_slots != counted)).all()
     session.commit()
     return {item_id: (stored, right) for item_id, stored, right in rows}
 
@@ -601,6 +607,8 @@ _ASSIGN = insert(Assignment.__table__)
 def _free_slot(session: Session, item_id: int, overlap: int) -> int | None:
     """The lowest slot of the (locked) item that no open or done assignment holds."""
     used = set(session.connection().scalars(_SLOT_HOLDERS, {"item_id": item_id}))
+    if len(used) >= overlap:  # an item over-filled before slots were kept (see _free_slots_counted)
+        return None
     return next((slot for slot in range(overlap) if slot not in used), None)
 
 
