@@ -499,7 +499,7 @@ def next_item(session: Session, user: User, project: Project, rng: random.Random
             return offered
         except IntegrityError:  # a parallel request of this labeler won: read its assignment
             session.rollback()
-    raise FeedbackError("the server is busy: try again", 503)
+    raise FeedbackError("the server is busy: try again", 503, retry_after=1)
 
 
 def _open_item(session: Session, user: User, project: Project, stale_before: datetime) -> int | None:
