@@ -28,7 +28,6 @@ import json
 import math
 import random
 import secrets
-import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -538,12 +537,13 @@ def _assign_new(session: Session, user: User, project: Project, rng: random.Rand
             return item_id, None
     # The candidate is locked in the same statement. An item that another labeler is being given right now
     # (row locked) is passed over (SKIP LOCKED, PostgreSQL): otherwise every labeler queues on the same
-    # fullest item. When all candidates are locked, ask again a moment later instead of waiting for one:
-    # PostgreSQL keeps the lock of a row it locked and then found changed (no free slot left), and a wait
-    # while holding it could close a cycle with the writers that lock several items in id order
-    # (deadlock). SQLite serialises whole transactions and never skips.
+    # fullest item. When all candidates are locked, wait for one of them, but only after a commit: PostgreSQL
+    # keeps the lock of a row it locked and then found changed (no free slot left), and a wait while holding
+    # it could close a cycle with the writers that lock several items in id order (deadlock); holding no
+    # lock, the wait cannot. Refusing instead (503) would turn away a labeler while there is work, e.g. on
+    # one hot item whose holder commits slowly. SQLite serialises whole transactions and never skips.
     tried, free = [], {**mine, "stale_before": stale_before}
-    for _ in range(PICK_ATTEMPTS):
+    for _ in range(PICK_ROUNDS):
         while (row := connection.execute(_LOCK_FULLEST, {**free, "tried": tried}).first()):
             tried.append(row.id)
             slot = _free_slot(session, row.id, project.overlap)
@@ -551,13 +551,16 @@ def _assign_new(session: Session, user: User, project: Project, rng: random.Rand
                 connection.execute(_ASSIGN, {**mine, "item_id": row.id, "slot": slot})
                 connection.execute(_TAKE_SLOT, {"taken_item": row.id})
                 return row.id, _progress_of(*row[1:])
-        if connection.scalar(_ANY_FREE, {**mine, "tried": tried}) is None:
+        busy_item = connection.scalar(_ANY_FREE, {**mine, "tried": tried})
+        if busy_item is None:
             return None, None
-        time.sleep(PICK_PAUSE)
+        session.commit()  # nothing written yet: this only ends the locks of the full rows tried
+        connection = session.connection()
+        connection.execute(_LOCK_ITEMS, {"item_ids": [busy_item]})  # until its holder commits; then pick again
     raise FeedbackError("the server is busy: try again", 503, retry_after=1)
 
 
-PICK_ATTEMPTS, PICK_PAUSE = 50, 0.02  # seconds: items are locked for a few milliseconds while given out
+PICK_ROUNDS = 50  # waits for a busy item; each ends with that item locked by us, so few rounds are ever needed
 
 
 _SEEN = select(Assignment.item_id).where(Assignment.user_id == bindparam("user_id"))
