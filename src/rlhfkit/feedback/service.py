@@ -481,7 +481,8 @@ class Offered:
 
 def next_item(session: Session, user: User, project: Project, rng: random.Random | None = None) -> Offered | None:
     """The labeler's open item, or a new assignment; None when nothing is left for them. One transaction
-    (two when timed-out assignments of the project are expired first).
+    (more when timed-out assignments of the project are expired first, or when every item with work is
+    being given out on PostgreSQL: see _assign_new).
 
     A regular item's new assignment takes the lowest free slot (0..k-1) while the item row is locked;
     the unique indexes turn any race the lock does not cover (two requests of one labeler, two labelers
