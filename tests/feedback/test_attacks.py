@@ -136,6 +136,24 @@ def test_parallel_wrong_passwords_get_no_more_tries_than_the_back_off_allows(db_
         assert db.get(service.LoginFailures, "ip:10.0.0.1").failures == 0  # its own attempt taken back
 
 
+def run_together(threads) -> None:
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def assert_slots_kept(app, overlap: int) -> None:
+    """No item over k holders, one label per done assignment, every free_slots what the rows say."""
+    with app.state.sessions() as db:
+        for item in db.scalars(service.select(service.Item)):
+            holders = db.scalars(service.select(service.Assignment).where(
+                service.Assignment.item_id == item.id, service.Assignment.status.in_(("open", "done")))).all()
+            labels = db.scalars(service.select(service.Label).where(service.Label.item_id == item.id)).all()
+            assert len(holders) <= overlap and len(labels) == sum(a.status == "done" for a in holders)
+        assert service.free_slot_mismatches(db) == {}
+
+
 def test_labelers_racing_next_submit_undo_skip_and_expiry_in_many_tabs_get_no_server_error(db_url):
     """ann in four tabs, bob and cat in two: no deadlock or integrity error, no item over k labels, every
     item's free_slots what its rows say."""
@@ -177,18 +195,9 @@ def test_labelers_racing_next_submit_undo_skip_and_expiry_in_many_tabs_get_no_se
 
     tabs = ["ann"] * 4 + ["bob"] * 2 + ["cat"] * 2
     threads = [threading.Thread(target=tab, args=(name, seed)) for seed, name in enumerate(tabs)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_together(threads)
     assert failures == []
-    with app.state.sessions() as db:
-        for item in db.scalars(service.select(service.Item)):
-            holders = db.scalars(service.select(service.Assignment).where(
-                service.Assignment.item_id == item.id, service.Assignment.status.in_(("open", "done")))).all()
-            labels = db.scalars(service.select(service.Label).where(service.Label.item_id == item.id)).all()
-            assert len(holders) <= 2 and len(labels) == sum(a.status == "done" for a in holders)
-        assert service.free_slot_mismatches(db) == {}
+    assert_slots_kept(app, overlap=2)
 
 
 def test_progress_moves_by_one_for_gold_and_regular_items_alike(db_url):
@@ -420,15 +429,6 @@ def test_an_admin_disabling_and_reopening_while_labelers_race_keeps_every_counte
 
     threads = [threading.Thread(target=tab, args=(name, seed)) for seed, name in enumerate(["ann", "bob", "cat"] * 2)]
     threads.append(threading.Thread(target=admin))
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_together(threads)
     assert failures == []
-    with app.state.sessions() as db:
-        for item in db.scalars(service.select(service.Item)):
-            holders = db.scalars(service.select(service.Assignment).where(
-                service.Assignment.item_id == item.id, service.Assignment.status.in_(("open", "done")))).all()
-            labels = db.scalars(service.select(service.Label).where(service.Label.item_id == item.id)).all()
-            assert len(holders) <= 2 and len(labels) == sum(a.status == "done" for a in holders)
-        assert service.free_slot_mismatches(db) == {}
+    assert_slots_kept(app, overlap=2)
