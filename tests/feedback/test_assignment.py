@@ -364,3 +364,12 @@ def test_the_only_item_with_work_locked_longer_than_the_retries_is_waited_for_no
             assert service.free_slot_mismatches(db) == {}
     finally:
         writer.join()
+
+
+def test_a_busy_answer_is_one_line_with_retry_after(db_url, monkeypatch):
+    app = create_app(db_url)
+    setup_project(app)
+    monkeypatch.setattr(service, "PICK_ROUNDS", 0)  # as if every item with work stayed busy
+    r = login(TestClient(app), "ann").get("/api/next")
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json() == {"detail": "the server is busy: try again"}
