@@ -336,3 +336,40 @@ def test_free_slots_cannot_go_below_zero(db_url):
         db.execute(update(service.Item).values(free_slots=service.Item.free_slots - 2))
         db.commit()
 
+
+
+def test_the_only_item_with_work_locked_longer_than_the_retries_is_waited_for_not_refused(db_url):
+    """One hot item whose row another writer holds for 1.5 s (a slow commit): /api/next waits for it
+    and hands it out, instead of answering 503 "busy" while there is work."""
+    app = create_app(db_url)
+    with app.state.sessions() as db:
+        service.create_user(db, "ann", password="ann-password")
+        service.create_project(db, "hot", "c", make_completions("p0", 3), overlap=5)
+    locked = threading.Event()
+
+    def slow_writer():
+        with app.state.sessions() as db:
+            db.execute(select(service.Item.id).with_for_update())
+            locked.set()
+            threading.Event().wait(1.5)
+            db.commit()
+
+    writer = threading.Thread(target=slow_writer)
+    writer.start()
+    locked.wait()
+    try:
+        with app.state.sessions() as db:
+            offered = service.next_item(db, service.get_user(db, "ann"), service.get_project(db, "hot"))
+            assert offered is not None
+            assert service.free_slot_mismatches(db) == {}
+    finally:
+        writer.join()
+
+
+def test_a_busy_answer_is_one_line_with_retry_after(db_url, monkeypatch):
+    app = create_app(db_url)
+    setup_project(app)
+    monkeypatch.setattr(service, "PICK_ROUNDS", 0)  # as if every item with work stayed busy
+    r = login(TestClient(app), "ann").get("/api/next")
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json() == {"detail": "the server is busy: try again"}

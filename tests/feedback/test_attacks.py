@@ -136,6 +136,24 @@ def test_parallel_wrong_passwords_get_no_more_tries_than_the_back_off_allows(db_
         assert db.get(service.LoginFailures, "ip:10.0.0.1").failures == 0  # its own attempt taken back
 
 
+def run_together(threads) -> None:
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def assert_slots_kept(app, overlap: int) -> None:
+    """No item over k holders, one label per done assignment, every free_slots what the rows say."""
+    with app.state.sessions() as db:
+        for item in db.scalars(service.select(service.Item)):
+            holders = db.scalars(service.select(service.Assignment).where(
+                service.Assignment.item_id == item.id, service.Assignment.status.in_(("open", "done")))).all()
+            labels = db.scalars(service.select(service.Label).where(service.Label.item_id == item.id)).all()
+            assert len(holders) <= overlap and len(labels) == sum(a.status == "done" for a in holders)
+        assert service.free_slot_mismatches(db) == {}
+
+
 def test_labelers_racing_next_submit_undo_skip_and_expiry_in_many_tabs_get_no_server_error(db_url):
     """ann in four tabs, bob and cat in two: no deadlock or integrity error, no item over k labels, every
     item's free_slots what its rows say."""
@@ -177,18 +195,9 @@ def test_labelers_racing_next_submit_undo_skip_and_expiry_in_many_tabs_get_no_se
 
     tabs = ["ann"] * 4 + ["bob"] * 2 + ["cat"] * 2
     threads = [threading.Thread(target=tab, args=(name, seed)) for seed, name in enumerate(tabs)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_together(threads)
     assert failures == []
-    with app.state.sessions() as db:
-        for item in db.scalars(service.select(service.Item)):
-            holders = db.scalars(service.select(service.Assignment).where(
-                service.Assignment.item_id == item.id, service.Assignment.status.in_(("open", "done")))).all()
-            labels = db.scalars(service.select(service.Label).where(service.Label.item_id == item.id)).all()
-            assert len(holders) <= 2 and len(labels) == sum(a.status == "done" for a in holders)
-        assert service.free_slot_mismatches(db) == {}
+    assert_slots_kept(app, overlap=2)
 
 
 def test_progress_moves_by_one_for_gold_and_regular_items_alike(db_url):
@@ -364,3 +373,62 @@ def test_a_throttled_client_adds_no_rows_however_many_usernames_it_tries(db_url)
             with pytest.raises(service.FeedbackError, match="too many"):
                 service.log_in(db, f"made-up-{i}", "some-password", "10.9.9.9")
         assert db.scalar(select(func.count()).select_from(service.LoginFailures)) == before
+
+
+def test_an_admin_disabling_and_reopening_while_labelers_race_keeps_every_counter_right(db_url):
+    """ann, bob and cat in two tabs each race next/submit/skip/undo/progress while an admin disables and
+    enables cat (her requests already in flight go on) and reopens items: no server error, no item over
+    k, one label per done assignment, and every item's free_slots what its rows say."""
+    import random
+    import threading
+
+    app = create_app(db_url)
+    setup_project(app, overlap=2)
+    failures = []
+
+    def guarded(action):
+        try:
+            action()
+        except service.FeedbackError:
+            pass
+        except Exception as exc:  # a deadlock, an integrity error or a CHECK violation would be a 500
+            failures.append(repr(exc)[:1000])
+
+    def tab(name, seed):
+        rng = random.Random(seed)
+        with app.state.sessions() as db:
+            user, project = service.get_user(db, name), service.get_project(db, "demo")
+            db.commit()
+
+            def step():
+                action = rng.choice(["submit", "submit", "skip", "undo", "progress"])
+                if action == "progress":
+                    return service.labeler_progress(db, user, project)
+                if action == "undo":
+                    return service.undo_last_label(db, user, project)
+                item = service.next_item(db, user, project, rng)
+                if item is not None and action == "submit":
+                    service.submit_label(db, user, item.id, [[c.completion_id] for c in item.completions], [])
+                elif item is not None:
+                    service.skip(db, user, item.id)
+
+            for _ in range(15):
+                guarded(step)
+                db.rollback()
+
+    def admin():
+        rng = random.Random(99)
+        with app.state.sessions() as db:
+            boss = service.get_user(db, "admin")
+            db.commit()
+            for turn in range(15):
+                guarded(lambda: service.set_disabled(db, "cat", turn % 2 == 0, boss))  # noqa: B023
+                db.rollback()
+                guarded(lambda: service.reopen_item(db, rng.randint(1, 6)))
+                db.rollback()
+
+    threads = [threading.Thread(target=tab, args=(name, seed)) for seed, name in enumerate(["ann", "bob", "cat"] * 2)]
+    threads.append(threading.Thread(target=admin))
+    run_together(threads)
+    assert failures == []
+    assert_slots_kept(app, overlap=2)

@@ -247,3 +247,27 @@ def test_labeler_keys_order_progress_prompts_undo_errors_and_invite(tmp_path):
     [first] = [label for i, label in labels.items() if items[i].prompt_id == shown[0].split("-")[0]]
     assert shown == first.shown_order  # the page showed the order stored with the label
     assert any(label.shown_order != sorted(label.shown_order) for label in labels.values())  # not file order
+
+
+@pytest.mark.slow
+def test_a_busy_server_makes_the_page_say_so_and_ask_again_by_itself(server):
+    """/api/next answers 503 with Retry-After when every candidate item is being given out: the page
+    says the server is busy, asks again after that many seconds, and shows the item without a reload."""
+    url, _ = server
+    with chromium_browser() as browser:
+        page = browser.new_page()
+        busy = {"left": 1}
+
+        def first_busy(route):
+            if busy["left"]:
+                busy["left"] -= 1
+                route.fulfill(status=503, headers={"retry-after": "1", "content-type": "application/json"},
+                              body='{"detail": "the server is busy: try again"}')
+            else:
+                route.continue_()
+
+        page.route("**/api/next*", first_busy)
+        log_in(page, url, "ann", "ann-password")
+        expect(page.locator("#status")).to_contain_text("busy")
+        page.wait_for_selector("li.completion", timeout=5000)
+        assert busy["left"] == 0 and "busy" not in page.inner_text("#status")

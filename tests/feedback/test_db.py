@@ -1,7 +1,7 @@
 """Migrations 0002 and 0004 on a database that 0001 made and the old app filled, on SQLite and PostgreSQL."""
 
 from alembic import command
-from sqlalchemy import text
+from sqlalchemy import func, select, text
 
 from feedback_postgres import db_url, postgres  # noqa: F401 - fixtures
 from rlhfkit.feedback import db as feedback_db
@@ -34,3 +34,79 @@ def test_0002_and_0004_normalise_names_number_slots_close_extra_open_assignments
         command.downgrade(feedback_db.alembic_config(connection), "0001")
         command.upgrade(feedback_db.alembic_config(connection), "head")
     engine.dispose()
+
+
+def test_an_item_over_filled_before_0004_takes_no_new_labeler_when_one_of_its_holders_lets_go(db_url):
+    """k = 2 and three holders (from before slots existed): after 0004 the counter says 0 free and agrees
+    with the rows; when the open holder skips, the item still has its 2 labels, so nobody is given it."""
+    from rlhfkit.feedback import service
+
+    engine = feedback_db.make_engine(db_url)
+    feedback_db.migrate(engine, "0001")
+    with engine.begin() as connection:
+        run = lambda sql: connection.execute(text(sql))  # noqa: E731
+        run("INSERT INTO users (id, username, role, created_at) VALUES (1, 'ann', 'labeler', CURRENT_TIMESTAMP), "
+            "(2, 'bob', 'labeler', CURRENT_TIMESTAMP), (3, 'cat', 'labeler', CURRENT_TIMESTAMP), "
+            "(4, 'dan', 'labeler', CURRENT_TIMESTAMP)")
+        run("INSERT INTO projects (id, name, criterion, instructions, overlap, consensus, gold_rate, created_at) "
+            "VALUES (1, 'p', 'c', '', 2, 'borda', 0, CURRENT_TIMESTAMP)")
+        run("INSERT INTO items (id, project_id, prompt_id, prompt, is_gold) VALUES (1, 1, 'a', '\"q\"', false)")
+        run("INSERT INTO assignments (id, item_id, user_id, status, created_at) VALUES "
+            "(1, 1, 1, 'done', CURRENT_TIMESTAMP), (2, 1, 2, 'done', CURRENT_TIMESTAMP), "
+            "(3, 1, 3, 'open', CURRENT_TIMESTAMP)")
+    feedback_db.migrate(engine)
+    with feedback_db.sessionmaker(engine, expire_on_commit=False)() as db:
+        assert service.free_slot_mismatches(db) == {}
+        project = service.get_project(db, "p")
+        service.skip(db, service.get_user(db, "cat"), 1)
+        assert service.free_slot_mismatches(db) == {}
+        assert service.next_item(db, service.get_user(db, "dan"), project) is None
+    engine.dispose()
+
+
+KILLED_MID_TRANSACTION = """
+import os, signal, sys
+from sqlalchemy.orm import Session
+from rlhfkit.feedback import service
+from rlhfkit.feedback.db import session_factory
+
+sessions = session_factory(sys.argv[1])
+with sessions() as db:
+    user, project = service.get_user(db, sys.argv[2]), service.get_project(db, "p")
+    db.commit()
+    if sys.argv[3] == "skip":
+        item = service.next_item(db, user, project)
+    Session.commit = lambda self: os.kill(os.getpid(), signal.SIGKILL)  # written, never committed
+    if sys.argv[3] == "skip":
+        service.skip(db, user, item.id)
+    else:
+        service.next_item(db, user, project)
+"""
+
+
+def test_a_server_killed_inside_a_slot_transaction_leaves_rows_and_free_slots_agreeing(db_url, tmp_path):
+    """kill -9 after an assignment took a slot (or a skip gave one back) but before the commit: after the
+    restart nothing of it is there, and every item's free_slots agrees with its rows."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import make_completions
+    from rlhfkit.feedback import service
+
+    sessions = feedback_db.session_factory(db_url)
+    with sessions() as db:
+        for name in ("ann", "bob"):
+            service.create_user(db, name, password=f"{name}-password")
+        service.create_project(db, "p", "c", [c for p in ("a", "b") for c in make_completions(p, 2)], overlap=2)
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_MID_TRANSACTION)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    for name, action in (("ann", "next"), ("bob", "skip")):
+        killed = subprocess.run([sys.executable, str(script), db_url, name, action], env=env, capture_output=True)
+        assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    with sessions() as db:
+        assert service.free_slot_mismatches(db) == {}
+        assert db.scalar(select(func.count()).select_from(feedback_db.Assignment)) == 1  # bob's, still open
+        assert db.scalar(select(func.count()).where(feedback_db.Assignment.status == "open")) == 1
+        assert sorted(db.scalars(select(feedback_db.Item.free_slots))) == [1, 2]

@@ -69,7 +69,7 @@ class Project(Base):
 class Item(Base):
     """One prompt and its N completions, to be ranked.
 
-    ``free_slots`` = k − (the item's assignments that hold a slot: open or done, ``slot`` not NULL), kept
+    ``free_slots`` = max(0, k − (the item's assignments that hold a slot: open or done, ``slot`` not NULL)), kept
     in the transaction that takes or frees a slot, under the item's row lock; it cannot go below 0 (a
     CHECK), so an item cannot be over-filled. Gold items have no slots (0). /api/next picks by it.
     """

@@ -28,8 +28,6 @@ import json
 import math
 import random
 import secrets
-import time
-from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -420,16 +418,26 @@ def _end_assignments(session: Session, change: Update | Delete, item_ids: Collec
     connection.execute(_LOCK_ITEMS, {"item_ids": sorted(set(item_ids))})
     ended = connection.execute(change.where(Assignment.item_id.in_(item_ids))
                                .returning(Assignment.item_id, Assignment.slot)).all()
-    freed = Counter(item_id for item_id, slot in ended if slot is not None)
+    freed = sorted({item_id for item_id, slot in ended if slot is not None})
     if freed:
-        connection.execute(_FREE_SLOTS, [{"freed_item": i, "freed": n} for i, n in freed.items()])
+        connection.execute(_FREE_SLOTS, {"freed_items": freed})
     return [item_id for item_id, _ in ended]
+
+
+def _free_slots_counted():
+    """An item's free slots as its rows say: max(0, k − holders), 0 for a gold item. Holders beyond k exist
+    only on an item over-filled before slots were kept (migration 0002 numbers them all): freeing one of
+    its slots must not open the item to a new labeler while it still has k."""
+    holders = (select(func.count()).where(Assignment.item_id == Item.id, Assignment.status.in_(("open", "done")),
+                                          Assignment.slot.is_not(None)).scalar_subquery())
+    overlap = select(Project.overlap).where(Project.id == Item.project_id).scalar_subquery()
+    return case((Item.is_gold, 0), (holders >= overlap, 0), else_=overlap - holders)
 
 
 _LOCK_ITEMS = (select(Item.id).where(Item.id.in_(bindparam("item_ids", expanding=True))).order_by(Item.id)
                .with_for_update())
-_FREE_SLOTS = (update(Item.__table__).where(Item.id == bindparam("freed_item"))
-               .values(free_slots=Item.free_slots + bindparam("freed")))
+_FREE_SLOTS = (update(Item.__table__).where(Item.id.in_(bindparam("freed_items", expanding=True)))  # recounted
+               .values(free_slots=_free_slots_counted()))
 _TAKE_SLOT = update(Item.__table__).where(Item.id == bindparam("taken_item")).values(free_slots=Item.free_slots - 1)
 
 
@@ -451,13 +459,10 @@ _STALE_ITEMS = select(Assignment.item_id).where(
 
 
 def free_slot_mismatches(session: Session) -> dict[int, tuple[int, int]]:
-    """Items whose ``free_slots`` differs from what their rows say (k − holders, 0 for gold items):
+    """Items whose ``free_slots`` differs from what their rows say (max(0, k − holders), 0 for gold items):
     {item id: (stored, counted)}. Empty when every path kept the counters right."""
-    holders = (select(func.count()).where(Assignment.item_id == Item.id, Assignment.status.in_(("open", "done")),
-                                          Assignment.slot.is_not(None)).scalar_subquery())
-    counted = case((Item.is_gold, 0), else_=Project.overlap - holders)
-    rows = session.execute(select(Item.id, Item.free_slots, counted).join(Project, Project.id == Item.project_id)
-                           .where(Item.free_slots != counted)).all()
+    counted = _free_slots_counted()
+    rows = session.execute(select(Item.id, Item.free_slots, counted).where(Item.free_slots != counted)).all()
     session.commit()
     return {item_id: (stored, right) for item_id, stored, right in rows}
 
@@ -476,7 +481,8 @@ class Offered:
 
 def next_item(session: Session, user: User, project: Project, rng: random.Random | None = None) -> Offered | None:
     """The labeler's open item, or a new assignment; None when nothing is left for them. One transaction
-    (two when timed-out assignments of the project are expired first).
+    (more when timed-out assignments of the project are expired first, or when every item with work is
+    being given out on PostgreSQL: see _assign_new).
 
     A regular item's new assignment takes the lowest free slot (0..k-1) while the item row is locked;
     the unique indexes turn any race the lock does not cover (two requests of one labeler, two labelers
@@ -493,7 +499,7 @@ def next_item(session: Session, user: User, project: Project, rng: random.Random
             return offered
         except IntegrityError:  # a parallel request of this labeler won: read its assignment
             session.rollback()
-    raise FeedbackError("the server is busy: try again", 503)
+    raise FeedbackError("the server is busy: try again", 503, retry_after=1)
 
 
 def _open_item(session: Session, user: User, project: Project, stale_before: datetime) -> int | None:
@@ -532,12 +538,13 @@ def _assign_new(session: Session, user: User, project: Project, rng: random.Rand
             return item_id, None
     # The candidate is locked in the same statement. An item that another labeler is being given right now
     # (row locked) is passed over (SKIP LOCKED, PostgreSQL): otherwise every labeler queues on the same
-    # fullest item. When all candidates are locked, ask again a moment later instead of waiting for one:
-    # PostgreSQL keeps the lock of a row it locked and then found changed (no free slot left), and a wait
-    # while holding it could close a cycle with the writers that lock several items in id order
-    # (deadlock). SQLite serialises whole transactions and never skips.
+    # fullest item. When all candidates are locked, wait for one of them, but only after a commit: PostgreSQL
+    # keeps the lock of a row it locked and then found changed (no free slot left), and a wait while holding
+    # it could close a cycle with the writers that lock several items in id order (deadlock); holding no
+    # lock, the wait cannot. Refusing instead (503) would turn away a labeler while there is work, e.g. on
+    # one hot item whose holder commits slowly. SQLite serialises whole transactions and never skips.
     tried, free = [], {**mine, "stale_before": stale_before}
-    for _ in range(PICK_ATTEMPTS):
+    for _ in range(PICK_ROUNDS):
         while (row := connection.execute(_LOCK_FULLEST, {**free, "tried": tried}).first()):
             tried.append(row.id)
             slot = _free_slot(session, row.id, project.overlap)
@@ -545,13 +552,16 @@ def _assign_new(session: Session, user: User, project: Project, rng: random.Rand
                 connection.execute(_ASSIGN, {**mine, "item_id": row.id, "slot": slot})
                 connection.execute(_TAKE_SLOT, {"taken_item": row.id})
                 return row.id, _progress_of(*row[1:])
-        if connection.scalar(_ANY_FREE, {**mine, "tried": tried}) is None:
+        busy_item = connection.scalar(_ANY_FREE, {**mine, "tried": tried})
+        if busy_item is None:
             return None, None
-        time.sleep(PICK_PAUSE)
+        session.commit()  # nothing written yet: this only ends the locks of the full rows tried
+        connection = session.connection()
+        connection.execute(_LOCK_ITEMS, {"item_ids": [busy_item]})  # until its holder commits; then pick again
     raise FeedbackError("the server is busy: try again", 503, retry_after=1)
 
 
-PICK_ATTEMPTS, PICK_PAUSE = 50, 0.02  # seconds: items are locked for a few milliseconds while given out
+PICK_ROUNDS = 50  # waits for a busy item; each ends with that item locked by us, so few rounds are ever needed
 
 
 _SEEN = select(Assignment.item_id).where(Assignment.user_id == bindparam("user_id"))
@@ -601,6 +611,8 @@ _ASSIGN = insert(Assignment.__table__)
 def _free_slot(session: Session, item_id: int, overlap: int) -> int | None:
     """The lowest slot of the (locked) item that no open or done assignment holds."""
     used = set(session.connection().scalars(_SLOT_HOLDERS, {"item_id": item_id}))
+    if len(used) >= overlap:  # an item over-filled before slots were kept (see _free_slots_counted)
+        return None
     return next((slot for slot in range(overlap) if slot not in used), None)
 
 

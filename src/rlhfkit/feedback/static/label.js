@@ -31,8 +31,14 @@ async function load() {
     if (p.ok) showProgress(await p.json());
     say('All done — thank you! Nothing is left for you in this project.'); return;
   }
+  if (r.status === 503) {  // every candidate item was being given out: ask again when the server says
+    const seconds = Math.min(Math.max(Number(r.headers.get('Retry-After')) || 1, 1), 30);
+    item = null; document.getElementById('item').hidden = true;  // Enter must not resend the last item
+    say('The server is busy; asking again in ' + seconds + ' s…'); setTimeout(load, seconds * 1000); return;
+  }
   if (!r.ok) { say('Could not load the next item: ' + await reason(r), true); return; }
   item = await r.json(); started = Date.now();
+  if (statusLine.textContent.startsWith('The server is busy')) say('');
   showProgress(item.progress); showPrompt(item.prompt);
   list.replaceChildren();
   item.completions.forEach(c => {
