@@ -1,0 +1,84 @@
+"""Mixed precision: bf16 autocast where the hardware multiplies bf16 natively, fp32 everywhere else.
+
+Under ``torch.autocast(dtype=torch.bfloat16)`` matrix products read their inputs rounded to bf16 (8 bits
+of mantissa, fp32's range) and accumulate in fp32; the weights the optimiser updates, their gradients
+and AdamW's moments stay fp32 (master weights: an update below bf16's resolution is not rounded away),
+and log-probs come from logits cast to fp32 (``token_logprobs``), so a ratio π_θ/π_θ_old and a KL
+estimate compare two numbers computed the same way.
+
+``precision`` is "auto" (bf16 where :func:`bf16_unit` finds a unit for it, fp32 otherwise), "bf16"
+(an error on hardware without one: emulated bf16 is slower than fp32) or "fp32".
+
+Each trainer enters its own autocast (:meth:`Precision.autocast`) instead of passing
+``mixed_precision`` to `accelerate`: that setting is process-wide state there (a second ``Accelerator``
+with another one raises), and a demo or a test suite trains several models in one process.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from rlhfkit.config import FieldError
+
+PrecisionSetting = Literal["auto", "bf16", "fp32"]
+CPU_BF16_FLAGS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16"}  # /proc/cpuinfo flag → name, best first
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty where there is no /proc/cpuinfo)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")),
+                set())
+
+
+def bf16_unit(device: torch.device, flags: set[str] | None = None) -> str | None:
+    """The name of what computes bf16 natively on ``device``, or None: a CUDA GPU of compute capability
+    8.0 or more ("CUDA bf16"), a CPU with AMX-BF16 or AVX512-BF16 (``flags``: the CPU's, read from
+    /proc/cpuinfo unless given)."""
+    if device.type == "cuda":
+        return "CUDA bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else None
+    if device.type != "cpu":
+        return None
+    flags = cpu_flags() if flags is None else flags
+    return next((name for flag, name in CPU_BF16_FLAGS.items() if flag in flags), None)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The precision a trainer runs in: ``dtype`` bf16 (autocast) or None (fp32), and why."""
+
+    dtype: torch.dtype | None
+    device_type: str
+    reason: str
+
+    def autocast(self) -> AbstractContextManager:
+        """The region where matrix products run in bf16 (a no-op in fp32)."""
+        return torch.autocast(self.device_type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None)
+
+    def __str__(self) -> str:
+        return f"{'bf16 autocast' if self.dtype is not None else 'fp32'} ({self.reason})"
+
+
+def resolve_precision(setting: PrecisionSetting, device: torch.device, flags: set[str] | None = None) -> Precision:
+    """``setting`` on ``device``: "auto" is bf16 where :func:`bf16_unit` finds a unit, else fp32; "bf16"
+    without one is a FieldError naming the field and the way out."""
+    unit = bf16_unit(device, flags)
+    if setting == "fp32":
+        return Precision(None, device.type, "precision fp32")
+    if setting == "bf16" and unit is None:
+        raise FieldError("precision", f"bf16 needs a CUDA GPU with bf16 or a CPU with AMX-BF16 or AVX512-BF16; this "
+                                      f"{device.type} has none (it would be emulated, slower than fp32): use auto or "
+                                      "fp32")
+    if setting not in ("auto", "bf16"):
+        raise FieldError("precision", f"must be auto, bf16 or fp32, got {setting!r}")
+    if unit is None:
+        return Precision(None, device.type, f"no bf16 unit on this {device.type}")
+    return Precision(torch.bfloat16, device.type, f"{unit} detected")
