@@ -72,7 +72,7 @@ def resolve_precision(setting: PrecisionSetting, device: torch.device, flags: se
     without one is a FieldError naming the field and the way out."""
     unit = bf16_unit(device, flags)
     if setting == "fp32":
-        return Precision(None, device.type, "precision fp32")
+        return Precision(None, device.type, "as configured")
     if setting == "bf16" and unit is None:
         raise FieldError("precision", f"bf16 needs a CUDA GPU with bf16 or a CPU with AMX-BF16 or AVX512-BF16; this "
                                       f"{device.type} has none (it would be emulated, slower than fp32): use auto or "

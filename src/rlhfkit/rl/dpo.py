@@ -33,8 +33,8 @@ from rlhfkit.generate import format_prompt
 from rlhfkit.models.policy import TokenBatch, tokenize_completions
 from rlhfkit.models.reference import Reference
 from rlhfkit.models.update import TrainingDiverged
-from rlhfkit.reward.model import split_by_prompt
 from rlhfkit.precision import PrecisionSetting
+from rlhfkit.reward.model import split_by_prompt
 from rlhfkit.rl.trainer import apply_gradients, prepare_training, save_trained_policy, training_precision
 
 
