@@ -138,3 +138,14 @@ def test_the_command_line_says_the_precision_and_refuses_bf16_without_a_unit_in_
     ran = invoke("grpo", *common, "--output-dir", tmp_path / "fp32", "--precision", "fp32")
     assert ran.exit_code == 0, ran.output
     assert "precision: fp32 (as configured)" in ran.output
+
+
+@pytest.mark.parametrize(("precision", "expected"), [
+    ("bf16", "field 'precision': bf16 needs a CUDA GPU with bf16 or a CPU with AMX-BF16 or AVX512-BF16; this cpu has "
+             "none (it would be emulated, slower than fp32): use auto or fp32"),
+    ("half", "field 'precision': Input should be 'auto', 'bf16' or 'fp32' (got 'half')"),
+])
+def test_the_demo_refuses_a_precision_it_cannot_run_before_anything_loads(plain_cpu, tmp_path, precision, expected):
+    result = invoke("demo", "--run-dir", tmp_path / "run", "--precision", precision)
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [f"error: {expected}"]
+    assert not (tmp_path / "run").exists()
