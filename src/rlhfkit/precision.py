@@ -63,6 +63,17 @@ class Precision:
         """The region where matrix products run in bf16 (a no-op in fp32)."""
         return torch.autocast(self.device_type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None)
 
+    def autocast_forward(self, module: torch.nn.Module) -> None:
+        """Every call of ``module`` from now on runs under :meth:`autocast` (a fresh context per call: one
+        autocast object entered twice, nested, would restore the wrong state on exit)."""
+        forward = module.forward
+
+        def forward_in_precision(*args, **kwargs):
+            with self.autocast():
+                return forward(*args, **kwargs)
+
+        module.forward = forward_in_precision
+
     def __str__(self) -> str:
         return f"{'bf16 autocast' if self.dtype is not None else 'fp32'} ({self.reason})"
 

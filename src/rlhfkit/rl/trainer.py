@@ -88,18 +88,6 @@ def training_precision(config, accelerator: Accelerator) -> Precision:
     return precision
 
 
-def autocast_forward(module: torch.nn.Module, precision: Precision) -> None:
-    """Every call of ``module`` runs under ``precision``'s autocast (a fresh context per call: an autocast
-    object entered twice, nested, would restore the wrong state on exit)."""
-    forward = module.forward
-
-    def forward_in_precision(*args, **kwargs):
-        with precision.autocast():
-            return forward(*args, **kwargs)
-
-    module.forward = forward_in_precision
-
-
 def prepare_training(config, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                      reference: Reference | None, accelerator: Accelerator, value_head: bool,
                      precision: Precision):
@@ -119,7 +107,7 @@ def prepare_training(config, policy: PreTrainedModel, tokenizer: PreTrainedToken
         reference.model.to(next(policy.parameters()).dtype)
     reference = (reference or Reference(policy)).to(accelerator.device)
     actor = Actor(policy, value_head=value_head).to(accelerator.device)
-    autocast_forward(actor, precision)
+    precision.autocast_forward(actor)
     trainable = [p for p in actor.parameters() if p.requires_grad]
     # fused: one kernel over every tensor; on CPU 2.9× (5.3M parameters) to 6.5× (135M) faster than the loop
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0,
