@@ -16,7 +16,8 @@ with another one raises), and a demo or a test suite trains several models in on
 Measured, bf16 / fp32 speed (CPU seconds, 1 thread, runs interleaved; a 2-core AMD EPYC with AVX512-BF16,
 torch 2.13): forward + backward + AdamW 1.71× on the 5.3M-parameter benchmark policy ([32, 49] tokens),
 1.61× on SmolLM2-135M ([8, 96]), 1.54× with LoRA; sampling 1.14× and 1.26×, but 0.75-0.84× with LoRA
-(peft's adapter adds small products per layer whose autocast casts cost more than bf16 saves); a whole
+(not autocast re-casting the frozen base at every token: holding it in bf16 while sampling did not
+help; the adapters' small extra products per layer are the likely cost, not measured apart); a whole
 step on the benchmark workload 1.42× (GRPO) and 1.36× (PPO), a PPO step with the smollm2 demo's settings
 (LoRA) 1.13×. Even the 5.3M-parameter model gains, so "auto" has no size rule. DPO on the benchmark
 workload learns the same in both (margin 0.023 → 0.352, accuracy 0.55 → 0.85, first → last 5 steps).
