@@ -109,7 +109,9 @@ def prepare_training(config, policy: PreTrainedModel, tokenizer: PreTrainedToken
     actor = Actor(policy, value_head=value_head).to(accelerator.device)
     precision.autocast_forward(actor)
     trainable = [p for p in actor.parameters() if p.requires_grad]
-    # fused: one kernel over every tensor; on CPU 2.9× (5.3M parameters) to 6.5× (135M) faster than the loop
+    # fused: one kernel over every tensor; on CPU 2.9× (5.3M parameters) to 6.5× (135M) faster than the loop.
+    # The actor is not torch.compile'd: on the 5.3M benchmark policy a compiled forward + backward was 1.06×
+    # (bf16) to 1.08× (fp32) faster after 43-58 s of compiling, repaid after ~1400 steps of one shape only
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0,
                                   fused=accelerator.device.type in ("cpu", "cuda"))
     return (tokenizer, reference, *accelerator.prepare(actor, optimizer))
