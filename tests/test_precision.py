@@ -21,7 +21,7 @@ REWARD = FunctionReward(lambda p, c: sum(w in {"happy", "kind", "glad"} for w in
 
 @pytest.fixture
 def bf16_cpu(monkeypatch):
-    """This CPU reported as having AVX512-BF16 (bf16 is emulated where it has not: slower, same numbers)."""
+    """This CPU reported as having AVX512-BF16 (on a CPU without it, bf16 runs emulated)."""
     monkeypatch.setattr("rlhfkit.precision.cpu_flags", lambda: {"avx512f", "avx512_bf16"})
 
 
@@ -142,7 +142,7 @@ def test_the_command_line_says_the_precision_and_refuses_bf16_without_a_unit_in_
 
 @pytest.mark.parametrize(("precision", "expected"), [
     ("bf16", "field 'precision': bf16 needs a CUDA GPU with bf16 or a CPU with AMX-BF16 or AVX512-BF16; this cpu has "
-             "none (it would be emulated, slower than fp32): use auto or fp32"),
+             "none (bf16 would be emulated): use auto or fp32"),
     ("half", "field 'precision': Input should be 'auto', 'bf16' or 'fp32' (got 'half')"),
 ])
 def test_the_demo_refuses_a_precision_it_cannot_run_before_anything_loads(plain_cpu, tmp_path, precision, expected):

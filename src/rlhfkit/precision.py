@@ -7,7 +7,7 @@ and log-probs come from logits cast to fp32 (``token_logprobs``), so a ratio π_
 estimate compare two numbers computed the same way.
 
 ``precision`` is "auto" (bf16 where :func:`bf16_unit` finds a unit for it, fp32 otherwise), "bf16"
-(an error on hardware without one: emulated bf16 is slower than fp32) or "fp32".
+(an error on hardware without one, where bf16 would be emulated) or "fp32".
 
 Each trainer enters its own autocast (:meth:`Precision.autocast`) instead of passing
 ``mixed_precision`` to `accelerate`: that setting is process-wide state there (a second ``Accelerator``
@@ -90,15 +90,14 @@ class Precision:
 def resolve_precision(setting: PrecisionSetting, device: torch.device, flags: set[str] | None = None) -> Precision:
     """``setting`` on ``device``: "auto" is bf16 where :func:`bf16_unit` finds a unit, else fp32; "bf16"
     without one is a FieldError naming the field and the way out."""
-    unit = bf16_unit(device, flags)
+    if setting not in ("auto", "bf16", "fp32"):
+        raise FieldError("precision", f"must be auto, bf16 or fp32, got {setting!r}")
     if setting == "fp32":
         return Precision(None, device.type, "as configured")
+    unit = bf16_unit(device, flags)
     if setting == "bf16" and unit is None:
         raise FieldError("precision", f"bf16 needs a CUDA GPU with bf16 or a CPU with AMX-BF16 or AVX512-BF16; this "
-                                      f"{device.type} has none (it would be emulated, slower than fp32): use auto or "
-                                      "fp32")
-    if setting not in ("auto", "bf16"):
-        raise FieldError("precision", f"must be auto, bf16 or fp32, got {setting!r}")
+                                      f"{device.type} has none (bf16 would be emulated): use auto or fp32")
     if unit is None:
         return Precision(None, device.type, f"no bf16 unit on this {device.type}")
     return Precision(torch.bfloat16, device.type, f"{unit} detected")
