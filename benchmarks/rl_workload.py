@@ -10,7 +10,7 @@ rlhfkit's log-probs are those of the distribution sampled from (EOS excluded for
 TRL's of the plain softmax.
 Writes ``rlhfkit_<algo>.json`` next to the TRL results with the same keys.
 
-    python benchmarks/rl_workload.py grpo [--bench-dir ../shared/bench]
+    python benchmarks/rl_workload.py grpo [--bench-dir ../shared/bench] [--precision fp32]
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=None,
                         help="training seed: prompt/pair order and sampling (default: the workload's SEED); "
                              "initial weights and data stay the workload's")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="the trainers' precision (see rlhfkit/precision.py)")
     args = parser.parse_args()
     sys.path.insert(0, args.bench_dir)
     import bench_common as B
@@ -86,7 +88,8 @@ def main() -> None:
         pairs = [PreferencePair(**p) for p in W.preference_pairs()]
         trainer = DPOTrainer(DPOConfig(beta=wl.beta, lr=wl.lr, batch_size=wl.pairs_per_step, max_steps=wl.steps,
                                        epochs=1 + wl.steps * wl.pairs_per_step // len(pairs), eval_fraction=0.0,
-                                       max_grad_norm=wl.max_grad_norm, seed=seed, output_dir=out),
+                                       max_grad_norm=wl.max_grad_norm, seed=seed, output_dir=out,
+                                       precision=args.precision),
                              policy, tokenizer)
         trained = time.perf_counter()
         history = [h for h in trainer.train(pairs, eval_pairs=[], progress=False) if "loss" in h]
@@ -97,7 +100,7 @@ def main() -> None:
 
         reward = FunctionReward(target_fraction, batched=True)
         common = dict(lr=W.GRPO.lr, max_grad_norm=1.0, temperature=1.0, max_new_tokens=W.COMPLETION_LEN,
-                      min_new_tokens=W.COMPLETION_LEN, seed=seed, output_dir=out)
+                      min_new_tokens=W.COMPLETION_LEN, seed=seed, output_dir=out, precision=args.precision)
         if args.algo == "ppo":
             wl = W.PPO
             config = PPOConfig(steps=wl.steps, batch_size=wl.prompts_per_step, minibatch_size=wl.prompts_per_step,
@@ -117,8 +120,8 @@ def main() -> None:
     timer = SimpleNamespace(step_times=[h["time/step_s"] for h in history], logs=history,
                             t_train_begin=trained, t_train_end=time.perf_counter())
     B.finish(f"rlhfkit_{args.algo}", timer, wl.warmup_steps_excluded,
-             {"workload": args.algo, "seed": seed, "params": B.param_count(policy)}, TRENDS[args.algo], gen=gen,
-             t_start=t_start)
+             {"workload": args.algo, "seed": seed, "params": B.param_count(policy),
+              "precision": str(trainer.precision)}, TRENDS[args.algo], gen=gen, t_start=t_start)
 
 
 if __name__ == "__main__":

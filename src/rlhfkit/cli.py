@@ -192,6 +192,9 @@ PolicyOption = Annotated[str | None, typer.Option(help="Hub id or folder of the 
 StepsOption = Annotated[int | None, typer.Option(help="Maximum number of rollouts.")]
 OutputOption = Annotated[str | None, typer.Option(help="Folder for checkpoints, TensorBoard logs and the policy.")]
 LoraOption = Annotated[bool | None, typer.Option(help="LoRA adapters; the reference is the base with them off.")]
+PrecisionOption = Annotated[str | None, typer.Option(
+    help="auto (bf16 autocast where the CPU has AMX-BF16/AVX512-BF16 or the GPU bf16; else fp32), bf16 or fp32 "
+         "[default: auto].")]
 
 
 def _run_inputs(config_file: Path | None, given: dict) -> tuple[dict, dict]:
@@ -253,9 +256,9 @@ ResumeOption = Annotated[Path | None, typer.Option(help="Checkpoint folder to co
 def _register_on_policy(algorithm: str, summary: str) -> None:
     def command(config: ConfigOption = None, policy: PolicyOption = None, prompts: PromptsOption = None,
                 reward: RewardOption = None, steps: StepsOption = None, output_dir: OutputOption = None,
-                lora: LoraOption = None, resume: ResumeOption = None) -> None:
+                lora: LoraOption = None, precision: PrecisionOption = None, resume: ResumeOption = None) -> None:
         _on_policy(algorithm, config, resume, policy=policy, prompts=prompts, reward=reward, steps=steps,
-                   output_dir=output_dir, lora=lora)
+                   output_dir=output_dir, lora=lora, precision=precision)
 
     command.__doc__ = summary
     app.command(algorithm)(friendly_errors(command))
@@ -274,7 +277,8 @@ _register_on_policy("rloo", "RLOO: G completions per prompt, leave-one-out basel
 def dpo(config: ConfigOption = None, policy: PolicyOption = None,
         pairs: Annotated[Path | None, typer.Option(help="Preference pairs JSONL (from `rlhfkit pairs`).")] = None,
         eval_pairs: Annotated[Path | None, typer.Option(help="Held-out pairs (default: hold out prompts).")] = None,
-        epochs: int | None = None, output_dir: OutputOption = None, lora: LoraOption = None) -> None:
+        epochs: int | None = None, output_dir: OutputOption = None, lora: LoraOption = None,
+        precision: PrecisionOption = None) -> None:
     """DPO from preference pairs: sigmoid loss with β against the reference (see rl/dpo.py)."""
     from rlhfkit.config import config_from_mapping
     from rlhfkit.data.io import read_records
@@ -283,7 +287,8 @@ def dpo(config: ConfigOption = None, policy: PolicyOption = None,
     from rlhfkit.rl.dpo import DPOConfig, DPOTrainer
 
     inputs, fields = _run_inputs(config, {"policy": policy, "pairs": pairs, "eval_pairs": eval_pairs,
-                                          "epochs": epochs, "output_dir": output_dir, "lora": lora})
+                                          "epochs": epochs, "output_dir": output_dir, "lora": lora,
+                                          "precision": precision})
     _need(inputs, "policy", "pairs")
     cfg = config_from_mapping(DPOConfig, fields, str(config or "flags"))
     train_pairs = read_records(inputs["pairs"], PreferencePair, allow_empty=False)
@@ -311,6 +316,8 @@ def demo(
     stop_on: Annotated[list[str] | None, typer.Option(
         help="Stop PPO when the monitor warns of this (hacking, relevance, kl, kl_spike, length, diversity, "
              "collapse); repeatable [default: relevance, kl, kl_spike, collapse].")] = None,
+    precision: Annotated[str | None, typer.Option(help="PPO's precision: auto (bf16 autocast where the hardware "
+                                                       "has a bf16 unit), bf16 or fp32 [default: auto].")] = None,
 ) -> None:
     """The whole RLHF loop offline, once per training seed: generate → simulated labelers → agreement →
     pairs → reward model → PPO with KL and reward-hacking monitors → evaluation (the labelers' criterion,
@@ -327,7 +334,7 @@ def demo(
     run_demo(DemoConfig.preset_defaults(
         preset, run_dir=run_dir, seeds=tuple(range(seeds)) if seeds else None, label_prompts=label_prompts,
         eval_prompts=eval_prompts, ppo_steps=ppo_steps, kl_coef=kl_coef,
-        monitor_stop_on=tuple(stop_on) if stop_on else None))
+        monitor_stop_on=tuple(stop_on) if stop_on else None, precision=precision))
 
 
 @app.command()

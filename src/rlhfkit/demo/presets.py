@@ -22,6 +22,7 @@ from rlhfkit.console import console
 from rlhfkit.demo.criteria import default_labelers
 from rlhfkit.feedback.simulated import SimulatedLabeler
 from rlhfkit.models.toy_policy import ToyPolicyConfig, load_toy_policy
+from rlhfkit.precision import PrecisionSetting
 from rlhfkit.rl.monitors import KINDS
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -53,6 +54,7 @@ class DemoConfig:
     ppo_lr: float = 1e-4
     kl_coef: float = 0.1
     lora: bool = False
+    precision: PrecisionSetting = "auto"  # PPO's (see rlhfkit/precision.py)
     monitor_stop_on: tuple[str, ...] = ("relevance", "kl", "kl_spike", "collapse")  # warnings that stop PPO
     # evaluation
     eval_samples: int = 4  # per prompt and sampling seed

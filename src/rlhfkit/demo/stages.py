@@ -174,13 +174,20 @@ def ppo_stage(policy, tokenizer, reward_model, reference_model, task: DemoTask, 
 
 
 def ppo_settings(config: DemoConfig, seed: int, ppo_dir: Path):
-    """The seed's PPOConfig; building it checks PPO's fields (kl_coef ≥ 0, not NaN, …)."""
+    """The seed's PPOConfig; building it checks PPO's fields (kl_coef ≥ 0, not NaN, …), and a precision of
+    bf16 is refused here on hardware without a bf16 unit, not after the labeling."""
+    import torch
+
+    from rlhfkit.precision import resolve_precision
     from rlhfkit.rl.ppo import PPOConfig
 
-    return PPOConfig(steps=config.ppo_steps, batch_size=config.ppo_batch_size, lr=config.ppo_lr,
-                     minibatch_size=config.ppo_minibatch_size, ppo_epochs=config.ppo_epochs,
-                     max_new_tokens=config.max_new_tokens, temperature=config.temperature, kl_coef=config.kl_coef,
-                     use_chat_template=True, lora=config.lora, seed=seed, output_dir=str(ppo_dir), save_every=10)
+    settings = PPOConfig(steps=config.ppo_steps, batch_size=config.ppo_batch_size, lr=config.ppo_lr,
+                         minibatch_size=config.ppo_minibatch_size, ppo_epochs=config.ppo_epochs,
+                         max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                         kl_coef=config.kl_coef, use_chat_template=True, lora=config.lora,
+                         precision=config.precision, seed=seed, output_dir=str(ppo_dir), save_every=10)
+    resolve_precision(settings.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return settings
 
 
 def evaluation_judges(task: DemoTask, config: DemoConfig, reference, tokenizer) -> dict[str, RewardFn]:

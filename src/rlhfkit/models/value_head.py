@@ -29,5 +29,8 @@ class Actor(nn.Module):
                 with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         logits, hidden = completion_logits(self.model, batch, output_hidden=self.value_head is not None)
         logprobs, entropy = token_logprobs(logits, batch.completion_ids, sampling, with_entropy)
-        values = self.value_head(hidden.float()).squeeze(-1) if self.value_head is not None else None
+        values = None
+        if self.value_head is not None:
+            with torch.autocast(hidden.device.type, enabled=False):  # V(s_t) in fp32 under a bf16 autocast too
+                values = self.value_head(hidden.float()).squeeze(-1)
         return logprobs, entropy, values

@@ -33,8 +33,9 @@ from rlhfkit.generate import format_prompt
 from rlhfkit.models.policy import TokenBatch, tokenize_completions
 from rlhfkit.models.reference import Reference
 from rlhfkit.models.update import TrainingDiverged
+from rlhfkit.precision import PrecisionSetting
 from rlhfkit.reward.model import split_by_prompt
-from rlhfkit.rl.trainer import apply_gradients, prepare_training, save_trained_policy
+from rlhfkit.rl.trainer import apply_gradients, prepare_training, save_trained_policy, training_precision
 
 
 @dataclass
@@ -55,6 +56,7 @@ class DPOConfig:
     lora_alpha: int = 16
     output_dir: str = "runs/dpo"
     weights_dtype: Literal["float32", "bfloat16"] = "float32"  # of the trained weights (see RLConfig)
+    precision: PrecisionSetting = "auto"  # bf16 autocast where the hardware has a bf16 unit (see RLConfig)
 
     def __post_init__(self) -> None:
         require_field_types(self)
@@ -91,8 +93,9 @@ class DPOTrainer:
         self.config = config
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         torch.manual_seed(config.seed)
+        self.precision = training_precision(config, self.accelerator)
         self.tokenizer, self.reference, self.actor, self.optimizer = prepare_training(
-            config, policy, tokenizer, reference, self.accelerator, value_head=False)
+            config, policy, tokenizer, reference, self.accelerator, value_head=False, precision=self.precision)
         self.history: list[dict] = []
 
     def batch(self, pairs: Sequence[PreferencePair]) -> TokenBatch:
@@ -107,7 +110,8 @@ class DPOTrainer:
 
     def sequence_logprobs(self, batch: TokenBatch, reference: bool = False) -> torch.Tensor:
         batch = batch.to(self.accelerator.device)
-        logprobs = self.reference.logprobs(batch) if reference else self.actor(batch, with_entropy=False)[0]
+        with self.precision.autocast():  # the reference's pass too: policy and reference compare like for like
+            logprobs = self.reference.logprobs(batch) if reference else self.actor(batch, with_entropy=False)[0]
         return (logprobs * batch.completion_mask).sum(dim=1)
 
     @torch.no_grad()
