@@ -149,3 +149,49 @@ def test_the_demo_refuses_a_precision_it_cannot_run_before_anything_loads(plain_
     result = invoke("demo", "--run-dir", tmp_path / "run", "--precision", precision)
     assert result.exit_code == 1 and result.output.strip().splitlines() == [f"error: {expected}"]
     assert not (tmp_path / "run").exists()
+
+
+def linear_dtypes(model: torch.nn.Module) -> list[torch.dtype]:
+    """The dtype of every nn.Linear output of ``model`` from now on."""
+    seen = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    return seen
+
+
+@pytest.mark.parametrize(("precision", "dtypes"), [("bf16", {torch.bfloat16}), ("fp32", {torch.float32})])
+def test_reward_model_training_runs_its_forward_in_the_precision_and_scores_in_fp32_afterwards(
+        bf16_cpu, precision, dtypes):
+    from conftest import build_tiny_reward_backbone, minilm_tokenizer, synthetic_pairs
+    from rlhfkit.reward.model import RewardModel, RewardModelConfig, train_reward_model
+
+    pairs = synthetic_pairs(["fix a bike", "bake bread", "plan a trip", "learn chess"])
+    backbone = build_tiny_reward_backbone()
+    seen = linear_dtypes(backbone)
+    weights = backbone.classifier.weight.detach().clone()
+    steps = []
+    rm = train_reward_model(pairs, RewardModelConfig(epochs=1, batch_size=4, lr=1e-3, precision=precision,
+                                                     normalize=False),
+                            reward_model=RewardModel(backbone, minilm_tokenizer()), eval_pairs=pairs[:2],
+                            progress=False, on_step=steps.append)
+    # the training steps in ``precision``; the held-out evaluation scores in fp32, as the saved model will
+    assert set(seen) == dtypes | {torch.float32} and all(torch.isfinite(torch.tensor(s["loss"])) for s in steps)
+    assert not torch.equal(rm.model.classifier.weight, weights) and rm.model.classifier.weight.dtype == torch.float32
+    seen.clear()
+    rm(["How do I fix a bike?"], ["Start small."])  # once trained, it scores as it will once saved: fp32
+    assert set(seen) == {torch.float32}
+
+
+@pytest.mark.parametrize(("precision", "dtypes"), [("bf16", {torch.bfloat16}), ("fp32", {torch.float32})])
+def test_sft_runs_its_forward_in_the_precision_with_fp32_master_weights(bf16_cpu, tmp_path, precision, dtypes):
+    from rlhfkit.cai.sft import SFTConfig, train_sft
+
+    model = build_tiny_causal()
+    seen = linear_dtypes(model)
+    examples = [("how do i fix bike", "happy kind glad"), ("plan day", "glad kind happy")] * 2
+    model, metrics = train_sft(model, word_tokenizer(), examples, SFTConfig(epochs=1, batch_size=2, lr=1e-3,
+                                                                           precision=precision), progress=False)
+    # the training steps in ``precision``; the loss before and after is measured in fp32 either way
+    assert set(seen) == dtypes | {torch.float32} and all(p.dtype == torch.float32 for p in model.parameters())
+    assert torch.isfinite(torch.tensor(metrics["loss_after"]))

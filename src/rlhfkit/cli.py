@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from rlhfkit.cai.cli import cai_app
+from rlhfkit.cai.cli import PrecisionOption, cai_app
 from rlhfkit.config import read_yaml
 from rlhfkit.console import console, friendly_errors
 from rlhfkit.feedback.cli import feedback_app
@@ -121,6 +121,7 @@ def reward_train(
     lora: Annotated[bool | None, typer.Option(help="Train LoRA adapters (merged on save).")] = None,
     eval_pairs: Annotated[Path | None, typer.Option(help="Held-out pairs JSONL (default: hold out a share "
                                                          "of the prompts).")] = None,
+    precision: PrecisionOption = None,
 ) -> None:
     """Train a Bradley-Terry reward model (loss −log σ(r_chosen − r_rejected)) → a save_pretrained folder
     with its config, normalisation and held-out accuracy."""
@@ -132,7 +133,7 @@ def reward_train(
     from rlhfkit.reward.model import RewardModelConfig, train_reward_model
 
     cfg = RewardModelConfig.from_yaml(config, backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr,
-                                      lora=lora)
+                                      lora=lora, precision=precision)
     held_out = read_records(eval_pairs, PreferencePair, allow_empty=False) if eval_pairs else None
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     rm = train_reward_model(read_records(pairs_file, PreferencePair, allow_empty=False), cfg, output_dir=output,
@@ -192,9 +193,6 @@ PolicyOption = Annotated[str | None, typer.Option(help="Hub id or folder of the 
 StepsOption = Annotated[int | None, typer.Option(help="Maximum number of rollouts.")]
 OutputOption = Annotated[str | None, typer.Option(help="Folder for checkpoints, TensorBoard logs and the policy.")]
 LoraOption = Annotated[bool | None, typer.Option(help="LoRA adapters; the reference is the base with them off.")]
-PrecisionOption = Annotated[str | None, typer.Option(
-    help="auto (bf16 autocast where the CPU has AMX-BF16/AVX512-BF16 or the GPU bf16; else fp32), bf16 or fp32 "
-         "[default: auto].")]
 
 
 def _run_inputs(config_file: Path | None, given: dict) -> tuple[dict, dict]:

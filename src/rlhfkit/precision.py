@@ -34,8 +34,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from accelerate import Accelerator
 
 from rlhfkit.config import FieldError
+from rlhfkit.console import console
 
 PrecisionSetting = Literal["auto", "bf16", "fp32"]
 CPU_BF16_FLAGS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16"}  # /proc/cpuinfo flag → name, best first
@@ -88,6 +90,14 @@ class Precision:
 
     def __str__(self) -> str:
         return f"{'bf16 autocast' if self.dtype is not None else 'fp32'} ({self.reason})"
+
+
+def training_precision(config, accelerator: Accelerator, report: bool = True) -> Precision:
+    """``config.precision`` resolved on the accelerator's device, said once on the console (``report``)."""
+    precision = resolve_precision(config.precision, accelerator.device)
+    if report and accelerator.is_main_process:
+        console.print(f"precision: {precision}", highlight=False)
+    return precision
 
 
 def resolve_precision(setting: PrecisionSetting, device: torch.device, flags: set[str] | None = None) -> Precision:

@@ -17,6 +17,9 @@ ConstitutionOption = Annotated[Path | None, typer.Option(
 DryRunOption = Annotated[bool, typer.Option(help="Print the exact strings that would go into the model, and stop.")]
 ChatOption = Annotated[bool | None, typer.Option(
     help="Apply the tokenizer's chat template (default: when it has one and the model is causal).")]
+PrecisionOption = Annotated[str | None, typer.Option(
+    help="auto (bf16 autocast where the CPU has AMX-BF16/AVX512-BF16 or the GPU bf16; else fp32), bf16 or fp32 "
+         "[default: auto].")]
 
 
 def _show(strings: dict[str, str]) -> None:
@@ -82,6 +85,7 @@ def sft(
     seed: int = 0,
     gguf_file: str | None = None,
     chat_template: ChatOption = None,
+    precision: PrecisionOption = None,
     dry_run: DryRunOption = False,
 ) -> None:
     """Stage 1: supervised fine-tuning on (prompt, final revision), optionally mixed with helpful answers."""
@@ -99,7 +103,7 @@ def sft(
     extra = [(x, y) for x, y in extra if isinstance(y, str)]
     config = SFTConfig(epochs=epochs, lr=lr, batch_size=batch_size, lora=lora, seed=seed,
                        use_chat_template=chat_template, helpful_fraction=helpful_fraction if helpful else 0.0,
-                       output_dir=str(output_dir))
+                       output_dir=str(output_dir), **({"precision": precision} if precision else {}))
     policy, tokenizer = load_policy(model, gguf_file=gguf_file)
     if dry_run:
         chat = uses_chat_template(tokenizer, policy, chat_template)

@@ -36,8 +36,9 @@ from rlhfkit.models.policy import (
     tokenize_completions,
 )
 from rlhfkit.models.reference import add_lora
-from rlhfkit.models.update import TrainingDiverged, apply_gradients
+from rlhfkit.models.update import TrainingDiverged, adamw, apply_gradients
 from rlhfkit.models.value_head import Actor
+from rlhfkit.precision import PrecisionSetting, training_precision
 from rlhfkit.rl.trainer import save_as_loaded
 
 METRICS_FILE = "sft_metrics.json"  # written last: its presence means the run finished
@@ -56,6 +57,7 @@ class SFTConfig:
     use_chat_template: bool | None = None  # None: the tokenizer's template for causal models that have one
     helpful_fraction: float = 0.0  # helpful examples added, as a fraction of the revision examples
     seed: int = 0
+    precision: PrecisionSetting = "auto"  # bf16 autocast while training where there is a bf16 unit (precision.py)
     output_dir: str = "runs/cai/sft"
 
 
@@ -142,7 +144,8 @@ def train_sft(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, exampl
     cast_trainable(model, torch.float32)  # fp32 master weights, also for a bf16 checkpoint
     model.to(accelerator.device)
     torch.manual_seed(config.seed)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
+    optimizer = adamw(model.parameters(), config.lr, accelerator.device)
+    precision = training_precision(config, accelerator, report=progress)
     checkpoint = out / "checkpoint.pt" if out is not None else None
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False)
@@ -165,8 +168,9 @@ def train_sft(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, exampl
             rng.shuffle(mixed)
             losses = []
             for start in range(0, len(mixed), config.batch_size):
-                loss, step_loss = _process_share(accelerator, actor, tokenizer, mixed[start:start + config.batch_size],
-                                                 chat, config)
+                with precision.autocast():
+                    loss, step_loss = _process_share(accelerator, actor, tokenizer,
+                                                     mixed[start:start + config.batch_size], chat, config)
                 try:
                     apply_gradients(accelerator, actor, optimizer, loss, 1.0)
                 except TrainingDiverged as exc:

@@ -136,7 +136,8 @@ def reward_model_stage(pairs: list[PreferencePair], config: DemoConfig, seed: in
     if (rm_dir / STATE_FILE).exists():
         return RewardModel.load(rm_dir)
     rm_config = RewardModelConfig(max_length=128, epochs=config.reward_epochs, batch_size=4, lr=config.reward_lr,
-                                  eval_fraction=config.reward_eval_fraction, seed=seed, dropout=config.reward_dropout)
+                                  eval_fraction=config.reward_eval_fraction, seed=seed, dropout=config.reward_dropout,
+                                  precision=config.precision)
     return train_reward_model(pairs, rm_config, output_dir=rm_dir, progress=progress)
 
 

@@ -9,6 +9,13 @@ import torch
 from accelerate import Accelerator
 
 
+def adamw(parameters, lr: float, device: torch.device, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW over the trainable ``parameters``, fused (one kernel over every tensor) on CPU and CUDA: on this
+    CPU its step was 2.9× (5.3M parameters) to 6.5× (135M) faster than the per-tensor loop, equal to 3e-8."""
+    return torch.optim.AdamW([p for p in parameters if p.requires_grad], lr=lr, weight_decay=weight_decay,
+                             fused=device.type in ("cpu", "cuda"))
+
+
 class TrainingDiverged(ValueError):
     """A non-finite loss or gradient norm: the update was not applied, and training stops."""
 

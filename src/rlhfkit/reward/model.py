@@ -49,7 +49,8 @@ from rlhfkit.data.io import malformed_json, umask_mode, validation_error
 from rlhfkit.data.pairs import group_by_prompt
 from rlhfkit.data.records import PreferencePair, render_text
 from rlhfkit.models.pretrained import pretrained_source
-from rlhfkit.models.update import TrainingDiverged, apply_gradients
+from rlhfkit.models.update import TrainingDiverged, adamw, apply_gradients
+from rlhfkit.precision import PrecisionSetting, training_precision
 
 STATE_FILE = "rlhfkit_reward.json"
 
@@ -91,6 +92,7 @@ class RewardModelConfig:
     seed: int = 0
     dropout: float | None = None  # None: the backbone's own; 0 turns dropout off (fits faster on few pairs)
     normalize: bool = True  # rescale rewards to mean 0, std 1 over the training completions
+    precision: PrecisionSetting = "auto"  # bf16 autocast while training where there is a bf16 unit (precision.py)
     lora: bool = False  # train LoRA adapters (+ the head) instead of all weights; merged when saved
     lora_r: int = 8
     lora_alpha: int = 16
@@ -364,8 +366,8 @@ def train_reward_model(pairs: Sequence[PreferencePair], config: RewardModelConfi
         train_groups = group_by_prompt(pairs)
     reward_model = reward_model or load_backbone(config)
     reward_model.model.to(accelerator.device).train()
-    optimizer = torch.optim.AdamW([p for p in reward_model.model.parameters() if p.requires_grad], lr=config.lr,
-                                  weight_decay=config.weight_decay)
+    optimizer = adamw(reward_model.model.parameters(), config.lr, accelerator.device, config.weight_decay)
+    precision = training_precision(config, accelerator, report=progress)
     total = len(_batches(train_groups, config, random.Random(0))) * config.epochs
     total = min(total, config.max_steps) if config.max_steps is not None else total
     warmup = int(config.warmup_ratio * total)
@@ -381,7 +383,8 @@ def train_reward_model(pairs: Sequence[PreferencePair], config: RewardModelConfi
                 break
             losses = []
             for batch in _batches(train_groups, config, rng)[: total - step]:
-                loss, sums = _process_share(accelerator, reward_model, model, batch)
+                with precision.autocast():
+                    loss, sums = _process_share(accelerator, reward_model, model, batch)
                 try:
                     apply_gradients(accelerator, model, optimizer, loss, config.max_grad_norm)
                 except TrainingDiverged as exc:

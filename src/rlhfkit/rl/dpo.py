@@ -33,9 +33,9 @@ from rlhfkit.generate import format_prompt
 from rlhfkit.models.policy import TokenBatch, tokenize_completions
 from rlhfkit.models.reference import Reference
 from rlhfkit.models.update import TrainingDiverged
-from rlhfkit.precision import PrecisionSetting
+from rlhfkit.precision import PrecisionSetting, training_precision
 from rlhfkit.reward.model import split_by_prompt
-from rlhfkit.rl.trainer import apply_gradients, prepare_training, save_trained_policy, training_precision
+from rlhfkit.rl.trainer import apply_gradients, prepare_training, save_trained_policy
 
 
 @dataclass
