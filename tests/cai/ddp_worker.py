@@ -24,7 +24,8 @@ EXAMPLES = [("how do i fix bike", "you are doing great thanks for asking"), ("pl
             ("bake cake", "great question glad you asked"), ("write code", "kind regards"),
             ("help you", "thanks for asking you are great"), ("garden", "glad to help"),
             ("email", "happy to help with your plan thanks")]
-CONFIG = SFTConfig(epochs=2, lr=3e-3, batch_size=3, use_chat_template=False)
+# fp32: the 2-process run must equal the 1-process one up to float rounding, which bf16 would swamp
+CONFIG = SFTConfig(epochs=2, lr=3e-3, batch_size=3, use_chat_template=False, precision="fp32")
 
 
 def weights_hash(model: torch.nn.Module) -> str:
@@ -79,6 +80,9 @@ def main(out: Path, mode: str) -> None:
         except TrainingDiverged as exc:
             record["nan_error"] = str(exc)
     (out / f"{mode}-rank{rank}.json").write_text(json.dumps(record))
+    if torch.distributed.is_initialized():  # leave together: a rank exiting alone may abort gloo's threads
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ from rlhfkit.models.update import TrainingDiverged
 from rlhfkit.reward.model import RewardModel, RewardModelConfig, train_reward_model
 
 # 7 training prompts in batches of 3: the last batch holds 1 prompt, so under 2 processes rank 1 has none
-CONFIG = RewardModelConfig(max_length=48, epochs=2, batch_size=3, lr=2e-3, eval_fraction=0.0, seed=0)
+# fp32: the 2-process run must equal the 1-process one up to float rounding, which bf16 would swamp
+CONFIG = RewardModelConfig(max_length=48, epochs=2, batch_size=3, lr=2e-3, eval_fraction=0.0, seed=0,
+                           precision="fp32")
 
 
 def weights_hash(model: torch.nn.Module) -> str:
@@ -85,6 +87,9 @@ def main(out: Path, mode: str) -> None:
         except TrainingDiverged as exc:
             record["nan_error"] = str(exc)
     (out / f"{mode}-rank{state.process_index}.json").write_text(json.dumps(record))
+    if torch.distributed.is_initialized():  # leave together: a rank exiting alone may abort gloo's threads
+        state.wait_for_everyone()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
