@@ -40,6 +40,35 @@ def test_a_skipped_item_takes_no_label(db_url):
     assert label_count(app) == 0
 
 
+def test_a_skippers_late_submit_is_refused_even_when_the_admin_reopens_the_item_meanwhile(db_url, monkeypatch):
+    """The refusal reads the assignment's status before its transaction ends: an admin's reopen that deletes
+    the skipped assignment right then (seen racing on PostgreSQL) must not turn the 409 into a 500."""
+    app = create_app(db_url)
+    setup_project(app, overlap=3)
+    ann = login(TestClient(app), "ann")
+    item = ann.get("/api/next").json()
+    assert ann.post("/api/skip", json={"item_id": item["item_id"]}).status_code == 200
+    lookup = service._assignment
+
+    def then_reopened(session, user, item_id):
+        assignment = lookup(session, user, item_id)
+        original_rollback = session.rollback
+
+        def rollback_then_reopen():
+            original_rollback()
+            with app.state.sessions() as admin:
+                assert service.reopen_item(admin, item_id) == 1
+            session.rollback = original_rollback
+
+        session.rollback = rollback_then_reopen
+        return assignment
+
+    monkeypatch.setattr(service, "_assignment", then_reopened)
+    late = ann.post("/api/labels", json={"item_id": item["item_id"], "groups": order(item)})
+    assert late.status_code == 409 and "skipped" in late.json()["detail"]
+    assert label_count(app) == 0
+
+
 def test_an_expired_assignment_takes_no_label_after_its_slot_went_to_someone_else(db_url):
     app = create_app(db_url)
     setup_project(app, overlap=1)

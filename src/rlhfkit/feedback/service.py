@@ -737,9 +737,9 @@ def _submitted_again(session: Session, user: User, item_id: int, groups: list[li
     existing = session.execute(select(Label.id, Label.groups, Label.flagged).where(
         Label.item_id == item_id, Label.user_id == user.id)).first()
     if existing is None:
-        assignment = _assignment(session, user, item_id)
+        skipped = _assignment(session, user, item_id).status == "skipped"  # read before the rollback expires it
         session.rollback()
-        reason = "you skipped this item" if assignment.status == "skipped" else (
+        reason = "you skipped this item" if skipped else (
             f"your assignment of this item expired (after {ASSIGNMENT_TIMEOUT}) and its place went back to the pool")
         raise FeedbackError(f"{reason}; the label was not stored: ask for the next item", 409)
     session.commit()
