@@ -314,8 +314,7 @@ def demo(
     stop_on: Annotated[list[str] | None, typer.Option(
         help="Stop PPO when the monitor warns of this (hacking, relevance, kl, kl_spike, length, diversity, "
              "collapse); repeatable [default: relevance, kl, kl_spike, collapse].")] = None,
-    precision: Annotated[str | None, typer.Option(help="PPO's precision: auto (bf16 autocast where the hardware "
-                                                       "has a bf16 unit), bf16 or fp32 [default: auto].")] = None,
+    precision: PrecisionOption = None,
 ) -> None:
     """The whole RLHF loop offline, once per training seed: generate → simulated labelers → agreement →
     pairs → reward model → PPO with KL and reward-hacking monitors → evaluation (the labelers' criterion,

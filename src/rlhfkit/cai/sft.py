@@ -132,6 +132,7 @@ def train_sft(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, exampl
         if main:
             console.print(f"SFT already finished in {out}; loading it")
         return type(model).from_pretrained(out).eval(), json.loads((out / METRICS_FILE).read_text())
+    precision = training_precision(config, accelerator, report=progress)  # a bf16 it cannot run: before any work
     tokenizer = prepare_tokenizer(tokenizer, model)
     chat = uses_chat_template(tokenizer, model, config.use_chat_template)
     rng = random.Random(config.seed)
@@ -145,7 +146,6 @@ def train_sft(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, exampl
     model.to(accelerator.device)
     torch.manual_seed(config.seed)
     optimizer = adamw(model.parameters(), config.lr, accelerator.device)
-    precision = training_precision(config, accelerator, report=progress)
     checkpoint = out / "checkpoint.pt" if out is not None else None
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False)

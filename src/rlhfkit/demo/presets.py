@@ -54,7 +54,7 @@ class DemoConfig:
     ppo_lr: float = 1e-4
     kl_coef: float = 0.1
     lora: bool = False
-    precision: PrecisionSetting = "auto"  # PPO's (see rlhfkit/precision.py)
+    precision: PrecisionSetting = "auto"  # of reward-model training and PPO (see rlhfkit/precision.py)
     monitor_stop_on: tuple[str, ...] = ("relevance", "kl", "kl_spike", "collapse")  # warnings that stop PPO
     # evaluation
     eval_samples: int = 4  # per prompt and sampling seed

@@ -591,20 +591,21 @@ def _progress_of(done: int, regular: int, gold: int) -> dict:
     return {"done": done, "left": regular + gold if regular else 0}
 
 
+def _candidates() -> tuple:
+    """A regular item of the project with a free slot that the labeler was never given (nor ``tried``)."""
+    return (Item.project_id == bindparam("project_id"), Item.is_gold.is_(False), Item.free_slots > 0,
+            Item.id.not_in(_SEEN), Item.id.not_in(bindparam("tried", expanding=True)))
+
+
 def _fullest_statement() -> Select:
-    """A regular item of the project with a free slot that the labeler was never given (nor ``tried``):
-    the fullest (fewest ``free_slots``), the first among equals at random; and the labeler's progress once
-    it is theirs (it is counted among the items left: the same count as after the assignment)."""
-    return (select(Item.id, *_progress_columns())
-            .where(Item.project_id == bindparam("project_id"), Item.is_gold.is_(False), Item.free_slots > 0,
-                   Item.id.not_in(_SEEN), Item.id.not_in(bindparam("tried", expanding=True)))
+    """The fullest candidate (fewest ``free_slots``), the first among equals at random; and the labeler's
+    progress once it is theirs (it is counted among the items left: the same count as after the assignment)."""
+    return (select(Item.id, *_progress_columns()).where(*_candidates())
             .order_by(Item.free_slots, func.random()).limit(1))
 
 
 _LOCK_FULLEST = _fullest_statement().with_for_update(of=Item, skip_locked=True)
-_ANY_FREE = select(Item.id).where(Item.project_id == bindparam("project_id"), Item.is_gold.is_(False),
-                                  Item.free_slots > 0, Item.id.not_in(_SEEN),
-                                  Item.id.not_in(bindparam("tried", expanding=True))).limit(1)
+_ANY_FREE = select(Item.id).where(*_candidates()).limit(1)
 _ASSIGN = insert(Assignment.__table__)
 
 
