@@ -358,7 +358,6 @@ def train_reward_model(pairs: Sequence[PreferencePair], config: RewardModelConfi
         check_output_folder(output_dir)
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
-    precision = training_precision(config, accelerator, report=progress)  # a bf16 it cannot run: before loading
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     if eval_pairs is None:
@@ -366,6 +365,7 @@ def train_reward_model(pairs: Sequence[PreferencePair], config: RewardModelConfi
     else:
         train_groups = group_by_prompt(pairs)
     reward_model = reward_model or load_backbone(config)
+    precision = training_precision(config, accelerator, report=progress)  # a bf16 it cannot run: before training
     reward_model.model.to(accelerator.device).train()
     optimizer = adamw(reward_model.model.parameters(), config.lr, accelerator.device, config.weight_decay)
     total = len(_batches(train_groups, config, random.Random(0))) * config.epochs
