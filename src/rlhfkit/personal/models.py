@@ -1,0 +1,199 @@
+"""One base model in memory, one LoRA adapter per user (peft multi-adapter), switched per request.
+
+An *owner* is ``user-ID`` (a user's adapter) or ``population`` (an adapter trained on everyone's pairs).
+Each owner's versions live on disk as ``FOLDER/OWNER/vN/`` (``adapter_config.json``,
+``adapter_model.safetensors``, ``version.json``); a version is written to a hidden partial folder and
+renamed into place, so a folder named ``vN`` is always whole. In memory the adapter of OWNER's version
+N is named ``OWNER-vN``; it replaces the previous one only once it is saved.
+
+The starting point of a user's adapter is the population adapter's weights when there is one, else a
+fresh LoRA (B = 0, so W + BA = W: exactly the base model). The model's active adapter is global state:
+every forward pass (an answer, a training step) sets the adapter it needs under ``lock``.
+
+Memory: an adapter of rank r on a linear layer d_in → d_out holds r·(d_in + d_out) weights; the
+model's ``adapter_megabytes`` measures the real total of one adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhfkit.generate import format_prompt
+from rlhfkit.models.engine import Decoding, sample_completions
+from rlhfkit.models.policy import check_prompt_lengths, prepare_tokenizer
+
+POPULATION = "population"
+FRESH = "fresh"  # the never-trained adapter that keeps the peft wrapper's set of adapters non-empty
+VERSION_FOLDER = re.compile(r"v(\d+)")
+
+
+def user_owner(user_id: int) -> str:
+    return f"user-{int(user_id)}"  # an int: never a path from a user's input
+
+
+class PersonalModels:
+    """The base policy wrapped once with peft, and the latest version of each owner's adapter, loaded
+    from ``folder`` on first use."""
+
+    def __init__(self, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | os.PathLike,
+                 lora_r: int = 8, lora_alpha: int = 16, use_chat_template: bool = False) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.lora = LoraConfig(task_type="CAUSAL_LM", r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
+                               target_modules="all-linear")
+        self.model = get_peft_model(policy.eval(), self.lora, adapter_name=FRESH)
+        self.tokenizer = prepare_tokenizer(tokenizer, policy)
+        self.use_chat_template = use_chat_template
+        self.lock = threading.RLock()  # the active adapter and every forward pass
+        self._owner_locks: dict[str, threading.Lock] = {}
+        self._loaded: dict[str, int] = {}  # owner → version in memory
+
+    # ------------------------------------------------------------ versions on disk
+    def versions(self, owner: str) -> list[int]:
+        """OWNER's saved versions, oldest first (partial folders are not versions)."""
+        folder = self.folder / owner
+        found = [VERSION_FOLDER.fullmatch(p.name) for p in folder.iterdir()] if folder.is_dir() else []
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def version(self, owner: str) -> int:
+        """OWNER's latest version, 0 when it has none."""
+        return (self.versions(owner) or [0])[-1]
+
+    def version_info(self, owner: str, version: int) -> dict:
+        return json.loads((self.folder / owner / f"v{version}" / "version.json").read_text())
+
+    # ------------------------------------------------------------ adapters in memory
+    def adapter(self, owner: str) -> str | None:
+        """The in-memory adapter of OWNER's latest version (loaded now if need be); None when it has none."""
+        with self.lock:
+            version = self.version(owner)
+            if version == 0:
+                return None
+            if self._loaded.get(owner) != version:
+                self._load(owner, version)
+            return f"{owner}-v{version}"
+
+    def _load(self, owner: str, version: int) -> None:
+        name, path = f"{owner}-v{version}", self.folder / owner / f"v{version}"
+        self.model.add_adapter(name, LoraConfig.from_pretrained(path))
+        set_peft_model_state_dict(self.model, load_file(path / "adapter_model.safetensors"), adapter_name=name)
+        self._drop(owner)
+        self._loaded[owner] = version
+
+    def _drop(self, owner: str) -> None:
+        if owner in self._loaded:
+            self.delete_adapter(f"{owner}-v{self._loaded.pop(owner)}")
+
+    def delete_adapter(self, name: str) -> None:
+        with self.lock:
+            if name in self.model.peft_config:
+                self.model.set_adapter(FRESH)  # peft moves off a deleted active adapter with a warning
+                self.model.delete_adapter(name)
+
+    def new_adapter(self, name: str) -> str:
+        """A trainable adapter ``name`` holding the starting point: the population adapter's weights when
+        there is one, else a fresh LoRA (exactly the base model)."""
+        with self.lock:
+            self.delete_adapter(name)  # a leftover of a failed training
+            self.model.add_adapter(name, self.lora)
+            start = self.starting_point()
+            if start is not None:
+                set_peft_model_state_dict(self.model, get_peft_model_state_dict(self.model, adapter_name=start),
+                                          adapter_name=name)
+            return name
+
+    def starting_point(self) -> str | None:
+        """The adapter new user adapters start from (and DPO's reference): the population's, or None (base)."""
+        return self.adapter(POPULATION)
+
+    @contextmanager
+    def active(self, adapter: str | None) -> Iterator[None]:
+        """Hold the lock with ``adapter`` active (None: the base model, every adapter disabled)."""
+        with self.lock:
+            if adapter is None:
+                with self.model.disable_adapter():
+                    yield
+            else:
+                self.model.set_adapter(adapter)
+                yield
+
+    def adapter_megabytes(self, name: str) -> float:
+        """Memory held by one adapter's weights, in MiB."""
+        return sum(p.numel() * p.element_size() for n, p in self.model.named_parameters()
+                   if f".{name}." in n) / 2**20
+
+    # ------------------------------------------------------------ saving and forgetting
+    @contextmanager
+    def training_of(self, owner: str) -> Iterator[None]:
+        """One training of OWNER at a time; ``forget`` waits for it."""
+        with self.lock:
+            owner_lock = self._owner_locks.setdefault(owner, threading.Lock())
+        with owner_lock:
+            yield
+
+    def next_adapter(self, owner: str) -> str:
+        """The name OWNER's next version is trained under (in memory, not served until ``publish``)."""
+        return f"{owner}-v{self.version(owner) + 1}"
+
+    def publish(self, owner: str, trained: str, info: dict) -> int:
+        """Save adapter ``trained`` (named by ``next_adapter``) as OWNER's next version — a partial folder,
+        then renamed, so it is whole or absent — and serve it from now on; returns the version."""
+        version = self.version(owner) + 1
+        if trained != f"{owner}-v{version}":
+            raise ValueError(f"{trained}: not {owner}'s next version (v{version})")
+        final = self.folder / owner / f"v{version}"
+        partial = final.with_name(f".{final.name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)  # left by a crash mid-write
+        partial.mkdir(parents=True)
+        with self.lock:
+            state = {k: v.detach().contiguous() for k, v in
+                     get_peft_model_state_dict(self.model, adapter_name=trained).items()}
+            save_file(state, partial / "adapter_model.safetensors")
+        self.model.peft_config[trained].save_pretrained(partial)
+        (partial / "version.json").write_text(json.dumps({"version": version, **info}, indent=1))
+        os.replace(partial, final)
+        with self.lock:
+            self._drop(owner)
+            self._loaded[owner] = version
+        return version
+
+    def forget(self, user_id: int) -> None:
+        """Every adapter of the user, on disk and in memory, gone (a training of theirs finishes first)."""
+        owner = user_owner(user_id)
+        with self.training_of(owner), self.lock:
+            self._drop(owner)
+            for name in [n for n in self.model.peft_config if n.startswith(f"{owner}-")]:
+                self.delete_adapter(name)
+            shutil.rmtree(self.folder / owner, ignore_errors=True)
+
+    def adapter_names(self) -> list[str]:
+        return list(self.model.peft_config)
+
+    # ------------------------------------------------------------ answers
+    @torch.inference_mode()
+    def answer(self, prompt: str, adapter: str | None, temperature: float = 1.0, max_new_tokens: int = 48,
+               generator: torch.Generator | None = None) -> str:
+        """One sampled answer of ``adapter`` (None: the base model), as decoded (not trimmed: DPO later
+        reads the same text)."""
+        text = format_prompt(prompt, self.tokenizer, self.use_chat_template)
+        encoded = self.tokenizer([text], return_tensors="pt", add_special_tokens=not self.use_chat_template)
+        check_prompt_lengths(self.model, encoded["attention_mask"], [prompt], max_new_tokens)
+        decoding = Decoding(max_new_tokens, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
+                            temperature=temperature)
+        device = next(self.model.parameters()).device
+        with self.active(adapter):
+            tokens = sample_completions(self.model, encoded["input_ids"].to(device),
+                                        encoded["attention_mask"].to(device), 1, decoding, generator)
+        return self.tokenizer.decode(tokens[0], skip_special_tokens=True)

@@ -1,0 +1,106 @@
+"""One base in memory, an adapter per user: served per request, versioned on disk, trained by DPO, forgotten."""
+
+import pytest
+import torch
+
+from conftest import build_tiny_causal, word_tokenizer
+from rlhfkit.data.records import PreferencePair
+from rlhfkit.models.update import TrainingDiverged
+from rlhfkit.personal import train as personal_train
+from rlhfkit.personal.models import POPULATION, PersonalModels, user_owner
+from rlhfkit.personal.train import PersonalDPOConfig, train_version
+
+PAIRS = [PreferencePair(prompt="how do i fix bike", chosen="thanks you can fix it", rejected="you idiot go away"),
+         PreferencePair(prompt="how do i bake cake", chosen="glad to help bake", rejected="shut up dumb")]
+FAST = PersonalDPOConfig(epochs=2, batch_size=2, lr=1e-2)
+
+
+@pytest.fixture
+def models(tmp_path):
+    return PersonalModels(build_tiny_causal(), word_tokenizer(), tmp_path / "adapters")
+
+
+def lora_weights(models, adapter):
+    return {n: p.detach().clone() for n, p in models.model.named_parameters() if f".{adapter}." in n}
+
+
+def test_a_trained_version_is_saved_whole_and_served_to_its_user_only(models):
+    ann = user_owner(1)
+    assert models.adapter(ann) is None  # no version yet: the base model answers
+    version, history = train_version(models, ann, PAIRS, FAST)
+    assert version == 1 and len(history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    folder = models.folder / ann / "v1"
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                        "version.json"]
+    assert models.version_info(ann, 1)["pairs"] == 2 and models.version_info(ann, 1)["start"] == "base"
+    assert models.adapter(ann) == "user-1-v1" and models.adapter(user_owner(2)) is None
+    prompt = models.tokenizer(["how do i fix bike"], return_tensors="pt")["input_ids"]
+    with models.active("user-1-v1"):
+        personal = models.model(prompt).logits
+    with models.active(None):
+        base = models.model(prompt).logits
+    assert not torch.allclose(personal, base)  # the adapter changed the model; its B left zero
+
+
+def test_versions_reload_from_disk_in_a_new_process_and_the_previous_is_dropped_from_memory(models, tmp_path):
+    ann = user_owner(1)
+    train_version(models, ann, PAIRS, FAST)
+    train_version(models, ann, PAIRS, FAST)
+    assert models.adapter(ann) == "user-1-v2" and "user-1-v1" not in models.adapter_names()
+    trained = lora_weights(models, "user-1-v2")
+    again = PersonalModels(build_tiny_causal(), word_tokenizer(), models.folder)
+    assert again.adapter(ann) == "user-1-v2"
+    reloaded = lora_weights(again, "user-1-v2")
+    assert trained.keys() == reloaded.keys() and all(torch.equal(trained[k], reloaded[k]) for k in trained)
+
+
+def test_a_new_users_adapter_starts_from_the_population_adapter_which_is_its_reference(models):
+    train_version(models, POPULATION, PAIRS, FAST)
+    start = lora_weights(models, "population-v1")
+    name = models.new_adapter(models.next_adapter(user_owner(3)))
+    copied = lora_weights(models, name)
+    assert len(copied) == len(start)
+    assert all(torch.equal(copied[k], start[k.replace(name, "population-v1")]) for k in copied)
+    models.delete_adapter(name)
+    train_version(models, user_owner(3), PAIRS[:1], FAST)
+    assert models.version_info(user_owner(3), 1)["start"] == "population-v1"
+
+
+def test_a_training_that_diverges_names_its_step_and_leaves_the_previous_version_in_use(models, monkeypatch):
+    ann = user_owner(1)
+    train_version(models, ann, PAIRS, FAST)
+    served = lora_weights(models, "user-1-v1")
+    monkeypatch.setattr(personal_train, "personal_loss", lambda policy, *a: (policy.sum() * float("nan"),
+                                                                              policy[:1]))
+    with pytest.raises(TrainingDiverged, match=r"stopped at step 1: .*not finite"):
+        train_version(models, ann, PAIRS, FAST)
+    assert models.versions(ann) == [1] and models.adapter(ann) == "user-1-v1"
+    assert "user-1-v2" not in models.adapter_names()
+    assert not any((models.folder / ann).glob(".v*"))  # no partial folder left
+    assert all(torch.equal(w, lora_weights(models, "user-1-v1")[k]) for k, w in served.items())
+
+
+def test_forgetting_a_user_removes_their_files_and_adapters_from_memory_only(models):
+    train_version(models, user_owner(1), PAIRS, FAST)
+    train_version(models, user_owner(2), PAIRS, FAST)
+    models.forget(1)
+    assert not (models.folder / "user-1").exists() and models.adapter(user_owner(1)) is None
+    assert not [n for n in models.adapter_names() if n.startswith("user-1-")]
+    assert models.adapter(user_owner(2)) == "user-2-v1"
+
+
+def test_an_adapter_holds_r_times_in_plus_out_weights_per_layer(models):
+    """Tiny GPT-2 (32 wide, 2 layers), r = 8: c_attn 32→96, c_proj 32→32, c_fc 32→128, mlp c_proj 128→32,
+    and lm_head 32→vocab (all-linear leaves the output layer out)."""
+    name = models.new_adapter("user-9-v1")
+    per_layer = 8 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))
+    assert models.adapter_megabytes(name) == pytest.approx(2 * per_layer * 4 / 2**20)
+    print(f"tiny GPT-2 adapter, r=8: {models.adapter_megabytes(name):.4f} MiB")
+
+
+def test_answers_come_from_the_requested_adapter(models):
+    train_version(models, user_owner(1), PAIRS, PersonalDPOConfig(epochs=4, batch_size=2, lr=5e-2))
+    seed = 0
+    personal = models.answer("how do i fix bike", "user-1-v1", generator=torch.Generator().manual_seed(seed))
+    base = models.answer("how do i fix bike", None, generator=torch.Generator().manual_seed(seed))
+    assert isinstance(personal, str) and isinstance(base, str) and personal != base
