@@ -57,7 +57,7 @@ class PersonalModels:
         self.tokenizer = prepare_tokenizer(tokenizer, policy)
         self.use_chat_template = use_chat_template
         self.lock = threading.RLock()  # the active adapter and every forward pass
-        self._owner_locks: dict[str, threading.Lock] = {}
+        self._owner_locks: dict[str, threading.RLock] = {}
         self._loaded: dict[str, int] = {}  # owner → version in memory
 
     # ------------------------------------------------------------ versions on disk
@@ -139,7 +139,7 @@ class PersonalModels:
     def training_of(self, owner: str) -> Iterator[None]:
         """One training of OWNER at a time; ``forget`` waits for it."""
         with self.lock:
-            owner_lock = self._owner_locks.setdefault(owner, threading.Lock())
+            owner_lock = self._owner_locks.setdefault(owner, threading.RLock())
         with owner_lock:
             yield
 

@@ -25,13 +25,15 @@ from dataclasses import asdict, dataclass
 
 import torch
 from accelerate import Accelerator
+from sqlalchemy.orm import Session
 
 from rlhfkit.config import require, require_field_types
 from rlhfkit.data.records import PreferencePair
 from rlhfkit.generate import format_prompt
 from rlhfkit.models.policy import TokenBatch, completion_logits, token_logprobs, tokenize_completions
 from rlhfkit.models.update import TrainingDiverged, adamw, apply_gradients
-from rlhfkit.personal.models import PersonalModels
+from rlhfkit.personal.models import POPULATION, PersonalModels, user_owner
+from rlhfkit.personal.store import preference_pairs, user_choices, users_with_pairs
 from rlhfkit.rl.dpo import dpo_loss
 
 
@@ -81,6 +83,24 @@ def personal_loss(policy: torch.Tensor, reference: torch.Tensor, lengths: torch.
     if config.nll_coef:
         loss = loss + config.nll_coef * (-policy[:half] / lengths[:half]).mean()
     return loss, margins
+
+
+def train_user(models: PersonalModels, session: Session, user_id: int, config: PersonalDPOConfig) -> int | None:
+    """The user's next version, trained on all their pairs; None when they have none (e.g. deleted). The
+    pairs are read under the user's training lock, so a deletion either waits for it or comes first."""
+    owner = user_owner(user_id)
+    with models.training_of(owner):
+        pairs = preference_pairs(user_choices(session, user_id))
+        session.rollback()  # no transaction held during training
+        return train_version(models, owner, pairs, config)[0] if pairs else None
+
+
+def train_population(models: PersonalModels, session: Session, config: PersonalDPOConfig) -> int | None:
+    """The population adapter's next version, trained from the base model on every user's pairs."""
+    with models.training_of(POPULATION):
+        pairs = [p for user_id in users_with_pairs(session) for p in preference_pairs(user_choices(session, user_id))]
+        session.rollback()
+        return train_version(models, POPULATION, pairs, config)[0] if pairs else None
 
 
 def train_version(models: PersonalModels, owner: str, pairs: Sequence[PreferencePair],
@@ -133,34 +153,38 @@ def _optimise(models: PersonalModels, adapter: str, start: str | None, pairs: Se
 
 class TrainingQueue:
     """Trainings run in one background thread, one at a time (so one at a time per user); a user already
-    waiting in the queue is not queued twice. ``trigger(owner, pairs_now, pairs_trained)`` queues a
-    training when the owner has ``every`` new pairs since their last version."""
+    waiting in the queue is not queued twice. ``trigger(user_id, pairs_now, pairs_trained)`` queues
+    ``train(user_id)`` when the user has ``every`` new pairs since their last version."""
 
-    def __init__(self, train: Callable[[str], object], every: int) -> None:
+    def __init__(self, train: Callable[[int], object], every: int) -> None:
         require(every >= 1, "train_every", "must be at least 1")
         self.train, self.every = train, every
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="personal-training")
-        self.waiting: set[str] = set()
+        self.waiting: set[int] = set()
         self.lock = threading.Lock()
-        self.errors: dict[str, str] = {}  # owner → the last failed training's one-line cause
+        self.errors: dict[int, str] = {}  # user id → the last failed training's one-line cause
 
-    def trigger(self, owner: str, pairs_now: int, pairs_trained: int) -> Future | None:
+    def trigger(self, user_id: int, pairs_now: int, pairs_trained: int) -> Future | None:
         if pairs_now - pairs_trained < self.every:
             return None
         with self.lock:
-            if owner in self.waiting:
+            if user_id in self.waiting:
                 return None
-            self.waiting.add(owner)
-        return self.executor.submit(self._run, owner)
+            self.waiting.add(user_id)
+        return self.executor.submit(self._run, user_id)
 
-    def _run(self, owner: str) -> None:
+    def _run(self, user_id: int) -> None:
         with self.lock:
-            self.waiting.discard(owner)
+            self.waiting.discard(user_id)
         try:
-            self.train(owner)
-            self.errors.pop(owner, None)
+            self.train(user_id)
+            self.errors.pop(user_id, None)
         except Exception as exc:  # the server keeps serving the previous version; the page shows why
-            self.errors[owner] = f"{type(exc).__name__}: {exc}"
+            self.errors[user_id] = f"{type(exc).__name__}: {exc}"
+
+    def wait(self) -> None:
+        """Return once every training queued so far has ended."""
+        self.executor.submit(lambda: None).result()
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
