@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,7 +54,9 @@ class PersonalModels:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.lora = LoraConfig(task_type="CAUSAL_LM", r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
                                target_modules="all-linear")
-        self.model = get_peft_model(policy.eval(), self.lora, adapter_name=FRESH)
+        with warnings.catch_warnings():  # peft's note that GPT-2's Conv1D layers get fan_in_fan_out=True
+            warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
+            self.model = get_peft_model(policy.eval(), self.lora, adapter_name=FRESH)
         self.tokenizer = prepare_tokenizer(tokenizer, policy)
         self.use_chat_template = use_chat_template
         self.lock = threading.RLock()  # the active adapter and every forward pass
