@@ -57,13 +57,15 @@ def test_versions_reload_from_disk_in_a_new_process_and_the_previous_is_dropped_
 def test_a_new_users_adapter_starts_from_the_population_adapter_which_is_its_reference(models):
     train_version(models, POPULATION, PAIRS, FAST)
     start = lora_weights(models, "population-v1")
-    name = models.new_adapter(models.next_adapter(user_owner(3)))
+    name = models.new_adapter(models.next_adapter(user_owner(3)), models.starting_point(user_owner(3)))
     copied = lora_weights(models, name)
     assert len(copied) == len(start)
     assert all(torch.equal(copied[k], start[k.replace(name, "population-v1")]) for k in copied)
     models.delete_adapter(name)
     train_version(models, user_owner(3), PAIRS[:1], FAST)
     assert models.version_info(user_owner(3), 1)["start"] == "population-v1"
+    train_version(models, POPULATION, PAIRS, FAST)  # the population's own versions start from the base
+    assert models.version_info(POPULATION, 2)["start"] == "base"
 
 
 def test_a_training_that_diverges_names_its_step_and_leaves_the_previous_version_in_use(models, monkeypatch):
@@ -92,7 +94,7 @@ def test_forgetting_a_user_removes_their_files_and_adapters_from_memory_only(mod
 def test_an_adapter_holds_r_times_in_plus_out_weights_per_layer(models):
     """Tiny GPT-2 (32 wide, 2 layers), r = 8: c_attn 32→96, c_proj 32→32, c_fc 32→128, mlp c_proj 128→32,
     and lm_head 32→vocab (all-linear leaves the output layer out)."""
-    name = models.new_adapter("user-9-v1")
+    name = models.new_adapter("user-9-v1", None)
     per_layer = 8 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))
     assert models.adapter_megabytes(name) == pytest.approx(2 * per_layer * 4 / 2**20)
     print(f"tiny GPT-2 adapter, r=8: {models.adapter_megabytes(name):.4f} MiB")
@@ -104,3 +106,51 @@ def test_answers_come_from_the_requested_adapter(models):
     personal = models.answer("how do i fix bike", "user-1-v1", generator=torch.Generator().manual_seed(seed))
     base = models.answer("how do i fix bike", None, generator=torch.Generator().manual_seed(seed))
     assert isinstance(personal, str) and isinstance(base, str) and personal != base
+
+
+def test_deleting_a_user_during_their_training_waits_for_it_and_leaves_nothing(models, tmp_path, monkeypatch):
+    import threading
+
+    from rlhfkit.feedback import db as feedback_db
+    from rlhfkit.feedback import service
+    from rlhfkit.personal import store
+
+    sessions = feedback_db.session_factory(str(tmp_path / "feedback.db"))
+    with sessions() as db:
+        ann = service.create_user(db, "ann", password="ann-password")
+        for pair in PAIRS:
+            row = store.record_question(db, ann, pair.prompt, (pair.chosen, pair.rejected), ("base", "base"))
+            store.record_choice(db, ann, row.id, "a")
+    started, release = threading.Event(), threading.Event()
+    optimise = personal_train._optimise
+
+    def held(*args):
+        started.set()
+        release.wait(30)
+        return optimise(*args)
+
+    monkeypatch.setattr(personal_train, "_optimise", held)
+
+    def train():
+        with sessions() as db:
+            personal_train.train_user(models, db, ann.id, FAST)
+
+    def delete():
+        with sessions() as db:
+            store.delete_user_data(db, ann, models)
+
+    training = threading.Thread(target=train)
+    training.start()
+    assert started.wait(30)
+    deleting = threading.Thread(target=delete)
+    deleting.start()
+    deleting.join(0.5)
+    assert deleting.is_alive()  # waiting for the training of ann to end
+    release.set()
+    training.join(30), deleting.join(30)
+    owner = user_owner(ann.id)
+    assert not (models.folder / owner).exists() and models.adapter(owner) is None
+    assert not [n for n in models.adapter_names() if n.startswith(f"{owner}-")]
+    with sessions() as db:
+        assert store.user_choices(db, ann.id) == []
+        assert personal_train.train_user(models, db, ann.id, FAST) is None  # a training queued later: nothing

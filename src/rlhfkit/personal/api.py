@@ -100,8 +100,8 @@ def include_personal(app: FastAPI, models: PersonalModels, settings: PersonalSet
 
     @router.post("/api/personal/ask")
     def ask(*, user: User = Depends(api_user), body: AskJson, session: Session = Depends(db)):
-        personal = models.adapter(user_owner(user.id))
-        start = models.starting_point()
+        owner = user_owner(user.id)
+        personal, start = models.adapter(owner), models.starting_point(owner)
         if personal is not None:
             options = [(personal, settings.temperature), (start, settings.temperature)]
         else:

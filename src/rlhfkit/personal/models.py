@@ -105,21 +105,21 @@ class PersonalModels:
                 self.model.set_adapter(FRESH)  # peft moves off a deleted active adapter with a warning
                 self.model.delete_adapter(name)
 
-    def new_adapter(self, name: str) -> str:
-        """A trainable adapter ``name`` holding the starting point: the population adapter's weights when
-        there is one, else a fresh LoRA (exactly the base model)."""
+    def new_adapter(self, name: str, start: str | None) -> str:
+        """A trainable adapter ``name`` holding the weights of adapter ``start``, or a fresh LoRA when None
+        (exactly the base model)."""
         with self.lock:
             self.delete_adapter(name)  # a leftover of a failed training
             self.model.add_adapter(name, self.lora)
-            start = self.starting_point()
             if start is not None:
                 set_peft_model_state_dict(self.model, get_peft_model_state_dict(self.model, adapter_name=start),
                                           adapter_name=name)
             return name
 
-    def starting_point(self) -> str | None:
-        """The adapter new user adapters start from (and DPO's reference): the population's, or None (base)."""
-        return self.adapter(POPULATION)
+    def starting_point(self, owner: str) -> str | None:
+        """The adapter OWNER's versions start from (and DPO's reference): for a user the population's, for
+        the population (and a user when there is none) None, the base model."""
+        return None if owner == POPULATION else self.adapter(POPULATION)
 
     @contextmanager
     def active(self, adapter: str | None) -> Iterator[None]:

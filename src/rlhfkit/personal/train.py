@@ -110,8 +110,8 @@ def train_version(models: PersonalModels, owner: str, pairs: Sequence[Preference
     if not pairs:
         raise ValueError(f"{owner}: no preference pairs to train on (choices of 'a' or 'b')")
     with models.training_of(owner):
-        start = models.starting_point()
-        name = models.new_adapter(models.next_adapter(owner))
+        start = models.starting_point(owner)
+        name = models.new_adapter(models.next_adapter(owner), start)
         try:
             history = _optimise(models, name, start, pairs, config)
             info = {"pairs": len(pairs), "start": start or "base", "config": asdict(config),
