@@ -31,7 +31,7 @@ from rlhfkit.feedback.app import Text, json_body
 from rlhfkit.feedback.db import User
 from rlhfkit.feedback.service import FeedbackError
 from rlhfkit.personal import store
-from rlhfkit.personal.models import PersonalModels, user_owner
+from rlhfkit.personal.models import PersonalModels, PromptTooLong, user_owner
 from rlhfkit.personal.train import PersonalDPOConfig, TrainingQueue, train_user
 
 HERE = Path(__file__).parent
@@ -101,16 +101,18 @@ def include_personal(app: FastAPI, models: PersonalModels, settings: PersonalSet
     @router.post("/api/personal/ask")
     def ask(*, user: User = Depends(api_user), body: AskJson, session: Session = Depends(db)):
         owner = user_owner(user.id)
-        personal, start = models.adapter(owner), models.starting_point(owner)
-        if personal is not None:
-            options = [(personal, settings.temperature), (start, settings.temperature)]
-        else:
-            options = [(start, settings.temperature), (start, settings.alternative_temperature)]
-        random.shuffle(options)
-        try:
-            answers = tuple(models.answer(body.prompt, adapter, t, settings.max_new_tokens) for adapter, t in options)
-        except ValueError as exc:  # a prompt longer than the model's positions
-            raise FeedbackError(f"prompt: {exc}", 422) from None
+        with models.lock:  # a training that publishes meanwhile must not drop the adapters picked here
+            personal, start = models.adapter(owner), models.starting_point(owner)
+            if personal is not None:
+                options = [(personal, settings.temperature), (start, settings.temperature)]
+            else:
+                options = [(start, settings.temperature), (start, settings.alternative_temperature)]
+            random.shuffle(options)
+            try:
+                answers = tuple(models.answer(body.prompt, adapter, t, settings.max_new_tokens)
+                                for adapter, t in options)
+            except PromptTooLong as exc:
+                raise FeedbackError(f"prompt: {exc}", 422) from None
         labels = tuple(model_label(adapter, t, settings) for adapter, t in options)
         row = store.record_question(session, user, body.prompt, answers, labels)
         return {"question_id": row.id, "answers": [a.strip() for a in answers], "models": list(labels)}

@@ -40,6 +40,10 @@ FRESH = "fresh"  # the never-trained adapter that keeps the peft wrapper's set o
 VERSION_FOLDER = re.compile(r"v(\d+)")
 
 
+class PromptTooLong(ValueError):
+    """A prompt that leaves no room for the answer within the model's positions."""
+
+
 def user_owner(user_id: int) -> str:
     return f"user-{int(user_id)}"  # an int: never a path from a user's input
 
@@ -179,7 +183,8 @@ class PersonalModels:
             self._drop(owner)
             for name in [n for n in self.model.peft_config if n.startswith(f"{owner}-")]:
                 self.delete_adapter(name)
-            shutil.rmtree(self.folder / owner, ignore_errors=True)
+            if (self.folder / owner).exists():
+                shutil.rmtree(self.folder / owner)  # an error here is loud: the user was told "deleted"
 
     def adapter_names(self) -> list[str]:
         return list(self.model.peft_config)
@@ -192,7 +197,10 @@ class PersonalModels:
         reads the same text)."""
         text = format_prompt(prompt, self.tokenizer, self.use_chat_template)
         encoded = self.tokenizer([text], return_tensors="pt", add_special_tokens=not self.use_chat_template)
-        check_prompt_lengths(self.model, encoded["attention_mask"], [prompt], max_new_tokens)
+        try:
+            check_prompt_lengths(self.model, encoded["attention_mask"], [prompt], max_new_tokens)
+        except ValueError as exc:
+            raise PromptTooLong(str(exc)) from None
         decoding = Decoding(max_new_tokens, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
                             temperature=temperature)
         device = next(self.model.parameters()).device
