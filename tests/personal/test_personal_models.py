@@ -154,3 +154,14 @@ def test_deleting_a_user_during_their_training_waits_for_it_and_leaves_nothing(m
     with sessions() as db:
         assert store.user_choices(db, ann.id) == []
         assert personal_train.train_user(models, db, ann.id, FAST) is None  # a training queued later: nothing
+
+
+def test_past_max_in_memory_the_least_recently_used_adapter_is_dropped_and_reloads_the_same(tmp_path):
+    models = PersonalModels(build_tiny_causal(), word_tokenizer(), tmp_path / "adapters", max_in_memory=1)
+    train_version(models, user_owner(1), PAIRS, FAST)
+    trained = lora_weights(models, "user-1-v1")
+    train_version(models, user_owner(2), PAIRS, FAST)
+    assert [n for n in models.adapter_names() if n.startswith("user-")] == ["user-2-v1"]
+    assert models.adapter(user_owner(1)) == "user-1-v1"
+    assert [n for n in models.adapter_names() if n.startswith("user-")] == ["user-1-v1"]
+    assert all(torch.equal(w, lora_weights(models, "user-1-v1")[k]) for k, w in trained.items())

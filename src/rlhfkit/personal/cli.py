@@ -21,14 +21,15 @@ ChatTemplateOption = Annotated[bool | None, typer.Option(
     help="Apply the tokenizer's chat template (default: when it has one).")]
 
 
-def _models(policy: str, adapters: Path, chat_template: bool | None, lora_r: int):
+def _models(policy: str, adapters: Path, chat_template: bool | None, lora_r: int, max_in_memory: int = 1000):
     from rlhfkit.generate import uses_chat_template
     from rlhfkit.models.policy import load_policy
     from rlhfkit.personal.models import PersonalModels
 
     model, tokenizer = load_policy(policy, dtype="float32")
     return PersonalModels(model, tokenizer, adapters, lora_r=lora_r, lora_alpha=2 * lora_r,
-                          use_chat_template=uses_chat_template(tokenizer, model, chat_template))
+                          use_chat_template=uses_chat_template(tokenizer, model, chat_template),
+                          max_in_memory=max_in_memory)
 
 
 def _dpo_config(lr: float, epochs: int, beta: float, nll_coef: float):
@@ -102,6 +103,8 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     secure_cookies: Annotated[bool, typer.Option(help="Mark session cookies Secure (serve over HTTPS).")] = False,
+    max_in_memory: Annotated[int, typer.Option(min=1, help="Users' adapters kept in memory; the least recently "
+                                                           "used is dropped and read again when needed.")] = 1000,
     lr: LrOption = 3e-4, epochs: EpochsOption = 4, beta: BetaOption = 0.1, nll_coef: NllOption = 1.0,
     lora_r: LoraROption = 8, chat_template: ChatTemplateOption = None,
 ) -> None:
@@ -116,7 +119,7 @@ def serve(
 
     with _session(db) as session:
         accounts = session.scalar(select(func.count()).select_from(User))
-    models = _models(policy, adapters, chat_template, lora_r)
+    models = _models(policy, adapters, chat_template, lora_r, max_in_memory)
     app = create_app(db, secure_cookies)
     queue = include_personal(app, models, PersonalSettings(train_every=train_every,
                                                            dpo=_dpo_config(lr, epochs, beta, nll_coef)))

@@ -11,7 +11,8 @@ fresh LoRA (B = 0, so W + BA = W: exactly the base model). The model's active ad
 every forward pass (an answer, a training step) sets the adapter it needs under ``lock``.
 
 Memory: an adapter of rank r on a linear layer d_in → d_out holds r·(d_in + d_out) weights; the
-model's ``adapter_megabytes`` measures the real total of one adapter.
+model's ``adapter_megabytes`` measures the real total of one adapter. At most ``max_in_memory`` users'
+adapters stay loaded; the least recently used is dropped and read again from its folder when needed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import re
 import shutil
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,7 +55,8 @@ class PersonalModels:
     from ``folder`` on first use."""
 
     def __init__(self, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | os.PathLike,
-                 lora_r: int = 8, lora_alpha: int = 16, use_chat_template: bool = False) -> None:
+                 lora_r: int = 8, lora_alpha: int = 16, use_chat_template: bool = False,
+                 max_in_memory: int = 1000) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.lora = LoraConfig(task_type="CAUSAL_LM", r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
@@ -65,7 +68,8 @@ class PersonalModels:
         self.use_chat_template = use_chat_template
         self.lock = threading.RLock()  # the active adapter and every forward pass
         self._owner_locks: dict[str, threading.RLock] = {}
-        self._loaded: dict[str, int] = {}  # owner → version in memory
+        self._loaded: OrderedDict[str, int] = OrderedDict()  # owner → version in memory, least recently used first
+        self.max_in_memory = max_in_memory  # users' adapters kept loaded; the least recently used is dropped
 
     # ------------------------------------------------------------ versions on disk
     def versions(self, owner: str) -> list[int]:
@@ -90,14 +94,23 @@ class PersonalModels:
                 return None
             if self._loaded.get(owner) != version:
                 self._load(owner, version)
+            self._loaded.move_to_end(owner)
             return f"{owner}-v{version}"
 
     def _load(self, owner: str, version: int) -> None:
         name, path = f"{owner}-v{version}", self.folder / owner / f"v{version}"
         self.model.add_adapter(name, LoraConfig.from_pretrained(path))
         set_peft_model_state_dict(self.model, load_file(path / "adapter_model.safetensors"), adapter_name=name)
+        self._keep(owner, version)
+
+    def _keep(self, owner: str, version: int) -> None:
+        """OWNER's adapter in memory is now ``version`` (the previous one dropped), the most recently used;
+        past ``max_in_memory`` users, the least recently used is dropped (reloaded from disk when next used)."""
         self._drop(owner)
         self._loaded[owner] = version
+        users = [o for o in self._loaded if o != POPULATION]
+        for least_used in users[:max(0, len(users) - self.max_in_memory)]:
+            self._drop(least_used)
 
     def _drop(self, owner: str) -> None:
         if owner in self._loaded:
@@ -172,8 +185,7 @@ class PersonalModels:
         (partial / "version.json").write_text(json.dumps({"version": version, **info}, indent=1))
         os.replace(partial, final)
         with self.lock:
-            self._drop(owner)
-            self._loaded[owner] = version
+            self._keep(owner, version)
         return version
 
     def forget(self, user_id: int) -> None:
