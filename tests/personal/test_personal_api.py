@@ -93,8 +93,12 @@ def test_every_k_pairs_a_new_version_is_trained_in_the_background_and_then_answe
     assert learned["current_model"] == f"user-{user_id(app, 'ann')}-v1" and learned["training_error"] is None
     asked, _ = ask_and_choose(ann, "a")
     assert sorted(asked["models"]) == ["base", f"user-{user_id(app, 'ann')}-v1"]
+    sample = ann.get("/api/personal/sample").json()
+    assert sample["prompt"] == PROMPT and sample["models"] == ["base", f"user-{user_id(app, 'ann')}-v1"]
+    assert isinstance(sample["before"], str) and isinstance(sample["after"], str)
     bob = login(app, "bob")  # bob still gets the starting point only
     assert sorted(ask_and_choose(bob, "a")[0]["models"]) == ["base", "base τ=0.7"]
+    assert bob.get("/api/personal/sample").status_code == 404
 
 
 def test_a_failed_background_training_is_reported_and_the_previous_version_keeps_answering(server, monkeypatch):

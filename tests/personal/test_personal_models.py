@@ -102,10 +102,10 @@ def test_an_adapter_holds_r_times_in_plus_out_weights_per_layer(models):
 
 def test_answers_come_from_the_requested_adapter(models):
     train_version(models, user_owner(1), PAIRS, PersonalDPOConfig(epochs=4, batch_size=2, lr=5e-2))
-    seed = 0
-    personal = models.answer("how do i fix bike", "user-1-v1", generator=torch.Generator().manual_seed(seed))
-    base = models.answer("how do i fix bike", None, generator=torch.Generator().manual_seed(seed))
+    personal = models.answer("how do i fix bike", "user-1-v1", seed=0)
+    base = models.answer("how do i fix bike", None, seed=0)
     assert isinstance(personal, str) and isinstance(base, str) and personal != base
+    assert models.answer("how do i fix bike", None, seed=0) == base  # the same draws: only the weights differ
 
 
 def test_deleting_a_user_during_their_training_waits_for_it_and_leaves_nothing(models, tmp_path, monkeypatch):

@@ -1,5 +1,5 @@
 """A real browser (headless Chromium, Playwright) on the personal page: ask, see two answers with their
-models, choose with a reason, see it in what was learned, delete everything."""
+models, choose with a reason, see it in what was learned and a before/after sample, delete everything."""
 
 import threading
 import time
@@ -12,6 +12,7 @@ from rlhfkit.feedback import service
 from rlhfkit.feedback.app import create_app
 from rlhfkit.personal.api import PersonalSettings, include_personal
 from rlhfkit.personal.models import PersonalModels
+from rlhfkit.personal.train import PersonalDPOConfig
 
 
 @pytest.fixture
@@ -20,7 +21,8 @@ def url(tmp_path):
 
     app = create_app(str(tmp_path / "feedback.db"))
     queue = include_personal(app, PersonalModels(build_tiny_causal(), word_tokenizer(), tmp_path / "adapters"),
-                             PersonalSettings(train_every=100, max_new_tokens=8))
+                             PersonalSettings(train_every=1, max_new_tokens=8,
+                                              dpo=PersonalDPOConfig(epochs=1)))
     with app.state.sessions() as db:
         service.create_user(db, "ann", password="ann-password")
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
@@ -29,7 +31,7 @@ def url(tmp_path):
     while not server.started:
         time.sleep(0.05)
     port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
+    yield f"http://127.0.0.1:{port}", queue
     server.should_exit = True
     thread.join(10)
     queue.shutdown()
@@ -37,6 +39,7 @@ def url(tmp_path):
 
 @pytest.mark.slow
 def test_a_user_asks_chooses_sees_what_was_learned_and_deletes_it(url):
+    url, training = url
     with chromium_browser() as browser:
         page = browser.new_page()
         log_in(page, url, "ann", "ann-password")  # lands on the labeling page: no project there (404)
@@ -53,6 +56,10 @@ def test_a_user_asks_chooses_sees_what_was_learned_and_deletes_it(url):
         expect(page.locator("#status")).to_contain_text("Stored.")
         expect(page.locator("#learned")).to_contain_text("0 A, 1 B")
         expect(page.locator("#learned table")).to_contain_text("kinder")
+        training.wait()  # the choice queued a training (every 1 pair here)
+        page.click("#sample")
+        expect(page.locator("#before-model")).to_contain_text("Before — base")
+        expect(page.locator("#after-model")).to_contain_text("After — user-1-v1")
         page.once("dialog", lambda dialog: dialog.accept())
         page.click("#delete")
         expect(page.locator("#status")).to_contain_text("Deleted 1 choices")

@@ -4,6 +4,7 @@
     POST /api/personal/ask {prompt}     → {question_id, answers: [A, B], models: [model of A, model of B]}
     POST /api/personal/choose {question_id, choice: a | b | both_fine | both_bad, reason?} → {pairs, training}
     GET  /api/personal/learned          → the user's choices, counts, adapter versions, last training error
+    GET  /api/personal/sample           → their latest question answered before (starting point) and after
     DELETE /api/personal/data           → every choice and adapter of the user removed
 
 Exploration: one answer comes from the user's current personal adapter, the other from the alternative:
@@ -138,6 +139,22 @@ def include_personal(app: FastAPI, models: PersonalModels, settings: PersonalSet
                 "pairs": counts["a"] + counts["b"], "versions": versions,
                 "current_model": models.adapter(owner) or "none yet (the starting point answers)",
                 "train_every": settings.train_every, "training_error": queue.errors.get(user.id)}
+
+    @router.get("/api/personal/sample")
+    def before_after(user: User = Depends(current_user), session: Session = Depends(db)):
+        """The user's latest question answered by the starting point (before) and by their current adapter
+        (after), each with the same random draws (one seed), so that only the weights differ."""
+        choices = store.user_choices(session, user.id)
+        owner = user_owner(user.id)
+        with models.lock:
+            personal, start = models.adapter(owner), models.starting_point(owner)
+            if not choices or personal is None:
+                raise FeedbackError("no sample yet: your model has no trained version", 404)
+            prompt, seed = choices[-1].prompt, random.randrange(2**31)
+            before, after = (models.answer(prompt, adapter, settings.temperature, settings.max_new_tokens, seed)
+                             for adapter in (start, personal))
+        return {"prompt": prompt, "before": before.strip(), "after": after.strip(),
+                "models": [model_label(start, settings.temperature, settings), personal]}
 
     @router.delete("/api/personal/data")
     def delete_data(user: User = Depends(api_user), session: Session = Depends(db)):

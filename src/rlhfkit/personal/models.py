@@ -204,9 +204,9 @@ class PersonalModels:
     # ------------------------------------------------------------ answers
     @torch.inference_mode()
     def answer(self, prompt: str, adapter: str | None, temperature: float = 1.0, max_new_tokens: int = 48,
-               generator: torch.Generator | None = None) -> str:
+               seed: int | None = None) -> str:
         """One sampled answer of ``adapter`` (None: the base model), as decoded (not trimmed: DPO later
-        reads the same text)."""
+        reads the same text); ``seed`` fixes the random draws (None: the global generator's)."""
         text = format_prompt(prompt, self.tokenizer, self.use_chat_template)
         encoded = self.tokenizer([text], return_tensors="pt", add_special_tokens=not self.use_chat_template)
         try:
@@ -216,6 +216,7 @@ class PersonalModels:
         decoding = Decoding(max_new_tokens, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
                             temperature=temperature)
         device = next(self.model.parameters()).device
+        generator = None if seed is None else torch.Generator(device).manual_seed(seed)
         with self.active(adapter):
             tokens = sample_completions(self.model, encoded["input_ids"].to(device),
                                         encoded["attention_mask"].to(device), 1, decoding, generator)

@@ -62,6 +62,15 @@ document.querySelectorAll('[data-choice]').forEach(button => button.addEventList
   say('Stored. ' + (chosen.training_queued ? 'Your model is being trained on your choices.' : ''));
   showLearned();
 }));
+document.getElementById('sample').addEventListener('click', async () => {
+  const sample = await call('GET', '/api/personal/sample');
+  if (!sample) return;
+  document.getElementById('before').textContent = sample.before;
+  document.getElementById('after').textContent = sample.after;
+  document.getElementById('before-model').textContent = 'Before — ' + sample.models[0] + ' — "' + sample.prompt + '"';
+  document.getElementById('after-model').textContent = 'After — ' + sample.models[1] + ' (the same random draws)';
+  document.getElementById('before-after').hidden = false;
+});
 document.getElementById('delete').addEventListener('click', async () => {
   if (!window.confirm('Delete every choice you made and your personal model? This cannot be undone.')) return;
   const deleted = await call('DELETE', '/api/personal/data');
