@@ -2,7 +2,8 @@
 
     GET  /personal                      the page (two answers side by side, the choice, what was learned)
     POST /api/personal/ask {prompt}     → {question_id, answers: [A, B], models: [model of A, model of B]}
-    POST /api/personal/choose {question_id, choice: a | b | both_fine | both_bad, reason?} → {pairs, training}
+    POST /api/personal/choose {question_id, choice: a | b | both_fine | both_bad, reason?}
+                                        → {question_id, pairs (the user's count), training_queued}
     GET  /api/personal/learned          → the user's choices, counts, adapter versions, last training error
     GET  /api/personal/sample           → their latest question answered before (starting point) and after
     DELETE /api/personal/data           → every choice and adapter of the user removed

@@ -110,26 +110,28 @@ def train_version(models: PersonalModels, owner: str, pairs: Sequence[Preference
     if not pairs:
         raise ValueError(f"{owner}: no preference pairs to train on (choices of 'a' or 'b')")
     with models.training_of(owner):
-        start = models.starting_point(owner)
-        name = models.new_adapter(models.next_adapter(owner), start)
+        name = models.next_adapter(owner)
         try:
-            history = _optimise(models, name, start, pairs, config)
-            info = {"pairs": len(pairs), "start": start or "base", "config": asdict(config),
-                    "final": history[-1]}
+            with models.lock:  # the starting point cannot change between its copy and its log-probs
+                start = models.starting_point(owner)
+                models.new_adapter(name, start)
+                tokens = [pair_batch(models, pairs[i:i + config.batch_size], config)
+                          for i in range(0, len(pairs), config.batch_size)]
+                with torch.no_grad(), models.active(start):
+                    reference = [sequence_logprobs(models, t)[0] for t in tokens]
+            history = _optimise(models, name, tokens, reference, config)
+            info = {"pairs": len(pairs), "start": start or "base", "config": asdict(config), "final": history[-1]}
             return models.publish(owner, name, info), history
         except BaseException:
             models.delete_adapter(name)
             raise
 
 
-def _optimise(models: PersonalModels, adapter: str, start: str | None, pairs: Sequence[PreferencePair],
+def _optimise(models: PersonalModels, adapter: str, tokens: Sequence[TokenBatch], reference: Sequence[torch.Tensor],
               config: PersonalDPOConfig) -> list[dict]:
-    """The DPO steps on ``adapter``; the reference's log-probs come from ``start``, once. Each step holds
-    the model's lock only for its own forward, backward and update, so answers are served in between."""
-    batches = [pairs[i:i + config.batch_size] for i in range(0, len(pairs), config.batch_size)]
-    tokens = [pair_batch(models, b, config) for b in batches]
-    with torch.no_grad(), models.active(start):
-        reference = [sequence_logprobs(models, t)[0] for t in tokens]
+    """The DPO steps on ``adapter`` over the pair batches ``tokens``, whose reference log-probs are given.
+    Each step holds the model's lock only for its own forward, backward and update, so answers are served
+    in between."""
     device = next(models.model.parameters()).device
     accelerator = Accelerator(cpu=device.type == "cpu")
     with models.active(adapter):  # peft makes the active adapter's weights the trainable ones
@@ -137,7 +139,7 @@ def _optimise(models: PersonalModels, adapter: str, start: str | None, pairs: Se
     optimizer = adamw(parameters, config.lr, device)
     rng, history, step = random.Random(config.seed), [], 0
     for _ in range(config.epochs):
-        for index in rng.sample(range(len(batches)), len(batches)):
+        for index in rng.sample(range(len(tokens)), len(tokens)):
             step += 1
             with models.active(adapter):  # the model stays in eval mode: dropout off, as in rl.dpo
                 policy, lengths = sequence_logprobs(models, tokens[index])
