@@ -165,3 +165,15 @@ def test_past_max_in_memory_the_least_recently_used_adapter_is_dropped_and_reloa
     assert models.adapter(user_owner(1)) == "user-1-v1"
     assert [n for n in models.adapter_names() if n.startswith("user-")] == ["user-1-v1"]
     assert all(torch.equal(w, lora_weights(models, "user-1-v1")[k]) for k, w in trained.items())
+
+
+def test_a_version_half_written_by_a_killed_process_is_not_a_version_and_is_replaced(models):
+    ann = user_owner(1)
+    train_version(models, ann, PAIRS, FAST)
+    leftover = models.folder / ann / ".v2.partial"
+    leftover.mkdir()
+    (leftover / "adapter_model.safetensors").write_bytes(b"cut short")
+    again = PersonalModels(build_tiny_causal(), word_tokenizer(), models.folder)  # the restarted server
+    assert again.versions(ann) == [1] and again.adapter(ann) == "user-1-v1"
+    assert train_version(again, ann, PAIRS, FAST)[0] == 2
+    assert not leftover.exists() and again.version_info(ann, 2)["pairs"] == 2
