@@ -13,6 +13,7 @@ from rlhfkit.cai.cli import PrecisionOption, cai_app
 from rlhfkit.config import read_yaml
 from rlhfkit.console import console, friendly_errors
 from rlhfkit.feedback.cli import feedback_app
+from rlhfkit.personal.cli import personal_app
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -22,6 +23,7 @@ reward_app = typer.Typer(help="Train, evaluate and apply reward models.", no_arg
 app.add_typer(reward_app, name="reward")
 app.add_typer(cai_app, name="cai")
 app.add_typer(feedback_app, name="feedback")
+app.add_typer(personal_app, name="personal")
 
 
 @app.command()

@@ -567,6 +567,8 @@ def create_app(db_url: str, secure_cookies: bool = False, threads: int | None = 
     def health():
         return {"ok": True}
 
+    # for the routers of other areas (rlhfkit.personal.api): the same sessions, accounts and CSRF checks
+    app.state.dependencies = {"db": db, "user": current_user, "api_user": api_user, "csrf_token": csrf_token}
     return app
 
 

@@ -1,0 +1,223 @@
+"""One base model in memory, one LoRA adapter per user (peft multi-adapter), switched per request.
+
+An *owner* is ``user-ID`` (a user's adapter) or ``population`` (an adapter trained on everyone's pairs).
+Each owner's versions live on disk as ``FOLDER/OWNER/vN/`` (``adapter_config.json``,
+``adapter_model.safetensors``, ``version.json``); a version is written to a hidden partial folder and
+renamed into place, so a folder named ``vN`` is always whole. In memory the adapter of OWNER's version
+N is named ``OWNER-vN``; it replaces the previous one only once it is saved.
+
+The starting point of a user's adapter is the population adapter's weights when there is one, else a
+fresh LoRA (B = 0, so W + BA = W: exactly the base model). The model's active adapter is global state:
+every forward pass (an answer, a training step) sets the adapter it needs under ``lock``.
+
+Memory: an adapter of rank r on a linear layer d_in → d_out holds r·(d_in + d_out) weights; the
+model's ``adapter_megabytes`` measures the real total of one adapter. At most ``max_in_memory`` users'
+adapters stay loaded; the least recently used is dropped and read again from its folder when needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhfkit.generate import format_prompt
+from rlhfkit.models.engine import Decoding, sample_completions
+from rlhfkit.models.policy import check_prompt_lengths, prepare_tokenizer
+
+POPULATION = "population"
+FRESH = "fresh"  # the never-trained adapter that keeps the peft wrapper's set of adapters non-empty
+VERSION_FOLDER = re.compile(r"v(\d+)")
+
+
+class PromptTooLong(ValueError):
+    """A prompt that leaves no room for the answer within the model's positions."""
+
+
+def user_owner(user_id: int) -> str:
+    return f"user-{int(user_id)}"  # an int: never a path from a user's input
+
+
+class PersonalModels:
+    """The base policy wrapped once with peft, and the latest version of each owner's adapter, loaded
+    from ``folder`` on first use."""
+
+    def __init__(self, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | os.PathLike,
+                 lora_r: int = 8, lora_alpha: int = 16, use_chat_template: bool = False,
+                 max_in_memory: int = 1000) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.lora = LoraConfig(task_type="CAUSAL_LM", r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
+                               target_modules="all-linear")
+        with warnings.catch_warnings():  # peft's note that GPT-2's Conv1D layers get fan_in_fan_out=True
+            warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
+            self.model = get_peft_model(policy.eval(), self.lora, adapter_name=FRESH)
+        self.tokenizer = prepare_tokenizer(tokenizer, policy)
+        self.use_chat_template = use_chat_template
+        self.lock = threading.RLock()  # the active adapter and every forward pass
+        self._owner_locks: dict[str, threading.RLock] = {}
+        self._loaded: OrderedDict[str, int] = OrderedDict()  # owner → version in memory, least recently used first
+        self.max_in_memory = max_in_memory  # users' adapters kept loaded; the least recently used is dropped
+
+    # ------------------------------------------------------------ versions on disk
+    def versions(self, owner: str) -> list[int]:
+        """OWNER's saved versions, oldest first (partial folders are not versions)."""
+        folder = self.folder / owner
+        found = [VERSION_FOLDER.fullmatch(p.name) for p in folder.iterdir()] if folder.is_dir() else []
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def version(self, owner: str) -> int:
+        """OWNER's latest version, 0 when it has none."""
+        return (self.versions(owner) or [0])[-1]
+
+    def version_info(self, owner: str, version: int) -> dict:
+        return json.loads((self.folder / owner / f"v{version}" / "version.json").read_text())
+
+    # ------------------------------------------------------------ adapters in memory
+    def adapter(self, owner: str) -> str | None:
+        """The in-memory adapter of OWNER's latest version (loaded now if need be); None when it has none."""
+        with self.lock:
+            version = self.version(owner)
+            if version == 0:
+                return None
+            if self._loaded.get(owner) != version:
+                self._load(owner, version)
+            self._loaded.move_to_end(owner)
+            return f"{owner}-v{version}"
+
+    def _load(self, owner: str, version: int) -> None:
+        name, path = f"{owner}-v{version}", self.folder / owner / f"v{version}"
+        self.model.add_adapter(name, LoraConfig.from_pretrained(path))
+        set_peft_model_state_dict(self.model, load_file(path / "adapter_model.safetensors"), adapter_name=name)
+        self._keep(owner, version)
+
+    def _keep(self, owner: str, version: int) -> None:
+        """OWNER's adapter in memory is now ``version`` (the previous one dropped), the most recently used;
+        past ``max_in_memory`` users, the least recently used is dropped (reloaded from disk when next used)."""
+        self._drop(owner)
+        self._loaded[owner] = version
+        users = [o for o in self._loaded if o != POPULATION]
+        for least_used in users[:max(0, len(users) - self.max_in_memory)]:
+            self._drop(least_used)
+
+    def _drop(self, owner: str) -> None:
+        if owner in self._loaded:
+            self.delete_adapter(f"{owner}-v{self._loaded.pop(owner)}")
+
+    def delete_adapter(self, name: str) -> None:
+        with self.lock:
+            if name in self.model.peft_config:
+                self.model.set_adapter(FRESH)  # peft moves off a deleted active adapter with a warning
+                self.model.delete_adapter(name)
+
+    def new_adapter(self, name: str, start: str | None) -> str:
+        """A trainable adapter ``name`` holding the weights of adapter ``start``, or a fresh LoRA when None
+        (exactly the base model)."""
+        with self.lock:
+            self.delete_adapter(name)  # a leftover of a failed training
+            self.model.add_adapter(name, self.lora)
+            if start is not None:
+                set_peft_model_state_dict(self.model, get_peft_model_state_dict(self.model, adapter_name=start),
+                                          adapter_name=name)
+            return name
+
+    def starting_point(self, owner: str) -> str | None:
+        """The adapter OWNER's versions start from (and DPO's reference): for a user the population's, for
+        the population (and a user when there is none) None, the base model."""
+        return None if owner == POPULATION else self.adapter(POPULATION)
+
+    @contextmanager
+    def active(self, adapter: str | None) -> Iterator[None]:
+        """Hold the lock with ``adapter`` active (None: the base model, every adapter disabled)."""
+        with self.lock:
+            if adapter is None:
+                with self.model.disable_adapter():
+                    yield
+            else:
+                self.model.set_adapter(adapter)
+                yield
+
+    def adapter_megabytes(self, name: str) -> float:
+        """Memory held by one adapter's weights, in MiB."""
+        return sum(p.numel() * p.element_size() for n, p in self.model.named_parameters()
+                   if f".{name}." in n) / 2**20
+
+    # ------------------------------------------------------------ saving and forgetting
+    @contextmanager
+    def training_of(self, owner: str) -> Iterator[None]:
+        """One training of OWNER at a time; ``forget`` waits for it."""
+        with self.lock:
+            owner_lock = self._owner_locks.setdefault(owner, threading.RLock())
+        with owner_lock:
+            yield
+
+    def next_adapter(self, owner: str) -> str:
+        """The name OWNER's next version is trained under (in memory, not served until ``publish``)."""
+        return f"{owner}-v{self.version(owner) + 1}"
+
+    def publish(self, owner: str, trained: str, info: dict) -> int:
+        """Save adapter ``trained`` (named by ``next_adapter``) as OWNER's next version — a partial folder,
+        then renamed, so it is whole or absent — and serve it from now on; returns the version."""
+        version = self.version(owner) + 1
+        if trained != f"{owner}-v{version}":
+            raise ValueError(f"{trained}: not {owner}'s next version (v{version})")
+        final = self.folder / owner / f"v{version}"
+        partial = final.with_name(f".{final.name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)  # left by a crash mid-write
+        partial.mkdir(parents=True)
+        with self.lock:
+            state = {k: v.detach().contiguous() for k, v in
+                     get_peft_model_state_dict(self.model, adapter_name=trained).items()}
+            save_file(state, partial / "adapter_model.safetensors")
+        self.model.peft_config[trained].save_pretrained(partial)
+        (partial / "version.json").write_text(json.dumps({"version": version, **info}, indent=1))
+        os.replace(partial, final)
+        with self.lock:
+            self._keep(owner, version)
+        return version
+
+    def forget(self, user_id: int) -> None:
+        """Every adapter of the user, on disk and in memory, gone (a training of theirs finishes first)."""
+        owner = user_owner(user_id)
+        with self.training_of(owner), self.lock:
+            self._drop(owner)
+            for name in [n for n in self.model.peft_config if n.startswith(f"{owner}-")]:
+                self.delete_adapter(name)
+            if (self.folder / owner).exists():
+                shutil.rmtree(self.folder / owner)  # an error here is loud: the user was told "deleted"
+
+    def adapter_names(self) -> list[str]:
+        return list(self.model.peft_config)
+
+    # ------------------------------------------------------------ answers
+    @torch.inference_mode()
+    def answer(self, prompt: str, adapter: str | None, temperature: float = 1.0, max_new_tokens: int = 48,
+               seed: int | None = None) -> str:
+        """One sampled answer of ``adapter`` (None: the base model), as decoded (not trimmed: DPO later
+        reads the same text); ``seed`` fixes the random draws (None: the global generator's)."""
+        text = format_prompt(prompt, self.tokenizer, self.use_chat_template)
+        encoded = self.tokenizer([text], return_tensors="pt", add_special_tokens=not self.use_chat_template)
+        try:
+            check_prompt_lengths(self.model, encoded["attention_mask"], [prompt], max_new_tokens)
+        except ValueError as exc:
+            raise PromptTooLong(str(exc)) from None
+        decoding = Decoding(max_new_tokens, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
+                            temperature=temperature)
+        device = next(self.model.parameters()).device
+        generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+        with self.active(adapter):
+            tokens = sample_completions(self.model, encoded["input_ids"].to(device),
+                                        encoded["attention_mask"].to(device), 1, decoding, generator)
+        return self.tokenizer.decode(tokens[0], skip_special_tokens=True)

@@ -1,0 +1,192 @@
+"""A new version of one owner's adapter: DPO on their preference pairs, from the starting point.
+
+Each version is trained from the starting point s (the population adapter, or the base model when there
+is none) on all of the owner's pairs so far, and s is also the reference (its log-probs computed once,
+before training):
+
+    h     = β · [ (log π_θ(y_c|x) − log π_s(y_c|x)) − (log π_θ(y_r|x) − log π_s(y_r|x)) ]
+    L_DPO = −mean log σ(h)                                     (rlhfkit.rl.dpo.dpo_loss)
+    L     = L_DPO + α · mean[ −log π_θ(y_c|x) / |y_c| ]        (α = ``nll_coef``; 0 turns it off)
+
+The NLL term on the chosen answer (per token) keeps the answers fluent when a handful of pairs would
+otherwise let DPO push both answers' probabilities down. A non-finite loss or gradient stops training
+with the step and the cause (``TrainingDiverged``) before the weights take it in; a failed training
+leaves the owner's previous version in use and no version folder behind. The population adapter is the
+same training on everyone's pairs, from the base model.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import torch
+from accelerate import Accelerator
+from sqlalchemy.orm import Session
+
+from rlhfkit.config import require, require_field_types
+from rlhfkit.data.records import PreferencePair
+from rlhfkit.generate import format_prompt
+from rlhfkit.models.policy import TokenBatch, completion_logits, token_logprobs, tokenize_completions
+from rlhfkit.models.update import TrainingDiverged, adamw, apply_gradients
+from rlhfkit.personal.models import POPULATION, PersonalModels, user_owner
+from rlhfkit.personal.store import preference_pairs, user_choices, users_with_pairs
+from rlhfkit.rl.dpo import dpo_loss
+
+
+@dataclass
+class PersonalDPOConfig:
+    beta: float = 0.1
+    lr: float = 3e-4  # a session's trials on the toy policy: ≥ 5e-4 degenerated (LoRA, a handful of pairs)
+    epochs: int = 4
+    batch_size: int = 8  # pairs per step
+    nll_coef: float = 1.0  # α of the NLL term on the chosen answer (0: plain DPO)
+    max_grad_norm: float = 1.0
+    max_prompt_tokens: int = 256
+    max_completion_tokens: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require_field_types(self)
+        for name in ("beta", "lr", "max_grad_norm"):
+            require(getattr(self, name) > 0, name, "must be positive")
+        for name in ("epochs", "batch_size", "max_prompt_tokens", "max_completion_tokens"):
+            require(getattr(self, name) >= 1, name, "must be at least 1")
+        require(self.nll_coef >= 0, "nll_coef", "must be at least 0 (0 turns the NLL term off)")
+
+
+def pair_batch(models: PersonalModels, pairs: Sequence[PreferencePair], config: PersonalDPOConfig) -> TokenBatch:
+    """Chosen completions then rejected ones, as the model reads them (its prompt format)."""
+    prompts = [format_prompt(p.prompt, models.tokenizer, models.use_chat_template) for p in pairs] * 2
+    completions = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    return tokenize_completions(models.tokenizer, prompts, completions, not models.use_chat_template,
+                                config.max_prompt_tokens, config.max_completion_tokens, models.model)
+
+
+def sequence_logprobs(models: PersonalModels, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_t log π(y_t|x, y_<t), the number of completion tokens) per row, for the active adapter."""
+    batch = batch.to(next(models.model.parameters()).device)
+    logits, _ = completion_logits(models.model, batch)
+    logprobs = token_logprobs(logits, batch.completion_ids)[0] * batch.completion_mask
+    return logprobs.sum(dim=1), batch.completion_mask.sum(dim=1)
+
+
+def personal_loss(policy: torch.Tensor, reference: torch.Tensor, lengths: torch.Tensor,
+                  config: PersonalDPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L = L_DPO + α · NLL per token of the chosen answers, the margins h) for a batch's sequence log-probs
+    (chosen rows first, then rejected)."""
+    half = len(policy) // 2
+    loss, margins = dpo_loss(policy[:half], policy[half:], reference[:half], reference[half:], config.beta)
+    if config.nll_coef:
+        loss = loss + config.nll_coef * (-policy[:half] / lengths[:half]).mean()
+    return loss, margins
+
+
+def train_user(models: PersonalModels, session: Session, user_id: int, config: PersonalDPOConfig) -> int | None:
+    """The user's next version, trained on all their pairs; None when they have none (e.g. deleted). The
+    pairs are read under the user's training lock, so a deletion either waits for it or comes first."""
+    owner = user_owner(user_id)
+    with models.training_of(owner):
+        pairs = preference_pairs(user_choices(session, user_id))
+        session.rollback()  # no transaction held during training
+        return train_version(models, owner, pairs, config)[0] if pairs else None
+
+
+def train_population(models: PersonalModels, session: Session, config: PersonalDPOConfig) -> int | None:
+    """The population adapter's next version, trained from the base model on every user's pairs."""
+    with models.training_of(POPULATION):
+        pairs = [p for user_id in users_with_pairs(session) for p in preference_pairs(user_choices(session, user_id))]
+        session.rollback()
+        return train_version(models, POPULATION, pairs, config)[0] if pairs else None
+
+
+def train_version(models: PersonalModels, owner: str, pairs: Sequence[PreferencePair],
+                  config: PersonalDPOConfig) -> tuple[int, list[dict]]:
+    """OWNER's next adapter version trained on ``pairs`` and published; returns (version, per-step history).
+    On any failure the half-trained adapter is dropped and the previous version stays in use."""
+    if not pairs:
+        raise ValueError(f"{owner}: no preference pairs to train on (choices of 'a' or 'b')")
+    with models.training_of(owner):
+        name = models.next_adapter(owner)
+        try:
+            with models.lock:  # the starting point cannot change between its copy and its log-probs
+                start = models.starting_point(owner)
+                models.new_adapter(name, start)
+                tokens = [pair_batch(models, pairs[i:i + config.batch_size], config)
+                          for i in range(0, len(pairs), config.batch_size)]
+                with torch.no_grad(), models.active(start):
+                    reference = [sequence_logprobs(models, t)[0] for t in tokens]
+            history = _optimise(models, name, tokens, reference, config)
+            info = {"pairs": len(pairs), "start": start or "base", "config": asdict(config), "final": history[-1]}
+            return models.publish(owner, name, info), history
+        except BaseException:
+            models.delete_adapter(name)
+            raise
+
+
+def _optimise(models: PersonalModels, adapter: str, tokens: Sequence[TokenBatch], reference: Sequence[torch.Tensor],
+              config: PersonalDPOConfig) -> list[dict]:
+    """The DPO steps on ``adapter`` over the pair batches ``tokens``, whose reference log-probs are given.
+    Each step holds the model's lock only for its own forward, backward and update, so answers are served
+    in between."""
+    device = next(models.model.parameters()).device
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    with models.active(adapter):  # peft makes the active adapter's weights the trainable ones
+        parameters = [p for n, p in models.model.named_parameters() if f".{adapter}." in n]
+    optimizer = adamw(parameters, config.lr, device)
+    rng, history, step = random.Random(config.seed), [], 0
+    for _ in range(config.epochs):
+        for index in rng.sample(range(len(tokens)), len(tokens)):
+            step += 1
+            with models.active(adapter):  # the model stays in eval mode: dropout off, as in rl.dpo
+                policy, lengths = sequence_logprobs(models, tokens[index])
+                loss, margins = personal_loss(policy, reference[index].to(device), lengths.to(device), config)
+                try:
+                    grad_norm = apply_gradients(accelerator, models.model, optimizer, loss, config.max_grad_norm)
+                except TrainingDiverged as exc:
+                    raise TrainingDiverged(f"personal dpo of {adapter} stopped at step {step}: {exc}") from None
+            history.append({"step": step, "loss": loss.item(), "margin": margins.mean().item(),
+                            "accuracy": (margins > 0).float().mean().item(), "grad_norm": grad_norm})
+    return history
+
+
+class TrainingQueue:
+    """Trainings run in one background thread, one at a time (so one at a time per user); a user already
+    waiting in the queue is not queued twice. ``trigger(user_id, pairs_now, pairs_trained)`` queues
+    ``train(user_id)`` when the user has ``every`` new pairs since their last version."""
+
+    def __init__(self, train: Callable[[int], object], every: int) -> None:
+        require(every >= 1, "train_every", "must be at least 1")
+        self.train, self.every = train, every
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="personal-training")
+        self.waiting: set[int] = set()
+        self.lock = threading.Lock()
+        self.errors: dict[int, str] = {}  # user id → the last failed training's one-line cause
+
+    def trigger(self, user_id: int, pairs_now: int, pairs_trained: int) -> Future | None:
+        if pairs_now - pairs_trained < self.every:
+            return None
+        with self.lock:
+            if user_id in self.waiting:
+                return None
+            self.waiting.add(user_id)
+        return self.executor.submit(self._run, user_id)
+
+    def _run(self, user_id: int) -> None:
+        with self.lock:
+            self.waiting.discard(user_id)
+        try:
+            self.train(user_id)
+            self.errors.pop(user_id, None)
+        except Exception as exc:  # the server keeps serving the previous version; the page shows why
+            self.errors[user_id] = f"{type(exc).__name__}: {exc}"
+
+    def wait(self) -> None:
+        """Return once every training queued so far has ended."""
+        self.executor.submit(lambda: None).result()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,179 @@
+"""One base in memory, an adapter per user: served per request, versioned on disk, trained by DPO, forgotten."""
+
+import pytest
+import torch
+
+from conftest import build_tiny_causal, word_tokenizer
+from rlhfkit.data.records import PreferencePair
+from rlhfkit.models.update import TrainingDiverged
+from rlhfkit.personal import train as personal_train
+from rlhfkit.personal.models import POPULATION, PersonalModels, user_owner
+from rlhfkit.personal.train import PersonalDPOConfig, train_version
+
+PAIRS = [PreferencePair(prompt="how do i fix bike", chosen="thanks you can fix it", rejected="you idiot go away"),
+         PreferencePair(prompt="how do i bake cake", chosen="glad to help bake", rejected="shut up dumb")]
+FAST = PersonalDPOConfig(epochs=2, batch_size=2, lr=1e-2)
+
+
+@pytest.fixture
+def models(tmp_path):
+    return PersonalModels(build_tiny_causal(), word_tokenizer(), tmp_path / "adapters")
+
+
+def lora_weights(models, adapter):
+    return {n: p.detach().clone() for n, p in models.model.named_parameters() if f".{adapter}." in n}
+
+
+def test_a_trained_version_is_saved_whole_and_served_to_its_user_only(models):
+    ann = user_owner(1)
+    assert models.adapter(ann) is None  # no version yet: the base model answers
+    version, history = train_version(models, ann, PAIRS, FAST)
+    assert version == 1 and len(history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    folder = models.folder / ann / "v1"
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                        "version.json"]
+    assert models.version_info(ann, 1)["pairs"] == 2 and models.version_info(ann, 1)["start"] == "base"
+    assert models.adapter(ann) == "user-1-v1" and models.adapter(user_owner(2)) is None
+    prompt = models.tokenizer(["how do i fix bike"], return_tensors="pt")["input_ids"]
+    with models.active("user-1-v1"):
+        personal = models.model(prompt).logits
+    with models.active(None):
+        base = models.model(prompt).logits
+    assert not torch.allclose(personal, base)  # the adapter changed the model; its B left zero
+
+
+def test_versions_reload_from_disk_in_a_new_process_and_the_previous_is_dropped_from_memory(models, tmp_path):
+    ann = user_owner(1)
+    train_version(models, ann, PAIRS, FAST)
+    train_version(models, ann, PAIRS, FAST)
+    assert models.adapter(ann) == "user-1-v2" and "user-1-v1" not in models.adapter_names()
+    trained = lora_weights(models, "user-1-v2")
+    again = PersonalModels(build_tiny_causal(), word_tokenizer(), models.folder)
+    assert again.adapter(ann) == "user-1-v2"
+    reloaded = lora_weights(again, "user-1-v2")
+    assert trained.keys() == reloaded.keys() and all(torch.equal(trained[k], reloaded[k]) for k in trained)
+
+
+def test_a_new_users_adapter_starts_from_the_population_adapter_which_is_its_reference(models):
+    train_version(models, POPULATION, PAIRS, FAST)
+    start = lora_weights(models, "population-v1")
+    name = models.new_adapter(models.next_adapter(user_owner(3)), models.starting_point(user_owner(3)))
+    copied = lora_weights(models, name)
+    assert len(copied) == len(start)
+    assert all(torch.equal(copied[k], start[k.replace(name, "population-v1")]) for k in copied)
+    models.delete_adapter(name)
+    train_version(models, user_owner(3), PAIRS[:1], FAST)
+    assert models.version_info(user_owner(3), 1)["start"] == "population-v1"
+    train_version(models, POPULATION, PAIRS, FAST)  # the population's own versions start from the base
+    assert models.version_info(POPULATION, 2)["start"] == "base"
+
+
+def test_a_training_that_diverges_names_its_step_and_leaves_the_previous_version_in_use(models, monkeypatch):
+    ann = user_owner(1)
+    train_version(models, ann, PAIRS, FAST)
+    served = lora_weights(models, "user-1-v1")
+    monkeypatch.setattr(personal_train, "personal_loss", lambda policy, *a: (policy.sum() * float("nan"),
+                                                                              policy[:1]))
+    with pytest.raises(TrainingDiverged, match=r"stopped at step 1: .*not finite"):
+        train_version(models, ann, PAIRS, FAST)
+    assert models.versions(ann) == [1] and models.adapter(ann) == "user-1-v1"
+    assert "user-1-v2" not in models.adapter_names()
+    assert not any((models.folder / ann).glob(".v*"))  # no partial folder left
+    assert all(torch.equal(w, lora_weights(models, "user-1-v1")[k]) for k, w in served.items())
+
+
+def test_forgetting_a_user_removes_their_files_and_adapters_from_memory_only(models):
+    train_version(models, user_owner(1), PAIRS, FAST)
+    train_version(models, user_owner(2), PAIRS, FAST)
+    models.forget(1)
+    assert not (models.folder / "user-1").exists() and models.adapter(user_owner(1)) is None
+    assert not [n for n in models.adapter_names() if n.startswith("user-1-")]
+    assert models.adapter(user_owner(2)) == "user-2-v1"
+
+
+def test_an_adapter_holds_r_times_in_plus_out_weights_per_layer(models):
+    """Tiny GPT-2 (32 wide, 2 layers), r = 8: c_attn 32→96, c_proj 32→32, c_fc 32→128, mlp c_proj 128→32,
+    and lm_head 32→vocab (all-linear leaves the output layer out)."""
+    name = models.new_adapter("user-9-v1", None)
+    per_layer = 8 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))
+    assert models.adapter_megabytes(name) == pytest.approx(2 * per_layer * 4 / 2**20)
+    print(f"tiny GPT-2 adapter, r=8: {models.adapter_megabytes(name):.4f} MiB")
+
+
+def test_answers_come_from_the_requested_adapter(models):
+    train_version(models, user_owner(1), PAIRS, PersonalDPOConfig(epochs=4, batch_size=2, lr=5e-2))
+    personal = models.answer("how do i fix bike", "user-1-v1", seed=0)
+    base = models.answer("how do i fix bike", None, seed=0)
+    assert isinstance(personal, str) and isinstance(base, str) and personal != base
+    assert models.answer("how do i fix bike", None, seed=0) == base  # the same draws: only the weights differ
+
+
+def test_deleting_a_user_during_their_training_waits_for_it_and_leaves_nothing(models, tmp_path, monkeypatch):
+    import threading
+
+    from rlhfkit.feedback import db as feedback_db
+    from rlhfkit.feedback import service
+    from rlhfkit.personal import store
+
+    sessions = feedback_db.session_factory(str(tmp_path / "feedback.db"))
+    with sessions() as db:
+        ann = service.create_user(db, "ann", password="ann-password")
+        for pair in PAIRS:
+            row = store.record_question(db, ann, pair.prompt, (pair.chosen, pair.rejected), ("base", "base"))
+            store.record_choice(db, ann, row.id, "a")
+    started, release = threading.Event(), threading.Event()
+    optimise = personal_train._optimise
+
+    def held(*args):
+        started.set()
+        release.wait(30)
+        return optimise(*args)
+
+    monkeypatch.setattr(personal_train, "_optimise", held)
+
+    def train():
+        with sessions() as db:
+            personal_train.train_user(models, db, ann.id, FAST)
+
+    def delete():
+        with sessions() as db:
+            store.delete_user_data(db, ann, models)
+
+    training = threading.Thread(target=train)
+    training.start()
+    assert started.wait(30)
+    deleting = threading.Thread(target=delete)
+    deleting.start()
+    deleting.join(0.5)
+    assert deleting.is_alive()  # waiting for the training of ann to end
+    release.set()
+    training.join(30), deleting.join(30)
+    owner = user_owner(ann.id)
+    assert not (models.folder / owner).exists() and models.adapter(owner) is None
+    assert not [n for n in models.adapter_names() if n.startswith(f"{owner}-")]
+    with sessions() as db:
+        assert store.user_choices(db, ann.id) == []
+        assert personal_train.train_user(models, db, ann.id, FAST) is None  # a training queued later: nothing
+
+
+def test_past_max_in_memory_the_least_recently_used_adapter_is_dropped_and_reloads_the_same(tmp_path):
+    models = PersonalModels(build_tiny_causal(), word_tokenizer(), tmp_path / "adapters", max_in_memory=1)
+    train_version(models, user_owner(1), PAIRS, FAST)
+    trained = lora_weights(models, "user-1-v1")
+    train_version(models, user_owner(2), PAIRS, FAST)
+    assert [n for n in models.adapter_names() if n.startswith("user-")] == ["user-2-v1"]
+    assert models.adapter(user_owner(1)) == "user-1-v1"
+    assert [n for n in models.adapter_names() if n.startswith("user-")] == ["user-1-v1"]
+    assert all(torch.equal(w, lora_weights(models, "user-1-v1")[k]) for k, w in trained.items())
+
+
+def test_a_version_half_written_by_a_killed_process_is_not_a_version_and_is_replaced(models):
+    ann = user_owner(1)
+    train_version(models, ann, PAIRS, FAST)
+    leftover = models.folder / ann / ".v2.partial"
+    leftover.mkdir()
+    (leftover / "adapter_model.safetensors").write_bytes(b"cut short")
+    again = PersonalModels(build_tiny_causal(), word_tokenizer(), models.folder)  # the restarted server
+    assert again.versions(ann) == [1] and again.adapter(ann) == "user-1-v1"
+    assert train_version(again, ann, PAIRS, FAST)[0] == 2
+    assert not leftover.exists() and again.version_info(ann, 2)["pairs"] == 2
