@@ -298,19 +298,42 @@ def change_password(session: Session, user: User, old: str, new: str) -> None:
 
 def set_disabled(session: Session, username: str, disabled: bool, admin: User) -> User:
     """(``admin``) Turn another account off (its sessions end and its open items go back to the pool at
-    once, not after ASSIGNMENT_TIMEOUT) or back on."""
+    once, not after ASSIGNMENT_TIMEOUT) or back on.
+
+    A request of the labeler that is opening an assignment right now either sees the flag or has its
+    assignment ended here: the flag is set under the user row's FOR UPDATE lock, which waits for the
+    KEY SHARE lock that the assignment's INSERT holds (its foreign key check) until that transaction
+    ends, and which a later INSERT waits for in turn and then finds the flag (``_refuse_if_disabled``).
+    The flag is committed first, then the open assignments are ended: no user lock is held while items
+    are locked (the order in which /api/next takes them is item, then user)."""
     user = get_user(session, username)
     if user.id == admin.id:
         raise FeedbackError("you cannot disable your own account (you would be locked out)", 409)
+    session.execute(_LOCK_USER, {"user_id": user.id})
     user.disabled = disabled
     if disabled:
         _end_sessions_of(session, user)
+    session.commit()
+    if disabled:
         held = session.scalars(select(Assignment.item_id).where(Assignment.user_id == user.id,
                                                                 Assignment.status == "open")).all()
         _end_assignments(session, update(Assignment.__table__).values(status="expired").where(
             Assignment.user_id == user.id, Assignment.status == "open"), held)
-    session.commit()
+        session.commit()
     return user
+
+
+_LOCK_USER = select(User.id).where(User.id == bindparam("user_id")).with_for_update()
+# KEY SHARE: what an INSERT's foreign key check takes; it waits only for set_disabled's FOR UPDATE
+_USER_DISABLED = select(User.disabled).where(User.id == bindparam("user_id")).with_for_update(key_share=True)
+
+
+def _refuse_if_disabled(session: Session, user: User) -> None:
+    """401 (and the transaction rolled back) if the account was disabled since the request's session
+    lookup; called after a write that opens an assignment, before its commit (see set_disabled)."""
+    if session.connection().scalar(_USER_DISABLED, {"user_id": user.id}):
+        session.rollback()
+        raise FeedbackError("log in first (this account was disabled)", 401)
 
 
 def reset_password(session: Session, username: str) -> str:
@@ -535,6 +558,7 @@ def _assign_new(session: Session, user: User, project: Project, rng: random.Rand
         if gold:
             item_id = rng.choice(gold)
             connection.execute(_ASSIGN, {**mine, "item_id": item_id, "slot": None})
+            _refuse_if_disabled(session, user)
             return item_id, None
     # The candidate is locked in the same statement. An item that another labeler is being given right now
     # (row locked) is passed over (SKIP LOCKED, PostgreSQL): otherwise every labeler queues on the same
@@ -551,6 +575,7 @@ def _assign_new(session: Session, user: User, project: Project, rng: random.Rand
             if slot is not None:
                 connection.execute(_ASSIGN, {**mine, "item_id": row.id, "slot": slot})
                 connection.execute(_TAKE_SLOT, {"taken_item": row.id})
+                _refuse_if_disabled(session, user)
                 return row.id, _progress_of(*row[1:])
         busy_item = connection.scalar(_ANY_FREE, {**mine, "tried": tried})
         if busy_item is None:
@@ -789,6 +814,7 @@ def undo_last_label(session: Session, user: User, project: Project) -> int:
         session.execute(update(Assignment).where(Assignment.item_id == label.item_id, Assignment.user_id == user.id)
                         .values(status="open", created_at=moment, undone_at=moment)
                         .execution_options(synchronize_session=False))
+        _refuse_if_disabled(session, user)
         session.commit()
     except IntegrityError:  # a parallel /api/next of this labeler opened another item (not locked above)
         session.rollback()
@@ -849,7 +875,9 @@ def position_bias(session: Session, project: Project) -> dict:
 
 def assignment_overview(session: Session, project: Project) -> dict:
     """Skips per labeler, and the stranded items: regular items short of k labelers that fewer enabled
-    labelers can still take than they need (everyone else labeled, skipped or let them expire)."""
+    labelers can still take than they need (everyone else labeled, skipped or let them expire). Timed-out
+    assignments are expired first, as /api/next would, so that the counts are those that reopen_item acts on."""
+    expire_stale_assignments(session, project, now() - ASSIGNMENT_TIMEOUT)
     skips = dict(session.execute(select(User.username, func.count()).join(Assignment, Assignment.user_id == User.id)
                                  .where(Assignment.project_id == project.id, Assignment.status == "skipped")
                                  .group_by(User.username).order_by(User.username)).all())
@@ -869,7 +897,13 @@ def assignment_overview(session: Session, project: Project) -> dict:
 
 
 def reopen_item(session: Session, item_id: int) -> int:
-    """(admin) Offer a stranded item again to the labelers who skipped it or let it expire; returns how many."""
+    """(admin) Offer a stranded item again to the labelers who skipped it or let it expire; returns how many.
+    Timed-out assignments that nobody has marked expired yet are expired first, so they count too."""
+    project = session.scalar(select(Project).join(Item, Item.project_id == Project.id).where(Item.id == item_id))
+    if project is None:
+        session.rollback()
+        raise FeedbackError(f"unknown item {item_id}", 404)
+    expire_stale_assignments(session, project, now() - ASSIGNMENT_TIMEOUT)
     released = session.execute(delete(Assignment).where(Assignment.item_id == item_id,
                                                         Assignment.status.in_(("skipped", "expired")))).rowcount
     session.commit()
