@@ -241,13 +241,16 @@ def create_app(db_url: str, secure_cookies: bool = False, threads: int | None = 
             raise HTTPException(401, "log in first")
         return user
 
-    async def labeler_call(request: Request, work: Callable[[Session, User, BaseModel | None], dict | Response],
-                           body_model: type[BaseModel] | None = None) -> Response:
+    async def labeler_call(request: Request, work: Callable[[Session, service.Labeler, service.ProjectRules | None,
+                                                           BaseModel | None], dict | Response],
+                           body_model: type[BaseModel] | None = None, project: str | None = None,
+                           in_project: bool = False) -> Response:
         """A labeler's hot call (/api/next, /api/labels) in one hop to a worker thread and one transaction:
-        the session lookup (401), then for a call with a body the CSRF token (403) and the parsed body
-        (422), then ``work(session, user, body)``, whose dict is the JSON answer. The dependencies of the
-        other endpoints cost two hops and two transactions; py-spy put the hops and the lookup's own
-        transaction at about a quarter of the server's CPU (benchmarks/README.md).
+        the session lookup (401) — with the ``project`` when ``in_project`` (404), in the same statement —
+        then for a call with a body the CSRF token (403) and the parsed body (422), then
+        ``work(session, labeler, project rules or None, body)``, whose dict is the JSON answer. The
+        dependencies of the other endpoints cost two hops and two transactions; py-spy put the hops and
+        the lookup's own transaction at about a quarter of the server's CPU (benchmarks/README.md).
 
         The body is read before the lookup only from a client whose signed cookie holds a session token
         and whose X-CSRF-Token matches it (an anonymous body is never read; BodyLimit caps any body);
@@ -267,14 +270,17 @@ def create_app(db_url: str, secure_cookies: bool = False, threads: int | None = 
 
         def in_thread():
             with sessions() as session:
-                user = live_user(session, token)
+                if in_project:
+                    user, rules = service.session_labeler_and_project(session, token, project)
+                else:
+                    user, rules = service.session_labeler(session, token), None
                 parsed = None
                 if body_model is not None:
                     try:
                         parsed = body_model.model_validate_json(body)
                     except ValidationError as exc:
                         raise RequestValidationError(exc.errors(include_url=False)) from None
-                return work(session, user, parsed)
+                return work(session, user, rules, parsed)
 
         answer = await run_in_threadpool(in_thread)
         return answer if isinstance(answer, Response) else JSONResponse(answer)
@@ -282,14 +288,7 @@ def create_app(db_url: str, secure_cookies: bool = False, threads: int | None = 
     def lookup_only(token: str) -> None:
         """401 for a dead session (the caller answers 403 for a live one)."""
         with sessions() as session:
-            live_user(session, token)
-
-    def live_user(session: Session, token: str) -> User:
-        """The user of a live session, else 401."""
-        user = service.session_user(session, token)
-        if user is None:
-            raise HTTPException(401, "log in first")
-        return user
+            service.session_labeler(session, token)
 
     async def admin_user(user: User = Depends(current_user)) -> User:
         if user.role != "admin":
@@ -504,12 +503,11 @@ def create_app(db_url: str, secure_cookies: bool = False, threads: int | None = 
 
     @app.get("/api/next")
     async def api_next(request: Request, project: str | None = None) -> Response:
-        def work(session: Session, user: User, _body) -> dict | Response:
-            chosen = service.get_project(session, project)
-            item = service.next_item(session, user, chosen)
-            return Response(status_code=204) if item is None else service.item_view(item, chosen, user)
+        def work(session: Session, user: service.Labeler, rules: service.ProjectRules, _body) -> dict | Response:
+            item = service.next_item(session, user, rules)
+            return Response(status_code=204) if item is None else service.item_view(item, rules, user)
 
-        return await labeler_call(request, work)
+        return await labeler_call(request, work, project=project, in_project=True)
 
     @app.get("/api/progress")
     def api_progress(project: str | None = None, user: User = Depends(current_user),
@@ -518,7 +516,7 @@ def create_app(db_url: str, secure_cookies: bool = False, threads: int | None = 
 
     @app.post("/api/labels")
     async def api_label(request: Request) -> Response:
-        def work(session: Session, user: User, body: LabelBody) -> dict:
+        def work(session: Session, user: service.Labeler, _rules, body: LabelBody) -> dict:
             result = service.submit_label(session, user, body.item_id, body.groups, body.flagged, body.seconds)
             return {"label_id": result.label_id, "duplicate": result.duplicate}
 

@@ -31,6 +31,7 @@ import secrets
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 from sqlalchemy import Row, Select, bindparam, case, delete, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
@@ -261,6 +262,61 @@ _SESSION_USER = select(User).join(WebSession, WebSession.user_id == User.id).whe
     WebSession.id == bindparam("token_hash"), WebSession.expires_at > bindparam("now"), User.disabled.is_(False))
 
 
+class Labeler(NamedTuple):
+    """The account of a labeler's hot call (/api/next, /api/labels): what those calls use of it."""
+
+    id: int
+    username: str
+
+
+class ProjectRules(NamedTuple):
+    """What /api/next uses of a project."""
+
+    id: int
+    criterion: str
+    overlap: int
+    gold_rate: float
+
+
+AnyLabeler = User | Labeler  # the assignment and label functions take either
+AnyProject = Project | ProjectRules
+
+
+def session_labeler(session: Session, token: str) -> Labeler:
+    """session_user's account as a plain row, else 401. Core, not the ORM: loading a User entity on
+    every hot call cost about a tenth of the server's CPU (benchmarks/README.md)."""
+    row = session.connection().execute(_SESSION_LABELER, {"token_hash": _token_hash(token), "now": now()}).first()
+    if row is None:
+        raise FeedbackError("log in first", 401)
+    return Labeler(*row)
+
+
+def session_labeler_and_project(session: Session, token: str, name: str | None) -> tuple[Labeler, ProjectRules]:
+    """session_labeler and the project named ``name`` (the first when None) in one statement: /api/next's
+    first. 401 for a dead session, then 404 for an unknown project."""
+    statement = _SESSION_LABELER_FIRST_PROJECT if name is None else _SESSION_LABELER_NAMED_PROJECT
+    row = session.connection().execute(statement, {"token_hash": _token_hash(token), "now": now(),
+                                                   "name": name}).first()
+    if row is None:
+        raise FeedbackError("log in first", 401)
+    if row.project_id is None:
+        raise _no_project(name)
+    return Labeler(*row[:2]), ProjectRules(*row[2:])
+
+
+_SESSION_LABELER = _SESSION_USER.with_only_columns(User.id, User.username)
+
+
+def _session_labeler_and_project(project_is):
+    return (_SESSION_LABELER.add_columns(Project.id.label("project_id"), Project.criterion, Project.overlap,
+                                         Project.gold_rate).outerjoin(Project, project_is))
+
+
+_SESSION_LABELER_NAMED_PROJECT = _session_labeler_and_project(Project.name == bindparam("name"))
+_SESSION_LABELER_FIRST_PROJECT = _session_labeler_and_project(
+    Project.id == select(func.min(Project.id)).scalar_subquery())
+
+
 def end_session(session: Session, token: str) -> None:
     session.execute(delete(WebSession).where(WebSession.id == _token_hash(token)))
     session.commit()
@@ -328,7 +384,7 @@ _LOCK_USER = select(User.id).where(User.id == bindparam("user_id")).with_for_upd
 _USER_DISABLED = select(User.disabled).where(User.id == bindparam("user_id")).with_for_update(key_share=True)
 
 
-def _refuse_if_disabled(session: Session, user: User) -> None:
+def _refuse_if_disabled(session: Session, user: AnyLabeler) -> None:
     """401 (and the transaction rolled back) if the account was disabled since the request's session
     lookup; called after a write that opens an assignment, before its commit (see set_disabled)."""
     if session.connection().scalar(_USER_DISABLED, {"user_id": user.id}):
@@ -408,8 +464,12 @@ def get_project(session: Session, name: str | None = None) -> Project:
     """The project named ``name``, or the first one."""
     project = session.scalar(_FIRST_PROJECT) if name is None else session.scalar(_PROJECT, {"name": name})
     if project is None:
-        raise FeedbackError(f"no project {name!r}" if name else "no project yet", 404)
+        raise _no_project(name)
     return project
+
+
+def _no_project(name: str | None) -> FeedbackError:
+    return FeedbackError(f"no project {name!r}" if name else "no project yet", 404)
 
 
 _FIRST_PROJECT = select(Project).order_by(Project.id).limit(1)
@@ -464,7 +524,7 @@ _FREE_SLOTS = (update(Item.__table__).where(Item.id.in_(bindparam("freed_items",
 _TAKE_SLOT = update(Item.__table__).where(Item.id == bindparam("taken_item")).values(free_slots=Item.free_slots - 1)
 
 
-def expire_stale_assignments(session: Session, project: Project, stale_before: datetime) -> None:
+def expire_stale_assignments(session: Session, project: AnyProject, stale_before: datetime) -> None:
     """Open assignments of the project created at or before ``stale_before`` (now − ASSIGNMENT_TIMEOUT)
     become expired and give their slot back. Committed on its own when there were any, so that its item
     locks are not held while the caller locks others."""
@@ -502,7 +562,8 @@ class Offered:
     progress: dict
 
 
-def next_item(session: Session, user: User, project: Project, rng: random.Random | None = None) -> Offered | None:
+def next_item(session: Session, user: AnyLabeler, project: AnyProject,
+              rng: random.Random | None = None) -> Offered | None:
     """The labeler's open item, or a new assignment; None when nothing is left for them. One transaction
     (more when timed-out assignments of the project are expired first, or when every item with work is
     being given out on PostgreSQL: see _assign_new).
@@ -525,7 +586,7 @@ def next_item(session: Session, user: User, project: Project, rng: random.Random
     raise FeedbackError("the server is busy: try again", 503, retry_after=1)
 
 
-def _open_item(session: Session, user: User, project: Project, stale_before: datetime) -> int | None:
+def _open_item(session: Session, user: AnyLabeler, project: AnyProject, stale_before: datetime) -> int | None:
     """The item of the labeler's open assignment in the project, read with whether any open assignment
     of the project timed out (one statement: /api/next's common case); those are expired first."""
     mine = {"user_id": user.id, "project_id": project.id, "stale_before": stale_before}
@@ -544,7 +605,7 @@ _OPEN_ITEM_AND_ANY_STALE = select(_OPEN_ITEM.scalar_subquery(), select(Assignmen
     Assignment.created_at <= bindparam("stale_before")).exists())
 
 
-def _assign_new(session: Session, user: User, project: Project, rng: random.Random,
+def _assign_new(session: Session, user: AnyLabeler, project: AnyProject, rng: random.Random,
                 stale_before: datetime) -> tuple[int | None, dict | None]:
     """Assign the labeler an item they were never given; returns its id (None when none is left) and,
     for a regular item, the labeler's progress, read by the statement that chose it.
@@ -646,7 +707,7 @@ _SLOT_HOLDERS = select(Assignment.slot).where(Assignment.item_id == bindparam("i
                                               Assignment.status.in_(("open", "done")))
 
 
-def _offered(session: Session, user: User, project: Project, item_id: int, progress: dict | None) -> Offered:
+def _offered(session: Session, user: AnyLabeler, project: AnyProject, item_id: int, progress: dict | None) -> Offered:
     rows = session.connection().execute(_ITEM_CONTENT, {"item_id": item_id}).all()
     return Offered(item_id, rows[0].prompt_id, rows[0].prompt, rows, progress or _progress(session, user, project))
 
@@ -664,7 +725,7 @@ def answer_order(user_id: int, item_id: int, completion_ids: Sequence[str]) -> l
     return ids
 
 
-def item_view(item: Offered, project: Project, user: User) -> dict:
+def item_view(item: Offered, project: AnyProject, user: AnyLabeler) -> dict:
     """What a labeler sees of an item (never whether it is gold, nor other labelers' work)."""
     texts = {c.completion_id: c.text for c in item.completions}
     return {"item_id": item.id, "prompt": json.loads(item.prompt), "criterion": project.criterion,
@@ -679,7 +740,7 @@ def labeler_progress(session: Session, user: User, project: Project) -> dict:
     return progress
 
 
-def _progress(session: Session, user: User, project: Project) -> dict:
+def _progress(session: Session, user: AnyLabeler, project: AnyProject) -> dict:
     """This labeler's labels in the project and the items still open to them: at most that many are
     left. One query."""
     return _progress_of(*session.connection().execute(_PROGRESS, {
@@ -689,7 +750,7 @@ def _progress(session: Session, user: User, project: Project) -> dict:
 _PROGRESS = select(*_progress_columns())
 
 
-def _assignment(session: Session, user: User, item_id: int) -> Assignment:
+def _assignment(session: Session, user: AnyLabeler, item_id: int) -> Assignment:
     assignment = session.scalar(select(Assignment).where(Assignment.item_id == item_id, Assignment.user_id == user.id)
                                 .with_for_update())
     if assignment is None:
@@ -715,7 +776,7 @@ class Submitted:
     duplicate: bool
 
 
-def submit_label(session: Session, user: User, item_id: int, groups: list[list[str]], flagged: list[str],
+def submit_label(session: Session, user: AnyLabeler, item_id: int, groups: list[list[str]], flagged: list[str],
                  seconds: float | None = None) -> Submitted:
     """Store a label. It is accepted only for the labeler's own open, unexpired assignment of the item
     (which holds one of the item's k slots): the assignment turns from open to done in the same
@@ -756,7 +817,7 @@ _CLAIM = (update(Assignment.__table__).where(
 _STORE_LABEL = insert(Label.__table__).returning(Label.id)
 
 
-def _submitted_again(session: Session, user: User, item_id: int, groups: list[list[str]],
+def _submitted_again(session: Session, user: AnyLabeler, item_id: int, groups: list[list[str]],
                      flagged: list[str]) -> Submitted:
     """A label the labeler's assignment could not take: the same submission again (a double click, a
     retry) answers as the first did; otherwise a refusal that says why."""
