@@ -447,7 +447,7 @@ def waits_or_ends(app, thread, seconds=10.0):
             time.sleep(0.01)
 
 
-@pytest.mark.parametrize("step", ["_free_slot", "_refuse_if_disabled"])  # before / after the INSERT
+@pytest.mark.parametrize("step", ["_free_slot", "_take_slot"])  # before / after the INSERT
 def test_a_labeler_disabled_while_their_next_is_in_flight_keeps_no_item(db_url, monkeypatch, step):
     """The admin disables ann while her /api/next opens an assignment: at ``step`` (within its transaction)
     the disable runs in another thread, and the request goes on once that is done or waits on a lock.

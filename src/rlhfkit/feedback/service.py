@@ -388,8 +388,12 @@ def _refuse_if_disabled(session: Session, user: AnyLabeler) -> None:
     """401 (and the transaction rolled back) if the account was disabled since the request's session
     lookup; called after a write that opens an assignment, before its commit (see set_disabled)."""
     if session.connection().scalar(_USER_DISABLED, {"user_id": user.id}):
-        session.rollback()
-        raise FeedbackError("log in first (this account was disabled)", 401)
+        _refuse_disabled(session)
+
+
+def _refuse_disabled(session: Session) -> None:
+    session.rollback()
+    raise FeedbackError("log in first (this account was disabled)", 401)
 
 
 def reset_password(session: Session, username: str) -> str:
@@ -521,7 +525,19 @@ _LOCK_ITEMS = (select(Item.id).where(Item.id.in_(bindparam("item_ids", expanding
                .with_for_update())
 _FREE_SLOTS = (update(Item.__table__).where(Item.id.in_(bindparam("freed_items", expanding=True)))  # recounted
                .values(free_slots=_free_slots_counted()))
-_TAKE_SLOT = update(Item.__table__).where(Item.id == bindparam("taken_item")).values(free_slots=Item.free_slots - 1)
+
+
+def _take_slot(session: Session, user: AnyLabeler, item_id: int) -> None:
+    """One free slot of the (locked) item goes to the labeler's new assignment; 401 if their account was
+    disabled meanwhile: the same statement reads the flag, after the assignment's INSERT, whose foreign key
+    check holds the user row's KEY SHARE lock (see set_disabled). One statement less than
+    _refuse_if_disabled on every /api/next that opens an item."""
+    if session.connection().scalar(_TAKE_SLOT, {"taken_item": item_id, "user_id": user.id}):
+        _refuse_disabled(session)
+
+
+_TAKE_SLOT = (update(Item.__table__).where(Item.id == bindparam("taken_item")).values(free_slots=Item.free_slots - 1)
+              .returning(select(User.disabled).where(User.id == bindparam("user_id")).scalar_subquery()))
 
 
 def expire_stale_assignments(session: Session, project: AnyProject, stale_before: datetime) -> None:
@@ -635,8 +651,7 @@ def _assign_new(session: Session, user: AnyLabeler, project: AnyProject, rng: ra
             slot = _free_slot(session, row.id, project.overlap)
             if slot is not None:
                 connection.execute(_ASSIGN, {**mine, "item_id": row.id, "slot": slot})
-                connection.execute(_TAKE_SLOT, {"taken_item": row.id})
-                _refuse_if_disabled(session, user)
+                _take_slot(session, user, row.id)
                 return row.id, _progress_of(*row[1:])
         busy_item = connection.scalar(_ANY_FREE, {**mine, "tried": tried})
         if busy_item is None:
