@@ -29,11 +29,13 @@ JSON API (what the labeler page and the simulated labelers use):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
 import secrets
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote
@@ -182,6 +184,9 @@ def create_app(db_url: str, secure_cookies: bool = False, threads: int | None = 
     anyio's default is 40). The rest wait their turn on the event loop, which costs less CPU than 40
     threads taking turns at the interpreter lock (benchmarks/README.md)."""
     sessions = session_factory(db_url)
+    # the labelers' hot calls hop to these threads: concurrent.futures' hand-off cost a third of the CPU of
+    # anyio's (a queue.Queue and its Condition per call) under the load benchmark
+    hot_threads = ThreadPoolExecutor(threads or 40, thread_name_prefix="labeler-call")
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -282,7 +287,7 @@ def create_app(db_url: str, secure_cookies: bool = False, threads: int | None = 
                         raise RequestValidationError(exc.errors(include_url=False)) from None
                 return work(session, user, rules, parsed)
 
-        answer = await run_in_threadpool(in_thread)
+        answer = await asyncio.get_running_loop().run_in_executor(hot_threads, in_thread)
         return answer if isinstance(answer, Response) else JSONResponse(answer)
 
     def lookup_only(token: str) -> None:
