@@ -217,13 +217,19 @@ def test_progress_is_the_labelers_own_and_undo_works_while_the_item_is_open(db_u
     assert ann.get("/api/progress?project=demo").json() == {"done": 6, "left": 0}  # fresh at "All done"
 
 
-def test_admin_sees_skips_and_stranded_items_and_offers_them_again(db_url):
+def one_item_for_two_labelers(db_url):
+    """An app with the admin, ann and bob, and one item that needs both (k = 2)."""
     app = create_app(db_url)
     with app.state.sessions() as db:
         service.create_user(db, "admin", "admin", password="admin-pass")
         for name in ("ann", "bob"):
             service.create_user(db, name, password=f"{name}-password")
         service.create_project(db, "demo", "helpfulness", make_completions("p0", 3), overlap=2)
+    return app
+
+
+def test_admin_sees_skips_and_stranded_items_and_offers_them_again(db_url):
+    app = one_item_for_two_labelers(db_url)
     ann, bob = login(TestClient(app), "ann"), login(TestClient(app), "bob")
     item = ann.get("/api/next").json()
     ann.post("/api/skip", json={"item_id": item["item_id"]})  # with exactly k labelers, one skip strands it
@@ -408,12 +414,7 @@ def test_a_busy_answer_is_one_line_with_retry_after(db_url, monkeypatch):
 def test_reopen_and_the_admin_stats_expire_timed_out_assignments_first(db_url):
     """ann let her item time out and nobody asked for a next item since: the admin sees it stranded, and
     reopening offers it to her again (before, the reopen released nothing: her assignment was still open)."""
-    app = create_app(db_url)
-    with app.state.sessions() as db:
-        service.create_user(db, "admin", "admin", password="admin-pass")
-        for name in ("ann", "bob"):
-            service.create_user(db, name, password=f"{name}-password")
-        service.create_project(db, "demo", "helpfulness", make_completions("p0", 3), overlap=2)
+    app = one_item_for_two_labelers(db_url)
     ann = login(TestClient(app), "ann")
     item = ann.get("/api/next").json()["item_id"]
     with app.state.sessions() as db:  # ann went for lunch
