@@ -13,7 +13,9 @@ queue is empty or take no new item after ``--seconds``. The think time is drawn 
 By Little's law the labelers in flight N, the label rate X and the time per label satisfy
 N = X · (think + latency of next + latency of submit): with ``--think 0`` every labeler waits on the
 server all the time, so latency is N / X and only the rate measures the server; with a think time the
-latency is the server's answer time under an offered load of at most N / think labels per second.
+latency is the server's answer time under an offered load of at most N / think labels per second. Each
+run states that offered load next to the rate it achieved (``offered_labels_per_second``, and a line on
+stderr); ``--think 1 1.5`` runs once per think time (the default is one run at 1 s).
 
 Afterwards the label rows are read back from the database and counted (``audit``): labels per
 (labeler, item) above one are duplicates, items with more than k labels are over-filled, acknowledged
@@ -296,6 +298,8 @@ def run(db: str, labelers: int = 50, prompts: int = 200, overlap: int = 3, kill_
         "database": db.split("://")[0] if "://" in db else "sqlite",
         "labelers": labelers, "items": prompts, "overlap": overlap, "workers": workers, "threads": threads,
         "think_seconds": think, "ramp_seconds": ramp,
+        # N / mean think: the most labels per second these labelers ask for (with no latency at all)
+        "offered_labels_per_second": round(labelers / think, 1) if think else None,
         "killed": kill_after is not None, "seconds": round(elapsed, 2), "acknowledged": len(crowd.acknowledged),
         **counts, "labels_per_second": round(len(crowd.acknowledged) / elapsed, 1),
         "latency_ms": {kind: latency_ms(values) for kind, values in crowd.timings.items()},
@@ -305,6 +309,18 @@ def run(db: str, labelers: int = 50, prompts: int = 200, overlap: int = 3, kill_
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "errors": crowd.errors[:10], "error_count": len(crowd.errors),
     }
+
+
+def summary(result: dict) -> str:
+    """One line: the offered load (labelers / think) next to the achieved rate, and the latencies."""
+    offered = (f"offered ≤ {result['offered_labels_per_second']} labels/s ({result['labelers']} labelers / "
+               f"{result['think_seconds']} s think)" if result["think_seconds"] else
+               f"{result['labelers']} labelers, no think time (closed loop: the rate measures the server)")
+    latency = result["latency_ms"]
+    killed = ", killed mid-load" if result["killed"] else ""
+    return (f"{result['database']}{killed}: {offered}; achieved {result['labels_per_second']} labels/s; "
+            f"p50 / p95 next {latency['next']['p50']} / {latency['next']['p95']} ms, "
+            f"submit {latency['submit']['p50']} / {latency['submit']['p95']} ms")
 
 
 @contextlib.contextmanager
@@ -339,7 +355,8 @@ def main() -> None:
     parser.add_argument("--overlap", type=int, default=3, help="labelers per item (k)")
     parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes")
     parser.add_argument("--threads", type=int, default=8, help="requests per worker that run database work at once")
-    parser.add_argument("--think", type=float, default=1.0, help="mean seconds a labeler reads before submitting")
+    parser.add_argument("--think", type=float, nargs="+", default=[1.0],
+                        help="mean seconds a labeler reads before submitting; several: one run per value")
     parser.add_argument("--seconds", type=float, default=60.0, help="take no new item after this long")
     parser.add_argument("--ramp", type=float, help="labelers start at random moments over this many seconds "
                                                    "[default: the think time; 0: all at once]")
@@ -350,21 +367,26 @@ def main() -> None:
     out = args.out or RESULTS / f"feedback_load-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
     if out.exists():
         sys.exit(f"{out} exists: choose another --out (results are never overwritten)")
+    if any(think < 0 for think in args.think):
+        sys.exit(f"--think {min(args.think)}: a think time is 0 seconds or more")
+    runs = [(think, kill_after) for think in args.think
+            for kill_after in [None] + ([args.kill_after] if args.kill_after > 0 else [])]
     given = [kind for kind in args.db if kind not in ("sqlite", "postgresql")]
-    if given and args.kill_after > 0:
-        sys.exit(f"--db {given[0]}: a given database serves one run; add --kill-after 0")
+    if given and len(runs) > 1:
+        sys.exit(f"--db {given[0]}: a given database serves one run; add --kill-after 0 and give one --think")
     out.parent.mkdir(parents=True, exist_ok=True)
     results = []
     for kind in args.db:
         with databases(kind) as new_database:
-            for kill_after in [None] + ([args.kill_after] if args.kill_after > 0 else []):
+            for think, kill_after in runs:
                 try:
                     result = run(new_database(), args.labelers, args.prompts, args.overlap, kill_after,
-                                 args.workers, args.think, args.seconds, threads=args.threads,
-                                 ramp=args.think if args.ramp is None else args.ramp)
+                                 args.workers, think, args.seconds, threads=args.threads,
+                                 ramp=think if args.ramp is None else args.ramp)
                 except service.FeedbackError as exc:
                     sys.exit(f"--db {kind}: {exc.message} (the benchmark needs an empty database)")
                 print(json.dumps(result), flush=True)
+                print(summary(result), file=sys.stderr, flush=True)
                 results.append(result)
                 out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
                                            "runs": results}, indent=1))  # after each run: a failure keeps them

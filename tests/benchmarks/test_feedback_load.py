@@ -38,3 +38,12 @@ def test_latency_percentiles_in_milliseconds():
     timed = load.latency_ms([i / 1000 for i in range(1, 101)])  # 1 ms … 100 ms
     assert timed["n"] == 100 and timed["p50"] == 50.5 and timed["p95"] == 95.0 and timed["max"] == 100.0
     assert load.latency_ms([]) == {"n": 0, "p50": None, "p95": None, "max": None}
+
+
+def test_the_summary_states_the_offered_load_next_to_the_achieved_rate():
+    timed = {"p50": 80.0, "p95": 200.0}
+    result = {"database": "postgresql", "labelers": 200, "think_seconds": 1.0, "offered_labels_per_second": 200.0,
+              "killed": False, "labels_per_second": 150.2, "latency_ms": {"next": timed, "submit": timed}}
+    line = load.summary(result)
+    assert "offered ≤ 200.0 labels/s (200 labelers / 1.0 s think)" in line and "achieved 150.2 labels/s" in line
+    assert "no think time" in load.summary({**result, "think_seconds": 0.0, "offered_labels_per_second": None})

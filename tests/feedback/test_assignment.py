@@ -7,8 +7,9 @@ import random
 import threading
 from datetime import timedelta
 
+import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from test_app import login, setup_project
 
 from conftest import make_completions
@@ -216,13 +217,19 @@ def test_progress_is_the_labelers_own_and_undo_works_while_the_item_is_open(db_u
     assert ann.get("/api/progress?project=demo").json() == {"done": 6, "left": 0}  # fresh at "All done"
 
 
-def test_admin_sees_skips_and_stranded_items_and_offers_them_again(db_url):
+def one_item_for_two_labelers(db_url):
+    """An app with the admin, ann and bob, and one item that needs both (k = 2)."""
     app = create_app(db_url)
     with app.state.sessions() as db:
         service.create_user(db, "admin", "admin", password="admin-pass")
         for name in ("ann", "bob"):
             service.create_user(db, name, password=f"{name}-password")
         service.create_project(db, "demo", "helpfulness", make_completions("p0", 3), overlap=2)
+    return app
+
+
+def test_admin_sees_skips_and_stranded_items_and_offers_them_again(db_url):
+    app = one_item_for_two_labelers(db_url)
     ann, bob = login(TestClient(app), "ann"), login(TestClient(app), "bob")
     item = ann.get("/api/next").json()
     ann.post("/api/skip", json={"item_id": item["item_id"]})  # with exactly k labelers, one skip strands it
@@ -402,3 +409,77 @@ def test_a_busy_answer_is_one_line_with_retry_after(db_url, monkeypatch):
     r = login(TestClient(app), "ann").get("/api/next")
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
     assert r.json() == {"detail": "the server is busy: try again"}
+
+
+def test_reopen_and_the_admin_stats_expire_timed_out_assignments_first(db_url):
+    """ann let her item time out and nobody asked for a next item since: the admin sees it stranded, and
+    reopening offers it to her again (before, the reopen released nothing: her assignment was still open)."""
+    app = one_item_for_two_labelers(db_url)
+    ann = login(TestClient(app), "ann")
+    item = ann.get("/api/next").json()["item_id"]
+    with app.state.sessions() as db:  # ann went for lunch
+        db.execute(update(Assignment).values(created_at=now() - service.ASSIGNMENT_TIMEOUT - timedelta(minutes=1)))
+        db.commit()
+    admin = login(TestClient(app), "admin", "admin-pass")
+    stranded = admin.get("/api/admin/stats?project=demo").json()["stranded"]
+    assert [(s["item_id"], s["labels"], s["skipped_or_expired"]) for s in stranded] == [(item, 0, 1)]
+    assert free_slots(app, item) == 2  # the stats view gave the timed-out slot back
+    assert admin.post(f"/api/admin/items/{item}/reopen").json() == {"released": 1}
+    assert ann.get("/api/next").json()["item_id"] == item
+    assert admin.post("/api/admin/items/999/reopen").status_code == 404
+
+
+
+def waits_or_ends(app, thread, seconds=10.0):
+    """Return once ``thread`` ended or (PostgreSQL) a session of the database waits on a lock. On SQLite
+    the other thread cannot be watched: it waits on the write lock until our transaction ends."""
+    import time
+
+    engine = app.state.sessions.kw["bind"]
+    if engine.dialect.name != "postgresql":
+        thread.join(0.3)
+        return
+    deadline = time.time() + seconds
+    with engine.connect() as connection:
+        while thread.is_alive() and time.time() < deadline:
+            if connection.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                      "AND wait_event_type = 'Lock'")):
+                return
+            time.sleep(0.01)
+
+
+@pytest.mark.parametrize("step", ["_free_slot", "_take_slot"])  # before / after the INSERT
+def test_a_labeler_disabled_while_their_next_is_in_flight_keeps_no_item(db_url, monkeypatch, step):
+    """The admin disables ann while her /api/next opens an assignment: at ``step`` (within its transaction)
+    the disable runs in another thread, and the request goes on once that is done or waits on a lock.
+    Before the INSERT (PostgreSQL: the disable commits; the request's check after its INSERT finds the
+    flag and rolls back) and after it (the disable waits for the request's commit, then ends the
+    assignment); SQLite serialises the two. Either way ann keeps nothing open and the slot is free."""
+    app = create_app(db_url)
+    setup_project(app, overlap=1)
+    ann = login(TestClient(app), "ann")
+    with app.state.sessions() as db:
+        admin = service.get_user(db, "admin")
+    original, admin_threads = getattr(service, step), []
+
+    def disable():
+        with app.state.sessions() as db:
+            service.set_disabled(db, "ann", True, admin)
+
+    def disabled_meanwhile(*args, **kwargs):
+        monkeypatch.setattr(service, step, original)  # once
+        admin_threads.append(threading.Thread(target=disable))
+        admin_threads[0].start()
+        waits_or_ends(app, admin_threads[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(service, step, disabled_meanwhile)
+    answer = ann.get("/api/next")
+    admin_threads[0].join()
+    assert answer.status_code in (200, 401), answer.text
+    with app.state.sessions() as db:
+        ann_id = service.get_user(db, "ann").id
+        assert db.scalars(select(Assignment.item_id).where(Assignment.user_id == ann_id,
+                                                           Assignment.status == "open")).all() == []
+        assert service.free_slot_mismatches(db) == {}
+        assert set(db.scalars(select(service.Item.free_slots))) == {1}  # k = 1: every slot is free again

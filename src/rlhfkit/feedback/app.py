@@ -29,11 +29,13 @@ JSON API (what the labeler page and the simulated labelers use):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
 import secrets
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote
@@ -178,10 +180,14 @@ def _wants_html(request: Request) -> bool:
 
 def create_app(db_url: str, secure_cookies: bool = False, threads: int | None = None) -> FastAPI:
     """The app on the database ``db_url``. ``threads``: how many requests of this process run their
-    database work at once (the size of the thread pool that runs sync endpoints and dependencies;
-    anyio's default is 40). The rest wait their turn on the event loop, which costs less CPU than 40
-    threads taking turns at the interpreter lock (benchmarks/README.md)."""
+    database work at once: the size of the pool that runs the labelers' hot calls, and of the one that
+    runs the other sync endpoints and dependencies (anyio's default is 40). The rest wait their turn on
+    the event loop, which costs less CPU than 40 threads taking turns at the interpreter lock
+    (benchmarks/README.md)."""
     sessions = session_factory(db_url)
+    # The labelers' hot calls hop to these threads: a hand-off costs about 15 µs of CPU against anyio's 50
+    # (its queue.Queue and Condition), which py-spy put at a tenth of the server's CPU under load.
+    hot_threads = ThreadPoolExecutor(threads or 40, thread_name_prefix="labeler-call")
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -241,13 +247,16 @@ def create_app(db_url: str, secure_cookies: bool = False, threads: int | None = 
             raise HTTPException(401, "log in first")
         return user
 
-    async def labeler_call(request: Request, work: Callable[[Session, User, BaseModel | None], dict | Response],
-                           body_model: type[BaseModel] | None = None) -> Response:
+    async def labeler_call(request: Request, work: Callable[[Session, service.Labeler, service.ProjectRules | None,
+                                                           BaseModel | None], dict | Response],
+                           body_model: type[BaseModel] | None = None, project: str | None = None,
+                           in_project: bool = False) -> Response:
         """A labeler's hot call (/api/next, /api/labels) in one hop to a worker thread and one transaction:
-        the session lookup (401), then for a call with a body the CSRF token (403) and the parsed body
-        (422), then ``work(session, user, body)``, whose dict is the JSON answer. The dependencies of the
-        other endpoints cost two hops and two transactions; py-spy put the hops and the lookup's own
-        transaction at about a quarter of the server's CPU (benchmarks/README.md).
+        the session lookup (401) — with the ``project`` when ``in_project`` (404), in the same statement —
+        then for a call with a body the CSRF token (403) and the parsed body (422), then
+        ``work(session, labeler, project rules or None, body)``, whose dict is the JSON answer. The
+        dependencies of the other endpoints cost two hops and two transactions; py-spy put the hops and
+        the lookup's own transaction at about a quarter of the server's CPU (benchmarks/README.md).
 
         The body is read before the lookup only from a client whose signed cookie holds a session token
         and whose X-CSRF-Token matches it (an anonymous body is never read; BodyLimit caps any body);
@@ -267,29 +276,25 @@ def create_app(db_url: str, secure_cookies: bool = False, threads: int | None = 
 
         def in_thread():
             with sessions() as session:
-                user = live_user(session, token)
+                if in_project:
+                    user, rules = service.session_labeler_and_project(session, token, project)
+                else:
+                    user, rules = service.session_labeler(session, token), None
                 parsed = None
                 if body_model is not None:
                     try:
                         parsed = body_model.model_validate_json(body)
                     except ValidationError as exc:
                         raise RequestValidationError(exc.errors(include_url=False)) from None
-                return work(session, user, parsed)
+                return work(session, user, rules, parsed)
 
-        answer = await run_in_threadpool(in_thread)
+        answer = await asyncio.get_running_loop().run_in_executor(hot_threads, in_thread)
         return answer if isinstance(answer, Response) else JSONResponse(answer)
 
     def lookup_only(token: str) -> None:
         """401 for a dead session (the caller answers 403 for a live one)."""
         with sessions() as session:
-            live_user(session, token)
-
-    def live_user(session: Session, token: str) -> User:
-        """The user of a live session, else 401."""
-        user = service.session_user(session, token)
-        if user is None:
-            raise HTTPException(401, "log in first")
-        return user
+            service.session_labeler(session, token)
 
     async def admin_user(user: User = Depends(current_user)) -> User:
         if user.role != "admin":
@@ -504,12 +509,11 @@ def create_app(db_url: str, secure_cookies: bool = False, threads: int | None = 
 
     @app.get("/api/next")
     async def api_next(request: Request, project: str | None = None) -> Response:
-        def work(session: Session, user: User, _body) -> dict | Response:
-            chosen = service.get_project(session, project)
-            item = service.next_item(session, user, chosen)
-            return Response(status_code=204) if item is None else service.item_view(item, chosen, user)
+        def work(session: Session, user: service.Labeler, rules: service.ProjectRules, _body) -> dict | Response:
+            item = service.next_item(session, user, rules)
+            return Response(status_code=204) if item is None else service.item_view(item, rules, user)
 
-        return await labeler_call(request, work)
+        return await labeler_call(request, work, project=project, in_project=True)
 
     @app.get("/api/progress")
     def api_progress(project: str | None = None, user: User = Depends(current_user),
@@ -518,7 +522,7 @@ def create_app(db_url: str, secure_cookies: bool = False, threads: int | None = 
 
     @app.post("/api/labels")
     async def api_label(request: Request) -> Response:
-        def work(session: Session, user: User, body: LabelBody) -> dict:
+        def work(session: Session, user: service.Labeler, _rules, body: LabelBody) -> dict:
             result = service.submit_label(session, user, body.item_id, body.groups, body.flagged, body.seconds)
             return {"label_id": result.label_id, "duplicate": result.duplicate}
 
