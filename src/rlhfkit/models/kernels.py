@@ -13,14 +13,17 @@ GELU. GPT-2's ``gelu_new`` (``NewGELUActivation``) computes
 
     GELU(x) ≈ ½ x (1 + tanh(√(2/π) (x + 0.044715 x³)))
 
-as five element-wise operations, each a pass over memory and a node in the backward graph;
+as a chain of element-wise operations, each a pass over memory and a node in the backward graph;
 ``GELUTanh`` computes the same function in one (``F.gelu(x, approximate="tanh")``), equal up to float
 rounding (transformers documents the two as equivalent).
 
 Measured on the shared benchmark's reward model (5.3M-parameter GPT-2, 16 sequences of 49 tokens, bf16
 autocast, 1 thread, CPU seconds per training step, runs interleaved): 158 ms as the model comes, 129 ms
-with eager attention, 123 ms with the one-kernel GELU as well. ``torch.compile`` of the model on top
-gave 10% more but took 46 s to compile (about 4000 steps to pay back), so it is not used here.
+with eager attention, 123 ms with the one-kernel GELU as well. The whole reward-model training step of
+``benchmarks/reward_model.py`` (1 thread, CPU seconds, runs alternated, 3 seeds): 0.146-0.170 s before,
+0.119-0.126 s after, against TRL's 0.235-0.248 s (ratio 0.61 → 0.49); the same pair accuracy over the
+last 5 steps (1.00, 1.00, 0.95) and peak RSS 632-635 MiB instead of 649-678. ``torch.compile`` of the
+model on top gave 10% more but took 46 s to compile (about 4000 steps to pay back), so it is not used.
 """
 
 from __future__ import annotations
