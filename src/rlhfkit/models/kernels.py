@@ -14,7 +14,7 @@ GELU. GPT-2's ``gelu_new`` (``NewGELUActivation``) computes
 
     GELU(x) ≈ ½ x (1 + tanh(√(2/π) (x + 0.044715 x³)))
 
-as seven element-wise operations, each a pass over memory and a node in the backward graph;
+as eight element-wise operations, each a pass over memory and a node in the backward graph;
 ``GELUTanh`` computes the same function in one (``F.gelu(x, approximate="tanh")``), equal up to float
 rounding (transformers documents the two as equivalent).
 
