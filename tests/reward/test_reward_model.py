@@ -67,6 +67,18 @@ def test_reward_model_learns_held_out_preference_and_round_trips(tmp_path):
     assert (tmp_path / "rm" / "reward_config.yaml").exists()
 
 
+def test_training_under_bf16_on_a_cpu_attends_eagerly_and_returns_the_model_with_its_own_attention(monkeypatch):
+    monkeypatch.setattr("rlhfkit.precision.cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    rm = tiny_reward_model()
+    assert rm.model.config._attn_implementation == "sdpa"
+    seen = []
+    config = RewardModelConfig(max_length=48, epochs=1, batch_size=2, eval_fraction=0.0, precision="bf16")
+    train_reward_model(synthetic_pairs(TOPICS[:4]), config, reward_model=rm, progress=False,
+                       on_step=lambda log: seen.append(rm.model.config._attn_implementation))
+    assert seen == ["eager", "eager"]  # 4 prompts, 2 per step
+    assert rm.model.config._attn_implementation == "sdpa"
+
+
 def test_held_out_split_is_by_prompt():
     from rlhfkit.reward.model import split_by_prompt
 

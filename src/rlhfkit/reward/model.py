@@ -48,6 +48,7 @@ from rlhfkit.console import console, progress_bar
 from rlhfkit.data.io import malformed_json, umask_mode, validation_error
 from rlhfkit.data.pairs import group_by_prompt
 from rlhfkit.data.records import PreferencePair, render_text
+from rlhfkit.models.kernels import training_kernels
 from rlhfkit.models.pretrained import pretrained_source
 from rlhfkit.models.update import TrainingDiverged, adamw, apply_gradients
 from rlhfkit.precision import PrecisionSetting, training_precision
@@ -376,7 +377,9 @@ def train_reward_model(pairs: Sequence[PreferencePair], config: RewardModelConfi
                  else get_constant_schedule_with_warmup(optimizer, warmup))
     model, optimizer = accelerator.prepare(reward_model.model, optimizer)
     step, history = 0, []
-    with progress_bar(progress and main) as bar:
+    # eager attention / one-kernel GELU while training (models/kernels.py); the model leaves with its own
+    with (training_kernels(reward_model.model, precision, reward_model.max_length),
+          progress_bar(progress and main) as bar):
         task = bar.add_task("reward model", total=total, info="")
         for epoch in range(config.epochs):
             if step == total:
