@@ -65,10 +65,11 @@ def test_greedy_output_is_generates_token_for_token(tiny_causal, tokenizer):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("error:rollout engine. torch.compile failed:RuntimeWarning")
 def test_the_compiled_engine_draws_the_eager_engines_tokens_and_reuses_its_graph_within_a_cache_bucket(
-        tiny_causal, tokenizer):
-    """Same seed, same tokens (greedy and sampled); shorter prompts whose cache length rounds up to the same
-    bucket run the graph already compiled."""
+        tiny_causal, tokenizer, monkeypatch):
+    """Same seed, same tokens (greedy and sampled, and under a bf16 autocast); shorter prompts whose cache
+    length rounds up to the same bucket run the graph already compiled."""
     from torch._dynamo.utils import counters
 
     model = peaked(tiny_causal)
@@ -83,6 +84,14 @@ def test_the_compiled_engine_draws_the_eager_engines_tokens_and_reuses_its_graph
         if prompts is PROMPTS:
             graphs = counters["stats"]["unique_graphs"]
     assert graphs > before and counters["stats"]["unique_graphs"] == graphs
+    dtypes, real_logits = [], engine_module.next_token_logits
+    monkeypatch.setattr(engine_module, "next_token_logits", lambda logits, step, settings: dtypes.append(
+        logits.dtype) or real_logits(logits, step, settings))
+    settings = decoding(greedy=True, max_new_tokens=10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the trainers' rollouts run under their autocast
+        assert torch.equal(compiled_kv_cached_sampling(model, ids, mask, 2, settings),
+                           kv_cached_sampling(model, ids, mask, 2, settings))
+    assert set(dtypes) == {torch.bfloat16}  # the compiled steps' logits too: they ran under the autocast
 
 
 def test_where_compilation_fails_the_compiled_engine_warns_once_and_decodes_eagerly(tiny_causal, tokenizer,
