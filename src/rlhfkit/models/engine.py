@@ -20,14 +20,14 @@ Llama, SmolLM2, Qwen, Mistral...) it runs ``kv_cached_sampling``, which does the
 ``torch.compile``: one graph per model class, row count and cache length, the cache length rounded up to a
 multiple of 64 so that prompts of different lengths share a graph. Same tokens as the eager engine for one
 seed; where compiling fails (no C++ compiler...) it warns once and decodes eagerly. It is opt-in
-(``ENGINE = compiled_kv_cached_sampling``) because on a CPU it rarely pays for its compile. Measured on a
-2-core EPYC with AVX512-BF16 (1 thread, a loaded machine, so CPU seconds): 16-88 s to compile per shape
-and precision; a rollout of the workload's 5.3M GPT-2 (8 prompts × 4 samples, 32 tokens) then runs at
-1.65× ``generate``'s tokens/s against the eager engine's 1.3× (fp32; 1.74× and 1.65× in bf16), one
-decode step of SmolLM2-135M at 8 rows 1.08-1.15× faster than eager in fp32 and 0.8× in bf16 (inductor's
-bf16 products are slower than eager's). For SmolLM2 a decode step is mostly the weights' matrix
-products, which ``generate`` pays alike: that bounds any engine at one precision near 1.3× ``generate``
-there (``benchmarks/generation_speed.py`` prints a step's parts).
+(``ENGINE = compiled_kv_cached_sampling``) because on a CPU it rarely pays for its compile. Measured with
+``benchmarks/generation_speed.py`` on a 2-core EPYC with AVX512-BF16 (1 thread; the machine was loaded, so
+ratios of CPU seconds): 9-88 s to compile per shape and precision; then a rollout of the workload's 5.3M
+GPT-2 (8 prompts × 4 samples, 32 tokens) runs at 1.63× ``generate``'s tokens/s against the eager engine's
+1.39× (fp32; 1.70× and 1.39× with bf16 weights), of SmolLM2-135M (2 × 4) at 1.30× against 1.22× (fp32)
+and 0.97× against 1.25× (bf16: inductor's bf16 products are slower than eager's). There a decode step
+is mostly the weights' matrix products (77% of an eager fp32 step, 85% in bf16), which ``generate`` pays
+alike: with no other cost at all an engine would reach ≈1.5× ``generate`` at one precision.
 A bf16 copy of the weights would be faster but would change the distribution sampled from.
 
 The output is the one ``generate`` gives after the prompt: [B·n, T] token ids, prompt-major (the n samples of
