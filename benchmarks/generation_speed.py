@@ -123,8 +123,8 @@ def compare(model, tokenizer, encoded, n: int, max_new_tokens: int, rounds: int,
     import torch
 
     from rlhfkit.models.engine import (
-        CACHE_LENGTH_BUCKET,
         Decoding,
+        bucketed,
         compiled_kv_cached_sampling,
         generate_sampling,
         kv_cached_sampling,
@@ -143,8 +143,8 @@ def compare(model, tokenizer, encoded, n: int, max_new_tokens: int, rounds: int,
                  for name, engine in engines.items()}
         with torch.inference_mode():
             result[precision] = interleaved(sides, rounds)
-            cache_length = -(-(prompt_ids.shape[1] + max_new_tokens) // CACHE_LENGTH_BUCKET) * CACHE_LENGTH_BUCKET
-            result[precision]["step_ms"] = step_time(weights, prompt_ids.shape[0] * n, cache_length)
+            result[precision]["step_ms"] = step_time(weights, prompt_ids.shape[0] * n,
+                                                     bucketed(prompt_ids.shape[1] + max_new_tokens))
     return result
 
 

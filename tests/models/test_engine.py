@@ -68,8 +68,9 @@ def test_greedy_output_is_generates_token_for_token(tiny_causal, tokenizer):
 @pytest.mark.filterwarnings("error:rollout engine. torch.compile failed:RuntimeWarning")
 def test_the_compiled_engine_draws_the_eager_engines_tokens_and_reuses_its_graph_within_a_cache_bucket(
         tiny_causal, tokenizer, monkeypatch):
-    """Same seed, same tokens (greedy and sampled, and under a bf16 autocast); shorter prompts whose cache
-    length rounds up to the same bucket run the graph already compiled."""
+    """Same seed, same tokens (greedy and sampled, after an in-place weight update, under a bf16 autocast);
+    shorter prompts whose cache length rounds up to the same bucket, and updated weights, run the graph
+    already compiled."""
     from torch._dynamo.utils import counters
 
     model = peaked(tiny_causal)
@@ -83,11 +84,15 @@ def test_the_compiled_engine_draws_the_eager_engines_tokens_and_reuses_its_graph
             assert torch.equal(compiled, eager)
         if prompts is PROMPTS:
             graphs = counters["stats"]["unique_graphs"]
+    with torch.no_grad():  # an optimiser's in-place update: the graph reads the new weights, no recompiling
+        model.transformer.ln_f.weight.mul_(-1.0)
+    settings = decoding(greedy=True, max_new_tokens=10)
+    assert torch.equal(compiled_kv_cached_sampling(model, ids, mask, 2, settings),
+                       kv_cached_sampling(model, ids, mask, 2, settings))
     assert graphs > before and counters["stats"]["unique_graphs"] == graphs
     dtypes, real_logits = [], engine_module.next_token_logits
     monkeypatch.setattr(engine_module, "next_token_logits", lambda logits, step, settings: dtypes.append(
         logits.dtype) or real_logits(logits, step, settings))
-    settings = decoding(greedy=True, max_new_tokens=10)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the trainers' rollouts run under their autocast
         assert torch.equal(compiled_kv_cached_sampling(model, ids, mask, 2, settings),
                            kv_cached_sampling(model, ids, mask, 2, settings))

@@ -142,6 +142,13 @@ def draw(z: torch.Tensor, greedy: bool, generator: torch.Generator | None) -> to
 # A compiled decode step is one graph per [rows, cache length]: cache lengths are rounded up to a multiple of
 # this, so that prompts of any length in a bucket reuse one graph (masked cache slots cost a little attention).
 CACHE_LENGTH_BUCKET = 64
+
+
+def bucketed(cache_length: int) -> int:
+    """``cache_length`` rounded up to a multiple of ``CACHE_LENGTH_BUCKET``: the compiled step's cache length."""
+    return -(-cache_length // CACHE_LENGTH_BUCKET) * CACHE_LENGTH_BUCKET
+
+
 # Model class → its forward under torch.compile (static shapes), None where compiling failed in this process.
 # Keyed by class, not model: an entry holds no model alive, and dynamo's guards recompile for another model
 # or shape; parameters are graph inputs, so weights updated in place need no recompilation.
@@ -185,9 +192,7 @@ def kv_cached_sampling(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_
     hf = _hf_model(model)
     batch, prompt_length = prompt_ids.shape
     steps = decoding.max_new_tokens
-    cache_length = prompt_length + steps
-    if compiled:
-        cache_length = -(-cache_length // CACHE_LENGTH_BUCKET) * CACHE_LENGTH_BUCKET
+    cache_length = bucketed(prompt_length + steps) if compiled else prompt_length + steps
     mask = torch.cat([prompt_mask.long(), prompt_mask.new_zeros(batch, cache_length - prompt_length,
                                                                  dtype=torch.long)], dim=1)
     position = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
