@@ -25,9 +25,10 @@ seed; where compiling fails (no C++ compiler...) it warns once and decodes eager
 ratios of CPU seconds): 9-88 s to compile per shape and precision; then a rollout of the workload's 5.3M
 GPT-2 (8 prompts × 4 samples, 32 tokens) runs at 1.63× ``generate``'s tokens/s against the eager engine's
 1.39× (fp32; 1.70× and 1.39× with bf16 weights), of SmolLM2-135M (2 × 4) at 1.30× against 1.22× (fp32)
-and 0.97× against 1.25× (bf16: inductor's bf16 products are slower than eager's). There a decode step
-is mostly the weights' matrix products (77% of an eager fp32 step, 85% in bf16), which ``generate`` pays
-alike: with no other cost at all an engine would reach ≈1.5× ``generate`` at one precision.
+and 0.97× against 1.25× (bf16: the compiled step took 79 ms of CPU against eager's 64, cause not
+isolated). There a decode step is mostly the weights' matrix products (77% of an eager fp32 step, 85% in
+bf16), which ``generate`` pays alike: an engine whose step were those products alone would reach ≈1.5×
+``generate`` in fp32 (32 steps of 129 ms + a 2-prompt prefill against ``generate``'s 6.7 s per call).
 A bf16 copy of the weights would be faster but would change the distribution sampled from.
 
 The output is the one ``generate`` gives after the prompt: [B·n, T] token ids, prompt-major (the n samples of
