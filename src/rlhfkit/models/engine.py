@@ -159,12 +159,14 @@ _COMPILED_FORWARD: dict[type, Callable | None] = {}
 def decode_forward(hf: PreTrainedModel, compiled: bool) -> Callable:
     """The forward pass of one decode step: ``hf`` itself, or its compiled forward, which falls back to ``hf``
     with a one-line warning where compilation fails (no C++ compiler, an unsupported backend or model)."""
+    if not compiled:
+        return hf
     kind = type(hf)
-    if compiled and kind not in _COMPILED_FORWARD:
+    if kind not in _COMPILED_FORWARD:
         _COMPILED_FORWARD[kind] = torch.compile(kind.forward, dynamic=False)  # compiles lazily, at the first call
 
     def forward(**inputs):
-        if compiled and _COMPILED_FORWARD[kind] is not None:
+        if _COMPILED_FORWARD[kind] is not None:
             try:
                 return _COMPILED_FORWARD[kind](hf, **inputs)
             except Exception as error:  # a genuine error of the model is raised again below, by hf
