@@ -1,78 +1,165 @@
-"""Rollout generation: tokens/s of `transformers` `generate` vs rlhfkit's engine, same shapes and sampling.
+"""Rollout generation: tokens/s of `transformers` `generate` vs rlhfkit's engine, same shapes, sampling and precision.
 
-Both sides sample from softmax(logits / τ) with every completion exactly ``max_new_tokens`` long (EOS
+Every side samples from softmax(logits / τ) with every completion exactly ``max_new_tokens`` long (EOS
 forbidden before, as the shared workload's ``min_new_tokens``), n samples per prompt:
   (a) the shared workload's 5.3M GPT-2 policy at GRPO's shapes (8 prompts × 4 samples, 16 + 32 tokens);
-  (b) SmolLM2-135M-Instruct (fp32; the demo's cached dequantised copy, else skipped) at 2 prompts × 4 samples
+  (b) SmolLM2-135M-Instruct (the demo's cached dequantised copy, else skipped) at 2 prompts × 4 samples
       with the chat template, 32 new tokens.
-The two sides run interleaved (A, B, A, B, ...) so that load from other processes hits both alike; the
-ratio reported is the median of the per-pair ratios. Writes benchmarks/results/generation_speed-<time>.json.
+Each model runs twice: fp32 weights, then bf16 weights (a bf16 copy of the same weights) on every side.
+The sides are ``generate``, the engine (``kv_cached_sampling``) and the engine with its decode step compiled
+(``compiled_kv_cached_sampling``; the compile happens in the untimed first call, its seconds are reported).
+They run interleaved (generate, engine, compiled, generate, ...) in one process with the same torch threads,
+so load from other processes hits all alike; each ratio is the median of the per-round ratios.
 
-    python benchmarks/generation_speed.py [--rounds 8] [--bench-dir ../shared/bench] [--skip-smollm2] [--threads 2]
+Where a decode step's time goes (``step_time``): the forward pass of one step (eager, compiled), its matrix
+products alone (each weight matrix multiplied once at the step's shape: the floor any engine pays in this
+precision without changing the arithmetic), and the draw of the next token from the step's logits.
+Writes benchmarks/results/generation_speed-<time>.json.
 
-On a machine shared with other work, --threads 1 keeps the two sides from thrashing each other's threads.
+    python benchmarks/generation_speed.py [--rounds 8] [--smollm2-rounds 3] [--skip-smollm2 | --skip-workload]
+        [--precisions fp32,bf16] [--threads 2] [--bench-dir ../shared/bench]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
 import time
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 TARGET = 2.0
+SIDES = ("generate", "engine", "compiled")
+
+
+def timed(run) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of ``run()`` (CPU seconds move less when other processes load the
+    machine; with more than one thread they include the threads' spinning)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    run()
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def interleaved(sides: dict, rounds: int) -> dict:
-    """Run each side once per round, in turn; tokens/s per side (median) and the median per-round ratio."""
-    seconds = {name: [] for name in sides}
+    """Run each side once per round, in turn; tokens/s per side (median) and, for each side after the first,
+    the median per-round ratio of its tokens/s to the first's. The untimed first call's seconds are kept
+    (the compiled side compiles there)."""
+    first = {}
     tokens = {}
-    for name, run in sides.items():  # warm-up, not timed
+    for name, run in sides.items():
+        started = time.perf_counter()
         tokens[name] = int(run().numel())
+        first[name] = round(time.perf_counter() - started, 2)
+    seconds = {name: [] for name in sides}
+    cpu_seconds = {name: [] for name in sides}
     for _ in range(rounds):
         for name, run in sides.items():
-            started = time.perf_counter()
-            run()
-            seconds[name].append(time.perf_counter() - started)
-    (a, a_s), (b, b_s) = seconds.items()
-    return {"tokens_per_call": tokens,
+            wall, cpu = timed(run)
+            seconds[name].append(wall)
+            cpu_seconds[name].append(cpu)
+    base, *others = sides
+
+    def ratios(times: dict) -> dict:
+        return {name: round(statistics.median(b / o for b, o in zip(times[base], times[name], strict=True)), 3)
+                for name in others}
+
+    return {"tokens_per_call": tokens, "first_call_s": first,
             "tokens_per_s": {name: round(tokens[name] / statistics.median(s), 1) for name, s in seconds.items()},
             "seconds_per_call": {name: [round(x, 4) for x in s] for name, s in seconds.items()},
-            "ratio": round(statistics.median(x / y for x, y in zip(a_s, b_s, strict=True)), 3),
-            "ratio_is": f"{b} tokens/s ÷ {a} tokens/s"}
+            "cpu_seconds_per_call": {name: [round(x, 4) for x in s] for name, s in cpu_seconds.items()},
+            "ratio": ratios(seconds), "cpu_ratio": ratios(cpu_seconds),
+            "ratio_is": f"side tokens/s ÷ {base} tokens/s (cpu_ratio: the same in process CPU seconds)"}
 
 
-def compare(model, tokenizer, encoded, n: int, max_new_tokens: int, rounds: int) -> dict:
+def step_time(model, rows: int, cache_length: int, repeats: int = 10) -> dict:
+    """Milliseconds (median of ``repeats``) of one decode step's parts at ``rows`` sequences: the forward
+    pass eager and compiled (the compiled engine's graph: same rows and cache length), its matrix products
+    alone, and the draw from [rows, V] logits."""
+    import torch
+    from transformers import StaticCache
+
+    from rlhfkit.models.engine import Decoding, decode_forward, draw, next_token_logits
+
+    def milliseconds(run) -> float:
+        run()
+        return round(1e3 * statistics.median(timed(run)[0] for _ in range(repeats)), 2)
+
+    parameter = next(model.parameters())
+    cache = StaticCache(config=model.config, max_cache_len=cache_length)
+    token = torch.zeros(rows, 1, dtype=torch.long)
+    mask = torch.ones(rows, cache_length, dtype=torch.long)
+    position = torch.zeros(rows, 1, dtype=torch.long)
+    parts = {}
+    for name, compiled in (("forward", False), ("forward_compiled", True)):
+        forward = decode_forward(model, compiled)
+
+        def step(forward=forward):
+            for layer in cache.layers:  # always write at slot 0: a step's cost does not depend on the slot
+                if getattr(layer, "is_initialized", False):
+                    layer.cumulative_length.zero_()
+            return forward(input_ids=token, attention_mask=mask, position_ids=position, cache=cache, use_cache=True)
+
+        parts[name] = milliseconds(step)
+    products = []  # each weight-matrix layer called alone, on [rows, its input width]: the same kernel as in the step
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or weight.dim() != 2 or isinstance(module, torch.nn.Embedding):
+            continue
+        width = weight.shape[0 if type(module).__name__ == "Conv1D" else 1]  # GPT-2's Conv1D: [in, out] weights
+        products.append(partial(module, torch.randn(rows, width, dtype=parameter.dtype)))
+    parts["matrix_products"] = milliseconds(lambda: [product() for product in products])
+    logits = torch.randn(rows, model.config.vocab_size, dtype=parameter.dtype)
+    sampling = Decoding(1, None, 0)
+    parts["draw"] = milliseconds(lambda: draw(next_token_logits(logits, 0, sampling), False, None))
+    parts["weights_mib"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1)
+    return parts
+
+
+def compare(model, tokenizer, encoded, n: int, max_new_tokens: int, rounds: int, precisions: list[str]) -> dict:
     import torch
 
-    from rlhfkit.models.engine import Decoding, generate_sampling, kv_cached_sampling
+    from rlhfkit.models.engine import (
+        Decoding,
+        bucketed,
+        compiled_kv_cached_sampling,
+        generate_sampling,
+        kv_cached_sampling,
+    )
 
     prompt_ids, prompt_mask = encoded["input_ids"], encoded["attention_mask"]
     decoding = Decoding(max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, temperature=1.0,
                         min_new_tokens=max_new_tokens)
-    sides = {"generate": lambda: generate_sampling(model, prompt_ids, prompt_mask, n, decoding),
-             "engine": lambda: kv_cached_sampling(model, prompt_ids, prompt_mask, n, decoding)}
-    with torch.inference_mode():
-        result = interleaved(sides, rounds)
-    return {"shape": {"prompts": prompt_ids.shape[0], "samples_per_prompt": n, "prompt_tokens": prompt_ids.shape[1],
-                      "new_tokens": max_new_tokens, "temperature": 1.0}, **result}
+    engines = dict(zip(SIDES, (generate_sampling, kv_cached_sampling, compiled_kv_cached_sampling), strict=True))
+    result = {"shape": {"prompts": prompt_ids.shape[0], "samples_per_prompt": n,
+                        "prompt_tokens": prompt_ids.shape[1], "new_tokens": max_new_tokens, "temperature": 1.0}}
+    for precision in precisions:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+        weights = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+        sides = {name: (lambda engine=engine, weights=weights: engine(weights, prompt_ids, prompt_mask, n, decoding))
+                 for name, engine in engines.items()}
+        with torch.inference_mode():
+            result[precision] = interleaved(sides, rounds)
+            result[precision]["step_ms"] = step_time(weights, prompt_ids.shape[0] * n,
+                                                     bucketed(prompt_ids.shape[1] + max_new_tokens))
+    return result
 
 
-def workload_policy(W, rounds: int) -> dict:
+def workload_policy(W, rounds: int, precisions: list[str]) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     paths = W.prepare_artifacts()
     model = AutoModelForCausalLM.from_pretrained(paths["policy"]).eval()
     tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])
     encoded = tokenizer(W.prompts()[:W.GRPO.prompts_per_step], return_tensors="pt", padding=True)
-    return {"model": "shared workload GPT-2 (5.3M)",
-            **compare(model, tokenizer, encoded, W.GRPO.generations_per_prompt, W.COMPLETION_LEN, rounds)}
+    return {"model": "workload GPT-2 5.3M",
+            **compare(model, tokenizer, encoded, W.GRPO.generations_per_prompt, W.COMPLETION_LEN, rounds, precisions)}
 
 
-def smollm2(rounds: int) -> dict | None:
+def smollm2(rounds: int, precisions: list[str]) -> dict | None:
     from rlhfkit.demo.presets import cache_dir, load_smollm2
     from rlhfkit.generate import format_prompt
 
@@ -82,8 +169,8 @@ def smollm2(rounds: int) -> dict | None:
     model, tokenizer = load_smollm2()
     texts = [format_prompt(p, tokenizer, True) for p in ("How do I fix a flat bike tyre?", "Write a short poem.")]
     encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    return {"model": "SmolLM2-135M-Instruct (fp32)",
-            **compare(model, tokenizer, encoded, 4, 32, rounds)}
+    return {"model": "SmolLM2-135M-Instruct",
+            **compare(model, tokenizer, encoded, 4, 32, rounds, precisions)}
 
 
 def main() -> None:
@@ -91,6 +178,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--smollm2-rounds", type=int, default=3)
     parser.add_argument("--skip-smollm2", action="store_true")
+    parser.add_argument("--skip-workload", action="store_true", help="SmolLM2 only")
+    parser.add_argument("--precisions", default="fp32,bf16", help="weights on every side: fp32, bf16 or both")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the workload's)")
     parser.add_argument("--bench-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "bench"))
     args = parser.parse_args()
@@ -103,14 +192,26 @@ def main() -> None:
     B.setup_process()
     if args.threads:
         torch.set_num_threads(args.threads)
-    runs = [workload_policy(W, args.rounds)]
+    precisions = args.precisions.split(",")
+    if not set(precisions) <= {"fp32", "bf16"}:
+        parser.error(f"--precisions: fp32, bf16 or both, got {args.precisions!r}")
+    runs = [] if args.skip_workload else [workload_policy(W, args.rounds, precisions)]
     if not args.skip_smollm2:
-        runs.append(smollm2(args.smollm2_rounds))
+        runs.append(smollm2(args.smollm2_rounds, precisions))
     runs = [r for r in runs if r is not None]
-    print(f"{'model':34} {'generate tok/s':>15} {'engine tok/s':>13} {'ratio':>6} {'target':>7}")
+    print(f"{'model':22} {'weights':>7} {'generate':>9} {'engine':>7} {'ratio':>11} {'compiled':>9} {'ratio':>11} "
+          f"{'target':>6} {'compile s':>9}   decode step ms: forward, compiled, matrix products, draw")
     for r in runs:
-        print(f"{r['model']:34} {r['tokens_per_s']['generate']:>15} {r['tokens_per_s']['engine']:>13} "
-              f"{r['ratio']:>6} {'≥ ' + str(TARGET):>7}")
+        for precision in precisions:
+            run, step = r[precision], r[precision]["step_ms"]
+            speed = run["tokens_per_s"]
+            ratio = {side: f"{run['ratio'][side]:.2f} ({run['cpu_ratio'][side]:.2f})" for side in SIDES[1:]}
+            print(f"{r['model']:22} {precision:>7} {speed['generate']:>9} {speed['engine']:>7} {ratio['engine']:>11} "
+                  f"{speed['compiled']:>9} {ratio['compiled']:>11} {'≥ ' + str(TARGET):>6} "
+                  f"{run['first_call_s']['compiled']:>9}   {step['forward']}, {step['forward_compiled']}, "
+                  f"{step['matrix_products']}, {step['draw']}")
+    print("tokens/s per side; ratio: ÷ generate's tokens/s, median of interleaved rounds, wall clock (CPU seconds); "
+          "compile s: the compiled side's first call")
     result = {"runs": runs, "target_ratio": TARGET, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "transformers": transformers.__version__, **B.contention()}
     out = Path(__file__).parent / "results" / f"generation_speed-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"

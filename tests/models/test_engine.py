@@ -9,6 +9,7 @@ from conftest import make_generation_config_hostile
 from rlhfkit.models import engine as engine_module
 from rlhfkit.models.engine import (
     Decoding,
+    compiled_kv_cached_sampling,
     generate_sampling,
     has_static_cache,
     kv_cached_sampling,
@@ -63,6 +64,59 @@ def test_greedy_output_is_generates_token_for_token(tiny_causal, tokenizer):
     assert torch.equal(ours, theirs)
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("error:rollout engine. torch.compile failed:RuntimeWarning")
+def test_the_compiled_engine_draws_the_eager_engines_tokens_and_reuses_its_graph_within_a_cache_bucket(
+        tiny_causal, tokenizer, monkeypatch):
+    """Same seed, same tokens (greedy and sampled, after an in-place weight update, under a bf16 autocast);
+    shorter prompts whose cache length rounds up to the same bucket, and updated weights, run the graph
+    already compiled."""
+    from torch._dynamo.utils import counters
+
+    model = peaked(tiny_causal)
+    before = counters["stats"]["unique_graphs"]
+    for prompts in (PROMPTS, ["help", "hi", "a plan"]):
+        ids, mask = encode(tokenizer, prompts)
+        for settings in (decoding(greedy=True, max_new_tokens=10, min_new_tokens=3),
+                         decoding(temperature=0.7, max_new_tokens=10)):
+            eager = kv_cached_sampling(model, ids, mask, 2, settings, torch.Generator().manual_seed(0))
+            compiled = compiled_kv_cached_sampling(model, ids, mask, 2, settings, torch.Generator().manual_seed(0))
+            assert torch.equal(compiled, eager)
+        if prompts is PROMPTS:
+            graphs = counters["stats"]["unique_graphs"]
+    with torch.no_grad():  # an optimiser's in-place update: the graph reads the new weights, no recompiling
+        model.transformer.ln_f.weight.mul_(-1.0)
+    settings = decoding(greedy=True, max_new_tokens=10)
+    assert torch.equal(compiled_kv_cached_sampling(model, ids, mask, 2, settings),
+                       kv_cached_sampling(model, ids, mask, 2, settings))
+    assert graphs > before and counters["stats"]["unique_graphs"] == graphs
+    dtypes, real_logits = [], engine_module.next_token_logits
+    monkeypatch.setattr(engine_module, "next_token_logits", lambda logits, step, settings: dtypes.append(
+        logits.dtype) or real_logits(logits, step, settings))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the trainers' rollouts run under their autocast
+        assert torch.equal(compiled_kv_cached_sampling(model, ids, mask, 2, settings),
+                           kv_cached_sampling(model, ids, mask, 2, settings))
+    assert set(dtypes) == {torch.bfloat16}  # the compiled steps' logits too: they ran under the autocast
+
+
+def test_where_compilation_fails_the_compiled_engine_warns_once_and_decodes_eagerly(tiny_causal, tokenizer,
+                                                                                    monkeypatch):
+    def no_compiler(function, **options):
+        def fails(*args, **kwargs):
+            raise RuntimeError("InductorError: CppCompileError: no C++ compiler found\n(details)")
+        return fails
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    monkeypatch.setattr(engine_module, "_COMPILED_FORWARD", {})
+    ids, mask = encode(tokenizer, PROMPTS)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed .RuntimeError: InductorError") as caught:
+        compiled = compiled_kv_cached_sampling(tiny_causal, ids, mask, 2, decoding(),
+                                               torch.Generator().manual_seed(0))
+    assert len([w for w in caught if "torch.compile" in str(w.message)]) == 1
+    assert torch.equal(compiled, kv_cached_sampling(tiny_causal, ids, mask, 2, decoding(),
+                                                    torch.Generator().manual_seed(0)))
+
+
 def test_a_left_padded_prompt_decodes_as_it_does_alone(tiny_causal, tokenizer):
     model = peaked(tiny_causal)
     settings = decoding(greedy=True, max_new_tokens=12)
@@ -73,9 +127,11 @@ def test_a_left_padded_prompt_decodes_as_it_does_alone(tiny_causal, tokenizer):
         assert torch.equal(together[row, :alone.shape[1]], alone[0])
 
 
-def test_the_engine_sees_the_logprobs_a_teacher_forced_pass_computes(tiny_causal, tokenizer, monkeypatch):
-    """Temperature, min_new_tokens, padding and positions: every distribution the engine draws from equals
-    softmax(z / τ) of the forward pass the algorithms compute log-probs with."""
+@pytest.mark.parametrize("engine", [kv_cached_sampling, pytest.param(compiled_kv_cached_sampling,
+                                                                     marks=pytest.mark.slow, id="compiled")])
+def test_the_engine_sees_the_logprobs_a_teacher_forced_pass_computes(tiny_causal, tokenizer, monkeypatch, engine):
+    """Temperature, min_new_tokens, padding and positions: every distribution the engine (eager or compiled)
+    draws from equals softmax(z / τ) of the forward pass the algorithms compute log-probs with."""
     from rlhfkit.models.policy import SamplingDistribution
 
     model = peaked(tiny_causal)
@@ -85,7 +141,7 @@ def test_the_engine_sees_the_logprobs_a_teacher_forced_pass_computes(tiny_causal
                         or real_draw(z, greedy, generator))
     ids, mask = encode(tokenizer, PROMPTS)
     settings = decoding(temperature=0.7, min_new_tokens=4)
-    completions = kv_cached_sampling(model, ids, mask, 3, settings, torch.Generator().manual_seed(0))
+    completions = engine(model, ids, mask, 3, settings, torch.Generator().manual_seed(0))
     engine_logprobs = torch.stack(seen, dim=1)
     expected = teacher_forced_logprobs(model, ids, mask, 3, completions, SamplingDistribution(0.7, 4, EOS))
     live = completion_mask(completions, EOS).bool()
