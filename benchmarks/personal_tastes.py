@@ -50,13 +50,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--per-round", type=int, default=16)
     parser.add_argument("--train-every", type=int, default=12)
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.look:
         return look()
     dpo = PersonalDPOConfig(lr=args.lr, beta=args.beta, nll_coef=args.nll, epochs=args.epochs)
     run_personal_demo(PersonalDemoConfig(run_dir=args.run_dir, rounds=args.rounds, prompts_per_round=args.per_round,
-                                         train_every=args.train_every, dpo=dpo), progress=False)
+                                         train_every=args.train_every, seed=args.seed, dpo=dpo), progress=False)
 
 
 if __name__ == "__main__":

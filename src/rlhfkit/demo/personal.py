@@ -136,7 +136,7 @@ def verdict(latest: Sequence[RoundResult]) -> str:
     failed = []
     for r in latest:
         wins, specific = learned(r.win_rate, r.specificity)
-        failed += [] if wins else [f"{r.user}: win rate interval [{r.win_rate[1]:.2f}, {r.win_rate[2]:.2f}] "
+        failed += [] if wins else [f"{r.user}: win rate interval [{r.win_rate[1]:.3f}, {r.win_rate[2]:.3f}] "
                                    "does not exclude 0.5"]
         failed += [] if specific else [f"{r.user}: also wins under another user's taste"]
     return "learned: every user's model beats the shared one on their own taste, and only on theirs" \
