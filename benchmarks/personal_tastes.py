@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.demo.personal import PersonalDemoConfig, demo_task_prompts, run_personal_demo, words
+from rlhfkit.demo.personal import TASTES, PersonalDemoConfig, demo_task_prompts, run_personal_demo, words
 from rlhfkit.demo.presets import DemoConfig, load_demo_policy
 from rlhfkit.eval.judges import SentimentJudge
 from rlhfkit.personal.models import PersonalModels
@@ -51,13 +51,15 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=16)
     parser.add_argument("--train-every", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tastes", nargs="+", choices=sorted(TASTES), default=["brief", "detailed"])
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.look:
         return look()
     dpo = PersonalDPOConfig(lr=args.lr, beta=args.beta, nll_coef=args.nll, epochs=args.epochs)
     run_personal_demo(PersonalDemoConfig(run_dir=args.run_dir, rounds=args.rounds, prompts_per_round=args.per_round,
-                                         train_every=args.train_every, seed=args.seed, dpo=dpo), progress=False)
+                                         train_every=args.train_every, seed=args.seed, dpo=dpo,
+                                         tastes=[TASTES[t] for t in args.tastes]), progress=False)
 
 
 if __name__ == "__main__":

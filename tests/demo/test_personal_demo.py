@@ -2,11 +2,12 @@
 intervals do not show."""
 
 import json
+import random
 
 import pytest
 
-from conftest import build_tiny_causal, word_tokenizer
-from rlhfkit.demo.personal import PersonalDemoConfig, RoundResult, run_personal_demo, verdict, win_rate
+from conftest import build_tiny_causal, invoke, word_tokenizer
+from rlhfkit.demo.personal import TASTES, PersonalDemoConfig, RoundResult, Taste, run_personal_demo, verdict, win_rate
 from rlhfkit.personal.train import PersonalDPOConfig
 
 
@@ -21,6 +22,14 @@ def test_the_verdict_says_learned_only_when_every_interval_is_above_half_and_spe
     assert not_met.startswith("NOT met") and "b: win rate interval [0.450, 0.750]" in not_met and "a:" not in not_met
     unspecific = verdict([result("a", above, above), result("b", above, against)])
     assert unspecific.startswith("NOT met") and "a: also wins under another user's taste" in unspecific
+
+
+def test_simulated_users_choose_by_their_hidden_taste_and_say_both_fine_when_answers_are_alike():
+    rng = random.Random(0)
+    short, long = "Have a nice day.", "Mix baking bread with something you already like, such as music or a walk."
+    assert TASTES["brief"].choose([short, long], rng) == "a" and TASTES["detailed"].choose([short, long], rng) == "b"
+    assert TASTES["warm"].choose(["you idiot, stop whining.", "Thank you, that is a wonderful idea!"], rng) == "b"
+    assert Taste("exact", "length", len, noise=0.0).choose([long, long], rng) == "both_fine"
 
 
 def test_a_tie_counts_half_and_the_interval_resamples_topics():
@@ -48,3 +57,11 @@ def test_the_personal_demo_runs_end_to_end_through_the_api_and_deletes_a_user_co
     assert (tmp_path / "run" / "curves.png").stat().st_size > 0
     with pytest.raises(ValueError, match="holds an earlier personal demo"):
         run_personal_demo(config, build_tiny_causal(), word_tokenizer(), progress=False)
+
+
+@pytest.mark.parametrize(("args", "message"), [(["--seeds", "2"], "--preset personal: takes --run-dir and"),
+                                               (["--eval-prompts", "2"], "eval_prompts: must be at least 4")])
+def test_the_personal_preset_rejects_options_it_cannot_use_in_one_line(tmp_path, args, message):
+    result = invoke("demo", "--preset", "personal", "--run-dir", tmp_path / "run", *args)
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()

@@ -19,6 +19,7 @@ mean[log π_u(y|x) − log π_base(y|x)].
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -66,17 +67,35 @@ def words(text: str) -> int:
     return len(WORD.findall(text))
 
 
+@functools.cache
+def _vader():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer()
+
+
+def sentiment(text: str) -> float:
+    """VADER's compound sentiment of ``text``, in [−1, 1] (as rlhfkit.eval.judges.SentimentJudge)."""
+    return _vader().polarity_scores(text)["compound"]
+
+
+TASTES = {  # scores on the scale of the base samples' spread: words / 10 (sd 0.9), VADER compound (sd 0.5)
+    "brief": Taste("brief", "short answers (fewer words)", lambda text: -words(text) / 10),
+    "detailed": Taste("detailed", "long answers (more words)", lambda text: words(text) / 10),
+    "warm": Taste("warm", "warm, positive answers (VADER sentiment)", sentiment),
+}
+
+
 def default_tastes() -> list[Taste]:
     """Two users with opposite tastes on what the toy policy's answers vary on most: their length (one
-    answer in eight is a short pleasantry, the rest 15–30 words). Scores are words / 10."""
-    return [Taste("brief", "short answers (fewer words)", lambda text: -words(text) / 10),
-            Taste("detailed", "long answers (more words)", lambda text: words(text) / 10)]
+    answer in eight is a short pleasantry, the rest 15–30 words)."""
+    return [TASTES["brief"], TASTES["detailed"]]
 
 
 @dataclass
 class PersonalDemoConfig:
     run_dir: Path = Path("runs/demo-personal")
-    rounds: int = 4
+    rounds: int = 5
     prompts_per_round: int = 16  # questions each user asks (and answers) per round
     train_every: int = 12  # new pairs of a user that queue a training of their next version
     eval_prompts: int = 24  # held-out prompts (two per topic)
