@@ -269,18 +269,19 @@ def plot_curves(results: Sequence[RoundResult], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for user in dict.fromkeys(r.user for r in results):
+    users = list(dict.fromkeys(r.user for r in results))
+    fig, axes = plt.subplots(1, len(users), figsize=(4 * len(users), 3.5), sharey=True, squeeze=False)
+    for ax, user in zip(axes[0], users, strict=True):  # one panel per user: their taste, then the others'
         rows = [r for r in results if r.user == user]
         x = [r.pairs for r in rows]
-        ax.plot(x, [r.win_rate[0] for r in rows], marker="o", label=f"{user}: own taste")
+        ax.plot(x, [r.win_rate[0] for r in rows], marker="o", label="own taste")
         ax.fill_between(x, [r.win_rate[1] for r in rows], [r.win_rate[2] for r in rows], alpha=0.2)
         for other in rows[0].specificity:
-            ax.plot(x, [r.specificity[other][0] for r in rows], linestyle="--", label=f"{user}: {other}'s taste")
-    ax.axhline(0.5, color="grey", linewidth=0.8)
-    ax.set(xlabel="the user's preference pairs", ylabel="win rate vs the shared model", ylim=(0, 1),
-           title="personal models: win rate (95% interval) per user")
-    ax.legend(fontsize=7)
+            ax.plot(x, [r.specificity[other][0] for r in rows], linestyle="--", label=f"{other}'s taste")
+        ax.axhline(0.5, color="grey", linewidth=0.8)
+        ax.set(xlabel=f"{user}'s preference pairs", title=f"{user}'s model vs the shared one", ylim=(0, 1))
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("win rate (95% interval)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
