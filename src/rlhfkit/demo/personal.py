@@ -230,7 +230,8 @@ class PersonalDemo:
                            distinct_n(mine, 2), distinct_n(shared, 2))
 
     def memory(self) -> dict:
-        """Base MB, MB per adapter (the largest loaded), and users one process serves in 8 GiB."""
+        """Base MB, MB per adapter (the largest loaded), and users whose adapters fit in 8 GiB beside the base
+        (weights only: activations, a training's optimizer state and the process itself not counted)."""
         model = self.models.model
         base = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n) / 2**20
         loaded = [n for n in self.models.adapter_names() if n.startswith("user-")]
@@ -329,7 +330,7 @@ def run_personal_demo(config: PersonalDemoConfig | None = None, policy=None, tok
     (run / "report.json").write_text(json.dumps(report, indent=1))
     plot = plot_curves(results, run / "curves.png")
     console.print(f"memory: base {memory['base_mb']:.2f} MB + {memory['adapter_mb']:.3f} MB per adapter → "
-                  f"{memory['users_in_8_gib']} users in one process with 8 GiB", highlight=False)
+                  f"{memory['users_in_8_gib']} users' adapters fit beside it in 8 GiB (weights only)", highlight=False)
     console.print(f"deleted {deleted_user}: " + ("nothing of theirs remains" if complete else f"LEFT: {left}"),
                   highlight=False)
     console.print(f"[bold]{report['verdict']}[/] — {report['seconds']:.0f}s → {run / 'report.json'}, {plot}",
