@@ -303,8 +303,9 @@ def dpo(config: ConfigOption = None, policy: PolicyOption = None,
 @app.command()
 @friendly_errors
 def demo(
-    preset: Annotated[str, typer.Option(help="toy (a small GPT-2 trained here; minutes) or smollm2 "
-                                             "(SmolLM2-135M-Instruct with LoRA; slower).")] = "toy",
+    preset: Annotated[str, typer.Option(help="toy (a small GPT-2 trained here; minutes), smollm2 "
+                                             "(SmolLM2-135M-Instruct with LoRA; slower), or personal (simulated "
+                                             "users teach their personal models; minutes).")] = "toy",
     run_dir: Annotated[Path | None, typer.Option(help="Folder for every stage's files; a rerun resumes "
                                                       "[default: runs/demo or runs/demo-smollm2].")] = None,
     seeds: Annotated[int | None, typer.Option(help="Training seeds: labeling, reward model and PPO run once per "
@@ -328,6 +329,14 @@ def demo(
     """
     from rlhfkit.demo import DemoConfig, run_demo
 
+    if preset == "personal":
+        from rlhfkit.demo.personal import PersonalDemoConfig, run_personal_demo
+
+        if any(v is not None for v in (seeds, label_prompts, ppo_steps, kl_coef, stop_on, precision)):
+            raise ValueError("--preset personal: takes --run-dir and --eval-prompts only (no PPO, no seeds)")
+        run_personal_demo(PersonalDemoConfig(**{k: v for k, v in {"run_dir": run_dir, "eval_prompts": eval_prompts}
+                                                .items() if v is not None}))
+        return
     if seeds is not None and seeds < 1:
         raise ValueError(f"--seeds: must be at least 1, got {seeds}")
     run_demo(DemoConfig.preset_defaults(

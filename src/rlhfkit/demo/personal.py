@@ -1,0 +1,347 @@
+"""`rlhfkit demo --preset personal`: simulated users with opposite hidden tastes teach their personal
+models through the personal API (the feedback app's accounts), and the evidence that each model learned
+its user's taste and no one else's.
+
+    for each round, for each user:
+        ask P training prompts (two answers: their current personal model and the alternative)
+        → choose by their hidden taste (+ noise; "both fine" when the two are close)
+        → the app's queue trains their next adapter every K new pairs (DPO + NLL, rlhfkit.personal.train)
+        → on held-out prompts, the personal model vs the shared one (the base), one seed for both:
+          win rate under the user's own taste, under every other user's taste (specificity),
+          KL to the base, distinct-2
+    → memory, deletion of one user, report.json, curves.png, the verdict
+
+A win counts 1, a tie ½; the win rate's 95% interval is the delete-a-topic jackknife t interval of
+rlhfkit.eval.metrics (held-out prompts come two per topic, samples of one prompt are not independent).
+KL(π_u ‖ π_base) per answer is estimated on the personal model's own samples y ~ π_u as
+mean[log π_u(y|x) − log π_base(y|x)].
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from fastapi.testclient import TestClient
+
+from rlhfkit.console import console
+from rlhfkit.demo.stages import demo_task
+from rlhfkit.eval.metrics import distinct_n, jackknife_interval
+from rlhfkit.feedback import service
+from rlhfkit.feedback.app import create_app
+from rlhfkit.generate import format_prompt
+from rlhfkit.models.policy import tokenize_completions
+from rlhfkit.personal.api import PersonalSettings, include_personal
+from rlhfkit.personal.models import PersonalModels, user_owner
+from rlhfkit.personal.train import PersonalDPOConfig, sequence_logprobs
+
+WORD = re.compile(r"[A-Za-z']+")
+MEMORY_BUDGET_MB = 8 * 1024
+
+
+@dataclass(frozen=True)
+class Taste:
+    """A simulated user's hidden criterion: ``score(answer)``, higher is better; the user sees it with
+    Gaussian noise of std ``noise`` and says "both fine" when the noisy scores differ by less than
+    ``tie_margin``."""
+
+    user: str
+    description: str
+    score: Callable[[str], float]
+    noise: float = 0.1
+    tie_margin: float = 0.05
+
+    def choose(self, answers: Sequence[str], rng: random.Random) -> str:
+        a, b = (self.score(x) + rng.gauss(0.0, self.noise) for x in answers)
+        return "both_fine" if abs(a - b) < self.tie_margin else "a" if a > b else "b"
+
+
+def words(text: str) -> int:
+    return len(WORD.findall(text))
+
+
+@functools.cache
+def _vader():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer()
+
+
+def sentiment(text: str) -> float:
+    """VADER's compound sentiment of ``text``, in [−1, 1] (as rlhfkit.eval.judges.SentimentJudge)."""
+    return _vader().polarity_scores(text)["compound"]
+
+
+TASTES = {  # scores on the scale of the base samples' spread: words / 10 (sd 0.9), VADER compound (sd 0.5)
+    "brief": Taste("brief", "short answers (fewer words)", lambda text: -words(text) / 10),
+    "detailed": Taste("detailed", "long answers (more words)", lambda text: words(text) / 10),
+    "warm": Taste("warm", "warm, positive answers (VADER sentiment)", sentiment),
+}
+
+
+def default_tastes() -> list[Taste]:
+    """Two users with opposite tastes on what the toy policy's answers vary on most: their length (words
+    per answer over its samples: mean 18, sd 8.8, quartiles 13, 20, 25; benchmarks/personal_tastes.py)."""
+    return [TASTES["brief"], TASTES["detailed"]]
+
+
+@dataclass
+class PersonalDemoConfig:
+    run_dir: Path = Path("runs/demo-personal")
+    rounds: int = 5
+    prompts_per_round: int = 16  # questions each user asks (and answers) per round
+    train_every: int = 12  # new pairs of a user that queue a training of their next version
+    eval_prompts: int = 24  # held-out prompts (two per topic)
+    eval_samples: int = 4  # answers per held-out prompt and model
+    max_new_tokens: int = 40
+    seed: int = 0
+    dpo: PersonalDPOConfig = field(default_factory=lambda: PersonalDPOConfig(lr=1e-3, epochs=4, beta=0.1))
+    tastes: list[Taste] = field(default_factory=default_tastes)
+
+    def __post_init__(self) -> None:
+        for name, low in {"rounds": 1, "prompts_per_round": 1, "train_every": 1, "eval_prompts": 4,
+                          "eval_samples": 1, "max_new_tokens": 1}.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"{name}: must be at least {low}, got {getattr(self, name)}")
+        if len(self.tastes) < 2:
+            raise ValueError("tastes: give at least two simulated users (specificity needs another taste)")
+
+
+@dataclass
+class RoundResult:
+    """One user's model after one round, on the held-out prompts."""
+
+    user: str
+    round: int
+    pairs: int  # the user's labels so far that are preference pairs
+    version: int  # their adapter version evaluated (0: none yet, the base answers)
+    win_rate: tuple[float, float, float]  # (rate, low, high) under their own taste
+    specificity: dict[str, tuple[float, float, float]]  # other user → win rate under that user's taste
+    kl: float
+    distinct_2: float
+    distinct_2_shared: float
+
+
+def win_rate(scores: Sequence[float], shared: Sequence[float], prompts: Sequence[str],
+             topics: dict[str, str]) -> tuple[float, float, float]:
+    """(rate, low, high): the share of (prompt, sample) where the personal answer scores higher than the
+    shared one (a tie counts ½), with the delete-a-topic jackknife 95% interval."""
+    wins: dict[str, list[float]] = {}
+    for prompt, mine, theirs in zip(prompts, scores, shared, strict=True):
+        wins.setdefault(prompt, []).append(1.0 if mine > theirs else 0.5 if mine == theirs else 0.0)
+
+    def rate(subset: Sequence[str]) -> float:
+        values = [w for p in subset for w in wins[p]]
+        return sum(values) / len(values)
+
+    return jackknife_interval(rate, list(wins), topics)
+
+
+def learned(win: tuple[float, float, float], others: dict[str, tuple[float, float, float]]) -> tuple[bool, bool]:
+    """(the user's model beats the shared one on their taste: the interval's low end above ½; specificity
+    holds: under no other user's taste is it better than the shared model, the interval's low end ≤ ½)."""
+    return win[1] > 0.5, all(low <= 0.5 for _, low, _ in others.values())
+
+
+def verdict(latest: Sequence[RoundResult]) -> str:
+    """"learned" only when every user's win rate interval is above ½ and specificity holds for every user."""
+    failed = []
+    for r in latest:
+        wins, specific = learned(r.win_rate, r.specificity)
+        failed += [] if wins else [f"{r.user}: win rate interval [{r.win_rate[1]:.3f}, {r.win_rate[2]:.3f}] "
+                                   "does not exclude 0.5"]
+        failed += [] if specific else [f"{r.user}: also wins under another user's taste"]
+    return "learned: every user's model beats the shared one on their own taste, and only on theirs" \
+        if not failed else "NOT met: " + "; ".join(failed)
+
+
+class PersonalDemo:
+    """The app (accounts, personal API, training queue) with the simulated users logged in."""
+
+    def __init__(self, config: PersonalDemoConfig, policy, tokenizer) -> None:
+        self.config = config
+        run = Path(config.run_dir)
+        if (run / "personal.db").exists():
+            raise ValueError(f"run_dir: {run} holds an earlier personal demo; give another --run-dir or delete it")
+        run.mkdir(parents=True, exist_ok=True)
+        self.app = create_app(f"sqlite:///{run / 'personal.db'}")
+        self.models = PersonalModels(policy, tokenizer, run / "adapters")
+        settings = PersonalSettings(train_every=config.train_every, max_new_tokens=config.max_new_tokens,
+                                    dpo=config.dpo)
+        self.queue = include_personal(self.app, self.models, settings)
+        self.clients, self.ids = {}, {}
+        for taste in config.tastes:
+            with self.app.state.sessions() as db:
+                self.ids[taste.user] = service.create_user(db, taste.user, password=f"{taste.user}-demo-pw").id
+            client = TestClient(self.app)
+            token = client.post("/api/login", json={"username": taste.user, "password": f"{taste.user}-demo-pw"})
+            client.headers["X-CSRF-Token"] = token.json()["csrf"]
+            self.clients[taste.user] = client
+
+    def feedback_round(self, taste: Taste, prompts: Sequence[str], rng: random.Random) -> int:
+        """The user asks each prompt and chooses by their taste; returns their pairs so far."""
+        client, pairs = self.clients[taste.user], 0
+        for prompt in prompts:
+            asked = _ok(client.post("/api/personal/ask", json={"prompt": prompt}))
+            chosen = _ok(client.post("/api/personal/choose", json={
+                "question_id": asked["question_id"], "choice": taste.choose(asked["answers"], rng)}))
+            pairs = chosen["pairs"]
+        return pairs
+
+    def answers(self, adapter: str | None, prompts: Sequence[str]) -> list[str]:
+        """``eval_samples`` answers per prompt, sample s of every model drawn with seed s."""
+        n = self.config.eval_samples
+        return [self.models.answer(p, adapter, 1.0, self.config.max_new_tokens, seed=s).strip()
+                for p in prompts for s in range(n)]
+
+    def kl_to_base(self, adapter: str, prompts: Sequence[str], answers: Sequence[str]) -> float:
+        """mean[log π_u(y|x) − log π_base(y|x)] over the personal model's own answers (nats per answer)."""
+        models = self.models
+        texts = [format_prompt(p, models.tokenizer, models.use_chat_template) for p in prompts]
+        batch = tokenize_completions(models.tokenizer, texts, list(answers), not models.use_chat_template,
+                                     256, self.config.max_new_tokens + 8, models.model)
+        with torch.no_grad():
+            with models.active(adapter):
+                mine = sequence_logprobs(models, batch)[0]
+            with models.active(None):
+                base = sequence_logprobs(models, batch)[0]
+        return (mine - base).mean().item()
+
+    def evaluate(self, taste: Taste, round_: int, pairs: int, prompts: Sequence[str], topics: dict[str, str],
+                 shared: list[str]) -> RoundResult:
+        owner = user_owner(self.ids[taste.user])
+        adapter = self.models.adapter(owner)
+        mine = self.answers(adapter, prompts) if adapter else shared
+        keys = [p for p in prompts for _ in range(self.config.eval_samples)]
+
+        def rate(judge: Taste) -> tuple[float, float, float]:
+            return win_rate([judge.score(a) for a in mine], [judge.score(a) for a in shared], keys, topics)
+
+        others = {t.user: rate(t) for t in self.config.tastes if t.user != taste.user}
+        kl = self.kl_to_base(adapter, keys, mine) if adapter else 0.0
+        return RoundResult(taste.user, round_, pairs, self.models.version(owner), rate(taste), others, kl,
+                           distinct_n(mine, 2), distinct_n(shared, 2))
+
+    def memory(self) -> dict:
+        """Base MB, MB per adapter (the largest loaded), and users whose adapters fit in 8 GiB beside the base
+        (weights only: activations, a training's optimizer state and the process itself not counted)."""
+        model = self.models.model
+        base = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n) / 2**20
+        loaded = [n for n in self.models.adapter_names() if n.startswith("user-")]
+        per_adapter = max((self.models.adapter_megabytes(n) for n in loaded), default=float("nan"))
+        return {"base_mb": base, "adapter_mb": per_adapter,
+                "users_in_8_gib": int((MEMORY_BUDGET_MB - base) // per_adapter) if loaded else 0}
+
+    def delete(self, user: str) -> dict:
+        """The user deletes everything; returns what is left of them (all empty when deletion is complete)."""
+        _ok(self.clients[user].delete("/api/personal/data"))
+        left = self.clients[user].get("/api/personal/learned").json()
+        owner = user_owner(self.ids[user])
+        return {"choices": len(left["choices"]), "versions": len(left["versions"]),
+                "files": (Path(self.config.run_dir) / "adapters" / owner).exists(),
+                "adapters_in_memory": [n for n in self.models.adapter_names() if n.startswith(f"{owner}-")]}
+
+
+def _ok(response) -> dict:
+    if response.status_code != 200:
+        raise RuntimeError(f"{response.request.method} {response.request.url.path}: {response.status_code} "
+                           f"{response.text[:200]}")
+    return response.json()
+
+
+def print_round(r: RoundResult) -> None:
+    rate, low, high = r.win_rate
+    others = ", ".join(f"{u} {w:.2f} [{lo:.2f}, {hi:.2f}]" for u, (w, lo, hi) in r.specificity.items())
+    console.print(f"{r.user:>9} round {r.round}: {r.pairs:>3} pairs, v{r.version} · win rate vs shared "
+                  f"{rate:.2f} [{low:.2f}, {high:.2f}] · under {others} · KL {r.kl:.2f} · distinct-2 "
+                  f"{r.distinct_2:.3f} (shared {r.distinct_2_shared:.3f})", highlight=False)
+
+
+def plot_curves(results: Sequence[RoundResult], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    users = list(dict.fromkeys(r.user for r in results))
+    fig, axes = plt.subplots(1, len(users), figsize=(4 * len(users), 3.5), sharey=True, squeeze=False)
+    for ax, user in zip(axes[0], users, strict=True):  # one panel per user: their taste, then the others'
+        rows = [r for r in results if r.user == user]
+        x = [r.pairs for r in rows]
+        ax.plot(x, [r.win_rate[0] for r in rows], marker="o", label="own taste")
+        ax.fill_between(x, [r.win_rate[1] for r in rows], [r.win_rate[2] for r in rows], alpha=0.2)
+        for other in rows[0].specificity:
+            ax.plot(x, [r.specificity[other][0] for r in rows], linestyle="--", label=f"{other}'s taste")
+        ax.axhline(0.5, color="grey", linewidth=0.8)
+        ax.set(xlabel=f"{user}'s preference pairs", title=f"{user}'s model vs the shared one", ylim=(0, 1))
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("win rate (95% interval)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run_personal_demo(config: PersonalDemoConfig | None = None, policy=None, tokenizer=None,
+                      progress: bool = True) -> dict:
+    """Run the demo (the toy policy unless ``policy`` is given); returns the report, also written to
+    ``report.json`` with ``curves.png``."""
+    config = config or PersonalDemoConfig()
+    started = time.perf_counter()
+    task = demo_task_prompts(config)
+    if policy is None:
+        from rlhfkit.demo.presets import DemoConfig, load_demo_policy
+
+        policy, tokenizer, _ = load_demo_policy(DemoConfig(), progress)
+    demo = PersonalDemo(config, policy, tokenizer)
+    train, held_out, topics = task
+    rng = random.Random(config.seed)
+    console.rule(f"[bold]personal models: {', '.join(f'{t.user} likes {t.description}' for t in config.tastes)}")
+    try:
+        shared = demo.answers(None, held_out)
+        results = []
+        for round_ in range(1, config.rounds + 1):
+            for taste in config.tastes:
+                prompts = rng.sample(train, min(config.prompts_per_round, len(train)))
+                pairs = demo.feedback_round(taste, prompts, rng)
+                demo.queue.wait()
+                results.append(demo.evaluate(taste, round_, pairs, held_out, topics, shared))
+                print_round(results[-1])
+        memory = demo.memory()
+        deleted_user = config.tastes[-1].user
+        left = demo.delete(deleted_user)
+    finally:
+        demo.queue.shutdown()
+    latest = results[-len(config.tastes):]
+    complete = not any(left.values())
+    report = {"verdict": verdict(latest), "deletion": {"user": deleted_user, "left": left, "complete": complete},
+              "memory": memory, "rounds": [asdict(r) for r in results],
+              "tastes": {t.user: t.description for t in config.tastes},
+              "config": json.loads(json.dumps(asdict(config) | {"tastes": None}, default=str)),
+              "seconds": round(time.perf_counter() - started, 1)}
+    run = Path(config.run_dir)
+    (run / "report.json").write_text(json.dumps(report, indent=1))
+    plot = plot_curves(results, run / "curves.png")
+    console.print(f"memory: base {memory['base_mb']:.2f} MB + {memory['adapter_mb']:.3f} MB per adapter → "
+                  f"{memory['users_in_8_gib']} users' adapters fit beside it in 8 GiB (weights only)", highlight=False)
+    console.print(f"deleted {deleted_user}: " + ("nothing of theirs remains" if complete else f"LEFT: {left}"),
+                  highlight=False)
+    console.print(f"[bold]{report['verdict']}[/] — {report['seconds']:.0f}s → {run / 'report.json'}, {plot}",
+                  highlight=False)
+    return report
+
+
+def demo_task_prompts(config: PersonalDemoConfig) -> tuple[list[str], list[str], dict[str, str]]:
+    """(training prompt texts, held-out prompt texts, held-out text → topic) of the toy demo's prompts."""
+    from rlhfkit.demo.presets import DemoConfig
+
+    task = demo_task(DemoConfig(eval_prompts=config.eval_prompts))
+    return ([p.text for p in task.train_prompts], [p.text for p in task.eval_prompts],
+            {p.text: task.topics[p.id] for p in task.eval_prompts})

@@ -1,0 +1,67 @@
+"""The personal demo's loop end to end on a tiny model, and a verdict that cannot claim learning the
+intervals do not show."""
+
+import json
+import random
+
+import pytest
+
+from conftest import build_tiny_causal, invoke, word_tokenizer
+from rlhfkit.demo.personal import TASTES, PersonalDemoConfig, RoundResult, Taste, run_personal_demo, verdict, win_rate
+from rlhfkit.personal.train import PersonalDPOConfig
+
+
+def result(user, win, other):
+    return RoundResult(user, 1, 10, 1, win, {"other": other}, kl=0.1, distinct_2=0.5, distinct_2_shared=0.5)
+
+
+def test_the_verdict_says_learned_only_when_every_interval_is_above_half_and_specificity_holds():
+    above, around, against = (0.7, 0.6, 0.8), (0.6, 0.45, 0.75), (0.3, 0.2, 0.4)
+    assert verdict([result("a", above, against), result("b", above, against)]).startswith("learned")
+    not_met = verdict([result("a", above, against), result("b", around, against)])
+    assert not_met.startswith("NOT met") and "b: win rate interval [0.450, 0.750]" in not_met and "a:" not in not_met
+    unspecific = verdict([result("a", above, above), result("b", above, against)])
+    assert unspecific.startswith("NOT met") and "a: also wins under another user's taste" in unspecific
+
+
+def test_simulated_users_choose_by_their_hidden_taste_and_say_both_fine_when_answers_are_alike():
+    rng = random.Random(0)
+    short, long = "Have a nice day.", "Mix baking bread with something you already like, such as music or a walk."
+    assert TASTES["brief"].choose([short, long], rng) == "a" and TASTES["detailed"].choose([short, long], rng) == "b"
+    assert TASTES["warm"].choose(["you idiot, stop whining.", "Thank you, that is a wonderful idea!"], rng) == "b"
+    assert Taste("exact", "length", len, noise=0.0).choose([long, long], rng) == "both_fine"
+
+
+def test_a_tie_counts_half_and_the_interval_resamples_topics():
+    prompts, topics = ["p1", "p1", "p2", "p2", "p3", "p3"], {"p1": "x", "p2": "y", "p3": "z"}
+    rate, low, high = win_rate([1, 1, 2, 0, 1, 0], [0, 1, 1, 1, 1, 1], prompts, topics)
+    assert rate == pytest.approx((1 + 0.5 + 1 + 0 + 0.5 + 0) / 6) and low < rate < high
+
+
+def test_the_personal_demo_runs_end_to_end_through_the_api_and_deletes_a_user_completely(tmp_path):
+    config = PersonalDemoConfig(run_dir=tmp_path / "run", rounds=2, prompts_per_round=3, train_every=2,
+                                eval_prompts=4, eval_samples=1, max_new_tokens=6,
+                                dpo=PersonalDPOConfig(epochs=1, lr=1e-2))
+    report = run_personal_demo(config, build_tiny_causal(), word_tokenizer(), progress=False)
+    assert [(r["user"], r["round"]) for r in report["rounds"]] == [("brief", 1), ("detailed", 1),
+                                                                     ("brief", 2), ("detailed", 2)]
+    for row in report["rounds"]:
+        rate, low, high = row["win_rate"]
+        assert 0 <= rate <= 1 and low <= rate <= high
+        assert set(row["specificity"]) == {"brief", "detailed"} - {row["user"]}
+    assert report["deletion"] == {"user": "detailed", "complete": True,
+                                  "left": {"choices": 0, "versions": 0, "files": False, "adapters_in_memory": []}}
+    assert report["memory"]["adapter_mb"] > 0 and report["memory"]["users_in_8_gib"] > 0
+    assert report["verdict"].startswith(("learned", "NOT met"))
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["verdict"] == report["verdict"]
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="holds an earlier personal demo"):
+        run_personal_demo(config, build_tiny_causal(), word_tokenizer(), progress=False)
+
+
+@pytest.mark.parametrize(("args", "message"), [(["--seeds", "2"], "--preset personal: takes --run-dir and"),
+                                               (["--eval-prompts", "2"], "eval_prompts: must be at least 4")])
+def test_the_personal_preset_rejects_options_it_cannot_use_in_one_line(tmp_path, args, message):
+    result = invoke("demo", "--preset", "personal", "--run-dir", tmp_path / "run", *args)
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
