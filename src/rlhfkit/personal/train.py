@@ -154,9 +154,10 @@ def _optimise(models: PersonalModels, adapter: str, tokens: Sequence[TokenBatch]
 
 
 class TrainingQueue:
-    """Trainings run in one background thread, one at a time (so one at a time per user); a user already
-    waiting in the queue is not queued twice. ``trigger(user_id, pairs_now, pairs_trained)`` queues
-    ``train(user_id)`` when the user has ``every`` new pairs since their last version."""
+    """Trainings run in one background thread, one at a time (so one at a time per user); a user whose
+    training is waiting or running is not queued again (their new pairs count at the next choice after it).
+    ``trigger(user_id, pairs_now, pairs_trained)`` queues ``train(user_id)`` when the user has ``every`` new
+    pairs since their last version."""
 
     def __init__(self, train: Callable[[int], object], every: int) -> None:
         require(every >= 1, "train_every", "must be at least 1")
@@ -176,13 +177,14 @@ class TrainingQueue:
         return self.executor.submit(self._run, user_id)
 
     def _run(self, user_id: int) -> None:
-        with self.lock:
-            self.waiting.discard(user_id)
         try:
             self.train(user_id)
             self.errors.pop(user_id, None)
         except Exception as exc:  # the server keeps serving the previous version; the page shows why
             self.errors[user_id] = f"{type(exc).__name__}: {exc}"
+        finally:  # only now: until its version is published, its pairs still look untrained
+            with self.lock:
+                self.waiting.discard(user_id)
 
     def wait(self) -> None:
         """Return once every training queued so far has ended."""
