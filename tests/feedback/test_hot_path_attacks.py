@@ -202,3 +202,24 @@ def test_reopen_of_a_gold_an_unknown_or_a_completed_item_changes_no_counter(db_u
         assert service.free_slot_mismatches(db) == {}
         assert db.scalar(select(Item.free_slots).where(Item.id == done["item_id"])) == 0
 
+
+def test_many_tabs_of_several_labelers_logging_in_at_once_get_no_server_error(db_url):
+    """Four tabs per labeler log in together from one address (a shared office NAT): each answer is a
+    session or a throttling refusal (attempts are counted before the password is checked), never a
+    500. PostgreSQL once found a deadlock: a success's clean-up locked the account's row, then the
+    address's, while a parallel attempt held them in the opposite order."""
+    app = create_app(db_url)
+    setup_project(app)
+    with app.state.sessions() as db:
+        for i in range(5):
+            service.create_user(db, f"tab{i}", password="tab-password-1")
+    codes, lock = [], threading.Lock()
+
+    def tab(name):
+        client = TestClient(app, raise_server_exceptions=False)
+        answer = client.post("/api/login", json={"username": name, "password": "tab-password-1"})
+        with lock:
+            codes.append(answer.status_code)
+
+    run_together([threading.Thread(target=tab, args=(f"tab{i % 5}",)) for i in range(20)])
+    assert len(codes) == 20 and set(codes) <= {200, 429}, sorted(codes)
