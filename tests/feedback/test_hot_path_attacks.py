@@ -71,7 +71,7 @@ def test_live_sessions_get_the_same_refusals_from_the_hot_calls_as_from_the_orm_
     assert got["labels"] == got["skip (ORM)"] == (403, "missing or wrong CSRF token"), got
     wrong_csrf = TestClient(app, cookies=dict(ann.cookies), headers={"X-CSRF-Token": "forged"})
     assert answers(wrong_csrf)["labels"] == (403, "missing or wrong CSRF token")
-    for name in ("nope", ""):
+    for name in ("nope", "", "x" * 300, "ラベル-テスト"):
         assert ann.get("/api/next", params={"project": name}).json() == \
             ann.get("/api/progress", params={"project": name}).json(), name
     assert ann.get("/api/next", params={"project": "nope"}).status_code == 404
@@ -223,3 +223,43 @@ def test_many_tabs_of_several_labelers_logging_in_at_once_get_no_server_error(db
 
     run_together([threading.Thread(target=tab, args=(f"tab{i % 5}",)) for i in range(20)])
     assert len(codes) == 20 and set(codes) <= {200, 429}, sorted(codes)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.2])
+def test_a_disable_racing_the_labelers_tabs_over_http_leaves_them_nothing_open(db_url, delay):
+    """cat's three tabs loop next/submit/undo through the hot path while the admin disables her: every
+    answer is one a client expects, and once the disable is done she holds no open assignment and every
+    item's free_slots is what its rows say."""
+    import time
+
+    app = create_app(db_url)
+    setup_project(app, overlap=2)
+    admin = login(TestClient(app), "admin", "admin-pass")
+    tabs = [login(TestClient(app, raise_server_exceptions=False), "cat") for _ in range(3)]
+    codes, lock = [], threading.Lock()
+
+    def tab(client):
+        for turn in range(8):
+            got = [client.get("/api/next")]
+            if got[0].status_code == 200 and turn % 3 != 2:
+                order = [[c["id"]] for c in got[0].json()["completions"]]
+                got.append(client.post("/api/labels", json={"item_id": got[0].json()["item_id"], "groups": order,
+                                                             "flagged": []}))
+            elif got[0].status_code == 200:
+                got.append(client.post("/api/undo", json={"project": "demo"}))
+            with lock:
+                codes.extend((r.status_code, r.request.url.path, r.text) for r in got)
+
+    def disable():
+        time.sleep(delay)
+        assert admin.post("/api/admin/users/cat/disable", json={}).status_code == 200
+
+    run_together([threading.Thread(target=tab, args=(client,)) for client in tabs] + [threading.Thread(target=disable)])
+    # 403: an undo in another tab gave back the item this tab was labeling (its assignment is deleted)
+    expected = {200, 204, 401, 404, 409, (403, '{"detail":"this item is not assigned to you"}')}
+    assert {code if code != 403 else (code, text) for code, _path, text in codes} <= expected, codes
+    with app.state.sessions() as db:
+        cat = service.get_user(db, "cat")
+        assert db.scalars(select(Assignment.item_id).where(Assignment.user_id == cat.id,
+                                                           Assignment.status == "open")).all() == []
+        assert service.free_slot_mismatches(db) == {}
