@@ -263,3 +263,32 @@ def test_a_disable_racing_the_labelers_tabs_over_http_leaves_them_nothing_open(d
         assert db.scalars(select(Assignment.item_id).where(Assignment.user_id == cat.id,
                                                            Assignment.status == "open")).all() == []
         assert service.free_slot_mismatches(db) == {}
+
+
+def test_requests_failing_mid_transaction_with_every_thread_taken_neither_stall_nor_answer_500(db_url):
+    """One thread per pool (threads=1), twelve clients in one event loop, half of their calls ending in a
+    404 raised with the transaction still open: on SQLite its write lock stays held until the rollback,
+    which once queued for a thread behind requests waiting for that lock (30 s stalls, then 500s)."""
+    import asyncio
+
+    import anyio.to_thread
+    import httpx
+
+    app = create_app(db_url, threads=1)
+    setup_project(app)
+
+    async def labeler(transport, name):
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            logged_in = await client.post("/api/login", json={"username": name, "password": f"{name}-password"})
+            client.headers["X-CSRF-Token"] = logged_in.json()["csrf"]
+            calls = [("/api/progress", {"project": "nope"}), ("/api/progress", {}), ("/api/next", {})] * 5
+            return [(await client.get(path, params=params)).status_code for path, params in calls]
+
+    async def all_labelers():
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 1  # what the app's lifespan sets
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        calls = [labeler(transport, name) for name in ("ann", "bob", "cat", "dan") * 3]
+        return await asyncio.wait_for(asyncio.gather(*calls), timeout=20)
+
+    codes = {code for codes in asyncio.run(all_labelers()) for code in codes}
+    assert codes <= {200, 404}, codes
