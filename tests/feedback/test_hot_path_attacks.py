@@ -47,8 +47,10 @@ def dead_session_clients(app) -> dict[str, TestClient]:
     dead["disabled"] = dan
     assert admin.post("/api/admin/users/dan/disable", json={}).status_code == 200
     expired = login(TestClient(app), "ann")
-    with app.state.sessions() as db:  # every session of ann ends now; the copy above is a newer one
-        db.execute(update(WebSession).values(expires_at=service.now() - timedelta(seconds=1)))
+    with app.state.sessions() as db:  # every session of ann ends now, as 14 days after her login
+        ann_id = service.get_user(db, "ann").id
+        db.execute(update(WebSession).where(WebSession.user_id == ann_id).values(
+            expires_at=service.now() - timedelta(seconds=1)))
         db.commit()
     dead["expired"] = expired
     return dead
