@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote
 
+import anyio
 import anyio.to_thread
 from fastapi import Depends, FastAPI, Form, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -212,7 +213,10 @@ def create_app(db_url: str, secure_cookies: bool = False, threads: int | None = 
             yield session
         finally:
             if session.in_transaction():  # the endpoint failed half-way: the rollback is I/O
-                await run_in_threadpool(session.close)
+                # A limiter of its own, as FastAPI's own teardown of sync dependencies: with every thread
+                # of the pool taken by requests that wait for this transaction's (SQLite) write lock, a
+                # rollback queued behind them waited out their 30 s busy timeout (500s), again and again.
+                await anyio.to_thread.run_sync(session.close, limiter=anyio.CapacityLimiter(1))
             else:
                 session.close()
 

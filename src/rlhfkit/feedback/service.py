@@ -229,10 +229,12 @@ def log_in(session: Session, username: str, password: str, client: str) -> tuple
     user = authenticate(session, username, password)
     if user is None:
         raise FeedbackError("wrong username or password", 401)
-    # the attempt was counted as a failure: the account forgets its failures, the address this one
-    session.execute(delete(LoginFailures).where(LoginFailures.key == user_key))
+    # the attempt was counted as a failure: the address forgets this one, the account its failures. Rows
+    # in key order ("ip:" < "user:"), as reserve_login_attempt locks them: the other order deadlocked
+    # parallel logins of one account from one address on PostgreSQL.
     session.execute(update(LoginFailures).where(LoginFailures.key == client_key, LoginFailures.failures > 0)
-                    .values(failures=LoginFailures.failures - 1))  # committed with the session
+                    .values(failures=LoginFailures.failures - 1))
+    session.execute(delete(LoginFailures).where(LoginFailures.key == user_key))  # committed with the session
     return user, start_session(session, user)
 
 
