@@ -47,11 +47,13 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--nll", type=float, default=1.0)
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=PersonalDemoConfig.rounds)
     parser.add_argument("--per-round", type=int, default=16)
     parser.add_argument("--train-every", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--eval-prompts", type=int, default=PersonalDemoConfig.eval_prompts)
+    parser.add_argument("--eval-samples", type=int, default=PersonalDemoConfig.eval_samples)
     parser.add_argument("--tastes", nargs="+", choices=sorted(TASTES), default=["brief", "detailed"])
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -60,7 +62,8 @@ def main() -> None:
     dpo = PersonalDPOConfig(lr=args.lr, beta=args.beta, nll_coef=args.nll, epochs=args.epochs)
     run_personal_demo(PersonalDemoConfig(run_dir=args.run_dir, rounds=args.rounds, prompts_per_round=args.per_round,
                                          train_every=args.train_every, seed=args.seed, dpo=dpo,
-                                         max_new_tokens=args.max_new_tokens,
+                                         max_new_tokens=args.max_new_tokens, eval_prompts=args.eval_prompts,
+                                         eval_samples=args.eval_samples,
                                          tastes=[TASTES[t] for t in args.tastes]), progress=False)
 
 

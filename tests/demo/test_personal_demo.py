@@ -12,7 +12,8 @@ from rlhfkit.personal.train import PersonalDPOConfig
 
 
 def result(user, win, other):
-    return RoundResult(user, 1, 10, 1, win, {"other": other}, kl=0.1, distinct_2=0.5, distinct_2_shared=0.5)
+    return RoundResult(user, 1, 10, 1, win, {"other": other}, kl=0.1, distinct_2=0.5, distinct_2_shared=0.5,
+                       at_cap=0.0)
 
 
 def test_the_verdict_says_learned_only_when_every_interval_is_above_half_and_specificity_holds():
@@ -49,6 +50,7 @@ def test_the_personal_demo_runs_end_to_end_through_the_api_and_deletes_a_user_co
         rate, low, high = row["win_rate"]
         assert 0 <= rate <= 1 and low <= rate <= high
         assert set(row["specificity"]) == {"brief", "detailed"} - {row["user"]}
+        assert 0 <= row["at_cap"] <= 1
     assert report["deletion"] == {"user": "detailed", "complete": True,
                                   "left": {"choices": 0, "versions": 0, "files": False, "adapters_in_memory": []}}
     assert report["memory"]["adapter_mb"] > 0 and report["memory"]["users_in_8_gib"] > 0

@@ -8,7 +8,7 @@ its user's taste and no one else's.
         → the app's queue trains their next adapter every K new pairs (DPO + NLL, rlhfkit.personal.train)
         → on held-out prompts, the personal model vs the shared one (the base), one seed for both:
           win rate under the user's own taste, under every other user's taste (specificity),
-          KL to the base, distinct-2
+          KL to the base, distinct-2, the share of answers cut at max_new_tokens
     → memory, deletion of one user, report.json, curves.png, the verdict
 
 A win counts 1, a tie ½; the win rate's 95% interval is the delete-a-topic jackknife t interval of
@@ -98,7 +98,7 @@ class PersonalDemoConfig:
     rounds: int = 5
     prompts_per_round: int = 16  # questions each user asks (and answers) per round
     train_every: int = 12  # new pairs of a user that queue a training of their next version
-    eval_prompts: int = 24  # held-out prompts (two per topic)
+    eval_prompts: int = 48  # held-out prompts (two per topic: 24 topics, the interval's resampling units)
     eval_samples: int = 4  # answers per held-out prompt and model
     max_new_tokens: int = 40
     seed: int = 0
@@ -127,6 +127,7 @@ class RoundResult:
     kl: float
     distinct_2: float
     distinct_2_shared: float
+    at_cap: float  # share of the personal model's held-out answers that used all max_new_tokens (cut off)
 
 
 def win_rate(scores: Sequence[float], shared: Sequence[float], prompts: Sequence[str],
@@ -227,7 +228,12 @@ class PersonalDemo:
         others = {t.user: rate(t) for t in self.config.tastes if t.user != taste.user}
         kl = self.kl_to_base(adapter, keys, mine) if adapter else 0.0
         return RoundResult(taste.user, round_, pairs, self.models.version(owner), rate(taste), others, kl,
-                           distinct_n(mine, 2), distinct_n(shared, 2))
+                           distinct_n(mine, 2), distinct_n(shared, 2), self.at_cap(mine))
+
+    def at_cap(self, answers: Sequence[str]) -> float:
+        """Share of ``answers`` whose re-encoded tokens reach max_new_tokens: cut by the budget, not ended."""
+        tokenizer, cap = self.models.tokenizer, self.config.max_new_tokens
+        return sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) >= cap for a in answers) / len(answers)
 
     def memory(self) -> dict:
         """Base MB, MB per adapter (the largest loaded), and users whose adapters fit in 8 GiB beside the base
@@ -261,7 +267,8 @@ def print_round(r: RoundResult) -> None:
     others = ", ".join(f"{u} {w:.2f} [{lo:.2f}, {hi:.2f}]" for u, (w, lo, hi) in r.specificity.items())
     console.print(f"{r.user:>9} round {r.round}: {r.pairs:>3} pairs, v{r.version} · win rate vs shared "
                   f"{rate:.2f} [{low:.2f}, {high:.2f}] · under {others} · KL {r.kl:.2f} · distinct-2 "
-                  f"{r.distinct_2:.3f} (shared {r.distinct_2_shared:.3f})", highlight=False)
+                  f"{r.distinct_2:.3f} (shared {r.distinct_2_shared:.3f}) · at the token cap {r.at_cap:.0%}",
+                  highlight=False)
 
 
 def plot_curves(results: Sequence[RoundResult], path: Path) -> Path:
