@@ -227,6 +227,46 @@ def test_many_tabs_of_several_labelers_logging_in_at_once_get_no_server_error(db
     assert len(codes) == 20 and set(codes) <= {200, 429}, sorted(codes)
 
 
+def test_a_login_attempt_holds_no_new_row_while_it_waits_for_the_address_row(db_url):
+    """The deadlock behind a CI 500 (40 tabs, PostgreSQL), played in order: attempt A of an account whose
+    failure row does not exist yet reaches the throttle while attempt B holds the address row; B then
+    counts its failure on both rows. A must not have created the account's row before it waits for the
+    address's (B would wait on A, A on B: "deadlock detected", one of them a 500)."""
+    import time
+
+    from sqlalchemy import text
+
+    from rlhfkit.feedback.db import LoginFailures
+
+    if not db_url.startswith("postgresql"):
+        pytest.skip("SQLite runs one writing transaction at a time")
+    app = create_app(db_url)
+    address, account = "ip:office", "user:tab0"
+    with app.state.sessions() as db:
+        service.record_login_failure(db, [address])
+    errors = []
+
+    def attempt_a():
+        with app.state.sessions() as db:
+            try:
+                service.reserve_login_attempt(db, [address, account])
+            except Exception as exc:
+                errors.append(exc)
+
+    with app.state.sessions() as b, app.state.sessions() as watcher:
+        b.scalars(select(LoginFailures).where(LoginFailures.key == address).with_for_update()).all()
+        a = threading.Thread(target=attempt_a)
+        a.start()
+        waiting = text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+        deadline = time.time() + 10
+        while watcher.scalar(waiting) < 1 and time.time() < deadline:
+            watcher.rollback()
+            time.sleep(0.02)
+        service.record_login_failure(b, [address, account])  # commits: A goes on
+        a.join(10)
+    assert errors == [] and not a.is_alive()
+
+
 @pytest.mark.parametrize("delay", [0.0, 0.05, 0.2])
 def test_a_disable_racing_the_labelers_tabs_over_http_leaves_them_nothing_open(db_url, delay):
     """cat's three tabs loop next/submit/undo through the hot path while the admin disables her: every

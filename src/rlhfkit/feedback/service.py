@@ -181,8 +181,13 @@ def reserve_login_attempt(session: Session, keys: Sequence[str]) -> float:
     keys = sorted(set(keys))
     wait = _login_wait(session, keys)
     if wait <= 0:
+        # Rows created or locked one by one in key order, the same order as every other lock on them (a
+        # no-op update locks an existing row): with DO NOTHING a new account row was held before the
+        # address row was locked, and two tabs of one account logging in deadlocked on PostgreSQL.
         session.execute(_upsert(session)(LoginFailures).values([{"key": k, "failures": 0, "last_failure": now()}
-                                                                 for k in keys]).on_conflict_do_nothing())
+                                                                 for k in keys])
+                        .on_conflict_do_update(index_elements=[LoginFailures.key],
+                                               set_={"failures": LoginFailures.failures}))
         wait = _login_wait(session, keys, lock=True)
         if wait <= 0:
             record_login_failure(session, keys)
