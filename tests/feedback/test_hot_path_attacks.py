@@ -227,7 +227,7 @@ def test_many_tabs_of_several_labelers_logging_in_at_once_get_no_server_error(db
     assert len(codes) == 20 and set(codes) <= {200, 429}, sorted(codes)
 
 
-def test_a_login_attempt_holds_no_new_row_while_it_waits_for_the_address_row(db_url):
+def test_a_login_attempt_holds_no_new_row_while_it_waits_for_the_address_row(postgres):
     """The deadlock behind a CI 500 (40 tabs, PostgreSQL), played in order: attempt A of an account whose
     failure row does not exist yet reaches the throttle while attempt B holds the address row; B then
     counts its failure on both rows. A must not have created the account's row before it waits for the
@@ -236,11 +236,10 @@ def test_a_login_attempt_holds_no_new_row_while_it_waits_for_the_address_row(db_
 
     from sqlalchemy import text
 
+    from feedback_postgres import fresh_database
     from rlhfkit.feedback.db import LoginFailures
 
-    if not db_url.startswith("postgresql"):
-        pytest.skip("SQLite runs one writing transaction at a time")
-    app = create_app(db_url)
+    app = create_app(fresh_database(postgres))  # PostgreSQL only: SQLite runs one writing transaction at a time
     address, account = "ip:office", "user:tab0"
     with app.state.sessions() as db:
         service.record_login_failure(db, [address])
