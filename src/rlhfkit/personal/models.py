@@ -36,6 +36,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlhfkit.generate import format_prompt
 from rlhfkit.models.engine import Decoding, sample_completions
 from rlhfkit.models.policy import check_prompt_lengths, prepare_tokenizer
+from rlhfkit.rl.trainer import partial_folder
 
 POPULATION = "population"
 FRESH = "fresh"  # the never-trained adapter that keeps the peft wrapper's set of adapters non-empty
@@ -174,7 +175,7 @@ class PersonalModels:
         if trained != f"{owner}-v{version}":
             raise ValueError(f"{trained}: not {owner}'s next version (v{version})")
         final = self.folder / owner / f"v{version}"
-        partial = final.with_name(f".{final.name}.partial")
+        partial = partial_folder(final)
         shutil.rmtree(partial, ignore_errors=True)  # left by a crash mid-write
         partial.mkdir(parents=True)
         with self.lock:

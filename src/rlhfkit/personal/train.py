@@ -29,12 +29,11 @@ from sqlalchemy.orm import Session
 
 from rlhfkit.config import require, require_field_types
 from rlhfkit.data.records import PreferencePair
-from rlhfkit.generate import format_prompt
-from rlhfkit.models.policy import TokenBatch, completion_logits, token_logprobs, tokenize_completions
+from rlhfkit.models.policy import TokenBatch, completion_logits, token_logprobs
 from rlhfkit.models.update import TrainingDiverged, adamw, apply_gradients
 from rlhfkit.personal.models import POPULATION, PersonalModels, user_owner
 from rlhfkit.personal.store import preference_pairs, user_choices, users_with_pairs
-from rlhfkit.rl.dpo import dpo_loss
+from rlhfkit.rl.dpo import dpo_loss, pair_tokens
 
 
 @dataclass
@@ -60,10 +59,8 @@ class PersonalDPOConfig:
 
 def pair_batch(models: PersonalModels, pairs: Sequence[PreferencePair], config: PersonalDPOConfig) -> TokenBatch:
     """Chosen completions then rejected ones, as the model reads them (its prompt format)."""
-    prompts = [format_prompt(p.prompt, models.tokenizer, models.use_chat_template) for p in pairs] * 2
-    completions = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    return tokenize_completions(models.tokenizer, prompts, completions, not models.use_chat_template,
-                                config.max_prompt_tokens, config.max_completion_tokens, models.model)
+    return pair_tokens(pairs, models.tokenizer, models.use_chat_template, config.max_prompt_tokens,
+                       config.max_completion_tokens, models.model)
 
 
 def sequence_logprobs(models: PersonalModels, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:

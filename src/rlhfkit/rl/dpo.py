@@ -87,6 +87,16 @@ def _completion_text(text: Text) -> str:
     return text if isinstance(text, str) else "".join(m.content for m in text)
 
 
+def pair_tokens(pairs: Sequence[PreferencePair], tokenizer: PreTrainedTokenizerBase, use_chat_template: bool,
+                max_prompt_tokens: int, max_completion_tokens: int, model: PreTrainedModel) -> TokenBatch:
+    """Chosen completions then rejected ones, in one batch (one forward pass for both), as ``model`` reads
+    them (its prompt format); prompts cut to fit the model's positions if need be."""
+    prompts = [format_prompt(p.prompt, tokenizer, use_chat_template) for p in pairs] * 2
+    completions = [_completion_text(p.chosen) for p in pairs] + [_completion_text(p.rejected) for p in pairs]
+    return tokenize_completions(tokenizer, prompts, completions, not use_chat_template, max_prompt_tokens,
+                                max_completion_tokens, model)
+
+
 class DPOTrainer:
     def __init__(self, config: DPOConfig, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  reference: Reference | None = None, accelerator: Accelerator | None = None) -> None:
@@ -99,14 +109,9 @@ class DPOTrainer:
         self.history: list[dict] = []
 
     def batch(self, pairs: Sequence[PreferencePair]) -> TokenBatch:
-        """Chosen completions then rejected ones, in one batch (one forward pass for both); prompts cut to
-        fit the model's positions if need be."""
         cfg = self.config
-        prompts = [format_prompt(p.prompt, self.tokenizer, cfg.use_chat_template) for p in pairs] * 2
-        completions = [_completion_text(p.chosen) for p in pairs] + [_completion_text(p.rejected) for p in pairs]
-        return tokenize_completions(self.tokenizer, prompts, completions, not cfg.use_chat_template,
-                                    cfg.max_prompt_tokens, cfg.max_completion_tokens,
-                                    self.accelerator.unwrap_model(self.actor).model)
+        return pair_tokens(pairs, self.tokenizer, cfg.use_chat_template, cfg.max_prompt_tokens,
+                           cfg.max_completion_tokens, self.accelerator.unwrap_model(self.actor).model)
 
     def sequence_logprobs(self, batch: TokenBatch, reference: bool = False) -> torch.Tensor:
         batch = batch.to(self.accelerator.device)
