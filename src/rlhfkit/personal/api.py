@@ -120,12 +120,6 @@ def include_personal(app: FastAPI, models: PersonalModels, settings: PersonalSet
     @router.post("/api/personal/ask")
     def ask(*, user: User = Depends(api_user), body: AskJson, session: Session = Depends(db)):
         owner, head = user_owner(user.id), cold_start_head(user.id, session)
-
-        def respond(adapter: str | None, temperature: float, n: int) -> str:
-            """One sample, or the best of n by the user's head."""
-            samples = [models.answer(body.prompt, adapter, temperature, settings.max_new_tokens) for _ in range(n)]
-            return samples[0] if n == 1 else reranker.best_of_n(head, body.prompt, samples)[0]
-
         with models.lock:  # a training that publishes meanwhile must not drop the adapters picked here
             personal, start = models.adapter(owner), models.starting_point(owner)
             if personal is not None:
@@ -135,9 +129,11 @@ def include_personal(app: FastAPI, models: PersonalModels, settings: PersonalSet
                            (start, settings.alternative_temperature, 1)]
             random.shuffle(options)
             try:
-                answers = tuple(respond(*option) for option in options)
+                samples = [[models.answer(body.prompt, adapter, t, settings.max_new_tokens) for _ in range(n)]
+                           for adapter, t, n in options]
             except PromptTooLong as exc:
                 raise FeedbackError(f"prompt: {exc}", 422) from None
+        answers = tuple(s[0] if len(s) == 1 else reranker.best_of_n(head, body.prompt, s)[0] for s in samples)
         labels = tuple(model_label(adapter, t, settings, n) for adapter, t, n in options)
         row = store.record_question(session, user, body.prompt, answers, labels)
         return {"question_id": row.id, "answers": [a.strip() for a in answers], "models": list(labels)}

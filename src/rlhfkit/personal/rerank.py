@@ -13,7 +13,10 @@ transformers encoder folder, such as an rlhfkit reward model's (mean pooling the
 would cancel in d, so the head has no bias. Beside the embedding, φ holds two generic surface features,
 stated here because a head can only learn what φ shows: the answer's relevance to the prompt e(x)·e(y)
 (the RelevanceJudge's score) and its log length in the encoder's tokens, which a unit-norm mean-pooled
-embedding barely keeps. Nothing in φ reads a simulated user's scoring function.
+embedding barely keeps. Nothing in φ reads a simulated user's scoring function. Measured once on the toy
+policy (a user's first 4, 8, 16, 31 pairs of base samples, then the best of 4 vs one sample on 48 held-out
+prompts, win rate under their taste): a "detailed" taste reaches 0.45, 0.55, 0.52, 0.57 with the embedding
+alone and 0.70, 0.77, 0.77, 0.78 with φ as above (always picking the longest: 0.80).
 
 A head is a function of the user's pairs only, which the database holds: it lives in memory, is refitted
 when the pairs change, and is dropped with them (``forget``).
