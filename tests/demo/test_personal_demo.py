@@ -60,7 +60,7 @@ def test_a_tie_counts_half_and_the_interval_resamples_topics():
 
 def test_the_personal_demo_runs_end_to_end_through_the_api_and_deletes_a_user_completely(tmp_path):
     config = PersonalDemoConfig(run_dir=tmp_path / "run", rounds=2, prompts_per_round=3, train_every=2,
-                                eval_prompts=4, eval_samples=1, max_new_tokens=6,
+                                eval_prompts=4, eval_samples=2, max_new_tokens=6,
                                 dpo=PersonalDPOConfig(epochs=1, lr=1e-2), rerank=RerankConfig(n=2, min_pairs=1))
     report = run_personal_demo(config, build_tiny_causal(), word_tokenizer(), progress=False)
     assert [(r["user"], r["round"]) for r in report["rounds"]] == [("brief", 1), ("detailed", 1),

@@ -15,8 +15,10 @@ its user's taste and no one else's.
     → memory, deletion of one user, report.json, curves.png, the verdict, the pairs at which the
       adapter first beats reranking (its win rate above reranking's)
 
-The reranking candidates of held-out sample s are drawn with seeds after the shared samples' (never the
-shared answer itself), once: the shared model does not change, only each user's head.
+The reranking candidates of a held-out prompt are N samples of the shared model with the seeds after the
+shared samples' (never a shared answer itself), drawn once: the shared model does not change, only each
+user's head. The prompt's best candidate is compared with each of its shared samples (N more samples per
+prompt, not N per comparison: the demo's time).
 
 A win counts 1, a tie ½; the win rate's 95% interval is the delete-a-topic jackknife t interval of
 rlhfkit.eval.metrics (held-out prompts come two per topic, samples of one prompt are not independent).
@@ -219,23 +221,23 @@ class PersonalDemo:
                 for p in prompts for s in seeds]
 
     def draw_candidates(self, prompts: Sequence[str]) -> None:
-        """N samples of the shared model per held-out (prompt, sample) — sample k's are seeds S + kN … S + kN
-        + N − 1, S = ``eval_samples`` — and their features φ, once for every user and round."""
+        """N samples of the shared model per held-out prompt (seeds S … S + N − 1, S = ``eval_samples``) and
+        their features φ, once for every user and round."""
         n, first = self.reranker.config.n, self.config.eval_samples
-        self.candidates = self.answers(None, prompts, range(first, first + first * n))
-        self.candidate_features = self.reranker.features([p for p in prompts for _ in range(first * n)],
-                                                         self.candidates)
+        self.candidates = self.answers(None, prompts, range(first, first + n))
+        self.candidate_features = self.reranker.features([p for p in prompts for _ in range(n)], self.candidates)
 
     def reranked(self, taste: Taste) -> list[str] | None:
-        """Per held-out (prompt, sample), the candidate the user's head scores highest (None: no head yet,
-        fewer pairs than ``rerank.min_pairs``)."""
+        """Per held-out prompt, the candidate the user's head scores highest, once per sample (aligned with
+        the shared answers); None: no head yet, fewer pairs than ``rerank.min_pairs``."""
         user_id = self.ids[taste.user]
         with self.app.state.sessions() as db:
             head = self.reranker.head(user_id, store.preference_pairs(store.user_choices(db, user_id)))
         if head is None:
             return None
         best = (self.candidate_features @ head.weights).view(-1, self.reranker.config.n).argmax(dim=1)
-        return [self.candidates[i * self.reranker.config.n + j] for i, j in enumerate(best.tolist())]
+        return [self.candidates[i * self.reranker.config.n + j] for i, j in enumerate(best.tolist())
+                for _ in range(self.config.eval_samples)]
 
     def kl_to_base(self, adapter: str, prompts: Sequence[str], answers: Sequence[str]) -> float:
         """mean[log π_u(y|x) − log π_base(y|x)] over the personal model's own answers (nats per answer)."""
