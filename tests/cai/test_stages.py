@@ -10,6 +10,7 @@ from rlhfkit.cai.feedback import FeedbackConfig, ModelOptionScorer, comparison_d
 from rlhfkit.cai.sft import SFTConfig, mean_loss, train_sft
 from rlhfkit.data.io import read_records
 from rlhfkit.data.records import Completion, PreferencePair, Prompt, Revision, SamplingParams
+from rlhfkit.generate import Samples
 from rlhfkit.models.update import TrainingDiverged
 
 # the word-level test vocabulary has no "A"/"B": answer with "a" and "i"
@@ -220,7 +221,7 @@ def test_a_chat_model_critiques_and_revises_in_a_real_multi_turn_conversation(mo
 
     def sample_batch(model, tokenizer, texts, n, sampling, use_chat_template):
         seen.extend(texts)
-        return [[f"answer {len(seen)}"] for _ in texts], 1
+        return Samples([[f"answer {len(seen)}"] for _ in texts], [[False] for _ in texts], 1)
 
     monkeypatch.setattr(critique, "sample_batch", sample_batch)
     rules = RULES.model_copy(update={"principles": RULES.principles[:1]})

@@ -42,8 +42,7 @@ def complete(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: 
              sampling: SamplingParams, use_chat_template: bool) -> list[str]:
     """One completion for each plain-text request (formatted as a user turn with a chat template)."""
     formatted = [format_prompt(t, tokenizer, use_chat_template) for t in texts]
-    samples, _ = sample_batch(model, tokenizer, formatted, 1, sampling, use_chat_template)
-    return [s[0] for s in samples]
+    return [s[0] for s in sample_batch(model, tokenizer, formatted, 1, sampling, use_chat_template).texts]
 
 
 def _turn(role: str, content: str) -> Message:
