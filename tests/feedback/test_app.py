@@ -1,5 +1,6 @@
 """The labeling app's API on SQLite and on a real PostgreSQL server."""
 
+import json
 import threading
 
 from fastapi.testclient import TestClient
@@ -156,6 +157,23 @@ def test_admin_sees_agreement_gold_accuracy_and_exports_without_poor_labelers(db
     assert len(rankings) == 5 * 4
     page = admin.get("/admin?project=demo", headers={"accept": "text/html"})
     assert page.status_code == 200 and "Krippendorff" in page.text and "data:image/png;base64" in page.text
+
+
+def test_an_answer_cut_at_the_generation_limit_keeps_its_flag_from_project_to_exported_pairs(db_url):
+    app = create_app(db_url)
+    with app.state.sessions() as db:
+        service.create_user(db, "admin", "admin", password="admin-pass")
+        service.create_user(db, "ann", password="ann-password")
+        cut = make_completions("p0", 2)
+        cut[1] = cut[1].model_copy(update={"truncated": True})
+        service.create_project(db, "demo", "helpfulness", cut, "", overlap=1)
+        assert [c.truncated for c in service.project_completions(db, service.get_project(db, "demo"))] == [False, True]
+    ann = login(TestClient(app), "ann")
+    item = ann.get("/api/next").json()
+    ann.post("/api/labels", json={"item_id": item["item_id"], "groups": [["p0-1"], ["p0-0"]]})
+    [line] = login(TestClient(app), "admin", "admin-pass").get("/admin/export/pairs?project=demo").text.splitlines()
+    pair = json.loads(line)
+    assert (pair["chosen_id"], pair["chosen_truncated"], pair["rejected_truncated"]) == ("p0-1", True, False)
 
 
 def test_invites_and_user_creation_through_the_api(db_url):
