@@ -180,6 +180,8 @@ class Revision(Record):
     initial: str
     steps: list[RevisionStep] = Field(default_factory=list)
     final: str
+    # True: the final answer was cut at max_new_tokens (no EOS, no stop string); SFT gives it no EOS.
+    final_truncated: bool = False
     model: str = ""
 
 
