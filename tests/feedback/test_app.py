@@ -208,7 +208,9 @@ def test_admin_creates_a_project_by_upload_through_the_csrf_protected_forms(tmp_
                         follow_redirects=False)
     assert done.status_code == 303 and done.headers["location"] == "/admin"
     token = csrf(browser.get("/admin"))
-    write_records(tmp_path / "c.jsonl", make_completions("p0", 3) + make_completions("p1", 3))
+    uploaded = make_completions("p0", 3) + make_completions("p1", 3)
+    uploaded[1] = uploaded[1].model_copy(update={"truncated": True})  # cut at the generation limit
+    write_records(tmp_path / "c.jsonl", uploaded)
     form = {"name": "uploaded", "criterion": "harmlessness", "overlap": "2", "csrf": token}
     with open(tmp_path / "c.jsonl", "rb") as f:
         created = browser.post("/admin/projects", data=form, files={"completions": ("c.jsonl", f)},
@@ -220,6 +222,8 @@ def test_admin_creates_a_project_by_upload_through_the_csrf_protected_forms(tmp_
     assert "bad.jsonl" in refused.json()["detail"] and "line 1" in refused.json()["detail"]
     with app.state.sessions() as db:
         assert service.progress(db, service.get_project(db, "uploaded"))["items"] == 2
+        stored = service.project_completions(db, service.get_project(db, "uploaded"))
+        assert {c.id for c in stored if c.truncated} == {"p0-1"}
 
 
 def test_threads_caps_the_requests_that_run_database_work_at_once(tmp_path):
