@@ -39,7 +39,7 @@ from rlhfkit.feedback.app import create_app
 from rlhfkit.generate import format_prompt
 from rlhfkit.models.policy import tokenize_completions
 from rlhfkit.personal.api import PersonalSettings, include_personal
-from rlhfkit.personal.models import PersonalModels, user_owner
+from rlhfkit.personal.models import Answer, PersonalModels, user_owner
 from rlhfkit.personal.train import PersonalDPOConfig, sequence_logprobs
 
 WORD = re.compile(r"[A-Za-z']+")
@@ -127,7 +127,7 @@ class RoundResult:
     kl: float
     distinct_2: float
     distinct_2_shared: float
-    at_cap: float  # share of the personal model's held-out answers that used all max_new_tokens (cut off)
+    at_cap: float  # share of the personal model's held-out answers cut at max_new_tokens (no EOS sampled)
 
 
 def win_rate(scores: Sequence[float], shared: Sequence[float], prompts: Sequence[str],
@@ -196,18 +196,20 @@ class PersonalDemo:
             pairs = chosen["pairs"]
         return pairs
 
-    def answers(self, adapter: str | None, prompts: Sequence[str]) -> list[str]:
-        """``eval_samples`` answers per prompt, sample s of every model drawn with seed s."""
+    def answers(self, adapter: str | None, prompts: Sequence[str]) -> list[Answer]:
+        """``eval_samples`` answers per prompt (texts stripped), sample s of every model drawn with seed s."""
         n = self.config.eval_samples
-        return [self.models.answer(p, adapter, 1.0, self.config.max_new_tokens, seed=s).strip()
-                for p in prompts for s in range(n)]
+        sampled = [self.models.answer(p, adapter, 1.0, self.config.max_new_tokens, seed=s)
+                   for p in prompts for s in range(n)]
+        return [Answer(a.text.strip(), a.truncated) for a in sampled]
 
-    def kl_to_base(self, adapter: str, prompts: Sequence[str], answers: Sequence[str]) -> float:
-        """mean[log π_u(y|x) − log π_base(y|x)] over the personal model's own answers (nats per answer)."""
+    def kl_to_base(self, adapter: str, prompts: Sequence[str], answers: Sequence[Answer]) -> float:
+        """mean[log π_u(y|x) − log π_base(y|x)] over the personal model's own answers (nats per answer; an
+        answer cut at max_new_tokens without its EOS, as sampled)."""
         models = self.models
         texts = [format_prompt(p, models.tokenizer, models.use_chat_template) for p in prompts]
-        batch = tokenize_completions(models.tokenizer, texts, list(answers), not models.use_chat_template,
-                                     256, self.config.max_new_tokens + 8, models.model)
+        batch = tokenize_completions(models.tokenizer, texts, [a.text for a in answers], not models.use_chat_template,
+                                     256, self.config.max_new_tokens + 8, models.model, [a.truncated for a in answers])
         with torch.no_grad():
             with models.active(adapter):
                 mine = sequence_logprobs(models, batch)[0]
@@ -216,24 +218,20 @@ class PersonalDemo:
         return (mine - base).mean().item()
 
     def evaluate(self, taste: Taste, round_: int, pairs: int, prompts: Sequence[str], topics: dict[str, str],
-                 shared: list[str]) -> RoundResult:
+                 shared: list[Answer]) -> RoundResult:
         owner = user_owner(self.ids[taste.user])
         adapter = self.models.adapter(owner)
         mine = self.answers(adapter, prompts) if adapter else shared
         keys = [p for p in prompts for _ in range(self.config.eval_samples)]
 
         def rate(judge: Taste) -> tuple[float, float, float]:
-            return win_rate([judge.score(a) for a in mine], [judge.score(a) for a in shared], keys, topics)
+            return win_rate([judge.score(a.text) for a in mine], [judge.score(a.text) for a in shared], keys, topics)
 
         others = {t.user: rate(t) for t in self.config.tastes if t.user != taste.user}
         kl = self.kl_to_base(adapter, keys, mine) if adapter else 0.0
         return RoundResult(taste.user, round_, pairs, self.models.version(owner), rate(taste), others, kl,
-                           distinct_n(mine, 2), distinct_n(shared, 2), self.at_cap(mine))
-
-    def at_cap(self, answers: Sequence[str]) -> float:
-        """Share of ``answers`` whose re-encoded tokens reach max_new_tokens: cut by the budget, not ended."""
-        tokenizer, cap = self.models.tokenizer, self.config.max_new_tokens
-        return sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) >= cap for a in answers) / len(answers)
+                           distinct_n([a.text for a in mine], 2), distinct_n([a.text for a in shared], 2),
+                           sum(a.truncated for a in mine) / len(mine))
 
     def memory(self) -> dict:
         """Base MB, MB per adapter (the largest loaded), and users whose adapters fit in 8 GiB beside the base
