@@ -29,7 +29,7 @@ def look(samples: int = 4) -> None:
     models = PersonalModels(policy, tokenizer, Path("/tmp/personal-tastes-look"))
     train, _, _ = demo_task_prompts(PersonalDemoConfig())
     prompts = train[:24]
-    answers = [models.answer(p, None, 1.0, 40, seed=s).strip() for p in prompts for s in range(samples)]
+    answers = [models.answer(p, None, 1.0, 40, seed=s).text.strip() for p in prompts for s in range(samples)]
     sentiment = SentimentJudge()([p for p in prompts for _ in range(samples)], answers).tolist()
     for name, values in {"words": [words(a) for a in answers], "sentiment": sentiment,
                          "exclamations": [a.count("!") for a in answers], "questions": [a.count("?") for a in answers]

@@ -1,14 +1,18 @@
 import json
 
 import pytest
+import torch
 
 from conftest import (
+    SPECIALS,
     TOPICS,
+    build_tiny_causal,
     build_tiny_reward_backbone,
     invoke,
     minilm_tokenizer,
     save_tiny_policy,
     synthetic_pairs,
+    word_tokenizer,
 )
 from rlhfkit.data.io import read_records, write_records
 from rlhfkit.data.records import Completion, PreferencePair, Ranking
@@ -91,6 +95,39 @@ def test_unknown_reward_spec_is_reported(tmp_path):
     write_records(tmp_path / "c.jsonl", [Completion(id="a", prompt_id="p", prompt="q", text="t", index=0)])
     result = invoke("reward", "score", tmp_path / "c.jsonl", "--reward", "judge:vibes", "-o", tmp_path / "s.jsonl")
     assert result.exit_code == 1 and "unknown judge 'vibes'" in result.output
+
+
+def save_policy_that_ends_with_probability(path, p_eos: float):
+    """A tiny policy whose next token is EOS with probability ``p_eos`` at every step, else one of the
+    words (never another special token): the final layer norm outputs a constant h = e_0, and the tied
+    embeddings give EOS the logit log(p_eos / (1 − p_eos) · #words), each word 0, the other specials −100."""
+    model = build_tiny_causal()
+    words, eos = model.config.vocab_size - len(SPECIALS), SPECIALS.index("<eos>")
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()
+        model.transformer.ln_f.bias[0] = 1.0
+        wte = model.transformer.wte.weight
+        wte[:, 0] = 0.0
+        wte[:len(SPECIALS), 0] = -100.0
+        wte[eos, 0] = torch.tensor(p_eos / (1 - p_eos) * words).log()
+    model.save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_generate_marks_the_answers_cut_at_max_new_tokens(tmp_path):
+    """An answer that used all max_new_tokens without EOS is marked truncated; one that ended is not."""
+    policy = save_policy_that_ends_with_probability(tmp_path / "policy", 0.3)
+    (tmp_path / "prompts.txt").write_text("how do i fix bike\nhow do i bake cake\n")
+    out = tmp_path / "completions.jsonl"
+    result = invoke("generate", tmp_path / "prompts.txt", "-o", out, "--model", policy, "-n", 8,
+                    "--max-new-tokens", 4)
+    assert result.exit_code == 0, result.output
+    completions = read_records(out, Completion)
+    assert {c.truncated for c in completions} == {True, False}  # 0.7^4 ≈ 24% of 16 answers cut
+    for c in completions:  # one word per token: a cut answer holds all 4, an ended one fewer (EOS took a step)
+        assert c.truncated == (len(c.text.split()) == 4), c
 
 
 def test_rl_commands_from_a_yaml_config_with_checkpoint_and_resume(tmp_path, policy_dir):

@@ -15,6 +15,7 @@ import zlib
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -57,12 +58,27 @@ def _batch_seed(seed: int, prompt_ids: Sequence[str]) -> int:
     return (seed * 1_000_003 + zlib.crc32("\x00".join(prompt_ids).encode())) % (2**63)
 
 
+def cut_at_limit(new_tokens: torch.Tensor, eos_token_id: int | None) -> list[bool]:
+    """Per row of sampled tokens [B, T]: True when it holds no EOS, i.e. sampling stopped at
+    ``max_new_tokens`` and the text is the start of an answer, not a whole one."""
+    if eos_token_id is None:
+        return [True] * len(new_tokens)
+    return (~(new_tokens == eos_token_id).any(dim=1)).tolist()
+
+
+class Samples(NamedTuple):
+    """``n`` completions per prompt, whether each was cut at ``max_new_tokens``, and the new tokens produced."""
+
+    texts: list[list[str]]
+    truncated: list[list[bool]]
+    tokens: int
+
+
 @torch.inference_mode()
 def sample_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], n: int,
-                 sampling: SamplingParams, use_chat_template: bool,
-                 names: Sequence[str] | None = None) -> tuple[list[list[str]], int]:
+                 sampling: SamplingParams, use_chat_template: bool, names: Sequence[str] | None = None) -> Samples:
     """``n`` completions for each of ``texts`` (already formatted; ``names`` label them in errors), sampled
-    with ``sampling``'s settings only (none from the model's generation_config), and the number of new tokens."""
+    with ``sampling``'s settings only (none from the model's generation_config)."""
     # A chat template already holds the special tokens the model expects; don't add them twice.
     encoded = tokenizer(texts, return_tensors="pt", padding=True,
                         add_special_tokens=not use_chat_template).to(model.device)
@@ -72,7 +88,9 @@ def sample_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tex
     special = torch.tensor(sorted(tokenizer.all_special_ids), device=new_tokens.device)
     produced = int((~torch.isin(new_tokens, special)).sum())
     decoded = [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    return [decoded[i * n:(i + 1) * n] for i in range(len(texts))], produced
+    cut = cut_at_limit(new_tokens, tokenizer.eos_token_id)
+    per_prompt = range(0, len(decoded), n)
+    return Samples([decoded[i:i + n] for i in per_prompt], [cut[i:i + n] for i in per_prompt], produced)
 
 
 def _resume(output: Path, n: int) -> dict[str, int]:
@@ -119,12 +137,12 @@ def generate_completions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
             batch = todo[start:start + batch_size]
             torch.manual_seed(_batch_seed(sampling.seed, [p.id for p in batch]))
             texts = [format_prompt(p.text, tokenizer, use_chat_template) for p in batch]
-            samples, produced = sample_batch(model, tokenizer, texts, n, sampling, use_chat_template,
-                                             [p.id for p in batch])
-            tokens += produced
+            samples = sample_batch(model, tokenizer, texts, n, sampling, use_chat_template, [p.id for p in batch])
+            tokens += samples.tokens
             new = [Completion(id=f"{p.id}-{i}", prompt_id=p.id, prompt=p.text, text=text, index=i,
-                              model=model_name, sampling=sampling)
-                   for p, texts_of_p in zip(batch, samples, strict=True) for i, text in enumerate(texts_of_p)]
+                              model=model_name, sampling=sampling, truncated=cut)
+                   for p, texts_of_p, cut_of_p in zip(batch, samples.texts, samples.truncated, strict=True)
+                   for i, (text, cut) in enumerate(zip(texts_of_p, cut_of_p, strict=True))]
             if output is not None:
                 append_records(output, new)
             created += new

@@ -10,6 +10,7 @@ from rlhfkit.cai.feedback import FeedbackConfig, ModelOptionScorer, comparison_d
 from rlhfkit.cai.sft import SFTConfig, mean_loss, train_sft
 from rlhfkit.data.io import read_records
 from rlhfkit.data.records import Completion, PreferencePair, Prompt, Revision, SamplingParams
+from rlhfkit.generate import Samples
 from rlhfkit.models.update import TrainingDiverged
 
 # the word-level test vocabulary has no "A"/"B": answer with "a" and "i"
@@ -74,6 +75,13 @@ def test_a_consistent_preference_becomes_a_soft_label_with_the_winner_first(tmp_
     assert all(p.chosen == "nice reply" and p.label == pytest.approx((0.8 + 0.7) / 2) for p in nice)
     assert label_pairs(responses, RULES, likes_nice, output=out, progress=False) == []  # resumed: all done
     assert read_records(out, PreferencePair) == pairs
+
+
+def test_ai_feedback_pairs_carry_whether_each_answer_was_cut_at_the_generation_limit():
+    likes_nice = lambda texts: torch.tensor([0.8 if "(A) nice" in t else 0.3 for t in texts])  # noqa: E731
+    rude, nice = completions("p", ["rude reply", "nice reply"])
+    [pair] = label_pairs([rude, nice.model_copy(update={"truncated": True})], RULES, likes_nice, progress=False)
+    assert (pair.chosen, pair.chosen_truncated, pair.rejected_truncated) == ("nice reply", True, False)
 
 
 def test_chain_of_thought_labels_are_clamped_to_the_band():
@@ -220,7 +228,7 @@ def test_a_chat_model_critiques_and_revises_in_a_real_multi_turn_conversation(mo
 
     def sample_batch(model, tokenizer, texts, n, sampling, use_chat_template):
         seen.extend(texts)
-        return [[f"answer {len(seen)}"] for _ in texts], 1
+        return Samples([[f"answer {len(seen)}"] for _ in texts], [[False] for _ in texts], 1)
 
     monkeypatch.setattr(critique, "sample_batch", sample_batch)
     rules = RULES.model_copy(update={"principles": RULES.principles[:1]})
@@ -235,6 +243,33 @@ def test_a_chat_model_critiques_and_revises_in_a_real_multi_turn_conversation(mo
     shown = revision_dry_run(rules, "how do i fix bike", tokenizer, use_chat_template=True)
     assert list(shown.values())[2] == ("<bos> user how do i fix bike <bos> assistant <initial response> <bos> user "
                                        "is it bad <bos> assistant <critique> <bos> user make it nice assistant")
+
+
+@pytest.mark.parametrize(("revision", "cut", "final", "final_truncated"), [
+    ("help more words", True, "help more words", True),  # cut at the limit: the start of an answer
+    ("help more\n\nHuman: again", True, "help more", False),  # a stop string ended it before the limit
+    ("help more", False, "help more", False),  # EOS sampled
+    ("", True, "nice answer", True),  # an empty revision keeps the initial answer, cut as it was
+])
+def test_a_final_revision_cut_at_max_new_tokens_is_marked_and_trained_without_eos(monkeypatch, revision, cut, final,
+                                                                                   final_truncated):
+    import rlhfkit.cai.critique as critique
+    from rlhfkit.cai.sft import SFTExample, sft_batch
+
+    outputs = iter([("nice answer", True), ("is bad", False), (revision, cut)])  # initial, critique, revision
+
+    def sample_batch(model, tokenizer, texts, n, sampling, use_chat_template):
+        text, truncated = next(outputs)
+        return Samples([[text]], [[truncated]], 1)
+
+    monkeypatch.setattr(critique, "sample_batch", sample_batch)
+    rules = RULES.model_copy(update={"principles": RULES.principles[:1]})
+    [record] = revise(build_tiny_causal(), word_tokenizer(), PROMPTS[:1], rules, rounds=1, progress=False)
+    assert (record.final, record.final_truncated) == (final, final_truncated)
+    tokenizer = word_tokenizer()
+    batch = sft_batch(tokenizer, [SFTExample(record.prompt, record.final, record.final_truncated)], False, SFTConfig())
+    ends_with_eos = batch.completion_ids[0, -1].item() == tokenizer.eos_token_id
+    assert ends_with_eos != final_truncated
 
 
 def test_few_shot_examples_are_earlier_exchanges_of_the_same_conversation():

@@ -3,7 +3,7 @@ import pytest
 from conftest import make_completions
 from rlhfkit.data.io import DataError, write_records
 from rlhfkit.data.pairs import borda, group_by_prompt, load_rankings, ranking_pairs, rankings_to_pairs
-from rlhfkit.data.records import Ranking
+from rlhfkit.data.records import Completion, Ranking
 
 COMPLETIONS = make_completions("p0", 4)
 BY_ID = {c.id: c for c in COMPLETIONS}
@@ -94,3 +94,14 @@ def test_flagged_last_works_on_rankings_without_flags():
     assert len(rankings_to_pairs([r], COMPLETIONS, flagged="last")) == 6
     with pytest.raises(ValueError, match="flagged must be 'drop', 'keep' or 'last', not 'first'"):
         ranking_pairs(r, BY_ID, "first")
+
+
+def test_pairs_carry_whether_each_answer_was_cut_at_the_generation_limit():
+    completions = {c.id: c for c in [
+        Completion(id="a", prompt_id="p", prompt="q", text="long answer", index=0, truncated=True),
+        Completion(id="b", prompt_id="p", prompt="q", text="short", index=1)]}
+    ranking = Ranking(prompt_id="p", labeler_id="l", groups=[["a"], ["b"]])
+    [forward] = ranking_pairs(ranking, completions)
+    [backward] = ranking_pairs(ranking.model_copy(update={"groups": [["b"], ["a"]]}), completions)
+    assert (forward.chosen_truncated, forward.rejected_truncated) == (True, False)
+    assert (backward.chosen_truncated, backward.rejected_truncated) == (False, True)

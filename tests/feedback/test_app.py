@@ -1,5 +1,6 @@
 """The labeling app's API on SQLite and on a real PostgreSQL server."""
 
+import json
 import threading
 
 from fastapi.testclient import TestClient
@@ -158,6 +159,23 @@ def test_admin_sees_agreement_gold_accuracy_and_exports_without_poor_labelers(db
     assert page.status_code == 200 and "Krippendorff" in page.text and "data:image/png;base64" in page.text
 
 
+def test_an_answer_cut_at_the_generation_limit_keeps_its_flag_from_project_to_exported_pairs(db_url):
+    app = create_app(db_url)
+    with app.state.sessions() as db:
+        service.create_user(db, "admin", "admin", password="admin-pass")
+        service.create_user(db, "ann", password="ann-password")
+        cut = make_completions("p0", 2)
+        cut[1] = cut[1].model_copy(update={"truncated": True})
+        service.create_project(db, "demo", "helpfulness", cut, "", overlap=1)
+        assert [c.truncated for c in service.project_completions(db, service.get_project(db, "demo"))] == [False, True]
+    ann = login(TestClient(app), "ann")
+    item = ann.get("/api/next").json()
+    ann.post("/api/labels", json={"item_id": item["item_id"], "groups": [["p0-1"], ["p0-0"]]})
+    [line] = login(TestClient(app), "admin", "admin-pass").get("/admin/export/pairs?project=demo").text.splitlines()
+    pair = json.loads(line)
+    assert (pair["chosen_id"], pair["chosen_truncated"], pair["rejected_truncated"]) == ("p0-1", True, False)
+
+
 def test_invites_and_user_creation_through_the_api(db_url):
     app = create_app(db_url)
     setup_project(app)
@@ -190,7 +208,9 @@ def test_admin_creates_a_project_by_upload_through_the_csrf_protected_forms(tmp_
                         follow_redirects=False)
     assert done.status_code == 303 and done.headers["location"] == "/admin"
     token = csrf(browser.get("/admin"))
-    write_records(tmp_path / "c.jsonl", make_completions("p0", 3) + make_completions("p1", 3))
+    uploaded = make_completions("p0", 3) + make_completions("p1", 3)
+    uploaded[1] = uploaded[1].model_copy(update={"truncated": True})  # cut at the generation limit
+    write_records(tmp_path / "c.jsonl", uploaded)
     form = {"name": "uploaded", "criterion": "harmlessness", "overlap": "2", "csrf": token}
     with open(tmp_path / "c.jsonl", "rb") as f:
         created = browser.post("/admin/projects", data=form, files={"completions": ("c.jsonl", f)},
@@ -202,6 +222,8 @@ def test_admin_creates_a_project_by_upload_through_the_csrf_protected_forms(tmp_
     assert "bad.jsonl" in refused.json()["detail"] and "line 1" in refused.json()["detail"]
     with app.state.sessions() as db:
         assert service.progress(db, service.get_project(db, "uploaded"))["items"] == 2
+        stored = service.project_completions(db, service.get_project(db, "uploaded"))
+        assert {c.id for c in stored if c.truncated} == {"p0-1"}
 
 
 def test_threads_caps_the_requests_that_run_database_work_at_once(tmp_path):

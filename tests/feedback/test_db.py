@@ -1,7 +1,7 @@
 """Migrations 0002 and 0004 on a database that 0001 made and the old app filled, on SQLite and PostgreSQL."""
 
 from alembic import command
-from sqlalchemy import func, select, text
+from sqlalchemy import func, inspect, select, text
 
 from feedback_postgres import db_url, postgres  # noqa: F401 - fixtures
 from rlhfkit.feedback import db as feedback_db
@@ -110,3 +110,29 @@ def test_a_server_killed_inside_a_slot_transaction_leaves_rows_and_free_slots_ag
         assert db.scalar(select(func.count()).select_from(feedback_db.Assignment)) == 1  # bob's, still open
         assert db.scalar(select(func.count()).where(feedback_db.Assignment.status == "open")) == 1
         assert sorted(db.scalars(select(feedback_db.Item.free_slots))) == [1, 2]
+
+
+def test_0006_adds_the_truncated_flags_to_existing_completions_and_personal_choices_as_whole(db_url):
+    """Rows from before 0006 read as answers that ended (false), as files without the field do."""
+    engine = feedback_db.make_engine(db_url)
+    feedback_db.migrate(engine, "0005")
+    with engine.begin() as connection:
+        run = lambda sql: connection.execute(text(sql))  # noqa: E731
+        run("INSERT INTO users (id, username, role, created_at) VALUES (1, 'ann', 'labeler', CURRENT_TIMESTAMP)")
+        run("INSERT INTO projects (id, name, criterion, instructions, overlap, consensus, gold_rate, created_at) "
+            "VALUES (1, 'p', 'c', '', 2, 'borda', 0, CURRENT_TIMESTAMP)")
+        run("INSERT INTO items (id, project_id, prompt_id, prompt, is_gold) VALUES (1, 1, 'a', '\"q\"', false)")
+        run('INSERT INTO completions (id, item_id, completion_id, text, "index", model) '
+            "VALUES (1, 1, 'a-0', 'answer', 0, '')")
+        run("INSERT INTO personal_choices (id, user_id, prompt, answer_a, answer_b, model_a, model_b, asked_at) "
+            "VALUES (1, 1, 'q', 'x', 'y', 'base', 'base', CURRENT_TIMESTAMP)")
+    feedback_db.migrate(engine)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT truncated FROM completions")).all() == [(False,)]
+        assert connection.execute(text("SELECT truncated_a, truncated_b FROM personal_choices")).all() == [
+            (False, False)]
+    with engine.begin() as connection:  # and back, and up again
+        command.downgrade(feedback_db.alembic_config(connection), "0005")
+        assert "truncated" not in {c["name"] for c in inspect(connection).get_columns("completions")}
+        command.upgrade(feedback_db.alembic_config(connection), "head")
+    engine.dispose()

@@ -244,3 +244,21 @@ def test_concurrent_choices_of_one_user_are_all_stored(server):
     queue.wait()
     assert answers == [200] * 6
     assert sorted(c["id"] for c in ann.get("/api/personal/learned").json()["choices"]) == questions
+
+
+def test_the_answers_shown_are_stored_with_whether_each_was_cut(server):
+    """With EOS never sampled, both 8-token answers are cut: the question row and its pair say so."""
+    app, models, _ = server
+    eos = models.tokenizer.eos_token_id
+
+    def never_end(_module, _inputs, logits):
+        logits[..., eos] = -float("inf")
+        return logits
+
+    with models.model.get_output_embeddings().register_forward_hook(never_end):
+        ask_and_choose(login(app, "ann"), "b")
+    with app.state.sessions() as db:
+        [row] = store.user_choices(db, user_id(app, "ann"))
+        [pair] = store.preference_pairs([row])
+    assert row.as_dict()["truncated"] == [True, True] and all(len(a.split()) == 8 for a in row.as_dict()["answers"])
+    assert pair.chosen_truncated and pair.rejected_truncated

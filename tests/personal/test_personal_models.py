@@ -104,7 +104,7 @@ def test_answers_come_from_the_requested_adapter(models):
     train_version(models, user_owner(1), PAIRS, PersonalDPOConfig(epochs=4, batch_size=2, lr=5e-2))
     personal = models.answer("how do i fix bike", "user-1-v1", seed=0)
     base = models.answer("how do i fix bike", None, seed=0)
-    assert isinstance(personal, str) and isinstance(base, str) and personal != base
+    assert isinstance(personal.text, str) and isinstance(base.text, str) and personal.text != base.text
     assert models.answer("how do i fix bike", None, seed=0) == base  # the same draws: only the weights differ
 
 
@@ -177,3 +177,43 @@ def test_a_version_half_written_by_a_killed_process_is_not_a_version_and_is_repl
     assert again.versions(ann) == [1] and again.adapter(ann) == "user-1-v1"
     assert train_version(again, ann, PAIRS, FAST)[0] == 2
     assert not leftover.exists() and again.version_info(ann, 2)["pairs"] == 2
+
+
+def eos_logit_shifted(models, shift: float):
+    """The model's EOS logit moved by ``shift`` at every step (+100: it always ends, −100: it never does)."""
+    eos = models.tokenizer.eos_token_id
+
+    def hook(_module, _inputs, logits):
+        logits[..., eos] += shift
+        return logits
+
+    return models.model.get_output_embeddings().register_forward_hook(hook)
+
+
+def test_an_answer_says_whether_it_was_cut_at_max_new_tokens(models):
+    with eos_logit_shifted(models, -100.0):
+        cut = models.answer("how do i fix bike", None, max_new_tokens=5, seed=0)
+    with eos_logit_shifted(models, 100.0):
+        ended = models.answer("how do i fix bike", None, max_new_tokens=5, seed=0)
+    assert cut.truncated and len(cut.text.split()) == 5
+    assert not ended.truncated and ended.text == ""
+
+
+def test_a_choice_of_a_cut_answer_gives_a_pair_marked_cut_and_a_batch_without_its_eos(models, tmp_path):
+    from rlhfkit.feedback import db as feedback_db
+    from rlhfkit.feedback import service
+    from rlhfkit.personal import store
+    from rlhfkit.personal.train import pair_batch
+
+    sessions = feedback_db.session_factory(str(tmp_path / "feedback.db"))
+    with sessions() as db:
+        ann = service.create_user(db, "ann", password="ann-password")
+        asked = store.record_question(db, ann, "how do i fix bike", ("thanks you can fix", "you idiot go away"),
+                                      ("base", "base τ=0.7"), truncated=(True, False))
+        store.record_choice(db, ann, asked.id, "a")
+        [pair] = store.preference_pairs(store.user_choices(db, ann.id))
+    assert (pair.chosen, pair.chosen_truncated, pair.rejected_truncated) == ("thanks you can fix", True, False)
+    batch = pair_batch(models, [pair], PersonalDPOConfig())
+    eos = models.tokenizer.eos_token_id
+    assert batch.completion_mask.sum(dim=1).tolist() == [4, 5]  # 4 words, cut; 4 words + the EOS it ended with
+    assert eos not in batch.completion_ids[0].tolist() and batch.completion_ids[1, 4].item() == eos

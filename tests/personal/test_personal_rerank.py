@@ -63,8 +63,8 @@ def test_best_of_n_returns_the_candidate_the_head_scores_highest(reranker):
     candidates = [MEDIUM, LONG, SHORT, "Ride it."]
     scores = reranker.scores(head, PROMPT, candidates)
     best, score = reranker.best_of_n(head, PROMPT, candidates)
-    assert best == candidates[int(scores.argmax())] and score == pytest.approx(scores.max().item())
-    assert reranker.best_of_n(head, PROMPT, [LONG])[0] == LONG
+    assert best == int(scores.argmax()) and score == pytest.approx(scores.max().item())
+    assert reranker.best_of_n(head, PROMPT, [LONG])[0] == 0
     with pytest.raises(ValueError, match="candidates: best-of-N needs at least one sample"):
         reranker.best_of_n(head, PROMPT, [])
 
@@ -74,8 +74,8 @@ def test_a_head_learns_a_length_taste_from_a_few_pairs_and_picks_the_opposite_en
     detailed = reranker.fit([pair(MEDIUM, SHORT, 0), pair(LONG, MEDIUM, 1), pair(LONG, SHORT, 2)])
     candidates = ["Ask a shop.", "Ask a bike shop near you to look at the gears, the chain and the wheels for you."]
     other = "How do I bake bread?"
-    assert reranker.best_of_n(brief, other, candidates)[0] == candidates[0]
-    assert reranker.best_of_n(detailed, other, candidates)[0] == candidates[1]
+    assert reranker.best_of_n(brief, other, candidates)[0] == 0
+    assert reranker.best_of_n(detailed, other, candidates)[0] == 1
 
 
 def test_a_users_head_answers_from_min_pairs_on_is_refitted_on_new_pairs_and_forgotten(reranker):

@@ -49,3 +49,16 @@ def test_a_prompt_longer_than_the_model_positions_is_cut_from_the_left_with_a_wa
     assert trainer.tokenizer.decode(batch.prompt_ids[0, -5:]) == "how do i fix bike"
     with pytest.warns(UserWarning):
         assert math.isfinite(trainer.evaluate(pairs)["margin"])
+
+
+def test_an_answer_cut_at_the_generation_limit_gets_no_eos_in_a_dpo_batch_while_an_ended_one_does(tmp_path):
+    """Same text, same length: only the answer that ended (EOS sampled) is trained to stop there."""
+    pair = PreferencePair(prompt="how do i fix bike", chosen="happy kind nice", rejected="stupid dumb idiot")
+    trainer = DPOTrainer(DPOConfig(output_dir=str(tmp_path)), build_tiny_causal(), word_tokenizer())
+    eos = trainer.tokenizer.eos_token_id
+    batch = trainer.batch([pair, pair.model_copy(update={"chosen_truncated": True, "rejected_truncated": True})])
+    lengths = batch.completion_mask.sum(dim=1).tolist()
+    last = [row[n - 1].item() for row, n in zip(batch.completion_ids, lengths, strict=True)]
+    # rows: chosen (ended), chosen (cut), rejected (ended), rejected (cut)
+    assert lengths == [4, 3, 4, 3]
+    assert [token == eos for token in last] == [True, False, True, False]

@@ -92,13 +92,13 @@ def sft(
     import torch
     from accelerate import Accelerator
 
-    from rlhfkit.cai.sft import SFTConfig, train_sft
+    from rlhfkit.cai.sft import SFTConfig, SFTExample, train_sft
     from rlhfkit.data.io import read_records
     from rlhfkit.data.records import PreferencePair, Revision
     from rlhfkit.generate import format_prompt, uses_chat_template
     from rlhfkit.models.policy import load_policy
 
-    examples = [(r.prompt, r.final) for r in read_records(revisions, Revision) if r.final]
+    examples = [SFTExample(r.prompt, r.final, r.final_truncated) for r in read_records(revisions, Revision) if r.final]
     extra = [(p.prompt, p.chosen) for p in read_records(helpful, PreferencePair)] if helpful else []
     extra = [(x, y) for x, y in extra if isinstance(y, str)]
     config = SFTConfig(epochs=epochs, lr=lr, batch_size=batch_size, lora=lora, seed=seed,
@@ -107,9 +107,10 @@ def sft(
     policy, tokenizer = load_policy(model, gguf_file=gguf_file)
     if dry_run:
         chat = uses_chat_template(tokenizer, policy, chat_template)
-        prompt, response = examples[0]
-        _show({"model input (prompt)": format_prompt(prompt, tokenizer, chat),
-               "target (loss on these tokens, then EOS)": response})
+        first = examples[0]
+        _show({"model input (prompt)": format_prompt(first.prompt, tokenizer, chat),
+               f"target (loss on these tokens{'; cut at the limit: no EOS' if first.truncated else ', then EOS'})":
+               first.response})
         return
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     _, metrics = train_sft(policy, tokenizer, examples, config, helpful=extra, output_dir=output_dir,

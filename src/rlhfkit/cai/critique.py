@@ -39,11 +39,12 @@ from rlhfkit.models.policy import prepare_tokenizer
 
 
 def complete(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[Text],
-             sampling: SamplingParams, use_chat_template: bool) -> list[str]:
-    """One completion for each plain-text request (formatted as a user turn with a chat template)."""
+             sampling: SamplingParams, use_chat_template: bool) -> tuple[list[str], list[bool]]:
+    """One completion for each plain-text request (formatted as a user turn with a chat template), and
+    whether each was cut at ``max_new_tokens``."""
     formatted = [format_prompt(t, tokenizer, use_chat_template) for t in texts]
-    samples, _ = sample_batch(model, tokenizer, formatted, 1, sampling, use_chat_template)
-    return [s[0] for s in samples]
+    samples = sample_batch(model, tokenizer, formatted, 1, sampling, use_chat_template)
+    return [s[0] for s in samples.texts], [cut[0] for cut in samples.truncated]
 
 
 def _turn(role: str, content: str) -> Message:
@@ -108,7 +109,7 @@ def revise(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: 
             batch = todo[start:start + batch_size]
             texts = [render_text(p.text) for p in batch]
             torch.manual_seed(_batch_seed(sampling.seed, [p.id for p in batch]))
-            responses = complete(model, tokenizer, [p.text for p in batch], sampling, chat)
+            responses, truncated = complete(model, tokenizer, [p.text for p in batch], sampling, chat)
             initial = list(responses)
             rngs = [principle_rng(sampling.seed, p.id) for p in batch]
             steps: list[list[RevisionStep]] = [[] for _ in batch]
@@ -118,18 +119,21 @@ def revise(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: 
                 critiques = [constitution.cut(c) for c in complete(
                     model, tokenizer, [critique_request(constitution, x, y, p, chat)
                                        for x, y, p in zip(texts, responses, principles, strict=True)],
-                    sampling, chat)]
-                revisions = [constitution.cut(r) for r in complete(
+                    sampling, chat)[0]]
+                generated, cut = complete(
                     model, tokenizer, [revision_request(constitution, x, y, p, c, chat)
                                        for x, y, p, c in zip(texts, responses, principles, critiques, strict=True)],
-                    sampling, chat)]
-                for i, (p, c, r) in enumerate(zip(principles, critiques, revisions, strict=True)):
+                    sampling, chat)
+                for i, (p, c, g) in enumerate(zip(principles, critiques, generated, strict=True)):
+                    r = constitution.cut(g)
                     steps[i].append(RevisionStep(principle=p.name, critique_request=p.critique, critique=c,
                                                  revision_request=p.revision, revision=r))
                     if r:  # an empty revision keeps the previous answer
-                        responses[i] = r
-            new = [Revision(id=p.id, prompt=p.text, initial=init, steps=s, final=final, model=model_name)
-                   for p, init, s, final in zip(batch, initial, steps, responses, strict=True)]
+                        # cut at max_new_tokens unless a stop string ended it first
+                        responses[i], truncated[i] = r, cut[i] and r == g.strip()
+            new = [Revision(id=p.id, prompt=p.text, initial=init, steps=s, final=final, final_truncated=cut,
+                            model=model_name)
+                   for p, init, s, final, cut in zip(batch, initial, steps, responses, truncated, strict=True)]
             if output is not None:
                 append_records(output, new)
             created += new

@@ -120,7 +120,7 @@ def label_pairs(completions: Sequence[Completion], constitution: Constitution, s
                 texts += [comparison_texts(constitution, prompt, a.text, b.text, principle, tokenizer, chat),
                           comparison_texts(constitution, prompt, b.text, a.text, principle, tokenizer, chat)]
             if config.chain_of_thought:
-                thoughts = complete(model, tokenizer, [t + templates.thought for t in texts], thinking, False)
+                thoughts = complete(model, tokenizer, [t + templates.thought for t in texts], thinking, False)[0]
                 texts = [t + templates.thought + " " + th.strip() + templates.after_thought
                          for t, th in zip(texts, thoughts, strict=True)]
             else:
@@ -136,6 +136,7 @@ def label_pairs(completions: Sequence[Completion], constitution: Constitution, s
                 new.append(PreferencePair(
                     prompt=a.prompt, chosen=chosen.text, rejected=rejected.text, prompt_id=pid,
                     chosen_id=chosen.id, rejected_id=rejected.id, label=max(p, 1 - p),
+                    chosen_truncated=chosen.truncated, rejected_truncated=rejected.truncated,
                     provenance={"source": "ai_feedback", "feedback_model": feedback_model,
                                 "principle": principle.name, "p_a_first": q_ab, "p_a_second": q_ba,
                                 "a": a.id, "chain_of_thought": config.chain_of_thought}))

@@ -3,6 +3,9 @@ revisions, optionally mixed with helpful answers so that the model does not drif
 
     L(θ) = − (1 / Σ_i |y_i|) Σ_i Σ_t log π_θ(y_i,t | x_i, y_i,<t)      (response tokens only, EOS included)
 
+except for a response cut at the generation limit (``SFTExample.truncated``): it gets no EOS, so that the
+model does not learn to stop where the cut fell.
+
 Causal and seq2seq models share the code through `completion_logits`; full or LoRA fine-tuning (LoRA
 is merged into the weights on save, so later stages load a plain model).
 
@@ -20,6 +23,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from accelerate import Accelerator
@@ -44,6 +48,17 @@ from rlhfkit.rl.trainer import save_as_loaded
 METRICS_FILE = "sft_metrics.json"  # written last: its presence means the run finished
 
 
+class SFTExample(NamedTuple):
+    """A prompt and its target response; ``truncated``: the response was cut at max_new_tokens (no EOS)."""
+
+    prompt: Text
+    response: str
+    truncated: bool = False
+
+
+Example = SFTExample | tuple[Text, str]  # a plain (prompt, response) is a whole response
+
+
 @dataclass
 class SFTConfig:
     epochs: int = 2
@@ -61,12 +76,13 @@ class SFTConfig:
     output_dir: str = "runs/cai/sft"
 
 
-def sft_batch(tokenizer: PreTrainedTokenizerBase, examples: Sequence[tuple[Text, str]], chat: bool,
+def sft_batch(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], chat: bool,
               config: SFTConfig, device: torch.device | str = "cpu") -> TokenBatch:
-    """Prompts formatted as at generation time, responses + EOS (the same layout as DPO's batches)."""
-    batch = tokenize_completions(tokenizer, [format_prompt(x, tokenizer, chat) for x, _ in examples],
-                                 [y for _, y in examples], not chat, config.max_prompt_tokens,
-                                 config.max_response_tokens)
+    """Prompts formatted as at generation time, responses + EOS unless cut (the same layout as DPO's batches)."""
+    examples = [SFTExample(*e) for e in examples]
+    batch = tokenize_completions(tokenizer, [format_prompt(e.prompt, tokenizer, chat) for e in examples],
+                                 [e.response for e in examples], not chat, config.max_prompt_tokens,
+                                 config.max_response_tokens, truncated=[e.truncated for e in examples])
     return batch.to(device)
 
 
@@ -79,7 +95,7 @@ def sft_loss(actor: Actor, batch: TokenBatch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def mean_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: Sequence[tuple[Text, str]],
+def mean_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example],
               chat: bool, config: SFTConfig) -> float:
     model.eval()
     device = next(model.parameters()).device
@@ -94,7 +110,7 @@ def mean_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, exampl
 
 
 def _process_share(accelerator: Accelerator, actor: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
-                   examples: Sequence[tuple[Text, str]], chat: bool, config: SFTConfig) -> tuple[torch.Tensor, float]:
+                   examples: Sequence[Example], chat: bool, config: SFTConfig) -> tuple[torch.Tensor, float]:
     """This process's share of a step's ``examples``: (its loss scaled for DDP's mean of the gradients, see
     the module docstring; the step's loss L over all processes). A process left without examples (a
     batch smaller than W) still runs a pass, weighted 0, over an example it borrows: DDP needs every
@@ -110,8 +126,8 @@ def _process_share(accelerator: Accelerator, actor: torch.nn.Module, tokenizer: 
     return loss * (accelerator.num_processes * n / tokens), sums[0].item() / tokens
 
 
-def train_sft(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: Sequence[tuple[Text, str]],
-              config: SFTConfig | None = None, helpful: Sequence[tuple[Text, str]] = (),
+def train_sft(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example],
+              config: SFTConfig | None = None, helpful: Sequence[Example] = (),
               output_dir: str | os.PathLike | None = None, progress: bool = True,
               accelerator: Accelerator | None = None) -> tuple[PreTrainedModel, dict]:
     """Fine-tune on ``examples`` (+ a ``helpful_fraction`` of ``helpful``); returns the model and its

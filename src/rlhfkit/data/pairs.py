@@ -138,7 +138,8 @@ def ranking_pairs(ranking: Ranking, completions: dict[str, Completion], flagged:
                     ca, cb = completions[a], completions[b]
                     pairs.append(PreferencePair(prompt=ca.prompt, chosen=ca.text, rejected=cb.text,
                                                 prompt_id=ranking.prompt_id, chosen_id=a, rejected_id=b,
-                                                provenance=base))
+                                                provenance=base, chosen_truncated=ca.truncated,
+                                                rejected_truncated=cb.truncated))
     return pairs
 
 

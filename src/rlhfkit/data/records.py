@@ -75,6 +75,8 @@ class Completion(Record):
     index: int = Field(ge=0, description="0..N-1 among the N completions of this prompt")
     model: str = ""
     sampling: SamplingParams = Field(default_factory=SamplingParams)
+    # True: stopped by max_new_tokens before EOS; the text is the start of an answer (trained without EOS).
+    truncated: bool = False
     # Scores added later by `rlhfkit reward score` (name -> value).
     scores: dict[str, float] = Field(default_factory=dict)
 
@@ -152,6 +154,9 @@ class PreferencePair(Record):
     # Soft label: the probability that ``chosen`` is the better answer (e.g. from AI feedback, in
     # [0.5, 1]); None means a hard label (probability 1).
     label: float | None = Field(default=None, ge=0.0, le=1.0)
+    # True: that answer was cut at the generation limit (Completion.truncated); it is trained without EOS.
+    chosen_truncated: bool = False
+    rejected_truncated: bool = False
 
 
 class RevisionStep(BaseModel):
@@ -175,6 +180,8 @@ class Revision(Record):
     initial: str
     steps: list[RevisionStep] = Field(default_factory=list)
     final: str
+    # True: the final answer was cut at max_new_tokens (no EOS, no stop string); SFT gives it no EOS.
+    final_truncated: bool = False
     model: str = ""
 
 

@@ -49,7 +49,7 @@ from rlhfkit.generate import format_prompt
 from rlhfkit.models.policy import tokenize_completions
 from rlhfkit.personal import store
 from rlhfkit.personal.api import PersonalSettings, include_personal
-from rlhfkit.personal.models import PersonalModels, user_owner
+from rlhfkit.personal.models import Answer, PersonalModels, user_owner
 from rlhfkit.personal.rerank import RerankConfig
 from rlhfkit.personal.train import PersonalDPOConfig, sequence_logprobs
 
@@ -141,7 +141,7 @@ class RoundResult:
     kl: float
     distinct_2: float
     distinct_2_shared: float
-    at_cap: float  # share of the personal model's held-out answers that used all max_new_tokens (cut off)
+    at_cap: float  # share of the personal model's held-out answers cut at max_new_tokens (no EOS sampled)
     rerank: tuple[float, float, float] | None = None  # the head's best of N vs the shared model, own taste
     vs_rerank: tuple[float, float, float] | None = None  # the personal model vs the head's best of N, own taste
 
@@ -213,21 +213,23 @@ class PersonalDemo:
             pairs = chosen["pairs"]
         return pairs
 
-    def answers(self, adapter: str | None, prompts: Sequence[str], seeds: Sequence[int] | None = None) -> list[str]:
-        """An answer per prompt and seed (default: ``eval_samples`` answers, sample s of every model drawn
-        with seed s)."""
+    def answers(self, adapter: str | None, prompts: Sequence[str], seeds: Sequence[int] | None = None) -> list[Answer]:
+        """An answer per prompt and seed (texts stripped; default: ``eval_samples`` answers, sample s of every
+        model drawn with seed s)."""
         seeds = range(self.config.eval_samples) if seeds is None else seeds
-        return [self.models.answer(p, adapter, 1.0, self.config.max_new_tokens, seed=s).strip()
-                for p in prompts for s in seeds]
+        sampled = [self.models.answer(p, adapter, 1.0, self.config.max_new_tokens, seed=s)
+                   for p in prompts for s in seeds]
+        return [Answer(a.text.strip(), a.truncated) for a in sampled]
 
     def draw_candidates(self, prompts: Sequence[str]) -> None:
         """N samples of the shared model per held-out prompt (seeds S … S + N − 1, S = ``eval_samples``) and
         their features φ, once for every user and round."""
         n, first = self.reranker.config.n, self.config.eval_samples
         self.candidates = self.answers(None, prompts, range(first, first + n))
-        self.candidate_features = self.reranker.features([p for p in prompts for _ in range(n)], self.candidates)
+        self.candidate_features = self.reranker.features([p for p in prompts for _ in range(n)],
+                                                         [a.text for a in self.candidates])
 
-    def reranked(self, taste: Taste) -> list[str] | None:
+    def reranked(self, taste: Taste) -> list[Answer] | None:
         """Per held-out prompt, the candidate the user's head scores highest, once per sample (aligned with
         the shared answers); None: no head yet, fewer pairs than ``rerank.min_pairs``."""
         user_id = self.ids[taste.user]
@@ -239,12 +241,13 @@ class PersonalDemo:
         return [self.candidates[i * self.reranker.config.n + j] for i, j in enumerate(best.tolist())
                 for _ in range(self.config.eval_samples)]
 
-    def kl_to_base(self, adapter: str, prompts: Sequence[str], answers: Sequence[str]) -> float:
-        """mean[log π_u(y|x) − log π_base(y|x)] over the personal model's own answers (nats per answer)."""
+    def kl_to_base(self, adapter: str, prompts: Sequence[str], answers: Sequence[Answer]) -> float:
+        """mean[log π_u(y|x) − log π_base(y|x)] over the personal model's own answers (nats per answer; an
+        answer cut at max_new_tokens without its EOS, as sampled)."""
         models = self.models
         texts = [format_prompt(p, models.tokenizer, models.use_chat_template) for p in prompts]
-        batch = tokenize_completions(models.tokenizer, texts, list(answers), not models.use_chat_template,
-                                     256, self.config.max_new_tokens + 8, models.model)
+        batch = tokenize_completions(models.tokenizer, texts, [a.text for a in answers], not models.use_chat_template,
+                                     256, self.config.max_new_tokens + 8, models.model, [a.truncated for a in answers])
         with torch.no_grad():
             with models.active(adapter):
                 mine = sequence_logprobs(models, batch)[0]
@@ -253,26 +256,22 @@ class PersonalDemo:
         return (mine - base).mean().item()
 
     def evaluate(self, taste: Taste, round_: int, pairs: int, prompts: Sequence[str], topics: dict[str, str],
-                 shared: list[str]) -> RoundResult:
+                 shared: list[Answer]) -> RoundResult:
         owner = user_owner(self.ids[taste.user])
         adapter = self.models.adapter(owner)
         mine = self.answers(adapter, prompts) if adapter else shared
         keys = [p for p in prompts for _ in range(self.config.eval_samples)]
 
-        def rate(judge: Taste, ours: Sequence[str], theirs: Sequence[str]) -> tuple[float, float, float]:
-            return win_rate([judge.score(a) for a in ours], [judge.score(a) for a in theirs], keys, topics)
+        def rate(judge: Taste, ours: Sequence[Answer], theirs: Sequence[Answer]) -> tuple[float, float, float]:
+            return win_rate([judge.score(a.text) for a in ours], [judge.score(a.text) for a in theirs], keys, topics)
 
         others = {t.user: rate(t, mine, shared) for t in self.config.tastes if t.user != taste.user}
         kl = self.kl_to_base(adapter, keys, mine) if adapter else 0.0
         reranked = self.reranked(taste)
         rerank = (rate(taste, reranked, shared), rate(taste, mine, reranked)) if reranked else (None, None)
         return RoundResult(taste.user, round_, pairs, self.models.version(owner), rate(taste, mine, shared), others,
-                           kl, distinct_n(mine, 2), distinct_n(shared, 2), self.at_cap(mine), *rerank)
-
-    def at_cap(self, answers: Sequence[str]) -> float:
-        """Share of ``answers`` whose re-encoded tokens reach max_new_tokens: cut by the budget, not ended."""
-        tokenizer, cap = self.models.tokenizer, self.config.max_new_tokens
-        return sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) >= cap for a in answers) / len(answers)
+                           kl, distinct_n([a.text for a in mine], 2), distinct_n([a.text for a in shared], 2),
+                           sum(a.truncated for a in mine) / len(mine), *rerank)
 
     def memory(self) -> dict:
         """Base MB, MB per adapter (the largest loaded), and users whose adapters fit in 8 GiB beside the base

@@ -82,6 +82,7 @@ def completions_to_label(policy, tokenizer, task: DemoTask, config: DemoConfig, 
             for k, other in enumerate(rng.sample(others, min(config.off_topic, len(others)))):
                 borrowed.append(Completion(id=f"{prompt.id}-offtopic-{k}", prompt_id=prompt.id, prompt=prompt.text,
                                            text=other.text, index=config.n + k, sampling=other.sampling,
+                                           truncated=other.truncated,
                                            model=f"{model_name} (an answer to {other.prompt_id})"))
         write_records(output, own + borrowed)
     return read_records(output, Completion)

@@ -100,6 +100,7 @@ class ItemCompletion(Base):
     text: Mapped[str] = mapped_column(Text)
     index: Mapped[int] = mapped_column(Integer)
     model: Mapped[str] = mapped_column(String(256), default="")
+    truncated: Mapped[bool] = mapped_column(Boolean, default=False)  # cut at max_new_tokens (Completion.truncated)
 
 
 class Assignment(Base):

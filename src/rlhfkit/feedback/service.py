@@ -459,8 +459,8 @@ def create_project(session: Session, name: str, criterion: str, completions: Seq
         item = Item(project=project, prompt_id=prompt_id, prompt=json.dumps(prompt), is_gold=answer is not None,
                     gold_groups=answer.groups if answer is not None else None,
                     free_slots=0 if answer is not None else overlap)
-        item.completions = [ItemCompletion(completion_id=c.id, text=c.text, index=c.index, model=c.model)
-                            for c in sorted(group, key=lambda c: c.index)]
+        item.completions = [ItemCompletion(completion_id=c.id, text=c.text, index=c.index, model=c.model,
+                                           truncated=c.truncated) for c in sorted(group, key=lambda c: c.index)]
         session.add(item)
     _commit_new(session, f"project {name!r}")
     if session.get_bind().dialect.name == "postgresql":
@@ -997,7 +997,7 @@ def project_completions(session: Session, project: Project) -> list[Completion]:
     rows = session.execute(select(ItemCompletion, Item).join(Item, Item.id == ItemCompletion.item_id)
                            .where(Item.project_id == project.id)).all()
     return [Completion(id=c.completion_id, prompt_id=i.prompt_id, prompt=i.prompt_value, text=c.text, index=c.index,
-                       model=c.model) for c, i in rows]
+                       model=c.model, truncated=c.truncated) for c, i in rows]
 
 
 def export(session: Session, project: Project, keep_poor: bool = False) -> tuple[list[Ranking], list[PreferencePair]]:

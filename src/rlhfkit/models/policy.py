@@ -158,21 +158,24 @@ def _padded(rows: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[tor
 
 def tokenize_completions(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], completions: Sequence[str],
                          add_special_tokens: bool, max_prompt_tokens: int, max_completion_tokens: int,
-                         model: PreTrainedModel | None = None) -> TokenBatch:
+                         model: PreTrainedModel | None = None, truncated: Sequence[bool] | None = None) -> TokenBatch:
     """Formatted prompts (padded on the tokenizer's side) and completions (right-padded) as a TokenBatch.
 
-    A completion ends with EOS when it is whole; one cut at ``max_completion_tokens`` keeps no EOS (the
-    model must not learn to stop at the cut). A prompt keeps its last ``max_prompt_tokens`` tokens, and
-    fewer when ``model``'s positions require it (a causal model reads prompt and completion in one
-    sequence): then a warning says how many prompts were cut.
+    A completion ends with EOS when it is whole; one cut at ``max_completion_tokens``, or marked in
+    ``truncated`` (cut at generation's ``max_new_tokens``: the start of an answer), keeps no EOS (the
+    model must not learn to stop at the cut). ``truncated=None``: every completion is taken as whole. A
+    prompt keeps its last ``max_prompt_tokens`` tokens, and fewer when ``model``'s positions require it (a
+    causal model reads prompt and completion in one sequence): then a warning says how many prompts were cut.
     """
     limit = max_positions(model) if model is not None else None
     causal = model is None or not is_seq2seq(model)
     if limit is not None:
         max_completion_tokens = min(max_completion_tokens, limit - 1 if causal else limit)
+    cut_at_generation = [False] * len(completions) if truncated is None else list(truncated)
     completion_rows = []
-    for ids in tokenizer(list(completions), add_special_tokens=False)["input_ids"]:
-        whole = len(ids) < max_completion_tokens
+    for ids, stopped in zip(tokenizer(list(completions), add_special_tokens=False)["input_ids"], cut_at_generation,
+                        strict=True):
+        whole = len(ids) < max_completion_tokens and not stopped
         completion_rows.append([*ids, tokenizer.eos_token_id] if whole else ids[:max_completion_tokens])
     prompt_rows, cut = [], 0
     for ids, completion in zip(tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"],

@@ -133,10 +133,12 @@ def include_personal(app: FastAPI, models: PersonalModels, settings: PersonalSet
                            for adapter, t, n in options]
             except PromptTooLong as exc:
                 raise FeedbackError(f"prompt: {exc}", 422) from None
-        answers = tuple(s[0] if len(s) == 1 else reranker.best_of_n(head, body.prompt, s)[0] for s in samples)
+        answers = tuple(s[0] if len(s) == 1 else s[reranker.best_of_n(head, body.prompt, [a.text for a in s])[0]]
+                        for s in samples)
         labels = tuple(model_label(adapter, t, settings, n) for adapter, t, n in options)
-        row = store.record_question(session, user, body.prompt, answers, labels)
-        return {"question_id": row.id, "answers": [a.strip() for a in answers], "models": list(labels)}
+        row = store.record_question(session, user, body.prompt, tuple(a.text for a in answers), labels,
+                                    tuple(a.truncated for a in answers))
+        return {"question_id": row.id, "answers": [a.text.strip() for a in answers], "models": list(labels)}
 
     @router.post("/api/personal/choose")
     def choose(*, user: User = Depends(api_user), body: ChooseJson, session: Session = Depends(db)):
@@ -177,7 +179,7 @@ def include_personal(app: FastAPI, models: PersonalModels, settings: PersonalSet
             prompt, seed = choices[-1].prompt, random.randrange(2**31)
             before, after = (models.answer(prompt, adapter, settings.temperature, settings.max_new_tokens, seed)
                              for adapter in (start, personal))
-        return {"prompt": prompt, "before": before.strip(), "after": after.strip(),
+        return {"prompt": prompt, "before": before.text.strip(), "after": after.text.strip(),
                 "models": [model_label(start, settings.temperature, settings), personal]}
 
     @router.delete("/api/personal/data")

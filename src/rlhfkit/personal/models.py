@@ -27,13 +27,14 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhfkit.generate import format_prompt
+from rlhfkit.generate import cut_at_limit, format_prompt
 from rlhfkit.models.engine import Decoding, sample_completions
 from rlhfkit.models.policy import check_prompt_lengths, prepare_tokenizer
 from rlhfkit.rl.trainer import partial_folder
@@ -41,6 +42,14 @@ from rlhfkit.rl.trainer import partial_folder
 POPULATION = "population"
 FRESH = "fresh"  # the never-trained adapter that keeps the peft wrapper's set of adapters non-empty
 VERSION_FOLDER = re.compile(r"v(\d+)")
+
+
+class Answer(NamedTuple):
+    """A sampled answer, as decoded, and whether it was cut at max_new_tokens before EOS (the start of an
+    answer: trained without EOS)."""
+
+    text: str
+    truncated: bool
 
 
 class PromptTooLong(ValueError):
@@ -205,9 +214,10 @@ class PersonalModels:
     # ------------------------------------------------------------ answers
     @torch.inference_mode()
     def answer(self, prompt: str, adapter: str | None, temperature: float = 1.0, max_new_tokens: int = 48,
-               seed: int | None = None) -> str:
+               seed: int | None = None) -> Answer:
         """One sampled answer of ``adapter`` (None: the base model), as decoded (not trimmed: DPO later
-        reads the same text); ``seed`` fixes the random draws (None: the global generator's)."""
+        reads the same text), and whether it was cut at ``max_new_tokens``; ``seed`` fixes the random draws
+        (None: the global generator's)."""
         text = format_prompt(prompt, self.tokenizer, self.use_chat_template)
         encoded = self.tokenizer([text], return_tensors="pt", add_special_tokens=not self.use_chat_template)
         try:
@@ -221,4 +231,5 @@ class PersonalModels:
         with self.active(adapter):
             tokens = sample_completions(self.model, encoded["input_ids"].to(device),
                                         encoded["attention_mask"].to(device), 1, decoding, generator)
-        return self.tokenizer.decode(tokens[0], skip_special_tokens=True)
+        return Answer(self.tokenizer.decode(tokens[0], skip_special_tokens=True),
+                      cut_at_limit(tokens, self.tokenizer.eos_token_id)[0])

@@ -169,10 +169,10 @@ class Reranker:
         """r_u(x, y_j) of each answer."""
         return self.features([prompt] * len(answers), answers) @ head.weights
 
-    def best_of_n(self, head: PreferenceHead, prompt: str, candidates: Sequence[str]) -> tuple[str, float]:
-        """(y*, r_u(x, y*)): the candidate the head scores highest (the first of equals)."""
+    def best_of_n(self, head: PreferenceHead, prompt: str, candidates: Sequence[str]) -> tuple[int, float]:
+        """(j*, r_u(x, y_j*)): which candidate the head scores highest (the first of equals), and its score."""
         if not candidates:
             raise ValueError("candidates: best-of-N needs at least one sample")
         scores = self.scores(head, prompt, candidates)
         best = int(scores.argmax())
-        return candidates[best], scores[best].item()
+        return best, scores[best].item()

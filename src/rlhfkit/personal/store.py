@@ -13,7 +13,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal
 
-from sqlalchemy import CheckConstraint, DateTime, ForeignKey, Integer, String, Text, delete, func, select
+from sqlalchemy import Boolean, CheckConstraint, DateTime, ForeignKey, Integer, String, Text, delete, func, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from rlhfkit.data.records import PreferencePair
@@ -37,6 +37,8 @@ class PersonalChoice(Base):
     answer_b: Mapped[str] = mapped_column(Text)
     model_a: Mapped[str] = mapped_column(String(64))  # which model version produced each answer
     model_b: Mapped[str] = mapped_column(String(64))
+    truncated_a: Mapped[bool] = mapped_column(Boolean, default=False)  # cut at max_new_tokens before EOS
+    truncated_b: Mapped[bool] = mapped_column(Boolean, default=False)
     choice: Mapped[str | None] = mapped_column(
         String(16), CheckConstraint("choice IN ('a', 'b', 'both_fine', 'both_bad')", name="known_choice"))
     reason: Mapped[str | None] = mapped_column(String(MAX_REASON))
@@ -45,15 +47,17 @@ class PersonalChoice(Base):
 
     def as_dict(self) -> dict:
         return {"id": self.id, "prompt": self.prompt, "answers": [self.answer_a, self.answer_b],
-                "models": [self.model_a, self.model_b], "choice": self.choice, "reason": self.reason,
+                "models": [self.model_a, self.model_b], "truncated": [self.truncated_a, self.truncated_b],
+                "choice": self.choice, "reason": self.reason,
                 "asked_at": self.asked_at.isoformat(), "chosen_at": self.chosen_at and self.chosen_at.isoformat()}
 
 
 def record_question(session: Session, user: User, prompt: str, answers: tuple[str, str],
-                    models: tuple[str, str]) -> PersonalChoice:
-    """Store the two answers shown to ``user`` (in the order shown) before they choose."""
+                    models: tuple[str, str], truncated: tuple[bool, bool] = (False, False)) -> PersonalChoice:
+    """Store the two answers shown to ``user`` (in the order shown; ``truncated``: whether each was cut at
+    max_new_tokens) before they choose."""
     row = PersonalChoice(user_id=user.id, prompt=prompt, answer_a=answers[0], answer_b=answers[1],
-                         model_a=models[0], model_b=models[1])
+                         model_a=models[0], model_b=models[1], truncated_a=truncated[0], truncated_b=truncated[1])
     session.add(row)
     session.commit()
     return row
@@ -89,10 +93,12 @@ def preference_pairs(choices: list[PersonalChoice]) -> list[PreferencePair]:
     for row in choices:
         if row.choice not in ("a", "b"):
             continue
-        picked, other = (row.answer_a, row.answer_b) if row.choice == "a" else (row.answer_b, row.answer_a)
+        a, b = (row.answer_a, row.truncated_a), (row.answer_b, row.truncated_b)
+        (picked, picked_cut), (other, other_cut) = (a, b) if row.choice == "a" else (b, a)
         pairs.append(PreferencePair(prompt=row.prompt, chosen=picked, rejected=other, prompt_id=f"q{row.id}",
                                     provenance={"source": "personal", "user_id": row.user_id,
-                                                "models": [row.model_a, row.model_b]}))
+                                                "models": [row.model_a, row.model_b]},
+                                    chosen_truncated=picked_cut, rejected_truncated=other_cut))
     return pairs
 
 

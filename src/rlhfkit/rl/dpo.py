@@ -90,11 +90,13 @@ def _completion_text(text: Text) -> str:
 def pair_tokens(pairs: Sequence[PreferencePair], tokenizer: PreTrainedTokenizerBase, use_chat_template: bool,
                 max_prompt_tokens: int, max_completion_tokens: int, model: PreTrainedModel) -> TokenBatch:
     """Chosen completions then rejected ones, in one batch (one forward pass for both), as ``model`` reads
-    them (its prompt format); prompts cut to fit the model's positions if need be."""
+    them (its prompt format); prompts cut to fit the model's positions if need be; an answer cut at the
+    generation limit (``chosen_truncated`` / ``rejected_truncated``) gets no EOS."""
     prompts = [format_prompt(p.prompt, tokenizer, use_chat_template) for p in pairs] * 2
     completions = [_completion_text(p.chosen) for p in pairs] + [_completion_text(p.rejected) for p in pairs]
+    truncated = [p.chosen_truncated for p in pairs] + [p.rejected_truncated for p in pairs]
     return tokenize_completions(tokenizer, prompts, completions, not use_chat_template, max_prompt_tokens,
-                                max_completion_tokens, model)
+                                max_completion_tokens, model, truncated)
 
 
 class DPOTrainer:
