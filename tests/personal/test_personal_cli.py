@@ -69,8 +69,11 @@ def test_serve_puts_the_personal_page_in_the_feedback_app_on_the_same_accounts(s
     assert learned["current_model"] == "base best-of-3 reranked"  # no version yet, 2 pairs: the head answers
 
 
-def test_serve_refuses_a_best_of_one_in_one_line(setup):
+@pytest.mark.parametrize(("args", "says"), [
+    (["--rerank-n", 1], "field 'n': must be 0 (no reranking) or at least 2"),
+    (["--rerank-encoder", "no/such/encoder"], "encoder: Path no/such/encoder not found (give a sentence-transformers"),
+])
+def test_serve_refuses_a_reranking_it_cannot_do_in_one_line(setup, args, says):
     db, policy, adapters, _ = setup
-    result = invoke("personal", "serve", "--policy", policy, "--db", db, "--adapters", adapters, "--rerank-n", 1)
-    assert result.exit_code == 1 and "field 'n': must be 0 (no reranking) or at least 2" in result.output
-    assert "Traceback" not in result.output
+    result = invoke("personal", "serve", "--policy", policy, "--db", db, "--adapters", adapters, *args)
+    assert result.exit_code == 1 and says in " ".join(result.output.split()) and "Traceback" not in result.output

@@ -131,6 +131,8 @@ def serve(
     app = create_app(db, secure_cookies)
     queue = include_personal(app, models, PersonalSettings(train_every=train_every, rerank=rerank,
                                                            dpo=_dpo_config(lr, epochs, beta, nll_coef)))
+    if rerank.n:
+        app.state.personal_reranker.load_encoder()  # a wrong --rerank-encoder stops here, not at a user's answer
     console.print(f"personal models on http://{host}:{port}/personal, database {db} ({accounts} accounts; add "
                   f"one with `rlhfkit feedback user --name NAME --db {db}`), adapters in {adapters}")
     try:

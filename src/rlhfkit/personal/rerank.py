@@ -97,21 +97,24 @@ def fit_head(differences: torch.Tensor, l2: float, max_iter: int = 200) -> tuple
 class Reranker:
     """The shared encoder (loaded on first use) and every user's head, fitted on demand."""
 
-    def __init__(self, config: RerankConfig | None = None, encoder=None) -> None:
+    def __init__(self, config: RerankConfig | None = None) -> None:
         self.config = config or RerankConfig()
-        self._encoder = encoder  # a SentenceTransformer; None: load config.encoder when first needed
+        self._encoder = None  # a SentenceTransformer, once loaded
         self._heads: dict[int, PreferenceHead] = {}
         self.lock = threading.RLock()  # the encoder's first load, and heads fitted vs forgotten
 
-    @property
-    def encoder(self):
+    def load_encoder(self):
+        """The shared encoder, loaded on first use: ``config.encoder``, else the offline MiniLM-L6."""
         with self.lock:
             if self._encoder is None:
                 from sentence_transformers import SentenceTransformer
 
                 from rlhfkit.reward.model import default_backbone
 
-                self._encoder = SentenceTransformer(self.config.encoder or default_backbone(), device="cpu")
+                try:
+                    self._encoder = SentenceTransformer(self.config.encoder or default_backbone(), device="cpu")
+                except OSError as exc:
+                    raise OSError(f"encoder: {exc} (give a sentence-transformers model or an encoder folder)") from None
             return self._encoder
 
     @torch.no_grad()
@@ -119,17 +122,17 @@ class Reranker:
         """φ(x, y) of each (prompt, answer): [answers, embedding size + 2]."""
         if len(prompts) != len(answers):
             raise ValueError(f"features: {len(prompts)} prompts for {len(answers)} answers")
+        encoder = self.load_encoder()
         if not answers:
-            return torch.zeros(0, self.encoder.get_sentence_embedding_dimension() + 2)
-        unique = list(dict.fromkeys(prompts))  # a prompt repeated per answer is encoded once
-        encoded = self.encoder.encode([*unique, *answers], convert_to_tensor=True, normalize_embeddings=True,
-                                      batch_size=64, show_progress_bar=False).cpu().float()
-        prompt_vectors = encoded[[unique.index(p) for p in prompts]]
-        answer_vectors = encoded[len(unique):]
+            return torch.zeros(0, encoder.get_sentence_embedding_dimension() + 2)
+        unique = {p: i for i, p in enumerate(dict.fromkeys(prompts))}  # a prompt repeated per answer: once
+        encoded = encoder.encode([*unique, *answers], convert_to_tensor=True, normalize_embeddings=True,
+                                 batch_size=64, show_progress_bar=False).cpu().float()
+        prompt_vectors, answer_vectors = encoded[[unique[p] for p in prompts]], encoded[len(unique):]
         relevance = (prompt_vectors * answer_vectors).sum(dim=1, keepdim=True)
-        lengths = torch.tensor([[len(ids)] for ids in self.encoder.tokenizer(list(answers),
-                                                                            add_special_tokens=False)["input_ids"]])
-        return torch.cat([answer_vectors, relevance, torch.log1p(lengths.float())], dim=1)
+        tokens = encoder.tokenizer(list(answers), add_special_tokens=False)["input_ids"]
+        lengths = torch.tensor([[len(ids)] for ids in tokens], dtype=torch.float32)
+        return torch.cat([answer_vectors, relevance, torch.log1p(lengths)], dim=1)
 
     def fit(self, pairs: Sequence[PreferencePair], previous: PreferenceHead | None = None) -> PreferenceHead:
         """A head on ``pairs`` (at least one): d_i = φ(x_i, chosen_i) − φ(x_i, rejected_i), each pair
