@@ -166,15 +166,26 @@ def test_deleting_my_data_leaves_no_choice_file_or_adapter_of_mine(server):
     assert models.adapter(user_owner(user_id(app, "bob"))) is not None  # bob's is untouched
 
 
-def test_from_min_pairs_until_the_first_version_the_personal_answer_is_the_reranked_best_of_n(cold_start):
+def test_from_min_pairs_until_the_first_version_the_personal_answer_is_the_reranked_best_of_n(cold_start,
+                                                                                             monkeypatch):
     app, _, queue = cold_start
     ann, ann_id = login(app, "ann"), user_id(app, "ann")
+    reranker, ranked = app.state.personal_reranker, []
+
+    def best_is_last(head, prompt, candidates):  # the head's choice, recorded: the last of the samples
+        ranked.append((head.pairs, candidates))
+        return len(candidates) - 1, 0.0
+
+    monkeypatch.setattr(reranker, "best_of_n", best_is_last)
     ask_and_choose(ann, "both_fine")  # a tie: no pair
     assert sorted(ask_and_choose(ann, "a")[0]["models"]) == ["base", "base τ=0.7"]  # 0 pairs when asked
     assert sorted(ask_and_choose(ann, "b")[0]["models"]) == ["base", "base τ=0.7"]  # 1 pair: below min_pairs
     assert ann.get("/api/personal/learned").json()["current_model"] == "base best-of-4 reranked"
     asked, chosen = ask_and_choose(ann, "a")  # 2 pairs: the head answers
     assert sorted(asked["models"]) == ["base best-of-4 reranked", "base τ=0.7"]
+    ((pairs, candidates),) = ranked
+    assert pairs == 2 and len(candidates) == 4
+    assert asked["answers"][asked["models"].index("base best-of-4 reranked")] == candidates[-1].strip()
     assert chosen["training_queued"]
     queue.wait()
     asked, _ = ask_and_choose(ann, "a")  # the first version exists: the adapter answers, not the head

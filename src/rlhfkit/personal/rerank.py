@@ -19,8 +19,9 @@ prompts, win rate under their taste): a "detailed" taste reaches 0.45, 0.55, 0.5
 alone and 0.70, 0.77, 0.77, 0.78 with φ as above (always picking the longest: 0.80).
 
 Its ceiling: of N + 1 independent samples, the best by the user's own criterion is any one of them
-with probability 1/(N + 1), so the best of N beats one more sample at most N/(N + 1) of the time (ties
-aside; 0.8 for N = 4), however good the head. An adapter moves the distribution itself and can pass it.
+with probability 1/(N + 1), so the best of N beats one more sample at most N/(N + 1) of the time (0.8
+for N = 4; a tie counted ½ only lowers it), however good the head. An adapter moves the distribution
+itself and can pass it.
 
 A head is a function of the user's pairs only, which the database holds: it lives in memory, is refitted
 when the pairs change, and is dropped with them (``forget``).
