@@ -7,13 +7,32 @@ import random
 import pytest
 
 from conftest import build_tiny_causal, invoke, word_tokenizer
-from rlhfkit.demo.personal import TASTES, PersonalDemoConfig, RoundResult, Taste, run_personal_demo, verdict, win_rate
+from rlhfkit.demo.personal import (
+    TASTES,
+    PersonalDemoConfig,
+    RoundResult,
+    Taste,
+    adapter_beats_rerank,
+    run_personal_demo,
+    verdict,
+    win_rate,
+)
+from rlhfkit.personal.rerank import RerankConfig
 from rlhfkit.personal.train import PersonalDPOConfig
 
 
-def result(user, win, other):
-    return RoundResult(user, 1, 10, 1, win, {"other": other}, kl=0.1, distinct_2=0.5, distinct_2_shared=0.5,
-                       at_cap=0.0)
+def result(user, win, other, round_=1, rerank=None):
+    return RoundResult(user, round_, 10 * round_, 1, win, {"other": other}, kl=0.1, distinct_2=0.5,
+                       distinct_2_shared=0.5, at_cap=0.0, rerank=rerank, vs_rerank=rerank and (0.5, 0.4, 0.6))
+
+
+def test_the_adapter_first_beats_reranking_at_the_first_round_its_win_rate_is_higher():
+    low, high = (0.55, 0.45, 0.65), (0.75, 0.65, 0.85)
+    results = [result("a", low, low, 1, high), result("b", high, low, 1, None), result("a", high, low, 2, low),
+               result("b", low, low, 2, high), result("a", low, low, 3, high)]
+    assert adapter_beats_rerank(results) == {
+        "a": "at 20 pairs (round 2: 0.75 vs reranking's 0.55; head to head 0.50 [0.40, 0.60])",
+        "b": "not within the demo"}  # round 1: no head yet, nothing to compare
 
 
 def test_the_verdict_says_learned_only_when_every_interval_is_above_half_and_specificity_holds():
@@ -41,8 +60,8 @@ def test_a_tie_counts_half_and_the_interval_resamples_topics():
 
 def test_the_personal_demo_runs_end_to_end_through_the_api_and_deletes_a_user_completely(tmp_path):
     config = PersonalDemoConfig(run_dir=tmp_path / "run", rounds=2, prompts_per_round=3, train_every=2,
-                                eval_prompts=4, eval_samples=1, max_new_tokens=6,
-                                dpo=PersonalDPOConfig(epochs=1, lr=1e-2))
+                                eval_prompts=4, eval_samples=2, max_new_tokens=6,
+                                dpo=PersonalDPOConfig(epochs=1, lr=1e-2), rerank=RerankConfig(n=2, min_pairs=1))
     report = run_personal_demo(config, build_tiny_causal(), word_tokenizer(), progress=False)
     assert [(r["user"], r["round"]) for r in report["rounds"]] == [("brief", 1), ("detailed", 1),
                                                                      ("brief", 2), ("detailed", 2)]
@@ -51,6 +70,9 @@ def test_the_personal_demo_runs_end_to_end_through_the_api_and_deletes_a_user_co
         assert 0 <= rate <= 1 and low <= rate <= high
         assert set(row["specificity"]) == {"brief", "detailed"} - {row["user"]}
         assert 0 <= row["at_cap"] <= 1
+        for rate, low, high in (row["rerank"], row["vs_rerank"]):  # every user gave a pair in round 1
+            assert 0 <= rate <= 1 and low <= rate <= high
+    assert set(report["adapter_beats_rerank"]) == {"brief", "detailed"}
     assert report["deletion"] == {"user": "detailed", "complete": True,
                                   "left": {"choices": 0, "versions": 0, "files": False, "adapters_in_memory": []}}
     assert report["memory"]["adapter_mb"] > 0 and report["memory"]["users_in_8_gib"] > 0

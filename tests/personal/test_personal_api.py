@@ -7,6 +7,7 @@ import threading
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
+from test_personal_rerank import tiny_encoder
 
 from conftest import build_tiny_causal, word_tokenizer
 from rlhfkit.feedback import service
@@ -14,20 +15,40 @@ from rlhfkit.feedback.app import create_app
 from rlhfkit.personal import store
 from rlhfkit.personal.api import PersonalSettings, include_personal
 from rlhfkit.personal.models import PersonalModels, user_owner
+from rlhfkit.personal.rerank import RerankConfig
 from rlhfkit.personal.train import PersonalDPOConfig
 
 PROMPT = "how do i fix bike"
 
 
-@pytest.fixture
-def server(tmp_path):
-    app = create_app(str(tmp_path / "feedback.db"))
-    models = PersonalModels(build_tiny_causal(), word_tokenizer(), tmp_path / "adapters")
-    settings = PersonalSettings(train_every=2, max_new_tokens=8, dpo=PersonalDPOConfig(epochs=1, lr=1e-2))
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    return tiny_encoder(tmp_path_factory.mktemp("encoder"))
+
+
+def serve(folder, encoder, train_every=2, min_pairs=4):
+    app = create_app(str(folder / "feedback.db"))
+    models = PersonalModels(build_tiny_causal(), word_tokenizer(), folder / "adapters")
+    settings = PersonalSettings(train_every=train_every, max_new_tokens=8, dpo=PersonalDPOConfig(epochs=1, lr=1e-2),
+                                rerank=RerankConfig(min_pairs=min_pairs, encoder=encoder))
     queue = include_personal(app, models, settings)
     with app.state.sessions() as db:
         for name in ("ann", "bob"):
             service.create_user(db, name, password=f"{name}-password")
+    return app, models, queue
+
+
+@pytest.fixture
+def server(tmp_path, encoder):
+    app, models, queue = serve(tmp_path, encoder)
+    yield app, models, queue
+    queue.shutdown()
+
+
+@pytest.fixture
+def cold_start(tmp_path, encoder):
+    """Training every 3 pairs, reranking from 2: one question in the cold-start window."""
+    app, models, queue = serve(tmp_path, encoder, train_every=3, min_pairs=2)
     yield app, models, queue
     queue.shutdown()
 
@@ -143,6 +164,49 @@ def test_deleting_my_data_leaves_no_choice_file_or_adapter_of_mine(server):
     assert not [n for n in models.adapter_names() if n.startswith(f"{owner}-")]
     assert ann.get("/api/personal/learned").json()["choices"] == []
     assert models.adapter(user_owner(user_id(app, "bob"))) is not None  # bob's is untouched
+
+
+def test_from_min_pairs_until_the_first_version_the_personal_answer_is_the_reranked_best_of_n(cold_start,
+                                                                                             monkeypatch):
+    app, _, queue = cold_start
+    ann, ann_id = login(app, "ann"), user_id(app, "ann")
+    reranker, ranked = app.state.personal_reranker, []
+
+    def best_is_last(head, prompt, candidates):  # the head's choice, recorded: the last of the samples
+        ranked.append((head.pairs, candidates))
+        return len(candidates) - 1, 0.0
+
+    monkeypatch.setattr(reranker, "best_of_n", best_is_last)
+    ask_and_choose(ann, "both_fine")  # a tie: no pair
+    assert sorted(ask_and_choose(ann, "a")[0]["models"]) == ["base", "base τ=0.7"]  # 0 pairs when asked
+    assert sorted(ask_and_choose(ann, "b")[0]["models"]) == ["base", "base τ=0.7"]  # 1 pair: below min_pairs
+    assert ann.get("/api/personal/learned").json()["current_model"] == "base best-of-4 reranked"
+    asked, chosen = ask_and_choose(ann, "a")  # 2 pairs: the head answers
+    assert sorted(asked["models"]) == ["base best-of-4 reranked", "base τ=0.7"]
+    ((pairs, candidates),) = ranked
+    assert pairs == 2 and len(candidates) == 4
+    assert asked["answers"][asked["models"].index("base best-of-4 reranked")] == candidates[-1].strip()
+    assert chosen["training_queued"]
+    queue.wait()
+    asked, _ = ask_and_choose(ann, "a")  # the first version exists: the adapter answers, not the head
+    assert sorted(asked["models"]) == ["base", f"user-{ann_id}-v1"]
+    assert ann.get("/api/personal/learned").json()["current_model"] == f"user-{ann_id}-v1"
+
+
+def test_deleting_my_data_in_the_cold_start_removes_my_preference_head(cold_start):
+    app, _, _ = cold_start
+    ann, bob = login(app, "ann"), login(app, "bob")
+    for client in (ann, ann, bob, bob):
+        ask_and_choose(client)
+    for client in (ann, bob):  # asked, not answered: 2 pairs each, no training queued
+        assert "base best-of-4 reranked" in client.post("/api/personal/ask", json={"prompt": PROMPT}).json()["models"]
+    reranker = app.state.personal_reranker
+    ann_id, bob_id = user_id(app, "ann"), user_id(app, "bob")
+    assert reranker.has_head(ann_id) and reranker.has_head(bob_id)
+    assert ann.delete("/api/personal/data").json()["deleted_choices"] == 3
+    assert not reranker.has_head(ann_id) and reranker.has_head(bob_id)
+    assert sorted(ann.post("/api/personal/ask", json={"prompt": PROMPT}).json()["models"]) == ["base", "base τ=0.7"]
+    assert not reranker.has_head(ann_id)
 
 
 @pytest.mark.parametrize("body, status, says", [

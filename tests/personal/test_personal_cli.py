@@ -57,7 +57,7 @@ def test_serve_puts_the_personal_page_in_the_feedback_app_on_the_same_accounts(s
     served = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.update(app=app, **options))
     result = invoke("personal", "serve", "--policy", policy, "--db", db, "--adapters", adapters, "--port", 8123,
-                    "--train-every", 3, "--no-chat-template")
+                    "--train-every", 3, "--no-chat-template", "--rerank-n", 3, "--rerank-min-pairs", 2)
     assert result.exit_code == 0, result.output
     said = " ".join(result.output.split())
     assert "http://127.0.0.1:8123/personal" in said and "(2 accounts;" in said
@@ -66,3 +66,14 @@ def test_serve_puts_the_personal_page_in_the_feedback_app_on_the_same_accounts(s
                                                                      "password": "ann-password"}).json()["csrf"]
     learned = client.get("/api/personal/learned").json()
     assert learned["pairs"] == 2 and learned["train_every"] == 3
+    assert learned["current_model"] == "base best-of-3 reranked"  # no version yet, 2 pairs: the head answers
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--rerank-n", 1], "field 'n': must be 0 (no reranking) or at least 2"),
+    (["--rerank-encoder", "no/such/encoder"], "encoder: Path no/such/encoder not found (give a sentence-transformers"),
+])
+def test_serve_refuses_a_reranking_it_cannot_do_in_one_line(setup, args, says):
+    db, policy, adapters, _ = setup
+    result = invoke("personal", "serve", "--policy", policy, "--db", db, "--adapters", adapters, *args)
+    assert result.exit_code == 1 and says in " ".join(result.output.split()) and "Traceback" not in result.output

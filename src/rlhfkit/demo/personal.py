@@ -9,7 +9,16 @@ its user's taste and no one else's.
         → on held-out prompts, the personal model vs the shared one (the base), one seed for both:
           win rate under the user's own taste, under every other user's taste (specificity),
           KL to the base, distinct-2, the share of answers cut at max_new_tokens
-    → memory, deletion of one user, report.json, curves.png, the verdict
+        → the cold start's alternative on the same held-out prompts: the best of N samples of the shared
+          model by the user's preference head (rlhfkit.personal.rerank, fitted on all their pairs so far)
+          vs the shared one, and the adapter vs it head to head
+    → memory, deletion of one user, report.json, curves.png, the verdict, the pairs at which the
+      adapter first beats reranking (its win rate above reranking's)
+
+The reranking candidates of a held-out prompt are N samples of the shared model with the seeds after the
+shared samples' (never a shared answer itself), drawn once: the shared model does not change, only each
+user's head. The prompt's best candidate is compared with each of its shared samples (N more samples per
+prompt, not N per comparison: the demo's time).
 
 A win counts 1, a tie ½; the win rate's 95% interval is the delete-a-topic jackknife t interval of
 rlhfkit.eval.metrics (held-out prompts come two per topic, samples of one prompt are not independent).
@@ -38,8 +47,10 @@ from rlhfkit.feedback import service
 from rlhfkit.feedback.app import create_app
 from rlhfkit.generate import format_prompt
 from rlhfkit.models.policy import tokenize_completions
+from rlhfkit.personal import store
 from rlhfkit.personal.api import PersonalSettings, include_personal
 from rlhfkit.personal.models import Answer, PersonalModels, user_owner
+from rlhfkit.personal.rerank import RerankConfig
 from rlhfkit.personal.train import PersonalDPOConfig, sequence_logprobs
 
 WORD = re.compile(r"[A-Za-z']+")
@@ -103,6 +114,7 @@ class PersonalDemoConfig:
     max_new_tokens: int = 40
     seed: int = 0
     dpo: PersonalDPOConfig = field(default_factory=lambda: PersonalDPOConfig(lr=1e-3, epochs=4, beta=0.1))
+    rerank: RerankConfig = field(default_factory=RerankConfig)  # the cold start's best-of-N, evaluated every round
     tastes: list[Taste] = field(default_factory=default_tastes)
 
     def __post_init__(self) -> None:
@@ -110,6 +122,8 @@ class PersonalDemoConfig:
                           "eval_samples": 1, "max_new_tokens": 1}.items():
             if getattr(self, name) < low:
                 raise ValueError(f"{name}: must be at least {low}, got {getattr(self, name)}")
+        if self.rerank.n == 0:
+            raise ValueError("rerank.n: the demo compares every user's model with reranking; give n ≥ 2")
         if len(self.tastes) < 2:
             raise ValueError("tastes: give at least two simulated users (specificity needs another taste)")
 
@@ -128,6 +142,8 @@ class RoundResult:
     distinct_2: float
     distinct_2_shared: float
     at_cap: float  # share of the personal model's held-out answers cut at max_new_tokens (no EOS sampled)
+    rerank: tuple[float, float, float] | None = None  # the head's best of N vs the shared model, own taste
+    vs_rerank: tuple[float, float, float] | None = None  # the personal model vs the head's best of N, own taste
 
 
 def win_rate(scores: Sequence[float], shared: Sequence[float], prompts: Sequence[str],
@@ -175,8 +191,9 @@ class PersonalDemo:
         self.app = create_app(f"sqlite:///{run / 'personal.db'}")
         self.models = PersonalModels(policy, tokenizer, run / "adapters")
         settings = PersonalSettings(train_every=config.train_every, max_new_tokens=config.max_new_tokens,
-                                    dpo=config.dpo)
+                                    dpo=config.dpo, rerank=config.rerank)
         self.queue = include_personal(self.app, self.models, settings)
+        self.reranker = self.app.state.personal_reranker
         self.clients, self.ids = {}, {}
         for taste in config.tastes:
             with self.app.state.sessions() as db:
@@ -196,12 +213,33 @@ class PersonalDemo:
             pairs = chosen["pairs"]
         return pairs
 
-    def answers(self, adapter: str | None, prompts: Sequence[str]) -> list[Answer]:
-        """``eval_samples`` answers per prompt (texts stripped), sample s of every model drawn with seed s."""
-        n = self.config.eval_samples
+    def answers(self, adapter: str | None, prompts: Sequence[str], seeds: Sequence[int] | None = None) -> list[Answer]:
+        """An answer per prompt and seed (texts stripped; default: ``eval_samples`` answers, sample s of every
+        model drawn with seed s)."""
+        seeds = range(self.config.eval_samples) if seeds is None else seeds
         sampled = [self.models.answer(p, adapter, 1.0, self.config.max_new_tokens, seed=s)
-                   for p in prompts for s in range(n)]
+                   for p in prompts for s in seeds]
         return [Answer(a.text.strip(), a.truncated) for a in sampled]
+
+    def draw_candidates(self, prompts: Sequence[str]) -> None:
+        """N samples of the shared model per held-out prompt (seeds S … S + N − 1, S = ``eval_samples``) and
+        their features φ, once for every user and round."""
+        n, first = self.reranker.config.n, self.config.eval_samples
+        self.candidates = self.answers(None, prompts, range(first, first + n))
+        self.candidate_features = self.reranker.features([p for p in prompts for _ in range(n)],
+                                                         [a.text for a in self.candidates])
+
+    def reranked(self, taste: Taste) -> list[Answer] | None:
+        """Per held-out prompt, the candidate the user's head scores highest, once per sample (aligned with
+        the shared answers); None: no head yet, fewer pairs than ``rerank.min_pairs``."""
+        user_id = self.ids[taste.user]
+        with self.app.state.sessions() as db:
+            head = self.reranker.head(user_id, store.preference_pairs(store.user_choices(db, user_id)))
+        if head is None:
+            return None
+        best = (self.candidate_features @ head.weights).view(-1, self.reranker.config.n).argmax(dim=1)
+        return [self.candidates[i * self.reranker.config.n + j] for i, j in enumerate(best.tolist())
+                for _ in range(self.config.eval_samples)]
 
     def kl_to_base(self, adapter: str, prompts: Sequence[str], answers: Sequence[Answer]) -> float:
         """mean[log π_u(y|x) − log π_base(y|x)] over the personal model's own answers (nats per answer; an
@@ -224,14 +262,16 @@ class PersonalDemo:
         mine = self.answers(adapter, prompts) if adapter else shared
         keys = [p for p in prompts for _ in range(self.config.eval_samples)]
 
-        def rate(judge: Taste) -> tuple[float, float, float]:
-            return win_rate([judge.score(a.text) for a in mine], [judge.score(a.text) for a in shared], keys, topics)
+        def rate(judge: Taste, ours: Sequence[Answer], theirs: Sequence[Answer]) -> tuple[float, float, float]:
+            return win_rate([judge.score(a.text) for a in ours], [judge.score(a.text) for a in theirs], keys, topics)
 
-        others = {t.user: rate(t) for t in self.config.tastes if t.user != taste.user}
+        others = {t.user: rate(t, mine, shared) for t in self.config.tastes if t.user != taste.user}
         kl = self.kl_to_base(adapter, keys, mine) if adapter else 0.0
-        return RoundResult(taste.user, round_, pairs, self.models.version(owner), rate(taste), others, kl,
-                           distinct_n([a.text for a in mine], 2), distinct_n([a.text for a in shared], 2),
-                           sum(a.truncated for a in mine) / len(mine))
+        reranked = self.reranked(taste)
+        rerank = (rate(taste, reranked, shared), rate(taste, mine, reranked)) if reranked else (None, None)
+        return RoundResult(taste.user, round_, pairs, self.models.version(owner), rate(taste, mine, shared), others,
+                           kl, distinct_n([a.text for a in mine], 2), distinct_n([a.text for a in shared], 2),
+                           sum(a.truncated for a in mine) / len(mine), *rerank)
 
     def memory(self) -> dict:
         """Base MB, MB per adapter (the largest loaded), and users whose adapters fit in 8 GiB beside the base
@@ -263,10 +303,28 @@ def _ok(response) -> dict:
 def print_round(r: RoundResult) -> None:
     rate, low, high = r.win_rate
     others = ", ".join(f"{u} {w:.2f} [{lo:.2f}, {hi:.2f}]" for u, (w, lo, hi) in r.specificity.items())
+    rerank = "no head yet" if r.rerank is None else (f"{_interval(r.rerank)}; the model vs it "
+                                                      f"{_interval(r.vs_rerank)}")
     console.print(f"{r.user:>9} round {r.round}: {r.pairs:>3} pairs, v{r.version} · win rate vs shared "
                   f"{rate:.2f} [{low:.2f}, {high:.2f}] · under {others} · KL {r.kl:.2f} · distinct-2 "
-                  f"{r.distinct_2:.3f} (shared {r.distinct_2_shared:.3f}) · at the token cap {r.at_cap:.0%}",
-                  highlight=False)
+                  f"{r.distinct_2:.3f} (shared {r.distinct_2_shared:.3f}) · at the token cap {r.at_cap:.0%} · "
+                  f"reranked best-of-N vs shared {rerank}", highlight=False)
+
+
+def _interval(rate: tuple[float, float, float]) -> str:
+    return f"{rate[0]:.2f} [{rate[1]:.2f}, {rate[2]:.2f}]"
+
+
+def adapter_beats_rerank(results: Sequence[RoundResult]) -> dict[str, str]:
+    """Per user, the first round at which their model's win rate over the shared one (own taste) is above
+    the reranked best-of-N's, with both rates and the head-to-head rate; "not within the demo" if never."""
+    first = {}
+    for user in dict.fromkeys(r.user for r in results):
+        ahead = [r for r in results if r.user == user and r.rerank is not None and r.win_rate[0] > r.rerank[0]]
+        first[user] = "not within the demo" if not ahead else (
+            f"at {ahead[0].pairs} pairs (round {ahead[0].round}: {ahead[0].win_rate[0]:.2f} vs reranking's "
+            f"{ahead[0].rerank[0]:.2f}; head to head {_interval(ahead[0].vs_rerank)})")
+    return first
 
 
 def plot_curves(results: Sequence[RoundResult], path: Path) -> Path:
@@ -282,6 +340,12 @@ def plot_curves(results: Sequence[RoundResult], path: Path) -> Path:
         x = [r.pairs for r in rows]
         ax.plot(x, [r.win_rate[0] for r in rows], marker="o", label="own taste")
         ax.fill_between(x, [r.win_rate[1] for r in rows], [r.win_rate[2] for r in rows], alpha=0.2)
+        reranked = [r for r in rows if r.rerank is not None]
+        if reranked:
+            rate, low, high = zip(*(r.rerank for r in reranked), strict=True)
+            ax.errorbar([r.pairs for r in reranked], rate, yerr=[[r - lo for r, lo in zip(rate, low, strict=True)],
+                                                                 [hi - r for r, hi in zip(rate, high, strict=True)]],
+                        capsize=3, linestyle=":", marker="s", label="reranked best-of-N, own taste")
         for other in rows[0].specificity:
             ax.plot(x, [r.specificity[other][0] for r in rows], linestyle="--", label=f"{other}'s taste")
         ax.axhline(0.5, color="grey", linewidth=0.8)
@@ -311,6 +375,7 @@ def run_personal_demo(config: PersonalDemoConfig | None = None, policy=None, tok
     console.rule(f"[bold]personal models: {', '.join(f'{t.user} likes {t.description}' for t in config.tastes)}")
     try:
         shared = demo.answers(None, held_out)
+        demo.draw_candidates(held_out)
         results = []
         for round_ in range(1, config.rounds + 1):
             for taste in config.tastes:
@@ -326,7 +391,8 @@ def run_personal_demo(config: PersonalDemoConfig | None = None, policy=None, tok
         demo.queue.shutdown()
     latest = results[-len(config.tastes):]
     complete = not any(left.values())
-    report = {"verdict": verdict(latest), "deletion": {"user": deleted_user, "left": left, "complete": complete},
+    report = {"verdict": verdict(latest), "adapter_beats_rerank": adapter_beats_rerank(results),
+              "deletion": {"user": deleted_user, "left": left, "complete": complete},
               "memory": memory, "rounds": [asdict(r) for r in results],
               "tastes": {t.user: t.description for t in config.tastes},
               "config": json.loads(json.dumps(asdict(config) | {"tastes": None}, default=str)),
@@ -336,6 +402,8 @@ def run_personal_demo(config: PersonalDemoConfig | None = None, policy=None, tok
     plot = plot_curves(results, run / "curves.png")
     console.print(f"memory: base {memory['base_mb']:.2f} MB + {memory['adapter_mb']:.3f} MB per adapter → "
                   f"{memory['users_in_8_gib']} users' adapters fit beside it in 8 GiB (weights only)", highlight=False)
+    for user, when in report["adapter_beats_rerank"].items():
+        console.print(f"{user}'s model first beats reranking: {when}", highlight=False)
     console.print(f"deleted {deleted_user}: " + ("nothing of theirs remains" if complete else f"LEFT: {left}"),
                   highlight=False)
     console.print(f"[bold]{report['verdict']}[/] — {report['seconds']:.0f}s → {run / 'report.json'}, {plot}",

@@ -11,6 +11,9 @@
 Exploration: one answer comes from the user's current personal adapter, the other from the alternative:
 the starting point (population adapter, else base) when the user has an adapter, else the same model at
 ``alternative_temperature``; which side each lands on is drawn at random, and both are stored as shown.
+Cold start: until a user's first adapter version exists, once they gave ``rerank.min_pairs`` pairs, their
+"personal" answer is the best of ``rerank.n`` samples of the starting point by their preference head
+(rlhfkit.personal.rerank), labelled e.g. "base best-of-4 reranked".
 Every ``train_every`` new pairs of a user, a training of their next version is queued (one background
 thread); the next answers come from it once it is saved.
 """
@@ -34,6 +37,7 @@ from rlhfkit.feedback.db import User
 from rlhfkit.feedback.service import FeedbackError
 from rlhfkit.personal import store
 from rlhfkit.personal.models import PersonalModels, PromptTooLong, user_owner
+from rlhfkit.personal.rerank import PreferenceHead, RerankConfig, Reranker
 from rlhfkit.personal.train import PersonalDPOConfig, TrainingQueue, train_user
 
 HERE = Path(__file__).parent
@@ -74,11 +78,14 @@ class PersonalSettings:
     alternative_temperature: float = 0.7  # the alternative when the user has no adapter yet
     max_new_tokens: int = 48
     dpo: PersonalDPOConfig = field(default_factory=PersonalDPOConfig)
+    rerank: RerankConfig = field(default_factory=RerankConfig)  # the cold start's best-of-N
 
 
-def model_label(adapter: str | None, temperature: float, settings: PersonalSettings) -> str:
-    """What the page shows: "base", "population-v1" or "user-3-v2", with the temperature when not the default."""
+def model_label(adapter: str | None, temperature: float, settings: PersonalSettings, n: int = 1) -> str:
+    """What the page shows: "base", "population-v1" or "user-3-v2", "base best-of-4 reranked" for a reranked
+    best of n samples, with the temperature when not the default."""
     name = adapter or "base"
+    name = name if n == 1 else f"{name} best-of-{n} reranked"
     return name if temperature == settings.temperature else f"{name} τ={temperature:g}"
 
 
@@ -93,7 +100,17 @@ def include_personal(app: FastAPI, models: PersonalModels, settings: PersonalSet
             train_user(models, session, user_id, settings.dpo)
 
     queue = TrainingQueue(train, settings.train_every)
-    app.state.personal_training = queue
+    reranker = Reranker(settings.rerank)
+    app.state.personal_training, app.state.personal_reranker = queue, reranker
+
+    def cold_start_head(user_id: int, session: Session) -> PreferenceHead | None:
+        """The user's preference head while they have no adapter version (None outside that window or
+        below ``rerank.min_pairs`` pairs). Pairs are read under the head's lock, so a deletion meanwhile
+        (pairs removed first, then the head) cannot leave a head behind."""
+        if not settings.rerank.n or models.version(user_owner(user_id)):
+            return None
+        with reranker.lock:
+            return reranker.head(user_id, store.preference_pairs(store.user_choices(session, user_id)))
     router = APIRouter()
 
     @router.get("/personal", response_class=HTMLResponse)
@@ -102,20 +119,23 @@ def include_personal(app: FastAPI, models: PersonalModels, settings: PersonalSet
 
     @router.post("/api/personal/ask")
     def ask(*, user: User = Depends(api_user), body: AskJson, session: Session = Depends(db)):
-        owner = user_owner(user.id)
+        owner, head = user_owner(user.id), cold_start_head(user.id, session)
         with models.lock:  # a training that publishes meanwhile must not drop the adapters picked here
             personal, start = models.adapter(owner), models.starting_point(owner)
             if personal is not None:
-                options = [(personal, settings.temperature), (start, settings.temperature)]
+                options = [(personal, settings.temperature, 1), (start, settings.temperature, 1)]
             else:
-                options = [(start, settings.temperature), (start, settings.alternative_temperature)]
+                options = [(start, settings.temperature, settings.rerank.n if head else 1),
+                           (start, settings.alternative_temperature, 1)]
             random.shuffle(options)
             try:
-                answers = tuple(models.answer(body.prompt, adapter, t, settings.max_new_tokens)
-                                for adapter, t in options)
+                samples = [[models.answer(body.prompt, adapter, t, settings.max_new_tokens) for _ in range(n)]
+                           for adapter, t, n in options]
             except PromptTooLong as exc:
                 raise FeedbackError(f"prompt: {exc}", 422) from None
-        labels = tuple(model_label(adapter, t, settings) for adapter, t in options)
+        answers = tuple(s[0] if len(s) == 1 else s[reranker.best_of_n(head, body.prompt, [a.text for a in s])[0]]
+                        for s in samples)
+        labels = tuple(model_label(adapter, t, settings, n) for adapter, t, n in options)
         row = store.record_question(session, user, body.prompt, tuple(a.text for a in answers), labels,
                                     tuple(a.truncated for a in answers))
         return {"question_id": row.id, "answers": [a.text.strip() for a in answers], "models": list(labels)}
@@ -137,9 +157,13 @@ def include_personal(app: FastAPI, models: PersonalModels, settings: PersonalSet
         counts = {c: sum(row.choice == c for row in choices) for c in ("a", "b", "both_fine", "both_bad")}
         versions = [{k: v for k, v in models.version_info(owner, n).items() if k != "config"}
                     for n in models.versions(owner)]
+        pairs = counts["a"] + counts["b"]
+        reranked = settings.rerank.n and pairs >= settings.rerank.min_pairs
         return {"choices": [row.as_dict() for row in choices], "counts": counts,
-                "pairs": counts["a"] + counts["b"], "versions": versions,
-                "current_model": models.adapter(owner) or "none yet (the starting point answers)",
+                "pairs": pairs, "versions": versions,
+                "current_model": models.adapter(owner) or (
+                    model_label(models.starting_point(owner), settings.temperature, settings, settings.rerank.n)
+                    if reranked else "none yet (the starting point answers)"),
                 "train_every": settings.train_every, "training_error": queue.errors.get(user.id)}
 
     @router.get("/api/personal/sample")
@@ -161,6 +185,7 @@ def include_personal(app: FastAPI, models: PersonalModels, settings: PersonalSet
     @router.delete("/api/personal/data")
     def delete_data(user: User = Depends(api_user), session: Session = Depends(db)):
         deleted = store.delete_user_data(session, user, models)
+        reranker.forget(user.id)  # after the pairs: a head fitted meanwhile is dropped here
         queue.errors.pop(user.id, None)
         return {"deleted_choices": deleted, "adapters": models.versions(user_owner(user.id))}
 

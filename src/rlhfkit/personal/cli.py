@@ -107,6 +107,12 @@ def serve(
                                                            "used is dropped and read again when needed.")] = 1000,
     lr: LrOption = 3e-4, epochs: EpochsOption = 4, beta: BetaOption = 0.1, nll_coef: NllOption = 1.0,
     lora_r: LoraROption = 8, chat_template: ChatTemplateOption = None,
+    rerank_n: Annotated[int, typer.Option(help="Cold start: until a user's first version, their answer is the best "
+                                               "of this many samples by their preference head (0: off).")] = 4,
+    rerank_min_pairs: Annotated[int, typer.Option(help="Pairs a user gives before their head reranks.")] = 4,
+    rerank_encoder: Annotated[str, typer.Option(help="The heads' shared encoder: a sentence-transformers model or "
+                                                     "an encoder folder, such as a reward model's (default: the "
+                                                     "offline MiniLM-L6).")] = "",
 ) -> None:
     """The feedback app with the personal-model page at /personal, in one process (the base model and the
     adapters are in its memory). Accounts are the feedback app's: `rlhfkit feedback user --name NAME`."""
@@ -116,13 +122,17 @@ def serve(
     from rlhfkit.feedback.app import create_app
     from rlhfkit.feedback.db import User
     from rlhfkit.personal.api import PersonalSettings, include_personal
+    from rlhfkit.personal.rerank import RerankConfig
 
+    rerank = RerankConfig(n=rerank_n, min_pairs=rerank_min_pairs, encoder=rerank_encoder)
     with _session(db) as session:
         accounts = session.scalar(select(func.count()).select_from(User))
     models = _models(policy, adapters, chat_template, lora_r, max_in_memory)
     app = create_app(db, secure_cookies)
-    queue = include_personal(app, models, PersonalSettings(train_every=train_every,
+    queue = include_personal(app, models, PersonalSettings(train_every=train_every, rerank=rerank,
                                                            dpo=_dpo_config(lr, epochs, beta, nll_coef)))
+    if rerank.n:
+        app.state.personal_reranker.load_encoder()  # a wrong --rerank-encoder stops here, not at a user's answer
     console.print(f"personal models on http://{host}:{port}/personal, database {db} ({accounts} accounts; add "
                   f"one with `rlhfkit feedback user --name NAME --db {db}`), adapters in {adapters}")
     try:
