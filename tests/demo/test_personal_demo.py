@@ -5,6 +5,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from conftest import build_tiny_causal, invoke, word_tokenizer
 from rlhfkit.demo.personal import (
@@ -81,6 +82,19 @@ def test_the_personal_demo_runs_end_to_end_through_the_api_and_deletes_a_user_co
     assert (tmp_path / "run" / "curves.png").stat().st_size > 0
     with pytest.raises(ValueError, match="holds an earlier personal demo"):
         run_personal_demo(config, build_tiny_causal(), word_tokenizer(), progress=False)
+
+
+def test_a_seed_fixes_the_personal_demo_whatever_the_machine_or_the_global_generators(tmp_path):
+    def run(name: str, noise: int) -> list[dict]:
+        random.seed(noise)  # the global generators must not matter: the API and the demo draw from the seed
+        torch.manual_seed(noise)
+        config = PersonalDemoConfig(run_dir=tmp_path / name, rounds=2, prompts_per_round=3, train_every=2,
+                                    eval_prompts=4, eval_samples=2, max_new_tokens=6, seed=3,
+                                    dpo=PersonalDPOConfig(epochs=1, lr=1e-2), rerank=RerankConfig(n=2, min_pairs=1))
+        rounds = run_personal_demo(config, build_tiny_causal(), word_tokenizer(), progress=False)["rounds"]
+        return rounds
+
+    assert run("first", 0) == run("second", 1)
 
 
 @pytest.mark.parametrize(("args", "message"), [(["--seeds", "2"], "--preset personal: takes --run-dir and"),

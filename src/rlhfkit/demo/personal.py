@@ -191,7 +191,7 @@ class PersonalDemo:
         self.app = create_app(f"sqlite:///{run / 'personal.db'}")
         self.models = PersonalModels(policy, tokenizer, run / "adapters")
         settings = PersonalSettings(train_every=config.train_every, max_new_tokens=config.max_new_tokens,
-                                    dpo=config.dpo, rerank=config.rerank)
+                                    seed=config.seed, dpo=config.dpo, rerank=config.rerank)
         self.queue = include_personal(self.app, self.models, settings)
         self.reranker = self.app.state.personal_reranker
         self.clients, self.ids = {}, {}
@@ -204,13 +204,17 @@ class PersonalDemo:
             self.clients[taste.user] = client
 
     def feedback_round(self, taste: Taste, prompts: Sequence[str], rng: random.Random) -> int:
-        """The user asks each prompt and chooses by their taste; returns their pairs so far."""
+        """The user asks each prompt and chooses by their taste; returns their pairs so far. A training their
+        choice queues ends before their next question (the simulated user waits), so which version answers
+        depends on the seed only, not on the machine's speed."""
         client, pairs = self.clients[taste.user], 0
         for prompt in prompts:
             asked = _ok(client.post("/api/personal/ask", json={"prompt": prompt}))
             chosen = _ok(client.post("/api/personal/choose", json={
                 "question_id": asked["question_id"], "choice": taste.choose(asked["answers"], rng)}))
             pairs = chosen["pairs"]
+            if chosen["training_queued"]:
+                self.queue.wait()
         return pairs
 
     def answers(self, adapter: str | None, prompts: Sequence[str], seeds: Sequence[int] | None = None) -> list[Answer]:
@@ -364,6 +368,7 @@ def run_personal_demo(config: PersonalDemoConfig | None = None, policy=None, tok
     ``report.json`` with ``curves.png``."""
     config = config or PersonalDemoConfig()
     started = time.perf_counter()
+    torch.manual_seed(config.seed)  # fresh adapters' initial weights (the answers' draws are seeded per request)
     task = demo_task_prompts(config)
     if policy is None:
         from rlhfkit.demo.presets import DemoConfig, load_demo_policy

@@ -11,6 +11,8 @@
 Exploration: one answer comes from the user's current personal adapter, the other from the alternative:
 the starting point (population adapter, else base) when the user has an adapter, else the same model at
 ``alternative_temperature``; which side each lands on is drawn at random, and both are stored as shown.
+The sides and the answers' draws come from one generator seeded with ``seed``: the same requests in the
+same order (and the same versions trained meanwhile) get the same answers.
 Cold start: until a user's first adapter version exists, once they gave ``rerank.min_pairs`` pairs, their
 "personal" answer is the best of ``rerank.n`` samples of the starting point by their preference head
 (rlhfkit.personal.rerank), labelled e.g. "base best-of-4 reranked".
@@ -77,6 +79,7 @@ class PersonalSettings:
     temperature: float = 1.0
     alternative_temperature: float = 0.7  # the alternative when the user has no adapter yet
     max_new_tokens: int = 48
+    seed: int | None = None  # the sides' order and the answers' random draws (None: a fresh seed per process)
     dpo: PersonalDPOConfig = field(default_factory=PersonalDPOConfig)
     rerank: RerankConfig = field(default_factory=RerankConfig)  # the cold start's best-of-N
 
@@ -100,6 +103,7 @@ def include_personal(app: FastAPI, models: PersonalModels, settings: PersonalSet
             train_user(models, session, user_id, settings.dpo)
 
     queue = TrainingQueue(train, settings.train_every)
+    draws = random.Random(settings.seed)  # used under models.lock only: the same requests in the same order
     reranker = Reranker(settings.rerank)
     app.state.personal_training, app.state.personal_reranker = queue, reranker
 
@@ -127,10 +131,10 @@ def include_personal(app: FastAPI, models: PersonalModels, settings: PersonalSet
             else:
                 options = [(start, settings.temperature, settings.rerank.n if head else 1),
                            (start, settings.alternative_temperature, 1)]
-            random.shuffle(options)
+            draws.shuffle(options)
             try:
-                samples = [[models.answer(body.prompt, adapter, t, settings.max_new_tokens) for _ in range(n)]
-                           for adapter, t, n in options]
+                samples = [[models.answer(body.prompt, adapter, t, settings.max_new_tokens, draws.randrange(2**31))
+                            for _ in range(n)] for adapter, t, n in options]
             except PromptTooLong as exc:
                 raise FeedbackError(f"prompt: {exc}", 422) from None
         answers = tuple(s[0] if len(s) == 1 else s[reranker.best_of_n(head, body.prompt, [a.text for a in s])[0]]
@@ -176,7 +180,7 @@ def include_personal(app: FastAPI, models: PersonalModels, settings: PersonalSet
             personal, start = models.adapter(owner), models.starting_point(owner)
             if not choices or personal is None:
                 raise FeedbackError("no sample yet: your model has no trained version", 404)
-            prompt, seed = choices[-1].prompt, random.randrange(2**31)
+            prompt, seed = choices[-1].prompt, draws.randrange(2**31)
             before, after = (models.answer(prompt, adapter, settings.temperature, settings.max_new_tokens, seed)
                              for adapter in (start, personal))
         return {"prompt": prompt, "before": before.text.strip(), "after": after.text.strip(),
