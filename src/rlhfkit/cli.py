@@ -304,8 +304,9 @@ def dpo(config: ConfigOption = None, policy: PolicyOption = None,
 @friendly_errors
 def demo(
     preset: Annotated[str, typer.Option(help="toy (a small GPT-2 trained here; minutes), smollm2 "
-                                             "(SmolLM2-135M-Instruct with LoRA; slower), or personal (simulated "
-                                             "users teach their personal models; minutes).")] = "toy",
+                                             "(SmolLM2-135M-Instruct with LoRA; slower), personal (simulated "
+                                             "users teach their personal models; minutes) or personal-smollm2 "
+                                             "(the same on SmolLM2; about half an hour).")] = "toy",
     run_dir: Annotated[Path | None, typer.Option(help="Folder for every stage's files; a rerun resumes "
                                                       "[default: runs/demo or runs/demo-smollm2].")] = None,
     seeds: Annotated[int | None, typer.Option(help="Training seeds: labeling, reward model and PPO run once per "
@@ -329,13 +330,14 @@ def demo(
     """
     from rlhfkit.demo import DemoConfig, run_demo
 
-    if preset == "personal":
+    if preset in ("personal", "personal-smollm2"):
         from rlhfkit.demo.personal import PersonalDemoConfig, run_personal_demo
 
         if any(v is not None for v in (seeds, label_prompts, ppo_steps, kl_coef, stop_on, precision)):
-            raise ValueError("--preset personal: takes --run-dir and --eval-prompts only (no PPO, no seeds)")
-        run_personal_demo(PersonalDemoConfig(**{k: v for k, v in {"run_dir": run_dir, "eval_prompts": eval_prompts}
-                                                .items() if v is not None}))
+            raise ValueError(f"--preset {preset}: takes --run-dir and --eval-prompts only (no PPO, no seeds)")
+        overrides = {k: v for k, v in {"run_dir": run_dir, "eval_prompts": eval_prompts}.items() if v is not None}
+        run_personal_demo(PersonalDemoConfig.smollm2(**overrides) if preset == "personal-smollm2"
+                          else PersonalDemoConfig(**overrides))
         return
     if seeds is not None and seeds < 1:
         raise ValueError(f"--seeds: must be at least 1, got {seeds}")

@@ -103,3 +103,17 @@ def test_the_personal_preset_rejects_options_it_cannot_use_in_one_line(tmp_path,
     result = invoke("demo", "--preset", "personal", "--run-dir", tmp_path / "run", *args)
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_the_smollm2_option_runs_through_the_api_with_the_chat_template(tmp_path):
+    """SmolLM2-135M-Instruct as the shared base, shortened: its answers come from the chat template, a user's
+    adapter is trained on its pairs, and deletion leaves nothing."""
+    config = PersonalDemoConfig.smollm2(run_dir=tmp_path / "run", rounds=1, prompts_per_round=2, train_every=2,
+                                        eval_prompts=4, eval_samples=1, max_new_tokens=8,
+                                        dpo=PersonalDPOConfig(epochs=1, lr=1e-3), rerank=RerankConfig(n=2, min_pairs=1))
+    report = run_personal_demo(config, progress=False)
+    assert report["config"]["policy"] == "smollm2" and report["config"]["temperature"] == 0.7
+    assert [r["user"] for r in report["rounds"]] == ["brief", "detailed"]
+    assert all(r["version"] >= 1 for r in report["rounds"] if r["pairs"] >= 2)
+    assert report["memory"]["base_mb"] > 400 and report["deletion"]["complete"]

@@ -22,7 +22,8 @@ def test_settings_that_cannot_run_are_rejected_by_name(overrides, message):
 @pytest.mark.parametrize(("args", "message"), [(["--ppo-steps", "-1"], "ppo_steps: must be at least 1"),
                                                (["--seeds", "0"], "--seeds: must be at least 1"),
                                                (["--preset", "gpt5"],
-                                                "preset: unknown 'gpt5'; choose from toy, smollm2, personal")])
+                                                "preset: unknown 'gpt5'; choose from toy, smollm2, personal, "
+                                                "personal-smollm2")])
 def test_demo_command_rejects_bad_options_in_one_line(tmp_path, args, message):
     result = invoke("demo", "--run-dir", tmp_path / "run", *args)
     assert result.exit_code == 1 and message in result.output

@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from fastapi.testclient import TestClient
@@ -105,6 +106,7 @@ def default_tastes() -> list[Taste]:
 
 @dataclass
 class PersonalDemoConfig:
+    policy: Literal["toy", "smollm2"] = "toy"  # the shared base: the toy GPT-2, or SmolLM2-135M-Instruct (chat)
     run_dir: Path = Path("runs/demo-personal")
     rounds: int = 5
     prompts_per_round: int = 16  # questions each user asks (and answers) per round
@@ -112,12 +114,28 @@ class PersonalDemoConfig:
     eval_prompts: int = 48  # held-out prompts (two per topic: 24 topics, the interval's resampling units)
     eval_samples: int = 4  # answers per held-out prompt and model
     max_new_tokens: int = 40
+    temperature: float = 1.0  # of the personal answers, the shared ones and the evaluation's samples
+    alternative_temperature: float = 0.7  # the exploration's other answer before a user has an adapter
     seed: int = 0
     dpo: PersonalDPOConfig = field(default_factory=lambda: PersonalDPOConfig(lr=1e-3, epochs=4, beta=0.1))
     rerank: RerankConfig = field(default_factory=RerankConfig)  # the cold start's best-of-N, evaluated every round
     tastes: list[Taste] = field(default_factory=default_tastes)
 
+    @classmethod
+    def smollm2(cls, **overrides) -> PersonalDemoConfig:
+        """The SmolLM2 option: fewer, longer answers at τ = 0.7 (where its answers stay coherent, as the
+        smollm2 preset), in a budget of about half an hour on 2 cores."""
+        return cls(**{"policy": "smollm2", "run_dir": Path("runs/demo-personal-smollm2"), "rounds": 3,
+                      "prompts_per_round": 12, "train_every": 8, "eval_prompts": 16, "eval_samples": 2,
+                      "max_new_tokens": 64, "temperature": 0.7,
+                      "alternative_temperature": 1.0} | overrides)
+
     def __post_init__(self) -> None:
+        if self.policy not in ("toy", "smollm2"):
+            raise ValueError(f"policy: unknown {self.policy!r}; choose toy or smollm2")
+        for name in ("temperature", "alternative_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
         for name, low in {"rounds": 1, "prompts_per_round": 1, "train_every": 1, "eval_prompts": 4,
                           "eval_samples": 1, "max_new_tokens": 1}.items():
             if getattr(self, name) < low:
@@ -189,8 +207,11 @@ class PersonalDemo:
             raise ValueError(f"run_dir: {run} holds an earlier personal demo; give another --run-dir or delete it")
         run.mkdir(parents=True, exist_ok=True)
         self.app = create_app(f"sqlite:///{run / 'personal.db'}")
-        self.models = PersonalModels(policy, tokenizer, run / "adapters")
+        self.models = PersonalModels(policy, tokenizer, run / "adapters",
+                                     use_chat_template=config.policy == "smollm2")
         settings = PersonalSettings(train_every=config.train_every, max_new_tokens=config.max_new_tokens,
+                                    temperature=config.temperature,
+                                    alternative_temperature=config.alternative_temperature,
                                     seed=config.seed, dpo=config.dpo, rerank=config.rerank)
         self.queue = include_personal(self.app, self.models, settings)
         self.reranker = self.app.state.personal_reranker
@@ -221,7 +242,7 @@ class PersonalDemo:
         """An answer per prompt and seed (texts stripped; default: ``eval_samples`` answers, sample s of every
         model drawn with seed s)."""
         seeds = range(self.config.eval_samples) if seeds is None else seeds
-        sampled = [self.models.answer(p, adapter, 1.0, self.config.max_new_tokens, seed=s)
+        sampled = [self.models.answer(p, adapter, self.config.temperature, self.config.max_new_tokens, seed=s)
                    for p in prompts for s in seeds]
         return [Answer(a.text.strip(), a.truncated) for a in sampled]
 
@@ -364,7 +385,7 @@ def plot_curves(results: Sequence[RoundResult], path: Path) -> Path:
 
 def run_personal_demo(config: PersonalDemoConfig | None = None, policy=None, tokenizer=None,
                       progress: bool = True) -> dict:
-    """Run the demo (the toy policy unless ``policy`` is given); returns the report, also written to
+    """Run the demo (``config.policy`` unless ``policy`` is given); returns the report, also written to
     ``report.json`` with ``curves.png``."""
     config = config or PersonalDemoConfig()
     started = time.perf_counter()
@@ -373,7 +394,7 @@ def run_personal_demo(config: PersonalDemoConfig | None = None, policy=None, tok
     if policy is None:
         from rlhfkit.demo.presets import DemoConfig, load_demo_policy
 
-        policy, tokenizer, _ = load_demo_policy(DemoConfig(), progress)
+        policy, tokenizer, _ = load_demo_policy(DemoConfig(preset=config.policy), progress)
     demo = PersonalDemo(config, policy, tokenizer)
     train, held_out, topics = task
     rng = random.Random(config.seed)

@@ -28,7 +28,7 @@ from rlhfkit.rl.monitors import KINDS
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PRESETS = ("toy", "smollm2")  # the RLHF loop's; `personal` (demo/personal.py) has settings of its own
-ALL_PRESETS = (*PRESETS, "personal")
+ALL_PRESETS = (*PRESETS, "personal", "personal-smollm2")
 
 
 @dataclass
