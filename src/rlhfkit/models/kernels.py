@@ -25,7 +25,7 @@ rounding of any output of magnitude 1/8 or more (half a unit in the last place: 
 Measured on the shared benchmark's reward model (5.3M-parameter GPT-2, 16 sequences of 49 tokens, bf16
 autocast, 1 thread, CPU seconds per training step, runs interleaved): 158 ms as the model comes, 129 ms
 with eager attention, 123 ms with the one-kernel tanh GELU as well; 115.5 → 107.7 ms with the erf GELU
-instead of the tanh one (another day, another load). The whole reward-model training step of
+instead of the tanh one (measured later, under another load). The whole reward-model training step of
 ``benchmarks/reward_model.py`` (1 thread, CPU seconds, runs alternated): at the workload's seed 0.146 and
 0.150 s before, 0.119 and 0.120 s after, TRL's 0.248 and 0.235 s (ratio 0.61 → 0.49); over 3 seeds the
 same pair accuracy over the last 5 steps (1.00, 1.00, 0.95) and peak RSS 632-635 MiB instead of 649-678.
@@ -57,7 +57,7 @@ def faster_attention(precision: Precision, max_tokens: int) -> str | None:
 
 def faster_gelu(precision: Precision) -> type[torch.nn.Module]:
     """The GELU to train with in place of a tanh GELU: the exact x Φ(x) under bf16 on a CPU (4× faster there,
-    and within bf16's rounding), else the tanh approximation in one kernel."""
+    and within bf16's rounding of outputs of magnitude 1/8 or more), else the tanh approximation in one kernel."""
     bf16_cpu = precision.dtype == torch.bfloat16 and precision.device_type == "cpu"
     return GELUActivation if bf16_cpu else GELUTanh
 

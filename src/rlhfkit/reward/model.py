@@ -155,7 +155,8 @@ class RewardModel:
                     model: torch.nn.Module | None = None) -> torch.Tensor:
         """Unnormalised r(x, y) for each pair of texts, with gradients (one forward pass); through ``model``
         when given: the same weights wrapped by `accelerate` for training (DDP syncs gradients in its pass).
-        A GPT-2 model computes its last block at the scored token only (``final_token.py``)."""
+        A GPT-2 model computes its last block at the scored token only (``final_token.py``), except through a
+        DDP wrapper, whose own forward must run."""
         encoded = self.tokenizer(list(prompts), list(completions), padding=True, truncation=True,
                                  max_length=self.max_length, return_tensors="pt").to(self.model.device)
         if model in (None, self.model) and final_token.covers(self.model):
