@@ -52,6 +52,7 @@ from rlhfkit.models.kernels import training_kernels
 from rlhfkit.models.pretrained import pretrained_source
 from rlhfkit.models.update import TrainingDiverged, adamw, apply_gradients
 from rlhfkit.precision import PrecisionSetting, training_precision
+from rlhfkit.reward import final_token
 
 STATE_FILE = "rlhfkit_reward.json"
 
@@ -153,9 +154,13 @@ class RewardModel:
     def raw_rewards(self, prompts: Sequence[str], completions: Sequence[str],
                     model: torch.nn.Module | None = None) -> torch.Tensor:
         """Unnormalised r(x, y) for each pair of texts, with gradients (one forward pass); through ``model``
-        when given: the same weights wrapped by `accelerate` for training (DDP syncs gradients in its pass)."""
+        when given: the same weights wrapped by `accelerate` for training (DDP syncs gradients in its pass).
+        A GPT-2 model computes its last block at the scored token only (``final_token.py``), except through a
+        DDP wrapper, whose own forward must run."""
         encoded = self.tokenizer(list(prompts), list(completions), padding=True, truncation=True,
                                  max_length=self.max_length, return_tensors="pt").to(self.model.device)
+        if model in (None, self.model) and final_token.covers(self.model):
+            return final_token.final_token_rewards(self.model, encoded)[:, 0].float()
         return (model or self.model)(**encoded).logits[:, 0].float()
 
     @torch.inference_mode()
