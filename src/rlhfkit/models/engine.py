@@ -49,6 +49,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
@@ -57,6 +58,7 @@ import torch
 import transformers
 from transformers import GenerationConfig, PreTrainedModel, StaticCache
 
+from rlhfkit.models.packed import packed_weights
 from rlhfkit.models.policy import completion_tokens, generate_exactly, is_seq2seq
 
 
@@ -182,12 +184,13 @@ def decode_forward(hf: PreTrainedModel, compiled: bool) -> Callable:
 @torch.no_grad()
 def kv_cached_sampling(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, n: int,
                        decoding: Decoding, generator: torch.Generator | None = None, *,
-                       compiled: bool = False) -> torch.Tensor:
+                       compiled: bool = False, packed: bool = True) -> torch.Tensor:
     """``n`` completions per left-padded prompt with the prompt's KV computed once (see the module docstring).
 
     Positions follow the attention mask (position of a token = number of real tokens before it), as in
     ``generate`` and ``completion_logits``, so a padded prompt decodes as it would alone. ``compiled``: the
-    decode steps run ``torch.compile``'d (``compiled_kv_cached_sampling``).
+    decode steps run ``torch.compile``'d (``compiled_kv_cached_sampling``). ``packed`` (eager steps only): the
+    model's linear layers multiply by weights packed once for the call (``rlhfkit.models.packed``).
     """
     if not bool(prompt_mask[:, -1].all()):
         raise ValueError("kv_cached_sampling takes left-padded prompts (every row's last token real): set the "
@@ -203,25 +206,27 @@ def kv_cached_sampling(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_
     cache = StaticCache(config=hf.config, max_cache_len=cache_length)
     cached = {"cache" if "cache" in arguments else "past_key_values": cache, "use_cache": True}
     keep = {"logits_to_keep": 1} if "logits_to_keep" in arguments else {}
-    logits = hf(input_ids=prompt_ids, attention_mask=mask, position_ids=position, **cached, **keep).logits[:, -1]
-    # Each prompt's KV, read once, shared by its n samples: rows i·n…i·n+n−1 are prompt i's.
-    cache.reorder_cache(torch.arange(batch, device=prompt_ids.device).repeat_interleave(n))
-    logits, mask = logits.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0)
-    position = position[:, -1:].repeat_interleave(n, dim=0)
-    ended = torch.zeros(batch * n, dtype=torch.bool, device=prompt_ids.device)
-    forward = decode_forward(hf, compiled)
-    tokens = []
-    for step in range(steps):
-        token = draw(next_token_logits(logits, step, decoding), decoding.greedy, generator)
-        token = token.masked_fill(ended, decoding.pad_token_id)
-        tokens.append(token)
-        if decoding.eos_token_id is not None:
-            ended |= token == decoding.eos_token_id
-        if step == steps - 1 or bool(ended.all()):
-            break
-        mask[:, prompt_length + step] = 1
-        position = position + 1
-        logits = forward(input_ids=token[:, None], attention_mask=mask, position_ids=position, **cached).logits[:, -1]
+    with packed_weights(hf, batch * n) if packed and not compiled else nullcontext():
+        logits = hf(input_ids=prompt_ids, attention_mask=mask, position_ids=position, **cached, **keep).logits[:, -1]
+        # Each prompt's KV, read once, shared by its n samples: rows i·n…i·n+n−1 are prompt i's.
+        cache.reorder_cache(torch.arange(batch, device=prompt_ids.device).repeat_interleave(n))
+        logits, mask = logits.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0)
+        position = position[:, -1:].repeat_interleave(n, dim=0)
+        ended = torch.zeros(batch * n, dtype=torch.bool, device=prompt_ids.device)
+        forward = decode_forward(hf, compiled)
+        tokens = []
+        for step in range(steps):
+            token = draw(next_token_logits(logits, step, decoding), decoding.greedy, generator)
+            token = token.masked_fill(ended, decoding.pad_token_id)
+            tokens.append(token)
+            if decoding.eos_token_id is not None:
+                ended |= token == decoding.eos_token_id
+            if step == steps - 1 or bool(ended.all()):
+                break
+            mask[:, prompt_length + step] = 1
+            position = position + 1
+            step_input = {"input_ids": token[:, None], "attention_mask": mask, "position_ids": position}
+            logits = forward(**step_input, **cached).logits[:, -1]
     return torch.stack(tokens, dim=1)
 
 
