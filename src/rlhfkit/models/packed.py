@@ -85,12 +85,18 @@ def _packed_forward(module: torch.nn.Module, rows: int) -> Callable[[torch.Tenso
     return forward
 
 
+def packable_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The layers ``packed_weights`` packs: every ``nn.Linear`` and ``Conv1D`` (not subclasses, whose forward
+    may differ) whose forward was not replaced on the instance."""
+    return [module for module in model.modules()
+            if type(module) in (torch.nn.Linear, Conv1D) and "forward" not in vars(module)]
+
+
 @contextmanager
 def packed_weights(model: torch.nn.Module, rows: int) -> Iterator[None]:
-    """Inside: every ``nn.Linear`` and ``Conv1D`` of ``model`` multiplies by its weight packed once for
-    products of ``rows`` rows (the decode step's; any row count works); outside: the plain layers."""
-    swapped = [module for module in model.modules()
-               if type(module) in (torch.nn.Linear, Conv1D) and "forward" not in vars(module)]
+    """Inside: every layer of ``packable_layers(model)`` multiplies by its weight packed once for products
+    of ``rows`` rows (the decode step's; any row count works); outside: the plain layers."""
+    swapped = packable_layers(model)
     for module in swapped:
         module.forward = _packed_forward(module, rows)
     try:
