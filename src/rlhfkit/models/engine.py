@@ -14,7 +14,10 @@ Llama, SmolLM2, Qwen, Mistral...) it runs ``kv_cached_sampling``, which does the
 * no logits-processor machinery: EOS forbidden (logit −∞) before ``min_new_tokens``, then
   p = softmax(z / τ), optionally cut to the top-k tokens and the top-p mass as transformers does; greedy
   takes argmax z;
-* the loop stops as soon as every sequence has emitted EOS.
+* the loop stops as soon as every sequence has emitted EOS;
+* on a CPU every linear layer multiplies by its weight packed once per call into oneDNN's blocked layout
+  (``rlhfkit.models.packed``), where a plain ``F.linear`` at a decode step's few rows re-lays the weight
+  out at every call: the same products, summed in another order (``packed=False`` turns it off).
 
 ``compiled_kv_cached_sampling`` runs the decode steps (not the prefill, whose length varies) through
 ``torch.compile``: one graph per model class, row count and cache length, the cache length rounded up to a
@@ -26,10 +29,8 @@ ratios of CPU seconds): 9-88 s to compile per shape and precision; then a rollou
 GPT-2 (8 prompts × 4 samples, 32 tokens) runs at 1.63× ``generate``'s tokens/s against the eager engine's
 1.39× (fp32; 1.70× and 1.39× with bf16 weights), of SmolLM2-135M (2 × 4) at 1.30× against 1.22× (fp32)
 and 0.97× against 1.25× (bf16: the compiled step took 79 ms of CPU against eager's 64, cause not
-isolated). There a decode step is mostly the weights' matrix products (77% of an eager fp32 step, 85% in
-bf16), which ``generate`` pays alike: an engine whose step were those products alone would reach ≈1.5×
-``generate`` in fp32 (32 steps of 129 ms + a 2-prompt prefill against ``generate``'s 6.7 s per call).
-A bf16 copy of the weights would be faster but would change the distribution sampled from.
+isolated). The compiled decode step multiplies by unpacked weights (inductor packs them only with its
+``freezing`` option, which makes weights constants of the graph: stale after an optimizer step).
 
 The output is the one ``generate`` gives after the prompt: [B·n, T] token ids, prompt-major (the n samples of
 prompt i in rows i·n…i·n+n−1), pad after a sequence's EOS, T ≤ ``max_new_tokens`` the number of steps run.
