@@ -4,27 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_engine import EOS, PAD, PROMPTS, encode, peaked
 
 from rlhfkit.models import engine as engine_module
 from rlhfkit.models import packed as packed_module
 from rlhfkit.models.engine import Decoding, kv_cached_sampling
 from rlhfkit.models.packed import packed_weights
-
-EOS, PAD = 3, 0
-PROMPTS = ["how do i fix my bike", "help", "what is a good plan for the day"]
-
-
-def peaked(model):
-    """Logits ×10 (the final layer norm scaled): a random tiny model is near-uniform."""
-    with torch.no_grad():
-        model.transformer.ln_f.weight.mul_(10.0)
-        model.transformer.ln_f.bias.mul_(10.0)
-    return model
-
-
-def encode(tokenizer, texts=PROMPTS):
-    encoded = tokenizer(texts, return_tensors="pt", padding=True)
-    return encoded["input_ids"], encoded["attention_mask"]
 
 
 @pytest.fixture
@@ -51,7 +36,7 @@ def rollout(model, ids, mask, settings, packed, monkeypatch):
 def test_the_packed_engine_draws_the_plain_engines_tokens_from_the_same_distributions(
         tiny_causal, tokenizer, monkeypatch, packed_products, dtype, tolerance, greedy):
     model = peaked(tiny_causal).to(dtype)
-    ids, mask = encode(tokenizer)
+    ids, mask = encode(tokenizer, PROMPTS)
     settings = Decoding(10, EOS, PAD, temperature=0.8, min_new_tokens=2, greedy=greedy)
     plain_tokens, plain_logprobs = rollout(model, ids, mask, settings, False, monkeypatch)
     assert not packed_products
@@ -67,7 +52,7 @@ def test_under_a_bf16_autocast_packed_products_compute_what_autocast_computes(ti
                                                                               packed_products):
     """fp32 weights under the trainers' bf16 autocast: the packed layers multiply in bf16, as autocast's
     linear does, and give its logits."""
-    ids, mask = encode(tokenizer)
+    ids, mask = encode(tokenizer, PROMPTS)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         plain = tiny_causal(input_ids=ids, attention_mask=mask).logits
         with packed_weights(tiny_causal, ids.shape[0]):
@@ -78,7 +63,7 @@ def test_under_a_bf16_autocast_packed_products_compute_what_autocast_computes(ti
 
 def test_a_rollout_after_an_optimizer_step_samples_from_the_new_weights(tiny_causal, tokenizer, packed_products):
     model = peaked(tiny_causal)
-    ids, mask = encode(tokenizer)
+    ids, mask = encode(tokenizer, PROMPTS)
     settings = Decoding(8, EOS, PAD, greedy=True)
     before = kv_cached_sampling(model, ids, mask, 1, settings)
     optimizer = torch.optim.SGD(model.parameters(), lr=10.0)
@@ -95,7 +80,7 @@ def test_lora_layers_keep_their_adapter_with_packed_base_weights(tiny_causal, to
 
     model = get_peft_model(peaked(tiny_causal), LoraConfig(r=4, target_modules=["c_attn", "c_fc"],
                                                            fan_in_fan_out=True, init_lora_weights=False))
-    ids, mask = encode(tokenizer)
+    ids, mask = encode(tokenizer, PROMPTS)
     with torch.no_grad():
         plain = model(input_ids=ids, attention_mask=mask).logits
         with packed_weights(model, ids.shape[0]):
@@ -111,7 +96,7 @@ def test_where_packing_cannot_run_it_warns_once_and_multiplies_plainly(tiny_caus
                                                                        monkeypatch):
     monkeypatch.setattr(packed_module, "_WARNED", set())
     model = tiny_causal.to(torch.float16)
-    ids, mask = encode(tokenizer)
+    ids, mask = encode(tokenizer, PROMPTS)
     settings = Decoding(6, EOS, PAD, greedy=True)
     with pytest.warns(RuntimeWarning, match=r"packed weights off \(weights in torch.float16") as caught:
         packed = kv_cached_sampling(model, ids, mask, 2, settings)
