@@ -14,7 +14,7 @@ generate, ...) in one process with the same torch threads, so load from other pr
 ratio is the median of the per-round ratios.
 
 Where a decode step's time goes (``step_time``): the forward pass of one step (eager, packed, compiled), its
-matrix products alone (each weight matrix multiplied once at the step's shape, plain ``F.linear``), the
+matrix products alone (each weight matrix multiplied once at the step's shape, plain and packed), the
 packing of every weight (once per rollout call), and the draw of the next token from the step's logits.
 Writes benchmarks/results/generation_speed-<time>.json.
 
