@@ -6,14 +6,16 @@ forbidden before, as the shared workload's ``min_new_tokens``), n samples per pr
   (b) SmolLM2-135M-Instruct (the demo's cached dequantised copy, else skipped) at 2 prompts × 4 samples
       with the chat template, 32 new tokens.
 Each model runs twice: fp32 weights, then bf16 weights (a bf16 copy of the same weights) on every side.
-The sides are ``generate``, the engine (``kv_cached_sampling``) and the engine with its decode step compiled
-(``compiled_kv_cached_sampling``; the compile happens in the untimed first call, its seconds are reported).
-They run interleaved (generate, engine, compiled, generate, ...) in one process with the same torch threads,
-so load from other processes hits all alike; each ratio is the median of the per-round ratios.
+The sides are ``generate``, the engine with plain matrix products (``kv_cached_sampling(packed=False)``), the
+engine with its weights packed once per call (``kv_cached_sampling``, its default: ``rlhfkit.models.packed``)
+and the engine with its decode step compiled (``compiled_kv_cached_sampling``; the compile happens in the
+untimed first call, its seconds are reported). They run interleaved (generate, engine, packed, compiled,
+generate, ...) in one process with the same torch threads, so load from other processes hits all alike; each
+ratio is the median of the per-round ratios.
 
-Where a decode step's time goes (``step_time``): the forward pass of one step (eager, compiled), its matrix
-products alone (each weight matrix multiplied once at the step's shape: the floor any engine pays in this
-precision without changing the arithmetic), and the draw of the next token from the step's logits.
+Where a decode step's time goes (``step_time``): the forward pass of one step (eager, packed, compiled), its
+matrix products alone (each weight matrix multiplied once at the step's shape, plain and packed), the
+packing of every weight (once per rollout call), and the draw of the next token from the step's logits.
 Writes benchmarks/results/generation_speed-<time>.json.
 
     python benchmarks/generation_speed.py [--rounds 8] [--smollm2-rounds 3] [--skip-smollm2 | --skip-workload]
@@ -33,7 +35,7 @@ from functools import partial
 from pathlib import Path
 
 TARGET = 2.0
-SIDES = ("generate", "engine", "compiled")
+SIDES = ("generate", "engine", "packed", "compiled")
 
 
 def timed(run) -> tuple[float, float]:
@@ -77,12 +79,14 @@ def interleaved(sides: dict, rounds: int) -> dict:
 
 def step_time(model, rows: int, cache_length: int, repeats: int = 10) -> dict:
     """Milliseconds (median of ``repeats``) of one decode step's parts at ``rows`` sequences: the forward
-    pass eager and compiled (the compiled engine's graph: same rows and cache length), its matrix products
-    alone, and the draw from [rows, V] logits."""
+    pass eager, with packed weights and compiled (the compiled engine's graph: same rows and cache length),
+    its matrix products alone (plain, packed), packing every weight, and the draw from [rows, V] logits; the
+    packed copy's MiB."""
     import torch
     from transformers import StaticCache
 
     from rlhfkit.models.engine import Decoding, decode_forward, draw, next_token_logits
+    from rlhfkit.models.packed import packable_layers, packed_weights
 
     def milliseconds(run) -> float:
         run()
@@ -94,16 +98,23 @@ def step_time(model, rows: int, cache_length: int, repeats: int = 10) -> dict:
     mask = torch.ones(rows, cache_length, dtype=torch.long)
     position = torch.zeros(rows, 1, dtype=torch.long)
     parts = {}
-    for name, compiled in (("forward", False), ("forward_compiled", True)):
-        forward = decode_forward(model, compiled)
 
-        def step(forward=forward):
-            for layer in cache.layers:  # always write at slot 0: a step's cost does not depend on the slot
-                if getattr(layer, "is_initialized", False):
-                    layer.cumulative_length.zero_()
-            return forward(input_ids=token, attention_mask=mask, position_ids=position, cache=cache, use_cache=True)
+    def step(forward=model):
+        for layer in cache.layers:  # always write at slot 0: a step's cost does not depend on the slot
+            if getattr(layer, "is_initialized", False):
+                layer.cumulative_length.zero_()
+        return forward(input_ids=token, attention_mask=mask, position_ids=position, cache=cache, use_cache=True)
 
-        parts[name] = milliseconds(step)
+    parts["forward"] = milliseconds(step)
+    with packed_weights(model, rows):
+        parts["forward_packed"] = milliseconds(step)
+    parts["forward_compiled"] = milliseconds(partial(step, decode_forward(model, True)))
+
+    def packed_step():  # a fresh context packs every weight again, at its first step
+        with packed_weights(model, rows):
+            step()
+
+    parts["packing"] = round(milliseconds(packed_step) - parts["forward_packed"], 2)
     products = []  # each weight-matrix layer called alone, on [rows, its input width]: the same kernel as in the step
     for module in model.modules():
         weight = getattr(module, "weight", None)
@@ -112,10 +123,14 @@ def step_time(model, rows: int, cache_length: int, repeats: int = 10) -> dict:
         width = weight.shape[0 if type(module).__name__ == "Conv1D" else 1]  # GPT-2's Conv1D: [in, out] weights
         products.append(partial(module, torch.randn(rows, width, dtype=parameter.dtype)))
     parts["matrix_products"] = milliseconds(lambda: [product() for product in products])
+    with packed_weights(model, rows):
+        parts["matrix_products_packed"] = milliseconds(lambda: [product() for product in products])
     logits = torch.randn(rows, model.config.vocab_size, dtype=parameter.dtype)
     sampling = Decoding(1, None, 0)
     parts["draw"] = milliseconds(lambda: draw(next_token_logits(logits, 0, sampling), False, None))
     parts["weights_mib"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1)
+    parts["packed_mib"] = round(sum(m.weight.numel() * m.weight.element_size() for m in packable_layers(model))
+                                / 2**20, 1)
     return parts
 
 
@@ -133,7 +148,8 @@ def compare(model, tokenizer, encoded, n: int, max_new_tokens: int, rounds: int,
     prompt_ids, prompt_mask = encoded["input_ids"], encoded["attention_mask"]
     decoding = Decoding(max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, temperature=1.0,
                         min_new_tokens=max_new_tokens)
-    engines = dict(zip(SIDES, (generate_sampling, kv_cached_sampling, compiled_kv_cached_sampling), strict=True))
+    engines = dict(zip(SIDES, (generate_sampling, partial(kv_cached_sampling, packed=False), kv_cached_sampling,
+                               compiled_kv_cached_sampling), strict=True))
     result = {"shape": {"prompts": prompt_ids.shape[0], "samples_per_prompt": n,
                         "prompt_tokens": prompt_ids.shape[1], "new_tokens": max_new_tokens, "temperature": 1.0}}
     for precision in precisions:
@@ -199,19 +215,21 @@ def main() -> None:
     if not args.skip_smollm2:
         runs.append(smollm2(args.smollm2_rounds, precisions))
     runs = [r for r in runs if r is not None]
-    print(f"{'model':22} {'weights':>7} {'generate':>9} {'engine':>7} {'ratio':>11} {'compiled':>9} {'ratio':>11} "
-          f"{'target':>6} {'compile s':>9}   decode step ms: forward, compiled, matrix products, draw")
+    print(f"{'model':22} {'weights':>7} {'generate':>9} " + " ".join(f"{side:>9} {'ratio':>11}" for side in SIDES[1:])
+          + f" {'target':>6} {'compile s':>9}   decode step ms: forward, packed, compiled, matrix products plain, "
+          "packed, packing, draw; packed MiB")
     for r in runs:
         for precision in precisions:
             run, step = r[precision], r[precision]["step_ms"]
-            speed = run["tokens_per_s"]
-            ratio = {side: f"{run['ratio'][side]:.2f} ({run['cpu_ratio'][side]:.2f})" for side in SIDES[1:]}
-            print(f"{r['model']:22} {precision:>7} {speed['generate']:>9} {speed['engine']:>7} {ratio['engine']:>11} "
-                  f"{speed['compiled']:>9} {ratio['compiled']:>11} {'≥ ' + str(TARGET):>6} "
-                  f"{run['first_call_s']['compiled']:>9}   {step['forward']}, {step['forward_compiled']}, "
-                  f"{step['matrix_products']}, {step['draw']}")
+            sides = " ".join(f"{run['tokens_per_s'][side]:>9} {run['ratio'][side]:>5.2f} ({run['cpu_ratio'][side]:.2f})"
+                             for side in SIDES[1:])
+            print(f"{r['model']:22} {precision:>7} {run['tokens_per_s']['generate']:>9} {sides} "
+                  f"{'≥ ' + str(TARGET):>6} {run['first_call_s']['compiled']:>9}   {step['forward']}, "
+                  f"{step['forward_packed']}, {step['forward_compiled']}, {step['matrix_products']}, "
+                  f"{step['matrix_products_packed']}, {step['packing']}, {step['draw']}; {step['packed_mib']}")
     print("tokens/s per side; ratio: ÷ generate's tokens/s, median of interleaved rounds, wall clock (CPU seconds); "
-          "compile s: the compiled side's first call")
+          "engine: plain matrix products; packed: weights packed once per call (the default); compile s: the "
+          "compiled side's first call")
     result = {"runs": runs, "target_ratio": TARGET, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "transformers": transformers.__version__, **B.contention()}
     out = Path(__file__).parent / "results" / f"generation_speed-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"

@@ -14,7 +14,10 @@ Llama, SmolLM2, Qwen, Mistral...) it runs ``kv_cached_sampling``, which does the
 * no logits-processor machinery: EOS forbidden (logit −∞) before ``min_new_tokens``, then
   p = softmax(z / τ), optionally cut to the top-k tokens and the top-p mass as transformers does; greedy
   takes argmax z;
-* the loop stops as soon as every sequence has emitted EOS.
+* the loop stops as soon as every sequence has emitted EOS;
+* on a CPU every linear layer multiplies by its weight packed once per call into oneDNN's blocked layout
+  (``rlhfkit.models.packed``), where a plain ``F.linear`` at a decode step's few rows re-lays the weight
+  out at every call: the same products, summed in another order (``packed=False`` turns it off).
 
 ``compiled_kv_cached_sampling`` runs the decode steps (not the prefill, whose length varies) through
 ``torch.compile``: one graph per model class, row count and cache length, the cache length rounded up to a
@@ -26,10 +29,8 @@ ratios of CPU seconds): 9-88 s to compile per shape and precision; then a rollou
 GPT-2 (8 prompts × 4 samples, 32 tokens) runs at 1.63× ``generate``'s tokens/s against the eager engine's
 1.39× (fp32; 1.70× and 1.39× with bf16 weights), of SmolLM2-135M (2 × 4) at 1.30× against 1.22× (fp32)
 and 0.97× against 1.25× (bf16: the compiled step took 79 ms of CPU against eager's 64, cause not
-isolated). There a decode step is mostly the weights' matrix products (77% of an eager fp32 step, 85% in
-bf16), which ``generate`` pays alike: an engine whose step were those products alone would reach ≈1.5×
-``generate`` in fp32 (32 steps of 129 ms + a 2-prompt prefill against ``generate``'s 6.7 s per call).
-A bf16 copy of the weights would be faster but would change the distribution sampled from.
+isolated). The compiled decode step multiplies by unpacked weights (inductor packs them only with its
+``freezing`` option, which makes weights constants of the graph: stale after an optimizer step).
 
 The output is the one ``generate`` gives after the prompt: [B·n, T] token ids, prompt-major (the n samples of
 prompt i in rows i·n…i·n+n−1), pad after a sequence's EOS, T ≤ ``max_new_tokens`` the number of steps run.
@@ -49,6 +50,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
@@ -57,6 +59,7 @@ import torch
 import transformers
 from transformers import GenerationConfig, PreTrainedModel, StaticCache
 
+from rlhfkit.models.packed import packed_weights
 from rlhfkit.models.policy import completion_tokens, generate_exactly, is_seq2seq
 
 
@@ -182,12 +185,13 @@ def decode_forward(hf: PreTrainedModel, compiled: bool) -> Callable:
 @torch.no_grad()
 def kv_cached_sampling(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, n: int,
                        decoding: Decoding, generator: torch.Generator | None = None, *,
-                       compiled: bool = False) -> torch.Tensor:
+                       compiled: bool = False, packed: bool = True) -> torch.Tensor:
     """``n`` completions per left-padded prompt with the prompt's KV computed once (see the module docstring).
 
     Positions follow the attention mask (position of a token = number of real tokens before it), as in
     ``generate`` and ``completion_logits``, so a padded prompt decodes as it would alone. ``compiled``: the
-    decode steps run ``torch.compile``'d (``compiled_kv_cached_sampling``).
+    decode steps run ``torch.compile``'d (``compiled_kv_cached_sampling``). ``packed`` (eager steps only): the
+    model's linear layers multiply by weights packed once for the call (``rlhfkit.models.packed``).
     """
     if not bool(prompt_mask[:, -1].all()):
         raise ValueError("kv_cached_sampling takes left-padded prompts (every row's last token real): set the "
@@ -203,25 +207,27 @@ def kv_cached_sampling(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_
     cache = StaticCache(config=hf.config, max_cache_len=cache_length)
     cached = {"cache" if "cache" in arguments else "past_key_values": cache, "use_cache": True}
     keep = {"logits_to_keep": 1} if "logits_to_keep" in arguments else {}
-    logits = hf(input_ids=prompt_ids, attention_mask=mask, position_ids=position, **cached, **keep).logits[:, -1]
-    # Each prompt's KV, read once, shared by its n samples: rows i·n…i·n+n−1 are prompt i's.
-    cache.reorder_cache(torch.arange(batch, device=prompt_ids.device).repeat_interleave(n))
-    logits, mask = logits.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0)
-    position = position[:, -1:].repeat_interleave(n, dim=0)
-    ended = torch.zeros(batch * n, dtype=torch.bool, device=prompt_ids.device)
-    forward = decode_forward(hf, compiled)
-    tokens = []
-    for step in range(steps):
-        token = draw(next_token_logits(logits, step, decoding), decoding.greedy, generator)
-        token = token.masked_fill(ended, decoding.pad_token_id)
-        tokens.append(token)
-        if decoding.eos_token_id is not None:
-            ended |= token == decoding.eos_token_id
-        if step == steps - 1 or bool(ended.all()):
-            break
-        mask[:, prompt_length + step] = 1
-        position = position + 1
-        logits = forward(input_ids=token[:, None], attention_mask=mask, position_ids=position, **cached).logits[:, -1]
+    with packed_weights(hf, batch * n) if packed and not compiled else nullcontext():
+        logits = hf(input_ids=prompt_ids, attention_mask=mask, position_ids=position, **cached, **keep).logits[:, -1]
+        # Each prompt's KV, read once, shared by its n samples: rows i·n…i·n+n−1 are prompt i's.
+        cache.reorder_cache(torch.arange(batch, device=prompt_ids.device).repeat_interleave(n))
+        logits, mask = logits.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0)
+        position = position[:, -1:].repeat_interleave(n, dim=0)
+        ended = torch.zeros(batch * n, dtype=torch.bool, device=prompt_ids.device)
+        forward = decode_forward(hf, compiled)
+        tokens = []
+        for step in range(steps):
+            token = draw(next_token_logits(logits, step, decoding), decoding.greedy, generator)
+            token = token.masked_fill(ended, decoding.pad_token_id)
+            tokens.append(token)
+            if decoding.eos_token_id is not None:
+                ended |= token == decoding.eos_token_id
+            if step == steps - 1 or bool(ended.all()):
+                break
+            mask[:, prompt_length + step] = 1
+            position = position + 1
+            step_input = {"input_ids": token[:, None], "attention_mask": mask, "position_ids": position}
+            logits = forward(**step_input, **cached).logits[:, -1]
     return torch.stack(tokens, dim=1)
 
 

@@ -1,0 +1,113 @@
+"""Packed weights change how the rollout engine multiplies, never what it samples."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_engine import EOS, PAD, PROMPTS, encode, peaked
+
+from rlhfkit.models import engine as engine_module
+from rlhfkit.models import packed as packed_module
+from rlhfkit.models.engine import Decoding, kv_cached_sampling
+from rlhfkit.models.packed import packed_weights
+
+
+@pytest.fixture
+def packed_products(monkeypatch):
+    """Counts the packed matrix products run (so a test can tell the packed path ran)."""
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *args: calls.append(1) or real(*args))
+    return calls
+
+
+def rollout(model, ids, mask, settings, packed, monkeypatch):
+    """Tokens and the log-probs of every distribution drawn from, seed 0."""
+    seen, real_draw = [], engine_module.draw
+    monkeypatch.setattr(engine_module, "draw", lambda z, greedy, generator: seen.append(z.log_softmax(-1))
+                        or real_draw(z, greedy, generator))
+    tokens = kv_cached_sampling(model, ids, mask, 4, settings, torch.Generator().manual_seed(0), packed=packed)
+    monkeypatch.setattr(engine_module, "draw", real_draw)
+    return tokens, torch.stack(seen, dim=1)
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("greedy", [False, True])
+def test_the_packed_engine_draws_the_plain_engines_tokens_from_the_same_distributions(
+        tiny_causal, tokenizer, monkeypatch, packed_products, dtype, tolerance, greedy):
+    model = peaked(tiny_causal).to(dtype)
+    ids, mask = encode(tokenizer, PROMPTS)
+    settings = Decoding(10, EOS, PAD, temperature=0.8, min_new_tokens=2, greedy=greedy)
+    plain_tokens, plain_logprobs = rollout(model, ids, mask, settings, False, monkeypatch)
+    assert not packed_products
+    packed_tokens, packed_logprobs = rollout(model, ids, mask, settings, True, monkeypatch)
+    assert packed_products  # the packed path ran
+    assert torch.equal(packed_tokens, plain_tokens)
+    live = packed_logprobs.isfinite()
+    assert torch.equal(live, plain_logprobs.isfinite())
+    torch.testing.assert_close(packed_logprobs[live], plain_logprobs[live], atol=tolerance, rtol=0)
+
+
+def test_under_a_bf16_autocast_packed_products_compute_what_autocast_computes(tiny_causal, tokenizer,
+                                                                              packed_products):
+    """fp32 weights under the trainers' bf16 autocast: the packed layers multiply in bf16, as autocast's
+    linear does, and give its logits."""
+    ids, mask = encode(tokenizer, PROMPTS)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = tiny_causal(input_ids=ids, attention_mask=mask).logits
+        with packed_weights(tiny_causal, ids.shape[0]):
+            packed = tiny_causal(input_ids=ids, attention_mask=mask).logits
+    assert packed_products and packed.dtype == plain.dtype == torch.bfloat16
+    torch.testing.assert_close(packed.float(), plain.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_a_rollout_after_an_optimizer_step_samples_from_the_new_weights(tiny_causal, tokenizer, packed_products):
+    model = peaked(tiny_causal)
+    ids, mask = encode(tokenizer, PROMPTS)
+    settings = Decoding(8, EOS, PAD, greedy=True)
+    before = kv_cached_sampling(model, ids, mask, 1, settings)
+    optimizer = torch.optim.SGD(model.parameters(), lr=10.0)
+    model(input_ids=ids, attention_mask=mask).logits[:, -1].gather(1, before[:, :1]).sum().backward()
+    optimizer.step()  # in place: the first greedy tokens lose their logit
+    after = kv_cached_sampling(model, ids, mask, 1, settings)
+    assert packed_products
+    assert not torch.equal(after, before)
+    assert torch.equal(after, kv_cached_sampling(model, ids, mask, 1, settings, packed=False))
+
+
+def test_lora_layers_keep_their_adapter_with_packed_base_weights(tiny_causal, tokenizer, packed_products):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(peaked(tiny_causal), LoraConfig(r=4, target_modules=["c_attn", "c_fc"],
+                                                           fan_in_fan_out=True, init_lora_weights=False))
+    ids, mask = encode(tokenizer, PROMPTS)
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+        with packed_weights(model, ids.shape[0]):
+            packed = model(input_ids=ids, attention_mask=mask).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids, attention_mask=mask).logits
+    assert packed_products
+    torch.testing.assert_close(packed, plain, atol=1e-4, rtol=1e-4)
+    assert (plain - base).abs().max() > 0.1  # the adapter matters, and the packed path kept it
+
+
+def test_where_packing_cannot_run_it_warns_once_and_multiplies_plainly(tiny_causal, tokenizer, packed_products,
+                                                                       monkeypatch):
+    monkeypatch.setattr(packed_module, "_WARNED", set())
+    model = tiny_causal.to(torch.float16)
+    ids, mask = encode(tokenizer, PROMPTS)
+    settings = Decoding(6, EOS, PAD, greedy=True)
+    with pytest.warns(RuntimeWarning, match=r"packed weights off \(weights in torch.float16") as caught:
+        packed = kv_cached_sampling(model, ids, mask, 2, settings)
+    assert len([w for w in caught if "packed weights off" in str(w.message)]) == 1
+    assert not packed_products
+    assert torch.equal(packed, kv_cached_sampling(model, ids, mask, 2, settings, packed=False))
+
+
+def test_the_layers_are_plain_again_after_the_context_even_after_an_error(tiny_causal):
+    layers = [m for m in tiny_causal.modules() if "forward" in vars(m)]
+    with pytest.raises(KeyError), packed_weights(tiny_causal, 2):
+        assert vars(tiny_causal.lm_head).get("forward") is not None
+        raise KeyError("inside")
+    assert [m for m in tiny_causal.modules() if "forward" in vars(m)] == layers
