@@ -110,11 +110,14 @@ def include_personal(app: FastAPI, models: PersonalModels, settings: PersonalSet
     def cold_start_head(user_id: int, session: Session) -> PreferenceHead | None:
         """The user's preference head while they have no adapter version (None outside that window or
         below ``rerank.min_pairs`` pairs). Pairs are read under the head's lock, so a deletion meanwhile
-        (pairs removed first, then the head) cannot leave a head behind."""
+        (pairs removed first, then the head) cannot leave a head behind. The read's transaction ends before
+        the fit and the sampling: on SQLite it holds the write lock, which every other request would wait for."""
         if not settings.rerank.n or models.version(user_owner(user_id)):
             return None
         with reranker.lock:
-            return reranker.head(user_id, store.preference_pairs(store.user_choices(session, user_id)))
+            pairs = store.preference_pairs(store.user_choices(session, user_id))
+            session.rollback()
+            return reranker.head(user_id, pairs)
     router = APIRouter()
 
     @router.get("/personal", response_class=HTMLResponse)
@@ -174,13 +177,14 @@ def include_personal(app: FastAPI, models: PersonalModels, settings: PersonalSet
     def before_after(user: User = Depends(current_user), session: Session = Depends(db)):
         """The user's latest question answered by the starting point (before) and by their current adapter
         (after), each with the same random draws (one seed), so that only the weights differ."""
-        choices = store.user_choices(session, user.id)
-        owner = user_owner(user.id)
+        choices, owner = store.user_choices(session, user.id), user_owner(user.id)
+        prompt = choices[-1].prompt if choices else None
+        session.rollback()  # no transaction (SQLite: the write lock) held while the answers are sampled
         with models.lock:
             personal, start = models.adapter(owner), models.starting_point(owner)
-            if not choices or personal is None:
+            if prompt is None or personal is None:
                 raise FeedbackError("no sample yet: your model has no trained version", 404)
-            prompt, seed = choices[-1].prompt, draws.randrange(2**31)
+            seed = draws.randrange(2**31)
             before, after = (models.answer(prompt, adapter, settings.temperature, settings.max_new_tokens, seed)
                              for adapter in (start, personal))
         return {"prompt": prompt, "before": before.text.strip(), "after": after.text.strip(),
