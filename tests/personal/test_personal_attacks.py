@@ -4,7 +4,12 @@ tabs do at once, and what must be left after a deletion."""
 import sqlite3
 import threading
 
+import pytest
 from test_personal_api import PROMPT, ask_and_choose, cold_start, encoder, login, server  # noqa: F401
+
+from conftest import build_tiny_causal, invoke, save_tiny_policy, word_tokenizer
+from rlhfkit.feedback import db as feedback_db
+from rlhfkit.feedback import service
 
 
 def while_answers_are_sampled(app, models, request):
@@ -50,3 +55,50 @@ def test_a_before_after_sample_does_not_hold_the_database_write_lock_while_it_sa
     queue.wait()
     sample = while_answers_are_sampled(app, models, lambda: ann.get("/api/personal/sample"))
     assert sample.status_code == 200, sample.text
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A database with one user and the tiny policy's folder, for `rlhfkit personal serve` with uvicorn
+    replaced: what the command would serve, or its error."""
+    folder = tmp_path_factory.mktemp("serve")
+    db = str(folder / "feedback.db")
+    with feedback_db.session_factory(db)() as session:
+        service.create_user(session, "ann", password="ann-password")
+    return db, save_tiny_policy(folder / "policy"), folder
+
+
+def serve_command(served, monkeypatch, *args):
+    import uvicorn
+
+    db, policy, folder = served
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: None)
+    return invoke("personal", "serve", "--policy", policy, "--db", db, "--adapters", folder / "adapters",
+                  "--no-chat-template", *args)
+
+
+def policy_without_padding(folder) -> str:
+    """A causal LM folder whose tokenizer has no padding token (as GPT-2's): a model, not a sentence encoder."""
+    tokenizer = word_tokenizer()
+    tokenizer.pad_token = None
+    build_tiny_causal().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--rerank-n", 10_000], "field 'n': must be at most 32"),
+    (["--lora-r", 0], "'--lora-r'"),
+    (["--port", 70_000], "'--port'"),
+    (["--rerank-encoder", "EMPTY"], "encoder: Unrecognized model in"),
+    (["--rerank-encoder", "CAUSAL"], "encoder: "),
+])
+def test_serve_refuses_options_it_cannot_serve_with_before_loading_anything(served, monkeypatch, tmp_path, args,
+                                                                            says):
+    """Every mistake in one line (or typer's box naming the option), non-zero, no traceback; an encoder that
+    cannot encode a batch (a causal LM with no padding token) is refused at startup, not at a user's ask."""
+    (tmp_path / "empty").mkdir()
+    paths = {"EMPTY": tmp_path / "empty", "CAUSAL": policy_without_padding(tmp_path / "causal")}
+    result = serve_command(served, monkeypatch, *[paths.get(a, a) for a in args])
+    output = " ".join(result.output.split())
+    assert result.exit_code != 0 and says in output and "Traceback" not in output, result.output
