@@ -3,13 +3,17 @@ tabs do at once, and what must be left after a deletion."""
 
 import sqlite3
 import threading
+import time
 
 import pytest
-from test_personal_api import PROMPT, ask_and_choose, cold_start, encoder, login, server  # noqa: F401
+from sqlalchemy import select
+from test_personal_api import PROMPT, ask_and_choose, cold_start, encoder, login, server, user_id  # noqa: F401
 
 from conftest import build_tiny_causal, invoke, save_tiny_policy, word_tokenizer
 from rlhfkit.feedback import db as feedback_db
 from rlhfkit.feedback import service
+from rlhfkit.personal import store
+from rlhfkit.personal.models import user_owner
 
 
 def while_answers_are_sampled(app, models, request):
@@ -102,3 +106,43 @@ def test_serve_refuses_options_it_cannot_serve_with_before_loading_anything(serv
     result = serve_command(served, monkeypatch, *[paths.get(a, a) for a in args])
     output = " ".join(result.output.split())
     assert result.exit_code != 0 and says in output and "Traceback" not in output, result.output
+
+
+def test_an_ask_answered_by_my_model_while_i_delete_my_data_leaves_nothing_of_mine(server):
+    """Two tabs: one asks (the answers come from my adapter), the other deletes everything meanwhile. The
+    question the ask would store after the deletion holds answers of a deleted model: it is not stored, and
+    the ask says why (409)."""
+    app, models, queue = server
+    ann, ann_id = login(app, "ann"), user_id(app, "ann")
+    ask_and_choose(ann), ask_and_choose(ann)
+    queue.wait()
+    sampling, release, answer = threading.Event(), threading.Event(), models.answer
+
+    def held_answer(*args, **kwargs):
+        sampling.set()
+        release.wait(10)
+        return answer(*args, **kwargs)
+
+    models.answer, responses = held_answer, {}
+    asking = threading.Thread(target=lambda: responses.update(ask=ann.post("/api/personal/ask",
+                                                                           json={"prompt": PROMPT})))
+    asking.start()
+    assert sampling.wait(10)
+    deleting = threading.Thread(target=lambda: responses.update(delete=ann.delete("/api/personal/data")))
+    deleting.start()
+    for _ in range(200):  # the deletion removed the rows and now waits for the model (held by the ask)
+        if not my_rows(app, ann_id):
+            break
+        time.sleep(0.05)
+    release.set()
+    asking.join(10), deleting.join(10)
+    models.answer = answer
+    assert responses["delete"].status_code == 200, responses["delete"].text
+    assert responses["ask"].status_code == 409 and "deleted" in responses["ask"].text, responses["ask"].text
+    assert my_rows(app, ann_id) == [] and not (models.folder / user_owner(ann_id)).exists()
+    assert ann.post("/api/personal/ask", json={"prompt": PROMPT}).status_code == 200  # asking again works
+
+
+def my_rows(app, user: int) -> list:
+    with app.state.sessions() as db:
+        return db.scalars(select(store.PersonalChoice).where(store.PersonalChoice.user_id == user)).all()
