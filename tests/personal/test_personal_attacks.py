@@ -146,3 +146,16 @@ def test_an_ask_answered_by_my_model_while_i_delete_my_data_leaves_nothing_of_mi
 def my_rows(app, user: int) -> list:
     with app.state.sessions() as db:
         return db.scalars(select(store.PersonalChoice).where(store.PersonalChoice.user_id == user)).all()
+
+
+def test_a_question_id_is_never_reused_after_a_deletion_so_a_stale_tab_cannot_answer_a_new_question(server):
+    """A tab still shows question q when another deletes everything and asks again: had the new question
+    taken q's id (SQLite reuses the largest freed rowid), the stale tab's choice would land on answers it
+    never showed."""
+    app, _, _ = server
+    ann = login(app, "ann")
+    stale = [ann.post("/api/personal/ask", json={"prompt": PROMPT}).json()["question_id"] for _ in range(2)]
+    assert ann.delete("/api/personal/data").json()["deleted_choices"] == 2
+    fresh = ann.post("/api/personal/ask", json={"prompt": PROMPT}).json()["question_id"]
+    assert fresh > max(stale)
+    assert ann.post("/api/personal/choose", json={"question_id": stale[-1], "choice": "a"}).status_code == 404
