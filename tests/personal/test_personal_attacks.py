@@ -159,3 +159,55 @@ def test_a_question_id_is_never_reused_after_a_deletion_so_a_stale_tab_cannot_an
     fresh = ann.post("/api/personal/ask", json={"prompt": PROMPT}).json()["question_id"]
     assert fresh > max(stale)
     assert ann.post("/api/personal/choose", json={"question_id": stale[-1], "choice": "a"}).status_code == 404
+
+
+HOSTILE_BODIES = [  # (endpoint, raw body): wrong types, wrong shapes, wrong encodings, out-of-range ids
+    ("ask", b'{"prompt": 5}'), ("ask", b'{"prompt": ["how", "do"]}'), ("ask", b'{"prompt": null}'), ("ask", b"[]"),
+    ("ask", b"null"), ("ask", b"not json"), ("ask", b""), ("ask", b'{"prompt": "fix \\u0000 bike"}'),
+    ("ask", b'{"prompt": "\\ud800 bike"}'), ("ask", "{\"prompt\": \"fix bike\"}".encode("utf-16")),
+    ("choose", b'{"question_id": "one", "choice": "a"}'), ("choose", b'{"question_id": 1.5, "choice": "a"}'),
+    ("choose", b'{"question_id": 1099511627776, "choice": "a"}'), ("choose", b'{"question_id": -1, "choice": "a"}'),
+    ("choose", b'{"question_id": 1, "choice": null}'), ("choose", b'{"question_id": 1, "choice": "A"}'),
+    ("choose", b'{"question_id": 1, "choice": "a", "reason": 5}'), ("choose", b'{"question_id": 1}'),
+    ("choose", b'{"question_id": 1, "choice": "a", "reason": "\\u0000"}'),
+]
+
+
+def test_hostile_bodies_get_one_line_4xx_answers_and_store_nothing(server):
+    app, _, _ = server
+    ann = login(app, "ann")
+    for endpoint, body in HOSTILE_BODIES:
+        r = ann.post(f"/api/personal/{endpoint}", content=body, headers={"content-type": "application/json"})
+        assert r.status_code in (404, 422), (body, r.status_code, r.text)
+        detail = r.json()["detail"]
+        assert isinstance(detail, str | list) and "Traceback" not in r.text and "\n" not in str(detail), (body, r.text)
+    assert my_rows(app, user_id(app, "ann")) == []
+
+
+def test_control_characters_and_markup_are_stored_as_sent_and_given_back_as_text(server):
+    app, _, _ = server
+    ann = login(app, "ann")
+    prompt, reason = "fix bike \x1b[2J\x07\t<script>alert(1)</script>", "<img src=x onerror=alert(1)>\x1b[31m"
+    question = ann.post("/api/personal/ask", json={"prompt": prompt}).json()["question_id"]
+    chosen = ann.post("/api/personal/choose", json={"question_id": question, "choice": "a", "reason": reason})
+    assert chosen.status_code == 200, chosen.text
+    [row] = ann.get("/api/personal/learned").json()["choices"]
+    assert (row["prompt"], row["reason"]) == (prompt, reason)
+
+
+def test_logged_out_disabled_and_after_delete_calls_are_refused(server):
+    app, _, _ = server
+    ann, bob = login(app, "ann"), login(app, "bob")
+    question = ann.post("/api/personal/ask", json={"prompt": PROMPT}).json()["question_id"]
+    assert ann.delete("/api/personal/data").json()["deleted_choices"] == 1
+    after = ann.post("/api/personal/choose", json={"question_id": question, "choice": "a"})
+    assert after.status_code == 404 and "no such question" in after.text
+    assert ann.post("/api/logout").status_code == 200
+    assert ann.post("/api/personal/ask", json={"prompt": PROMPT}).status_code == 401
+    with app.state.sessions() as db:
+        service.create_user(db, "root", "admin", password="root-password")
+        service.set_disabled(db, "bob", True, service.get_user(db, "root"))
+    for method, url in (("post", "/api/personal/ask"), ("get", "/api/personal/learned"),
+                        ("get", "/api/personal/sample"), ("delete", "/api/personal/data")):
+        r = getattr(bob, method)(url, **({"json": {"prompt": PROMPT}} if method == "post" else {}))
+        assert r.status_code == 401, (url, r.status_code, r.text)
