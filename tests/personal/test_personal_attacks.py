@@ -108,11 +108,12 @@ def test_serve_refuses_options_it_cannot_serve_with_before_loading_anything(serv
     assert result.exit_code != 0 and says in output and "Traceback" not in output, result.output
 
 
-def test_an_ask_answered_by_my_model_while_i_delete_my_data_leaves_nothing_of_mine(server):
-    """Two tabs: one asks (the answers come from my adapter), the other deletes everything meanwhile. The
-    question the ask would store after the deletion holds answers of a deleted model: it is not stored, and
-    the ask says why (409)."""
-    app, models, queue = server
+@pytest.mark.parametrize("mine", ["server", "cold_start"])  # answered by my adapter, or reranked by my head
+def test_an_ask_answered_by_my_model_while_i_delete_my_data_leaves_nothing_of_mine(request, mine):
+    """Two tabs: one asks (the answers come from my adapter, or my head picks one), the other deletes
+    everything meanwhile. The question the ask would store after the deletion holds answers of a deleted
+    model: it is not stored, and the ask says why (409)."""
+    app, models, queue = request.getfixturevalue(mine)
     ann, ann_id = login(app, "ann"), user_id(app, "ann")
     ask_and_choose(ann), ask_and_choose(ann)
     queue.wait()
@@ -137,6 +138,7 @@ def test_an_ask_answered_by_my_model_while_i_delete_my_data_leaves_nothing_of_mi
     release.set()
     asking.join(10), deleting.join(10)
     models.answer = answer
+    assert not app.state.personal_reranker.has_head(ann_id)
     assert responses["delete"].status_code == 200, responses["delete"].text
     assert responses["ask"].status_code == 409 and "deleted" in responses["ask"].text, responses["ask"].text
     assert my_rows(app, ann_id) == [] and not (models.folder / user_owner(ann_id)).exists()
