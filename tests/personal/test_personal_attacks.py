@@ -6,8 +6,10 @@ import threading
 import time
 
 import pytest
+import torch
 from sqlalchemy import select
 from test_personal_api import PROMPT, ask_and_choose, cold_start, encoder, login, server, user_id  # noqa: F401
+from test_personal_rerank import LONG, MEDIUM, SHORT, pair, reranker  # noqa: F401
 
 from conftest import build_tiny_causal, invoke, save_tiny_policy, word_tokenizer
 from rlhfkit.feedback import db as feedback_db
@@ -213,3 +215,20 @@ def test_logged_out_disabled_and_after_delete_calls_are_refused(server):
                         ("get", "/api/personal/sample"), ("delete", "/api/personal/data")):
         r = getattr(bob, method)(url, **({"json": {"prompt": PROMPT}} if method == "post" else {}))
         assert r.status_code == 401, (url, r.status_code, r.text)
+
+
+def test_pairs_of_identical_answers_teach_the_head_nothing_and_it_keeps_the_first_sample(reranker):
+    head = reranker.fit([pair(SHORT, SHORT, 0), pair(LONG, LONG, 1)])  # a user who clicked A on equal answers
+    assert torch.equal(head.weights, torch.zeros_like(head.weights))
+    assert reranker.best_of_n(head, PROMPT, [LONG, SHORT, MEDIUM]) == (0, 0.0)
+
+
+def test_a_user_who_only_says_both_bad_gets_no_head_and_plain_answers(cold_start):
+    app, _, _ = cold_start
+    ann = login(app, "ann")
+    for _ in range(3):
+        asked, chosen = ask_and_choose(ann, "both_bad")
+        assert sorted(asked["models"]) == ["base", "base τ=0.7"] and chosen["pairs"] == 0
+    learned = ann.get("/api/personal/learned").json()
+    assert learned["current_model"].startswith("none yet") and learned["counts"]["both_bad"] == 3
+    assert not app.state.personal_reranker.has_head(user_id(app, "ann"))
