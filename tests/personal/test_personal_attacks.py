@@ -18,9 +18,10 @@ from rlhfkit.personal import store
 from rlhfkit.personal.models import user_owner
 
 
-def while_answers_are_sampled(app, models, request):
-    """``request()``'s response, sent with the model's sampling held until another connection has taken and
-    released SQLite's write lock (which fails, "database is locked", while a transaction holds it)."""
+def while_answers_are_sampled(app, models, request, meanwhile=lambda: None):
+    """``request()``'s response, sent with the model's sampling held until ``meanwhile()`` ran and another
+    connection has taken and released SQLite's write lock (which fails, "database is locked", while a
+    transaction holds it)."""
     sampling, release = threading.Event(), threading.Event()
     answer = models.answer
 
@@ -34,6 +35,7 @@ def while_answers_are_sampled(app, models, request):
     thread.start()
     try:
         assert sampling.wait(10)
+        meanwhile()
         other = sqlite3.connect(app.state.sessions.kw["bind"].url.database, timeout=0.2, isolation_level=None)
         other.execute("BEGIN IMMEDIATE")
         other.execute("ROLLBACK")
@@ -232,3 +234,31 @@ def test_a_user_who_only_says_both_bad_gets_no_head_and_plain_answers(cold_start
     learned = ann.get("/api/personal/learned").json()
     assert learned["current_model"].startswith("none yet") and learned["counts"]["both_bad"] == 3
     assert not app.state.personal_reranker.has_head(user_id(app, "ann"))
+
+
+
+def test_what_was_learned_is_read_without_holding_the_database_write_lock_while_another_user_is_answered(
+        server, monkeypatch):
+    """The page reads /learned after every choice; that read waited for the model (held by another user's
+    sampling, or a training step) inside its transaction, so it held SQLite's write lock all that time."""
+    app, models, _ = server
+    ann, bob = login(app, "ann"), login(app, "bob")
+    read, user_choices, learned = threading.Event(), store.user_choices, []
+
+    def read_then_signal(*args):
+        rows = user_choices(*args)
+        read.set()
+        return rows
+
+    monkeypatch.setattr(store, "user_choices", read_then_signal)
+    reading = threading.Thread(target=lambda: learned.append(ann.get("/api/personal/learned")))
+
+    def ann_reads_meanwhile():
+        reading.start()
+        assert read.wait(10)
+        time.sleep(0.3)  # ann's request now waits for the model, which bob's sampling holds
+
+    asked = while_answers_are_sampled(app, models, lambda: bob.post("/api/personal/ask", json={"prompt": PROMPT}),
+                                      meanwhile=ann_reads_meanwhile)
+    reading.join(10)
+    assert asked.status_code == 200 and learned[0].status_code == 200, learned[0].text

@@ -198,19 +198,20 @@ def include_personal(app: FastAPI, models: PersonalModels, settings: PersonalSet
 
     @router.get("/api/personal/learned")
     def learned(user: User = Depends(current_user), session: Session = Depends(db)):
-        choices = store.user_choices(session, user.id)
-        owner = user_owner(user.id)
-        counts = {c: sum(row.choice == c for row in choices) for c in ("a", "b", "both_fine", "both_bad")}
+        user_id, owner = user.id, user_owner(user.id)
+        choices = [row.as_dict() for row in store.user_choices(session, user_id)]
+        session.rollback()  # no transaction (SQLite: the write lock) held while waiting for the model's lock
+        counts = {c: sum(row["choice"] == c for row in choices) for c in ("a", "b", "both_fine", "both_bad")}
         versions = [{k: v for k, v in models.version_info(owner, n).items() if k != "config"}
                     for n in models.versions(owner)]
         pairs = counts["a"] + counts["b"]
         reranked = settings.rerank.n and pairs >= settings.rerank.min_pairs
-        return {"choices": [row.as_dict() for row in choices], "counts": counts,
+        return {"choices": choices, "counts": counts,
                 "pairs": pairs, "versions": versions,
                 "current_model": models.adapter(owner) or (
                     model_label(models.starting_point(owner), settings.temperature, settings, settings.rerank.n)
                     if reranked else "none yet (the starting point answers)"),
-                "train_every": settings.train_every, "training_error": queue.errors.get(user.id)}
+                "train_every": settings.train_every, "training_error": queue.errors.get(user_id)}
 
     @router.get("/api/personal/sample")
     def before_after(user: User = Depends(current_user), session: Session = Depends(db)):
