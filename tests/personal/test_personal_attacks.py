@@ -262,3 +262,37 @@ def test_what_was_learned_is_read_without_holding_the_database_write_lock_while_
                                       meanwhile=ann_reads_meanwhile)
     reading.join(10)
     assert asked.status_code == 200 and learned[0].status_code == 200, learned[0].text
+
+
+def test_two_tabs_ask_and_choose_while_my_training_runs_and_every_choice_is_kept(server):
+    app, models, queue = server
+    ann = login(app, "ann")
+    publishing, release, publish = threading.Event(), threading.Event(), models.publish
+
+    def held_publish(*args):
+        publishing.set()
+        release.wait(30)
+        return publish(*args)
+
+    models.publish = held_publish
+    ask_and_choose(ann), ask_and_choose(ann)  # the 2nd pair queues a training, held before it publishes
+    assert publishing.wait(30)
+    results = []
+
+    def tab():
+        for _ in range(3):
+            asked, chosen = ask_and_choose(ann, "b")
+            results.append((asked["models"], chosen["training_queued"]))
+
+    tabs = [threading.Thread(target=tab) for _ in range(2)]
+    for t in tabs:
+        t.start()
+    for t in tabs:
+        t.join(60)
+    release.set()
+    queue.wait()
+    models.publish = publish
+    assert len(results) == 6 and not any(queued for _, queued in results)  # one training of a user at a time
+    assert not [m for shown, _ in results for m in shown if m.startswith("user-")]  # v1 not published yet
+    learned = ann.get("/api/personal/learned").json()
+    assert learned["pairs"] == 8 and [v["pairs"] for v in learned["versions"]] == [2]
