@@ -296,3 +296,16 @@ def test_two_tabs_ask_and_choose_while_my_training_runs_and_every_choice_is_kept
     assert not [m for shown, _ in results for m in shown if m.startswith("user-")]  # v1 not published yet
     learned = ann.get("/api/personal/learned").json()
     assert learned["pairs"] == 8 and [v["pairs"] for v in learned["versions"]] == [2]
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--preset", "personnal"], "preset: unknown 'personnal'; choose from toy, smollm2, personal, personal-smollm2"),
+    (["--preset", "personal", "--seeds", 2], "--preset personal: takes --run-dir and --eval-prompts only"),
+    (["--preset", "personal-smollm2", "--ppo-steps", 1], "--preset personal-smollm2: takes --run-dir and"),
+    (["--preset", "personal", "--eval-prompts", 0], "eval_prompts: must be at least 4, got 0"),
+])
+def test_the_personal_demo_refuses_bad_options_in_one_line_before_writing_anything(tmp_path, args, says):
+    result = invoke("demo", "--run-dir", tmp_path / "run", *args)
+    assert result.exit_code == 1 and says in result.output, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
