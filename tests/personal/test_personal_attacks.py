@@ -309,3 +309,29 @@ def test_the_personal_demo_refuses_bad_options_in_one_line_before_writing_anythi
     assert result.exit_code == 1 and says in result.output, result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("call", ["learned", "choose"])
+def test_a_deletion_between_listing_my_versions_and_reading_them_answers_without_them(server, call):
+    """Two tabs: one reads what was learned (or chooses, which reads the latest version's pairs) while the other
+    deletes everything: the version folder listed a moment before is gone when it is read."""
+    app, models, queue = server
+    ann, ann_id = login(app, "ann"), user_id(app, "ann")
+    ask_and_choose(ann), ask_and_choose(ann)
+    queue.wait()
+    question = ann.post("/api/personal/ask", json={"prompt": PROMPT}).json()["question_id"]
+    versions = models.versions
+
+    def listed_then_deleted(owner):
+        found = versions(owner)
+        models.forget(ann_id)  # the other tab's deletion lands here
+        return found
+
+    models.versions = listed_then_deleted
+    try:
+        r = (ann.get("/api/personal/learned") if call == "learned" else
+             ann.post("/api/personal/choose", json={"question_id": question, "choice": "a"}))
+    finally:
+        models.versions = versions
+    assert r.status_code == 200, r.text
+    assert r.json()["versions"] == [] if call == "learned" else r.json()["pairs"] == 3

@@ -191,8 +191,7 @@ def include_personal(app: FastAPI, models: PersonalModels, settings: PersonalSet
         store.record_choice(session, user, body.question_id, body.choice, body.reason)
         pairs = store.pair_count(session, user.id)
         owner = user_owner(user.id)
-        version = models.version(owner)
-        trained = models.version_info(owner, version)["pairs"] if version else 0
+        trained = ([0] + [info["pairs"] for info in models.version_infos(owner)])[-1]
         queued = queue.trigger(user.id, pairs, trained) is not None
         return {"question_id": body.question_id, "pairs": pairs, "training_queued": queued}
 
@@ -202,8 +201,7 @@ def include_personal(app: FastAPI, models: PersonalModels, settings: PersonalSet
         choices = [row.as_dict() for row in store.user_choices(session, user_id)]
         session.rollback()  # no transaction (SQLite: the write lock) held while waiting for the model's lock
         counts = {c: sum(row["choice"] == c for row in choices) for c in ("a", "b", "both_fine", "both_bad")}
-        versions = [{k: v for k, v in models.version_info(owner, n).items() if k != "config"}
-                    for n in models.versions(owner)]
+        versions = [{k: v for k, v in info.items() if k != "config"} for info in models.version_infos(owner)]
         pairs = counts["a"] + counts["b"]
         reranked = settings.rerank.n and pairs >= settings.rerank.min_pairs
         return {"choices": choices, "counts": counts,
