@@ -260,10 +260,10 @@ def test_concurrent_choices_of_one_user_are_all_stored(server):
 def test_the_answers_shown_are_stored_with_whether_each_was_cut(server):
     """With EOS never sampled, both 8-token answers are cut: the question row and its pair say so."""
     app, models, _ = server
-    eos = models.tokenizer.eos_token_id
+    specials = models.tokenizer.all_special_ids  # EOS, and the tokens a decoding drops (8 words stay 8)
 
     def never_end(_module, _inputs, logits):
-        logits[..., eos] = -float("inf")
+        logits[..., specials] = -float("inf")
         return logits
 
     with models.model.get_output_embeddings().register_forward_hook(never_end):

@@ -99,6 +99,7 @@ def test_a_head_of_no_pairs_is_refused_in_one_line(reranker):
 
 
 @pytest.mark.parametrize(("field", "value", "says"), [("n", 1, "must be 0 (no reranking) or at least 2"),
+                                                     ("n", 33, "must be at most 32"),
                                                      ("min_pairs", 0, "must be at least 1"),
                                                      ("l2", 0.0, "must be positive"),
                                                      ("l2", float("nan"), "finite")])

@@ -6,7 +6,8 @@
                                         → {question_id, pairs (the user's count), training_queued}
     GET  /api/personal/learned          → the user's choices, counts, adapter versions, last training error
     GET  /api/personal/sample           → their latest question answered before (starting point) and after
-    DELETE /api/personal/data           → every choice and adapter of the user removed
+    DELETE /api/personal/data           → every choice and adapter of the user removed (an ask that
+                                          overlapped it stores nothing and answers 409: ask again)
 
 Exploration: one answer comes from the user's current personal adapter, the other from the alternative:
 the starting point (population adapter, else base) when the user has an adapter, else the same model at
@@ -23,6 +24,10 @@ thread); the next answers come from it once it is saved.
 from __future__ import annotations
 
 import random
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -84,6 +89,33 @@ class PersonalSettings:
     rerank: RerankConfig = field(default_factory=RerankConfig)  # the cold start's best-of-N
 
 
+class Deletions:
+    """Per user, a count bumped when a deletion of their data starts and again when it ends (odd: one is
+    running). An ask that overlapped any part of a deletion may have answered from what it removed (their
+    pairs, head or adapter): ``overlapped(user_id, before)``, with ``before`` read when the ask began, says
+    so. An ask that ends before a deletion starts stores its question first, and the deletion removes it."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[int] = Counter()
+        self._lock = threading.Lock()
+
+    def count(self, user_id: int) -> int:
+        return self._counts[user_id]
+
+    @contextmanager
+    def running(self, user_id: int) -> Iterator[None]:
+        with self._lock:
+            self._counts[user_id] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._counts[user_id] += 1
+
+    def overlapped(self, user_id: int, before: int) -> bool:
+        return before % 2 == 1 or self._counts[user_id] != before
+
+
 def model_label(adapter: str | None, temperature: float, settings: PersonalSettings, n: int = 1) -> str:
     """What the page shows: "base", "population-v1" or "user-3-v2", "base best-of-4 reranked" for a reranked
     best of n samples, with the temperature when not the default."""
@@ -103,6 +135,7 @@ def include_personal(app: FastAPI, models: PersonalModels, settings: PersonalSet
             train_user(models, session, user_id, settings.dpo)
 
     queue = TrainingQueue(train, settings.train_every)
+    deletions = Deletions()
     draws = random.Random(settings.seed)  # used under models.lock only: the same requests in the same order
     reranker = Reranker(settings.rerank)
     app.state.personal_training, app.state.personal_reranker = queue, reranker
@@ -110,11 +143,14 @@ def include_personal(app: FastAPI, models: PersonalModels, settings: PersonalSet
     def cold_start_head(user_id: int, session: Session) -> PreferenceHead | None:
         """The user's preference head while they have no adapter version (None outside that window or
         below ``rerank.min_pairs`` pairs). Pairs are read under the head's lock, so a deletion meanwhile
-        (pairs removed first, then the head) cannot leave a head behind."""
+        (pairs removed first, then the head) cannot leave a head behind. The read's transaction ends before
+        the fit and the sampling: on SQLite it holds the write lock, which every other request would wait for."""
         if not settings.rerank.n or models.version(user_owner(user_id)):
             return None
         with reranker.lock:
-            return reranker.head(user_id, store.preference_pairs(store.user_choices(session, user_id)))
+            pairs = store.preference_pairs(store.user_choices(session, user_id))
+            session.rollback()
+            return reranker.head(user_id, pairs)
     router = APIRouter()
 
     @router.get("/personal", response_class=HTMLResponse)
@@ -123,6 +159,7 @@ def include_personal(app: FastAPI, models: PersonalModels, settings: PersonalSet
 
     @router.post("/api/personal/ask")
     def ask(*, user: User = Depends(api_user), body: AskJson, session: Session = Depends(db)):
+        before = deletions.count(user.id)
         owner, head = user_owner(user.id), cold_start_head(user.id, session)
         with models.lock:  # a training that publishes meanwhile must not drop the adapters picked here
             personal, start = models.adapter(owner), models.starting_point(owner)
@@ -142,6 +179,11 @@ def include_personal(app: FastAPI, models: PersonalModels, settings: PersonalSet
         labels = tuple(model_label(adapter, t, settings, n) for adapter, t, n in options)
         row = store.record_question(session, user, body.prompt, tuple(a.text for a in answers), labels,
                                     tuple(a.truncated for a in answers))
+        if deletions.overlapped(user.id, before):
+            session.delete(row)
+            session.commit()
+            raise FeedbackError("your data was deleted while these answers were written (some may come from "
+                                "it): ask again", 409)
         return {"question_id": row.id, "answers": [a.text.strip() for a in answers], "models": list(labels)}
 
     @router.post("/api/personal/choose")
@@ -149,38 +191,38 @@ def include_personal(app: FastAPI, models: PersonalModels, settings: PersonalSet
         store.record_choice(session, user, body.question_id, body.choice, body.reason)
         pairs = store.pair_count(session, user.id)
         owner = user_owner(user.id)
-        version = models.version(owner)
-        trained = models.version_info(owner, version)["pairs"] if version else 0
+        trained = ([0] + [info["pairs"] for info in models.version_infos(owner)])[-1]
         queued = queue.trigger(user.id, pairs, trained) is not None
         return {"question_id": body.question_id, "pairs": pairs, "training_queued": queued}
 
     @router.get("/api/personal/learned")
     def learned(user: User = Depends(current_user), session: Session = Depends(db)):
-        choices = store.user_choices(session, user.id)
-        owner = user_owner(user.id)
-        counts = {c: sum(row.choice == c for row in choices) for c in ("a", "b", "both_fine", "both_bad")}
-        versions = [{k: v for k, v in models.version_info(owner, n).items() if k != "config"}
-                    for n in models.versions(owner)]
+        user_id, owner = user.id, user_owner(user.id)
+        choices = [row.as_dict() for row in store.user_choices(session, user_id)]
+        session.rollback()  # no transaction (SQLite: the write lock) held while waiting for the model's lock
+        counts = {c: sum(row["choice"] == c for row in choices) for c in ("a", "b", "both_fine", "both_bad")}
+        versions = [{k: v for k, v in info.items() if k != "config"} for info in models.version_infos(owner)]
         pairs = counts["a"] + counts["b"]
         reranked = settings.rerank.n and pairs >= settings.rerank.min_pairs
-        return {"choices": [row.as_dict() for row in choices], "counts": counts,
+        return {"choices": choices, "counts": counts,
                 "pairs": pairs, "versions": versions,
                 "current_model": models.adapter(owner) or (
                     model_label(models.starting_point(owner), settings.temperature, settings, settings.rerank.n)
                     if reranked else "none yet (the starting point answers)"),
-                "train_every": settings.train_every, "training_error": queue.errors.get(user.id)}
+                "train_every": settings.train_every, "training_error": queue.errors.get(user_id)}
 
     @router.get("/api/personal/sample")
     def before_after(user: User = Depends(current_user), session: Session = Depends(db)):
         """The user's latest question answered by the starting point (before) and by their current adapter
         (after), each with the same random draws (one seed), so that only the weights differ."""
-        choices = store.user_choices(session, user.id)
-        owner = user_owner(user.id)
+        choices, owner = store.user_choices(session, user.id), user_owner(user.id)
+        prompt = choices[-1].prompt if choices else None
+        session.rollback()  # no transaction (SQLite: the write lock) held while the answers are sampled
         with models.lock:
             personal, start = models.adapter(owner), models.starting_point(owner)
-            if not choices or personal is None:
+            if prompt is None or personal is None:
                 raise FeedbackError("no sample yet: your model has no trained version", 404)
-            prompt, seed = choices[-1].prompt, draws.randrange(2**31)
+            seed = draws.randrange(2**31)
             before, after = (models.answer(prompt, adapter, settings.temperature, settings.max_new_tokens, seed)
                              for adapter in (start, personal))
         return {"prompt": prompt, "before": before.text.strip(), "after": after.text.strip(),
@@ -188,8 +230,9 @@ def include_personal(app: FastAPI, models: PersonalModels, settings: PersonalSet
 
     @router.delete("/api/personal/data")
     def delete_data(user: User = Depends(api_user), session: Session = Depends(db)):
-        deleted = store.delete_user_data(session, user, models)
-        reranker.forget(user.id)  # after the pairs: a head fitted meanwhile is dropped here
+        with deletions.running(user.id):
+            deleted = store.delete_user_data(session, user, models)
+            reranker.forget(user.id)  # after the pairs: a head fitted meanwhile is dropped here
         queue.errors.pop(user.id, None)
         return {"deleted_choices": deleted, "adapters": models.versions(user_owner(user.id))}
 

@@ -42,7 +42,7 @@ LrOption = Annotated[float, typer.Option(help="Learning rate of the adapter.")]
 EpochsOption = Annotated[int, typer.Option(help="Passes over the user's pairs per version.")]
 BetaOption = Annotated[float, typer.Option(help="β of DPO (strength of the pull towards the starting point).")]
 NllOption = Annotated[float, typer.Option(help="α of the NLL term on the chosen answer (0: plain DPO).")]
-LoraROption = Annotated[int, typer.Option(help="LoRA rank of new adapters (alpha = 2 × rank).")]
+LoraROption = Annotated[int, typer.Option(min=1, help="LoRA rank of new adapters (alpha = 2 × rank).")]
 
 
 @personal_app.command()
@@ -101,7 +101,7 @@ def serve(
     train_every: Annotated[int, typer.Option(min=1, help="New pairs of a user that start a training of their "
                                                          "next version (in the background).")] = 8,
     host: str = "127.0.0.1",
-    port: int = 8000,
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
     secure_cookies: Annotated[bool, typer.Option(help="Mark session cookies Secure (serve over HTTPS).")] = False,
     max_in_memory: Annotated[int, typer.Option(min=1, help="Users' adapters kept in memory; the least recently "
                                                            "used is dropped and read again when needed.")] = 1000,
@@ -124,14 +124,14 @@ def serve(
     from rlhfkit.personal.api import PersonalSettings, include_personal
     from rlhfkit.personal.rerank import RerankConfig
 
-    rerank = RerankConfig(n=rerank_n, min_pairs=rerank_min_pairs, encoder=rerank_encoder)
+    settings = PersonalSettings(train_every=train_every, dpo=_dpo_config(lr, epochs, beta, nll_coef),
+                                rerank=RerankConfig(n=rerank_n, min_pairs=rerank_min_pairs, encoder=rerank_encoder))
     with _session(db) as session:
         accounts = session.scalar(select(func.count()).select_from(User))
     models = _models(policy, adapters, chat_template, lora_r, max_in_memory)
     app = create_app(db, secure_cookies)
-    queue = include_personal(app, models, PersonalSettings(train_every=train_every, rerank=rerank,
-                                                           dpo=_dpo_config(lr, epochs, beta, nll_coef)))
-    if rerank.n:
+    queue = include_personal(app, models, settings)
+    if settings.rerank.n:
         app.state.personal_reranker.load_encoder()  # a wrong --rerank-encoder stops here, not at a user's answer
     console.print(f"personal models on http://{host}:{port}/personal, database {db} ({accounts} accounts; add "
                   f"one with `rlhfkit feedback user --name NAME --db {db}`), adapters in {adapters}")

@@ -95,6 +95,17 @@ class PersonalModels:
     def version_info(self, owner: str, version: int) -> dict:
         return json.loads((self.folder / owner / f"v{version}" / "version.json").read_text())
 
+    def version_infos(self, owner: str) -> list[dict]:
+        """OWNER's saved versions' ``version.json``, oldest first; one deleted since it was listed (the owner's
+        data deleted meanwhile) is left out."""
+        infos = []
+        for version in self.versions(owner):
+            try:
+                infos.append(self.version_info(owner, version))
+            except FileNotFoundError:
+                continue
+        return infos
+
     # ------------------------------------------------------------ adapters in memory
     def adapter(self, owner: str) -> str | None:
         """The in-memory adapter of OWNER's latest version (loaded now if need be); None when it has none."""

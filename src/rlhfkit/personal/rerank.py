@@ -38,10 +38,12 @@ import torch
 from rlhfkit.config import require, require_field_types
 from rlhfkit.data.records import PreferencePair
 
+MAX_N = 32  # each ask samples its N answers one after another, holding the model every user waits for
+
 
 @dataclass
 class RerankConfig:
-    n: int = 4  # samples of the starting point per reranked answer (0: no reranking)
+    n: int = 4  # samples of the starting point per reranked answer (0: no reranking; at most MAX_N)
     min_pairs: int = 4  # a user's pairs before their head answers (until their first adapter version)
     l2: float = 0.1  # λ of the head's L2 penalty
     encoder: str = ""  # a sentence-transformers model or encoder folder; "" = the offline MiniLM-L6
@@ -49,6 +51,8 @@ class RerankConfig:
     def __post_init__(self) -> None:
         require_field_types(self)
         require(self.n == 0 or self.n >= 2, "n", "must be 0 (no reranking) or at least 2 (a best of N)")
+        require(self.n <= MAX_N, "n", f"must be at most {MAX_N}: an ask samples N answers one after another, "
+                f"and the best of N beats one sample at most N/(N + 1) of the time (0.97 at {MAX_N})")
         require(self.min_pairs >= 1, "min_pairs", "must be at least 1 (a head needs a pair)")
         require(self.l2 > 0, "l2", "must be positive (without it, separable pairs drive the weights to infinity)")
 
@@ -109,7 +113,9 @@ class Reranker:
         self.lock = threading.RLock()  # the encoder's first load, and heads fitted vs forgotten
 
     def load_encoder(self):
-        """The shared encoder, loaded on first use: ``config.encoder``, else the offline MiniLM-L6."""
+        """The shared encoder, loaded on first use: ``config.encoder``, else the offline MiniLM-L6. It must
+        encode a batch of two texts of different lengths (a causal LM whose tokenizer cannot pad fails here,
+        at startup, rather than at a user's ask)."""
         with self.lock:
             if self._encoder is None:
                 from sentence_transformers import SentenceTransformer
@@ -117,9 +123,11 @@ class Reranker:
                 from rlhfkit.reward.model import default_backbone
 
                 try:
-                    self._encoder = SentenceTransformer(self.config.encoder or default_backbone(), device="cpu")
-                except OSError as exc:
+                    encoder = SentenceTransformer(self.config.encoder or default_backbone(), device="cpu")
+                    encoder.encode(["a test", "a longer test sentence"], show_progress_bar=False)
+                except (OSError, ValueError) as exc:
                     raise OSError(f"encoder: {exc} (give a sentence-transformers model or an encoder folder)") from None
+                self._encoder = encoder
             return self._encoder
 
     @torch.no_grad()

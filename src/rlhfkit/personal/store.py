@@ -30,6 +30,7 @@ MAX_PROMPT = 2000
 
 class PersonalChoice(Base):
     __tablename__ = "personal_choices"
+    __table_args__ = ({"sqlite_autoincrement": True},)  # an id is never reused after a deletion (migration 0007)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
     prompt: Mapped[str] = mapped_column(Text)
