@@ -2,7 +2,7 @@
 whether on-policy rounds of per-user DPO (+ NLL) teach two users' opposite tastes, for given settings.
 
     python benchmarks/personal_tastes.py --look                       # the base samples' spread
-    python benchmarks/personal_tastes.py --lr 1e-3 --beta 0.1 --nll 1 --epochs 4 --rounds 4
+    python benchmarks/personal_tastes.py --lr 2e-3 --beta 0.1 --nll 1 --epochs 4 --rounds 4 --trace
 
 Each run writes its report.json and curves.png under --run-dir (a fresh folder per run).
 Results: benchmarks/results/personal_tastes.md.
@@ -112,7 +112,7 @@ def trace(path: Path) -> None:
         out = answers(self, adapter, prompts, seeds)
         write({"answers": adapter or "shared", "seeds": None if seeds is None else list(seeds),
                "words": statistics.mean(words(a.text) for a in out),
-               "cut": statistics.mean(a.truncated for a in out)})
+               "cut": statistics.mean(a.truncated for a in out), "first": [a.text for a in out[:3]]})
         return out
 
     train.train_version, demo.PersonalDemo.answers = traced_train, traced_answers
@@ -122,7 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--look", action="store_true")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/personal-tastes"))
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=PersonalDemoConfig().dpo.lr)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--nll", type=float, default=1.0)
     parser.add_argument("--epochs", type=int, default=4)

@@ -7,17 +7,17 @@ before training):
     h     = β · [ (log π_θ(y_c|x) − log π_s(y_c|x)) − (log π_θ(y_r|x) − log π_s(y_r|x)) ]
     L_DPO = −mean log σ(h)                                     (rlhfkit.rl.dpo.dpo_loss)
     L     = L_DPO + α · mean[ −Σ_{t: y_t ≠ EOS} log π_θ(y_t|x, y_<t) / |{t: y_t ≠ EOS}| ]
-                                                               (α = ``nll_coef``; 0 turns it off)
+                                                   (y = y_c; α = ``nll_coef``; 0 turns it off)
 
 The NLL term on the chosen answer (per token) keeps the answers fluent when a handful of pairs would
 otherwise let DPO push both answers' probabilities down. It leaves out the chosen answer's EOS: where an
-answer stops is what a length taste is about, and an NLL on the EOS of every whole chosen answer teaches
-the adapter to stop where the base stops, against a user who likes longer answers (DPO's own log-probs
-keep the EOS; ``nll_on_eos`` puts it back in the NLL, benchmarks/results/personal_tastes.md).
-A non-finite loss or gradient stops training
-with the step and the cause (``TrainingDiverged``) before the weights take it in; a failed training
-leaves the owner's previous version in use and no version folder behind. The population adapter is the
-same training on everyone's pairs, from the base model.
+answer stops is what a length taste is about, and an NLL on the EOS of every whole chosen answer pulls the
+adapter to stop where the base stops, against a user who likes longer answers (DPO's own log-probs keep
+the EOS; ``nll_on_eos`` puts it in the NLL too; benchmarks/results/personal_tastes.md, runs 25–33).
+
+A non-finite loss or gradient stops training with the step and the cause (``TrainingDiverged``) before
+the weights take it in; a failed training leaves the owner's previous version in use and no version
+folder behind. The population adapter is the same training on everyone's pairs, from the base model.
 """
 
 from __future__ import annotations
