@@ -46,7 +46,7 @@ def look(samples: int = 4) -> None:
 def stop_logprobs(models: PersonalModels, adapter: str | None, pairs) -> dict:
     """Mean log π(EOS | x, y_≤t) of ``adapter`` over the chosen answers: at their end (whole answers only)
     and after every sentence end ('.', '!', '?') inside them."""
-    batch = pair_batch(models, pairs, train.PersonalDPOConfig())
+    batch = pair_batch(models, pairs, PersonalDPOConfig())
     half = len(pairs)
     eos = models.tokenizer.eos_token_id
     with torch.no_grad(), models.active(adapter):
@@ -87,7 +87,7 @@ def trace(path: Path) -> None:
         after, rejected_after = stop_logprobs(models, adapter, pairs), stop_logprobs(models, adapter, swapped)
         with torch.no_grad():
             tokens = pair_batch(models, pairs, config)
-            with models.active(models.adapter(owner)):
+            with models.active(adapter):
                 policy = sequence_logprobs(models, tokens)[0]
             with models.active(start):
                 reference = sequence_logprobs(models, tokens)[0]

@@ -98,8 +98,8 @@ def personal_loss(logprobs: torch.Tensor, reference: torch.Tensor, nll_mask: tor
 
 
 def nll_tokens(batch: TokenBatch, eos_token_id: int, config: PersonalDPOConfig) -> torch.Tensor:
-    """The chosen rows' completion tokens the NLL term counts: all of them, or all but the EOS (an answer
-    cut at the generation limit has none) unless ``config.nll_on_eos``."""
+    """The chosen rows' completion tokens the NLL term counts: all but the EOS (an answer cut at the
+    generation limit has none to leave out); with ``config.nll_on_eos``, all of them."""
     chosen = batch[: len(batch) // 2]
     if config.nll_on_eos:
         return chosen.completion_mask
