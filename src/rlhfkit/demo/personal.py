@@ -117,8 +117,8 @@ class PersonalDemoConfig:
     temperature: float = 1.0  # of the personal answers, the shared ones and the evaluation's samples
     alternative_temperature: float = 0.7  # the exploration's other answer before a user has an adapter
     seed: int = 0
-    # lr 2e-3 with the NLL term off the chosen EOS: the detailed user's model learned on seeds 0, 1, 2
-    # (benchmarks/results/personal_tastes.md, runs 31–33; 1e-3 learned it on 1 of 3, runs 27–29)
+    # lr 2e-3 with the NLL term off the chosen EOS: the detailed user's model learned on seeds 0, 1, 2, 3
+    # (benchmarks/results/personal_tastes.md, runs 31–34; 1e-3 learned it on 1 of 3, runs 27–29)
     dpo: PersonalDPOConfig = field(default_factory=lambda: PersonalDPOConfig(lr=2e-3, epochs=4, beta=0.1))
     rerank: RerankConfig = field(default_factory=RerankConfig)  # the cold start's best-of-N, evaluated every round
     tastes: list[Taste] = field(default_factory=default_tastes)

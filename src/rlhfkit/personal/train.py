@@ -13,7 +13,7 @@ The NLL term on the chosen answer (per token) keeps the answers fluent when a ha
 otherwise let DPO push both answers' probabilities down. It leaves out the chosen answer's EOS: where an
 answer stops is what a length taste is about, and an NLL on the EOS of every whole chosen answer pulls the
 adapter to stop where the base stops, against a user who likes longer answers (DPO's own log-probs keep
-the EOS; ``nll_on_eos`` puts it in the NLL too; benchmarks/results/personal_tastes.md, runs 25–33).
+the EOS; ``nll_on_eos`` puts it in the NLL too; benchmarks/results/personal_tastes.md, runs 25–34).
 
 A non-finite loss or gradient stops training with the step and the cause (``TrainingDiverged``) before
 the weights take it in; a failed training leaves the owner's previous version in use and no version
