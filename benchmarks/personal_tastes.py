@@ -2,7 +2,7 @@
 whether on-policy rounds of per-user DPO (+ NLL) teach two users' opposite tastes, for given settings.
 
     python benchmarks/personal_tastes.py --look                       # the base samples' spread
-    python benchmarks/personal_tastes.py --lr 1e-3 --beta 0.1 --nll 1 --epochs 4 --rounds 4
+    python benchmarks/personal_tastes.py --lr 2e-3 --beta 0.1 --nll 1 --epochs 4 --rounds 4 --trace
 
 Each run writes its report.json and curves.png under --run-dir (a fresh folder per run).
 Results: benchmarks/results/personal_tastes.md.
@@ -11,16 +11,20 @@ Results: benchmarks/results/personal_tastes.md.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from pathlib import Path
 
 import torch
 
+from rlhfkit.demo import personal as demo
 from rlhfkit.demo.personal import TASTES, PersonalDemoConfig, demo_task_prompts, run_personal_demo, words
 from rlhfkit.demo.presets import DemoConfig, load_demo_policy
 from rlhfkit.eval.judges import SentimentJudge
+from rlhfkit.models.policy import completion_logits
+from rlhfkit.personal import train
 from rlhfkit.personal.models import PersonalModels
-from rlhfkit.personal.train import PersonalDPOConfig
+from rlhfkit.personal.train import PersonalDPOConfig, pair_batch, sequence_logprobs
 
 
 def look(samples: int = 4) -> None:
@@ -39,14 +43,90 @@ def look(samples: int = 4) -> None:
               f"quartiles {[round(x, 2) for x in q]}")
 
 
+def stop_logprobs(models: PersonalModels, adapter: str | None, pairs) -> dict:
+    """Mean log π(EOS | x, y_≤t) of ``adapter`` over the chosen answers: at their end (whole answers only)
+    and after every sentence end ('.', '!', '?') inside them."""
+    batch = pair_batch(models, pairs, PersonalDPOConfig())
+    half = len(pairs)
+    eos = models.tokenizer.eos_token_id
+    with torch.no_grad(), models.active(adapter):
+        logits, _ = completion_logits(models.model, batch.to(next(models.model.parameters()).device))
+    stop = torch.log_softmax(logits.float(), dim=-1)[..., eos][:half]  # position t: EOS as token t
+    ids, mask = batch.completion_ids[:half], batch.completion_mask[:half]
+    at_end, inside = [], []
+    for row in range(half):
+        n = int(mask[row].sum())
+        whole = ids[row, n - 1].item() == eos
+        if whole:
+            at_end.append(stop[row, n - 1].item())
+        for t in range(n - 1 - whole):
+            if models.tokenizer.decode(ids[row, t]).strip() in (".", "!", "?"):
+                inside.append(stop[row, t + 1].item())
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    return {"eos_at_end": mean(at_end), "eos_after_sentence": mean(inside), "sentence_ends": len(inside)}
+
+
+def trace(path: Path) -> None:
+    """Write each training's pairs, history and stopping log-probs, and each evaluation's answer lengths, as
+    JSON lines to ``path`` (``--trace``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    train_version, answers = train.train_version, demo.PersonalDemo.answers
+
+    def write(row: dict) -> None:
+        with path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def traced_train(models, owner, pairs, config):
+        start = models.starting_point(owner)
+        swapped = [p.model_copy(update={"chosen": p.rejected, "rejected": p.chosen, "chosen_truncated":
+                                        p.rejected_truncated, "rejected_truncated": p.chosen_truncated})
+                   for p in pairs]
+        before, rejected_before = stop_logprobs(models, start, pairs), stop_logprobs(models, start, swapped)
+        version, history = train_version(models, owner, pairs, config)
+        adapter = models.adapter(owner)
+        after, rejected_after = stop_logprobs(models, adapter, pairs), stop_logprobs(models, adapter, swapped)
+        with torch.no_grad():
+            tokens = pair_batch(models, pairs, config)
+            with models.active(adapter):
+                policy = sequence_logprobs(models, tokens)[0]
+            with models.active(start):
+                reference = sequence_logprobs(models, tokens)[0]
+        ratio = (policy - reference).tolist()
+        epoch = max(1, len(history) // config.epochs)
+        write({"training": owner, "version": version, "pairs": len(pairs),
+               "chosen_words": statistics.mean(words(p.chosen) for p in pairs),
+               "rejected_words": statistics.mean(words(p.rejected) for p in pairs),
+               "chosen_cut": statistics.mean(p.chosen_truncated for p in pairs),
+               "rejected_cut": statistics.mean(p.rejected_truncated for p in pairs),
+               "first_epoch": {k: statistics.mean(h[k] for h in history[:epoch]) for k in ("loss", "margin",
+                                                                                          "accuracy")},
+               "last_epoch": {k: statistics.mean(h[k] for h in history[-epoch:]) for k in ("loss", "margin",
+                                                                                          "accuracy")},
+               "chosen_logratio": statistics.mean(ratio[:len(pairs)]),
+               "rejected_logratio": statistics.mean(ratio[len(pairs):]),
+               "stop_before": before, "stop_after": after, "rejected_stop_before": rejected_before,
+               "rejected_stop_after": rejected_after})
+        return version, history
+
+    def traced_answers(self, adapter, prompts, seeds=None):
+        out = answers(self, adapter, prompts, seeds)
+        write({"answers": adapter or "shared", "seeds": None if seeds is None else list(seeds),
+               "words": statistics.mean(words(a.text) for a in out),
+               "cut": statistics.mean(a.truncated for a in out), "first": [a.text for a in out[:3]]})
+        return out
+
+    train.train_version, demo.PersonalDemo.answers = traced_train, traced_answers
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--look", action="store_true")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/personal-tastes"))
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=PersonalDemoConfig().dpo.lr)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--nll", type=float, default=1.0)
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--nll-on-eos", action="store_true", help="the NLL term also on the chosen answer's EOS")
     parser.add_argument("--rounds", type=int, default=PersonalDemoConfig.rounds)
     parser.add_argument("--per-round", type=int, default=16)
     parser.add_argument("--train-every", type=int, default=12)
@@ -54,12 +134,17 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--eval-prompts", type=int, default=PersonalDemoConfig.eval_prompts)
     parser.add_argument("--eval-samples", type=int, default=PersonalDemoConfig.eval_samples)
+    parser.add_argument("--trace", action="store_true", help="also write trace.jsonl: each training's pairs, "
+                        "DPO history, log π(EOS) at sentence ends before/after, each evaluation's lengths")
     parser.add_argument("--tastes", nargs="+", choices=sorted(TASTES), default=["brief", "detailed"])
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.look:
         return look()
-    dpo = PersonalDPOConfig(lr=args.lr, beta=args.beta, nll_coef=args.nll, epochs=args.epochs)
+    if args.trace:
+        trace(args.run_dir / "trace.jsonl")
+    dpo = PersonalDPOConfig(lr=args.lr, beta=args.beta, nll_coef=args.nll, epochs=args.epochs,
+                            nll_on_eos=args.nll_on_eos)
     run_personal_demo(PersonalDemoConfig(run_dir=args.run_dir, rounds=args.rounds, prompts_per_round=args.per_round,
                                          train_every=args.train_every, seed=args.seed, dpo=dpo,
                                          max_new_tokens=args.max_new_tokens, eval_prompts=args.eval_prompts,

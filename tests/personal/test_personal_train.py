@@ -1,8 +1,12 @@
-"""The background training queue of personal models."""
+"""The personal trainer's loss and its background training queue."""
 
 import threading
 
-from rlhfkit.personal.train import TrainingQueue
+import pytest
+import torch
+
+from rlhfkit.models.policy import TokenBatch
+from rlhfkit.personal.train import PersonalDPOConfig, TrainingQueue, nll_tokens, personal_loss
 
 
 def test_a_user_whose_training_is_running_is_not_queued_again_until_it_ends() -> None:
@@ -26,3 +30,30 @@ def test_a_user_whose_training_is_running_is_not_queued_again_until_it_ends() ->
     queue.wait()
     queue.shutdown()
     assert runs == [1, 2, 1]
+
+
+def _chosen_eos_gradient(config: PersonalDPOConfig) -> float:
+    """d L / d log π(EOS) of the first chosen answer (whole: it ends in EOS), for a batch of two pairs."""
+    eos, pad = 0, 99
+    completions = torch.tensor([[5, 6, eos], [5, 6, 7], [8, eos, pad], [9, eos, pad]])  # chosen ×2, rejected ×2
+    mask = (completions != pad).long()
+    batch = TokenBatch(torch.ones(4, 1, dtype=torch.long), torch.ones(4, 1, dtype=torch.long), completions, mask)
+    logprobs = torch.full((4, 3), -1.0, requires_grad=True)
+    loss, _ = personal_loss(logprobs * mask, torch.full((4,), -3.0), nll_tokens(batch, eos, config), config)
+    loss.backward()
+    return logprobs.grad[0, 2].item()
+
+
+def test_the_nll_term_leaves_the_chosen_answers_eos_to_dpo_unless_nll_on_eos() -> None:
+    dpo_only = _chosen_eos_gradient(PersonalDPOConfig(nll_coef=0.0))
+    assert _chosen_eos_gradient(PersonalDPOConfig(nll_coef=1.0)) == pytest.approx(dpo_only)
+    # with it: α / |y_c| / (chosen answers in the batch) more pull towards stopping there
+    assert _chosen_eos_gradient(PersonalDPOConfig(nll_coef=1.0, nll_on_eos=True)) == pytest.approx(dpo_only - 1 / 3 / 2)
+
+
+def test_an_answer_cut_at_the_generation_limit_has_every_token_in_the_nll_term() -> None:
+    completions = torch.tensor([[5, 6, 0], [5, 6, 7], [8, 0, 99], [9, 0, 99]])
+    batch = TokenBatch(torch.ones(4, 1, dtype=torch.long), torch.ones(4, 1, dtype=torch.long), completions,
+                       (completions != 99).long())
+    assert nll_tokens(batch, 0, PersonalDPOConfig()).tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert nll_tokens(batch, 0, PersonalDPOConfig(nll_on_eos=True)).tolist() == [[1, 1, 1], [1, 1, 1]]

@@ -6,13 +6,18 @@ before training):
 
     h     = β · [ (log π_θ(y_c|x) − log π_s(y_c|x)) − (log π_θ(y_r|x) − log π_s(y_r|x)) ]
     L_DPO = −mean log σ(h)                                     (rlhfkit.rl.dpo.dpo_loss)
-    L     = L_DPO + α · mean[ −log π_θ(y_c|x) / |y_c| ]        (α = ``nll_coef``; 0 turns it off)
+    L     = L_DPO + α · mean[ −Σ_{t: y_t ≠ EOS} log π_θ(y_t|x, y_<t) / |{t: y_t ≠ EOS}| ]
+                                                   (y = y_c; α = ``nll_coef``; 0 turns it off)
 
 The NLL term on the chosen answer (per token) keeps the answers fluent when a handful of pairs would
-otherwise let DPO push both answers' probabilities down. A non-finite loss or gradient stops training
-with the step and the cause (``TrainingDiverged``) before the weights take it in; a failed training
-leaves the owner's previous version in use and no version folder behind. The population adapter is the
-same training on everyone's pairs, from the base model.
+otherwise let DPO push both answers' probabilities down. It leaves out the chosen answer's EOS: where an
+answer stops is what a length taste is about, and an NLL on the EOS of every whole chosen answer pulls the
+adapter to stop where the base stops, against a user who likes longer answers (DPO's own log-probs keep
+the EOS; ``nll_on_eos`` puts it in the NLL too; benchmarks/results/personal_tastes.md, runs 25–34).
+
+A non-finite loss or gradient stops training with the step and the cause (``TrainingDiverged``) before
+the weights take it in; a failed training leaves the owner's previous version in use and no version
+folder behind. The population adapter is the same training on everyone's pairs, from the base model.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class PersonalDPOConfig:
     epochs: int = 4
     batch_size: int = 8  # pairs per step
     nll_coef: float = 1.0  # α of the NLL term on the chosen answer (0: plain DPO)
+    nll_on_eos: bool = False  # the NLL term also on the chosen answer's EOS (it teaches the base's stopping)
     max_grad_norm: float = 1.0
     max_prompt_tokens: int = 256
     max_completion_tokens: int = 128
@@ -63,23 +69,41 @@ def pair_batch(models: PersonalModels, pairs: Sequence[PreferencePair], config: 
                        config.max_completion_tokens, models.model)
 
 
-def sequence_logprobs(models: PersonalModels, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ_t log π(y_t|x, y_<t), the number of completion tokens) per row, for the active adapter."""
+def completion_token_logprobs(models: PersonalModels, batch: TokenBatch) -> tuple[torch.Tensor, TokenBatch]:
+    """log π(y_t|x, y_<t) per completion token of the active adapter, 0 past the completion ([B, T]), and
+    the batch on the model's device."""
     batch = batch.to(next(models.model.parameters()).device)
     logits, _ = completion_logits(models.model, batch)
-    logprobs = token_logprobs(logits, batch.completion_ids)[0] * batch.completion_mask
+    return token_logprobs(logits, batch.completion_ids)[0] * batch.completion_mask, batch
+
+
+def sequence_logprobs(models: PersonalModels, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_t log π(y_t|x, y_<t), the number of completion tokens) per row, for the active adapter."""
+    logprobs, batch = completion_token_logprobs(models, batch)
     return logprobs.sum(dim=1), batch.completion_mask.sum(dim=1)
 
 
-def personal_loss(policy: torch.Tensor, reference: torch.Tensor, lengths: torch.Tensor,
+def personal_loss(logprobs: torch.Tensor, reference: torch.Tensor, nll_mask: torch.Tensor,
                   config: PersonalDPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L = L_DPO + α · NLL per token of the chosen answers, the margins h) for a batch's sequence log-probs
-    (chosen rows first, then rejected)."""
-    half = len(policy) // 2
+    """(L = L_DPO + α · NLL per token of the chosen answers, the margins h) for a batch's per-token log-probs
+    [B, T] (0 past each completion; chosen rows first, then rejected), the reference's sequence log-probs [B]
+    and the chosen rows' tokens the NLL counts (``nll_mask``, [B/2, T])."""
+    half = len(logprobs) // 2
+    policy = logprobs.sum(dim=1)
     loss, margins = dpo_loss(policy[:half], policy[half:], reference[:half], reference[half:], config.beta)
     if config.nll_coef:
-        loss = loss + config.nll_coef * (-policy[:half] / lengths[:half]).mean()
+        nll = -(logprobs[:half] * nll_mask).sum(dim=1) / nll_mask.sum(dim=1).clamp(min=1)
+        loss = loss + config.nll_coef * nll.mean()
     return loss, margins
+
+
+def nll_tokens(batch: TokenBatch, eos_token_id: int, config: PersonalDPOConfig) -> torch.Tensor:
+    """The chosen rows' completion tokens the NLL term counts: all but the EOS (an answer cut at the
+    generation limit has none to leave out); with ``config.nll_on_eos``, all of them."""
+    chosen = batch[: len(batch) // 2]
+    if config.nll_on_eos:
+        return chosen.completion_mask
+    return chosen.completion_mask * (chosen.completion_ids != eos_token_id)
 
 
 def train_user(models: PersonalModels, session: Session, user_id: int, config: PersonalDPOConfig) -> int | None:
@@ -139,8 +163,9 @@ def _optimise(models: PersonalModels, adapter: str, tokens: Sequence[TokenBatch]
         for index in rng.sample(range(len(tokens)), len(tokens)):
             step += 1
             with models.active(adapter):  # the model stays in eval mode: dropout off, as in rl.dpo
-                policy, lengths = sequence_logprobs(models, tokens[index])
-                loss, margins = personal_loss(policy, reference[index].to(device), lengths.to(device), config)
+                logprobs, batch = completion_token_logprobs(models, tokens[index])
+                loss, margins = personal_loss(logprobs, reference[index].to(device),
+                                              nll_tokens(batch, models.tokenizer.eos_token_id, config), config)
                 try:
                     grad_norm = apply_gradients(accelerator, models.model, optimizer, loss, config.max_grad_norm)
                 except TrainingDiverged as exc:
