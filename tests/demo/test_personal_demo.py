@@ -14,6 +14,7 @@ from rlhfkit.demo.personal import (
     RoundResult,
     Taste,
     adapter_beats_rerank,
+    relevance_gap,
     run_personal_demo,
     verdict,
     win_rate,
@@ -22,9 +23,10 @@ from rlhfkit.personal.rerank import RerankConfig
 from rlhfkit.personal.train import PersonalDPOConfig
 
 
-def result(user, win, other, round_=1, rerank=None):
+def result(user, win, other, round_=1, rerank=None, relevance=(0.0, -0.02, 0.02)):
     return RoundResult(user, round_, 10 * round_, 1, win, {"other": other}, kl=0.1, distinct_2=0.5,
-                       distinct_2_shared=0.5, at_cap=0.0, rerank=rerank, vs_rerank=rerank and (0.5, 0.4, 0.6))
+                       distinct_2_shared=0.5, at_cap=0.0, relevance=relevance, rerank=rerank,
+                       vs_rerank=rerank and (0.5, 0.4, 0.6))
 
 
 def test_the_adapter_first_beats_reranking_at_the_first_round_its_win_rate_is_higher():
@@ -43,6 +45,15 @@ def test_the_verdict_says_learned_only_when_every_interval_is_above_half_and_spe
     assert not_met.startswith("NOT met") and "b: win rate interval [0.450, 0.750]" in not_met and "a:" not in not_met
     unspecific = verdict([result("a", above, above), result("b", above, against)])
     assert unspecific.startswith("NOT met") and "a: also wins under another user's taste" in unspecific
+    off_topic = verdict([result("a", above, against, relevance=(-0.1, -0.15, -0.05)), result("b", above, against)])
+    assert off_topic.startswith("NOT met") and "a: answers less relevant than the shared model's (-0.100" in off_topic
+
+
+def test_the_relevance_gap_is_the_mean_difference_with_a_topic_interval():
+    prompts, topics = ["p1", "p1", "p2", "p2", "p3", "p3"], {"p1": "x", "p2": "y", "p3": "z"}
+    gap, low, high = relevance_gap([0.5, 0.4, 0.3, 0.2, 0.6, 0.1], [0.4, 0.4, 0.5, 0.4, 0.5, 0.3], prompts, topics)
+    assert gap == pytest.approx((0.1 + 0 - 0.2 - 0.2 + 0.1 - 0.2) / 6)
+    assert low < gap < high
 
 
 def test_simulated_users_choose_by_their_hidden_taste_and_say_both_fine_when_answers_are_alike():
@@ -71,6 +82,8 @@ def test_the_personal_demo_runs_end_to_end_through_the_api_and_deletes_a_user_co
         assert 0 <= rate <= 1 and low <= rate <= high
         assert set(row["specificity"]) == {"brief", "detailed"} - {row["user"]}
         assert 0 <= row["at_cap"] <= 1
+        gap, low, high = row["relevance"]
+        assert low <= gap <= high and row["samples"] and all(len(sample) == 3 for sample in row["samples"])
         for rate, low, high in (row["rerank"], row["vs_rerank"]):  # every user gave a pair in round 1
             assert 0 <= rate <= 1 and low <= rate <= high
     assert set(report["adapter_beats_rerank"]) == {"brief", "detailed"}
