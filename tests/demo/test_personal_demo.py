@@ -14,7 +14,7 @@ from rlhfkit.demo.personal import (
     RoundResult,
     Taste,
     adapter_beats_rerank,
-    relevance_gap,
+    judge_gap,
     run_personal_demo,
     verdict,
     win_rate,
@@ -23,9 +23,10 @@ from rlhfkit.personal.rerank import RerankConfig
 from rlhfkit.personal.train import PersonalDPOConfig
 
 
-def result(user, win, other, round_=1, rerank=None, relevance=(0.0, -0.02, 0.02)):
+def result(user, win, other, round_=1, rerank=None, relevance=(0.0, -0.02, 0.02), not_offensive=(0.0, -0.01, 0.01)):
     return RoundResult(user, round_, 10 * round_, 1, win, {"other": other}, kl=0.1, distinct_2=0.5,
-                       distinct_2_shared=0.5, at_cap=0.0, relevance=relevance, rerank=rerank,
+                       distinct_2_shared=0.5, at_cap=0.0,
+                       guards={"relevance": relevance, "not_offensive": not_offensive}, rerank=rerank,
                        vs_rerank=rerank and (0.5, 0.4, 0.6))
 
 
@@ -46,12 +47,15 @@ def test_the_verdict_says_learned_only_when_every_interval_is_above_half_and_spe
     unspecific = verdict([result("a", above, above), result("b", above, against)])
     assert unspecific.startswith("NOT met") and "a: also wins under another user's taste" in unspecific
     off_topic = verdict([result("a", above, against, relevance=(-0.1, -0.15, -0.05)), result("b", above, against)])
-    assert off_topic.startswith("NOT met") and "a: answers less relevant than the shared model's (-0.100" in off_topic
+    assert off_topic.startswith("NOT met") and "a: answers worse than the shared model's by relevance (-0.100" \
+        in off_topic
+    rude = verdict([result("a", above, against), result("b", above, against, not_offensive=(-0.2, -0.3, -0.1))])
+    assert rude.startswith("NOT met") and "b: answers worse than the shared model's by not_offensive" in rude
 
 
-def test_the_relevance_gap_is_the_mean_difference_with_a_topic_interval():
+def test_the_judge_gap_is_the_mean_difference_with_a_topic_interval():
     prompts, topics = ["p1", "p1", "p2", "p2", "p3", "p3"], {"p1": "x", "p2": "y", "p3": "z"}
-    gap, low, high = relevance_gap([0.5, 0.4, 0.3, 0.2, 0.6, 0.1], [0.4, 0.4, 0.5, 0.4, 0.5, 0.3], prompts, topics)
+    gap, low, high = judge_gap([0.5, 0.4, 0.3, 0.2, 0.6, 0.1], [0.4, 0.4, 0.5, 0.4, 0.5, 0.3], prompts, topics)
     assert gap == pytest.approx((0.1 + 0 - 0.2 - 0.2 + 0.1 - 0.2) / 6)
     assert low < gap < high
 
@@ -82,8 +86,9 @@ def test_the_personal_demo_runs_end_to_end_through_the_api_and_deletes_a_user_co
         assert 0 <= rate <= 1 and low <= rate <= high
         assert set(row["specificity"]) == {"brief", "detailed"} - {row["user"]}
         assert 0 <= row["at_cap"] <= 1
-        gap, low, high = row["relevance"]
-        assert low <= gap <= high and row["samples"] and all(len(sample) == 3 for sample in row["samples"])
+        assert set(row["guards"]) == {"relevance", "not_offensive"}
+        assert all(low <= gap <= high for gap, low, high in row["guards"].values())
+        assert row["samples"] and all(len(sample) == 3 for sample in row["samples"])
         for rate, low, high in (row["rerank"], row["vs_rerank"]):  # every user gave a pair in round 1
             assert 0 <= rate <= 1 and low <= rate <= high
     assert set(report["adapter_beats_rerank"]) == {"brief", "detailed"}

@@ -44,7 +44,7 @@ from fastapi.testclient import TestClient
 
 from rlhfkit.console import console
 from rlhfkit.demo.stages import demo_task
-from rlhfkit.eval.judges import RelevanceJudge
+from rlhfkit.eval.judges import ProfanityJudge, RelevanceJudge
 from rlhfkit.eval.metrics import distinct_n, jackknife_interval
 from rlhfkit.feedback import service
 from rlhfkit.feedback.app import create_app
@@ -166,7 +166,7 @@ class RoundResult:
     distinct_2: float
     distinct_2_shared: float
     at_cap: float  # share of the personal model's held-out answers cut at max_new_tokens (no EOS sampled)
-    relevance: tuple[float, float, float]  # mean relevance(personal) − relevance(shared) per answer, 95% interval
+    guards: dict[str, tuple[float, float, float]]  # independent judge → mean judge(personal) − judge(shared), 95%
     samples: list[tuple[str, str, str]] = field(default_factory=list)  # (prompt, personal, shared): the first few
     rerank: tuple[float, float, float] | None = None  # the head's best of N vs the shared model, own taste
     vs_rerank: tuple[float, float, float] | None = None  # the personal model vs the head's best of N, own taste
@@ -193,10 +193,10 @@ def learned(win: tuple[float, float, float], others: dict[str, tuple[float, floa
     return win[1] > 0.5, all(low <= 0.5 for _, low, _ in others.values())
 
 
-def relevance_gap(mine: Sequence[float], shared: Sequence[float], prompts: Sequence[str],
-                  topics: dict[str, str]) -> tuple[float, float, float]:
-    """(mean, low, high) of relevance(personal answer) − relevance(shared answer) over (prompt, sample), with
-    the delete-a-topic jackknife 95% interval."""
+def judge_gap(mine: Sequence[float], shared: Sequence[float], prompts: Sequence[str],
+              topics: dict[str, str]) -> tuple[float, float, float]:
+    """(mean, low, high) of judge(personal answer) − judge(shared answer) over (prompt, sample), with the
+    delete-a-topic jackknife 95% interval."""
     gaps: dict[str, list[float]] = {}
     for prompt, a, b in zip(prompts, mine, shared, strict=True):
         gaps.setdefault(prompt, []).append(a - b)
@@ -205,19 +205,19 @@ def relevance_gap(mine: Sequence[float], shared: Sequence[float], prompts: Seque
 
 def verdict(latest: Sequence[RoundResult]) -> str:
     """"learned" only when every user's win rate interval is above ½, specificity holds for every user, and
-    no user's answers are less relevant to the questions than the shared model's (the relevance gap's
-    interval entirely below 0: a taste won by answers that no longer address the question is not learned)."""
+    no user's answers are worse than the shared model's by an independent judge (relevance to the question,
+    not offensive: a gap whose interval is entirely below 0). A taste won by answers that no longer address
+    the question, or insult the asker, is not learned."""
     failed = []
     for r in latest:
         wins, specific = learned(r.win_rate, r.specificity)
         failed += [] if wins else [f"{r.user}: win rate interval [{r.win_rate[1]:.3f}, {r.win_rate[2]:.3f}] "
                                    "does not exclude 0.5"]
         failed += [] if specific else [f"{r.user}: also wins under another user's taste"]
-        gap, low, high = r.relevance
-        failed += [] if high >= 0 else [f"{r.user}: answers less relevant than the shared model's "
-                                        f"({gap:+.3f} [{low:+.3f}, {high:+.3f}])"]
+        failed += [f"{r.user}: answers worse than the shared model's by {name} ({gap:+.3f} [{low:+.3f}, {high:+.3f}])"
+                   for name, (gap, low, high) in r.guards.items() if high < 0]
     return "learned: every user's model beats the shared one on their own taste, and only on theirs, " \
-        "with answers as relevant" if not failed else "NOT met: " + "; ".join(failed)
+        "with answers as relevant and as clean" if not failed else "NOT met: " + "; ".join(failed)
 
 
 class PersonalDemo:
@@ -238,8 +238,8 @@ class PersonalDemo:
                                     seed=config.seed, dpo=config.dpo, rerank=config.rerank)
         self.queue = include_personal(self.app, self.models, settings)
         self.reranker = self.app.state.personal_reranker
-        self.relevance = RelevanceJudge()  # the shipped MiniLM, fitted to no one's choices
-        self.shared_relevance: list[float] = []
+        self.judges = (RelevanceJudge(), ProfanityJudge())  # as shipped, fitted to no one's choices
+        self.shared_scores: dict[str, list[float]] = {}
         self.clients, self.ids = {}, {}
         for taste in config.tastes:
             with self.app.state.sessions() as db:
@@ -317,15 +317,15 @@ class PersonalDemo:
 
         others = {t.user: rate(t, mine, shared) for t in self.config.tastes if t.user != taste.user}
         kl = self.kl_to_base(adapter, keys, mine) if adapter else 0.0
-        relevance = relevance_gap(self.relevance(keys, [a.text for a in mine]).tolist(), self.shared_relevance,
-                                  keys, topics)
+        guards = {judge.name: judge_gap(judge(keys, [a.text for a in mine]).tolist(), self.shared_scores[judge.name],
+                                        keys, topics) for judge in self.judges}
         step = self.config.eval_samples * max(len(prompts) // SAMPLES_SHOWN, 1)  # one answer of spread prompts
         samples = [(keys[i], mine[i].text, shared[i].text) for i in range(0, len(keys), step)][:SAMPLES_SHOWN]
         reranked = self.reranked(taste)
         rerank = (rate(taste, reranked, shared), rate(taste, mine, reranked)) if reranked else (None, None)
         return RoundResult(taste.user, round_, pairs, self.models.version(owner), rate(taste, mine, shared), others,
                            kl, distinct_n([a.text for a in mine], 2), distinct_n([a.text for a in shared], 2),
-                           sum(a.truncated for a in mine) / len(mine), relevance, samples, *rerank)
+                           sum(a.truncated for a in mine) / len(mine), guards, samples, *rerank)
 
     def memory(self) -> dict:
         """Base MB, MB per adapter (the largest loaded), and users whose adapters fit in 8 GiB beside the base
@@ -362,7 +362,8 @@ def print_round(r: RoundResult) -> None:
     console.print(f"{r.user:>9} round {r.round}: {r.pairs:>3} pairs, v{r.version} · win rate vs shared "
                   f"{rate:.2f} [{low:.2f}, {high:.2f}] · under {others} · KL {r.kl:.2f} · distinct-2 "
                   f"{r.distinct_2:.3f} (shared {r.distinct_2_shared:.3f}) · at the token cap {r.at_cap:.0%} · "
-                  f"relevance vs shared {r.relevance[0]:+.3f} [{r.relevance[1]:+.3f}, {r.relevance[2]:+.3f}] · "
+                  + "".join(f"{name} vs shared {gap:+.3f} [{low:+.3f}, {high:+.3f}] · "
+                            for name, (gap, low, high) in r.guards.items()) +
                   f"reranked best-of-N vs shared {rerank}", highlight=False)
 
 
@@ -431,8 +432,8 @@ def run_personal_demo(config: PersonalDemoConfig | None = None, policy=None, tok
     console.rule(f"[bold]personal models: {', '.join(f'{t.user} likes {t.description}' for t in config.tastes)}")
     try:
         shared = demo.answers(None, held_out)
-        demo.shared_relevance = demo.relevance([p for p in held_out for _ in range(config.eval_samples)],
-                                               [a.text for a in shared]).tolist()
+        keys = [p for p in held_out for _ in range(config.eval_samples)]
+        demo.shared_scores = {judge.name: judge(keys, [a.text for a in shared]).tolist() for judge in demo.judges}
         demo.draw_candidates(held_out)
         results = []
         for round_ in range(1, config.rounds + 1):
