@@ -135,3 +135,18 @@ def test_the_smollm2_option_runs_through_the_api_with_the_chat_template(tmp_path
     assert [r["user"] for r in report["rounds"]] == ["brief", "detailed"]
     assert all(r["version"] >= 1 for r in report["rounds"] if r["pairs"] >= 2)
     assert report["memory"]["base_mb"] > 400 and report["deletion"]["complete"]
+
+
+@pytest.mark.parametrize("earlier", ["run", "file"])
+def test_a_run_dir_that_holds_a_run_or_is_a_file_is_refused_before_the_policy_loads(tmp_path, monkeypatch, earlier):
+    import rlhfkit.demo.presets as presets
+
+    run = tmp_path / "run"
+    if earlier == "run":
+        run.mkdir()
+        (run / "personal.db").write_text("")
+    else:
+        run.write_text("not a folder")
+    monkeypatch.setattr(presets, "load_demo_policy", lambda *args: pytest.fail("the policy was loaded"))
+    with pytest.raises(ValueError, match=r"run_dir: .* (holds an earlier personal demo|is a file)"):
+        run_personal_demo(PersonalDemoConfig(run_dir=run), progress=False)

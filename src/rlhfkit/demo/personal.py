@@ -226,8 +226,7 @@ class PersonalDemo:
     def __init__(self, config: PersonalDemoConfig, policy, tokenizer) -> None:
         self.config = config
         run = Path(config.run_dir)
-        if (run / "personal.db").exists():
-            raise ValueError(f"run_dir: {run} holds an earlier personal demo; give another --run-dir or delete it")
+        check_run_dir(run)
         run.mkdir(parents=True, exist_ok=True)
         self.app = create_app(f"sqlite:///{run / 'personal.db'}")
         self.models = PersonalModels(policy, tokenizer, run / "adapters",
@@ -414,11 +413,20 @@ def plot_curves(results: Sequence[RoundResult], path: Path) -> Path:
     return path
 
 
+def check_run_dir(run: Path) -> None:
+    """Refuse a ``run_dir`` that is a file or holds an earlier personal demo (a run is not resumable)."""
+    if run.exists() and not run.is_dir():
+        raise ValueError(f"run_dir: {run} is a file; give a folder")
+    if (run / "personal.db").exists():
+        raise ValueError(f"run_dir: {run} holds an earlier personal demo; give another --run-dir or delete it")
+
+
 def run_personal_demo(config: PersonalDemoConfig | None = None, policy=None, tokenizer=None,
                       progress: bool = True) -> dict:
     """Run the demo (``config.policy`` unless ``policy`` is given); returns the report, also written to
     ``report.json`` with ``curves.png``."""
     config = config or PersonalDemoConfig()
+    check_run_dir(Path(config.run_dir))  # before the policy loads
     started = time.perf_counter()
     torch.manual_seed(config.seed)  # fresh adapters' initial weights (the answers' draws are seeded per request)
     task = demo_task_prompts(config)
