@@ -172,19 +172,22 @@ class RoundResult:
     vs_rerank: tuple[float, float, float] | None = None  # the personal model vs the head's best of N, own taste
 
 
+def paired_mean(values: Sequence[float], prompts: Sequence[str], topics: dict[str, str]) -> tuple[float, float, float]:
+    """(mean, low, high) of one value per (prompt, sample), with the delete-a-topic jackknife 95% interval."""
+    by_prompt: dict[str, list[float]] = {}
+    for prompt, value in zip(prompts, values, strict=True):
+        by_prompt.setdefault(prompt, []).append(value)
+    return jackknife_interval(lambda subset: statistics.fmean(v for p in subset for v in by_prompt[p]),
+                              list(by_prompt), topics)
+
+
 def win_rate(scores: Sequence[float], shared: Sequence[float], prompts: Sequence[str],
              topics: dict[str, str]) -> tuple[float, float, float]:
     """(rate, low, high): the share of (prompt, sample) where the personal answer scores higher than the
     shared one (a tie counts ½), with the delete-a-topic jackknife 95% interval."""
-    wins: dict[str, list[float]] = {}
-    for prompt, mine, theirs in zip(prompts, scores, shared, strict=True):
-        wins.setdefault(prompt, []).append(1.0 if mine > theirs else 0.5 if mine == theirs else 0.0)
-
-    def rate(subset: Sequence[str]) -> float:
-        values = [w for p in subset for w in wins[p]]
-        return sum(values) / len(values)
-
-    return jackknife_interval(rate, list(wins), topics)
+    wins = [1.0 if mine > theirs else 0.5 if mine == theirs else 0.0
+            for mine, theirs in zip(scores, shared, strict=True)]
+    return paired_mean(wins, prompts, topics)
 
 
 def learned(win: tuple[float, float, float], others: dict[str, tuple[float, float, float]]) -> tuple[bool, bool]:
@@ -197,10 +200,7 @@ def judge_gap(mine: Sequence[float], shared: Sequence[float], prompts: Sequence[
               topics: dict[str, str]) -> tuple[float, float, float]:
     """(mean, low, high) of judge(personal answer) − judge(shared answer) over (prompt, sample), with the
     delete-a-topic jackknife 95% interval."""
-    gaps: dict[str, list[float]] = {}
-    for prompt, a, b in zip(prompts, mine, shared, strict=True):
-        gaps.setdefault(prompt, []).append(a - b)
-    return jackknife_interval(lambda subset: statistics.fmean(g for p in subset for g in gaps[p]), list(gaps), topics)
+    return paired_mean([a - b for a, b in zip(mine, shared, strict=True)], prompts, topics)
 
 
 def verdict(latest: Sequence[RoundResult]) -> str:
