@@ -157,7 +157,10 @@ def test_deleting_my_data_leaves_no_choice_file_or_adapter_of_mine(server):
     queue.wait()
     ann_id, owner = user_id(app, "ann"), user_owner(user_id(app, "ann"))
     assert models.adapter(owner) is not None
-    assert ann.delete("/api/personal/data").json() == {"deleted_choices": 2, "adapters": []}
+    deleted = ann.delete("/api/personal/data").json()
+    assert (deleted["deleted_choices"], deleted["adapters"]) == (2, [])
+    assert deleted["population"] == {"removed_versions": [], "retraining": False, "answering_until_then": "base",
+                                     "other_adapters_removed": 0}
     with app.state.sessions() as db:
         assert db.scalars(select(store.PersonalChoice).where(store.PersonalChoice.user_id == ann_id)).all() == []
     assert not (models.folder / owner).exists()

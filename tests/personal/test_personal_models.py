@@ -137,7 +137,8 @@ def test_deleting_a_user_during_their_training_waits_for_it_and_leaves_nothing(m
 
     def delete():
         with sessions() as db:
-            store.delete_user_data(db, ann, models)
+            store.delete_user_data(db, ann)
+        models.forget(ann.id)
 
     training = threading.Thread(target=train)
     training.start()
