@@ -141,17 +141,20 @@ def include_personal(app: FastAPI, models: PersonalModels, settings: PersonalSet
             else:
                 train_user(models, session, owner, settings.dpo)
 
-    def retrain(forgotten: Forgotten) -> dict:
+    def retrain(forgotten: Forgotten) -> str:
         """Queue the trainings of what a deletion removed (the population first: the users' versions start
-        from it); what the deleting user is told."""
-        if forgotten.population:
-            queue.submit(POPULATION)
+        from it); returns what the deleting user is told about it."""
+        if not forgotten.population:
+            return ""
+        queue.submit(POPULATION)
         for other in forgotten.started_from_them:
             queue.submit(other)
         left = models.version(POPULATION)
-        return {"removed_versions": forgotten.population, "retraining": bool(forgotten.population),
-                "answering_until_then": f"{POPULATION}-v{left}" if left else "base",
-                "other_adapters_removed": sum(map(len, forgotten.started_from_them.values()))}
+        others = sum(map(len, forgotten.started_from_them.values()))
+        return (f" The shared population model had learned from your choices: its version(s) "
+                f"{', '.join(f'v{v}' for v in forgotten.population)} and {others} adapter version(s) of other users "
+                f"that started from them were deleted; they are being trained again without your data (meanwhile "
+                f"the answers start from {f'{POPULATION}-v{left}' if left else 'the base model'}).")
 
     queue = TrainingQueue(train, settings.train_every)
     deletions = Deletions()
@@ -257,7 +260,8 @@ def include_personal(app: FastAPI, models: PersonalModels, settings: PersonalSet
             reranker.forget(user.id)  # after the pairs: a head fitted meanwhile is dropped here
         queue.errors.pop(user.id, None)
         return {"deleted_choices": deleted, "adapters": models.versions(user_owner(user.id)),
-                "population": retrain(forgotten)}
+                "population_versions_removed": forgotten.population,
+                "said": f"Deleted {deleted} choices and your personal model." + retrain(forgotten)}
 
     app.include_router(router)
     app.mount("/personal/static", StaticFiles(directory=HERE / "static"), name="personal-static")
