@@ -223,8 +223,7 @@ def include_personal(app: FastAPI, models: PersonalModels, settings: PersonalSet
         choices = [row.as_dict() for row in store.user_choices(session, user_id)]
         session.rollback()  # no transaction (SQLite: the write lock) held while waiting for the model's lock
         counts = {c: sum(row["choice"] == c for row in choices) for c in ("a", "b", "both_fine", "both_bad")}
-        versions = [{k: v for k, v in info.items() if k not in ("config", "users")}
-                    for info in models.version_infos(owner)]
+        versions = [{k: v for k, v in info.items() if k != "config"} for info in models.version_infos(owner)]
         pairs = counts["a"] + counts["b"]
         reranked = settings.rerank.n and pairs >= settings.rerank.min_pairs
         return {"choices": choices, "counts": counts,

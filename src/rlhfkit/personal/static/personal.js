@@ -31,7 +31,9 @@ async function showLearned() {
     learned.train_every + ' new pairs). Versions: ' + (learned.versions.map(v => 'v' + v.version + ' on ' + v.pairs + ' pairs').join(', ') || 'none yet') + '.' +
     learned.removed_versions.map(v => ' Version ' + v.version + ' was removed: it ' + v.removed + '.').join('');
   box.appendChild(summary);
-  if (learned.training_error) { const e = document.createElement('p'); e.className = 'error'; e.textContent = 'The last training failed: ' + learned.training_error; box.appendChild(e); }
+  [['The last training failed: ', learned.training_error], ["The shared model's last training failed: ", learned.population_training_error]].forEach(([what, error]) => {
+    if (error) { const e = document.createElement('p'); e.className = 'error'; e.textContent = what + error; box.appendChild(e); }
+  });
   const table = document.createElement('table');
   const head = table.insertRow(); ['Question', 'Preferred', 'Other', 'Why'].forEach(t => { const th = document.createElement('th'); th.textContent = t; head.appendChild(th); });
   learned.choices.filter(q => q.choice === 'a' || q.choice === 'b').forEach(q => {
