@@ -14,9 +14,9 @@ from rlhfkit.feedback import service
 from rlhfkit.feedback.app import create_app
 from rlhfkit.personal import store
 from rlhfkit.personal.api import PersonalSettings, include_personal
-from rlhfkit.personal.models import PersonalModels, user_owner
+from rlhfkit.personal.models import POPULATION, PersonalModels, user_owner
 from rlhfkit.personal.rerank import RerankConfig
-from rlhfkit.personal.train import PersonalDPOConfig
+from rlhfkit.personal.train import PersonalDPOConfig, train_population
 
 PROMPT = "how do i fix bike"
 
@@ -157,13 +157,52 @@ def test_deleting_my_data_leaves_no_choice_file_or_adapter_of_mine(server):
     queue.wait()
     ann_id, owner = user_id(app, "ann"), user_owner(user_id(app, "ann"))
     assert models.adapter(owner) is not None
-    assert ann.delete("/api/personal/data").json() == {"deleted_choices": 2, "adapters": []}
+    assert ann.delete("/api/personal/data").json() == {
+        "deleted_choices": 2, "adapters": [], "population_versions_removed": [],
+        "said": "Deleted 2 choices and your personal model."}
     with app.state.sessions() as db:
         assert db.scalars(select(store.PersonalChoice).where(store.PersonalChoice.user_id == ann_id)).all() == []
     assert not (models.folder / owner).exists()
     assert not [n for n in models.adapter_names() if n.startswith(f"{owner}-")]
     assert ann.get("/api/personal/learned").json()["choices"] == []
     assert models.adapter(user_owner(user_id(app, "bob"))) is not None  # bob's is untouched
+
+
+def test_deleting_my_data_removes_the_population_versions_that_learned_from_it_and_trains_them_again(server):
+    """Population v1 learned from ann's and bob's pairs, bob's v2 started from it. Ann deletes: both are
+    removed, the page says so, and the queue trains the population on bob's pairs, then bob's next version
+    from it; nothing on disk or in memory was trained on ann's pairs."""
+    app, models, queue = server
+    ann, bob = login(app, "ann"), login(app, "bob")
+    ann_id, bob_id = user_id(app, "ann"), user_id(app, "bob")
+    for client in (ann, ann, bob, bob):
+        ask_and_choose(client)
+    queue.wait()
+    with app.state.sessions() as db:
+        assert train_population(models, db, PersonalDPOConfig(epochs=1, lr=1e-2)) == 1
+    ask_and_choose(bob), ask_and_choose(bob)
+    queue.wait()
+    assert models.version_info(user_owner(bob_id), 2)["start"] == "population-v1"
+
+    deleted = ann.delete("/api/personal/data").json()
+    assert deleted["population_versions_removed"] == [1]
+    assert deleted["said"] == (
+        "Deleted 2 choices and your personal model. The shared population model had learned from your choices: its "
+        "version(s) v1 and 1 adapter version(s) of other users that started from them were deleted; they are being "
+        "trained again without your data (meanwhile the answers start from the base model).")
+    queue.wait()
+    assert models.versions(POPULATION) == [2] and models.version_info(POPULATION, 2)["users"] == [bob_id]
+    learned = bob.get("/api/personal/learned").json()
+    assert [(v["version"], v["start"], v["pairs"]) for v in learned["versions"]] == [(1, "base", 2),
+                                                                                     (3, "population-v2", 4)]
+    assert learned["removed_versions"] == [{"version": 2, "removed": "started from population-v1, trained on the "
+                                                                     "pairs of a user who deleted their data"}]
+    assert learned["current_model"] == f"user-{bob_id}-v3" and learned["population_training_error"] is None
+    for saved in models.folder.glob("*/v*/version.json"):
+        info = json.loads(saved.read_text())
+        assert ann_id not in info.get("users", []) and info["start"] in ("base", "population-v2"), saved
+    removed = ("population-v1", f"user-{ann_id}-", f"user-{bob_id}-v2")
+    assert not [n for n in models.adapter_names() if n.startswith(removed)]
 
 
 def test_from_min_pairs_until_the_first_version_the_personal_answer_is_the_reranked_best_of_n(cold_start,

@@ -1,11 +1,19 @@
 """`rlhfkit personal train`: a version per user from the command line; mistakes end in one line."""
 
+import os
+import subprocess
+import sys
+import time
+
 import pytest
 
 from conftest import invoke, save_tiny_policy
 from rlhfkit.feedback import db as feedback_db
 from rlhfkit.feedback import service
 from rlhfkit.personal import store
+from rlhfkit.personal.cli import _models
+from rlhfkit.personal.models import user_owner
+from rlhfkit.personal.train import PersonalDPOConfig, train_user
 
 
 @pytest.fixture
@@ -77,3 +85,28 @@ def test_serve_refuses_a_reranking_it_cannot_do_in_one_line(setup, args, says):
     db, policy, adapters, _ = setup
     result = invoke("personal", "serve", "--policy", policy, "--db", db, "--adapters", adapters, *args)
     assert result.exit_code == 1 and says in " ".join(result.output.split()) and "Traceback" not in result.output
+
+
+def test_train_in_another_process_waits_for_a_training_of_the_same_user_here_and_its_versions_are_served_here(setup):
+    """`personal train` beside a serving process on the same folder: its training of ann waits for the one
+    running here (a lock file per owner), and each process starts from and serves what the other published."""
+    db, policy, adapters, ann_id = setup
+    models = _models(str(policy), adapters, chat_template=False, lora_r=8)  # as `personal serve` loads them
+    owner, sessions = user_owner(ann_id), feedback_db.session_factory(db)
+    command = [sys.executable, "-m", "rlhfkit.cli", "personal", "train", "--policy", policy, "--db", db, "--adapters",
+               adapters, "--population", "--user", "ann", "--epochs", 1, "--no-chat-template"]
+    with models.training_of(owner):  # a training of ann here
+        other = subprocess.Popen(list(map(str, command)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})  # it reports on stderr
+        said = ""
+        while "population: version 1" not in said and other.poll() is None:
+            said = other.stderr.readline()  # the population first: the other process is past its start-up
+        time.sleep(2)
+        assert other.poll() is None, said  # its training of ann waits for this one
+        with sessions() as session:
+            assert train_user(models, session, ann_id, PersonalDPOConfig(epochs=1)) == 1
+    said = " ".join((said + other.communicate(timeout=120)[1]).split())
+    assert other.returncode == 0 and "ann: version 2 on 2 pairs (from population-v1)" in said, said
+    assert models.version_info(owner, 1)["start"] == "population-v1"  # published there, started from here
+    assert models.adapter(owner) == f"user-{ann_id}-v2"  # published there, served here
+    assert models.answer("how do i fix bike", models.adapter(owner), max_new_tokens=4, seed=0).text

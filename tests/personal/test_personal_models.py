@@ -7,7 +7,7 @@ from conftest import build_tiny_causal, word_tokenizer
 from rlhfkit.data.records import PreferencePair
 from rlhfkit.models.update import TrainingDiverged
 from rlhfkit.personal import train as personal_train
-from rlhfkit.personal.models import POPULATION, PersonalModels, user_owner
+from rlhfkit.personal.models import POPULATION, Forgotten, PersonalModels, user_owner
 from rlhfkit.personal.train import PersonalDPOConfig, train_version
 
 PAIRS = [PreferencePair(prompt="how do i fix bike", chosen="thanks you can fix it", rejected="you idiot go away"),
@@ -137,7 +137,8 @@ def test_deleting_a_user_during_their_training_waits_for_it_and_leaves_nothing(m
 
     def delete():
         with sessions() as db:
-            store.delete_user_data(db, ann, models)
+            store.delete_user_data(db, ann)
+        models.forget(ann.id)
 
     training = threading.Thread(target=train)
     training.start()
@@ -217,3 +218,77 @@ def test_a_choice_of_a_cut_answer_gives_a_pair_marked_cut_and_a_batch_without_it
     eos = models.tokenizer.eos_token_id
     assert batch.completion_mask.sum(dim=1).tolist() == [4, 5]  # 4 words, cut; 4 words + the EOS it ended with
     assert eos not in batch.completion_ids[0].tolist() and batch.completion_ids[1, 4].item() == eos
+
+
+def test_forgetting_a_user_removes_every_adapter_trained_on_their_pairs_and_keeps_the_others(models):
+    """Population v1 learned from users 1 and 2, v2 from 2 and 3; user 2 started from v1, user 3 from v2.
+    User 1's deletion removes population v1 and user 2's version (its weights began as v1's), from disk
+    and memory; numbers are not given again, and each owner's folder says why."""
+    train_version(models, user_owner(1), PAIRS, FAST)
+    train_version(models, POPULATION, PAIRS, FAST, users=[1, 2])
+    train_version(models, user_owner(2), PAIRS, FAST)
+    train_version(models, POPULATION, PAIRS, FAST, users=[2, 3])
+    train_version(models, user_owner(3), PAIRS, FAST)
+    models.adapter(user_owner(2))  # user 2's version in memory too
+    assert {"population-v2", "user-2-v1"} <= set(models.adapter_names())
+
+    assert models.forget(1) == Forgotten(population=[1], started_from_them={2: [1]})
+    assert models.versions(POPULATION) == [2] and models.versions(user_owner(2)) == []
+    assert models.versions(user_owner(3)) == [1] and models.version_info(user_owner(3), 1)["start"] == "population-v2"
+    assert not {"population-v1", "user-2-v1"} & set(models.adapter_names())
+    assert not (models.folder / "user-1").exists() and not (models.folder / ".locks" / "user-1.lock").exists()
+    assert models.removed_versions(user_owner(2)) == [
+        {"version": 1, "removed": "started from population-v1, trained on the pairs of a user who deleted their data"}]
+    assert sorted(p.name for p in (models.folder / "user-2").iterdir()) == ["v1.removed"]  # no weights
+    assert models.next_adapter(POPULATION) == "population-v3" and models.next_adapter(user_owner(2)) == "user-2-v2"
+    assert models.adapter(user_owner(2)) is None  # answers start from the population's v2 until retrained
+
+    train_version(models, POPULATION, PAIRS, FAST)  # whose pairs not recorded: it may hold anyone's
+    assert models.forget(9).population == [3] and models.versions(POPULATION) == [2]
+
+
+def test_a_training_whose_starting_point_a_deletion_removes_is_trained_again_from_the_new_one(models, tmp_path,
+                                                                                            monkeypatch):
+    import threading
+
+    from rlhfkit.feedback import db as feedback_db
+    from rlhfkit.feedback import service
+    from rlhfkit.personal import store
+
+    sessions = feedback_db.session_factory(str(tmp_path / "feedback.db"))
+    with sessions() as db:
+        ann, bob = (service.create_user(db, name, password=f"{name}-password") for name in ("ann", "bob"))
+        for user in (ann, bob):
+            for pair in PAIRS:
+                row = store.record_question(db, user, pair.prompt, (pair.chosen, pair.rejected), ("base", "base"))
+                store.record_choice(db, user, row.id, "a")
+        ann_id, bob_id = ann.id, bob.id
+        assert personal_train.train_population(models, db, FAST) == 1
+    assert models.version_info(POPULATION, 1)["users"] == [ann_id, bob_id]
+    started, release, optimise = threading.Event(), threading.Event(), personal_train._optimise
+
+    def held_once(*args):
+        if not started.is_set():
+            started.set()
+            release.wait(30)
+        return optimise(*args)
+
+    monkeypatch.setattr(personal_train, "_optimise", held_once)
+    versions = []
+
+    def train_bob():
+        with sessions() as db:
+            versions.append(personal_train.train_user(models, db, bob_id, FAST))
+
+    training = threading.Thread(target=train_bob)
+    training.start()
+    assert started.wait(30)  # bob's version is training from population-v1
+    with sessions() as db:
+        store.delete_user_data(db, db.get(service.User, ann_id))
+    assert models.forget(ann_id).population == [1]  # bob's version is not published yet: not listed
+    release.set()
+    training.join(30)
+    assert versions == [1]  # the first try, from the removed population-v1, was refused at publish
+    assert models.version_info(user_owner(bob_id), 1)["start"] == "base"
+    assert models.versions(user_owner(bob_id)) == [1] and not (models.folder / POPULATION / "v1").exists()
+    assert not [n for n in models.adapter_names() if n.startswith("population-")]

@@ -32,6 +32,27 @@ def test_a_user_whose_training_is_running_is_not_queued_again_until_it_ends() ->
     assert runs == [1, 2, 1]
 
 
+def test_submit_queues_a_training_even_while_one_of_the_same_owner_waits_and_runs_them_in_order() -> None:
+    """After a deletion, the population and the users whose versions started from it are trained again: a
+    training queued before the deletion read the pairs before it, so a second one is queued after it."""
+    started, release, runs = threading.Event(), threading.Event(), []
+
+    def train(owner: int | str) -> None:
+        runs.append(owner)
+        started.set()
+        release.wait(10)
+
+    queue = TrainingQueue(train, every=1)
+    queue.trigger(1, pairs_now=1, pairs_trained=0)
+    started.wait(10)
+    queue.submit("population"), queue.submit(1)
+    assert queue.trigger(1, pairs_now=5, pairs_trained=0) is None  # one of user 1's is waiting
+    release.set()
+    queue.wait()
+    queue.shutdown()
+    assert runs == [1, "population", 1]
+
+
 def _chosen_eos_gradient(config: PersonalDPOConfig) -> float:
     """d L / d log π(EOS) of the first chosen answer (whole: it ends in EOS), for a batch of two pairs."""
     eos, pad = 0, 99

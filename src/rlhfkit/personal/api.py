@@ -7,7 +7,9 @@
     GET  /api/personal/learned          → the user's choices, counts, adapter versions, last training error
     GET  /api/personal/sample           → their latest question answered before (starting point) and after
     DELETE /api/personal/data           → every choice and adapter of the user removed (an ask that
-                                          overlapped it stores nothing and answers 409: ask again)
+                                          overlapped it stores nothing and answers 409: ask again), and
+                                          every population version trained on their pairs, with the users'
+                                          versions that started from one: all retrained without them
 
 Exploration: one answer comes from the user's current personal adapter, the other from the alternative:
 the starting point (population adapter, else base) when the user has an adapter, else the same model at
@@ -18,7 +20,9 @@ Cold start: until a user's first adapter version exists, once they gave ``rerank
 "personal" answer is the best of ``rerank.n`` samples of the starting point by their preference head
 (rlhfkit.personal.rerank), labelled e.g. "base best-of-4 reranked".
 Every ``train_every`` new pairs of a user, a training of their next version is queued (one background
-thread); the next answers come from it once it is saved.
+thread); the next answers come from it once it is saved. A deletion that removed population versions
+queues the population's training on the pairs that remain, then each user whose versions started from a
+removed one; meanwhile they answer from the latest version left (or the base model).
 """
 
 from __future__ import annotations
@@ -43,9 +47,9 @@ from rlhfkit.feedback.app import Text, json_body
 from rlhfkit.feedback.db import User
 from rlhfkit.feedback.service import FeedbackError
 from rlhfkit.personal import store
-from rlhfkit.personal.models import PersonalModels, PromptTooLong, user_owner
+from rlhfkit.personal.models import POPULATION, Forgotten, PersonalModels, PromptTooLong, user_owner
 from rlhfkit.personal.rerank import PreferenceHead, RerankConfig, Reranker
-from rlhfkit.personal.train import PersonalDPOConfig, TrainingQueue, train_user
+from rlhfkit.personal.train import PersonalDPOConfig, TrainingQueue, train_population, train_user
 
 HERE = Path(__file__).parent
 TEMPLATES = Jinja2Templates(directory=[HERE / "templates", HERE.parent / "feedback" / "templates"])
@@ -130,9 +134,27 @@ def include_personal(app: FastAPI, models: PersonalModels, settings: PersonalSet
     sessions, deps = app.state.sessions, app.state.dependencies
     db, current_user, api_user, csrf_token = deps["db"], deps["user"], deps["api_user"], deps["csrf_token"]
 
-    def train(user_id: int) -> None:
+    def train(owner: int | str) -> None:
         with sessions() as session:
-            train_user(models, session, user_id, settings.dpo)
+            if owner == POPULATION:
+                train_population(models, session, settings.dpo)
+            else:
+                train_user(models, session, owner, settings.dpo)
+
+    def retrain(forgotten: Forgotten) -> str:
+        """Queue the trainings of what a deletion removed (the population first: the users' versions start
+        from it); returns what the deleting user is told about it."""
+        if not forgotten.population:
+            return ""
+        queue.submit(POPULATION)
+        for other in forgotten.started_from_them:
+            queue.submit(other)
+        left = models.version(POPULATION)
+        others = sum(map(len, forgotten.started_from_them.values()))
+        return (f" The shared population model had learned from your choices: its version(s) "
+                f"{', '.join(f'v{v}' for v in forgotten.population)} and {others} adapter version(s) of other users "
+                f"that started from them were deleted; they are being trained again without your data (meanwhile "
+                f"the answers start from {f'{POPULATION}-v{left}' if left else 'the base model'}).")
 
     queue = TrainingQueue(train, settings.train_every)
     deletions = Deletions()
@@ -209,7 +231,8 @@ def include_personal(app: FastAPI, models: PersonalModels, settings: PersonalSet
                 "current_model": models.adapter(owner) or (
                     model_label(models.starting_point(owner), settings.temperature, settings, settings.rerank.n)
                     if reranked else "none yet (the starting point answers)"),
-                "train_every": settings.train_every, "training_error": queue.errors.get(user_id)}
+                "removed_versions": models.removed_versions(owner), "train_every": settings.train_every,
+                "training_error": queue.errors.get(user_id), "population_training_error": queue.errors.get(POPULATION)}
 
     @router.get("/api/personal/sample")
     def before_after(user: User = Depends(current_user), session: Session = Depends(db)):
@@ -231,10 +254,13 @@ def include_personal(app: FastAPI, models: PersonalModels, settings: PersonalSet
     @router.delete("/api/personal/data")
     def delete_data(user: User = Depends(api_user), session: Session = Depends(db)):
         with deletions.running(user.id):
-            deleted = store.delete_user_data(session, user, models)
+            deleted = store.delete_user_data(session, user)  # first: a training from now on finds no pairs
+            forgotten = models.forget(user.id)
             reranker.forget(user.id)  # after the pairs: a head fitted meanwhile is dropped here
         queue.errors.pop(user.id, None)
-        return {"deleted_choices": deleted, "adapters": models.versions(user_owner(user.id))}
+        return {"deleted_choices": deleted, "adapters": models.versions(user_owner(user.id)),
+                "population_versions_removed": forgotten.population,
+                "said": f"Deleted {deleted} choices and your personal model." + retrain(forgotten)}
 
     app.include_router(router)
     app.mount("/personal/static", StaticFiles(directory=HERE / "static"), name="personal-static")

@@ -10,6 +10,18 @@ The starting point of a user's adapter is the population adapter's weights when 
 fresh LoRA (B = 0, so W + BA = W: exactly the base model). The model's active adapter is global state:
 every forward pass (an answer, a training step) sets the adapter it needs under ``lock``.
 
+Several processes may share the folder (``personal serve`` and ``personal train``): one training of an owner
+at a time across all of them (a lock file ``FOLDER/.locks/OWNER.lock``), and a process answers from the
+latest version on disk, whoever published it (read again at every answer). Publishing and removing versions
+hold ``FOLDER/.locks/versions.lock`` for the moment they take.
+
+Deletion: a user's deletion removes their versions, every population version trained on their pairs (its
+``version.json`` lists the ``users`` whose pairs it was trained on; one without that list may hold anyone's),
+and every user's version that started from one of those (its weights began as the population's). A removed
+version leaves ``vN.removed`` (why, no weights), so that its number is not given again and the owner's page
+says what happened; a training whose starting point is removed meanwhile is refused at publish
+(``StartRemoved``) and trained again.
+
 Memory: an adapter of rank r on a linear layer d_in → d_out holds r·(d_in + d_out) weights; the
 model's ``adapter_megabytes`` measures the real total of one adapter. At most ``max_in_memory`` users'
 adapters stay loaded; the least recently used is dropped and read again from its folder when needed.
@@ -30,6 +42,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from filelock import FileLock
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -42,6 +55,10 @@ from rlhfkit.rl.trainer import partial_folder
 POPULATION = "population"
 FRESH = "fresh"  # the never-trained adapter that keeps the peft wrapper's set of adapters non-empty
 VERSION_FOLDER = re.compile(r"v(\d+)")
+USER_FOLDER = re.compile(r"user-(\d+)")
+NUMBERED = re.compile(r"v(\d+)(?:\.removed)?")  # a version, or the note a removed one left: numbers given once
+LOCKS = ".locks"
+DELETED_USERS_PAIRS = "trained on the pairs of a user who deleted their data"
 
 
 class Answer(NamedTuple):
@@ -54,6 +71,18 @@ class Answer(NamedTuple):
 
 class PromptTooLong(ValueError):
     """A prompt that leaves no room for the answer within the model's positions."""
+
+
+class StartRemoved(RuntimeError):
+    """A version whose starting point was removed while it trained (a user's deletion): not published."""
+
+
+class Forgotten(NamedTuple):
+    """What a user's deletion removed besides their own adapters: the population versions trained on their
+    pairs, and the other users' versions that started from one of those (user id → version numbers)."""
+
+    population: list[int]
+    started_from_them: dict[int, list[int]]
 
 
 def user_owner(user_id: int) -> str:
@@ -77,7 +106,8 @@ class PersonalModels:
         self.tokenizer = prepare_tokenizer(tokenizer, policy)
         self.use_chat_template = use_chat_template
         self.lock = threading.RLock()  # the active adapter and every forward pass
-        self._owner_locks: dict[str, threading.RLock] = {}
+        self._owner_locks: dict[str, FileLock] = {}
+        self._versions_lock = FileLock(self.folder / LOCKS / "versions.lock")
         self._loaded: OrderedDict[str, int] = OrderedDict()  # owner → version in memory, least recently used first
         self.max_in_memory = max_in_memory  # users' adapters kept loaded; the least recently used is dropped
 
@@ -91,6 +121,17 @@ class PersonalModels:
     def version(self, owner: str) -> int:
         """OWNER's latest version, 0 when it has none."""
         return (self.versions(owner) or [0])[-1]
+
+    def _next_version(self, owner: str) -> int:
+        """One past every number OWNER's versions had, removed ones included."""
+        folder = self.folder / owner
+        found = [NUMBERED.fullmatch(p.name) for p in folder.iterdir()] if folder.is_dir() else []
+        return max([0] + [int(m.group(1)) for m in found if m]) + 1
+
+    def removed_versions(self, owner: str) -> list[dict]:
+        """OWNER's removed versions, oldest first: ``{"version": N, "removed": why}``."""
+        notes = sorted(self.folder.glob(f"{owner}/v*.removed"), key=lambda p: int(p.name[1:].split(".")[0]))
+        return [json.loads(p.read_text()) for p in notes]
 
     def version_info(self, owner: str, version: int) -> dict:
         return json.loads((self.folder / owner / f"v{version}" / "version.json").read_text())
@@ -178,46 +219,83 @@ class PersonalModels:
     # ------------------------------------------------------------ saving and forgetting
     @contextmanager
     def training_of(self, owner: str) -> Iterator[None]:
-        """One training of OWNER at a time; ``forget`` waits for it."""
+        """One training of OWNER at a time, among this process's threads and every process using the folder
+        (re-entrant in one thread); ``forget`` waits for it."""
         with self.lock:
-            owner_lock = self._owner_locks.setdefault(owner, threading.RLock())
+            owner_lock = self._owner_locks.setdefault(owner, FileLock(self.folder / LOCKS / f"{owner}.lock"))
         with owner_lock:
             yield
 
     def next_adapter(self, owner: str) -> str:
         """The name OWNER's next version is trained under (in memory, not served until ``publish``)."""
-        return f"{owner}-v{self.version(owner) + 1}"
+        return f"{owner}-v{self._next_version(owner)}"
 
     def publish(self, owner: str, trained: str, info: dict) -> int:
         """Save adapter ``trained`` (named by ``next_adapter``) as OWNER's next version — a partial folder,
-        then renamed, so it is whole or absent — and serve it from now on; returns the version."""
-        version = self.version(owner) + 1
-        if trained != f"{owner}-v{version}":
-            raise ValueError(f"{trained}: not {owner}'s next version (v{version})")
-        final = self.folder / owner / f"v{version}"
-        partial = partial_folder(final)
-        shutil.rmtree(partial, ignore_errors=True)  # left by a crash mid-write
-        partial.mkdir(parents=True)
-        with self.lock:
-            state = {k: v.detach().contiguous() for k, v in
-                     get_peft_model_state_dict(self.model, adapter_name=trained).items()}
-            save_file(state, partial / "adapter_model.safetensors")
-        self.model.peft_config[trained].save_pretrained(partial)
-        (partial / "version.json").write_text(json.dumps({"version": version, **info}, indent=1))
-        os.replace(partial, final)
+        then renamed, so it is whole or absent — and serve it from now on; returns the version. Refused
+        (``StartRemoved``) when ``info["start"]``, the adapter it started from, was removed meanwhile."""
+        with self._versions_lock:
+            version = self._next_version(owner)
+            if trained != f"{owner}-v{version}":
+                raise ValueError(f"{trained}: not {owner}'s next version (v{version})")
+            start = info.get("start", "base")
+            if start != "base" and not self._saved(start).is_dir():
+                raise StartRemoved(f"{trained}: its starting point {start} was removed while it trained "
+                                   f"({DELETED_USERS_PAIRS})")
+            final = self.folder / owner / f"v{version}"
+            partial = partial_folder(final)
+            shutil.rmtree(partial, ignore_errors=True)  # left by a crash mid-write
+            partial.mkdir(parents=True)
+            with self.lock:
+                state = {k: v.detach().contiguous() for k, v in
+                         get_peft_model_state_dict(self.model, adapter_name=trained).items()}
+                save_file(state, partial / "adapter_model.safetensors")
+            self.model.peft_config[trained].save_pretrained(partial)
+            (partial / "version.json").write_text(json.dumps({"version": version, **info}, indent=1))
+            os.replace(partial, final)
         with self.lock:
             self._keep(owner, version)
         return version
 
-    def forget(self, user_id: int) -> None:
-        """Every adapter of the user, on disk and in memory, gone (a training of theirs finishes first)."""
+    def _saved(self, adapter: str) -> Path:
+        """The folder of the version an adapter name ``OWNER-vN`` stands for."""
+        owner, version = adapter.rsplit("-v", 1)
+        return self.folder / owner / f"v{version}"
+
+    def forget(self, user_id: int) -> Forgotten:
+        """Every adapter of the user, on disk and in memory, gone (a training of theirs finishes first), and
+        every adapter trained on their pairs (a population training running now finishes first): the
+        population versions whose ``users`` include them or are not recorded, and every user's version that
+        started from one of those. The caller trains those owners again (their pairs remain)."""
         owner = user_owner(user_id)
-        with self.training_of(owner), self.lock:
+        with self.training_of(owner), self.training_of(POPULATION), self._versions_lock, self.lock:
             self._drop(owner)
             for name in [n for n in self.model.peft_config if n.startswith(f"{owner}-")]:
                 self.delete_adapter(name)
             if (self.folder / owner).exists():
                 shutil.rmtree(self.folder / owner)  # an error here is loud: the user was told "deleted"
+            (self.folder / LOCKS / f"{owner}.lock").unlink(missing_ok=True)  # held: a waiter takes a new one
+            population = [v for v in self.versions(POPULATION)
+                          if user_id in self.version_info(POPULATION, v).get("users", [user_id])]
+            for version in population:
+                self._remove_version(POPULATION, version, DELETED_USERS_PAIRS)
+            removed = {f"{POPULATION}-v{v}" for v in population}
+            started_from_them: dict[int, list[int]] = {}
+            for other in sorted(int(m.group(1)) for p in self.folder.iterdir() if (m := USER_FOLDER.fullmatch(p.name))):
+                for version in self.versions(user_owner(other)):
+                    start = self.version_info(user_owner(other), version)["start"]
+                    if start in removed:
+                        self._remove_version(user_owner(other), version, f"started from {start}, {DELETED_USERS_PAIRS}")
+                        started_from_them.setdefault(other, []).append(version)
+        return Forgotten(population, started_from_them)
+
+    def _remove_version(self, owner: str, version: int, why: str) -> None:
+        """OWNER's version gone from memory and disk, leaving the note ``vN.removed`` (why)."""
+        if self._loaded.get(owner) == version:
+            self._drop(owner)
+        self.delete_adapter(f"{owner}-v{version}")
+        shutil.rmtree(self.folder / owner / f"v{version}")
+        (self.folder / owner / f"v{version}.removed").write_text(json.dumps({"version": version, "removed": why}))
 
     def adapter_names(self) -> list[str]:
         return list(self.model.peft_config)

@@ -11,7 +11,7 @@ another user's row answers "no such question", as a missing one does.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from sqlalchemy import Boolean, CheckConstraint, DateTime, ForeignKey, Integer, String, Text, delete, func, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
@@ -19,9 +19,6 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from rlhfkit.data.records import PreferencePair
 from rlhfkit.feedback.db import Base, User, now
 from rlhfkit.feedback.service import FeedbackError
-
-if TYPE_CHECKING:
-    from rlhfkit.personal.models import PersonalModels
 
 Choice = Literal["a", "b", "both_fine", "both_bad"]
 MAX_REASON = 200  # characters: "say why in a word"
@@ -115,11 +112,9 @@ def users_with_pairs(session: Session) -> list[int]:
                                 .distinct().order_by(PersonalChoice.user_id)))
 
 
-def delete_user_data(session: Session, user: User, models: PersonalModels | None = None) -> int:
-    """Remove every question and choice of ``user`` and, with ``models``, every adapter of theirs (files
-    and memory; a training of theirs in progress is waited for, then discarded). Returns the rows deleted."""
+def delete_user_data(session: Session, user: User) -> int:
+    """Remove every question and choice of ``user`` (their adapters: ``PersonalModels.forget``, after this,
+    so that a training that starts meanwhile finds no pairs). Returns the rows deleted."""
     deleted = session.execute(delete(PersonalChoice).where(PersonalChoice.user_id == user.id)).rowcount
-    session.commit()  # first: a training that starts from now on finds no pairs
-    if models is not None:
-        models.forget(user.id)
+    session.commit()
     return deleted

@@ -17,13 +17,15 @@ the EOS; ``nll_on_eos`` puts it in the NLL too; benchmarks/results/personal_tast
 
 A non-finite loss or gradient stops training with the step and the cause (``TrainingDiverged``) before
 the weights take it in; a failed training leaves the owner's previous version in use and no version
-folder behind. The population adapter is the same training on everyone's pairs, from the base model.
+folder behind. The population adapter is the same training on everyone's pairs, from the base model; its
+version records whose pairs (``users``), so that a user's deletion removes it (``PersonalModels.forget``).
 """
 
 from __future__ import annotations
 
 import random
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -36,7 +38,7 @@ from rlhfkit.config import require, require_field_types
 from rlhfkit.data.records import PreferencePair
 from rlhfkit.models.policy import TokenBatch, completion_logits, token_logprobs
 from rlhfkit.models.update import TrainingDiverged, adamw, apply_gradients
-from rlhfkit.personal.models import POPULATION, PersonalModels, user_owner
+from rlhfkit.personal.models import POPULATION, PersonalModels, StartRemoved, user_owner
 from rlhfkit.personal.store import preference_pairs, user_choices, users_with_pairs
 from rlhfkit.rl.dpo import dpo_loss, pair_tokens
 
@@ -108,26 +110,35 @@ def nll_tokens(batch: TokenBatch, eos_token_id: int, config: PersonalDPOConfig) 
 
 def train_user(models: PersonalModels, session: Session, user_id: int, config: PersonalDPOConfig) -> int | None:
     """The user's next version, trained on all their pairs; None when they have none (e.g. deleted). The
-    pairs are read under the user's training lock, so a deletion either waits for it or comes first."""
+    pairs are read under the user's training lock, so a deletion either waits for it or comes first. A
+    version whose starting point another user's deletion removed meanwhile is trained again from the
+    current one."""
     owner = user_owner(user_id)
     with models.training_of(owner):
-        pairs = preference_pairs(user_choices(session, user_id))
-        session.rollback()  # no transaction held during training
-        return train_version(models, owner, pairs, config)[0] if pairs else None
+        while True:
+            pairs = preference_pairs(user_choices(session, user_id))
+            session.rollback()  # no transaction held during training
+            try:
+                return train_version(models, owner, pairs, config)[0] if pairs else None
+            except StartRemoved:
+                continue  # each removal is final (its number is not given again): this ends
 
 
 def train_population(models: PersonalModels, session: Session, config: PersonalDPOConfig) -> int | None:
     """The population adapter's next version, trained from the base model on every user's pairs."""
     with models.training_of(POPULATION):
-        pairs = [p for user_id in users_with_pairs(session) for p in preference_pairs(user_choices(session, user_id))]
+        users = users_with_pairs(session)
+        pairs = [p for user_id in users for p in preference_pairs(user_choices(session, user_id))]
         session.rollback()
-        return train_version(models, POPULATION, pairs, config)[0] if pairs else None
+        return train_version(models, POPULATION, pairs, config, users)[0] if pairs else None
 
 
 def train_version(models: PersonalModels, owner: str, pairs: Sequence[PreferencePair],
-                  config: PersonalDPOConfig) -> tuple[int, list[dict]]:
+                  config: PersonalDPOConfig, users: Sequence[int] | None = None) -> tuple[int, list[dict]]:
     """OWNER's next adapter version trained on ``pairs`` and published; returns (version, per-step history).
-    On any failure the half-trained adapter is dropped and the previous version stays in use."""
+    ``users``: whose pairs these are, recorded in the version (without it a deletion of anyone removes a
+    population version). On any failure the half-trained adapter is dropped and the previous version stays
+    in use."""
     if not pairs:
         raise ValueError(f"{owner}: no preference pairs to train on (choices of 'a' or 'b')")
     with models.training_of(owner):
@@ -142,6 +153,8 @@ def train_version(models: PersonalModels, owner: str, pairs: Sequence[Preference
                     reference = [sequence_logprobs(models, t)[0] for t in tokens]
             history = _optimise(models, name, tokens, reference, config)
             info = {"pairs": len(pairs), "start": start or "base", "config": asdict(config), "final": history[-1]}
+            if users is not None:
+                info["users"] = sorted(users)
             return models.publish(owner, name, info), history
         except BaseException:
             models.delete_adapter(name)
@@ -176,37 +189,40 @@ def _optimise(models: PersonalModels, adapter: str, tokens: Sequence[TokenBatch]
 
 
 class TrainingQueue:
-    """Trainings run in one background thread, one at a time (so one at a time per user); a user whose
-    training is waiting or running is not queued again (their new pairs count at the next choice after it).
-    ``trigger(user_id, pairs_now, pairs_trained)`` queues ``train(user_id)`` when the user has ``every`` new
-    pairs since their last version."""
+    """Trainings run in one background thread, one at a time (so one at a time per user), in the order
+    queued. ``trigger(user_id, pairs_now, pairs_trained)`` queues ``train(user_id)`` when the user has
+    ``every`` new pairs since their last version and no training of theirs is waiting or running (their new
+    pairs count at the next choice after it); ``submit(owner)`` queues one regardless (a user id, or
+    ``POPULATION``)."""
 
-    def __init__(self, train: Callable[[int], object], every: int) -> None:
+    def __init__(self, train: Callable[[int | str], object], every: int) -> None:
         require(every >= 1, "train_every", "must be at least 1")
         self.train, self.every = train, every
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="personal-training")
-        self.waiting: set[int] = set()
-        self.lock = threading.Lock()
-        self.errors: dict[int, str] = {}  # user id → the last failed training's one-line cause
+        self.waiting: Counter[int | str] = Counter()  # trainings queued or running, per user id (or population)
+        self.lock = threading.RLock()
+        self.errors: dict[int | str, str] = {}  # user id (or population) → the last failed training's cause
 
     def trigger(self, user_id: int, pairs_now: int, pairs_trained: int) -> Future | None:
         if pairs_now - pairs_trained < self.every:
             return None
-        with self.lock:
-            if user_id in self.waiting:
-                return None
-            self.waiting.add(user_id)
-        return self.executor.submit(self._run, user_id)
+        with self.lock:  # re-entrant: the check and the queueing are one step
+            return None if self.waiting[user_id] else self.submit(user_id)
 
-    def _run(self, user_id: int) -> None:
+    def submit(self, owner: int | str) -> Future:
+        with self.lock:
+            self.waiting[owner] += 1
+        return self.executor.submit(self._run, owner)
+
+    def _run(self, owner: int | str) -> None:
         try:
-            self.train(user_id)
-            self.errors.pop(user_id, None)
+            self.train(owner)
+            self.errors.pop(owner, None)
         except Exception as exc:  # the server keeps serving the previous version; the page shows why
-            self.errors[user_id] = f"{type(exc).__name__}: {exc}"
+            self.errors[owner] = f"{type(exc).__name__}: {exc}"
         finally:  # only now: until its version is published, its pairs still look untrained
             with self.lock:
-                self.waiting.discard(user_id)
+                self.waiting[owner] -= 1
 
     def wait(self) -> None:
         """Return once every training queued so far has ended."""

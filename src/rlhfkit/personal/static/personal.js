@@ -28,9 +28,12 @@ async function showLearned() {
   const c = learned.counts;
   summary.textContent = 'Model answering you now: ' + learned.current_model + '. Your choices: ' + c.a + ' A, ' + c.b +
     ' B, ' + c.both_fine + ' both fine, ' + c.both_bad + ' both bad (' + learned.pairs + ' preference pairs; a new version every ' +
-    learned.train_every + ' new pairs). Versions: ' + (learned.versions.map(v => 'v' + v.version + ' on ' + v.pairs + ' pairs').join(', ') || 'none yet') + '.';
+    learned.train_every + ' new pairs). Versions: ' + (learned.versions.map(v => 'v' + v.version + ' on ' + v.pairs + ' pairs').join(', ') || 'none yet') + '.' +
+    learned.removed_versions.map(v => ' Version ' + v.version + ' was removed: it ' + v.removed + '.').join('');
   box.appendChild(summary);
-  if (learned.training_error) { const e = document.createElement('p'); e.className = 'error'; e.textContent = 'The last training failed: ' + learned.training_error; box.appendChild(e); }
+  [['The last training failed: ', learned.training_error], ["The shared model's last training failed: ", learned.population_training_error]].forEach(([what, error]) => {
+    if (error) { const e = document.createElement('p'); e.className = 'error'; e.textContent = what + error; box.appendChild(e); }
+  });
   const table = document.createElement('table');
   const head = table.insertRow(); ['Question', 'Preferred', 'Other', 'Why'].forEach(t => { const th = document.createElement('th'); th.textContent = t; head.appendChild(th); });
   learned.choices.filter(q => q.choice === 'a' || q.choice === 'b').forEach(q => {
@@ -74,6 +77,6 @@ document.getElementById('sample').addEventListener('click', async () => {
 document.getElementById('delete').addEventListener('click', async () => {
   if (!window.confirm('Delete every choice you made and your personal model? This cannot be undone.')) return;
   const deleted = await call('DELETE', '/api/personal/data');
-  if (deleted) { say('Deleted ' + deleted.deleted_choices + ' choices and your personal model.'); showLearned(); }
+  if (deleted) { say(deleted.said); showLearned(); }
 });
 showLearned();
