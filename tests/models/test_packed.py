@@ -11,7 +11,13 @@ from test_engine import EOS, PAD, PROMPTS, encode, peaked
 from rlhfkit.models import engine as engine_module
 from rlhfkit.models import packed as packed_module
 from rlhfkit.models.engine import Decoding, kv_cached_sampling
-from rlhfkit.models.packed import forget_packed_weights, kept_packed_mib, packable_layers, packed_weights
+from rlhfkit.models.packed import (
+    forget_packed_weights,
+    keep_packed_weights,
+    kept_packed_mib,
+    packable_layers,
+    packed_weights,
+)
 
 
 @pytest.fixture
@@ -229,3 +235,19 @@ def test_kept_packed_weights_are_freed_with_the_model_or_when_forgotten(tokenize
     del model
     gc.collect()
     assert len(packed_module._KEPT) == kept_before
+
+
+def test_inside_keep_packed_weights_a_trainable_model_is_packed_once_and_is_trainable_again_after(
+        tiny_causal, tokenizer, packings):
+    model = peaked(tiny_causal)
+    model.transformer.h[0].mlp.c_fc.requires_grad_(False)  # frozen before: stays frozen, and its copy kept
+    ids, mask = encode(tokenizer, PROMPTS)
+    settings = Decoding(4, EOS, PAD, greedy=True)
+    with keep_packed_weights(model):
+        first = kv_cached_sampling(model, ids, mask, 2, settings)
+        assert torch.equal(kv_cached_sampling(model, ids, mask, 2, settings), first)
+    assert len(packings) == len(packable_layers(model))
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    assert frozen == ["transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_fc.bias"]
+    assert [layer for layer in packable_layers(model) if packed_module._KEPT.get(layer)] == [
+        model.transformer.h[0].mlp.c_fc]

@@ -27,9 +27,10 @@ happens to the copy at exit depends on whether the weight can change:
 * a trainable weight (``requires_grad``: full fine-tuning, LoRA's A and B) is packed again at every call
   and its copy dropped at exit: the next optimizer step changes it anyway, and keeping the copy through
   the update would add its size to the training step's peak memory;
-* a frozen weight (``requires_grad=False``: LoRA's base layers, a model loaded for ``rlhfkit generate``
-  or evaluation) keeps its packed copy between calls, in ``_KEPT``, weakly keyed by the layer (freed
-  with the model, or now by ``forget_packed_weights``; ``KEEP_FROZEN = False`` turns keeping off). At
+* a frozen weight (``requires_grad=False``: LoRA's base layers, any model inside ``keep_packed_weights``,
+  which ``rlhfkit generate`` and evaluation enter) keeps its packed copy between calls, in ``_KEPT``,
+  weakly keyed by the layer (freed with the model, at the exit of ``keep_packed_weights`` for the weights
+  it froze, or now by ``forget_packed_weights``; ``KEEP_FROZEN = False`` turns keeping off). At
   the next call the copy is reused only if the weight is provably the one packed, checked per layer
   without reading it (``weight_state``): the same storage object (a weak reference: ``param.data = t``,
   ``.to(dtype)``, a new ``nn.Parameter`` give another), data pointer, shape, strides and dtype, the same
@@ -181,6 +182,25 @@ def packed_weights(model: torch.nn.Module, rows: int) -> Iterator[None]:
     finally:
         for module in swapped:
             del module.forward
+
+
+@contextmanager
+def keep_packed_weights(model: torch.nn.Module) -> Iterator[None]:
+    """For jobs that only sample from ``model`` (``rlhfkit generate``, evaluation): inside, its parameters are
+    frozen, so every engine call after the first reuses the packed weights; on exit, even by an exception,
+    each parameter's ``requires_grad`` is restored and the kept copies of the weights it froze are freed."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for parameter in trainable:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in trainable:
+            parameter.requires_grad_(True)
+        froze = {id(parameter) for parameter in trainable}
+        for module in model.modules():
+            if id(getattr(module, "weight", None)) in froze:
+                _KEPT.pop(module, None)
 
 
 def forget_packed_weights(model: torch.nn.Module) -> None:
