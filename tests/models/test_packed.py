@@ -20,22 +20,24 @@ from rlhfkit.models.packed import (
 )
 
 
+def counted(monkeypatch, op: str) -> list[int]:
+    """A list that grows by one at every call of ``torch.ops.mkldnn.<op>`` (so a test can tell which path ran)."""
+    calls = []
+    real = getattr(torch.ops.mkldnn, op)
+    monkeypatch.setattr(torch.ops.mkldnn, op, lambda *args: calls.append(1) or real(*args))
+    return calls
+
+
 @pytest.fixture
 def packed_products(monkeypatch):
-    """Counts the packed matrix products run (so a test can tell the packed path ran)."""
-    calls = []
-    real = torch.ops.mkldnn._linear_pointwise
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *args: calls.append(1) or real(*args))
-    return calls
+    """Counts the packed matrix products run."""
+    return counted(monkeypatch, "_linear_pointwise")
 
 
 @pytest.fixture
 def packings(monkeypatch):
     """Counts the weights packed (reordered into oneDNN's layout)."""
-    calls = []
-    real = torch.ops.mkldnn._reorder_linear_weight
-    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", lambda *args: calls.append(1) or real(*args))
-    return calls
+    return counted(monkeypatch, "_reorder_linear_weight")
 
 
 def rollout(model, ids, mask, settings, packed, monkeypatch):
@@ -148,6 +150,8 @@ def test_frozen_weights_are_packed_once_and_reused_while_unchanged(tiny_causal, 
     assert len(packings) == len(packable_layers(model))  # the second call packed nothing
     assert torch.equal(first, kv_cached_sampling(model, ids, mask, 2, settings, packed=False))
     assert kept_packed_mib(model) > 0
+    kv_cached_sampling(model, ids[:1], mask[:1], 1, settings)  # one row: oneDNN's layout for one row differs
+    assert len(packings) == 2 * len(packable_layers(model))
 
 
 def test_trainable_weights_are_packed_at_every_call_and_not_kept(tiny_causal, tokenizer, packings):
