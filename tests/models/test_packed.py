@@ -255,3 +255,24 @@ def test_inside_keep_packed_weights_a_trainable_model_is_packed_once_and_is_trai
     assert frozen == ["transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_fc.bias"]
     assert [layer for layer in packable_layers(model) if packed_module._KEPT.get(layer)] == [
         model.transformer.h[0].mlp.c_fc]
+
+
+def test_with_lora_a_rollout_after_an_adapter_step_repacks_only_the_adapters_and_samples_from_them(
+        tiny_causal, tokenizer, packings):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(peaked(tiny_causal), LoraConfig(r=4, target_modules=["c_attn", "c_fc"],
+                                                           fan_in_fan_out=True, init_lora_weights=False))
+    ids, mask = encode(tokenizer, PROMPTS)
+    settings = Decoding(8, EOS, PAD, greedy=True)
+    before = kv_cached_sampling(model, ids, mask, 1, settings)
+    layers = packable_layers(model)
+    adapters = [layer for layer in layers if layer.weight.requires_grad]
+    assert len(packings) == len(layers) and 0 < len(adapters) < len(layers)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=10.0)
+    model(input_ids=ids, attention_mask=mask).logits[:, -1].gather(1, before[:, :1]).sum().backward()
+    optimizer.step()
+    after = kv_cached_sampling(model, ids, mask, 1, settings)
+    assert len(packings) == len(layers) + len(adapters)  # the base weights were kept
+    assert not torch.equal(after, before)
+    assert torch.equal(after, kv_cached_sampling(model, ids, mask, 1, settings, packed=False))
