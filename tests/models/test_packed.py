@@ -276,3 +276,13 @@ def test_with_lora_a_rollout_after_an_adapter_step_repacks_only_the_adapters_and
     assert len(packings) == len(layers) + len(adapters)  # the base weights were kept
     assert not torch.equal(after, before)
     assert torch.equal(after, kv_cached_sampling(model, ids, mask, 1, settings, packed=False))
+
+
+def test_with_keeping_off_frozen_weights_are_packed_at_every_call(tiny_causal, tokenizer, packings, monkeypatch):
+    monkeypatch.setattr(packed_module, "KEEP_FROZEN", False)
+    model = tiny_causal.requires_grad_(False)
+    ids, mask = encode(tokenizer, PROMPTS)
+    for _ in range(2):
+        kv_cached_sampling(model, ids, mask, 2, Decoding(4, EOS, PAD, greedy=True))
+    assert len(packings) == 2 * len(packable_layers(model))
+    assert kept_packed_mib(model) == 0
