@@ -7,11 +7,19 @@ forbidden before, as the shared workload's ``min_new_tokens``), n samples per pr
       with the chat template, 32 new tokens.
 Each model runs twice: fp32 weights, then bf16 weights (a bf16 copy of the same weights) on every side.
 The sides are ``generate``, the engine with plain matrix products (``kv_cached_sampling(packed=False)``), the
-engine with its weights packed once per call (``kv_cached_sampling``, its default: ``rlhfkit.models.packed``)
-and the engine with its decode step compiled (``compiled_kv_cached_sampling``; the compile happens in the
-untimed first call, its seconds are reported). They run interleaved (generate, engine, packed, compiled,
-generate, ...) in one process with the same torch threads, so load from other processes hits all alike; each
-ratio is the median of the per-round ratios.
+engine with packed weights (``kv_cached_sampling``, its default: ``rlhfkit.models.packed``) in the two cases a
+user meets — ``packed``: trainable weights, packed again at every call (an RL rollout with full fine-tuning,
+whose weights change between rollouts); ``kept``: frozen weights (a copy of the model with
+``requires_grad=False``), packed at the first call and reused by every later one (``rlhfkit generate``,
+evaluation, LoRA's base weights) — and the engine with its decode step compiled
+(``compiled_kv_cached_sampling``; the compile happens in the untimed first call, its seconds are reported).
+They run interleaved (generate, engine, packed, kept, compiled, generate, ...) in one process with the same
+torch threads, so load from other processes hits all alike; each ratio is the median of the per-round ratios.
+
+With LoRA (``lora_rollout``, SmolLM2 only): the RL trainers' case, rollouts under bf16 autocast (where the
+CPU has bf16) of the model with LoRA on every linear layer (``add_lora``'s default): the base weights are
+frozen and kept, the adapters trainable and packed at every call; against the same calls with every weight
+packed at every call (the kept copies forgotten before each), interleaved.
 
 Where a decode step's time goes (``step_time``): the forward pass of one step (eager, packed, compiled), its
 matrix products alone (each weight matrix multiplied once at the step's shape, plain and packed), the
@@ -35,7 +43,7 @@ from functools import partial
 from pathlib import Path
 
 TARGET = 2.0
-SIDES = ("generate", "engine", "packed", "compiled")
+SIDES = ("generate", "engine", "packed", "kept", "compiled")
 
 
 def timed(run) -> tuple[float, float]:
@@ -149,19 +157,53 @@ def compare(model, tokenizer, encoded, n: int, max_new_tokens: int, rounds: int,
     decoding = Decoding(max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, temperature=1.0,
                         min_new_tokens=max_new_tokens)
     engines = dict(zip(SIDES, (generate_sampling, partial(kv_cached_sampling, packed=False), kv_cached_sampling,
-                               compiled_kv_cached_sampling), strict=True))
+                               kv_cached_sampling, compiled_kv_cached_sampling), strict=True))
     result = {"shape": {"prompts": prompt_ids.shape[0], "samples_per_prompt": n,
                         "prompt_tokens": prompt_ids.shape[1], "new_tokens": max_new_tokens, "temperature": 1.0}}
     for precision in precisions:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
         weights = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
-        sides = {name: (lambda engine=engine, weights=weights: engine(weights, prompt_ids, prompt_mask, n, decoding))
+        frozen = copy.deepcopy(weights).requires_grad_(False)  # the kept side's: its packed weights are reused
+        sides = {name: (lambda engine=engine, weights=frozen if name == "kept" else weights:
+                        engine(weights, prompt_ids, prompt_mask, n, decoding))
                  for name, engine in engines.items()}
         with torch.inference_mode():
             result[precision] = interleaved(sides, rounds)
             result[precision]["step_ms"] = step_time(weights, prompt_ids.shape[0] * n,
                                                      bucketed(prompt_ids.shape[1] + max_new_tokens))
+        del frozen
     return result
+
+
+def lora_rollout(model, tokenizer, encoded, n: int, max_new_tokens: int, rounds: int) -> dict:
+    """CPU seconds per rollout call of ``model`` with LoRA on every linear layer, under bf16 autocast where the
+    CPU has bf16 (as the RL trainers sample): base weights kept between calls against every weight packed at
+    every call; the MiB kept."""
+    import torch
+
+    from rlhfkit.models.engine import Decoding, kv_cached_sampling
+    from rlhfkit.models.packed import forget_packed_weights, kept_packed_mib
+    from rlhfkit.models.reference import add_lora
+
+    lora = add_lora(copy.deepcopy(model))
+    bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    decoding = Decoding(max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                        min_new_tokens=max_new_tokens)
+
+    def call():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return kv_cached_sampling(lora, encoded["input_ids"], encoded["attention_mask"], n, decoding)
+
+    def repacked():
+        forget_packed_weights(lora)
+        return call()
+
+    result = interleaved({"base_kept": call, "all_packed": repacked}, rounds)
+    cpu = {name: statistics.median(s) for name, s in result["cpu_seconds_per_call"].items()}
+    call()
+    return {"autocast": "bf16" if bf16 else "fp32", "cpu_s_per_rollout": {k: round(v, 3) for k, v in cpu.items()},
+            "saved_ms_per_rollout": round(1e3 * (cpu["all_packed"] - cpu["base_kept"]), 1),
+            "cpu_ratio": result["cpu_ratio"]["all_packed"], "kept_mib": round(kept_packed_mib(lora), 1)}
 
 
 def workload_policy(W, rounds: int, precisions: list[str]) -> dict:
@@ -185,8 +227,8 @@ def smollm2(rounds: int, precisions: list[str]) -> dict | None:
     model, tokenizer = load_smollm2()
     texts = [format_prompt(p, tokenizer, True) for p in ("How do I fix a flat bike tyre?", "Write a short poem.")]
     encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    return {"model": "SmolLM2-135M-Instruct",
-            **compare(model, tokenizer, encoded, 4, 32, rounds, precisions)}
+    return {"model": "SmolLM2-135M-Instruct", **compare(model, tokenizer, encoded, 4, 32, rounds, precisions),
+            "lora": lora_rollout(model, tokenizer, encoded, 4, 32, rounds)}
 
 
 def main() -> None:
@@ -227,9 +269,17 @@ def main() -> None:
                   f"{'≥ ' + str(TARGET):>6} {run['first_call_s']['compiled']:>9}   {step['forward']}, "
                   f"{step['forward_packed']}, {step['forward_compiled']}, {step['matrix_products']}, "
                   f"{step['matrix_products_packed']}, {step['packing']}, {step['draw']}; {step['packed_mib']}")
+    for r in runs:
+        if "lora" in r:
+            lora = r["lora"]
+            print(f"{r['model']} with LoRA, {lora['autocast']} autocast, CPU s per rollout: base weights kept "
+                  f"{lora['cpu_s_per_rollout']['base_kept']}, every weight packed at every call "
+                  f"{lora['cpu_s_per_rollout']['all_packed']} (saves {lora['saved_ms_per_rollout']} ms a rollout; "
+                  f"{lora['kept_mib']} MiB kept)")
     print("tokens/s per side; ratio: ÷ generate's tokens/s, median of interleaved rounds, wall clock (CPU seconds); "
-          "engine: plain matrix products; packed: weights packed once per call (the default); compile s: the "
-          "compiled side's first call")
+          "engine: plain matrix products; packed: packed weights, trainable, so packed again at every call (what "
+          "an RL rollout with full fine-tuning gets); kept: packed weights, frozen, packed at the first call and "
+          "reused (rlhfkit generate, evaluation, LoRA's base weights); compile s: the compiled side's first call")
     result = {"runs": runs, "target_ratio": TARGET, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "transformers": transformers.__version__, **B.contention()}
     out = Path(__file__).parent / "results" / f"generation_speed-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"

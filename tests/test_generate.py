@@ -89,3 +89,19 @@ def test_a_prompt_longer_than_the_model_positions_is_refused_by_id(tiny_causal, 
 def test_plain_strings_instead_of_prompt_records_are_refused_by_position(tiny_causal, tokenizer):
     with pytest.raises(TypeError, match=r"prompts\[1\] is a str; generate_completions takes Prompt records"):
         generate_completions(tiny_causal, tokenizer, [Prompt(id="a", text="help you"), "fix bike"], n=1)
+
+
+def test_every_weight_is_packed_once_for_all_batches_and_the_model_stays_trainable(tiny_causal, tokenizer,
+                                                                                   monkeypatch):
+    import torch
+
+    from rlhfkit.models.packed import packable_layers
+
+    packings = []
+    real = torch.ops.mkldnn._reorder_linear_weight
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", lambda *args: packings.append(1) or real(*args))
+    prepare_tokenizer(tokenizer, tiny_causal)
+    generate_completions(tiny_causal, tokenizer, make_prompts(3), n=2, sampling=SAMPLING, batch_size=1,
+                         progress=False)
+    assert len(packings) == len(packable_layers(tiny_causal))  # 3 batches, one packing
+    assert all(p.requires_grad for p in tiny_causal.parameters())

@@ -24,6 +24,7 @@ from rlhfkit.console import progress_bar
 from rlhfkit.data.io import append_records, drop_partial_last_line, read_records, write_records
 from rlhfkit.data.records import Completion, Prompt, SamplingParams, Text, render_text
 from rlhfkit.models.engine import Decoding, sample_completions
+from rlhfkit.models.packed import keep_packed_weights
 from rlhfkit.models.policy import check_prompt_lengths, is_seq2seq
 
 
@@ -131,7 +132,7 @@ def generate_completions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     todo = [p for p in prompts if p.id not in done]
     created: list[Completion] = []
     started, tokens = time.perf_counter(), 0
-    with progress_bar(progress) as bar:
+    with progress_bar(progress) as bar, keep_packed_weights(model):  # one packing of the weights for all batches
         task = bar.add_task("generating", total=len(todo), info="")
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]

@@ -15,8 +15,8 @@ the model's positions is refused with its text.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from rlhfkit.data.records import Text, render_text
 from rlhfkit.generate import format_prompt
 from rlhfkit.models.engine import Decoding, sample_completions
+from rlhfkit.models.packed import forget_packed_weights
 from rlhfkit.models.policy import PLAIN_SAMPLING, SamplingDistribution, TokenBatch, check_prompt_lengths
 from rlhfkit.models.reference import Reference
 from rlhfkit.models.value_head import Actor
@@ -53,14 +54,22 @@ def completion_mask(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     return (~after_eos).long()
 
 
-def full_parameters(actor: torch.nn.Module):
-    """Generation needs whole weights: under FSDP, gather the shards for the duration (no write-back).
-    DDP and DeepSpeed ZeRO-1/2 keep whole weights on every rank and need nothing."""
+@contextmanager
+def full_parameters(actor: torch.nn.Module) -> Iterator[None]:
+    """Generation needs whole weights: under FSDP, gather the shards for the duration (no write-back) and
+    forget the packed copies of the gathered weights at the end (FSDP swaps parameters' storage in and out,
+    which the packed-weight check would not always see). DDP and DeepSpeed ZeRO-1/2 keep whole weights on
+    every rank and need nothing."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    if isinstance(actor, FullyShardedDataParallel):
-        return FullyShardedDataParallel.summon_full_params(actor, writeback=False, recurse=True)
-    return nullcontext()
+    if not isinstance(actor, FullyShardedDataParallel):
+        yield
+        return
+    with FullyShardedDataParallel.summon_full_params(actor, writeback=False, recurse=True):
+        try:
+            yield
+        finally:
+            forget_packed_weights(actor)
 
 
 @torch.no_grad()

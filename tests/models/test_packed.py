@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from test_engine import EOS, PAD, PROMPTS, encode, peaked
@@ -9,16 +11,33 @@ from test_engine import EOS, PAD, PROMPTS, encode, peaked
 from rlhfkit.models import engine as engine_module
 from rlhfkit.models import packed as packed_module
 from rlhfkit.models.engine import Decoding, kv_cached_sampling
-from rlhfkit.models.packed import packed_weights
+from rlhfkit.models.packed import (
+    forget_packed_weights,
+    keep_packed_weights,
+    kept_packed_mib,
+    packable_layers,
+    packed_weights,
+)
+
+
+def counted(monkeypatch, op: str) -> list[int]:
+    """A list that grows by one at every call of ``torch.ops.mkldnn.<op>`` (so a test can tell which path ran)."""
+    calls = []
+    real = getattr(torch.ops.mkldnn, op)
+    monkeypatch.setattr(torch.ops.mkldnn, op, lambda *args: calls.append(1) or real(*args))
+    return calls
 
 
 @pytest.fixture
 def packed_products(monkeypatch):
-    """Counts the packed matrix products run (so a test can tell the packed path ran)."""
-    calls = []
-    real = torch.ops.mkldnn._linear_pointwise
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *args: calls.append(1) or real(*args))
-    return calls
+    """Counts the packed matrix products run."""
+    return counted(monkeypatch, "_linear_pointwise")
+
+
+@pytest.fixture
+def packings(monkeypatch):
+    """Counts the weights packed (reordered into oneDNN's layout)."""
+    return counted(monkeypatch, "_reorder_linear_weight")
 
 
 def rollout(model, ids, mask, settings, packed, monkeypatch):
@@ -111,3 +130,159 @@ def test_the_layers_are_plain_again_after_the_context_even_after_an_error(tiny_c
         assert vars(tiny_causal.lm_head).get("forward") is not None
         raise KeyError("inside")
     assert [m for m in tiny_causal.modules() if "forward" in vars(m)] == layers
+
+
+@torch.no_grad()
+def logits(model, ids, mask, packed: bool) -> torch.Tensor:
+    if not packed:
+        return model(input_ids=ids, attention_mask=mask).logits
+    with packed_weights(model, ids.shape[0]):
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+def test_frozen_weights_are_packed_once_and_reused_while_unchanged(tiny_causal, tokenizer, packings):
+    model = peaked(tiny_causal).requires_grad_(False)
+    ids, mask = encode(tokenizer, PROMPTS)
+    settings = Decoding(6, EOS, PAD, greedy=True)
+    first = kv_cached_sampling(model, ids, mask, 2, settings)
+    assert len(packings) == len(packable_layers(model))
+    assert torch.equal(kv_cached_sampling(model, ids, mask, 2, settings), first)
+    assert len(packings) == len(packable_layers(model))  # the second call packed nothing
+    assert torch.equal(first, kv_cached_sampling(model, ids, mask, 2, settings, packed=False))
+    assert kept_packed_mib(model) > 0
+    kv_cached_sampling(model, ids[:1], mask[:1], 1, settings)  # one row: oneDNN's layout for one row differs
+    assert len(packings) == 2 * len(packable_layers(model))
+
+
+def test_trainable_weights_are_packed_at_every_call_and_not_kept(tiny_causal, tokenizer, packings):
+    ids, mask = encode(tokenizer, PROMPTS)
+    for _ in range(2):
+        kv_cached_sampling(tiny_causal, ids, mask, 2, Decoding(4, EOS, PAD, greedy=True))
+    assert len(packings) == 2 * len(packable_layers(tiny_causal))
+    assert kept_packed_mib(tiny_causal) == 0
+
+
+def optimizer_step(model):  # a phase of training between two rollouts of a model that is frozen again after it
+    model.requires_grad_(True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    model(input_ids=torch.tensor([[5, 6, 7]])).logits.sum().backward()
+    optimizer.step()
+    model.requires_grad_(False)
+
+
+def load_state_dict(model):
+    model.load_state_dict({k: v + torch.randn_like(v) for k, v in model.state_dict().items()})
+
+
+def in_place_copy(model):
+    with torch.no_grad():
+        for layer in packable_layers(model):
+            layer.weight.copy_(torch.randn_like(layer.weight))
+
+
+def assign_data(model):
+    for layer in packable_layers(model):
+        layer.weight.data = torch.randn_like(layer.weight)
+
+
+def dtype_round_trip(model):  # new storage each time, weights rounded to bf16
+    model.to(torch.bfloat16).to(torch.float32)
+
+
+@pytest.mark.parametrize("change", [optimizer_step, load_state_dict, in_place_copy, assign_data, dtype_round_trip])
+def test_a_kept_packed_weight_is_never_used_after_its_weight_changed(tiny_causal, tokenizer, packings, change):
+    model = peaked(tiny_causal).requires_grad_(False)
+    ids, mask = encode(tokenizer, PROMPTS)
+    before = logits(model, ids, mask, packed=True)
+    change(model)
+    plain_after = logits(model, ids, mask, packed=False)
+    assert (plain_after - before).abs().max() > 1e-3  # the change is visible in the logits
+    torch.testing.assert_close(logits(model, ids, mask, packed=True), plain_after, atol=1e-5, rtol=1e-5)
+    assert len(packings) == 2 * len(packable_layers(model))
+
+
+def test_lora_merges_and_adapter_switches_are_seen_by_the_kept_base_weights(tiny_causal, tokenizer, packings):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, init_lora_weights=False)
+    model = get_peft_model(peaked(tiny_causal), config)
+    model.add_adapter("other", config)
+    ids, mask = encode(tokenizer, PROMPTS)
+    with model.disable_adapter():
+        base = logits(model, ids, mask, packed=False)
+    logits(model, ids, mask, packed=True)  # the base weights packed and kept, unmerged
+    # A stale base weight would show: merged, the layer no longer adds the adapter (base logits);
+    # unmerged after a merged rollout, it would add it twice; another adapter changes the merged delta.
+    for change in (model.merge_adapter, model.unmerge_adapter, lambda: model.set_adapter("other"),
+                   model.merge_adapter):
+        change()
+        plain = logits(model, ids, mask, packed=False)
+        assert (plain - base).abs().max() > 0.1  # the adapter matters
+        torch.testing.assert_close(logits(model, ids, mask, packed=True), plain, atol=1e-4, rtol=1e-4)
+    base_layers = [m.base_layer for m in model.modules() if hasattr(m, "merged_adapters")]
+    assert base_layers and all(not layer.weight.requires_grad for layer in base_layers)
+    assert kept_packed_mib(model) > 0  # the base weights were kept in between
+
+
+def test_kept_packed_weights_are_freed_with_the_model_or_when_forgotten(tokenizer, packings):
+    from conftest import build_tiny_causal
+
+    ids, mask = encode(tokenizer, PROMPTS)
+    kept_before = len(packed_module._KEPT)
+    model = build_tiny_causal().requires_grad_(False)
+    logits(model, ids, mask, packed=True)
+    assert len(packed_module._KEPT) == kept_before + len(packable_layers(model))
+    forget_packed_weights(model)
+    assert len(packed_module._KEPT) == kept_before
+    logits(model, ids, mask, packed=True)
+    assert len(packings) == 2 * len(packable_layers(model))  # packed again after forgetting
+    del model
+    gc.collect()
+    assert len(packed_module._KEPT) == kept_before
+
+
+def test_inside_keep_packed_weights_a_trainable_model_is_packed_once_and_is_trainable_again_after(
+        tiny_causal, tokenizer, packings):
+    model = peaked(tiny_causal)
+    model.transformer.h[0].mlp.c_fc.requires_grad_(False)  # frozen before: stays frozen, and its copy kept
+    ids, mask = encode(tokenizer, PROMPTS)
+    settings = Decoding(4, EOS, PAD, greedy=True)
+    with keep_packed_weights(model):
+        first = kv_cached_sampling(model, ids, mask, 2, settings)
+        assert torch.equal(kv_cached_sampling(model, ids, mask, 2, settings), first)
+    assert len(packings) == len(packable_layers(model))
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    assert frozen == ["transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_fc.bias"]
+    assert [layer for layer in packable_layers(model) if packed_module._KEPT.get(layer)] == [
+        model.transformer.h[0].mlp.c_fc]
+
+
+def test_with_lora_a_rollout_after_an_adapter_step_repacks_only_the_adapters_and_samples_from_them(
+        tiny_causal, tokenizer, packings):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(peaked(tiny_causal), LoraConfig(r=4, target_modules=["c_attn", "c_fc"],
+                                                           fan_in_fan_out=True, init_lora_weights=False))
+    ids, mask = encode(tokenizer, PROMPTS)
+    settings = Decoding(8, EOS, PAD, greedy=True)
+    before = kv_cached_sampling(model, ids, mask, 1, settings)
+    layers = packable_layers(model)
+    adapters = [layer for layer in layers if layer.weight.requires_grad]
+    assert len(packings) == len(layers) and 0 < len(adapters) < len(layers)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=10.0)
+    model(input_ids=ids, attention_mask=mask).logits[:, -1].gather(1, before[:, :1]).sum().backward()
+    optimizer.step()
+    after = kv_cached_sampling(model, ids, mask, 1, settings)
+    assert len(packings) == len(layers) + len(adapters)  # the base weights were kept
+    assert not torch.equal(after, before)
+    assert torch.equal(after, kv_cached_sampling(model, ids, mask, 1, settings, packed=False))
+
+
+def test_with_keeping_off_frozen_weights_are_packed_at_every_call(tiny_causal, tokenizer, packings, monkeypatch):
+    monkeypatch.setattr(packed_module, "KEEP_FROZEN", False)
+    model = tiny_causal.requires_grad_(False)
+    ids, mask = encode(tokenizer, PROMPTS)
+    for _ in range(2):
+        kv_cached_sampling(model, ids, mask, 2, Decoding(4, EOS, PAD, greedy=True))
+    assert len(packings) == 2 * len(packable_layers(model))
+    assert kept_packed_mib(model) == 0

@@ -34,6 +34,7 @@ from rlhfkit.eval.metrics import (
     repetition,
     template_share,
 )
+from rlhfkit.models.packed import keep_packed_weights
 from rlhfkit.models.policy import SamplingDistribution, prepare_tokenizer
 from rlhfkit.models.reference import Reference
 from rlhfkit.models.value_head import Actor
@@ -79,7 +80,7 @@ def evaluate_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     first, *others = judges.items()
     completions: list[Completion] = []
     batches = [prompts[i:i + config.batch_size] for i in range(0, len(prompts), config.batch_size)]
-    with progress_bar(progress) as bar:
+    with progress_bar(progress) as bar, keep_packed_weights(model):  # one packing of the weights for all batches
         task = bar.add_task(f"evaluating {model_name}", total=len(batches) * len(config.seeds), info="")
         for seed in config.seeds:
             params = SamplingParams(temperature=config.temperature, max_new_tokens=config.max_new_tokens, seed=seed)

@@ -15,9 +15,10 @@ Llama, SmolLM2, Qwen, Mistral...) it runs ``kv_cached_sampling``, which does the
   p = softmax(z / τ), optionally cut to the top-k tokens and the top-p mass as transformers does; greedy
   takes argmax z;
 * the loop stops as soon as every sequence has emitted EOS;
-* on a CPU every linear layer multiplies by its weight packed once per call into oneDNN's blocked layout
-  (``rlhfkit.models.packed``), where a plain ``F.linear`` at a decode step's few rows re-lays the weight
-  out at every call: the same products, summed in another order (``packed=False`` turns it off).
+* on a CPU every linear layer multiplies by its weight packed into oneDNN's blocked layout
+  (``rlhfkit.models.packed``: once per call, or once for as long as a frozen weight is unchanged), where a
+  plain ``F.linear`` at a decode step's few rows re-lays the weight out at every call: the same products,
+  summed in another order (``packed=False`` turns it off).
 
 ``compiled_kv_cached_sampling`` runs the decode steps (not the prefill, whose length varies) through
 ``torch.compile``: one graph per model class, row count and cache length, the cache length rounded up to a
@@ -191,7 +192,8 @@ def kv_cached_sampling(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_
     Positions follow the attention mask (position of a token = number of real tokens before it), as in
     ``generate`` and ``completion_logits``, so a padded prompt decodes as it would alone. ``compiled``: the
     decode steps run ``torch.compile``'d (``compiled_kv_cached_sampling``). ``packed`` (eager steps only): the
-    model's linear layers multiply by weights packed once for the call (``rlhfkit.models.packed``).
+    model's linear layers multiply by packed weights (``rlhfkit.models.packed``: packed at the call's first
+    step, or kept from an earlier call for frozen weights that did not change).
     """
     if not bool(prompt_mask[:, -1].all()):
         raise ValueError("kv_cached_sampling takes left-padded prompts (every row's last token real): set the "
