@@ -175,7 +175,9 @@ class PersonalDemoConfig:
     policy: Literal["toy", "smollm2"] = "toy"  # the shared base: the toy GPT-2, or SmolLM2-135M-Instruct (chat)
     run_dir: Path = Path("runs/demo-personal")
     rounds: int = 5
-    prompts_per_round: int = 16  # questions each user asks (and answers) per round
+    # questions each user asks (and answers) per round: 28, as the tastes that ask for an answer give a pair on
+    # ~55% of questions ("both bad" on the rest); at 16, 41-49 pairs in 5 rounds taught brief nothing (runs 38-39)
+    prompts_per_round: int = 28
     train_every: int = 12  # new pairs of a user that queue a training of their next version
     eval_prompts: int = 48  # held-out prompts (two per topic: 24 topics, the interval's resampling units)
     eval_samples: int = 4  # answers per held-out prompt and model
