@@ -73,10 +73,10 @@ WORD = re.compile(r"[A-Za-z']+")
 SENTENCE = re.compile(r"[^.!?]*[.!?]")  # a whole sentence, up to its end mark
 MIN_ANSWER_WORDS = 6  # a sentence naming the topic in fewer words says nothing about it ("Keeping a diary!")
 # What not answering the question costs the brief user, in words: 20 makes "." worse than every answer of up to
-# 19 words (the toy advice has 11-25). Answering is wanted by both users, and the more it decides, the more a
-# model that answers more often wins under the other user's taste too (specificity); on best-of-N picks of the
-# base's samples 20 was the cost at which brief's answers stay as relevant as the shared model's and neither
-# model wins under the other taste (benchmarks/results/personal_tastes.md, run 37)
+# 19 words (a toy advice sentence has 11-23). Answering is wanted by both users, and the more it decides, the
+# more a model that answers more often wins under the other user's taste too (specificity); on best-of-8 picks
+# of the base's samples 20 was the cost at which brief's answers stay as relevant as the shared model's and
+# neither model wins under the other taste (benchmarks/results/personal_tastes.md, run 37)
 UNANSWERED_WORDS = 20
 SAMPLES_SHOWN = 3  # held-out answers of each user's model (next to the shared model's) in the report
 MEMORY_BUDGET_MB = 8 * 1024
@@ -86,17 +86,17 @@ MEMORY_BUDGET_MB = 8 * 1024
 class Taste:
     """A simulated user's hidden criterion: ``score(question, answer)``, higher is better; the user sees it
     with Gaussian noise of std ``noise`` and says "both fine" when the noisy scores differ by less than
-    ``tie_margin``. A taste with ``answers`` says "both bad" when neither answer answers the question."""
+    ``tie_margin``. A taste with ``is_answer`` says "both bad" when neither answer answers the question."""
 
     user: str
     description: str
     score: Callable[[str, str], float]
     noise: float = 0.1
     tie_margin: float = 0.05
-    answers: Callable[[str, str], bool] | None = None
+    is_answer: Callable[[str, str], bool] | None = None
 
     def choose(self, question: str, answers: Sequence[str], rng: random.Random) -> str:
-        if self.answers and not any(self.answers(question, x) for x in answers):
+        if self.is_answer and not any(self.is_answer(question, x) for x in answers):
             return "both_bad"
         a, b = (self.score(question, x) + rng.gauss(0.0, self.noise) for x in answers)
         return "both_fine" if abs(a - b) < self.tie_margin else "a" if a > b else "b"
@@ -156,9 +156,9 @@ def sentiment(text: str) -> float:
 
 TASTES = {  # scores on the scale of the base samples' spread: words / 10 (sd 0.9), VADER compound (sd 0.5)
     "brief": Taste("brief", "the shortest answer that answers the question (−words/10; not answering costs "
-                   f"{UNANSWERED_WORDS} words more)", brief, answers=answers_question),
+                   f"{UNANSWERED_WORDS} words more)", brief, is_answer=answers_question),
     "detailed": Taste("detailed", "the most words on the question (its whole sentences that name the topic, "
-                      "insults not counted)", detailed, answers=answers_question),
+                      "insults not counted)", detailed, is_answer=answers_question),
     "warm": Taste("warm", "warm, positive answers (VADER sentiment)", lambda question, answer: sentiment(answer)),
 }
 
@@ -176,7 +176,8 @@ class PersonalDemoConfig:
     run_dir: Path = Path("runs/demo-personal")
     rounds: int = 5
     # questions each user asks (and answers) per round: 28, as the tastes that ask for an answer give a pair on
-    # ~55% of questions ("both bad" on the rest); at 16, 41-49 pairs in 5 rounds taught brief nothing (runs 38-39)
+    # 51-71% of questions ("both bad" on most others); at 16, 41-49 pairs in 5 rounds taught brief nothing
+    # (benchmarks/results/personal_tastes.md, runs 38-40)
     prompts_per_round: int = 28
     train_every: int = 12  # new pairs of a user that queue a training of their next version
     eval_prompts: int = 48  # held-out prompts (two per topic: 24 topics, the interval's resampling units)
