@@ -177,7 +177,7 @@ class PersonalDemoConfig:
     rounds: int = 5
     # questions each user asks (and answers) per round: 28, as the tastes that ask for an answer give a pair on
     # 51-71% of questions ("both bad" on most others); at 16, 41-49 pairs in 5 rounds taught brief nothing
-    # (benchmarks/results/personal_tastes.md, runs 38-40)
+    # (benchmarks/results/personal_tastes.md, runs 38-42)
     prompts_per_round: int = 28
     train_every: int = 12  # new pairs of a user that queue a training of their next version
     eval_prompts: int = 48  # held-out prompts (two per topic: 24 topics, the interval's resampling units)
