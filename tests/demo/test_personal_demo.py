@@ -10,6 +10,7 @@ import torch
 from conftest import build_tiny_causal, invoke, word_tokenizer
 from rlhfkit.demo.personal import (
     TASTES,
+    PersonalDemo,
     PersonalDemoConfig,
     RoundResult,
     Taste,
@@ -154,6 +155,14 @@ def test_a_seed_fixes_the_personal_demo_whatever_the_machine_or_the_global_gener
         return rounds
 
     assert run("first", 0) == run("second", 1)
+
+
+def test_the_relevance_judge_reads_the_rerankers_minilm_instead_of_loading_a_second_copy(tmp_path):
+    demo = PersonalDemo(PersonalDemoConfig(run_dir=tmp_path / "run"), build_tiny_causal(), word_tokenizer())
+    try:
+        assert demo.judges[0].name == "relevance" and demo.judges[0].encoder is demo.reranker.load_encoder()
+    finally:
+        demo.queue.shutdown()
 
 
 @pytest.mark.parametrize(("args", "message"), [(["--seeds", "2"], "--preset personal: takes --run-dir and"),
