@@ -2,6 +2,7 @@
 whether on-policy rounds of per-user DPO (+ NLL) teach two users' opposite tastes, for given settings.
 
     python benchmarks/personal_tastes.py --look                       # the base samples' spread
+    python benchmarks/personal_tastes.py --pick 10 15 20 25           # the tastes on best-of-8 base samples
     python benchmarks/personal_tastes.py --lr 2e-3 --beta 0.1 --nll 1 --epochs 4 --rounds 4 --trace
 
 Each run writes its report.json and curves.png under --run-dir (a fresh folder per run).
@@ -18,9 +19,16 @@ from pathlib import Path
 import torch
 
 from rlhfkit.demo import personal as demo
-from rlhfkit.demo.personal import TASTES, PersonalDemoConfig, demo_task_prompts, run_personal_demo, words
+from rlhfkit.demo.personal import (
+    TASTES,
+    PersonalDemoConfig,
+    answers_question,
+    demo_task_prompts,
+    run_personal_demo,
+    words,
+)
 from rlhfkit.demo.presets import DemoConfig, load_demo_policy
-from rlhfkit.eval.judges import SentimentJudge
+from rlhfkit.eval.judges import RelevanceJudge, SentimentJudge
 from rlhfkit.models.policy import completion_logits
 from rlhfkit.personal import train
 from rlhfkit.personal.models import PersonalModels
@@ -28,19 +36,50 @@ from rlhfkit.personal.train import PersonalDPOConfig, pair_batch, sequence_logpr
 
 
 def look(samples: int = 4) -> None:
-    """Spread of the base policy's answers in words, sentiment, '!' and '?' over the training prompts."""
+    """Spread of the base policy's answers in words, sentiment, '!', '?' and whether they answer the question
+    (rlhfkit.demo.personal.answers_question, 1 or 0) over the training prompts."""
     policy, tokenizer, _ = load_demo_policy(DemoConfig(), False)
     models = PersonalModels(policy, tokenizer, Path("/tmp/personal-tastes-look"))
     train, _, _ = demo_task_prompts(PersonalDemoConfig())
     prompts = train[:24]
     answers = [models.answer(p, None, 1.0, 40, seed=s).text.strip() for p in prompts for s in range(samples)]
-    sentiment = SentimentJudge()([p for p in prompts for _ in range(samples)], answers).tolist()
+    keys = [p for p in prompts for _ in range(samples)]
+    sentiment = SentimentJudge()(keys, answers).tolist()
     for name, values in {"words": [words(a) for a in answers], "sentiment": sentiment,
+                         "answers": [int(answers_question(p, a)) for p, a in zip(keys, answers, strict=True)],
                          "exclamations": [a.count("!") for a in answers], "questions": [a.count("?") for a in answers]
                          }.items():
         q = statistics.quantiles(values, n=4)
         print(f"{name:>12}: mean {statistics.mean(values):.2f} sd {statistics.pstdev(values):.2f} "
               f"quartiles {[round(x, 2) for x in q]}")
+
+
+def pick(costs: list[int], n: int = 8) -> None:
+    """Before training anything: how each length taste, with not answering costing each of ``costs`` words to
+    the brief user, would fare as the best of ``n`` base samples by that taste (a stand-in for a model that
+    learned it) vs 4 other base samples, on the held-out prompts: win rate under its own taste and the other's
+    (specificity), the share that answers the question, and MiniLM relevance minus the shared samples'."""
+    policy, tokenizer, _ = load_demo_policy(DemoConfig(), False)
+    models = PersonalModels(policy, tokenizer, Path("/tmp/personal-tastes-look"))
+    _, held_out, topics = demo_task_prompts(PersonalDemoConfig())
+    drawn = {q: [models.answer(q, None, 1.0, 40, seed=s).text.strip() for s in range(4 + n)] for q in held_out}
+    keys = [q for q in held_out for _ in range(4)]
+    shared = [drawn[q][s] for q in held_out for s in range(4)]
+    judge = RelevanceJudge()
+    relevance = judge(keys, shared)
+    for cost in costs:
+        demo.UNANSWERED_WORDS = cost  # brief() reads it at each call
+        for taste, other in ((TASTES["brief"], TASTES["detailed"]), (TASTES["detailed"], TASTES["brief"])):
+            best = [max(drawn[q][4:], key=lambda a, q=q, t=taste: t.score(q, a)) for q in keys]
+            own, theirs = (demo.win_rate([t.score(q, a) for q, a in zip(keys, best, strict=True)],
+                                         [t.score(q, a) for q, a in zip(keys, shared, strict=True)], keys, topics)
+                           for t in (taste, other))
+            answered = statistics.mean(answers_question(q, a) for q, a in zip(keys, best, strict=True))
+            print(f"cost {cost:>2}: {taste.user:>8}'s best of {n}: own taste {own[0]:.3f}, {other.user}'s "
+                  f"{theirs[0]:.3f} [{theirs[1]:.3f}, {theirs[2]:.3f}], answers {answered:.2f}, relevance vs shared "
+                  f"{(judge(keys, best) - relevance).mean().item():+.3f}")
+    answered = statistics.mean(answers_question(q, a) for q, a in zip(keys, shared, strict=True))
+    print(f"shared samples answering: {answered:.2f}")
 
 
 def stop_logprobs(models: PersonalModels, adapter: str | None, pairs) -> dict:
@@ -121,6 +160,8 @@ def trace(path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--look", action="store_true")
+    parser.add_argument("--pick", type=int, nargs="+", metavar="WORDS",
+                        help="the tastes' best-of-8 base samples with not answering costing brief these words")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/personal-tastes"))
     parser.add_argument("--lr", type=float, default=PersonalDemoConfig().dpo.lr)
     parser.add_argument("--beta", type=float, default=0.1)
@@ -128,7 +169,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--nll-on-eos", action="store_true", help="the NLL term also on the chosen answer's EOS")
     parser.add_argument("--rounds", type=int, default=PersonalDemoConfig.rounds)
-    parser.add_argument("--per-round", type=int, default=16)
+    parser.add_argument("--per-round", type=int, default=PersonalDemoConfig.prompts_per_round)
     parser.add_argument("--train-every", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=40)
@@ -141,6 +182,8 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.look:
         return look()
+    if args.pick:
+        return pick(args.pick)
     if args.trace:
         trace(args.run_dir / "trace.jsonl")
     dpo = PersonalDPOConfig(lr=args.lr, beta=args.beta, nll_coef=args.nll, epochs=args.epochs,

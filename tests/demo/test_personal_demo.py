@@ -10,17 +10,24 @@ import torch
 from conftest import build_tiny_causal, invoke, word_tokenizer
 from rlhfkit.demo.personal import (
     TASTES,
+    PersonalDemo,
     PersonalDemoConfig,
     RoundResult,
     Taste,
     adapter_beats_rerank,
+    answers_question,
     judge_gap,
     run_personal_demo,
     verdict,
     win_rate,
+    words,
 )
 from rlhfkit.personal.rerank import RerankConfig
 from rlhfkit.personal.train import PersonalDPOConfig
+
+# the tiny model's answers never answer a question: these tastes (on length alone) make pairs from them
+TINY_TASTES = [Taste("brief", "fewer words", lambda question, answer: -words(answer)),
+               Taste("detailed", "more words", lambda question, answer: words(answer))]
 
 
 def result(user, win, other, round_=1, rerank=None, relevance=(0.0, -0.02, 0.02), not_offensive=(0.0, -0.01, 0.01)):
@@ -60,12 +67,47 @@ def test_the_judge_gap_is_the_mean_difference_with_a_topic_interval():
     assert low < gap < high
 
 
+QUESTION = "Any tips for sleeping better?"
+SHORT = "For sleeping better, start small and practice a little every day."
+LONG = ("Rest matters for sleeping better too. Take breaks and come back to it with fresh eyes. Prepare everything "
+        "for sleeping better the evening before, so starting takes no willpower at all.")
+
+
 def test_simulated_users_choose_by_their_hidden_taste_and_say_both_fine_when_answers_are_alike():
     rng = random.Random(0)
-    short, long = "Have a nice day.", "Mix baking bread with something you already like, such as music or a walk."
-    assert TASTES["brief"].choose([short, long], rng) == "a" and TASTES["detailed"].choose([short, long], rng) == "b"
-    assert TASTES["warm"].choose(["you idiot, stop whining.", "Thank you, that is a wonderful idea!"], rng) == "b"
-    assert Taste("exact", "length", len, noise=0.0).choose([long, long], rng) == "both_fine"
+    assert TASTES["brief"].choose(QUESTION, [SHORT, LONG], rng) == "a"
+    assert TASTES["detailed"].choose(QUESTION, [SHORT, LONG], rng) == "b"
+    assert TASTES["warm"].choose(QUESTION, ["you idiot, stop whining.", "Thank you, that is a wonderful idea!"],
+                                 rng) == "b"
+    assert Taste("exact", "length", lambda x, y: len(y), noise=0.0).choose(QUESTION, [LONG, LONG], rng) == "both_fine"
+
+
+@pytest.mark.parametrize("non_answer", [".", "progress.", "Sleeping better!", "Thank you! Have a wonderful day.",
+                                        "For cooking rice, start small and practice every day.",
+                                        "For sleeping better, start small and practice a little every"])
+def test_the_brief_user_prefers_a_short_answer_to_the_question_over_a_shorter_text_that_answers_nothing(non_answer):
+    """Empty text, a pleasantry, advice on another topic, the topic alone, a sentence cut at the cap: shorter
+    than the answer, and worse for the brief user (the old taste, −words/10, preferred every one of them)."""
+    assert words(non_answer) < words(SHORT) and not answers_question(QUESTION, non_answer)
+    assert TASTES["brief"].score(QUESTION, SHORT) > TASTES["brief"].score(QUESTION, non_answer)
+    assert TASTES["brief"].choose(QUESTION, [non_answer, SHORT], random.Random(0)) == "b"
+
+
+def test_the_detailed_user_counts_words_on_the_question_not_padding_or_insults():
+    padded = f"Great question! You are too dumb for this, dummy. {SHORT} Have a great week! Thank you!"
+    insulting = SHORT.replace("every day.", "every day, idiot.")
+    taste = TASTES["detailed"]
+    assert words(padded) > words(SHORT) and taste.score(QUESTION, padded) == taste.score(QUESTION, SHORT)
+    assert taste.score(QUESTION, insulting) < taste.score(QUESTION, SHORT)
+    assert taste.score(QUESTION, LONG) > taste.score(QUESTION, SHORT)
+    cut = f"{SHORT} Prepare everything for sleeping better the evening before, so"  # at the token cap
+    assert taste.score(QUESTION, cut) == taste.score(QUESTION, SHORT)
+
+
+def test_shown_two_answers_that_answer_nothing_a_user_says_both_bad():
+    for taste in (TASTES["brief"], TASTES["detailed"]):
+        assert taste.choose(QUESTION, [".", "You are pathetic, loser."], random.Random(0)) == "both_bad"
+        assert taste.choose(QUESTION, [".", SHORT], random.Random(0)) == "b"
 
 
 def test_a_tie_counts_half_and_the_interval_resamples_topics():
@@ -76,7 +118,7 @@ def test_a_tie_counts_half_and_the_interval_resamples_topics():
 
 def test_the_personal_demo_runs_end_to_end_through_the_api_and_deletes_a_user_completely(tmp_path):
     config = PersonalDemoConfig(run_dir=tmp_path / "run", rounds=2, prompts_per_round=3, train_every=2,
-                                eval_prompts=4, eval_samples=2, max_new_tokens=6,
+                                eval_prompts=4, eval_samples=2, max_new_tokens=6, tastes=TINY_TASTES,
                                 dpo=PersonalDPOConfig(epochs=1, lr=1e-2), rerank=RerankConfig(n=2, min_pairs=1))
     report = run_personal_demo(config, build_tiny_causal(), word_tokenizer(), progress=False)
     assert [(r["user"], r["round"]) for r in report["rounds"]] == [("brief", 1), ("detailed", 1),
@@ -107,12 +149,20 @@ def test_a_seed_fixes_the_personal_demo_whatever_the_machine_or_the_global_gener
         random.seed(noise)  # the global generators must not matter: the API and the demo draw from the seed
         torch.manual_seed(noise)
         config = PersonalDemoConfig(run_dir=tmp_path / name, rounds=2, prompts_per_round=3, train_every=2,
-                                    eval_prompts=4, eval_samples=2, max_new_tokens=6, seed=3,
+                                    eval_prompts=4, eval_samples=2, max_new_tokens=6, seed=3, tastes=TINY_TASTES,
                                     dpo=PersonalDPOConfig(epochs=1, lr=1e-2), rerank=RerankConfig(n=2, min_pairs=1))
         rounds = run_personal_demo(config, build_tiny_causal(), word_tokenizer(), progress=False)["rounds"]
         return rounds
 
     assert run("first", 0) == run("second", 1)
+
+
+def test_the_relevance_judge_reads_the_rerankers_minilm_instead_of_loading_a_second_copy(tmp_path):
+    demo = PersonalDemo(PersonalDemoConfig(run_dir=tmp_path / "run"), build_tiny_causal(), word_tokenizer())
+    try:
+        assert demo.judges[0].name == "relevance" and demo.judges[0].encoder is demo.reranker.load_encoder()
+    finally:
+        demo.queue.shutdown()
 
 
 @pytest.mark.parametrize(("args", "message"), [(["--seeds", "2"], "--preset personal: takes --run-dir and"),

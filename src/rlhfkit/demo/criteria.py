@@ -22,9 +22,15 @@ start begin keep should would could tips give advice want good better know think
 just like really very much been anyone someone people failing""".split())
 
 
+def topic_words(prompt: str) -> set[str]:
+    """The prompt's content words: 4+ letters, not question boilerplate ("Any tips for sleeping better?" →
+    {"sleeping"})."""
+    return {w for w in WORD.findall(prompt.lower()) if len(w) >= 4 and w not in NOT_TOPIC}
+
+
 def on_topic(prompt: str, completion: str) -> float:
-    """Share of the prompt's content words (4+ letters, not question boilerplate) the completion uses."""
-    topic = {w for w in WORD.findall(prompt.lower()) if len(w) >= 4 and w not in NOT_TOPIC}
+    """Share of the prompt's content words (topic_words) the completion uses."""
+    topic = topic_words(prompt)
     return len(topic & set(WORD.findall(completion.lower()))) / len(topic) if topic else 1.0
 
 

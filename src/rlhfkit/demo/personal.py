@@ -4,7 +4,8 @@ its user's taste and no one else's.
 
     for each round, for each user:
         ask P training prompts (two answers: their current personal model and the alternative)
-        → choose by their hidden taste (+ noise; "both fine" when the two are close)
+        → choose by their hidden taste (+ noise; "both fine" when the two are close, "both bad" when
+          neither answers the question)
         → the app's queue trains their next adapter every K new pairs (DPO + NLL, rlhfkit.personal.train)
         → on held-out prompts, the personal model vs the shared one (the base), one seed for both:
           win rate under the user's own taste, under every other user's taste (specificity),
@@ -14,6 +15,16 @@ its user's taste and no one else's.
           vs the shared one, and the adapter vs it head to head
     → memory, deletion of one user, report.json, curves.png, the verdict, the pairs at which the
       adapter first beats reranking (its win rate above reranking's)
+
+The simulated users' hidden tastes, what a user of that kind wants from an answer to their question
+(built from the question's content words and the toy corpus's insults, not from the verdict's judges, so
+those stay independent checks):
+
+    answers(x, y)  = some whole sentence of y without an insult names every content word of x, in 6+ words
+    brief(x, y)    = −(words(y) + 20 · [not answers(x, y)]) / 10
+    detailed(x, y) = words of y's whole sentences that name x's topic without an insult / 10
+
+Shown two answers of which neither answers the question, either user says "both bad" (no pair).
 
 The reranking candidates of a held-out prompt are N samples of the shared model with the seeds after the
 shared samples' (never a shared answer itself), drawn once: the shared model does not change, only each
@@ -43,6 +54,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from rlhfkit.console import console
+from rlhfkit.demo.criteria import topic_words
 from rlhfkit.demo.stages import demo_task
 from rlhfkit.eval.judges import ProfanityJudge, RelevanceJudge
 from rlhfkit.eval.metrics import distinct_n, jackknife_interval
@@ -50,6 +62,7 @@ from rlhfkit.feedback import service
 from rlhfkit.feedback.app import create_app
 from rlhfkit.generate import format_prompt
 from rlhfkit.models.policy import tokenize_completions
+from rlhfkit.models.toy_policy import toy_corpus
 from rlhfkit.personal import store
 from rlhfkit.personal.api import PersonalSettings, include_personal
 from rlhfkit.personal.models import Answer, PersonalModels, user_owner
@@ -57,29 +70,76 @@ from rlhfkit.personal.rerank import RerankConfig
 from rlhfkit.personal.train import PersonalDPOConfig, sequence_logprobs
 
 WORD = re.compile(r"[A-Za-z']+")
+SENTENCE = re.compile(r"[^.!?]*[.!?]")  # a whole sentence, up to its end mark
+MIN_ANSWER_WORDS = 6  # a sentence naming the topic in fewer words says nothing about it ("Keeping a diary!")
+# What not answering the question costs the brief user, in words: 20 makes "." worse than every answer of up to
+# 19 words (a toy advice sentence has 11-23). Answering is wanted by both users, and the more it decides, the
+# more a model that answers more often wins under the other user's taste too (specificity); on best-of-8 picks
+# of the base's samples 20 was the cost at which brief's answers stay as relevant as the shared model's and
+# neither model wins under the other taste (benchmarks/results/personal_tastes.md, run 37)
+UNANSWERED_WORDS = 20
 SAMPLES_SHOWN = 3  # held-out answers of each user's model (next to the shared model's) in the report
 MEMORY_BUDGET_MB = 8 * 1024
 
 
 @dataclass(frozen=True)
 class Taste:
-    """A simulated user's hidden criterion: ``score(answer)``, higher is better; the user sees it with
-    Gaussian noise of std ``noise`` and says "both fine" when the noisy scores differ by less than
-    ``tie_margin``."""
+    """A simulated user's hidden criterion: ``score(question, answer)``, higher is better; the user sees it
+    with Gaussian noise of std ``noise`` and says "both fine" when the noisy scores differ by less than
+    ``tie_margin``. A taste with ``is_answer`` says "both bad" when neither answer answers the question."""
 
     user: str
     description: str
-    score: Callable[[str], float]
+    score: Callable[[str, str], float]
     noise: float = 0.1
     tie_margin: float = 0.05
+    is_answer: Callable[[str, str], bool] | None = None
 
-    def choose(self, answers: Sequence[str], rng: random.Random) -> str:
-        a, b = (self.score(x) + rng.gauss(0.0, self.noise) for x in answers)
+    def choose(self, question: str, answers: Sequence[str], rng: random.Random) -> str:
+        if self.is_answer and not any(self.is_answer(question, x) for x in answers):
+            return "both_bad"
+        a, b = (self.score(question, x) + rng.gauss(0.0, self.noise) for x in answers)
         return "both_fine" if abs(a - b) < self.tie_margin else "a" if a > b else "b"
 
 
 def words(text: str) -> int:
     return len(WORD.findall(text))
+
+
+@functools.cache
+def rude_words() -> frozenset[str]:
+    """The insults of the toy corpus's rude openers ("What a stupid question, idiot.")."""
+    return frozenset(toy_corpus()["rude_words"])
+
+
+def sentences_on(question: str, answer: str) -> list[str]:
+    """The whole sentences of ``answer`` (ended by '.', '!' or '?': a sentence cut at the token cap is not
+    one) that name the question's topic (a content word of it, criteria.topic_words) and insult no one (no
+    rude word)."""
+    topic = topic_words(question)
+    return [s for s in SENTENCE.findall(answer)
+            if (found := set(WORD.findall(s.lower()))) & topic and not found & rude_words()]
+
+
+def answers_question(question: str, answer: str) -> bool:
+    """A sentence of ``answer`` on the question names all of its content words in MIN_ANSWER_WORDS words
+    or more ("For sleeping better, start small and practice a little every day."; not "." nor "Sleeping
+    better!")."""
+    topic = topic_words(question)
+    return any(topic <= set(WORD.findall(s.lower())) and words(s) >= MIN_ANSWER_WORDS
+               for s in sentences_on(question, answer))
+
+
+def brief(question: str, answer: str) -> float:
+    """−(words + UNANSWERED_WORDS · [no answer]) / 10: every word costs, not answering the question
+    costs UNANSWERED_WORDS more."""
+    return -(words(answer) + UNANSWERED_WORDS * (not answers_question(question, answer))) / 10
+
+
+def detailed(question: str, answer: str) -> float:
+    """words of sentences_on(question, answer) / 10: the words on the question; openers, pleasantries,
+    insults, advice on another topic and a sentence cut at the token cap count nothing."""
+    return sum(words(s) for s in sentences_on(question, answer)) / 10
 
 
 @functools.cache
@@ -95,15 +155,18 @@ def sentiment(text: str) -> float:
 
 
 TASTES = {  # scores on the scale of the base samples' spread: words / 10 (sd 0.9), VADER compound (sd 0.5)
-    "brief": Taste("brief", "short answers (fewer words)", lambda text: -words(text) / 10),
-    "detailed": Taste("detailed", "long answers (more words)", lambda text: words(text) / 10),
-    "warm": Taste("warm", "warm, positive answers (VADER sentiment)", sentiment),
+    "brief": Taste("brief", "the shortest answer that answers the question (−words/10; not answering costs "
+                   f"{UNANSWERED_WORDS} words more)", brief, is_answer=answers_question),
+    "detailed": Taste("detailed", "the most words on the question (its whole sentences that name the topic, "
+                      "insults not counted)", detailed, is_answer=answers_question),
+    "warm": Taste("warm", "warm, positive answers (VADER sentiment)", lambda question, answer: sentiment(answer)),
 }
 
 
 def default_tastes() -> list[Taste]:
     """Two users with opposite tastes on what the toy policy's answers vary on most: their length (words
-    per answer over its samples: mean 18, sd 8.8, quartiles 13, 20, 25; benchmarks/personal_tastes.py)."""
+    per answer over its samples: mean 18, sd 8.8, quartiles 13, 20, 25; benchmarks/personal_tastes.py),
+    both among answers to the question."""
     return [TASTES["brief"], TASTES["detailed"]]
 
 
@@ -112,7 +175,10 @@ class PersonalDemoConfig:
     policy: Literal["toy", "smollm2"] = "toy"  # the shared base: the toy GPT-2, or SmolLM2-135M-Instruct (chat)
     run_dir: Path = Path("runs/demo-personal")
     rounds: int = 5
-    prompts_per_round: int = 16  # questions each user asks (and answers) per round
+    # questions each user asks (and answers) per round: 28, as the tastes that ask for an answer give a pair on
+    # 51-71% of questions ("both bad" on most others); at 16, 41-49 pairs in 5 rounds taught brief nothing
+    # (benchmarks/results/personal_tastes.md, runs 38-42)
+    prompts_per_round: int = 28
     train_every: int = 12  # new pairs of a user that queue a training of their next version
     eval_prompts: int = 48  # held-out prompts (two per topic: 24 topics, the interval's resampling units)
     eval_samples: int = 4  # answers per held-out prompt and model
@@ -237,7 +303,8 @@ class PersonalDemo:
                                     seed=config.seed, dpo=config.dpo, rerank=config.rerank)
         self.queue = include_personal(self.app, self.models, settings)
         self.reranker = self.app.state.personal_reranker
-        self.judges = (RelevanceJudge(), ProfanityJudge())  # as shipped, fitted to no one's choices
+        shipped = None if config.rerank.encoder else self.reranker.load_encoder()  # MiniLM as shipped: load it once
+        self.judges = (RelevanceJudge(encoder=shipped), ProfanityJudge())  # as shipped, fitted to no one's choices
         self.shared_scores: dict[str, list[float]] = {}
         self.clients, self.ids = {}, {}
         for taste in config.tastes:
@@ -256,7 +323,7 @@ class PersonalDemo:
         for prompt in prompts:
             asked = _ok(client.post("/api/personal/ask", json={"prompt": prompt}))
             chosen = _ok(client.post("/api/personal/choose", json={
-                "question_id": asked["question_id"], "choice": taste.choose(asked["answers"], rng)}))
+                "question_id": asked["question_id"], "choice": taste.choose(prompt, asked["answers"], rng)}))
             pairs = chosen["pairs"]
             if chosen["training_queued"]:
                 self.queue.wait()
@@ -312,7 +379,8 @@ class PersonalDemo:
         keys = [p for p in prompts for _ in range(self.config.eval_samples)]
 
         def rate(judge: Taste, ours: Sequence[Answer], theirs: Sequence[Answer]) -> tuple[float, float, float]:
-            return win_rate([judge.score(a.text) for a in ours], [judge.score(a.text) for a in theirs], keys, topics)
+            return win_rate([judge.score(k, a.text) for k, a in zip(keys, ours, strict=True)],
+                            [judge.score(k, a.text) for k, a in zip(keys, theirs, strict=True)], keys, topics)
 
         others = {t.user: rate(t, mine, shared) for t in self.config.tastes if t.user != taste.user}
         kl = self.kl_to_base(adapter, keys, mine) if adapter else 0.0

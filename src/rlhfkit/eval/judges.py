@@ -66,12 +66,13 @@ class RelevanceJudge:
     higher_is_better = True
     independent = True
 
-    def __init__(self, model: str | None = None) -> None:
+    def __init__(self, model: str | None = None, encoder=None) -> None:
+        """``encoder``: that MiniLM already loaded (a SentenceTransformer), to share it instead of loading it again."""
         from sentence_transformers import SentenceTransformer
 
         from rlhfkit.reward.model import default_backbone
 
-        self.encoder = SentenceTransformer(model or default_backbone(), device="cpu")
+        self.encoder = encoder or SentenceTransformer(model or default_backbone(), device="cpu")
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
         if not completions:
