@@ -22,6 +22,8 @@ from rlhfkit.demo.personal import (
     win_rate,
     words,
 )
+from rlhfkit.generate import format_prompt
+from rlhfkit.models.toy_policy import CHAT_TEMPLATE
 from rlhfkit.personal.rerank import RerankConfig
 from rlhfkit.personal.train import PersonalDPOConfig
 
@@ -200,3 +202,17 @@ def test_a_run_dir_that_holds_a_run_or_is_a_file_is_refused_before_the_policy_lo
     monkeypatch.setattr(presets, "load_demo_policy", lambda *args: pytest.fail("the policy was loaded"))
     with pytest.raises(ValueError, match=r"run_dir: .* (holds an earlier personal demo|is a file)"):
         run_personal_demo(PersonalDemoConfig(run_dir=run), progress=False)
+
+
+@pytest.mark.parametrize("template", [CHAT_TEMPLATE, None])
+def test_the_demo_asks_the_shared_base_through_its_chat_template_when_it_has_one(tmp_path, template):
+    """The toy model answers after its template's "assistant:" turn; asked the bare question it continues the
+    question instead ("motivation back." for "Any tips for sleeping better?")."""
+    tokenizer = word_tokenizer()
+    tokenizer.chat_template = template
+    demo = PersonalDemo(PersonalDemoConfig(run_dir=tmp_path / "run"), build_tiny_causal(), tokenizer)
+    try:
+        seen = format_prompt("any tips", demo.models.tokenizer, demo.models.use_chat_template)
+    finally:
+        demo.queue.shutdown()
+    assert seen == ("user: any tips\nassistant:" if template else "any tips")

@@ -60,7 +60,7 @@ from rlhfkit.eval.judges import ProfanityJudge, RelevanceJudge
 from rlhfkit.eval.metrics import distinct_n, jackknife_interval
 from rlhfkit.feedback import service
 from rlhfkit.feedback.app import create_app
-from rlhfkit.generate import format_prompt
+from rlhfkit.generate import format_prompt, uses_chat_template
 from rlhfkit.models.policy import tokenize_completions
 from rlhfkit.models.toy_policy import toy_corpus
 from rlhfkit.personal import store
@@ -295,8 +295,10 @@ class PersonalDemo:
         check_run_dir(run)
         run.mkdir(parents=True, exist_ok=True)
         self.app = create_app(f"sqlite:///{run / 'personal.db'}")
+        # the toy model and SmolLM2 both answer after their chat template's "assistant" turn: without it the
+        # toy model continued the question itself ("motivation back." for "Any tips for sleeping better?")
         self.models = PersonalModels(policy, tokenizer, run / "adapters",
-                                     use_chat_template=config.policy == "smollm2")
+                                     use_chat_template=uses_chat_template(tokenizer, policy, None))
         settings = PersonalSettings(train_every=config.train_every, max_new_tokens=config.max_new_tokens,
                                     temperature=config.temperature,
                                     alternative_temperature=config.alternative_temperature,
