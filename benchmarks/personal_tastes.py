@@ -39,7 +39,7 @@ def look(samples: int = 4) -> None:
     """Spread of the base policy's answers in words, sentiment, '!', '?' and whether they answer the question
     (rlhfkit.demo.personal.answers_question, 1 or 0) over the training prompts."""
     policy, tokenizer, _ = load_demo_policy(DemoConfig(), False)
-    models = PersonalModels(policy, tokenizer, Path("/tmp/personal-tastes-look"))
+    models = PersonalModels(policy, tokenizer, Path("/tmp/personal-tastes-look"), use_chat_template=True)
     train, _, _ = demo_task_prompts(PersonalDemoConfig())
     prompts = train[:24]
     answers = [models.answer(p, None, 1.0, 40, seed=s).text.strip() for p in prompts for s in range(samples)]
@@ -60,7 +60,7 @@ def pick(costs: list[int], n: int = 8) -> None:
     learned it) vs 4 other base samples, on the held-out prompts: win rate under its own taste and the other's
     (specificity), the share that answers the question, and MiniLM relevance minus the shared samples'."""
     policy, tokenizer, _ = load_demo_policy(DemoConfig(), False)
-    models = PersonalModels(policy, tokenizer, Path("/tmp/personal-tastes-look"))
+    models = PersonalModels(policy, tokenizer, Path("/tmp/personal-tastes-look"), use_chat_template=True)
     _, held_out, topics = demo_task_prompts(PersonalDemoConfig())
     drawn = {q: [models.answer(q, None, 1.0, 40, seed=s).text.strip() for s in range(4 + n)] for q in held_out}
     keys = [q for q in held_out for _ in range(4)]
