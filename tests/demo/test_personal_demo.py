@@ -32,8 +32,9 @@ TINY_TASTES = [Taste("brief", "fewer words", lambda question, answer: -words(ans
                Taste("detailed", "more words", lambda question, answer: words(answer))]
 
 
-def result(user, win, other, round_=1, rerank=None, relevance=(0.0, -0.02, 0.02), not_offensive=(0.0, -0.01, 0.01)):
-    return RoundResult(user, round_, 10 * round_, 1, win, {"other": other}, kl=0.1, distinct_2=0.5,
+def result(user, win, other, round_=1, rerank=None, relevance=(0.0, -0.02, 0.02), not_offensive=(0.0, -0.01, 0.01),
+           distinct_2=0.5):
+    return RoundResult(user, round_, 10 * round_, 1, win, {"other": other}, kl=0.1, distinct_2=distinct_2,
                        distinct_2_shared=0.5, at_cap=0.0,
                        guards={"relevance": relevance, "not_offensive": not_offensive}, rerank=rerank,
                        vs_rerank=rerank and (0.5, 0.4, 0.6))
@@ -60,6 +61,11 @@ def test_the_verdict_says_learned_only_when_every_interval_is_above_half_and_spe
         in off_topic
     rude = verdict([result("a", above, against), result("b", above, against, not_offensive=(-0.2, -0.3, -0.1))])
     assert rude.startswith("NOT met") and "b: answers worse than the shared model's by not_offensive" in rude
+    kept = verdict([result("a", above, against, distinct_2=0.45), result("b", above, against)])
+    assert kept.startswith("learned")  # 0.9 × the shared model's 0.5
+    same_answer = verdict([result("a", above, against, distinct_2=0.44), result("b", above, against)])
+    assert same_answer.startswith("NOT met") and "a: answers less varied than the shared model's (distinct-2 0.440" \
+        in same_answer
 
 
 def test_the_judge_gap_is_the_mean_difference_with_a_topic_interval():

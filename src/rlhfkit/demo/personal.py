@@ -78,6 +78,7 @@ MIN_ANSWER_WORDS = 6  # a sentence naming the topic in fewer words says nothing 
 # of the base's samples 20 was the cost at which brief's answers stay as relevant as the shared model's and
 # neither model wins under the other taste (benchmarks/results/personal_tastes.md, run 37)
 UNANSWERED_WORDS = 20
+MIN_DIVERSITY = 0.9  # a personal model's distinct-2 ÷ the shared model's, at least (as the main demo's bar)
 SAMPLES_SHOWN = 3  # held-out answers of each user's model (next to the shared model's) in the report
 MEMORY_BUDGET_MB = 8 * 1024
 
@@ -272,8 +273,9 @@ def judge_gap(mine: Sequence[float], shared: Sequence[float], prompts: Sequence[
 def verdict(latest: Sequence[RoundResult]) -> str:
     """"learned" only when every user's win rate interval is above ½, specificity holds for every user, and
     no user's answers are worse than the shared model's by an independent judge (relevance to the question,
-    not offensive: a gap whose interval is entirely below 0). A taste won by answers that no longer address
-    the question, or insult the asker, is not learned."""
+    not offensive: a gap whose interval is entirely below 0), nor less varied: distinct-2 at least
+    MIN_DIVERSITY × the shared model's (the bar of `rlhfkit demo`). A taste won by answers that no longer
+    address the question, insult the asker, or repeat one answer to every question, is not learned."""
     failed = []
     for r in latest:
         wins, specific = learned(r.win_rate, r.specificity)
@@ -282,8 +284,11 @@ def verdict(latest: Sequence[RoundResult]) -> str:
         failed += [] if specific else [f"{r.user}: also wins under another user's taste"]
         failed += [f"{r.user}: answers worse than the shared model's by {name} ({gap:+.3f} [{low:+.3f}, {high:+.3f}])"
                    for name, (gap, low, high) in r.guards.items() if high < 0]
+        failed += [] if r.distinct_2 >= MIN_DIVERSITY * r.distinct_2_shared else [
+            f"{r.user}: answers less varied than the shared model's (distinct-2 {r.distinct_2:.3f} vs "
+            f"{r.distinct_2_shared:.3f}, below {MIN_DIVERSITY}×)"]
     return "learned: every user's model beats the shared one on their own taste, and only on theirs, " \
-        "with answers as relevant and as clean" if not failed else "NOT met: " + "; ".join(failed)
+        "with answers as relevant, as clean and as varied" if not failed else "NOT met: " + "; ".join(failed)
 
 
 class PersonalDemo:
