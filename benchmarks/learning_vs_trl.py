@@ -30,8 +30,10 @@ from scipy import stats
 
 HERE = Path(__file__).resolve().parent
 LAST_K = 5
-# side -> (which runner, extra rlhfkit arguments); "rlhfkit-completion": RLOO/GRPO with action=completion
-SIDES = {"trl": None, "rlhfkit": [], "rlhfkit-completion": ["--action", "completion"]}
+# side -> rl_workload.py's extra arguments (None: TRL's runner): rlhfkit's defaults (bf16 autocast where the CPU
+# has a bf16 unit), in fp32 as TRL, and with one ratio per completion (TRL's RLOO loss)
+SIDES = {"trl": None, "rlhfkit": [], "rlhfkit-fp32": ["--precision", "fp32"],
+         "rlhfkit-completion": ["--action", "completion"]}
 TRL_ONE_THREAD = """
 import runpy, sys
 sys.path.insert(0, sys.argv[1])

@@ -31,7 +31,7 @@ SAMPLER_SEED = 1000  # + step, before each step's sampling, on both sides
 RECORD_TRL_RUN = """
 import json, runpy, sys, torch, transformers, workload
 workload.NUM_THREADS = 1
-runner, out, calls, grad_norms = sys.argv[1], sys.argv[2], [], []
+runner, out, seed, calls, grad_norms = sys.argv[1], sys.argv[2], int(sys.argv[3]), [], []
 log = transformers.Trainer.log
 def logged(self, logs, *args, **kwargs):
     if "grad_norm" in logs:
@@ -41,7 +41,7 @@ transformers.Trainer.log = logged
 generate = transformers.GenerationMixin.generate
 def seeded(self, *args, **kwargs):
     prompt = kwargs.get("input_ids", args[0] if args else None)
-    torch.manual_seed(int(sys.argv[3]) + len(calls))
+    torch.manual_seed(seed + len(calls))
     output = generate(self, *args, **kwargs)
     calls.append({"prompt_ids": prompt.tolist(), "completion_ids": output[:, prompt.shape[1]:].tolist()})
     return output
