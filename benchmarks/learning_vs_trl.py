@@ -31,9 +31,9 @@ from scipy import stats
 HERE = Path(__file__).resolve().parent
 LAST_K = 5
 # side -> rl_workload.py's extra arguments (None: TRL's runner): rlhfkit's defaults (bf16 autocast where the CPU
-# has a bf16 unit), in fp32 as TRL, and with one ratio per completion (TRL's RLOO loss)
+# has a bf16 unit), in fp32 as TRL, with one ratio per completion (TRL's RLOO loss), sampling through `generate`
 SIDES = {"trl": None, "rlhfkit": [], "rlhfkit-fp32": ["--precision", "fp32"],
-         "rlhfkit-completion": ["--action", "completion"]}
+         "rlhfkit-completion": ["--action", "completion"], "rlhfkit-generate": ["--engine", "generate"]}
 TRL_ONE_THREAD = """
 import runpy, sys
 sys.path.insert(0, sys.argv[1])

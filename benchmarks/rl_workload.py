@@ -59,6 +59,8 @@ def main() -> None:
                         help="the trainers' precision (see rlhfkit/precision.py)")
     parser.add_argument("--action", choices=["token", "completion"], default=None,
                         help="GRPO/RLOO: the unit of the ratio and surrogate (rlhfkit.rl.grpo; default: the config's)")
+    parser.add_argument("--engine", choices=["rlhfkit", "generate"], default="rlhfkit",
+                        help="sample through rlhfkit's rollout engine or through transformers' generate")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: the workload's NUM_THREADS); learning does not depend on it")
     args = parser.parse_args()
@@ -85,6 +87,10 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])
     policy = AutoModelForCausalLM.from_pretrained(paths["policy"])
     gen = B.GenStats()
+    if args.engine == "generate":
+        from rlhfkit.models import engine
+
+        engine.ENGINE = engine.generate_sampling
     instrument_engine(gen)
     out = tempfile.mkdtemp(prefix="rlhfkit-bench-")
 
@@ -127,7 +133,8 @@ def main() -> None:
                             t_train_begin=trained, t_train_end=time.perf_counter())
     B.finish(f"rlhfkit_{args.algo}", timer, wl.warmup_steps_excluded,
              {"workload": args.algo, "seed": seed, "params": B.param_count(policy),
-              "precision": str(trainer.precision), "action": getattr(trainer.config, "action", None)},
+              "precision": str(trainer.precision), "action": getattr(trainer.config, "action", None),
+              "engine": args.engine},
              TRENDS[args.algo], gen=gen, t_start=t_start)
 
 
