@@ -57,12 +57,19 @@ def main() -> None:
                              "initial weights and data stay the workload's")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="the trainers' precision (see rlhfkit/precision.py)")
+    parser.add_argument("--action", choices=["token", "completion"], default=None,
+                        help="GRPO/RLOO: the unit of the ratio and surrogate (rlhfkit.rl.grpo; default: the config's)")
+    parser.add_argument("--engine", choices=["rlhfkit", "generate"], default="rlhfkit",
+                        help="sample through rlhfkit's rollout engine or through transformers' generate")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: the workload's NUM_THREADS); learning does not depend on it")
     args = parser.parse_args()
     sys.path.insert(0, args.bench_dir)
     import bench_common as B
     import workload as W
 
     seed = W.SEED if args.seed is None else args.seed
+    W.NUM_THREADS = args.threads or W.NUM_THREADS
 
     B.setup_process()
     t_start = time.perf_counter()
@@ -80,6 +87,10 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])
     policy = AutoModelForCausalLM.from_pretrained(paths["policy"])
     gen = B.GenStats()
+    if args.engine == "generate":
+        from rlhfkit.models import engine
+
+        engine.ENGINE = engine.generate_sampling
     instrument_engine(gen)
     out = tempfile.mkdtemp(prefix="rlhfkit-bench-")
 
@@ -112,6 +123,7 @@ def main() -> None:
             wl = W.GRPO if args.algo == "grpo" else W.RLOO
             group = dict(steps=wl.steps, batch_size=wl.prompts_per_step, group_size=wl.generations_per_prompt,
                          epochs=wl.num_iterations, clip_eps=wl.epsilon, kl_coef=wl.beta, **common)
+            group |= {"action": args.action} if args.action else {}
             config = GRPOConfig(**group) if args.algo == "grpo" else rloo_config(**group)
             trainer = GRPOTrainer(config, policy, tokenizer, reward, W.prompts())
         trained = time.perf_counter()
@@ -121,7 +133,9 @@ def main() -> None:
                             t_train_begin=trained, t_train_end=time.perf_counter())
     B.finish(f"rlhfkit_{args.algo}", timer, wl.warmup_steps_excluded,
              {"workload": args.algo, "seed": seed, "params": B.param_count(policy),
-              "precision": str(trainer.precision)}, TRENDS[args.algo], gen=gen, t_start=t_start)
+              "precision": str(trainer.precision), "action": getattr(trainer.config, "action", None),
+              "engine": args.engine},
+             TRENDS[args.algo], gen=gen, t_start=t_start)
 
 
 if __name__ == "__main__":

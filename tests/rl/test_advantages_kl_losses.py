@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rlhfkit.rl.advantages import gae, group_normalized, leave_one_out, whiten
-from rlhfkit.rl.grpo import kl_loss_term
+from rlhfkit.rl.grpo import GRPOConfig, clipped_surrogate, kl_loss_term, rloo_config
 from rlhfkit.rl.kl import KL_ESTIMATORS, KLController, kl_estimator
 from rlhfkit.rl.ppo import PPOConfig, ppo_losses
 
@@ -80,6 +80,43 @@ def test_the_importance_weighted_k3_term_has_the_gradient_of_kl_policy_to_refere
     assert torch.allclose(_expected_kl_term_gradient(True, logits, ref), theta.grad, atol=1e-6)
     assert torch.allclose(_expected_kl_term_gradient(False, logits, ref), reverse.grad, atol=1e-6)
     assert not torch.allclose(theta.grad, reverse.grad, atol=1e-3)
+
+
+def _surrogate_gradient(action: str, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """∂L/∂log π_θ(y_t) of the loss the trainer takes for ``action``, at π_θ = π_θ_old."""
+    logprobs = torch.zeros_like(mask).requires_grad_(True)
+    surrogate, _ = clipped_surrogate(logprobs, torch.zeros_like(mask), advantages, mask, 0.2, action)
+    per_completion = surrogate if action == "completion" else (surrogate * mask).sum(1) / mask.sum(1)
+    (-per_completion.mean()).backward()
+    return logprobs.grad
+
+
+def test_a_completion_action_weighs_every_token_by_its_advantage_a_token_action_by_advantage_over_length():
+    """At ρ = 1: "completion" is REINFORCE, −A_i/G on each of the completion's tokens; "token" divides by |y_i|."""
+    advantages = torch.tensor([1.0, -2.0])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])  # lengths 4 and 2
+    completion = _surrogate_gradient("completion", advantages, mask)
+    token = _surrogate_gradient("token", advantages, mask)
+    assert torch.allclose(completion, -advantages.unsqueeze(1) / 2 * mask)
+    assert torch.allclose(token, -advantages.unsqueeze(1) / 2 * mask / mask.sum(1, keepdim=True))
+
+
+def test_a_completion_ratio_is_the_product_of_its_token_ratios_and_is_clipped_as_one():
+    """Two tokens at ratio 1.15 each: no token is clipped (ε = 0.2), the completion's 1.3225 is."""
+    mask = torch.ones(1, 2)
+    logprobs = torch.full((1, 2), math.log(1.15), requires_grad=True)
+    surrogate, ratio = clipped_surrogate(logprobs, torch.zeros(1, 2), torch.ones(1), mask, 0.2, "completion")
+    assert ratio.item() == pytest.approx(1.15 ** 2) and surrogate.item() == pytest.approx(1.2)
+    surrogate.sum().backward()
+    assert torch.all(logprobs.grad == 0)  # clipped on the side of a positive advantage: no gradient
+    per_token, ratio = clipped_surrogate(logprobs.detach(), torch.zeros(1, 2), torch.ones(1), mask, 0.2, "token")
+    assert torch.allclose(ratio, torch.full((1, 2), 1.15)) and torch.allclose(per_token, ratio)
+
+
+def test_a_completion_action_refuses_a_kl_term_in_the_loss_by_field():
+    with pytest.raises(ValueError, match="field 'action': 'completion' needs the KL in the reward"):
+        GRPOConfig(action="completion")
+    assert rloo_config(action="completion").action == "completion"
 
 
 def test_adaptive_kl_controller_moves_beta_towards_the_target():

@@ -4,6 +4,7 @@ while the KL to the reference stays bounded; DPO must raise the held-out chosen-
 import itertools
 import json
 import random
+from functools import partial
 
 import pytest
 import torch
@@ -44,7 +45,8 @@ def test_ppo_raises_reward_with_bounded_kl(family, tmp_path):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
-@pytest.mark.parametrize("make_config", [GRPOConfig, rloo_config], ids=["grpo", "rloo"])
+@pytest.mark.parametrize("make_config", [GRPOConfig, rloo_config, partial(rloo_config, action="completion")],
+                         ids=["grpo", "rloo", "rloo-completion"])
 def test_group_methods_raise_reward_with_bounded_kl(make_config, tmp_path):
     config = make_config(steps=30, batch_size=8, group_size=4, lr=3e-3, max_new_tokens=8, output_dir=str(tmp_path))
     history = GRPOTrainer(config, build_tiny_causal(), word_tokenizer(), REWARD, PROMPTS).train()

@@ -21,6 +21,18 @@ RLOO (Ahmadian et al. 2024), ``advantage="rloo"``, ``kl_penalty="reward"``:
 
 with ρ_t = π_θ(y_t) / π_θ_old(y_t) (1 on the first of ``epochs`` passes, where the gradient is the
 plain policy gradient).
+
+``action="completion"`` treats the whole completion as one action, as the RLOO paper and TRL's
+``RLOOTrainer`` do (KL in the reward only):
+
+    ρ_i = exp Σ_t (log π_θ(y_t) − log π_θ_old(y_t))            one ratio per completion
+    L = −1/G Σ_i min(ρ_i A_i, clip(ρ_i, 1−ε, 1+ε) A_i)
+
+At ρ = 1 its gradient is −1/G Σ_i A_i Σ_t ∇log π_θ(y_t), the REINFORCE estimator of ∇E[R]; the
+default ``"token"`` gives each completion −A_i/|y_i| Σ_t ∇log π_θ(y_t): the same direction at equal
+lengths, |y_i| times smaller (so gradient clipping and Adam see other magnitudes), and shorter
+completions weighted more when lengths differ. Over several ``epochs`` the completion's ratio leaves
+[1−ε, 1+ε] sooner than any one token's.
 """
 
 from __future__ import annotations
@@ -49,6 +61,9 @@ class GRPOConfig(RLConfig):
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     kl_importance_weight: bool = True  # GRPO's KL term times ρ_t: the gradient of KL(π_θ ‖ π_ref) (module docstring)
     scale_rewards: bool = True  # GRPO: divide by the group's std
+    # the unit of the ratio and the surrogate: each token (per-sequence mean of per-token terms) or the whole
+    # completion (TRL's RLOOTrainer; KL in the reward only). See the module docstring.
+    action: Literal["token", "completion"] = "token"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -61,6 +76,8 @@ class GRPOConfig(RLConfig):
         require(self.minibatch_size == 0 or rollout % self.minibatch_size == 0, "minibatch_size",
                 f"{self.minibatch_size} does not divide the rollout's batch_size × group_size = {rollout} completions")
         require(self.clip_eps > 0, "clip_eps", "must be positive")
+        require(self.action == "token" or self.kl_penalty == "reward", "action",
+                "'completion' needs the KL in the reward (kl_penalty: reward): the loss's KL term is per token")
 
 
 RLOO_DEFAULTS = {"advantage": "rloo", "kl_penalty": "reward", "kl_estimator": "k1", "kl_coef": 0.05}
@@ -77,6 +94,18 @@ def kl_loss_term(kl: KLEstimator, logprobs: torch.Tensor, ratio: torch.Tensor, r
     ρ_t = π_θ(y_t) / π_θ_old(y_t) carries the gradient (its value is 1 on a rollout's first pass)."""
     per_token = kl(logprobs, ref_logprobs)
     return per_token * ratio if importance_weight else per_token
+
+
+def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                      mask: torch.Tensor, clip_eps: float, action: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min(ρ A, clip(ρ, 1−ε, 1+ε) A), ρ) per token [B, T] for ``action="token"``, per completion [B] with
+    ρ_i = exp Σ_t (log π_θ − log π_θ_old) for ``"completion"``; ``advantages`` [B], one per completion."""
+    log_ratio = logprobs - old_logprobs
+    if action == "completion":
+        ratio, advantages = torch.exp((log_ratio * mask).sum(dim=1)), advantages
+    else:
+        ratio, advantages = torch.exp(log_ratio), advantages.unsqueeze(1)
+    return torch.min(ratio * advantages, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages), ratio
 
 
 class GRPOTrainer(OnPolicyTrainer):
@@ -112,18 +141,21 @@ class GRPOTrainer(OnPolicyTrainer):
         for _ in range(cfg.epochs):
             for mb in self.minibatches(len(rollout.batch), size, mask.device):
                 logprobs, entropy, _ = reused or self.actor(rollout.batch[mb], self.sampling)
-                ratio = torch.exp(logprobs - rollout.logprobs[mb])
-                adv = advantages[mb].unsqueeze(1)
-                per_token = torch.min(ratio * adv, torch.clamp(ratio, 1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv)
-                if cfg.kl_penalty == "loss":
-                    per_token = per_token - beta * kl_loss_term(self.kl, logprobs, ratio, rollout.ref_logprobs[mb],
-                                                                cfg.kl_importance_weight)
-                loss = -masked_mean(per_token, mask[mb], dim=1).mean()  # per-sequence mean, then mean
+                surrogate, ratio = clipped_surrogate(logprobs, rollout.logprobs[mb], advantages[mb], mask[mb],
+                                                     cfg.clip_eps, cfg.action)
+                clipped = ((ratio - 1).abs() > cfg.clip_eps).float()
+                if cfg.action == "completion":
+                    loss, clipfrac = -surrogate.mean(), clipped.mean()
+                else:
+                    if cfg.kl_penalty == "loss":
+                        surrogate = surrogate - beta * kl_loss_term(self.kl, logprobs, ratio, rollout.ref_logprobs[mb],
+                                                                    cfg.kl_importance_weight)
+                    loss = -masked_mean(surrogate, mask[mb], dim=1).mean()  # per-sequence mean, then mean
+                    clipfrac = masked_mean(clipped, mask[mb])
                 grad_norm = self.optimizer_step(loss)
                 with torch.no_grad():
                     for key, value in {"loss/policy": loss, "policy/entropy": masked_mean(entropy, mask[mb]),
-                                       "policy/clipfrac": masked_mean(((ratio - 1).abs() > cfg.clip_eps).float(),
-                                                                      mask[mb]),
+                                       "policy/clipfrac": clipfrac,
                                        "policy/grad_norm": torch.tensor(grad_norm)}.items():
                         stats.setdefault(key, []).append(value)
         return {

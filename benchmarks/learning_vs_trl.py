@@ -1,0 +1,186 @@
+"""Does rlhfkit's GRPO / RLOO learn at least as well as TRL's? Both sides over N seeds, learning only.
+
+For each seed and workload, TRL's runner (``trl_seeded.py`` around ``../shared/bench/run_<algo>.py``) and
+rlhfkit's (``rl_workload.py``) run one after the other with 1 torch thread (learning does not depend on
+the machine's load; step times are not looked at). Each run's result goes to ``--runs/<algo>/<side>/<seed>/``;
+a run whose result is there already is not run again, so an interrupted comparison continues where it
+stopped. Per workload and side it takes each seed's mean reward over the last 5 steps, x_s, and prints
+
+    mean x̄ of each side, and Δ = x̄_rlhfkit − x̄_TRL with its 95% Welch interval
+    Δ ± t_{0.975, ν} · √(s²_r/n_r + s²_T/n_T),   ν = (s²_r/n_r + s²_T/n_T)² / Σ (s²/n)² / (n − 1)
+
+(the seeds of the two sides are unpaired: each side draws its own prompt order and samples). The verdict
+reads the interval: "below" when it lies under 0, "above" over 0, else "no difference found" with the
+smallest Δ the data allow. Everything goes to a new ``benchmarks/results/learning_vs_trl-<UTC time>.json``.
+
+    PYTHONPATH=src python benchmarks/learning_vs_trl.py --seeds 8 [--algos grpo,rloo] [--sides trl,rlhfkit]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from scipy import stats
+
+HERE = Path(__file__).resolve().parent
+LAST_K = 5
+# side -> rl_workload.py's extra arguments (None: TRL's runner): rlhfkit's defaults (bf16 autocast where the CPU
+# has a bf16 unit), in fp32 as TRL, with one ratio per completion (TRL's RLOO loss), sampling through `generate`
+SIDES = {"trl": None, "rlhfkit": [], "rlhfkit-fp32": ["--precision", "fp32"],
+         "rlhfkit-completion": ["--action", "completion"], "rlhfkit-generate": ["--engine", "generate"]}
+TRL_ONE_THREAD = """
+import runpy, sys
+sys.path.insert(0, sys.argv[1])
+import workload
+workload.NUM_THREADS = 1
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def command(side: str, algo: str, seed: int, bench_dir: Path, trl_venv: Path) -> list[str]:
+    if side == "trl":
+        return [str(trl_venv / "bin" / "python"), "-c", TRL_ONE_THREAD, str(bench_dir), str(HERE / "trl_seeded.py"),
+                str(seed), str(bench_dir / f"run_{algo}.py")]
+    return [sys.executable, str(HERE / "rl_workload.py"), algo, "--seed", str(seed), "--bench-dir", str(bench_dir),
+            "--threads", "1", *SIDES[side]]
+
+
+def last_k_rewards(result: dict) -> float:
+    """The mean reward over the last LAST_K steps of one runner's result (TRL's or rlhfkit's key)."""
+    series = (result["trends"].get("reward") or result["trends"]["reward/score"])["series"]
+    return statistics.mean(series[-LAST_K:])
+
+
+def first_k_rewards(result: dict) -> float:
+    series = (result["trends"].get("reward") or result["trends"]["reward/score"])["series"]
+    return statistics.mean(series[:LAST_K])
+
+
+def welch_interval(ours: list[float], theirs: list[float], confidence: float = 0.95) -> dict:
+    """Δ = mean(ours) − mean(theirs) and its Welch t interval (unequal variances, unpaired samples)."""
+    test = stats.ttest_ind(ours, theirs, equal_var=False)
+    low, high = test.confidence_interval(confidence)
+    return {"difference": statistics.mean(ours) - statistics.mean(theirs), "low": float(low), "high": float(high),
+            "confidence": confidence, "p_value": float(test.pvalue)}
+
+
+def verdict(interval: dict) -> str:
+    """What the interval of Δ = rlhfkit − TRL says about "rlhfkit learns at least as well as TRL"."""
+    if interval["high"] < 0:
+        return f"below TRL: Δ ≤ {interval['high']:+.4f} at {interval['confidence']:.0%}"
+    if interval["low"] > 0:
+        return f"above TRL: Δ ≥ {interval['low']:+.4f} at {interval['confidence']:.0%}"
+    return (f"no difference found: Δ {interval['difference']:+.4f}, between {interval['low']:+.4f} and "
+            f"{interval['high']:+.4f} at {interval['confidence']:.0%}")
+
+
+def summary(runs: dict[str, dict[str, dict[int, dict]]]) -> dict:
+    """Per workload: each side's per-seed first/last-5 rewards and mean, and each rlhfkit side against TRL."""
+    out = {}
+    for algo, sides in runs.items():
+        per_side = {side: {"seeds": sorted(results),
+                           "first5": [first_k_rewards(results[s]) for s in sorted(results)],
+                           "last5": [last_k_rewards(results[s]) for s in sorted(results)]}
+                    for side, results in sides.items() if results}
+        for values in per_side.values():
+            values["mean_last5"] = statistics.mean(values["last5"])
+        against = {}
+        for side, values in per_side.items():
+            if side != "trl" and "trl" in per_side and min(len(values["last5"]), len(per_side["trl"]["last5"])) >= 2:
+                interval = welch_interval(values["last5"], per_side["trl"]["last5"])
+                against[side] = interval | {"verdict": verdict(interval)}
+        out[algo] = {"sides": per_side, "against_trl": against}
+    return out
+
+
+def table(result: dict) -> str:
+    """Markdown: one row per seed with every side's first 5 → last 5 mean reward, then the means."""
+    lines = []
+    for algo, entry in result.items():
+        sides = entry["sides"]
+        seeds = sorted({s for v in sides.values() for s in v["seeds"]})
+        lines += [f"{algo.upper()}", "", "| seed | " + " | ".join(sides) + " |", "|---|" + "---|" * len(sides)]
+        for seed in seeds:
+            cells = []
+            for values in sides.values():
+                i = values["seeds"].index(seed) if seed in values["seeds"] else None
+                cells.append("–" if i is None else f"{values['first5'][i]:.4f} → {values['last5'][i]:.4f}")
+            lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+        lines.append("| mean last 5 | " + " | ".join(f"{v['mean_last5']:.4f} (n={len(v['last5'])})"
+                                                   for v in sides.values()) + " |")
+        lines += [""] + [f"{side} − trl: {c['verdict']} (Welch p = {c['p_value']:.2f})"
+                         for side, c in entry["against_trl"].items()] + [""]
+    return "\n".join(lines)
+
+
+def collect(runs_dir: Path, algos: list[str], sides: list[str]) -> dict[str, dict[str, dict[int, dict]]]:
+    """Every finished run's result under ``runs_dir``, by workload, side and seed."""
+    runs: dict[str, dict[str, dict[int, dict]]] = {}
+    for algo in algos:
+        for side in sides:
+            found = {int(p.parent.name): json.loads(p.read_text())
+                     for p in (runs_dir / algo / side).glob("*/*.json")}
+            runs.setdefault(algo, {})[side] = found
+    return runs
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cache = Path.home() / ".cache" / "rlhf-bench"
+    parser.add_argument("--seeds", type=int, default=8, help="seeds SEED, SEED + 1, ... per side")
+    parser.add_argument("--algos", default="grpo,rloo")
+    parser.add_argument("--sides", default="trl,rlhfkit", help=f"among {', '.join(SIDES)}")
+    parser.add_argument("--runs", type=Path, default=cache / "learning", help="each run's result folder")
+    parser.add_argument("--collect-only", action="store_true", help="run nothing; summarise the runs there")
+    parser.add_argument("--bench-dir", type=Path, default=HERE.parents[1] / "shared" / "bench")
+    parser.add_argument("--trl-venv", type=Path, default=cache / "venv-trl")
+    parser.add_argument("--results", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+    algos, sides = args.algos.split(","), args.sides.split(",")
+    unknown = sorted(set(algos) - {"grpo", "rloo"}) + sorted(set(sides) - set(SIDES))
+    if unknown:
+        parser.error(f"unknown workload or side: {', '.join(unknown)}")
+    sys.path.insert(0, str(args.bench_dir))
+    import workload as W
+
+    sys.path.insert(0, str(HERE))
+    from compare_trl import run_one
+
+    failed = 0
+    for seed in [] if args.collect_only else [W.SEED + i for i in range(args.seeds)]:
+        for algo in algos:
+            for side in sides:
+                folder = args.runs / algo / side / str(seed)
+                if list(folder.glob("*.json")):
+                    continue
+                print(f"{algo} seed {seed}: {side} ...", flush=True)
+                shutil.rmtree(folder, ignore_errors=True)  # an interrupted run's leftovers
+                folder.parent.mkdir(parents=True, exist_ok=True)
+                result = run_one(command(side, algo, seed, args.bench_dir, args.trl_venv), folder,
+                                 folder.parent / f"{seed}.log")
+                if "failed" in result:
+                    failed += 1
+                    print(f"  FAILED: {result['failed']}", flush=True)
+    runs = collect(args.runs, algos, sides)
+    result = summary(runs)
+    text = table(result)
+    args.results.mkdir(parents=True, exist_ok=True)
+    path = args.results / f"learning_vs_trl-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+    path.write_text(json.dumps({"last_k": LAST_K, "summary": result, "table": text,
+                                "series": {a: {s: {seed: r["trends"] for seed, r in by_seed.items()}
+                                               for s, by_seed in sides_.items()} for a, sides_ in runs.items()}},
+                               indent=1))
+    print(text)
+    print(f"written {path}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
