@@ -292,3 +292,18 @@ def test_a_training_whose_starting_point_a_deletion_removes_is_trained_again_fro
     assert models.version_info(user_owner(bob_id), 1)["start"] == "base"
     assert models.versions(user_owner(bob_id)) == [1] and not (models.folder / POPULATION / "v1").exists()
     assert not [n for n in models.adapter_names() if n.startswith("population-")]
+
+
+@pytest.mark.parametrize("users", ['{"users": ["1"]}', '{"users": 1}', '{"users": null}', '{"users": "1, 2"}',
+                                   "[1, 2]", "{not json", None])
+def test_a_population_version_whose_users_are_hand_edited_or_unreadable_is_removed_at_any_deletion(models, users):
+    """Without a readable list of user ids, a population version may hold anyone's pairs: a deletion removes it,
+    and the user versions that started from it (their own start unreadable too), never a traceback."""
+    train_version(models, POPULATION, PAIRS, FAST, users=[1, 2])
+    train_version(models, user_owner(2), PAIRS, FAST)
+    train_version(models, user_owner(3), PAIRS, FAST)
+    recorded = models.folder / POPULATION / "v1" / "version.json"
+    recorded.unlink() if users is None else recorded.write_text(users)
+    (models.folder / "user-3" / "v1" / "version.json").write_text('{"start": 7}')
+    assert models.forget(1) == Forgotten(population=[1], started_from_them={2: [1], 3: [1]})
+    assert models.versions(POPULATION) == [] and models.adapter(user_owner(2)) is None

@@ -16,7 +16,8 @@ latest version on disk, whoever published it (read again at every answer). Publi
 hold ``FOLDER/.locks/versions.lock`` for the moment they take.
 
 Deletion: a user's deletion removes their versions, every population version trained on their pairs (its
-``version.json`` lists the ``users`` whose pairs it was trained on; one without that list may hold anyone's),
+``version.json`` lists the ``users`` whose pairs it was trained on; one without that list, or with one that is
+not a list of ids, may hold anyone's),
 and every user's version that started from one of those (its weights began as the population's). A removed
 version leaves ``vN.removed`` (why, no weights), so that its number is not given again and the owner's page
 says what happened; a training whose starting point is removed meanwhile is refused at publish
@@ -266,7 +267,10 @@ class PersonalModels:
         """Every adapter of the user, on disk and in memory, gone (a training of theirs finishes first), and
         every adapter trained on their pairs (a population training running now finishes first): the
         population versions whose ``users`` include them or are not recorded, and every user's version that
-        started from one of those. The caller trains those owners again (their pairs remain)."""
+        started from one of those. A ``version.json`` missing, not JSON or hand-edited (``users`` not a list of
+        ids, ``start`` not a name) is unknown: such a population version may hold anyone's pairs, such a user's
+        version may have started from any removed one; both go. The caller trains those owners again (their
+        pairs remain)."""
         owner = user_owner(user_id)
         with self.training_of(owner), self.training_of(POPULATION), self._versions_lock, self.lock:
             self._drop(owner)
@@ -276,18 +280,29 @@ class PersonalModels:
                 shutil.rmtree(self.folder / owner)  # an error here is loud: the user was told "deleted"
             (self.folder / LOCKS / f"{owner}.lock").unlink(missing_ok=True)  # held: a waiter takes a new one
             population = [v for v in self.versions(POPULATION)
-                          if user_id in self.version_info(POPULATION, v).get("users", [user_id])]
+                          if user_id in self._recorded(POPULATION, v, "users", list, [user_id])]
             for version in population:
                 self._remove_version(POPULATION, version, DELETED_USERS_PAIRS)
             removed = {f"{POPULATION}-v{v}" for v in population}
             started_from_them: dict[int, list[int]] = {}
             for other in sorted(int(m.group(1)) for p in self.folder.iterdir() if (m := USER_FOLDER.fullmatch(p.name))):
                 for version in self.versions(user_owner(other)):
-                    start = self.version_info(user_owner(other), version)["start"]
+                    start = self._recorded(user_owner(other), version, "start", str, next(iter(removed), "base"))
                     if start in removed:
                         self._remove_version(user_owner(other), version, f"started from {start}, {DELETED_USERS_PAIRS}")
                         started_from_them.setdefault(other, []).append(version)
         return Forgotten(population, started_from_them)
+
+    def _recorded(self, owner: str, version: int, field: str, kind: type, unknown: object) -> object:
+        """``field`` of OWNER's version.json when it is a ``kind`` (a list: of user ids, ints); ``unknown`` when
+        the file is missing, not JSON, or the field is absent or hand-edited to another type."""
+        try:
+            value = self.version_info(owner, version).get(field)
+        except (OSError, ValueError, AttributeError):  # AttributeError: JSON that is not an object
+            return unknown
+        if kind is list and isinstance(value, list) and all(type(u) is int for u in value):
+            return value
+        return value if kind is not list and isinstance(value, kind) else unknown
 
     def _remove_version(self, owner: str, version: int, why: str) -> None:
         """OWNER's version gone from memory and disk, leaving the note ``vN.removed`` (why)."""
