@@ -307,3 +307,22 @@ def test_a_population_version_whose_users_are_hand_edited_or_unreadable_is_remov
     (models.folder / "user-3" / "v1" / "version.json").write_text('{"start": 7}')
     assert models.forget(1) == Forgotten(population=[1], started_from_them={2: [1], 3: [1]})
     assert models.versions(POPULATION) == [] and models.adapter(user_owner(2)) is None
+
+
+def test_a_process_holding_a_version_in_memory_serves_the_new_one_when_its_number_is_given_again(models):
+    """Another process (B) loaded user 1's v1 and population v1. User 1's deletion (A) removes their folder, so
+    their next version is v1 again; a hand-deleted ``v1.removed`` gives the population's number again too.
+    B must not keep answering from the removed weights under the same names."""
+    other = PersonalModels(build_tiny_causal(), word_tokenizer(), models.folder)
+    train_version(models, POPULATION, PAIRS, FAST, users=[1])
+    train_version(models, user_owner(1), PAIRS, FAST)
+    assert other.adapter(user_owner(1)) == "user-1-v1" and other.adapter(POPULATION) == "population-v1"
+    models.forget(1)
+    (models.folder / POPULATION / "v1.removed").unlink()
+    train_version(models, POPULATION, PAIRS[:1], PersonalDPOConfig(epochs=1, batch_size=1, lr=1e-3))
+    train_version(models, user_owner(1), PAIRS[:1], PersonalDPOConfig(epochs=1, batch_size=1, lr=1e-3))
+    for name in ("population-v1", "user-1-v1"):
+        owner = name.rsplit("-v", 1)[0]
+        assert other.adapter(owner) == name
+        served, new = lora_weights(other, name), lora_weights(models, name)
+        assert all(torch.equal(w, new[k]) for k, w in served.items()), name

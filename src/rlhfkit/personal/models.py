@@ -109,7 +109,8 @@ class PersonalModels:
         self.lock = threading.RLock()  # the active adapter and every forward pass
         self._owner_locks: dict[str, FileLock] = {}
         self._versions_lock = FileLock(self.folder / LOCKS / "versions.lock")
-        self._loaded: OrderedDict[str, int] = OrderedDict()  # owner → version in memory, least recently used first
+        # owner → the version in memory (number, weights file's inode and mtime), least recently used first
+        self._loaded: OrderedDict[str, tuple[int, int, int]] = OrderedDict()
         self.max_in_memory = max_in_memory  # users' adapters kept loaded; the least recently used is dropped
 
     # ------------------------------------------------------------ versions on disk
@@ -155,13 +156,24 @@ class PersonalModels:
             version = self.version(owner)
             if version == 0:
                 return None
-            if self._loaded.get(owner) != version:
+            if self._loaded.get(owner) != self._on_disk(owner, version):
                 self._load(owner, version)
             self._loaded.move_to_end(owner)
             return f"{owner}-v{version}"
 
+    def _on_disk(self, owner: str, version: int) -> tuple[int, int, int]:
+        """What tells OWNER's version on disk from an earlier one of the same number (given again after the
+        owner's deletion, or after a hand-deleted ``vN.removed``, by whichever process): (number, the weights
+        file's inode, its modification time in ns); (number, 0, 0) when it was removed meanwhile."""
+        try:
+            weights = (self.folder / owner / f"v{version}" / "adapter_model.safetensors").stat()
+        except FileNotFoundError:
+            return version, 0, 0
+        return version, weights.st_ino, weights.st_mtime_ns
+
     def _load(self, owner: str, version: int) -> None:
         name, path = f"{owner}-v{version}", self.folder / owner / f"v{version}"
+        self._drop(owner)  # its name may be this one's: an earlier version of the same number
         self.model.add_adapter(name, LoraConfig.from_pretrained(path))
         set_peft_model_state_dict(self.model, load_file(path / "adapter_model.safetensors"), adapter_name=name)
         self._keep(owner, version)
@@ -169,15 +181,17 @@ class PersonalModels:
     def _keep(self, owner: str, version: int) -> None:
         """OWNER's adapter in memory is now ``version`` (the previous one dropped), the most recently used;
         past ``max_in_memory`` users, the least recently used is dropped (reloaded from disk when next used)."""
-        self._drop(owner)
-        self._loaded[owner] = version
+        if self._loaded.get(owner, (0,))[0] != version:
+            self._drop(owner)
+        self._loaded.pop(owner, None)
+        self._loaded[owner] = self._on_disk(owner, version)
         users = [o for o in self._loaded if o != POPULATION]
         for least_used in users[:max(0, len(users) - self.max_in_memory)]:
             self._drop(least_used)
 
     def _drop(self, owner: str) -> None:
         if owner in self._loaded:
-            self.delete_adapter(f"{owner}-v{self._loaded.pop(owner)}")
+            self.delete_adapter(f"{owner}-v{self._loaded.pop(owner)[0]}")
 
     def delete_adapter(self, name: str) -> None:
         with self.lock:
@@ -306,7 +320,7 @@ class PersonalModels:
 
     def _remove_version(self, owner: str, version: int, why: str) -> None:
         """OWNER's version gone from memory and disk, leaving the note ``vN.removed`` (why)."""
-        if self._loaded.get(owner) == version:
+        if self._loaded.get(owner, (0,))[0] == version:
             self._drop(owner)
         self.delete_adapter(f"{owner}-v{version}")
         shutil.rmtree(self.folder / owner / f"v{version}")
