@@ -1,11 +1,16 @@
 """One base in memory, an adapter per user: served per request, versioned on disk, trained by DPO, forgotten."""
 
+import threading
+
 import pytest
 import torch
 
 from conftest import build_tiny_causal, word_tokenizer
 from rlhfkit.data.records import PreferencePair
+from rlhfkit.feedback import db as feedback_db
+from rlhfkit.feedback import service
 from rlhfkit.models.update import TrainingDiverged
+from rlhfkit.personal import store
 from rlhfkit.personal import train as personal_train
 from rlhfkit.personal.models import POPULATION, Forgotten, PersonalModels, user_owner
 from rlhfkit.personal.train import PersonalDPOConfig, train_version
@@ -22,6 +27,39 @@ def models(tmp_path):
 
 def lora_weights(models, adapter):
     return {n: p.detach().clone() for n, p in models.model.named_parameters() if f".{adapter}." in n}
+
+
+def users_who_chose(tmp_path, *names):
+    """A feedback database where each named user chose the first answer of every pair of PAIRS: (sessions, ids)."""
+    sessions = feedback_db.session_factory(str(tmp_path / "feedback.db"))
+    with sessions() as db:
+        users = [service.create_user(db, name, password=f"{name}-password") for name in names]
+        for user in users:
+            for pair in PAIRS:
+                row = store.record_question(db, user, pair.prompt, (pair.chosen, pair.rejected), ("base", "base"))
+                store.record_choice(db, user, row.id, "a")
+        return sessions, [user.id for user in users]
+
+
+def first_training_held(monkeypatch):
+    """(started, release): the first training to reach its DPO steps waits there until ``release`` is set."""
+    started, release, optimise = threading.Event(), threading.Event(), personal_train._optimise
+
+    def held_once(*args):
+        if not started.is_set():
+            started.set()
+            release.wait(30)
+        return optimise(*args)
+
+    monkeypatch.setattr(personal_train, "_optimise", held_once)
+    return started, release
+
+
+def delete_everything_of(sessions, models, user_id):
+    """What the API's deletion does: the user's choices, then their adapters and those trained on them."""
+    with sessions() as db:
+        store.delete_user_data(db, db.get(service.User, user_id))
+    return models.forget(user_id)
 
 
 def test_a_trained_version_is_saved_whole_and_served_to_its_user_only(models):
@@ -109,52 +147,28 @@ def test_answers_come_from_the_requested_adapter(models):
 
 
 def test_deleting_a_user_during_their_training_waits_for_it_and_leaves_nothing(models, tmp_path, monkeypatch):
-    import threading
-
-    from rlhfkit.feedback import db as feedback_db
-    from rlhfkit.feedback import service
-    from rlhfkit.personal import store
-
-    sessions = feedback_db.session_factory(str(tmp_path / "feedback.db"))
-    with sessions() as db:
-        ann = service.create_user(db, "ann", password="ann-password")
-        for pair in PAIRS:
-            row = store.record_question(db, ann, pair.prompt, (pair.chosen, pair.rejected), ("base", "base"))
-            store.record_choice(db, ann, row.id, "a")
-    started, release = threading.Event(), threading.Event()
-    optimise = personal_train._optimise
-
-    def held(*args):
-        started.set()
-        release.wait(30)
-        return optimise(*args)
-
-    monkeypatch.setattr(personal_train, "_optimise", held)
+    sessions, [ann_id] = users_who_chose(tmp_path, "ann")
+    started, release = first_training_held(monkeypatch)
 
     def train():
         with sessions() as db:
-            personal_train.train_user(models, db, ann.id, FAST)
-
-    def delete():
-        with sessions() as db:
-            store.delete_user_data(db, ann)
-        models.forget(ann.id)
+            personal_train.train_user(models, db, ann_id, FAST)
 
     training = threading.Thread(target=train)
     training.start()
     assert started.wait(30)
-    deleting = threading.Thread(target=delete)
+    deleting = threading.Thread(target=delete_everything_of, args=(sessions, models, ann_id))
     deleting.start()
     deleting.join(0.5)
     assert deleting.is_alive()  # waiting for the training of ann to end
     release.set()
     training.join(30), deleting.join(30)
-    owner = user_owner(ann.id)
+    owner = user_owner(ann_id)
     assert not (models.folder / owner).exists() and models.adapter(owner) is None
     assert not [n for n in models.adapter_names() if n.startswith(f"{owner}-")]
     with sessions() as db:
-        assert store.user_choices(db, ann.id) == []
-        assert personal_train.train_user(models, db, ann.id, FAST) is None  # a training queued later: nothing
+        assert store.user_choices(db, ann_id) == []
+        assert personal_train.train_user(models, db, ann_id, FAST) is None  # a training queued later: nothing
 
 
 def test_past_max_in_memory_the_least_recently_used_adapter_is_dropped_and_reloads_the_same(tmp_path):
@@ -201,9 +215,6 @@ def test_an_answer_says_whether_it_was_cut_at_max_new_tokens(models):
 
 
 def test_a_choice_of_a_cut_answer_gives_a_pair_marked_cut_and_a_batch_without_its_eos(models, tmp_path):
-    from rlhfkit.feedback import db as feedback_db
-    from rlhfkit.feedback import service
-    from rlhfkit.personal import store
     from rlhfkit.personal.train import pair_batch
 
     sessions = feedback_db.session_factory(str(tmp_path / "feedback.db"))
@@ -249,31 +260,11 @@ def test_forgetting_a_user_removes_every_adapter_trained_on_their_pairs_and_keep
 
 def test_a_training_whose_starting_point_a_deletion_removes_is_trained_again_from_the_new_one(models, tmp_path,
                                                                                             monkeypatch):
-    import threading
-
-    from rlhfkit.feedback import db as feedback_db
-    from rlhfkit.feedback import service
-    from rlhfkit.personal import store
-
-    sessions = feedback_db.session_factory(str(tmp_path / "feedback.db"))
+    sessions, [ann_id, bob_id] = users_who_chose(tmp_path, "ann", "bob")
     with sessions() as db:
-        ann, bob = (service.create_user(db, name, password=f"{name}-password") for name in ("ann", "bob"))
-        for user in (ann, bob):
-            for pair in PAIRS:
-                row = store.record_question(db, user, pair.prompt, (pair.chosen, pair.rejected), ("base", "base"))
-                store.record_choice(db, user, row.id, "a")
-        ann_id, bob_id = ann.id, bob.id
         assert personal_train.train_population(models, db, FAST) == 1
     assert models.version_info(POPULATION, 1)["users"] == [ann_id, bob_id]
-    started, release, optimise = threading.Event(), threading.Event(), personal_train._optimise
-
-    def held_once(*args):
-        if not started.is_set():
-            started.set()
-            release.wait(30)
-        return optimise(*args)
-
-    monkeypatch.setattr(personal_train, "_optimise", held_once)
+    started, release = first_training_held(monkeypatch)
     versions = []
 
     def train_bob():
@@ -283,9 +274,7 @@ def test_a_training_whose_starting_point_a_deletion_removes_is_trained_again_fro
     training = threading.Thread(target=train_bob)
     training.start()
     assert started.wait(30)  # bob's version is training from population-v1
-    with sessions() as db:
-        store.delete_user_data(db, db.get(service.User, ann_id))
-    assert models.forget(ann_id).population == [1]  # bob's version is not published yet: not listed
+    assert delete_everything_of(sessions, models, ann_id).population == [1]  # bob's version: not published yet
     release.set()
     training.join(30)
     assert versions == [1]  # the first try, from the removed population-v1, was refused at publish
@@ -326,3 +315,33 @@ def test_a_process_holding_a_version_in_memory_serves_the_new_one_when_its_numbe
         assert other.adapter(owner) == name
         served, new = lora_weights(other, name), lora_weights(models, name)
         assert all(torch.equal(w, new[k]) for k, w in served.items()), name
+
+
+def test_a_population_training_in_another_process_that_read_my_pairs_is_waited_for_and_removed(models, tmp_path,
+                                                                                             monkeypatch):
+    """`personal train --population` (another process: its own lock objects on the same folder) read ann's
+    pairs before her deletion here: the deletion waits for its version, removes it, and asks for a retraining."""
+    trainer = PersonalModels(build_tiny_causal(), word_tokenizer(), models.folder)
+    sessions, [ann_id, bob_id] = users_who_chose(tmp_path, "ann", "bob")
+    started, release = first_training_held(monkeypatch)
+    published = []
+
+    def train_population():
+        with sessions() as db:
+            published.append(personal_train.train_population(trainer, db, FAST))
+
+    training = threading.Thread(target=train_population)
+    training.start()
+    assert started.wait(30)  # ann's pairs are read
+    forgotten = []
+    deleting = threading.Thread(target=lambda: forgotten.append(delete_everything_of(sessions, models, ann_id)))
+    deleting.start()
+    deleting.join(0.5)
+    assert deleting.is_alive()  # waiting for the population training of the other process
+    release.set()
+    training.join(30), deleting.join(30)
+    assert published == [1] and forgotten == [Forgotten(population=[1], started_from_them={})]
+    assert models.versions(POPULATION) == [] and trainer.adapter(POPULATION) is None
+    with sessions() as db:
+        assert personal_train.train_population(trainer, db, FAST) == 2
+    assert models.version_info(POPULATION, 2)["users"] == [bob_id]
