@@ -345,3 +345,17 @@ def test_a_population_training_in_another_process_that_read_my_pairs_is_waited_f
     with sessions() as db:
         assert personal_train.train_population(trainer, db, FAST) == 2
     assert models.version_info(POPULATION, 2)["users"] == [bob_id]
+
+
+def test_hand_edited_version_files_and_notes_are_shown_as_unreadable_not_a_traceback(models):
+    ann = user_owner(1)
+    train_version(models, ann, PAIRS, FAST)
+    train_version(models, ann, PAIRS, FAST)
+    (models.folder / ann / "v2" / "version.json").write_text('["pairs", 2]')
+    (models.folder / ann / "v3.removed").write_text("{cut")
+    (models.folder / ann / "vx.removed").write_text("{}")  # not a version's note
+    assert models.version_infos(ann)[0]["pairs"] == 2
+    assert models.version_infos(ann)[1] == {"version": 2, "unreadable": f"{models.folder / ann / 'v2' / 'version.json'}"
+                                                                        ": not a JSON object"}
+    assert models.trained_pairs(ann) == 0  # the latest version's count unknown: the next choices count from 0
+    assert models.removed_versions(ann) == [{"version": 3, "removed": "unknown (its note v3.removed is not readable)"}]

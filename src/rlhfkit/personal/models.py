@@ -58,6 +58,7 @@ FRESH = "fresh"  # the never-trained adapter that keeps the peft wrapper's set o
 VERSION_FOLDER = re.compile(r"v(\d+)")
 USER_FOLDER = re.compile(r"user-(\d+)")
 NUMBERED = re.compile(r"v(\d+)(?:\.removed)?")  # a version, or the note a removed one left: numbers given once
+REMOVED_NOTE = re.compile(r"v(\d+)\.removed")
 LOCKS = ".locks"
 DELETED_USERS_PAIRS = "trained on the pairs of a user who deleted their data"
 
@@ -131,23 +132,47 @@ class PersonalModels:
         return max([0] + [int(m.group(1)) for m in found if m]) + 1
 
     def removed_versions(self, owner: str) -> list[dict]:
-        """OWNER's removed versions, oldest first: ``{"version": N, "removed": why}``."""
-        notes = sorted(self.folder.glob(f"{owner}/v*.removed"), key=lambda p: int(p.name[1:].split(".")[0]))
-        return [json.loads(p.read_text()) for p in notes]
+        """OWNER's removed versions, oldest first: ``{"version": N, "removed": why}`` (why unknown when the
+        note was hand-edited)."""
+        folder = self.folder / owner
+        found = [REMOVED_NOTE.fullmatch(p.name) for p in folder.iterdir()] if folder.is_dir() else []
+        removed = []
+        for version in sorted(int(m.group(1)) for m in found if m):
+            try:
+                why = json.loads((folder / f"v{version}.removed").read_text())["removed"]
+            except (OSError, ValueError, TypeError, KeyError):
+                why = f"unknown (its note v{version}.removed is not readable)"
+            removed.append({"version": version, "removed": why})
+        return removed
 
     def version_info(self, owner: str, version: int) -> dict:
-        return json.loads((self.folder / owner / f"v{version}" / "version.json").read_text())
+        """OWNER's ``vN/version.json``; a ValueError naming the file when it is not a JSON object (hand-edited)."""
+        path = self.folder / owner / f"v{version}" / "version.json"
+        try:
+            info = json.loads(path.read_text())
+        except ValueError as exc:
+            raise ValueError(f"{path}: not JSON ({exc})") from None
+        if not isinstance(info, dict):
+            raise ValueError(f"{path}: not a JSON object")
+        return info
 
     def version_infos(self, owner: str) -> list[dict]:
         """OWNER's saved versions' ``version.json``, oldest first; one deleted since it was listed (the owner's
-        data deleted meanwhile) is left out."""
+        data deleted meanwhile) is left out, one hand-edited out of shape is ``{"version": N, "unreadable": why}``."""
         infos = []
         for version in self.versions(owner):
             try:
                 infos.append(self.version_info(owner, version))
             except FileNotFoundError:
                 continue
+            except ValueError as exc:
+                infos.append({"version": version, "unreadable": str(exc)})
         return infos
+
+    def trained_pairs(self, owner: str) -> int:
+        """The pairs OWNER's latest version was trained on; 0 when it has none or its count is unreadable."""
+        version = self.version(owner)
+        return self._recorded(owner, version, "pairs", int, 0) if version else 0
 
     # ------------------------------------------------------------ adapters in memory
     def adapter(self, owner: str) -> str | None:
@@ -312,7 +337,7 @@ class PersonalModels:
         the file is missing, not JSON, or the field is absent or hand-edited to another type."""
         try:
             value = self.version_info(owner, version).get(field)
-        except (OSError, ValueError, AttributeError):  # AttributeError: JSON that is not an object
+        except (OSError, ValueError):
             return unknown
         if kind is list and isinstance(value, list) and all(type(u) is int for u in value):
             return value
