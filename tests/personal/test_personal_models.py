@@ -359,3 +359,26 @@ def test_hand_edited_version_files_and_notes_are_shown_as_unreadable_not_a_trace
                                                                         ": not a JSON object"}
     assert models.trained_pairs(ann) == 0  # the latest version's count unknown: the next choices count from 0
     assert models.removed_versions(ann) == [{"version": 3, "removed": "unknown (its note v3.removed is not readable)"}]
+
+
+def test_a_lock_file_left_by_a_killed_process_or_a_removed_locks_folder_does_not_stop_the_next_training(models):
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    lock = models.folder / ".locks" / "user-1.lock"
+    holder = subprocess.Popen([sys.executable, "-c", f"from filelock import FileLock; import time; "
+                               f"FileLock({str(lock)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(10)
+    assert lock.exists()  # left behind; the kernel released its lock with the process
+    trained = []
+    training = threading.Thread(target=lambda: trained.append(train_version(models, user_owner(1), PAIRS, FAST)[0]))
+    training.start()
+    training.join(30)
+    assert trained == [1]
+    shutil.rmtree(models.folder / ".locks")  # removed by hand while serving
+    assert train_version(models, POPULATION, PAIRS, FAST)[0] == 1 and (models.folder / ".locks").is_dir()
