@@ -382,3 +382,38 @@ def test_a_lock_file_left_by_a_killed_process_or_a_removed_locks_folder_does_not
     assert trained == [1]
     shutil.rmtree(models.folder / ".locks")  # removed by hand while serving
     assert train_version(models, POPULATION, PAIRS, FAST)[0] == 1 and (models.folder / ".locks").is_dir()
+
+
+def test_a_training_whose_start_was_removed_and_its_number_given_again_by_hand_is_trained_again(models, tmp_path,
+                                                                                              monkeypatch):
+    """Bob trains from population-v1; ann's deletion removes v1 and someone deletes ``v1.removed``, so the next
+    population version is v1 again: bob's version began as the removed weights and is refused at publish."""
+    from rlhfkit.personal.models import StartRemoved
+
+    sessions, [ann_id, bob_id] = users_who_chose(tmp_path, "ann", "bob")
+    train_version(models, POPULATION, PAIRS, FAST, users=[ann_id])
+    started, release = first_training_held(monkeypatch)
+    refused, publish = [], models.publish
+
+    def publish_recorded(*args, **kwargs):
+        try:
+            return publish(*args, **kwargs)
+        except StartRemoved:
+            refused.append(args[1])
+            raise
+
+    monkeypatch.setattr(models, "publish", publish_recorded)
+
+    def train_bob():
+        with sessions() as db:
+            personal_train.train_user(models, db, bob_id, FAST)
+
+    training = threading.Thread(target=train_bob)
+    training.start()
+    assert started.wait(30)
+    models.forget(ann_id)
+    (models.folder / POPULATION / "v1.removed").unlink()
+    assert train_version(models, POPULATION, PAIRS[1:], FAST, users=[bob_id])[0] == 1
+    release.set()
+    training.join(30)
+    assert refused == [f"user-{bob_id}-v1"] and models.version_info(user_owner(bob_id), 1)["start"] == "population-v1"

@@ -20,7 +20,8 @@ Deletion: a user's deletion removes their versions, every population version tra
 not a list of ids, may hold anyone's),
 and every user's version that started from one of those (its weights began as the population's). A removed
 version leaves ``vN.removed`` (why, no weights), so that its number is not given again and the owner's page
-says what happened; a training whose starting point is removed meanwhile is refused at publish
+says what happened; a training whose starting point is removed meanwhile (or its number given again after a hand-deleted
+note: versions on disk are told apart by their weights file's inode and time) is refused at publish
 (``StartRemoved``) and trained again.
 
 Memory: an adapter of rank r on a linear layer d_in → d_out holds r·(d_in + d_out) weights; the
@@ -270,16 +271,18 @@ class PersonalModels:
         """The name OWNER's next version is trained under (in memory, not served until ``publish``)."""
         return f"{owner}-v{self._next_version(owner)}"
 
-    def publish(self, owner: str, trained: str, info: dict) -> int:
+    def publish(self, owner: str, trained: str, info: dict, start_saved: tuple[int, int, int] | None) -> int:
         """Save adapter ``trained`` (named by ``next_adapter``) as OWNER's next version — a partial folder,
         then renamed, so it is whole or absent — and serve it from now on; returns the version. Refused
-        (``StartRemoved``) when ``info["start"]``, the adapter it started from, was removed meanwhile."""
+        (``StartRemoved``) when ``info["start"]``, the adapter it started from, is no longer the version on
+        disk ``start_saved`` (``saved_as`` when the training began) was: removed meanwhile, or its number given
+        again after a hand-deleted ``vN.removed``."""
         with self._versions_lock:
             version = self._next_version(owner)
             if trained != f"{owner}-v{version}":
                 raise ValueError(f"{trained}: not {owner}'s next version (v{version})")
             start = info.get("start", "base")
-            if start != "base" and not self._saved(start).is_dir():
+            if start != "base" and self.saved_as(start) != start_saved:
                 raise StartRemoved(f"{trained}: its starting point {start} was removed while it trained "
                                    f"({DELETED_USERS_PAIRS})")
             final = self.folder / owner / f"v{version}"
@@ -297,10 +300,12 @@ class PersonalModels:
             self._keep(owner, version)
         return version
 
-    def _saved(self, adapter: str) -> Path:
-        """The folder of the version an adapter name ``OWNER-vN`` stands for."""
+    def saved_as(self, adapter: str | None) -> tuple[int, int, int] | None:
+        """Which version on disk an adapter name ``OWNER-vN`` stands for now (``_on_disk``); None: the base."""
+        if adapter is None:
+            return None
         owner, version = adapter.rsplit("-v", 1)
-        return self.folder / owner / f"v{version}"
+        return self._on_disk(owner, int(version))
 
     def forget(self, user_id: int) -> Forgotten:
         """Every adapter of the user, on disk and in memory, gone (a training of theirs finishes first), and
