@@ -417,3 +417,13 @@ def test_a_training_whose_start_was_removed_and_its_number_given_again_by_hand_i
     release.set()
     training.join(30)
     assert refused == [f"user-{bob_id}-v1"] and models.version_info(user_owner(bob_id), 1)["start"] == "population-v1"
+
+
+def test_an_adapters_folder_where_lock_files_cannot_be_made_is_refused_before_serving(tmp_path):
+    """Otherwise the first deletion would remove the user's choices, then fail on the lock and keep their
+    adapters (and every training would fail). A read-only folder fails the same way (not testable as root)."""
+    (tmp_path / "adapters").mkdir()
+    (tmp_path / "adapters" / ".locks").write_text("")  # a careless `touch`
+    with pytest.raises(OSError, match=r"adapters/\.locks: cannot make lock files there \(.*\): the adapters folder "
+                                      r"must be writable"):
+        PersonalModels(build_tiny_causal(), word_tokenizer(), tmp_path / "adapters")

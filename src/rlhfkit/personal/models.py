@@ -111,6 +111,12 @@ class PersonalModels:
         self.lock = threading.RLock()  # the active adapter and every forward pass
         self._owner_locks: dict[str, FileLock] = {}
         self._versions_lock = FileLock(self.folder / LOCKS / "versions.lock")
+        try:  # now, not at the first deletion (its choices removed, then its adapters kept) or training
+            with self._versions_lock.acquire(timeout=60):  # held for a moment by a publish or removal elsewhere
+                pass
+        except OSError as exc:
+            raise OSError(f"{self.folder / LOCKS}: cannot make lock files there ({exc.strerror or exc}): the "
+                          f"adapters folder must be writable") from None
         # owner → the version in memory (number, weights file's inode and mtime), least recently used first
         self._loaded: OrderedDict[str, tuple[int, int, int]] = OrderedDict()
         self.max_in_memory = max_in_memory  # users' adapters kept loaded; the least recently used is dropped
