@@ -55,6 +55,20 @@ def first_training_held(monkeypatch):
     return started, release
 
 
+def training_started(sessions, train, models, *args):
+    """(the thread running ``train(models, db, *args)`` on a session of its own, started; its result, once
+    it ends, in a list)."""
+    result = []
+
+    def run():
+        with sessions() as db:
+            result.append(train(models, db, *args))
+
+    training = threading.Thread(target=run)
+    training.start()
+    return training, result
+
+
 def delete_everything_of(sessions, models, user_id):
     """What the API's deletion does: the user's choices, then their adapters and those trained on them."""
     with sessions() as db:
@@ -149,13 +163,7 @@ def test_answers_come_from_the_requested_adapter(models):
 def test_deleting_a_user_during_their_training_waits_for_it_and_leaves_nothing(models, tmp_path, monkeypatch):
     sessions, [ann_id] = users_who_chose(tmp_path, "ann")
     started, release = first_training_held(monkeypatch)
-
-    def train():
-        with sessions() as db:
-            personal_train.train_user(models, db, ann_id, FAST)
-
-    training = threading.Thread(target=train)
-    training.start()
+    training, _ = training_started(sessions, personal_train.train_user, models, ann_id, FAST)
     assert started.wait(30)
     deleting = threading.Thread(target=delete_everything_of, args=(sessions, models, ann_id))
     deleting.start()
@@ -265,14 +273,7 @@ def test_a_training_whose_starting_point_a_deletion_removes_is_trained_again_fro
         assert personal_train.train_population(models, db, FAST) == 1
     assert models.version_info(POPULATION, 1)["users"] == [ann_id, bob_id]
     started, release = first_training_held(monkeypatch)
-    versions = []
-
-    def train_bob():
-        with sessions() as db:
-            versions.append(personal_train.train_user(models, db, bob_id, FAST))
-
-    training = threading.Thread(target=train_bob)
-    training.start()
+    training, versions = training_started(sessions, personal_train.train_user, models, bob_id, FAST)
     assert started.wait(30)  # bob's version is training from population-v1
     assert delete_everything_of(sessions, models, ann_id).population == [1]  # bob's version: not published yet
     release.set()
@@ -324,14 +325,7 @@ def test_a_population_training_in_another_process_that_read_my_pairs_is_waited_f
     trainer = PersonalModels(build_tiny_causal(), word_tokenizer(), models.folder)
     sessions, [ann_id, bob_id] = users_who_chose(tmp_path, "ann", "bob")
     started, release = first_training_held(monkeypatch)
-    published = []
-
-    def train_population():
-        with sessions() as db:
-            published.append(personal_train.train_population(trainer, db, FAST))
-
-    training = threading.Thread(target=train_population)
-    training.start()
+    training, published = training_started(sessions, personal_train.train_population, trainer, FAST)
     assert started.wait(30)  # ann's pairs are read
     forgotten = []
     deleting = threading.Thread(target=lambda: forgotten.append(delete_everything_of(sessions, models, ann_id)))
@@ -403,13 +397,7 @@ def test_a_training_whose_start_was_removed_and_its_number_given_again_by_hand_i
             raise
 
     monkeypatch.setattr(models, "publish", publish_recorded)
-
-    def train_bob():
-        with sessions() as db:
-            personal_train.train_user(models, db, bob_id, FAST)
-
-    training = threading.Thread(target=train_bob)
-    training.start()
+    training, _ = training_started(sessions, personal_train.train_user, models, bob_id, FAST)
     assert started.wait(30)
     models.forget(ann_id)
     (models.folder / POPULATION / "v1.removed").unlink()

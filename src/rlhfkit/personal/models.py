@@ -61,6 +61,11 @@ USER_FOLDER = re.compile(r"user-(\d+)")
 NUMBERED = re.compile(r"v(\d+)(?:\.removed)?")  # a version, or the note a removed one left: numbers given once
 REMOVED_NOTE = re.compile(r"v(\d+)\.removed")
 LOCKS = ".locks"
+RECORDED = {  # version.json's fields a deletion and the page rely on, as publish writes them
+    "users": lambda value: isinstance(value, list) and all(type(u) is int for u in value),  # user ids
+    "start": lambda value: isinstance(value, str),  # "base" or an adapter name
+    "pairs": lambda value: type(value) is int,
+}
 DELETED_USERS_PAIRS = "trained on the pairs of a user who deleted their data"
 
 
@@ -179,7 +184,7 @@ class PersonalModels:
     def trained_pairs(self, owner: str) -> int:
         """The pairs OWNER's latest version was trained on; 0 when it has none or its count is unreadable."""
         version = self.version(owner)
-        return self._recorded(owner, version, "pairs", int, 0) if version else 0
+        return self._recorded(owner, version, "pairs", 0) if version else 0
 
     # ------------------------------------------------------------ adapters in memory
     def adapter(self, owner: str) -> str | None:
@@ -330,29 +335,27 @@ class PersonalModels:
                 shutil.rmtree(self.folder / owner)  # an error here is loud: the user was told "deleted"
             (self.folder / LOCKS / f"{owner}.lock").unlink(missing_ok=True)  # held: a waiter takes a new one
             population = [v for v in self.versions(POPULATION)
-                          if user_id in self._recorded(POPULATION, v, "users", list, [user_id])]
+                          if user_id in self._recorded(POPULATION, v, "users", [user_id])]
             for version in population:
                 self._remove_version(POPULATION, version, DELETED_USERS_PAIRS)
             removed = {f"{POPULATION}-v{v}" for v in population}
             started_from_them: dict[int, list[int]] = {}
             for other in sorted(int(m.group(1)) for p in self.folder.iterdir() if (m := USER_FOLDER.fullmatch(p.name))):
                 for version in self.versions(user_owner(other)):
-                    start = self._recorded(user_owner(other), version, "start", str, next(iter(removed), "base"))
-                    if start in removed:
+                    start = self._recorded(user_owner(other), version, "start", None)
+                    if start in removed or (start is None and removed):
                         self._remove_version(user_owner(other), version, f"started from {start}, {DELETED_USERS_PAIRS}")
                         started_from_them.setdefault(other, []).append(version)
         return Forgotten(population, started_from_them)
 
-    def _recorded(self, owner: str, version: int, field: str, kind: type, unknown: object) -> object:
-        """``field`` of OWNER's version.json when it is a ``kind`` (a list: of user ids, ints); ``unknown`` when
-        the file is missing, not JSON, or the field is absent or hand-edited to another type."""
+    def _recorded(self, owner: str, version: int, field: str, unknown: object) -> object:
+        """``field`` of OWNER's version.json as ``publish`` writes it (``RECORDED``); ``unknown`` when the file
+        is missing or not JSON, or the field is absent or hand-edited out of shape."""
         try:
             value = self.version_info(owner, version).get(field)
         except (OSError, ValueError):
             return unknown
-        if kind is list and isinstance(value, list) and all(type(u) is int for u in value):
-            return value
-        return value if kind is not list and isinstance(value, kind) else unknown
+        return value if RECORDED[field](value) else unknown
 
     def _remove_version(self, owner: str, version: int, why: str) -> None:
         """OWNER's version gone from memory and disk, leaving the note ``vN.removed`` (why)."""
