@@ -128,3 +128,14 @@ def test_train_reports_a_version_that_a_deletion_in_the_serving_process_removed_
     said = " ".join(capsys.readouterr().err.split())  # the console writes to stderr
     assert said == ("population: version 1 was removed right after it was published (trained on the pairs of a "
                     "user who deleted their data)")
+
+
+def test_train_on_an_adapters_folder_where_lock_files_cannot_be_made_ends_in_one_line(setup):
+    db, policy, adapters, _ = setup
+    adapters.mkdir()
+    (adapters / ".locks").write_text("")
+    result = invoke("personal", "train", "--policy", policy, "--db", db, "--adapters", adapters, "--user", "ann")
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"error: {adapters / '.locks'}: cannot make lock files there (File exists): the adapters folder must be " \
+           "writable" in said
