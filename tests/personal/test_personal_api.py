@@ -7,6 +7,7 @@ import threading
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
+from test_personal_models import first_training_held
 from test_personal_rerank import tiny_encoder
 
 from conftest import build_tiny_causal, word_tokenizer
@@ -312,3 +313,32 @@ def test_the_answers_shown_are_stored_with_whether_each_was_cut(server):
         [pair] = store.preference_pairs([row])
     assert row.as_dict()["truncated"] == [True, True] and all(len(a.split()) == 8 for a in row.as_dict()["answers"])
     assert pair.chosen_truncated and pair.rejected_truncated
+
+
+def test_two_users_deleting_at_once_while_the_population_trains_on_both_leave_nothing_of_either(server, monkeypatch):
+    """Ann and bob (bob twice, two tabs) delete while a population training on both their pairs runs: each
+    deletion waits for it; its version goes once, and nothing of theirs is left on disk or in memory."""
+    app, models, queue = server
+    ann, bob = login(app, "ann"), login(app, "bob")
+    for client in (ann, ann, bob, bob):
+        ask_and_choose(client)
+    queue.wait()
+    started, release = first_training_held(monkeypatch)
+    queue.submit(POPULATION)
+    assert started.wait(30)  # it read both users' pairs
+    deleted = {}
+    deletions = [threading.Thread(target=lambda c=client, n=name: deleted.setdefault(n, c.delete("/api/personal/data")))
+                 for name, client in (("ann", ann), ("bob", bob), ("bob again", bob))]
+    for deletion in deletions:
+        deletion.start()
+    deletions[0].join(0.5)
+    assert all(deletion.is_alive() for deletion in deletions)
+    release.set()
+    for deletion in deletions:
+        deletion.join(60)
+    queue.wait()
+    assert {name: r.status_code for name, r in deleted.items()} == {"ann": 200, "bob": 200, "bob again": 200}
+    assert sorted(v for r in deleted.values() for v in r.json()["population_versions_removed"]) == [1]
+    assert models.versions(POPULATION) == [] and not [p for p in models.folder.iterdir() if p.name.startswith("user-")]
+    assert not [n for n in models.adapter_names() if n.startswith(("population-v", "user-"))]
+    assert sorted(p.name for p in (models.folder / ".locks").iterdir()) == ["population.lock", "versions.lock"]

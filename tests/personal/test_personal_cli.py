@@ -110,3 +110,32 @@ def test_train_in_another_process_waits_for_a_training_of_the_same_user_here_and
     assert models.version_info(owner, 1)["start"] == "population-v1"  # published there, started from here
     assert models.adapter(owner) == f"user-{ann_id}-v2"  # published there, served here
     assert models.answer("how do i fix bike", models.adapter(owner), max_new_tokens=4, seed=0).text
+
+
+def test_train_reports_a_version_that_a_deletion_in_the_serving_process_removed_right_after_it_was_published(
+        setup, capsys):
+    from rlhfkit.personal.cli import _report
+    from rlhfkit.personal.models import POPULATION
+    from rlhfkit.personal.train import train_population
+
+    db, policy, adapters, ann_id = setup
+    models = _models(str(policy), adapters, chat_template=False, lora_r=8)
+    with feedback_db.session_factory(db)() as session:
+        version = train_population(models, session, PersonalDPOConfig(epochs=1))
+    _models(str(policy), adapters, chat_template=False, lora_r=8).forget(ann_id)  # `personal serve` deletes ann
+    capsys.readouterr()  # the models' loading
+    _report(models, POPULATION, "population", version)
+    said = " ".join(capsys.readouterr().err.split())  # the console writes to stderr
+    assert said == ("population: version 1 was removed right after it was published (trained on the pairs of a "
+                    "user who deleted their data)")
+
+
+def test_train_on_an_adapters_folder_where_lock_files_cannot_be_made_ends_in_one_line(setup):
+    db, policy, adapters, _ = setup
+    adapters.mkdir()
+    (adapters / ".locks").write_text("")
+    result = invoke("personal", "train", "--policy", policy, "--db", db, "--adapters", adapters, "--user", "ann")
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"error: {adapters / '.locks'}: cannot make lock files there (File exists): the adapters folder must be " \
+           "writable" in said

@@ -1,11 +1,16 @@
 """One base in memory, an adapter per user: served per request, versioned on disk, trained by DPO, forgotten."""
 
+import threading
+
 import pytest
 import torch
 
 from conftest import build_tiny_causal, word_tokenizer
 from rlhfkit.data.records import PreferencePair
+from rlhfkit.feedback import db as feedback_db
+from rlhfkit.feedback import service
 from rlhfkit.models.update import TrainingDiverged
+from rlhfkit.personal import store
 from rlhfkit.personal import train as personal_train
 from rlhfkit.personal.models import POPULATION, Forgotten, PersonalModels, user_owner
 from rlhfkit.personal.train import PersonalDPOConfig, train_version
@@ -22,6 +27,53 @@ def models(tmp_path):
 
 def lora_weights(models, adapter):
     return {n: p.detach().clone() for n, p in models.model.named_parameters() if f".{adapter}." in n}
+
+
+def users_who_chose(tmp_path, *names):
+    """A feedback database where each named user chose the first answer of every pair of PAIRS: (sessions, ids)."""
+    sessions = feedback_db.session_factory(str(tmp_path / "feedback.db"))
+    with sessions() as db:
+        users = [service.create_user(db, name, password=f"{name}-password") for name in names]
+        for user in users:
+            for pair in PAIRS:
+                row = store.record_question(db, user, pair.prompt, (pair.chosen, pair.rejected), ("base", "base"))
+                store.record_choice(db, user, row.id, "a")
+        return sessions, [user.id for user in users]
+
+
+def first_training_held(monkeypatch):
+    """(started, release): the first training to reach its DPO steps waits there until ``release`` is set."""
+    started, release, optimise = threading.Event(), threading.Event(), personal_train._optimise
+
+    def held_once(*args):
+        if not started.is_set():
+            started.set()
+            release.wait(30)
+        return optimise(*args)
+
+    monkeypatch.setattr(personal_train, "_optimise", held_once)
+    return started, release
+
+
+def training_started(sessions, train, models, *args):
+    """(the thread running ``train(models, db, *args)`` on a session of its own, started; its result, once
+    it ends, in a list)."""
+    result = []
+
+    def run():
+        with sessions() as db:
+            result.append(train(models, db, *args))
+
+    training = threading.Thread(target=run)
+    training.start()
+    return training, result
+
+
+def delete_everything_of(sessions, models, user_id):
+    """What the API's deletion does: the user's choices, then their adapters and those trained on them."""
+    with sessions() as db:
+        store.delete_user_data(db, db.get(service.User, user_id))
+    return models.forget(user_id)
 
 
 def test_a_trained_version_is_saved_whole_and_served_to_its_user_only(models):
@@ -109,52 +161,22 @@ def test_answers_come_from_the_requested_adapter(models):
 
 
 def test_deleting_a_user_during_their_training_waits_for_it_and_leaves_nothing(models, tmp_path, monkeypatch):
-    import threading
-
-    from rlhfkit.feedback import db as feedback_db
-    from rlhfkit.feedback import service
-    from rlhfkit.personal import store
-
-    sessions = feedback_db.session_factory(str(tmp_path / "feedback.db"))
-    with sessions() as db:
-        ann = service.create_user(db, "ann", password="ann-password")
-        for pair in PAIRS:
-            row = store.record_question(db, ann, pair.prompt, (pair.chosen, pair.rejected), ("base", "base"))
-            store.record_choice(db, ann, row.id, "a")
-    started, release = threading.Event(), threading.Event()
-    optimise = personal_train._optimise
-
-    def held(*args):
-        started.set()
-        release.wait(30)
-        return optimise(*args)
-
-    monkeypatch.setattr(personal_train, "_optimise", held)
-
-    def train():
-        with sessions() as db:
-            personal_train.train_user(models, db, ann.id, FAST)
-
-    def delete():
-        with sessions() as db:
-            store.delete_user_data(db, ann)
-        models.forget(ann.id)
-
-    training = threading.Thread(target=train)
-    training.start()
+    sessions, [ann_id] = users_who_chose(tmp_path, "ann")
+    started, release = first_training_held(monkeypatch)
+    training, _ = training_started(sessions, personal_train.train_user, models, ann_id, FAST)
     assert started.wait(30)
-    deleting = threading.Thread(target=delete)
+    deleting = threading.Thread(target=delete_everything_of, args=(sessions, models, ann_id))
     deleting.start()
     deleting.join(0.5)
     assert deleting.is_alive()  # waiting for the training of ann to end
     release.set()
     training.join(30), deleting.join(30)
-    owner = user_owner(ann.id)
+    owner = user_owner(ann_id)
     assert not (models.folder / owner).exists() and models.adapter(owner) is None
     assert not [n for n in models.adapter_names() if n.startswith(f"{owner}-")]
     with sessions() as db:
-        assert store.user_choices(db, ann.id) == []
-        assert personal_train.train_user(models, db, ann.id, FAST) is None  # a training queued later: nothing
+        assert store.user_choices(db, ann_id) == []
+        assert personal_train.train_user(models, db, ann_id, FAST) is None  # a training queued later: nothing
 
 
 def test_past_max_in_memory_the_least_recently_used_adapter_is_dropped_and_reloads_the_same(tmp_path):
@@ -201,9 +223,6 @@ def test_an_answer_says_whether_it_was_cut_at_max_new_tokens(models):
 
 
 def test_a_choice_of_a_cut_answer_gives_a_pair_marked_cut_and_a_batch_without_its_eos(models, tmp_path):
-    from rlhfkit.feedback import db as feedback_db
-    from rlhfkit.feedback import service
-    from rlhfkit.personal import store
     from rlhfkit.personal.train import pair_batch
 
     sessions = feedback_db.session_factory(str(tmp_path / "feedback.db"))
@@ -249,46 +268,150 @@ def test_forgetting_a_user_removes_every_adapter_trained_on_their_pairs_and_keep
 
 def test_a_training_whose_starting_point_a_deletion_removes_is_trained_again_from_the_new_one(models, tmp_path,
                                                                                             monkeypatch):
-    import threading
-
-    from rlhfkit.feedback import db as feedback_db
-    from rlhfkit.feedback import service
-    from rlhfkit.personal import store
-
-    sessions = feedback_db.session_factory(str(tmp_path / "feedback.db"))
+    sessions, [ann_id, bob_id] = users_who_chose(tmp_path, "ann", "bob")
     with sessions() as db:
-        ann, bob = (service.create_user(db, name, password=f"{name}-password") for name in ("ann", "bob"))
-        for user in (ann, bob):
-            for pair in PAIRS:
-                row = store.record_question(db, user, pair.prompt, (pair.chosen, pair.rejected), ("base", "base"))
-                store.record_choice(db, user, row.id, "a")
-        ann_id, bob_id = ann.id, bob.id
         assert personal_train.train_population(models, db, FAST) == 1
     assert models.version_info(POPULATION, 1)["users"] == [ann_id, bob_id]
-    started, release, optimise = threading.Event(), threading.Event(), personal_train._optimise
-
-    def held_once(*args):
-        if not started.is_set():
-            started.set()
-            release.wait(30)
-        return optimise(*args)
-
-    monkeypatch.setattr(personal_train, "_optimise", held_once)
-    versions = []
-
-    def train_bob():
-        with sessions() as db:
-            versions.append(personal_train.train_user(models, db, bob_id, FAST))
-
-    training = threading.Thread(target=train_bob)
-    training.start()
+    started, release = first_training_held(monkeypatch)
+    training, versions = training_started(sessions, personal_train.train_user, models, bob_id, FAST)
     assert started.wait(30)  # bob's version is training from population-v1
-    with sessions() as db:
-        store.delete_user_data(db, db.get(service.User, ann_id))
-    assert models.forget(ann_id).population == [1]  # bob's version is not published yet: not listed
+    assert delete_everything_of(sessions, models, ann_id).population == [1]  # bob's version: not published yet
     release.set()
     training.join(30)
     assert versions == [1]  # the first try, from the removed population-v1, was refused at publish
     assert models.version_info(user_owner(bob_id), 1)["start"] == "base"
     assert models.versions(user_owner(bob_id)) == [1] and not (models.folder / POPULATION / "v1").exists()
     assert not [n for n in models.adapter_names() if n.startswith("population-")]
+
+
+@pytest.mark.parametrize("users", ['{"users": ["1"]}', '{"users": 1}', '{"users": null}', '{"users": "1, 2"}',
+                                   "[1, 2]", "{not json", None])
+def test_a_population_version_whose_users_are_hand_edited_or_unreadable_is_removed_at_any_deletion(models, users):
+    """Without a readable list of user ids, a population version may hold anyone's pairs: a deletion removes it,
+    and the user versions that started from it (their own start unreadable too), never a traceback."""
+    train_version(models, POPULATION, PAIRS, FAST, users=[1, 2])
+    train_version(models, user_owner(2), PAIRS, FAST)
+    train_version(models, user_owner(3), PAIRS, FAST)
+    recorded = models.folder / POPULATION / "v1" / "version.json"
+    recorded.unlink() if users is None else recorded.write_text(users)
+    (models.folder / "user-3" / "v1" / "version.json").write_text('{"start": 7}')
+    assert models.forget(1) == Forgotten(population=[1], started_from_them={2: [1], 3: [1]})
+    assert models.versions(POPULATION) == [] and models.adapter(user_owner(2)) is None
+
+
+def test_a_process_holding_a_version_in_memory_serves_the_new_one_when_its_number_is_given_again(models):
+    """Another process (B) loaded user 1's v1 and population v1. User 1's deletion (A) removes their folder, so
+    their next version is v1 again; a hand-deleted ``v1.removed`` gives the population's number again too.
+    B must not keep answering from the removed weights under the same names."""
+    other = PersonalModels(build_tiny_causal(), word_tokenizer(), models.folder)
+    train_version(models, POPULATION, PAIRS, FAST, users=[1])
+    train_version(models, user_owner(1), PAIRS, FAST)
+    assert other.adapter(user_owner(1)) == "user-1-v1" and other.adapter(POPULATION) == "population-v1"
+    models.forget(1)
+    (models.folder / POPULATION / "v1.removed").unlink()
+    train_version(models, POPULATION, PAIRS[:1], PersonalDPOConfig(epochs=1, batch_size=1, lr=1e-3))
+    train_version(models, user_owner(1), PAIRS[:1], PersonalDPOConfig(epochs=1, batch_size=1, lr=1e-3))
+    for name in ("population-v1", "user-1-v1"):
+        owner = name.rsplit("-v", 1)[0]
+        assert other.adapter(owner) == name
+        served, new = lora_weights(other, name), lora_weights(models, name)
+        assert all(torch.equal(w, new[k]) for k, w in served.items()), name
+
+
+def test_a_population_training_in_another_process_that_read_my_pairs_is_waited_for_and_removed(models, tmp_path,
+                                                                                             monkeypatch):
+    """`personal train --population` (another process: its own lock objects on the same folder) read ann's
+    pairs before her deletion here: the deletion waits for its version, removes it, and asks for a retraining."""
+    trainer = PersonalModels(build_tiny_causal(), word_tokenizer(), models.folder)
+    sessions, [ann_id, bob_id] = users_who_chose(tmp_path, "ann", "bob")
+    started, release = first_training_held(monkeypatch)
+    training, published = training_started(sessions, personal_train.train_population, trainer, FAST)
+    assert started.wait(30)  # ann's pairs are read
+    forgotten = []
+    deleting = threading.Thread(target=lambda: forgotten.append(delete_everything_of(sessions, models, ann_id)))
+    deleting.start()
+    deleting.join(0.5)
+    assert deleting.is_alive()  # waiting for the population training of the other process
+    release.set()
+    training.join(30), deleting.join(30)
+    assert published == [1] and forgotten == [Forgotten(population=[1], started_from_them={})]
+    assert models.versions(POPULATION) == [] and trainer.adapter(POPULATION) is None
+    with sessions() as db:
+        assert personal_train.train_population(trainer, db, FAST) == 2
+    assert models.version_info(POPULATION, 2)["users"] == [bob_id]
+
+
+def test_hand_edited_version_files_and_notes_are_shown_as_unreadable_not_a_traceback(models):
+    ann = user_owner(1)
+    train_version(models, ann, PAIRS, FAST)
+    train_version(models, ann, PAIRS, FAST)
+    (models.folder / ann / "v2" / "version.json").write_text('["pairs", 2]')
+    (models.folder / ann / "v3.removed").write_text("{cut")
+    (models.folder / ann / "vx.removed").write_text("{}")  # not a version's note
+    assert models.version_infos(ann)[0]["pairs"] == 2
+    assert models.version_infos(ann)[1] == {"version": 2, "unreadable": f"{models.folder / ann / 'v2' / 'version.json'}"
+                                                                        ": not a JSON object"}
+    assert models.trained_pairs(ann) == 0  # the latest version's count unknown: the next choices count from 0
+    assert models.removed_versions(ann) == [{"version": 3, "removed": "unknown (its note v3.removed is not readable)"}]
+
+
+def test_a_lock_file_left_by_a_killed_process_or_a_removed_locks_folder_does_not_stop_the_next_training(models):
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    lock = models.folder / ".locks" / "user-1.lock"
+    holder = subprocess.Popen([sys.executable, "-c", f"from filelock import FileLock; import time; "
+                               f"FileLock({str(lock)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(10)
+    assert lock.exists()  # left behind; the kernel released its lock with the process
+    trained = []
+    training = threading.Thread(target=lambda: trained.append(train_version(models, user_owner(1), PAIRS, FAST)[0]))
+    training.start()
+    training.join(30)
+    assert trained == [1]
+    shutil.rmtree(models.folder / ".locks")  # removed by hand while serving
+    assert train_version(models, POPULATION, PAIRS, FAST)[0] == 1 and (models.folder / ".locks").is_dir()
+
+
+def test_a_training_whose_start_was_removed_and_its_number_given_again_by_hand_is_trained_again(models, tmp_path,
+                                                                                              monkeypatch):
+    """Bob trains from population-v1; ann's deletion removes v1 and someone deletes ``v1.removed``, so the next
+    population version is v1 again: bob's version began as the removed weights and is refused at publish."""
+    from rlhfkit.personal.models import StartRemoved
+
+    sessions, [ann_id, bob_id] = users_who_chose(tmp_path, "ann", "bob")
+    train_version(models, POPULATION, PAIRS, FAST, users=[ann_id])
+    started, release = first_training_held(monkeypatch)
+    refused, publish = [], models.publish
+
+    def publish_recorded(*args, **kwargs):
+        try:
+            return publish(*args, **kwargs)
+        except StartRemoved:
+            refused.append(args[1])
+            raise
+
+    monkeypatch.setattr(models, "publish", publish_recorded)
+    training, _ = training_started(sessions, personal_train.train_user, models, bob_id, FAST)
+    assert started.wait(30)
+    models.forget(ann_id)
+    (models.folder / POPULATION / "v1.removed").unlink()
+    assert train_version(models, POPULATION, PAIRS[1:], FAST, users=[bob_id])[0] == 1
+    release.set()
+    training.join(30)
+    assert refused == [f"user-{bob_id}-v1"] and models.version_info(user_owner(bob_id), 1)["start"] == "population-v1"
+
+
+def test_an_adapters_folder_where_lock_files_cannot_be_made_is_refused_before_serving(tmp_path):
+    """Otherwise the first deletion would remove the user's choices, then fail on the lock and keep their
+    adapters (and every training would fail). A read-only folder fails the same way (not testable as root)."""
+    (tmp_path / "adapters").mkdir()
+    (tmp_path / "adapters" / ".locks").write_text("")  # a careless `touch`
+    with pytest.raises(OSError, match=r"adapters/\.locks: cannot make lock files there \(.*\): the adapters folder "
+                                      r"must be writable"):
+        PersonalModels(build_tiny_causal(), word_tokenizer(), tmp_path / "adapters")

@@ -212,9 +212,7 @@ def include_personal(app: FastAPI, models: PersonalModels, settings: PersonalSet
     def choose(*, user: User = Depends(api_user), body: ChooseJson, session: Session = Depends(db)):
         store.record_choice(session, user, body.question_id, body.choice, body.reason)
         pairs = store.pair_count(session, user.id)
-        owner = user_owner(user.id)
-        trained = ([0] + [info["pairs"] for info in models.version_infos(owner)])[-1]
-        queued = queue.trigger(user.id, pairs, trained) is not None
+        queued = queue.trigger(user.id, pairs, models.trained_pairs(user_owner(user.id))) is not None
         return {"question_id": body.question_id, "pairs": pairs, "training_queued": queued}
 
     @router.get("/api/personal/learned")

@@ -87,7 +87,12 @@ def _report(models, owner: str, shown: str, version: int | None) -> None:
     if version is None:
         console.print(f"{shown}: no preference pairs (choices of A or B) yet: nothing trained")
         return
-    info = models.version_info(owner, version)
+    try:
+        info = models.version_info(owner, version)
+    except FileNotFoundError:  # a deletion in `personal serve` was waiting for this training to end
+        why = {r["version"]: r["removed"] for r in models.removed_versions(owner)}.get(version, "removed")
+        console.print(f"{shown}: version {version} was removed right after it was published ({why})")
+        return
     console.print(f"{shown}: version {version} on {info['pairs']} pairs (from {info['start']}); last step: loss "
                   f"{info['final']['loss']:.4f}, margin {info['final']['margin']:+.4f} → {models.folder / owner}")
 

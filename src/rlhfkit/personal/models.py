@@ -16,10 +16,12 @@ latest version on disk, whoever published it (read again at every answer). Publi
 hold ``FOLDER/.locks/versions.lock`` for the moment they take.
 
 Deletion: a user's deletion removes their versions, every population version trained on their pairs (its
-``version.json`` lists the ``users`` whose pairs it was trained on; one without that list may hold anyone's),
+``version.json`` lists the ``users`` whose pairs it was trained on; one without that list, or with one that is
+not a list of ids, may hold anyone's),
 and every user's version that started from one of those (its weights began as the population's). A removed
 version leaves ``vN.removed`` (why, no weights), so that its number is not given again and the owner's page
-says what happened; a training whose starting point is removed meanwhile is refused at publish
+says what happened; a training whose starting point is removed meanwhile (or its number given again after a hand-deleted
+note: versions on disk are told apart by their weights file's inode and time) is refused at publish
 (``StartRemoved``) and trained again.
 
 Memory: an adapter of rank r on a linear layer d_in → d_out holds r·(d_in + d_out) weights; the
@@ -57,7 +59,13 @@ FRESH = "fresh"  # the never-trained adapter that keeps the peft wrapper's set o
 VERSION_FOLDER = re.compile(r"v(\d+)")
 USER_FOLDER = re.compile(r"user-(\d+)")
 NUMBERED = re.compile(r"v(\d+)(?:\.removed)?")  # a version, or the note a removed one left: numbers given once
+REMOVED_NOTE = re.compile(r"v(\d+)\.removed")
 LOCKS = ".locks"
+RECORDED = {  # version.json's fields a deletion and the page rely on, as publish writes them
+    "users": lambda value: isinstance(value, list) and all(type(u) is int for u in value),  # user ids
+    "start": lambda value: isinstance(value, str),  # "base" or an adapter name
+    "pairs": lambda value: type(value) is int,
+}
 DELETED_USERS_PAIRS = "trained on the pairs of a user who deleted their data"
 
 
@@ -108,7 +116,14 @@ class PersonalModels:
         self.lock = threading.RLock()  # the active adapter and every forward pass
         self._owner_locks: dict[str, FileLock] = {}
         self._versions_lock = FileLock(self.folder / LOCKS / "versions.lock")
-        self._loaded: OrderedDict[str, int] = OrderedDict()  # owner → version in memory, least recently used first
+        try:  # now, not at the first deletion (its choices removed, then its adapters kept) or training
+            with self._versions_lock.acquire(timeout=60):  # held for a moment by a publish or removal elsewhere
+                pass
+        except OSError as exc:
+            raise OSError(f"{self.folder / LOCKS}: cannot make lock files there ({exc.strerror or exc}): the "
+                          f"adapters folder must be writable") from None
+        # owner → the version in memory (number, weights file's inode and mtime), least recently used first
+        self._loaded: OrderedDict[str, tuple[int, int, int]] = OrderedDict()
         self.max_in_memory = max_in_memory  # users' adapters kept loaded; the least recently used is dropped
 
     # ------------------------------------------------------------ versions on disk
@@ -129,23 +144,47 @@ class PersonalModels:
         return max([0] + [int(m.group(1)) for m in found if m]) + 1
 
     def removed_versions(self, owner: str) -> list[dict]:
-        """OWNER's removed versions, oldest first: ``{"version": N, "removed": why}``."""
-        notes = sorted(self.folder.glob(f"{owner}/v*.removed"), key=lambda p: int(p.name[1:].split(".")[0]))
-        return [json.loads(p.read_text()) for p in notes]
+        """OWNER's removed versions, oldest first: ``{"version": N, "removed": why}`` (why unknown when the
+        note was hand-edited)."""
+        folder = self.folder / owner
+        found = [REMOVED_NOTE.fullmatch(p.name) for p in folder.iterdir()] if folder.is_dir() else []
+        removed = []
+        for version in sorted(int(m.group(1)) for m in found if m):
+            try:
+                why = json.loads((folder / f"v{version}.removed").read_text())["removed"]
+            except (OSError, ValueError, TypeError, KeyError):
+                why = f"unknown (its note v{version}.removed is not readable)"
+            removed.append({"version": version, "removed": why})
+        return removed
 
     def version_info(self, owner: str, version: int) -> dict:
-        return json.loads((self.folder / owner / f"v{version}" / "version.json").read_text())
+        """OWNER's ``vN/version.json``; a ValueError naming the file when it is not a JSON object (hand-edited)."""
+        path = self.folder / owner / f"v{version}" / "version.json"
+        try:
+            info = json.loads(path.read_text())
+        except ValueError as exc:
+            raise ValueError(f"{path}: not JSON ({exc})") from None
+        if not isinstance(info, dict):
+            raise ValueError(f"{path}: not a JSON object")
+        return info
 
     def version_infos(self, owner: str) -> list[dict]:
         """OWNER's saved versions' ``version.json``, oldest first; one deleted since it was listed (the owner's
-        data deleted meanwhile) is left out."""
+        data deleted meanwhile) is left out, one hand-edited out of shape is ``{"version": N, "unreadable": why}``."""
         infos = []
         for version in self.versions(owner):
             try:
                 infos.append(self.version_info(owner, version))
             except FileNotFoundError:
                 continue
+            except ValueError as exc:
+                infos.append({"version": version, "unreadable": str(exc)})
         return infos
+
+    def trained_pairs(self, owner: str) -> int:
+        """The pairs OWNER's latest version was trained on; 0 when it has none or its count is unreadable."""
+        version = self.version(owner)
+        return self._recorded(owner, version, "pairs", 0) if version else 0
 
     # ------------------------------------------------------------ adapters in memory
     def adapter(self, owner: str) -> str | None:
@@ -154,13 +193,24 @@ class PersonalModels:
             version = self.version(owner)
             if version == 0:
                 return None
-            if self._loaded.get(owner) != version:
+            if self._loaded.get(owner) != self._on_disk(owner, version):
                 self._load(owner, version)
             self._loaded.move_to_end(owner)
             return f"{owner}-v{version}"
 
+    def _on_disk(self, owner: str, version: int) -> tuple[int, int, int]:
+        """What tells OWNER's version on disk from an earlier one of the same number (given again after the
+        owner's deletion, or after a hand-deleted ``vN.removed``, by whichever process): (number, the weights
+        file's inode, its modification time in ns); (number, 0, 0) when it was removed meanwhile."""
+        try:
+            weights = (self.folder / owner / f"v{version}" / "adapter_model.safetensors").stat()
+        except FileNotFoundError:
+            return version, 0, 0
+        return version, weights.st_ino, weights.st_mtime_ns
+
     def _load(self, owner: str, version: int) -> None:
         name, path = f"{owner}-v{version}", self.folder / owner / f"v{version}"
+        self._drop(owner)  # its name may be this one's: an earlier version of the same number
         self.model.add_adapter(name, LoraConfig.from_pretrained(path))
         set_peft_model_state_dict(self.model, load_file(path / "adapter_model.safetensors"), adapter_name=name)
         self._keep(owner, version)
@@ -168,15 +218,17 @@ class PersonalModels:
     def _keep(self, owner: str, version: int) -> None:
         """OWNER's adapter in memory is now ``version`` (the previous one dropped), the most recently used;
         past ``max_in_memory`` users, the least recently used is dropped (reloaded from disk when next used)."""
-        self._drop(owner)
-        self._loaded[owner] = version
+        if self._loaded.get(owner, (0,))[0] != version:
+            self._drop(owner)
+        self._loaded.pop(owner, None)
+        self._loaded[owner] = self._on_disk(owner, version)
         users = [o for o in self._loaded if o != POPULATION]
         for least_used in users[:max(0, len(users) - self.max_in_memory)]:
             self._drop(least_used)
 
     def _drop(self, owner: str) -> None:
         if owner in self._loaded:
-            self.delete_adapter(f"{owner}-v{self._loaded.pop(owner)}")
+            self.delete_adapter(f"{owner}-v{self._loaded.pop(owner)[0]}")
 
     def delete_adapter(self, name: str) -> None:
         with self.lock:
@@ -230,16 +282,18 @@ class PersonalModels:
         """The name OWNER's next version is trained under (in memory, not served until ``publish``)."""
         return f"{owner}-v{self._next_version(owner)}"
 
-    def publish(self, owner: str, trained: str, info: dict) -> int:
+    def publish(self, owner: str, trained: str, info: dict, start_saved: tuple[int, int, int] | None) -> int:
         """Save adapter ``trained`` (named by ``next_adapter``) as OWNER's next version — a partial folder,
         then renamed, so it is whole or absent — and serve it from now on; returns the version. Refused
-        (``StartRemoved``) when ``info["start"]``, the adapter it started from, was removed meanwhile."""
+        (``StartRemoved``) when ``info["start"]``, the adapter it started from, is no longer the version on
+        disk ``start_saved`` (``saved_as`` when the training began) was: removed meanwhile, or its number given
+        again after a hand-deleted ``vN.removed``."""
         with self._versions_lock:
             version = self._next_version(owner)
             if trained != f"{owner}-v{version}":
                 raise ValueError(f"{trained}: not {owner}'s next version (v{version})")
             start = info.get("start", "base")
-            if start != "base" and not self._saved(start).is_dir():
+            if start != "base" and self.saved_as(start) != start_saved:
                 raise StartRemoved(f"{trained}: its starting point {start} was removed while it trained "
                                    f"({DELETED_USERS_PAIRS})")
             final = self.folder / owner / f"v{version}"
@@ -257,16 +311,21 @@ class PersonalModels:
             self._keep(owner, version)
         return version
 
-    def _saved(self, adapter: str) -> Path:
-        """The folder of the version an adapter name ``OWNER-vN`` stands for."""
+    def saved_as(self, adapter: str | None) -> tuple[int, int, int] | None:
+        """Which version on disk an adapter name ``OWNER-vN`` stands for now (``_on_disk``); None: the base."""
+        if adapter is None:
+            return None
         owner, version = adapter.rsplit("-v", 1)
-        return self.folder / owner / f"v{version}"
+        return self._on_disk(owner, int(version))
 
     def forget(self, user_id: int) -> Forgotten:
         """Every adapter of the user, on disk and in memory, gone (a training of theirs finishes first), and
         every adapter trained on their pairs (a population training running now finishes first): the
         population versions whose ``users`` include them or are not recorded, and every user's version that
-        started from one of those. The caller trains those owners again (their pairs remain)."""
+        started from one of those. A ``version.json`` missing, not JSON or hand-edited (``users`` not a list of
+        ids, ``start`` not a name) is unknown: such a population version may hold anyone's pairs, such a user's
+        version may have started from any removed one; both go. The caller trains those owners again (their
+        pairs remain)."""
         owner = user_owner(user_id)
         with self.training_of(owner), self.training_of(POPULATION), self._versions_lock, self.lock:
             self._drop(owner)
@@ -276,22 +335,31 @@ class PersonalModels:
                 shutil.rmtree(self.folder / owner)  # an error here is loud: the user was told "deleted"
             (self.folder / LOCKS / f"{owner}.lock").unlink(missing_ok=True)  # held: a waiter takes a new one
             population = [v for v in self.versions(POPULATION)
-                          if user_id in self.version_info(POPULATION, v).get("users", [user_id])]
+                          if user_id in self._recorded(POPULATION, v, "users", [user_id])]
             for version in population:
                 self._remove_version(POPULATION, version, DELETED_USERS_PAIRS)
             removed = {f"{POPULATION}-v{v}" for v in population}
             started_from_them: dict[int, list[int]] = {}
             for other in sorted(int(m.group(1)) for p in self.folder.iterdir() if (m := USER_FOLDER.fullmatch(p.name))):
                 for version in self.versions(user_owner(other)):
-                    start = self.version_info(user_owner(other), version)["start"]
-                    if start in removed:
+                    start = self._recorded(user_owner(other), version, "start", None)
+                    if start in removed or (start is None and removed):
                         self._remove_version(user_owner(other), version, f"started from {start}, {DELETED_USERS_PAIRS}")
                         started_from_them.setdefault(other, []).append(version)
         return Forgotten(population, started_from_them)
 
+    def _recorded(self, owner: str, version: int, field: str, unknown: object) -> object:
+        """``field`` of OWNER's version.json as ``publish`` writes it (``RECORDED``); ``unknown`` when the file
+        is missing or not JSON, or the field is absent or hand-edited out of shape."""
+        try:
+            value = self.version_info(owner, version).get(field)
+        except (OSError, ValueError):
+            return unknown
+        return value if RECORDED[field](value) else unknown
+
     def _remove_version(self, owner: str, version: int, why: str) -> None:
         """OWNER's version gone from memory and disk, leaving the note ``vN.removed`` (why)."""
-        if self._loaded.get(owner) == version:
+        if self._loaded.get(owner, (0,))[0] == version:
             self._drop(owner)
         self.delete_adapter(f"{owner}-v{version}")
         shutil.rmtree(self.folder / owner / f"v{version}")

@@ -146,6 +146,7 @@ def train_version(models: PersonalModels, owner: str, pairs: Sequence[Preference
         try:
             with models.lock:  # the starting point cannot change between its copy and its log-probs
                 start = models.starting_point(owner)
+                start_saved = models.saved_as(start)
                 models.new_adapter(name, start)
                 tokens = [pair_batch(models, pairs[i:i + config.batch_size], config)
                           for i in range(0, len(pairs), config.batch_size)]
@@ -155,7 +156,7 @@ def train_version(models: PersonalModels, owner: str, pairs: Sequence[Preference
             info = {"pairs": len(pairs), "start": start or "base", "config": asdict(config), "final": history[-1]}
             if users is not None:
                 info["users"] = sorted(users)
-            return models.publish(owner, name, info), history
+            return models.publish(owner, name, info, start_saved), history
         except BaseException:
             models.delete_adapter(name)
             raise
