@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+import rlhfkit.demo.personal as personal_demo
 from conftest import build_tiny_causal, invoke, word_tokenizer
 from rlhfkit.demo.personal import (
     TASTES,
@@ -24,6 +25,7 @@ from rlhfkit.demo.personal import (
 )
 from rlhfkit.generate import format_prompt
 from rlhfkit.models.toy_policy import CHAT_TEMPLATE
+from rlhfkit.personal.models import Answer
 from rlhfkit.personal.rerank import RerankConfig
 from rlhfkit.personal.train import PersonalDPOConfig
 
@@ -222,3 +224,23 @@ def test_the_demo_asks_the_shared_base_through_its_chat_template_when_it_has_one
     finally:
         demo.queue.shutdown()
     assert seen == ("user: any tips\nassistant:" if template else "any tips")
+
+
+def test_the_kl_scores_each_answer_as_the_model_wrote_it_not_stripped(tmp_path, monkeypatch):
+    """The toy model answers " Let me help." after "assistant:"; the same text without its leading space is
+    other tokens, which neither model sampled (the KL came out negative, −0.91 nats, on stripped texts)."""
+    demo = PersonalDemo(PersonalDemoConfig(run_dir=tmp_path / "run", eval_samples=1), build_tiny_causal(),
+                        word_tokenizer())
+    try:
+        monkeypatch.setattr(demo.models, "answer", lambda *args, **kwargs: Answer(" Let me help.", False))
+        answers = demo.answers("user-1-v1", ["any tips"])
+        assert [a.text for a in answers] == [" Let me help."]
+        scored = []
+        real = personal_demo.tokenize_completions
+        monkeypatch.setattr(personal_demo, "tokenize_completions",
+                            lambda tokenizer, prompts, completions, *args: scored.extend(completions) or real(
+                                tokenizer, prompts, completions, *args))
+        demo.kl_to_base(None, ["any tips"], answers)
+    finally:
+        demo.queue.shutdown()
+    assert scored == [" Let me help."]

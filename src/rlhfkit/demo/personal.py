@@ -337,12 +337,12 @@ class PersonalDemo:
         return pairs
 
     def answers(self, adapter: str | None, prompts: Sequence[str], seeds: Sequence[int] | None = None) -> list[Answer]:
-        """An answer per prompt and seed (texts stripped; default: ``eval_samples`` answers, sample s of every
-        model drawn with seed s)."""
+        """An answer per prompt and seed (default: ``eval_samples`` answers, sample s of every model drawn with
+        seed s), as decoded: the KL re-tokenises these texts, and a stripped text (" Let me help." without its
+        leading space) is not the token sequence the model sampled."""
         seeds = range(self.config.eval_samples) if seeds is None else seeds
-        sampled = [self.models.answer(p, adapter, self.config.temperature, self.config.max_new_tokens, seed=s)
-                   for p in prompts for s in seeds]
-        return [Answer(a.text.strip(), a.truncated) for a in sampled]
+        return [self.models.answer(p, adapter, self.config.temperature, self.config.max_new_tokens, seed=s)
+                for p in prompts for s in seeds]
 
     def draw_candidates(self, prompts: Sequence[str]) -> None:
         """N samples of the shared model per held-out prompt (seeds S … S + N − 1, S = ``eval_samples``) and
@@ -394,7 +394,8 @@ class PersonalDemo:
         guards = {judge.name: judge_gap(judge(keys, [a.text for a in mine]).tolist(), self.shared_scores[judge.name],
                                         keys, topics) for judge in self.judges}
         step = self.config.eval_samples * max(len(prompts) // SAMPLES_SHOWN, 1)  # one answer of spread prompts
-        samples = [(keys[i], mine[i].text, shared[i].text) for i in range(0, len(keys), step)][:SAMPLES_SHOWN]
+        samples = [(keys[i], mine[i].text.strip(), shared[i].text.strip())
+                   for i in range(0, len(keys), step)][:SAMPLES_SHOWN]
         reranked = self.reranked(taste)
         rerank = (rate(taste, reranked, shared), rate(taste, mine, reranked)) if reranked else (None, None)
         return RoundResult(taste.user, round_, pairs, self.models.version(owner), rate(taste, mine, shared), others,
