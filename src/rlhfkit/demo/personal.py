@@ -76,7 +76,8 @@ MIN_ANSWER_WORDS = 6  # a sentence naming the topic in fewer words says nothing 
 # 19 words (a toy advice sentence has 11-23). Answering is wanted by both users, and the more it decides, the
 # more a model that answers more often wins under the other user's taste too (specificity); on best-of-8 picks
 # of the base's samples 20 was the cost at which brief's answers stay as relevant as the shared model's and
-# neither model wins under the other taste (benchmarks/results/personal_tastes.md, run 37)
+# neither model wins under the other taste (benchmarks/results/personal_tastes.md, run 37, and again with the
+# base asked through its chat template: at 0-10 words brief's pick never answers, at 20 94% of them do)
 UNANSWERED_WORDS = 20
 MIN_DIVERSITY = 0.9  # a personal model's distinct-2 ÷ the shared model's, at least (as the main demo's bar)
 SAMPLES_SHOWN = 3  # held-out answers of each user's model (next to the shared model's) in the report
@@ -166,7 +167,8 @@ TASTES = {  # scores on the scale of the base samples' spread: words / 10 (sd 0.
 
 def default_tastes() -> list[Taste]:
     """Two users with opposite tastes on what the toy policy's answers vary on most: their length (words
-    per answer over its samples: mean 18, sd 8.8, quartiles 13, 20, 25; benchmarks/personal_tastes.py),
+    per answer over its samples: mean 18, sd 8.8, quartiles 13, 20, 25, measured before the base was asked
+    through its chat template; benchmarks/personal_tastes.py --look),
     both among answers to the question."""
     return [TASTES["brief"], TASTES["detailed"]]
 
@@ -176,9 +178,9 @@ class PersonalDemoConfig:
     policy: Literal["toy", "smollm2"] = "toy"  # the shared base: the toy GPT-2, or SmolLM2-135M-Instruct (chat)
     run_dir: Path = Path("runs/demo-personal")
     rounds: int = 5
-    # questions each user asks (and answers) per round: 28, as the tastes that ask for an answer give a pair on
-    # 51-71% of questions ("both bad" on most others); at 16, 41-49 pairs in 5 rounds taught brief nothing
-    # (benchmarks/results/personal_tastes.md, runs 38-42)
+    # questions each user asks (and answers) per round: 28, as the tastes that ask for an answer give no pair on
+    # some ("both bad", "both fine": 16-21% of them in runs 45-47, 110-118 pairs per user in 5 rounds; 29-49% on
+    # the base without its chat template, where 16 a round taught brief nothing, runs 38-42)
     prompts_per_round: int = 28
     train_every: int = 12  # new pairs of a user that queue a training of their next version
     eval_prompts: int = 48  # held-out prompts (two per topic: 24 topics, the interval's resampling units)
