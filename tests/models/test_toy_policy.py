@@ -16,6 +16,17 @@ def test_corpus_mixes_kind_rude_and_empty_replies_as_configured():
     assert all("{topic}" not in q + a for q, a in examples)
 
 
+def test_a_mix_of_its_own_replaces_the_corpus_s_and_only_it_changes_the_cache_key(tmp_path):
+    corpus = toy_corpus()
+    examples = corpus_examples(corpus, 2000, seed=0, mix={"kind": 0.85, "empty": 0.15})
+    rude = sum(reply.startswith(tuple(corpus["openers"]["rude"])) for _, reply in examples)
+    assert rude == 0 and sum(reply in corpus["empty"] for _, reply in examples) / 2000 == pytest.approx(0.15, abs=0.03)
+    small = {"examples": 40, "epochs": 1, "vocab_size": 300, "n_embd": 16, "n_layer": 1, "n_head": 2}
+    folders = {load_toy_policy(tmp_path, ToyPolicyConfig(**small, mix=mix), progress=False)[2].name
+               for mix in (None, {"kind": 1.0})}
+    assert len(folders) == 2
+
+
 def test_held_out_prompts_are_about_other_topics():
     corpus = toy_corpus()
     train, test = toy_prompts(corpus["topics"][:-12], corpus), toy_prompts(corpus["topics"][-12:], corpus, seed=1)

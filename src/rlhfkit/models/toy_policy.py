@@ -46,11 +46,11 @@ def toy_prompts(topics: list[str], corpus: dict | None = None, per_topic: int = 
     return prompts
 
 
-def corpus_examples(corpus: dict, size: int, seed: int) -> list[tuple[str, str]]:
-    """(request, reply) pairs drawn with the corpus's mix of kind, rude and empty replies; a kind or rude reply
-    is an opener of that kind followed by a piece of advice about the topic."""
+def corpus_examples(corpus: dict, size: int, seed: int, mix: dict[str, float] | None = None) -> list[tuple[str, str]]:
+    """(request, reply) pairs drawn with ``mix`` (the share of kind, rude and empty replies; default: the
+    corpus's); a kind or rude reply is an opener of that kind followed by a piece of advice about the topic."""
     rng = random.Random(seed)
-    kinds, weights = zip(*corpus["mix"].items(), strict=True)
+    kinds, weights = zip(*(mix or corpus["mix"]).items(), strict=True)
     examples = []
     for _ in range(size):
         topic = rng.choice(corpus["topics"])
@@ -74,6 +74,7 @@ class ToyPolicyConfig:
     n_layer: int = 2
     n_head: int = 4
     seed: int = 0
+    mix: dict[str, float] | None = None  # the share of kind, rude and empty replies (None: the corpus's)
 
 
 def build_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -95,7 +96,7 @@ def train_toy_policy(config: ToyPolicyConfig, progress: bool = True) -> tuple[GP
                                                                                 PreTrainedTokenizerFast]:
     """Train the toy model: next-token loss on the replies (the request is context only)."""
     corpus = toy_corpus()
-    examples = corpus_examples(corpus, config.examples, config.seed)
+    examples = corpus_examples(corpus, config.examples, config.seed, config.mix)
     tokenizer = build_tokenizer([f"{q}\n{a}" for q, a in examples], config.vocab_size)
     contexts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
                                               add_generation_prompt=True) for q, _ in examples]
@@ -141,7 +142,8 @@ def load_toy_policy(cache: Path, config: ToyPolicyConfig | None = None,
     """The toy model from ``cache`` (a folder per corpus and settings), trained there first if missing.
     Returns (model, tokenizer, folder)."""
     config = config or ToyPolicyConfig()
-    key = hashlib.sha256(json.dumps([toy_corpus(), asdict(config)], sort_keys=True).encode()).hexdigest()[:12]
+    settings = {k: v for k, v in asdict(config).items() if v is not None}  # a new field at None keeps old keys
+    key = hashlib.sha256(json.dumps([toy_corpus(), settings], sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(cache) / f"toy-policy-{key}"
     if not (folder / "config.json").exists():
         console.print(f"training the toy instruct model (once; cached in {folder}) ...")
