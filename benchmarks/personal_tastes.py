@@ -2,7 +2,7 @@
 whether on-policy rounds of per-user DPO (+ NLL) teach two users' opposite tastes, for given settings.
 
     python benchmarks/personal_tastes.py --look                       # the base samples' spread
-    python benchmarks/personal_tastes.py --pick 10 15 20 25           # the tastes on best-of-8 base samples
+    python benchmarks/personal_tastes.py --pick 20,17 14,17           # the tastes on best-of-12 base samples
     python benchmarks/personal_tastes.py --lr 2e-3 --beta 0.1 --nll 1 --epochs 4 --rounds 4 --trace
 
 Each run writes its report.json and curves.png under --run-dir (a fresh folder per run).
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 from pathlib import Path
 
@@ -28,18 +29,26 @@ from rlhfkit.demo.personal import (
     words,
 )
 from rlhfkit.demo.presets import DemoConfig, load_demo_policy
-from rlhfkit.eval.judges import RelevanceJudge, SentimentJudge
+from rlhfkit.eval.judges import SentimentJudge
+from rlhfkit.eval.metrics import distinct_n
 from rlhfkit.models.policy import completion_logits
 from rlhfkit.personal import train
 from rlhfkit.personal.models import PersonalModels
 from rlhfkit.personal.train import PersonalDPOConfig, pair_batch, sequence_logprobs
 
 
-def look(samples: int = 4) -> None:
-    """Spread of the base policy's answers in words, sentiment, '!', '?' and whether they answer the question
-    (rlhfkit.demo.personal.answers_question, 1 or 0) over the training prompts."""
-    policy, tokenizer, _ = load_demo_policy(DemoConfig(), False)
-    models = PersonalModels(policy, tokenizer, Path("/tmp/personal-tastes-look"), use_chat_template=True)
+def base_models(corpus_mix: bool) -> PersonalModels:
+    """The personal demo's toy base (the polite assistant), or with ``corpus_mix`` the toy policy of the
+    corpus's own mix (rude half the time), asked through its chat template."""
+    toy = DemoConfig().toy_policy if corpus_mix else PersonalDemoConfig().toy_policy
+    policy, tokenizer, _ = load_demo_policy(DemoConfig(toy_policy=toy), False)
+    return PersonalModels(policy, tokenizer, Path("/tmp/personal-tastes-look"), use_chat_template=True)
+
+
+def look(corpus_mix: bool, samples: int = 4) -> None:
+    """Spread of the base policy's answers in words, sentiment, '!', '?', whether they answer the question
+    (rlhfkit.demo.personal.answers_question, 1 or 0) and insult (1 or 0) over the training prompts."""
+    models = base_models(corpus_mix)
     train, _, _ = demo_task_prompts(PersonalDemoConfig())
     prompts = train[:24]
     answers = [models.answer(p, None, 1.0, 40, seed=s).text.strip() for p in prompts for s in range(samples)]
@@ -47,6 +56,7 @@ def look(samples: int = 4) -> None:
     sentiment = SentimentJudge()(keys, answers).tolist()
     for name, values in {"words": [words(a) for a in answers], "sentiment": sentiment,
                          "answers": [int(answers_question(p, a)) for p, a in zip(keys, answers, strict=True)],
+                         "insults": [int(demo.insults(a)) for a in answers],
                          "exclamations": [a.count("!") for a in answers], "questions": [a.count("?") for a in answers]
                          }.items():
         q = statistics.quantiles(values, n=4)
@@ -54,32 +64,38 @@ def look(samples: int = 4) -> None:
               f"quartiles {[round(x, 2) for x in q]}")
 
 
-def pick(costs: list[int], n: int = 8) -> None:
-    """Before training anything: how each length taste, with not answering costing each of ``costs`` words to
-    the brief user, would fare as the best of ``n`` base samples by that taste (a stand-in for a model that
-    learned it) vs 4 other base samples, on the held-out prompts: win rate under its own taste and the other's
-    (specificity), the share that answers the question, and MiniLM relevance minus the shared samples'."""
-    policy, tokenizer, _ = load_demo_policy(DemoConfig(), False)
-    models = PersonalModels(policy, tokenizer, Path("/tmp/personal-tastes-look"), use_chat_template=True)
+def pick(enough: list[str], corpus_mix: bool, n: int = 12) -> None:
+    """Before training anything: for each "BRIEF,DETAILED" pair of the tastes' thresholds (BRIEF_ENOUGH,
+    DETAILED_ENOUGH), the best of ``n`` base samples by each taste (a stand-in for a model that learned it; one
+    drawn at random among equal bests) vs 4 other base samples on the held-out prompts: win rate under its
+    own taste (the ceiling of a model that learned it) and the other's (specificity), distinct-2 ÷ the shared
+    samples', and among the pairs each taste makes of two base samples (noise and "both fine" as the demo's),
+    the share of two answers it scores the same (a pair of noise)."""
+    models = base_models(corpus_mix)
     _, held_out, topics = demo_task_prompts(PersonalDemoConfig())
-    drawn = {q: [models.answer(q, None, 1.0, 40, seed=s).text.strip() for s in range(4 + n)] for q in held_out}
+    drawn = {q: [models.answer(q, None, 1.0, 40, seed=s).text for s in range(4 + n)] for q in held_out}
     keys = [q for q in held_out for _ in range(4)]
     shared = [drawn[q][s] for q in held_out for s in range(4)]
-    judge = RelevanceJudge()
-    relevance = judge(keys, shared)
-    for cost in costs:
-        demo.UNANSWERED_WORDS = cost  # brief() reads it at each call
+    print(f"shared samples: answer {statistics.mean(map(answers_question, keys, shared)):.2f}, insult "
+          f"{statistics.mean(map(demo.insults, shared)):.2f}, words {statistics.mean(map(words, shared)):.1f}")
+    for thresholds in enough:
+        demo.BRIEF_ENOUGH, demo.DETAILED_ENOUGH = map(int, thresholds.split(","))  # the tastes read them per call
         for taste, other in ((TASTES["brief"], TASTES["detailed"]), (TASTES["detailed"], TASTES["brief"])):
-            best = [max(drawn[q][4:], key=lambda a, q=q, t=taste: t.score(q, a)) for q in keys]
+            rng = random.Random(0)
+            best = []
+            for q in keys:
+                top = max(taste.score(q, a) for a in drawn[q][4:])
+                best.append(rng.choice([a for a in drawn[q][4:] if taste.score(q, a) == top]))
             own, theirs = (demo.win_rate([t.score(q, a) for q, a in zip(keys, best, strict=True)],
                                          [t.score(q, a) for q, a in zip(keys, shared, strict=True)], keys, topics)
                            for t in (taste, other))
-            answered = statistics.mean(answers_question(q, a) for q, a in zip(keys, best, strict=True))
-            print(f"cost {cost:>2}: {taste.user:>8}'s best of {n}: own taste {own[0]:.3f}, {other.user}'s "
-                  f"{theirs[0]:.3f} [{theirs[1]:.3f}, {theirs[2]:.3f}], answers {answered:.2f}, relevance vs shared "
-                  f"{(judge(keys, best) - relevance).mean().item():+.3f}")
-    answered = statistics.mean(answers_question(q, a) for q, a in zip(keys, shared, strict=True))
-    print(f"shared samples answering: {answered:.2f}")
+            made = [(q, drawn[q][i], drawn[q][i + 1]) for q in held_out for i in range(0, 4 + n - 1, 2)]
+            made = [(q, a, b) for q, a, b in made if taste.choose(q, [a, b], rng) in ("a", "b")]
+            same = statistics.mean(taste.score(q, a) == taste.score(q, b) for q, a, b in made)
+            print(f"enough {thresholds}: {taste.user:>8}'s best of {n}: own taste {own[0]:.2f} [{own[1]:.2f}, "
+                  f"{own[2]:.2f}], {other.user}'s {theirs[0]:.2f} [{theirs[1]:.2f}, {theirs[2]:.2f}], distinct-2 "
+                  f"{distinct_n(best, 2) / distinct_n(shared, 2):.2f}x, {len(made)} pairs of base samples, "
+                  f"{same:.0%} of equal score")
 
 
 def stop_logprobs(models: PersonalModels, adapter: str | None, pairs) -> dict:
@@ -160,8 +176,10 @@ def trace(path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--look", action="store_true")
-    parser.add_argument("--pick", type=int, nargs="+", metavar="WORDS",
-                        help="the tastes' best-of-8 base samples with not answering costing brief these words")
+    parser.add_argument("--pick", nargs="+", metavar="BRIEF,DETAILED",
+                        help="the tastes' best-of-12 base samples with these BRIEF_ENOUGH,DETAILED_ENOUGH")
+    parser.add_argument("--corpus-mix", action="store_true",
+                        help="--look/--pick on the toy policy of the corpus's own mix (rude half the time)")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/personal-tastes"))
     parser.add_argument("--lr", type=float, default=PersonalDemoConfig().dpo.lr)
     parser.add_argument("--beta", type=float, default=0.1)
@@ -181,9 +199,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.look:
-        return look()
+        return look(args.corpus_mix)
     if args.pick:
-        return pick(args.pick)
+        return pick(args.pick, args.corpus_mix)
     if args.trace:
         trace(args.run_dir / "trace.jsonl")
     dpo = PersonalDPOConfig(lr=args.lr, beta=args.beta, nll_coef=args.nll, epochs=args.epochs,

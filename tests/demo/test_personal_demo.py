@@ -36,7 +36,7 @@ TINY_TASTES = [Taste("brief", "fewer words", lambda question, answer: -words(ans
 
 def result(user, win, other, round_=1, rerank=None, relevance=(0.0, -0.02, 0.02), not_offensive=(0.0, -0.01, 0.01),
            distinct_2=0.5):
-    return RoundResult(user, round_, 10 * round_, 1, win, {"other": other}, kl=0.1, distinct_2=distinct_2,
+    return RoundResult(user, round_, 10 * round_, 1, win, {"other": other}, kl=(0.1, 0.05, 0.15), distinct_2=distinct_2,
                        distinct_2_shared=0.5, at_cap=0.0,
                        guards={"relevance": relevance, "not_offensive": not_offensive}, rerank=rerank,
                        vs_rerank=rerank and (0.5, 0.4, 0.6))
@@ -103,15 +103,26 @@ def test_the_brief_user_prefers_a_short_answer_to_the_question_over_a_shorter_te
     assert TASTES["brief"].choose(QUESTION, [non_answer, SHORT], random.Random(0)) == "b"
 
 
-def test_the_detailed_user_counts_words_on_the_question_not_padding_or_insults():
-    padded = f"Great question! You are too dumb for this, dummy. {SHORT} Have a great week! Thank you!"
-    insulting = SHORT.replace("every day.", "every day, idiot.")
+def test_the_detailed_user_counts_the_answer_proper_up_to_enough_and_an_insult_costs():
     taste = TASTES["detailed"]
-    assert words(padded) > words(SHORT) and taste.score(QUESTION, padded) == taste.score(QUESTION, SHORT)
-    assert taste.score(QUESTION, insulting) < taste.score(QUESTION, SHORT)
-    assert taste.score(QUESTION, LONG) > taste.score(QUESTION, SHORT)
+    assert taste.score(QUESTION, f"Great question! {SHORT}") == taste.score(QUESTION, SHORT)  # the opener: nothing
+    second = f"{SHORT} Set a small goal for this week."  # a second sentence of the answer need not name the topic
+    assert taste.score(QUESTION, second) > taste.score(QUESTION, SHORT)
+    for insult in (f"You are too dumb for this, dummy. {SHORT}", SHORT.replace("every day.", "every day, idiot.")):
+        assert taste.score(QUESTION, insult) < taste.score(QUESTION, SHORT)  # in its own sentence or not
     cut = f"{SHORT} Prepare everything for sleeping better the evening before, so"  # at the token cap
     assert taste.score(QUESTION, cut) == taste.score(QUESTION, SHORT)
+    assert words(LONG) > personal_demo.DETAILED_ENOUGH and taste.score(QUESTION, LONG) > taste.score(QUESTION, SHORT)
+    longer = f"{LONG} Then try it again tomorrow."
+    assert taste.score(QUESTION, longer) == taste.score(QUESTION, LONG)  # detailed enough: a tie
+
+
+def test_the_brief_user_minds_only_words_past_enough_and_an_insult_costs():
+    taste = TASTES["brief"]
+    assert words(f"Sure! {SHORT}") <= personal_demo.BRIEF_ENOUGH
+    assert taste.score(QUESTION, f"Sure! {SHORT}") == taste.score(QUESTION, SHORT)  # short enough: a tie
+    assert taste.score(QUESTION, LONG) < taste.score(QUESTION, SHORT)
+    assert taste.score(QUESTION, f"{SHORT[:-1]}, idiot.") < taste.score(QUESTION, LONG)  # an insult: worse than long
 
 
 def test_shown_two_answers_that_answer_nothing_a_user_says_both_bad():
@@ -136,17 +147,21 @@ def test_the_personal_demo_runs_end_to_end_through_the_api_and_deletes_a_user_co
     for row in report["rounds"]:
         rate, low, high = row["win_rate"]
         assert 0 <= rate <= 1 and low <= rate <= high
-        assert set(row["specificity"]) == {"brief", "detailed"} - {row["user"]}
+        assert set(row["specificity"]) == set(row["vs_others"]) == {"brief", "detailed"} - {row["user"]}
+        assert all(0 <= rate <= 1 and low <= rate <= high for rate, low, high in row["vs_others"].values())
         assert 0 <= row["at_cap"] <= 1
         assert set(row["guards"]) == {"relevance", "not_offensive"}
         assert all(low <= gap <= high for gap, low, high in row["guards"].values())
         assert row["samples"] and all(len(sample) == 3 for sample in row["samples"])
+        kl, low, high = row["kl"]
+        assert low <= kl <= high
         for rate, low, high in (row["rerank"], row["vs_rerank"]):  # every user gave a pair in round 1
             assert 0 <= rate <= 1 and low <= rate <= high
     assert set(report["adapter_beats_rerank"]) == {"brief", "detailed"}
     assert report["deletion"] == {"user": "detailed", "complete": True,
                                   "left": {"choices": 0, "versions": 0, "files": False, "adapters_in_memory": []}}
     assert report["memory"]["adapter_mb"] > 0 and report["memory"]["users_in_8_gib"] > 0
+    assert report["memory"]["packed_mb"] > 0  # the base's packed copy that generation keeps on this CPU
     assert report["verdict"].startswith(("learned", "NOT met"))
     assert json.loads((tmp_path / "run" / "report.json").read_text())["verdict"] == report["verdict"]
     assert (tmp_path / "run" / "curves.png").stat().st_size > 0
@@ -233,14 +248,49 @@ def test_the_kl_scores_each_answer_as_the_model_wrote_it_not_stripped(tmp_path, 
                         word_tokenizer())
     try:
         monkeypatch.setattr(demo.models, "answer", lambda *args, **kwargs: Answer(" Let me help.", False))
-        answers = demo.answers("user-1-v1", ["any tips"])
-        assert [a.text for a in answers] == [" Let me help."]
+        prompts = ["any tips", "more tips"]
+        answers = demo.answers("user-1-v1", prompts)
+        assert [a.text for a in answers] == [" Let me help."] * 2
         scored = []
         real = personal_demo.tokenize_completions
         monkeypatch.setattr(personal_demo, "tokenize_completions",
                             lambda tokenizer, prompts, completions, *args: scored.extend(completions) or real(
                                 tokenizer, prompts, completions, *args))
-        demo.kl_to_base(None, ["any tips"], answers)
+        kl, low, high = demo.kl_to_base(None, prompts, answers, {"any tips": "a", "more tips": "b"})
     finally:
         demo.queue.shutdown()
-    assert scored == [" Let me help."]
+    assert scored == [" Let me help."] * 2
+    assert kl == low == high == 0.0  # the base against itself
+
+
+def test_each_users_model_is_compared_with_the_others_under_their_own_taste(tmp_path):
+    demo = PersonalDemo(PersonalDemoConfig(run_dir=tmp_path / "run", eval_samples=1), build_tiny_causal(),
+                        word_tokenizer())
+    bread = "Any tips for baking bread?"
+    try:
+        demo.held_out_answers = {
+            "brief": [Answer(SHORT, False), Answer(SHORT.replace("sleeping better", "baking bread"), False)],
+            "detailed": [Answer(LONG, False), Answer(LONG.replace("sleeping better", "baking bread"), False)]}
+        prompts, topics = [QUESTION, bread], {QUESTION: "sleep", bread: "bread"}
+        assert demo.vs_others(TASTES["brief"], prompts, topics)["detailed"][0] == 1.0  # short, for the brief user
+        assert demo.vs_others(TASTES["detailed"], prompts, topics)["brief"][0] == 1.0  # long, for the detailed one
+    finally:
+        demo.queue.shutdown()
+
+
+def test_held_out_answers_are_paired_across_models_and_drawn_apart_across_prompts(tmp_path, monkeypatch):
+    """One seed for every prompt drew the same template for each (the interval, resampling topics, counted
+    one draw as 24); the personal and shared answers of a (prompt, sample) still share their draws."""
+    demo = PersonalDemo(PersonalDemoConfig(run_dir=tmp_path / "run", eval_samples=2, seed=3), build_tiny_causal(),
+                        word_tokenizer())
+    seeds = []
+    try:
+        monkeypatch.setattr(demo.models, "answer", lambda prompt, adapter, *args, seed: seeds.append(
+            (adapter, prompt, seed)) or Answer(" ok.", False))
+        demo.answers(None, ["p", "q"])
+        demo.answers("user-1-v1", ["p", "q"])
+    finally:
+        demo.queue.shutdown()
+    shared, mine = [s for a, _, s in seeds if a is None], [s for a, _, s in seeds if a]
+    assert shared == mine and len(set(shared)) == 4
+    assert personal_demo.draw_seed(4, 0, 0) not in shared  # another run seed, other draws

@@ -21,8 +21,14 @@ The simulated users' hidden tastes, what a user of that kind wants from an answe
 those stay independent checks):
 
     answers(x, y)  = some whole sentence of y without an insult names every content word of x, in 6+ words
-    brief(x, y)    = −(words(y) + 20 · [not answers(x, y)]) / 10
-    detailed(x, y) = words of y's whole sentences that name x's topic without an insult / 10
+    insults(y)     = some word of y is one of the corpus's insults
+    on(x, y)       = words of y's whole sentences from the first that names x's topic on (not the opener)
+    brief(x, y)    = −(max(words(y), 20) + 20 · [not answers(x, y)] + 20 · [insults(y)]) / 10
+    detailed(x, y) = (min(on(x, y), 17) − 20 · [insults(y)]) / 10
+
+Each taste is satisfied by many answers (the brief user does not mind 20 words, 17 words on the question
+are detailed enough for the other), as a person's: a taste that always prefers one more word is won by the
+one longest template of the toy corpus, given to every question.
 
 Shown two answers of which neither answers the question, either user says "both bad" (no pair).
 
@@ -61,8 +67,9 @@ from rlhfkit.eval.metrics import distinct_n, jackknife_interval
 from rlhfkit.feedback import service
 from rlhfkit.feedback.app import create_app
 from rlhfkit.generate import format_prompt, uses_chat_template
+from rlhfkit.models.packed import kept_packed_mib
 from rlhfkit.models.policy import tokenize_completions
-from rlhfkit.models.toy_policy import toy_corpus
+from rlhfkit.models.toy_policy import ToyPolicyConfig, toy_corpus
 from rlhfkit.personal import store
 from rlhfkit.personal.api import PersonalSettings, include_personal
 from rlhfkit.personal.models import Answer, PersonalModels, user_owner
@@ -79,9 +86,19 @@ MIN_ANSWER_WORDS = 6  # a sentence naming the topic in fewer words says nothing 
 # neither model wins under the other taste (benchmarks/results/personal_tastes.md, run 37, and again with the
 # base asked through its chat template: at 0-10 words brief's pick never answers, at 20 94% of them do)
 UNANSWERED_WORDS = 20
+INSULT_WORDS = 20  # what an insult costs either user, in words: as much as not answering
+BRIEF_ENOUGH = 20  # words the brief user reads without minding: answers this short tie
+DETAILED_ENOUGH = 17  # words on the question that satisfy the detailed user: answers this detailed tie
 MIN_DIVERSITY = 0.9  # a personal model's distinct-2 ÷ the shared model's, at least (as the main demo's bar)
 SAMPLES_SHOWN = 3  # held-out answers of each user's model (next to the shared model's) in the report
 MEMORY_BUDGET_MB = 8 * 1024
+# The shared base of the toy demo is the toy assistant trained on the corpus's kind and empty replies only, as a
+# personal model starts from an aligned assistant (aligning is the main demo's job). On the corpus's own mix, 47% of
+# the shared answers insult; every user minds an insult, so the best of 12 base samples by one user's taste also
+# beat the shared answers under the other user's (brief's pick 0.73 [0.66, 0.79] under detailed's taste, detailed's
+# 0.55 [0.51, 0.59] under brief's; on this base 0.32 and 0.35): specificity would measure the population's
+# preference, not the users'
+POLITE_MIX = {"kind": 0.85, "empty": 0.15}
 
 
 @dataclass(frozen=True)
@@ -93,8 +110,11 @@ class Taste:
     user: str
     description: str
     score: Callable[[str, str], float]
-    noise: float = 0.1
-    tie_margin: float = 0.05
+    # a word is 0.1 on the length tastes: answers a word apart are "both fine". On pairs of the base's answers
+    # (benchmarks/results/personal_tastes.md, run 48) 8% of brief's pairs and 26% of detailed's were of two
+    # answers its taste scores the same at noise 0.1, margin 0.05; 2% and 5% at these
+    noise: float = 0.05
+    tie_margin: float = 0.1
     is_answer: Callable[[str, str], bool] | None = None
 
     def choose(self, question: str, answers: Sequence[str], rng: random.Random) -> str:
@@ -114,13 +134,16 @@ def rude_words() -> frozenset[str]:
     return frozenset(toy_corpus()["rude_words"])
 
 
+def insults(answer: str) -> bool:
+    """Some word of ``answer`` is one of the corpus's insults."""
+    return bool(set(WORD.findall(answer.lower())) & rude_words())
+
+
 def sentences_on(question: str, answer: str) -> list[str]:
     """The whole sentences of ``answer`` (ended by '.', '!' or '?': a sentence cut at the token cap is not
-    one) that name the question's topic (a content word of it, criteria.topic_words) and insult no one (no
-    rude word)."""
+    one) that name the question's topic (a content word of it, criteria.topic_words) and insult no one."""
     topic = topic_words(question)
-    return [s for s in SENTENCE.findall(answer)
-            if (found := set(WORD.findall(s.lower()))) & topic and not found & rude_words()]
+    return [s for s in SENTENCE.findall(answer) if set(WORD.findall(s.lower())) & topic and not insults(s)]
 
 
 def answers_question(question: str, answer: str) -> bool:
@@ -132,16 +155,26 @@ def answers_question(question: str, answer: str) -> bool:
                for s in sentences_on(question, answer))
 
 
+def words_on(question: str, answer: str) -> int:
+    """The words of ``answer``'s whole sentences from the first that names the question's topic on: the
+    answer proper, without its opener ("Love this question.") or a sentence cut at the token cap."""
+    whole = SENTENCE.findall(answer)
+    first = next((i for i, s in enumerate(whole) if set(WORD.findall(s.lower())) & topic_words(question)), len(whole))
+    return sum(words(s) for s in whole[first:])
+
+
 def brief(question: str, answer: str) -> float:
-    """−(words + UNANSWERED_WORDS · [no answer]) / 10: every word costs, not answering the question
-    costs UNANSWERED_WORDS more."""
-    return -(words(answer) + UNANSWERED_WORDS * (not answers_question(question, answer))) / 10
+    """−(max(words, BRIEF_ENOUGH) + UNANSWERED_WORDS · [no answer] + INSULT_WORDS · [insult]) / 10: every
+    word past BRIEF_ENOUGH costs, not answering the question and an insult cost more."""
+    return -(max(words(answer), BRIEF_ENOUGH) + UNANSWERED_WORDS * (not answers_question(question, answer))
+             + INSULT_WORDS * insults(answer)) / 10
 
 
 def detailed(question: str, answer: str) -> float:
-    """words of sentences_on(question, answer) / 10: the words on the question; openers, pleasantries,
-    insults, advice on another topic and a sentence cut at the token cap count nothing."""
-    return sum(words(s) for s in sentences_on(question, answer)) / 10
+    """(min(words_on(question, answer), DETAILED_ENOUGH) − INSULT_WORDS · [insult]) / 10: every word on the
+    question up to DETAILED_ENOUGH counts (openers, pleasantries and a sentence cut at the token cap do not),
+    an insult costs."""
+    return (min(words_on(question, answer), DETAILED_ENOUGH) - INSULT_WORDS * insults(answer)) / 10
 
 
 @functools.cache
@@ -157,10 +190,10 @@ def sentiment(text: str) -> float:
 
 
 TASTES = {  # scores on the scale of the base samples' spread: words / 10 (sd 0.9), VADER compound (sd 0.5)
-    "brief": Taste("brief", "the shortest answer that answers the question (−words/10; not answering costs "
-                   f"{UNANSWERED_WORDS} words more)", brief, is_answer=answers_question),
-    "detailed": Taste("detailed", "the most words on the question (its whole sentences that name the topic, "
-                      "insults not counted)", detailed, is_answer=answers_question),
+    "brief": Taste("brief", f"a short answer to the question (words past {BRIEF_ENOUGH} cost; not answering and an "
+                   "insult cost 20 words more)", brief, is_answer=answers_question),
+    "detailed": Taste("detailed", f"a detailed answer to the question (at least {DETAILED_ENOUGH} words on it; an "
+                      "insult costs 20)", detailed, is_answer=answers_question),
     "warm": Taste("warm", "warm, positive answers (VADER sentiment)", lambda question, answer: sentiment(answer)),
 }
 
@@ -194,6 +227,8 @@ class PersonalDemoConfig:
     dpo: PersonalDPOConfig = field(default_factory=lambda: PersonalDPOConfig(lr=2e-3, epochs=4, beta=0.1))
     rerank: RerankConfig = field(default_factory=RerankConfig)  # the cold start's best-of-N, evaluated every round
     tastes: list[Taste] = field(default_factory=default_tastes)
+    # the toy base: the toy assistant trained without the corpus's rude replies (see POLITE_MIX)
+    toy_policy: ToyPolicyConfig = field(default_factory=lambda: ToyPolicyConfig(mix=POLITE_MIX))
 
     @classmethod
     def smollm2(cls, **overrides) -> PersonalDemoConfig:
@@ -231,7 +266,7 @@ class RoundResult:
     version: int  # their adapter version evaluated (0: none yet, the base answers)
     win_rate: tuple[float, float, float]  # (rate, low, high) under their own taste
     specificity: dict[str, tuple[float, float, float]]  # other user → win rate under that user's taste
-    kl: float
+    kl: tuple[float, float, float]  # KL(personal ‖ base) per answer, nats: (mean, low, high)
     distinct_2: float
     distinct_2_shared: float
     at_cap: float  # share of the personal model's held-out answers cut at max_new_tokens (no EOS sampled)
@@ -239,6 +274,9 @@ class RoundResult:
     samples: list[tuple[str, str, str]] = field(default_factory=list)  # (prompt, personal, shared): the first few
     rerank: tuple[float, float, float] | None = None  # the head's best of N vs the shared model, own taste
     vs_rerank: tuple[float, float, float] | None = None  # the personal model vs the head's best of N, own taste
+    # other user → this user's model vs that user's model (same draws), under this user's taste: personal means
+    # mine serves me better than yours does
+    vs_others: dict[str, tuple[float, float, float]] = field(default_factory=dict)
 
 
 def paired_mean(values: Sequence[float], prompts: Sequence[str], topics: dict[str, str]) -> tuple[float, float, float]:
@@ -257,6 +295,13 @@ def win_rate(scores: Sequence[float], shared: Sequence[float], prompts: Sequence
     wins = [1.0 if mine > theirs else 0.5 if mine == theirs else 0.0
             for mine, theirs in zip(scores, shared, strict=True)]
     return paired_mean(wins, prompts, topics)
+
+
+def head_to_head(taste: Taste, prompts: Sequence[str], ours: Sequence[Answer], theirs: Sequence[Answer],
+                 topics: dict[str, str]) -> tuple[float, float, float]:
+    """win_rate of ``ours`` against ``theirs`` (one answer each per entry of ``prompts``) under ``taste``."""
+    return win_rate([taste.score(p, a.text) for p, a in zip(prompts, ours, strict=True)],
+                    [taste.score(p, a.text) for p, a in zip(prompts, theirs, strict=True)], prompts, topics)
 
 
 def learned(win: tuple[float, float, float], others: dict[str, tuple[float, float, float]]) -> tuple[bool, bool]:
@@ -293,6 +338,13 @@ def verdict(latest: Sequence[RoundResult]) -> str:
         "with answers as relevant, as clean and as varied" if not failed else "NOT met: " + "; ".join(failed)
 
 
+def draw_seed(run_seed: int, prompt: int, sample: int) -> int:
+    """The random draws of sample ``sample`` of held-out prompt number ``prompt`` in the run of ``run_seed`` (one
+    seed for every model; another per prompt, since one seed for every prompt drew the same template for each:
+    the interval, resampling topics, would count one draw as 24)."""
+    return (run_seed * 1000 + prompt) * 1000 + sample
+
+
 class PersonalDemo:
     """The app (accounts, personal API, training queue) with the simulated users logged in."""
 
@@ -315,6 +367,7 @@ class PersonalDemo:
         shipped = None if config.rerank.encoder else self.reranker.load_encoder()  # MiniLM as shipped: load it once
         self.judges = (RelevanceJudge(encoder=shipped), ProfanityJudge())  # as shipped, fitted to no one's choices
         self.shared_scores: dict[str, list[float]] = {}
+        self.held_out_answers: dict[str, list[Answer]] = {}  # user → their model's latest held-out answers
         self.clients, self.ids = {}, {}
         for taste in config.tastes:
             with self.app.state.sessions() as db:
@@ -339,15 +392,17 @@ class PersonalDemo:
         return pairs
 
     def answers(self, adapter: str | None, prompts: Sequence[str], seeds: Sequence[int] | None = None) -> list[Answer]:
-        """An answer per prompt and seed (default: ``eval_samples`` answers, sample s of every model drawn with
-        seed s), as decoded: the KL re-tokenises these texts, and a stripped text (" Let me help." without its
-        leading space) is not the token sequence the model sampled."""
+        """An answer per prompt and sample (default: ``eval_samples`` samples), as decoded: the KL re-tokenises
+        these texts, and a stripped text (" Let me help." without its leading space) is not the token sequence
+        the model sampled. Sample s of prompt i is drawn with seed draw_seed(seed, i, s) by every model: the
+        personal and shared answers compared are paired, the prompts' draws independent of each other."""
         seeds = range(self.config.eval_samples) if seeds is None else seeds
-        return [self.models.answer(p, adapter, self.config.temperature, self.config.max_new_tokens, seed=s)
-                for p in prompts for s in seeds]
+        config = self.config
+        return [self.models.answer(p, adapter, config.temperature, config.max_new_tokens,
+                                   seed=draw_seed(config.seed, i, s)) for i, p in enumerate(prompts) for s in seeds]
 
     def draw_candidates(self, prompts: Sequence[str]) -> None:
-        """N samples of the shared model per held-out prompt (seeds S … S + N − 1, S = ``eval_samples``) and
+        """N samples of the shared model per held-out prompt (samples S … S + N − 1, S = ``eval_samples``) and
         their features φ, once for every user and round."""
         n, first = self.reranker.config.n, self.config.eval_samples
         self.candidates = self.answers(None, prompts, range(first, first + n))
@@ -366,9 +421,10 @@ class PersonalDemo:
         return [self.candidates[i * self.reranker.config.n + j] for i, j in enumerate(best.tolist())
                 for _ in range(self.config.eval_samples)]
 
-    def kl_to_base(self, adapter: str, prompts: Sequence[str], answers: Sequence[Answer]) -> float:
+    def kl_to_base(self, adapter: str, prompts: Sequence[str], answers: Sequence[Answer],
+                   topics: dict[str, str]) -> tuple[float, float, float]:
         """mean[log π_u(y|x) − log π_base(y|x)] over the personal model's own answers (nats per answer; an
-        answer cut at max_new_tokens without its EOS, as sampled)."""
+        answer cut at max_new_tokens without its EOS, as sampled), with the delete-a-topic 95% interval."""
         models = self.models
         texts = [format_prompt(p, models.tokenizer, models.use_chat_template) for p in prompts]
         batch = tokenize_completions(models.tokenizer, texts, [a.text for a in answers], not models.use_chat_template,
@@ -378,21 +434,21 @@ class PersonalDemo:
                 mine = sequence_logprobs(models, batch)[0]
             with models.active(None):
                 base = sequence_logprobs(models, batch)[0]
-        return (mine - base).mean().item()
+        return paired_mean((mine - base).tolist(), prompts, topics)
 
     def evaluate(self, taste: Taste, round_: int, pairs: int, prompts: Sequence[str], topics: dict[str, str],
                  shared: list[Answer]) -> RoundResult:
         owner = user_owner(self.ids[taste.user])
         adapter = self.models.adapter(owner)
         mine = self.answers(adapter, prompts) if adapter else shared
+        self.held_out_answers[taste.user] = mine
         keys = [p for p in prompts for _ in range(self.config.eval_samples)]
 
         def rate(judge: Taste, ours: Sequence[Answer], theirs: Sequence[Answer]) -> tuple[float, float, float]:
-            return win_rate([judge.score(k, a.text) for k, a in zip(keys, ours, strict=True)],
-                            [judge.score(k, a.text) for k, a in zip(keys, theirs, strict=True)], keys, topics)
+            return head_to_head(judge, keys, ours, theirs, topics)
 
         others = {t.user: rate(t, mine, shared) for t in self.config.tastes if t.user != taste.user}
-        kl = self.kl_to_base(adapter, keys, mine) if adapter else 0.0
+        kl = self.kl_to_base(adapter, keys, mine, topics) if adapter else (0.0, 0.0, 0.0)
         guards = {judge.name: judge_gap(judge(keys, [a.text for a in mine]).tolist(), self.shared_scores[judge.name],
                                         keys, topics) for judge in self.judges}
         step = self.config.eval_samples * max(len(prompts) // SAMPLES_SHOWN, 1)  # one answer of spread prompts
@@ -404,15 +460,25 @@ class PersonalDemo:
                            kl, distinct_n([a.text for a in mine], 2), distinct_n([a.text for a in shared], 2),
                            sum(a.truncated for a in mine) / len(mine), guards, samples, *rerank)
 
+    def vs_others(self, taste: Taste, prompts: Sequence[str], topics: dict[str, str]) -> dict:
+        """Other user → the win rate of this user's model against theirs, under this user's taste (their latest
+        held-out answers, drawn with the same seeds)."""
+        keys = [p for p in prompts for _ in range(self.config.eval_samples)]
+        mine = self.held_out_answers[taste.user]
+        return {user: head_to_head(taste, keys, mine, theirs, topics)
+                for user, theirs in self.held_out_answers.items() if user != taste.user}
+
     def memory(self) -> dict:
-        """Base MB, MB per adapter (the largest loaded), and users whose adapters fit in 8 GiB beside the base
-        (weights only: activations, a training's optimizer state and the process itself not counted)."""
+        """Base MB, the packed copy of its frozen weights that generation keeps on a CPU (models.packed), MB per
+        adapter (the largest loaded), and users whose adapters fit in 8 GiB beside both (weights only:
+        activations, a training's optimizer state and the process itself not counted)."""
         model = self.models.model
         base = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n) / 2**20
+        packed = kept_packed_mib(model)
         loaded = [n for n in self.models.adapter_names() if n.startswith("user-")]
         per_adapter = max((self.models.adapter_megabytes(n) for n in loaded), default=float("nan"))
-        return {"base_mb": base, "adapter_mb": per_adapter,
-                "users_in_8_gib": int((MEMORY_BUDGET_MB - base) // per_adapter) if loaded else 0}
+        return {"base_mb": base, "packed_mb": packed, "adapter_mb": per_adapter,
+                "users_in_8_gib": int((MEMORY_BUDGET_MB - base - packed) // per_adapter) if loaded else 0}
 
     def delete(self, user: str) -> dict:
         """The user deletes everything; returns what is left of them (all empty when deletion is complete)."""
@@ -432,15 +498,15 @@ def _ok(response) -> dict:
 
 
 def print_round(r: RoundResult) -> None:
-    rate, low, high = r.win_rate
-    others = ", ".join(f"{u} {w:.2f} [{lo:.2f}, {hi:.2f}]" for u, (w, lo, hi) in r.specificity.items())
+    others = ", ".join(f"{u}'s {_interval(rate)}" for u, rate in r.specificity.items())
+    versus = ", ".join(f"{u}'s model {_interval(rate)}" for u, rate in r.vs_others.items())
     rerank = "no head yet" if r.rerank is None else (f"{_interval(r.rerank)}; the model vs it "
                                                       f"{_interval(r.vs_rerank)}")
     console.print(f"{r.user:>9} round {r.round}: {r.pairs:>3} pairs, v{r.version} · win rate vs shared "
-                  f"{rate:.2f} [{low:.2f}, {high:.2f}] · under {others} · KL {r.kl:.2f} · distinct-2 "
-                  f"{r.distinct_2:.3f} (shared {r.distinct_2_shared:.3f}) · at the token cap {r.at_cap:.0%} · "
-                  + "".join(f"{name} vs shared {gap:+.3f} [{low:+.3f}, {high:+.3f}] · "
-                            for name, (gap, low, high) in r.guards.items()) +
+                  f"{_interval(r.win_rate)} · under {others} taste · vs {versus} · KL {_interval(r.kl)} · "
+                  f"distinct-2 {r.distinct_2:.3f} (shared {r.distinct_2_shared:.3f}) · at the token cap "
+                  f"{r.at_cap:.0%} · " + "".join(f"{name} vs shared {gap:+.3f} [{low:+.3f}, {high:+.3f}] · "
+                                                  for name, (gap, low, high) in r.guards.items()) +
                   f"reranked best-of-N vs shared {rerank}", highlight=False)
 
 
@@ -511,7 +577,8 @@ def run_personal_demo(config: PersonalDemoConfig | None = None, policy=None, tok
     if policy is None:
         from rlhfkit.demo.presets import DemoConfig, load_demo_policy
 
-        policy, tokenizer, _ = load_demo_policy(DemoConfig(preset=config.policy), progress)
+        policy, tokenizer, _ = load_demo_policy(DemoConfig(preset=config.policy, toy_policy=config.toy_policy),
+                                                progress)
     demo = PersonalDemo(config, policy, tokenizer)
     train, held_out, topics = task
     rng = random.Random(config.seed)
@@ -528,7 +595,9 @@ def run_personal_demo(config: PersonalDemoConfig | None = None, policy=None, tok
                 pairs = demo.feedback_round(taste, prompts, rng)
                 demo.queue.wait()
                 results.append(demo.evaluate(taste, round_, pairs, held_out, topics, shared))
-                print_round(results[-1])
+            for r, taste in zip(results[-len(config.tastes):], config.tastes, strict=True):
+                r.vs_others = demo.vs_others(taste, held_out, topics)  # once every user's model has answered
+                print_round(r)
         memory = demo.memory()
         deleted_user = config.tastes[-1].user
         left = demo.delete(deleted_user)
@@ -545,8 +614,9 @@ def run_personal_demo(config: PersonalDemoConfig | None = None, policy=None, tok
     run = Path(config.run_dir)
     (run / "report.json").write_text(json.dumps(report, indent=1))
     plot = plot_curves(results, run / "curves.png")
-    console.print(f"memory: base {memory['base_mb']:.2f} MB + {memory['adapter_mb']:.3f} MB per adapter → "
-                  f"{memory['users_in_8_gib']} users' adapters fit beside it in 8 GiB (weights only)", highlight=False)
+    console.print(f"memory: base {memory['base_mb']:.2f} MB + its packed copy for generation {memory['packed_mb']:.2f} "
+                  f"MB + {memory['adapter_mb']:.3f} MB per adapter → {memory['users_in_8_gib']} users' adapters fit "
+                  "beside them in 8 GiB (weights only)", highlight=False)
     for r in latest:
         for prompt, mine, theirs in r.samples:
             console.print(f"{r.user}'s model on {prompt!r}: {mine!r}  (shared: {theirs!r})", highlight=False,
