@@ -18,6 +18,7 @@ from rlhfkit.demo.personal import (
     adapter_beats_rerank,
     answers_question,
     judge_gap,
+    preferred_answers,
     run_personal_demo,
     verdict,
     win_rate,
@@ -37,7 +38,7 @@ TINY_TASTES = [Taste("brief", "fewer words", lambda question, answer: -words(ans
 def result(user, win, other, round_=1, rerank=None, relevance=(0.0, -0.02, 0.02), not_offensive=(0.0, -0.01, 0.01),
            distinct_2=0.5):
     return RoundResult(user, round_, 10 * round_, 1, win, {"other": other}, kl=(0.1, 0.05, 0.15), distinct_2=distinct_2,
-                       distinct_2_shared=0.5, at_cap=0.0,
+                       distinct_2_shared=0.6, distinct_2_preferred=0.5, at_cap=0.0,
                        guards={"relevance": relevance, "not_offensive": not_offensive}, rerank=rerank,
                        vs_rerank=rerank and (0.5, 0.4, 0.6))
 
@@ -64,10 +65,20 @@ def test_the_verdict_says_learned_only_when_every_interval_is_above_half_and_spe
     rude = verdict([result("a", above, against), result("b", above, against, not_offensive=(-0.2, -0.3, -0.1))])
     assert rude.startswith("NOT met") and "b: answers worse than the shared model's by not_offensive" in rude
     kept = verdict([result("a", above, against, distinct_2=0.45), result("b", above, against)])
-    assert kept.startswith("learned")  # 0.9 × the shared model's 0.5
+    assert kept.startswith("learned")  # 0.9 × the 0.5 of the base's answers "a" prefers, though below the shared 0.6
     same_answer = verdict([result("a", above, against, distinct_2=0.44), result("b", above, against)])
-    assert same_answer.startswith("NOT met") and "a: answers less varied than the shared model's (distinct-2 0.440" \
-        in same_answer
+    assert same_answer.startswith("NOT met") and \
+        "a: answers less varied than the base's answers they prefer (distinct-2 0.440 vs 0.500" in same_answer
+
+
+def test_the_base_answers_a_user_prefers_are_the_best_by_their_taste_equal_ones_in_a_seeded_order():
+    taste = Taste("short", "fewer characters, up to 2", lambda question, answer: -max(len(answer), 2))
+    pools = [["aaaa", "a", "aaa", "b"], ["cc", "d", "ccc", "eeeee"]]
+    picked = preferred_answers(taste, ["p", "q"], pools, 2, seed=0)
+    assert set(picked[:2]) == {"a", "b"} and set(picked[2:]) == {"cc", "d"}  # ties at the best, both kept
+    picks = {tuple(preferred_answers(taste, ["p", "q"], pools, 1, seed)) for seed in range(20)}
+    assert len(picks) > 1 and preferred_answers(taste, ["p", "q"], pools, 1, 3) == \
+        preferred_answers(taste, ["p", "q"], pools, 1, 3)  # equal ones in an order the seed fixes
 
 
 def test_the_judge_gap_is_the_mean_difference_with_a_topic_interval():
@@ -112,6 +123,8 @@ def test_the_detailed_user_counts_the_answer_proper_up_to_enough_and_an_insult_c
         assert taste.score(QUESTION, insult) < taste.score(QUESTION, SHORT)  # in its own sentence or not
     cut = f"{SHORT} Prepare everything for sleeping better the evening before, so"  # at the token cap
     assert taste.score(QUESTION, cut) == taste.score(QUESTION, SHORT)
+    juggle = "Ask yourself what you enjoy about learning to juggle and spend more time on that part; joy keeps you."
+    assert taste.score("Any tips for learning to dance?", juggle) == 0  # names "learning", answers another question
     assert words(LONG) > personal_demo.DETAILED_ENOUGH and taste.score(QUESTION, LONG) > taste.score(QUESTION, SHORT)
     longer = f"{LONG} Then try it again tomorrow."
     assert taste.score(QUESTION, longer) == taste.score(QUESTION, LONG)  # detailed enough: a tie

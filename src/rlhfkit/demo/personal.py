@@ -24,7 +24,7 @@ those stay independent checks):
     insults(y)     = some word of y is one of the corpus's insults
     on(x, y)       = words of y's whole sentences from the first that names x's topic on (not the opener)
     brief(x, y)    = −(max(words(y), 20) + 20 · [not answers(x, y)] + 20 · [insults(y)]) / 10
-    detailed(x, y) = (min(on(x, y), 17) − 20 · [insults(y)]) / 10
+    detailed(x, y) = (min(on(x, y), 17) · [answers(x, y)] − 20 · [insults(y)]) / 10
 
 Each taste is satisfied by many answers (the brief user does not mind 20 words, 17 words on the question
 are detailed enough for the other), as a person's: a taste that always prefers one more word is won by the
@@ -89,7 +89,11 @@ UNANSWERED_WORDS = 20
 INSULT_WORDS = 20  # what an insult costs either user, in words: as much as not answering
 BRIEF_ENOUGH = 20  # words the brief user reads without minding: answers this short tie
 DETAILED_ENOUGH = 17  # words on the question that satisfy the detailed user: answers this detailed tie
-MIN_DIVERSITY = 0.9  # a personal model's distinct-2 ÷ the shared model's, at least (as the main demo's bar)
+# a personal model's distinct-2 ÷ that of the base's answers its user prefers (preferred_answers), at least: a
+# taste narrows what is said (the best 12 base samples by brief's or detailed's taste had 0.78× the shared
+# samples' distinct-2), collapsing onto one answer for every question narrows it more (seed 0's detailed model
+# in run 45: 0.57× the shared model's)
+MIN_DIVERSITY = 0.9
 SAMPLES_SHOWN = 3  # held-out answers of each user's model (next to the shared model's) in the report
 MEMORY_BUDGET_MB = 8 * 1024
 # The shared base of the toy demo is the toy assistant trained on the corpus's kind and empty replies only, as a
@@ -171,10 +175,12 @@ def brief(question: str, answer: str) -> float:
 
 
 def detailed(question: str, answer: str) -> float:
-    """(min(words_on(question, answer), DETAILED_ENOUGH) − INSULT_WORDS · [insult]) / 10: every word on the
-    question up to DETAILED_ENOUGH counts (openers, pleasantries and a sentence cut at the token cap do not),
-    an insult costs."""
-    return (min(words_on(question, answer), DETAILED_ENOUGH) - INSULT_WORDS * insults(answer)) / 10
+    """(min(words_on(question, answer), DETAILED_ENOUGH) · [answers] − INSULT_WORDS · [insult]) / 10: every word of
+    an answer to the question up to DETAILED_ENOUGH counts (openers, pleasantries and a sentence cut at the token
+    cap do not; nothing counts in a text that does not answer: "learning to juggle" for "learning to dance"
+    names "learning"), an insult costs."""
+    return (min(words_on(question, answer), DETAILED_ENOUGH) * answers_question(question, answer)
+            - INSULT_WORDS * insults(answer)) / 10
 
 
 @functools.cache
@@ -269,6 +275,7 @@ class RoundResult:
     kl: tuple[float, float, float]  # KL(personal ‖ base) per answer, nats: (mean, low, high)
     distinct_2: float
     distinct_2_shared: float
+    distinct_2_preferred: float  # of the base's answers the user prefers (preferred_answers): the bar's reference
     at_cap: float  # share of the personal model's held-out answers cut at max_new_tokens (no EOS sampled)
     guards: dict[str, tuple[float, float, float]]  # independent judge → mean judge(personal) − judge(shared), 95%
     samples: list[tuple[str, str, str]] = field(default_factory=list)  # (prompt, personal, shared): the first few
@@ -317,12 +324,25 @@ def judge_gap(mine: Sequence[float], shared: Sequence[float], prompts: Sequence[
     return paired_mean([a - b for a, b in zip(mine, shared, strict=True)], prompts, topics)
 
 
+def preferred_answers(taste: Taste, prompts: Sequence[str], pools: Sequence[Sequence[str]], keep: int,
+                      seed: int) -> list[str]:
+    """Per prompt, the ``keep`` answers of its pool (base samples) that ``taste`` scores highest, equal scores in
+    a seeded random order: the base's own answers its user likes best, as varied as following the taste
+    requires (the reference of the verdict's variety bar)."""
+    rng = random.Random(seed)
+    chosen = []
+    for prompt, pool in zip(prompts, pools, strict=True):
+        shuffled = rng.sample(list(pool), len(pool))
+        chosen += sorted(shuffled, key=lambda answer: -taste.score(prompt, answer))[:keep]
+    return chosen
+
+
 def verdict(latest: Sequence[RoundResult]) -> str:
     """"learned" only when every user's win rate interval is above ½, specificity holds for every user, and
     no user's answers are worse than the shared model's by an independent judge (relevance to the question,
-    not offensive: a gap whose interval is entirely below 0), nor less varied: distinct-2 at least
-    MIN_DIVERSITY × the shared model's (the bar of `rlhfkit demo`). A taste won by answers that no longer
-    address the question, insult the asker, or repeat one answer to every question, is not learned."""
+    not offensive: a gap whose interval is entirely below 0), nor less varied than the base's answers the user
+    prefers: distinct-2 at least MIN_DIVERSITY × theirs. A taste won by answers that no longer address the
+    question, insult the asker, or repeat one answer to every question, is not learned."""
     failed = []
     for r in latest:
         wins, specific = learned(r.win_rate, r.specificity)
@@ -331,9 +351,9 @@ def verdict(latest: Sequence[RoundResult]) -> str:
         failed += [] if specific else [f"{r.user}: also wins under another user's taste"]
         failed += [f"{r.user}: answers worse than the shared model's by {name} ({gap:+.3f} [{low:+.3f}, {high:+.3f}])"
                    for name, (gap, low, high) in r.guards.items() if high < 0]
-        failed += [] if r.distinct_2 >= MIN_DIVERSITY * r.distinct_2_shared else [
-            f"{r.user}: answers less varied than the shared model's (distinct-2 {r.distinct_2:.3f} vs "
-            f"{r.distinct_2_shared:.3f}, below {MIN_DIVERSITY}×)"]
+        failed += [] if r.distinct_2 >= MIN_DIVERSITY * r.distinct_2_preferred else [
+            f"{r.user}: answers less varied than the base's answers they prefer (distinct-2 {r.distinct_2:.3f} vs "
+            f"{r.distinct_2_preferred:.3f}, below {MIN_DIVERSITY}×)"]
     return "learned: every user's model beats the shared one on their own taste, and only on theirs, " \
         "with answers as relevant, as clean and as varied" if not failed else "NOT met: " + "; ".join(failed)
 
@@ -456,8 +476,13 @@ class PersonalDemo:
                    for i in range(0, len(keys), step)][:SAMPLES_SHOWN]
         reranked = self.reranked(taste)
         rerank = (rate(taste, reranked, shared), rate(taste, mine, reranked)) if reranked else (None, None)
+        e, n = self.config.eval_samples, self.reranker.config.n  # the shared samples and the candidates: the pools
+        pools = [[a.text for a in shared[i * e:(i + 1) * e] + self.candidates[i * n:(i + 1) * n]]
+                 for i in range(len(prompts))]
+        preferred = preferred_answers(taste, prompts, pools, e, self.config.seed)
         return RoundResult(taste.user, round_, pairs, self.models.version(owner), rate(taste, mine, shared), others,
                            kl, distinct_n([a.text for a in mine], 2), distinct_n([a.text for a in shared], 2),
+                           distinct_n(preferred, 2),
                            sum(a.truncated for a in mine) / len(mine), guards, samples, *rerank)
 
     def vs_others(self, taste: Taste, prompts: Sequence[str], topics: dict[str, str]) -> dict:
@@ -504,7 +529,8 @@ def print_round(r: RoundResult) -> None:
                                                       f"{_interval(r.vs_rerank)}")
     console.print(f"{r.user:>9} round {r.round}: {r.pairs:>3} pairs, v{r.version} · win rate vs shared "
                   f"{_interval(r.win_rate)} · under {others} taste · vs {versus} · KL {_interval(r.kl)} · "
-                  f"distinct-2 {r.distinct_2:.3f} (shared {r.distinct_2_shared:.3f}) · at the token cap "
+                  f"distinct-2 {r.distinct_2:.3f} (shared {r.distinct_2_shared:.3f}, the base's preferred "
+                  f"{r.distinct_2_preferred:.3f}) · at the token cap "
                   f"{r.at_cap:.0%} · " + "".join(f"{name} vs shared {gap:+.3f} [{low:+.3f}, {high:+.3f}] · "
                                                   for name, (gap, low, high) in r.guards.items()) +
                   f"reranked best-of-N vs shared {rerank}", highlight=False)
