@@ -27,6 +27,12 @@ def test_a_mix_of_its_own_replaces_the_corpus_s_and_only_it_changes_the_cache_ke
     assert len(folders) == 2
 
 
+@pytest.mark.parametrize("mix", [{}, {"polite": 1.0}, {"kind": -1.0, "empty": 2.0}, {"kind": 0.0}, {"kind": "1"}])
+def test_a_mix_that_cannot_be_drawn_is_refused_in_one_line(mix):
+    with pytest.raises(ValueError, match=r"^mix: "):
+        ToyPolicyConfig(mix=mix)
+
+
 def test_held_out_prompts_are_about_other_topics():
     corpus = toy_corpus()
     train, test = toy_prompts(corpus["topics"][:-12], corpus), toy_prompts(corpus["topics"][-12:], corpus, seed=1)

@@ -76,6 +76,15 @@ class ToyPolicyConfig:
     seed: int = 0
     mix: dict[str, float] | None = None  # the share of kind, rude and empty replies (None: the corpus's)
 
+    def __post_init__(self) -> None:
+        if self.mix is not None:
+            kinds = set(toy_corpus()["mix"])
+            if not self.mix or set(self.mix) - kinds:
+                raise ValueError(f"mix: give shares of {', '.join(sorted(kinds))}, got {self.mix!r}")
+            shares = self.mix.values()
+            if not all(isinstance(v, int | float) and v >= 0 for v in shares) or not sum(shares) > 0:
+                raise ValueError(f"mix: shares must be non-negative numbers, not all 0, got {self.mix!r}")
+
 
 def build_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
