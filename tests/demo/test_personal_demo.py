@@ -138,6 +138,46 @@ def test_the_brief_user_minds_only_words_past_enough_and_an_insult_costs():
     assert taste.score(QUESTION, f"{SHORT[:-1]}, idiot.") < taste.score(QUESTION, LONG)  # an insult: worse than long
 
 
+@pytest.mark.parametrize("loop", ["Sleeping sleeping sleeping better better better.",
+                                  "For sleeping better, sleeping better, sleeping better and sleeping better, sleep.",
+                                  ("sleeping " * 17).strip() + ".", "Sleeping is sleeping, and sleeping is good. " * 3])
+def test_a_repetition_loop_that_names_the_topic_answers_nothing(loop):
+    """A word of 4+ letters said three times in a sentence: a model looping on the topic (the old tastes scored
+    "sleeping" × 17 as the most detailed answer there is, and six of them as good as SHORT for the brief user)."""
+    assert not answers_question(QUESTION, loop)
+    assert TASTES["detailed"].score(QUESTION, loop) == 0 < TASTES["detailed"].score(QUESTION, SHORT)
+    assert TASTES["brief"].score(QUESTION, loop) < TASTES["brief"].score(QUESTION, SHORT)
+
+
+@pytest.mark.parametrize("asked_back", ["What is the best way to start sleeping better?",
+                                        "Why do you want tips for sleeping better, is it that hard for you?",
+                                        "Great question! How do I get better at sleeping better?"])
+def test_the_question_asked_back_answers_nothing(asked_back):
+    assert not answers_question(QUESTION, asked_back)
+    assert TASTES["brief"].choose(QUESTION, [asked_back, SHORT], random.Random(0)) == "b"
+    assert TASTES["detailed"].score(QUESTION, asked_back) == 0
+
+
+@pytest.mark.parametrize("insult", ["IDIOT!", "idiots.", "id-iot.", "i.d.i.o.t.", "idi\u200bot.", "Ｉｄｉｏｔ.",
+                                    "you Losers."])
+def test_an_insult_costs_in_capitals_in_the_plural_spelled_apart_or_hidden_in_unicode(insult):
+    rude = f"{SHORT} {insult}"
+    assert personal_demo.insults(rude)
+    for taste in (TASTES["brief"], TASTES["detailed"]):
+        assert taste.score(QUESTION, rude) < taste.score(QUESTION, SHORT) - 1
+    assert not personal_demo.insults("Whatever you do, keep the shutters open and the dumbbells foolproof.")
+
+
+@pytest.mark.parametrize("spelled", [SHORT.replace(" ", "\u00a0"), SHORT.replace("sleeping", "slee\u200bping"),
+                                     SHORT.replace("every day.", "every day…"),
+                                     SHORT.replace("sleeping", "ＳＬＥＥＰＩＮＧ")])
+def test_the_tastes_read_an_answer_as_a_person_sees_it(spelled):
+    """No-break spaces, a zero-width space, an ellipsis character, full-width letters: the same answer."""
+    assert answers_question(QUESTION, spelled) and words(spelled) == words(SHORT)
+    for taste in (TASTES["brief"], TASTES["detailed"]):
+        assert taste.score(QUESTION, spelled) == taste.score(QUESTION, SHORT)
+
+
 def test_shown_two_answers_that_answer_nothing_a_user_says_both_bad():
     for taste in (TASTES["brief"], TASTES["detailed"]):
         assert taste.choose(QUESTION, [".", "You are pathetic, loser."], random.Random(0)) == "both_bad"

@@ -18,10 +18,11 @@ its user's taste and no one else's.
 
 The simulated users' hidden tastes, what a user of that kind wants from an answer to their question
 (built from the question's content words and the toy corpus's insults, not from the verdict's judges, so
-those stay independent checks):
+those stay independent checks), on the text as a person reads it (NFKC, no zero-width characters):
 
-    answers(x, y)  = some whole sentence of y without an insult names every content word of x, in 6+ words
-    insults(y)     = some word of y is one of the corpus's insults
+    answers(x, y)  = some whole sentence of y without an insult, not a question, names every content word of x,
+                     in 6+ words (whole: ended by its mark, no word of 4+ letters said 3 times)
+    insults(y)     = some word of y is one of the corpus's insults (any case, plural, "id-iot")
     on(x, y)       = words of y's whole sentences from the first that names x's topic on (not the opener)
     brief(x, y)    = −(max(words(y), 20) + 20 · [not answers(x, y)] + 20 · [insults(y)]) / 10
     detailed(x, y) = (min(on(x, y), 17) · [answers(x, y)] − 20 · [insults(y)]) / 10
@@ -51,6 +52,7 @@ import random
 import re
 import statistics
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -78,6 +80,8 @@ from rlhfkit.personal.train import PersonalDPOConfig, sequence_logprobs
 
 WORD = re.compile(r"[A-Za-z']+")
 SENTENCE = re.compile(r"[^.!?]*[.!?]")  # a whole sentence, up to its end mark
+JOINER = re.compile(r"(?<=[a-z])[-.*_](?=[a-z])")  # inside a word: "id-iot", "i.d.i.o.t"
+STUTTER = 3  # a sentence that says a word of 4+ letters this often stutters ("sleeping sleeping sleeping.")
 MIN_ANSWER_WORDS = 6  # a sentence naming the topic in fewer words says nothing about it ("Keeping a diary!")
 # What not answering the question costs the brief user, in words: 20 makes "." worse than every answer of up to
 # 19 words (a toy advice sentence has 11-23). Answering is wanted by both users, and the more it decides, the
@@ -128,8 +132,14 @@ class Taste:
         return "both_fine" if abs(a - b) < self.tie_margin else "a" if a > b else "b"
 
 
+def as_read(text: str) -> str:
+    """``text`` as a reader sees it: NFKC-normalised ("…" is "...", a no-break space a space, "Ｓleeping"
+    "Sleeping"), without invisible format characters (a zero-width space inside "idi\u200bot")."""
+    return "".join(c for c in unicodedata.normalize("NFKC", text) if unicodedata.category(c) != "Cf")
+
+
 def words(text: str) -> int:
-    return len(WORD.findall(text))
+    return len(WORD.findall(as_read(text)))
 
 
 @functools.cache
@@ -139,30 +149,43 @@ def rude_words() -> frozenset[str]:
 
 
 def insults(answer: str) -> bool:
-    """Some word of ``answer`` is one of the corpus's insults."""
-    return bool(set(WORD.findall(answer.lower())) & rude_words())
+    """Some word of ``answer`` is one of the corpus's insults, in any case, in the plural ("idiots") or
+    spelled apart ("id-iot", "i.d.i.o.t")."""
+    text = as_read(answer).lower()
+    said = set(WORD.findall(text)) | set(WORD.findall(JOINER.sub("", text)))
+    return any(w in rude_words() or w.removesuffix("s") in rude_words() for w in said)
+
+
+def whole_sentences(answer: str) -> list[str]:
+    """The sentences of ``answer`` ended by '.', '!' or '?' (a sentence cut at the token cap is not one) that do
+    not stutter (no word of 4+ letters said STUTTER times: a repetition loop names the topic, says nothing)."""
+    def stutters(sentence: str) -> bool:
+        said = [w for w in WORD.findall(sentence.lower()) if len(w) >= 4]
+        return any(said.count(w) >= STUTTER for w in set(said))
+
+    return [s for s in SENTENCE.findall(as_read(answer)) if not stutters(s)]
 
 
 def sentences_on(question: str, answer: str) -> list[str]:
-    """The whole sentences of ``answer`` (ended by '.', '!' or '?': a sentence cut at the token cap is not
-    one) that name the question's topic (a content word of it, criteria.topic_words) and insult no one."""
+    """The whole sentences of ``answer`` that name the question's topic (a content word of it,
+    criteria.topic_words) and insult no one."""
     topic = topic_words(question)
-    return [s for s in SENTENCE.findall(answer) if set(WORD.findall(s.lower())) & topic and not insults(s)]
+    return [s for s in whole_sentences(answer) if set(WORD.findall(s.lower())) & topic and not insults(s)]
 
 
 def answers_question(question: str, answer: str) -> bool:
-    """A sentence of ``answer`` on the question names all of its content words in MIN_ANSWER_WORDS words
-    or more ("For sleeping better, start small and practice a little every day."; not "." nor "Sleeping
-    better!")."""
+    """A sentence of ``answer`` on the question, not a question itself, names all of its content words in
+    MIN_ANSWER_WORDS words or more ("For sleeping better, start small and practice a little every day."; not
+    "." nor "Sleeping better!" nor the question asked back, "What is the best way to start sleeping better?")."""
     topic = topic_words(question)
-    return any(topic <= set(WORD.findall(s.lower())) and words(s) >= MIN_ANSWER_WORDS
+    return any(topic <= set(WORD.findall(s.lower())) and words(s) >= MIN_ANSWER_WORDS and not s.endswith("?")
                for s in sentences_on(question, answer))
 
 
 def words_on(question: str, answer: str) -> int:
     """The words of ``answer``'s whole sentences from the first that names the question's topic on: the
     answer proper, without its opener ("Love this question.") or a sentence cut at the token cap."""
-    whole = SENTENCE.findall(answer)
+    whole = whole_sentences(answer)
     first = next((i for i, s in enumerate(whole) if set(WORD.findall(s.lower())) & topic_words(question)), len(whole))
     return sum(words(s) for s in whole[first:])
 
