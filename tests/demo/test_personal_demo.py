@@ -81,6 +81,44 @@ def test_the_base_answers_a_user_prefers_are_the_best_by_their_taste_equal_ones_
         preferred_answers(taste, ["p", "q"], pools, 1, 3)  # equal ones in an order the seed fixes
 
 
+@pytest.mark.parametrize("user", ["brief", "detailed"])
+def test_the_variety_bar_fails_a_model_that_gives_one_template_to_most_questions(user):
+    """The base's answers a user prefers, drawn from pools of the toy corpus's polite replies as the demo draws
+    them (4 shared samples and 4 candidates per held-out prompt), against a model that answers with one advice
+    template (any opener) where the preferred answers had another: every time, or half the time (seed 0's detailed
+    model in run r3-s0 gave "When you get stuck in {topic}, take a short walk; …" to all three samples shown)."""
+    from rlhfkit.eval.metrics import distinct_n
+    from rlhfkit.models.toy_policy import toy_corpus, toy_prompts
+
+    corpus, rng, taste = toy_corpus(), random.Random(0), TASTES[user]
+    held_out = toy_prompts(corpus["topics"][-24:], corpus, seed=1)
+    topic = {p.text: p.id.rsplit("-", 1)[0].removeprefix("toy-").replace("-", " ") for p in held_out}
+    prompts = [p.text for p in held_out]
+
+    def base_answer(prompt: str) -> str:
+        if rng.random() < personal_demo.POLITE_MIX["empty"]:
+            return rng.choice(corpus["empty"])
+        return f"{rng.choice(corpus['openers']['kind'])} {rng.choice(corpus['advice']).format(topic=topic[prompt])}"
+
+    pools = [[base_answer(p) for _ in range(8)] for p in prompts]
+    preferred = preferred_answers(taste, prompts, pools, 4, seed=0)
+    keys = [p for p in prompts for _ in range(4)]
+    assert len(preferred) == len(keys)  # as many texts as the model's answers
+
+    template = "When you get stuck in {topic}, take a short walk; answers often come when you stop pushing."
+
+    def bar(share: float) -> str:
+        answers = [f"{rng.choice(corpus['openers']['kind'])} {template.format(topic=topic[p])}"
+                   if rng.random() < share else a for p, a in zip(keys, preferred, strict=True)]
+        row = result(user, (0.7, 0.6, 0.8), (0.3, 0.2, 0.4), distinct_2=distinct_n(answers, 2))
+        row.distinct_2_preferred = distinct_n(preferred, 2)
+        return verdict([row, result("other", (0.7, 0.6, 0.8), (0.3, 0.2, 0.4))])
+
+    assert bar(0.0).startswith("learned")  # the preferred answers themselves pass
+    for share in (1.0, 0.5):
+        assert f"{user}: answers less varied than the base's answers they prefer" in bar(share)
+
+
 def test_the_judge_gap_is_the_mean_difference_with_a_topic_interval():
     prompts, topics = ["p1", "p1", "p2", "p2", "p3", "p3"], {"p1": "x", "p2": "y", "p3": "z"}
     gap, low, high = judge_gap([0.5, 0.4, 0.3, 0.2, 0.6, 0.1], [0.4, 0.4, 0.5, 0.4, 0.5, 0.3], prompts, topics)
