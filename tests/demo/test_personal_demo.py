@@ -3,6 +3,7 @@ intervals do not show."""
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -303,19 +304,71 @@ def test_the_smollm2_option_runs_through_the_api_with_the_chat_template(tmp_path
     assert report["memory"]["base_mb"] > 400 and report["deletion"]["complete"]
 
 
-@pytest.mark.parametrize("earlier", ["run", "file"])
-def test_a_run_dir_that_holds_a_run_or_is_a_file_is_refused_before_the_policy_loads(tmp_path, monkeypatch, earlier):
+@pytest.mark.parametrize("earlier", ["run", "file", "under a file", "read-only"])
+def test_a_run_dir_that_holds_a_run_or_cannot_be_written_is_refused_before_the_policy_loads(tmp_path, monkeypatch,
+                                                                                              earlier):
     import rlhfkit.demo.presets as presets
 
     run = tmp_path / "run"
     if earlier == "run":
         run.mkdir()
         (run / "personal.db").write_text("")
-    else:
+    elif earlier == "file":
         run.write_text("not a folder")
+    elif earlier == "under a file":
+        (tmp_path / "file").write_text("not a folder")
+        run = tmp_path / "file" / "run"
+    else:  # chmod does not stop root, who runs the tests in CI containers: the permission check is what is asked
+        run.mkdir()
+        monkeypatch.setattr(personal_demo.os, "access", lambda path, mode: Path(path) != run)
     monkeypatch.setattr(presets, "load_demo_policy", lambda *args: pytest.fail("the policy was loaded"))
-    with pytest.raises(ValueError, match=r"run_dir: .* (holds an earlier personal demo|is a file)"):
+    with pytest.raises(ValueError, match=r"^run_dir: .*(holds an earlier personal demo|is a file|cannot create|is not "
+                                         "writable)"):
         run_personal_demo(PersonalDemoConfig(run_dir=run), progress=False)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"rounds": 2.5}, "field 'rounds': Input should be a valid integer"),
+    ({"rounds": None}, "field 'rounds': Input should be a valid integer"),
+    ({"temperature": float("inf")}, "field 'temperature': must be a finite number"),
+    ({"tastes": [TASTES["brief"], TASTES["brief"]]}, "tastes: two simulated users have one name"),
+    ({"tastes": ["brief", "detailed"]}, "field 'tastes': Input should be a dictionary or an instance of Taste")])
+def test_odd_config_values_are_refused_in_one_line_naming_the_field(overrides, message):
+    """Not a TypeError from range(1, 3.5) or None < 1 after the policy loaded, nor sampling at τ = ∞, nor two
+    accounts of one name."""
+    with pytest.raises(ValueError, match=f"^{message}"):
+        PersonalDemoConfig(**overrides)
+
+
+@pytest.mark.parametrize(("eval_prompts", "message"), [
+    (1000, "eval_prompts: the demo's topics give at most 96 held-out prompts, got 1000"),
+    (96, "eval_prompts: 96 held-out prompts leave 0 training prompts, fewer than each user asks a round"),
+    (70, "eval_prompts: 70 held-out prompts leave 26 training prompts")])
+def test_more_held_out_prompts_than_the_task_leaves_room_for_are_refused_before_anything_is_written(
+        tmp_path, eval_prompts, message):
+    """96 held-out prompts took every topic: the users asked nothing and the report still showed win rates."""
+    result = invoke("demo", "--preset", "personal", "--run-dir", tmp_path / "run", "--eval-prompts", eval_prompts)
+    assert result.exit_code == 1 and message in result.output.strip().splitlines()[-1]  # after MiniLM's loading bar
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_that_fails_at_its_end_leaves_no_report(tmp_path, monkeypatch):
+    """report.json is written last: a run folder holding one is a finished run."""
+    monkeypatch.setattr(personal_demo, "plot_curves", lambda *args: (_ for _ in ()).throw(OSError("disk full")))
+    config = PersonalDemoConfig(run_dir=tmp_path / "run", rounds=1, prompts_per_round=2, train_every=2,
+                                eval_prompts=4, eval_samples=1, max_new_tokens=4, tastes=TINY_TASTES,
+                                dpo=PersonalDPOConfig(epochs=1, lr=1e-2), rerank=RerankConfig(n=2, min_pairs=1))
+    with pytest.raises(OSError, match="disk full"):
+        run_personal_demo(config, build_tiny_causal(), word_tokenizer(), progress=False)
+    assert (tmp_path / "run" / "personal.db").exists() and not (tmp_path / "run" / "report.json").exists()
+
+
+def test_a_deletion_that_left_something_is_not_a_met_demo():
+    rows = [result("a", (0.7, 0.6, 0.8), (0.3, 0.2, 0.4)), result("b", (0.7, 0.6, 0.8), (0.3, 0.2, 0.4))]
+    assert verdict(rows, {"choices": 0, "versions": 0, "files": False, "adapters_in_memory": []}).startswith("learned")
+    left = verdict(rows, {"choices": 0, "versions": 0, "files": True, "adapters_in_memory": []})
+    assert left.startswith("NOT met: deletion left {") and "'files': True" in left
 
 
 @pytest.mark.parametrize("template", [CHAT_TEMPLATE, None])

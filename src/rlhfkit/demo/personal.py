@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import random
 import re
 import statistics
@@ -61,6 +62,7 @@ from typing import Literal
 import torch
 from fastapi.testclient import TestClient
 
+from rlhfkit.config import require_field_types
 from rlhfkit.console import console
 from rlhfkit.demo.criteria import topic_words
 from rlhfkit.demo.stages import demo_task
@@ -270,6 +272,7 @@ class PersonalDemoConfig:
                       "dpo": PersonalDPOConfig(lr=1e-3, epochs=4, beta=0.1)} | overrides)
 
     def __post_init__(self) -> None:
+        require_field_types(self)  # rounds=2.5, rounds=None, temperature=inf: refused by name, not a TypeError later
         if self.policy not in ("toy", "smollm2"):
             raise ValueError(f"policy: unknown {self.policy!r}; choose toy or smollm2")
         for name in ("temperature", "alternative_temperature"):
@@ -283,6 +286,9 @@ class PersonalDemoConfig:
             raise ValueError("rerank.n: the demo compares every user's model with reranking; give n ≥ 2")
         if len(self.tastes) < 2:
             raise ValueError("tastes: give at least two simulated users (specificity needs another taste)")
+        users = [t.user for t in self.tastes]
+        if len(set(users)) < len(users):
+            raise ValueError(f"tastes: two simulated users have one name ({', '.join(users)}); each is an account")
 
 
 @dataclass
@@ -360,13 +366,14 @@ def preferred_answers(taste: Taste, prompts: Sequence[str], pools: Sequence[Sequ
     return chosen
 
 
-def verdict(latest: Sequence[RoundResult]) -> str:
+def verdict(latest: Sequence[RoundResult], left: dict | None = None) -> str:
     """"learned" only when every user's win rate interval is above ½, specificity holds for every user, and
     no user's answers are worse than the shared model's by an independent judge (relevance to the question,
     not offensive: a gap whose interval is entirely below 0), nor less varied than the base's answers the user
     prefers: distinct-2 at least MIN_DIVERSITY × theirs. A taste won by answers that no longer address the
-    question, insult the asker, or repeat one answer to every question, is not learned."""
-    failed = []
+    question, insult the asker, or repeat one answer to every question, is not learned. Nor is a demo done
+    whose deleted user left something (``left``: what remains of them, all empty when deletion is complete)."""
+    failed = [f"deletion left {left}"] if left and any(left.values()) else []
     for r in latest:
         wins, specific = learned(r.win_rate, r.specificity)
         failed += [] if wins else [f"{r.user}: win rate interval [{r.win_rate[1]:.3f}, {r.win_rate[2]:.3f}] "
@@ -394,8 +401,7 @@ class PersonalDemo:
     def __init__(self, config: PersonalDemoConfig, policy, tokenizer) -> None:
         self.config = config
         run = Path(config.run_dir)
-        check_run_dir(run)
-        run.mkdir(parents=True, exist_ok=True)
+        make_run_dir(run)
         self.app = create_app(f"sqlite:///{run / 'personal.db'}")
         # the toy model and SmolLM2 both answer after their chat template's "assistant" turn: without it the
         # toy model continued the question itself ("motivation back." for "Any tips for sleeping better?")
@@ -606,12 +612,31 @@ def plot_curves(results: Sequence[RoundResult], path: Path) -> Path:
     return path
 
 
-def check_run_dir(run: Path) -> None:
-    """Refuse a ``run_dir`` that is a file or holds an earlier personal demo (a run is not resumable)."""
+def make_run_dir(run: Path) -> None:
+    """Create ``run_dir``; refuse one that is a file, cannot be created or written, or holds an earlier personal
+    demo (a run is not resumable)."""
     if run.exists() and not run.is_dir():
         raise ValueError(f"run_dir: {run} is a file; give a folder")
     if (run / "personal.db").exists():
         raise ValueError(f"run_dir: {run} holds an earlier personal demo; give another --run-dir or delete it")
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"run_dir: cannot create {run} ({exc.strerror}); give a folder you can write") from None
+    if not os.access(run, os.W_OK | os.X_OK):
+        raise ValueError(f"run_dir: {run} is not writable; give a folder you can write")
+
+
+def check_prompts(config: PersonalDemoConfig, train: Sequence[str], held_out: Sequence[str]) -> None:
+    """Refuse more held-out prompts than the toy task's topics give, or so many that fewer training prompts
+    are left than each user asks a round."""
+    if len(held_out) < config.eval_prompts:
+        raise ValueError(f"eval_prompts: the demo's topics give at most {len(held_out)} held-out prompts, "
+                         f"got {config.eval_prompts}")
+    if len(train) < config.prompts_per_round:
+        raise ValueError(f"eval_prompts: {config.eval_prompts} held-out prompts leave {len(train)} training prompts, "
+                         f"fewer than each user asks a round (prompts_per_round {config.prompts_per_round}); "
+                         "give fewer")
 
 
 def run_personal_demo(config: PersonalDemoConfig | None = None, policy=None, tokenizer=None,
@@ -619,10 +644,11 @@ def run_personal_demo(config: PersonalDemoConfig | None = None, policy=None, tok
     """Run the demo (``config.policy`` unless ``policy`` is given); returns the report, also written to
     ``report.json`` with ``curves.png``."""
     config = config or PersonalDemoConfig()
-    check_run_dir(Path(config.run_dir))  # before the policy loads
     started = time.perf_counter()
     torch.manual_seed(config.seed)  # fresh adapters' initial weights (the answers' draws are seeded per request)
     task = demo_task_prompts(config)
+    check_prompts(config, *task[:2])  # before the run folder and the policy
+    make_run_dir(Path(config.run_dir))
     if policy is None:
         from rlhfkit.demo.presets import DemoConfig, load_demo_policy
 
@@ -640,7 +666,7 @@ def run_personal_demo(config: PersonalDemoConfig | None = None, policy=None, tok
         results = []
         for round_ in range(1, config.rounds + 1):
             for taste in config.tastes:
-                prompts = rng.sample(train, min(config.prompts_per_round, len(train)))
+                prompts = rng.sample(train, config.prompts_per_round)
                 pairs = demo.feedback_round(taste, prompts, rng)
                 demo.queue.wait()
                 results.append(demo.evaluate(taste, round_, pairs, held_out, topics, shared))
@@ -654,15 +680,15 @@ def run_personal_demo(config: PersonalDemoConfig | None = None, policy=None, tok
         demo.queue.shutdown()
     latest = results[-len(config.tastes):]
     complete = not any(left.values())
-    report = {"verdict": verdict(latest), "adapter_beats_rerank": adapter_beats_rerank(results),
+    report = {"verdict": verdict(latest, left), "adapter_beats_rerank": adapter_beats_rerank(results),
               "deletion": {"user": deleted_user, "left": left, "complete": complete},
               "memory": memory, "rounds": [asdict(r) for r in results],
               "tastes": {t.user: t.description for t in config.tastes},
               "config": json.loads(json.dumps(asdict(config) | {"tastes": None}, default=str)),
               "seconds": round(time.perf_counter() - started, 1)}
     run = Path(config.run_dir)
-    (run / "report.json").write_text(json.dumps(report, indent=1))
     plot = plot_curves(results, run / "curves.png")
+    (run / "report.json").write_text(json.dumps(report, indent=1))  # last: a run folder with it is a finished run
     console.print(f"memory: base {memory['base_mb']:.2f} MB + its packed copy for generation {memory['packed_mb']:.2f} "
                   f"MB + {memory['adapter_mb']:.3f} MB per adapter → {memory['users_in_8_gib']} users' adapters fit "
                   "beside them in 8 GiB (weights only)", highlight=False)
