@@ -44,12 +44,19 @@ def result(user, win, other, round_=1, rerank=None, relevance=(0.0, -0.02, 0.02)
                        vs_rerank=rerank and (0.5, 0.4, 0.6))
 
 
-def test_the_adapter_first_beats_reranking_at_the_first_round_its_win_rate_is_higher():
+def test_the_adapter_first_beats_reranking_at_the_first_round_it_wins_head_to_head():
     low, high = (0.55, 0.45, 0.65), (0.75, 0.65, 0.85)
-    results = [result("a", low, low, 1, high), result("b", high, low, 1, None), result("a", high, low, 2, low),
-               result("b", low, low, 2, high), result("a", low, low, 3, high)]
+
+    def row(user, round_, win, rerank, vs_rerank):
+        r = result(user, win, low, round_, rerank)
+        r.vs_rerank = vs_rerank
+        return r
+
+    results = [row("a", 1, high, low, (0.57, 0.48, 0.66)),  # ahead on point estimates only: no win
+               row("b", 1, high, None, None), row("a", 2, high, low, (0.62, 0.53, 0.71)),
+               row("b", 2, low, high, (0.4, 0.3, 0.5)), row("a", 3, low, high, (0.7, 0.6, 0.8))]
     assert adapter_beats_rerank(results) == {
-        "a": "at 20 pairs (round 2: 0.75 vs reranking's 0.55; head to head 0.50 [0.40, 0.60])",
+        "a": "at 20 pairs (round 2: head to head 0.62 [0.53, 0.71]; vs the shared model 0.75, reranking 0.55)",
         "b": "not within the demo"}  # round 1: no head yet, nothing to compare
 
 

@@ -14,7 +14,7 @@ its user's taste and no one else's.
           model by the user's preference head (rlhfkit.personal.rerank, fitted on all their pairs so far)
           vs the shared one, and the adapter vs it head to head
     → memory, deletion of one user, report.json, curves.png, the verdict, the pairs at which the
-      adapter first beats reranking (its win rate above reranking's)
+      adapter first beats reranking (head to head, the interval above ½)
 
 The simulated users' hidden tastes, what a user of that kind wants from an answer to their question
 (built from the question's content words and the toy corpus's insults, not from the verdict's judges, so
@@ -570,14 +570,16 @@ def _interval(rate: tuple[float, float, float]) -> str:
 
 
 def adapter_beats_rerank(results: Sequence[RoundResult]) -> dict[str, str]:
-    """Per user, the first round at which their model's win rate over the shared one (own taste) is above
-    the reranked best-of-N's, with both rates and the head-to-head rate; "not within the demo" if never."""
+    """Per user, the first round at which their model beats the reranked best-of-N head to head under their
+    taste (the interval of its win rate against it above ½), with both models' rates vs the shared one; "not
+    within the demo" if never. Point estimates alone are no win: run r3-s0 printed brief's model "first beats
+    reranking" at 0.57 vs 0.48, head to head 0.52 [0.41, 0.64]."""
     first = {}
     for user in dict.fromkeys(r.user for r in results):
-        ahead = [r for r in results if r.user == user and r.rerank is not None and r.win_rate[0] > r.rerank[0]]
+        ahead = [r for r in results if r.user == user and r.vs_rerank is not None and r.vs_rerank[1] > 0.5]
         first[user] = "not within the demo" if not ahead else (
-            f"at {ahead[0].pairs} pairs (round {ahead[0].round}: {ahead[0].win_rate[0]:.2f} vs reranking's "
-            f"{ahead[0].rerank[0]:.2f}; head to head {_interval(ahead[0].vs_rerank)})")
+            f"at {ahead[0].pairs} pairs (round {ahead[0].round}: head to head {_interval(ahead[0].vs_rerank)}; "
+            f"vs the shared model {ahead[0].win_rate[0]:.2f}, reranking {ahead[0].rerank[0]:.2f})")
     return first
 
 
