@@ -127,6 +127,15 @@ def test_the_variety_bar_fails_a_model_that_gives_one_template_to_most_questions
         assert f"{user}: answers less varied than the base's answers they prefer" in bar(share)
 
 
+def test_the_kl_interval_stops_at_zero_where_no_kl_lies():
+    prompts, topics = ["p1", "p1", "p2", "p2", "p3", "p3"], {"p1": "x", "p2": "y", "p3": "z"}
+    raw = personal_demo.paired_mean([3.0, 2.0, -2.5, -1.5, 0.5, 0.2], prompts, topics)
+    kl, low, high = personal_demo.kl_estimate([3.0, 2.0, -2.5, -1.5, 0.5, 0.2], prompts, topics)
+    assert raw[1] < 0 and (kl, high) == pytest.approx((raw[0], raw[2])) and low == 0.0
+    kl, low, high = personal_demo.kl_estimate([-0.2, 0.1, -0.1, 0.0, -0.3, 0.1], prompts, topics)
+    assert kl < 0 and low <= kl <= high  # a near-zero KL estimated below 0 stays inside its interval
+
+
 def test_the_judge_gap_is_the_mean_difference_with_a_topic_interval():
     prompts, topics = ["p1", "p1", "p2", "p2", "p3", "p3"], {"p1": "x", "p2": "y", "p3": "z"}
     gap, low, high = judge_gap([0.5, 0.4, 0.3, 0.2, 0.6, 0.1], [0.4, 0.4, 0.5, 0.4, 0.5, 0.3], prompts, topics)

@@ -324,6 +324,15 @@ def paired_mean(values: Sequence[float], prompts: Sequence[str], topics: dict[st
                               list(by_prompt), topics)
 
 
+def kl_estimate(log_ratios: Sequence[float], prompts: Sequence[str],
+                topics: dict[str, str]) -> tuple[float, float, float]:
+    """(KL, low, high): KL(π_u ‖ π_base) ≈ mean[log π_u(y|x) − log π_base(y|x)] over y ~ π_u, with the delete-a-topic
+    95% interval cut at 0, below which no KL lies (run r4-s1 printed 0.65 [−0.32, 1.61]); a mean under 0, the
+    estimate's noise about a KL near 0, is kept inside its interval."""
+    kl, low, high = paired_mean(log_ratios, prompts, topics)
+    return kl, max(low, min(kl, 0.0)), high
+
+
 def win_rate(scores: Sequence[float], shared: Sequence[float], prompts: Sequence[str],
              topics: dict[str, str]) -> tuple[float, float, float]:
     """(rate, low, high): the share of (prompt, sample) where the personal answer scores higher than the
@@ -483,7 +492,7 @@ class PersonalDemo:
                 mine = sequence_logprobs(models, batch)[0]
             with models.active(None):
                 base = sequence_logprobs(models, batch)[0]
-        return paired_mean((mine - base).tolist(), prompts, topics)
+        return kl_estimate((mine - base).tolist(), prompts, topics)
 
     def evaluate(self, taste: Taste, round_: int, pairs: int, prompts: Sequence[str], topics: dict[str, str],
                  shared: list[Answer]) -> RoundResult:
