@@ -380,6 +380,22 @@ def test_a_run_that_fails_at_its_end_leaves_no_report(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "personal.db").exists() and not (tmp_path / "run" / "report.json").exists()
 
 
+def test_a_training_that_failed_stops_the_demo_instead_of_reporting_the_previous_version(tmp_path, monkeypatch):
+    import rlhfkit.personal.api as personal_api
+    from rlhfkit.models.update import TrainingDiverged
+
+    def diverge(*args):
+        raise TrainingDiverged("loss is nan")
+
+    monkeypatch.setattr(personal_api, "train_user", diverge)
+    config = PersonalDemoConfig(run_dir=tmp_path / "run", rounds=1, prompts_per_round=3, train_every=2,
+                                eval_prompts=4, eval_samples=1, max_new_tokens=4, tastes=TINY_TASTES,
+                                dpo=PersonalDPOConfig(epochs=1, lr=1e-2), rerank=RerankConfig(n=2, min_pairs=1))
+    with pytest.raises(ValueError, match=r"^dpo: training brief's model failed \(TrainingDiverged: loss is nan\)"):
+        run_personal_demo(config, build_tiny_causal(), word_tokenizer(), progress=False)
+    assert not (tmp_path / "run" / "report.json").exists()
+
+
 def test_a_deletion_that_left_something_is_not_a_met_demo():
     rows = [result("a", (0.7, 0.6, 0.8), (0.3, 0.2, 0.4)), result("b", (0.7, 0.6, 0.8), (0.3, 0.2, 0.4))]
     assert verdict(rows, {"choices": 0, "versions": 0, "files": False, "adapters_in_memory": []}).startswith("learned")

@@ -446,8 +446,17 @@ class PersonalDemo:
                 "question_id": asked["question_id"], "choice": taste.choose(prompt, asked["answers"], rng)}))
             pairs = chosen["pairs"]
             if chosen["training_queued"]:
-                self.queue.wait()
+                self.wait_for_training()
         return pairs
+
+    def wait_for_training(self) -> None:
+        """Wait for the queued trainings; one that failed stops the demo (the app would go on serving the user's
+        previous version, and the report would show it as what they taught)."""
+        self.queue.wait()
+        if self.queue.errors:
+            users = {user_id: user for user, user_id in self.ids.items()}
+            raise ValueError("dpo: " + "; ".join(f"training {users.get(owner, owner)}'s model failed ({cause})"
+                                                 for owner, cause in self.queue.errors.items()))
 
     def answers(self, adapter: str | None, prompts: Sequence[str], seeds: Sequence[int] | None = None) -> list[Answer]:
         """An answer per prompt and sample (default: ``eval_samples`` samples), as decoded: the KL re-tokenises
@@ -679,7 +688,7 @@ def run_personal_demo(config: PersonalDemoConfig | None = None, policy=None, tok
             for taste in config.tastes:
                 prompts = rng.sample(train, config.prompts_per_round)
                 pairs = demo.feedback_round(taste, prompts, rng)
-                demo.queue.wait()
+                demo.wait_for_training()
                 results.append(demo.evaluate(taste, round_, pairs, held_out, topics, shared))
             for r, taste in zip(results[-len(config.tastes):], config.tastes, strict=True):
                 r.vs_others = demo.vs_others(taste, held_out, topics)  # once every user's model has answered
