@@ -183,6 +183,8 @@ def test_the_detailed_user_counts_the_answer_proper_up_to_enough_and_an_insult_c
     assert words(LONG) > personal_demo.DETAILED_ENOUGH and taste.score(QUESTION, LONG) > taste.score(QUESTION, SHORT)
     longer = f"{LONG} Then try it again tomorrow."
     assert taste.score(QUESTION, longer) == taste.score(QUESTION, LONG)  # detailed enough: a tie
+    for closing in ("Thank you! Have a wonderful day.", "Good luck! You can do it! Great idea!"):
+        assert taste.score(QUESTION, f"{SHORT} {closing}") == taste.score(QUESTION, SHORT)  # no detail (was 1.7)
 
 
 def test_the_brief_user_minds_only_words_past_enough_and_an_insult_costs():

@@ -23,7 +23,8 @@ those stay independent checks), on the text as a person reads it (NFKC, no zero-
     answers(x, y)  = some whole sentence of y without an insult, not a question, names every content word of x,
                      in 6+ words (whole: ended by its mark, no word of 4+ letters said 3 times)
     insults(y)     = some word of y is one of the corpus's insults (any case, plural, "id-iot")
-    on(x, y)       = words of y's whole sentences from the first that names x's topic on (not the opener)
+    on(x, y)       = words of y's whole sentences from the first that names x's topic on (not the opener),
+                     but for the corpus's pleasantries ("Thank you!")
     brief(x, y)    = −(max(words(y), 20) + 20 · [not answers(x, y)] + 20 · [insults(y)]) / 10
     detailed(x, y) = (min(on(x, y), 17) · [answers(x, y)] − 20 · [insults(y)]) / 10
 
@@ -184,12 +185,21 @@ def answers_question(question: str, answer: str) -> bool:
                for s in sentences_on(question, answer))
 
 
+@functools.cache
+def pleasantries() -> frozenset[str]:
+    """The sentences of the toy corpus's kind openers and empty replies, lower case: "thank you!", "good luck!"."""
+    corpus = toy_corpus()
+    return frozenset(s.strip().lower() for text in corpus["openers"]["kind"] + corpus["empty"]
+                     for s in SENTENCE.findall(text))
+
+
 def words_on(question: str, answer: str) -> int:
-    """The words of ``answer``'s whole sentences from the first that names the question's topic on: the
-    answer proper, without its opener ("Love this question.") or a sentence cut at the token cap."""
+    """The words of ``answer``'s whole sentences from the first that names the question's topic on, but for
+    pleasantries: the answer proper, without its opener ("Love this question."), a closing "Thank you! Have a
+    wonderful day." or a sentence cut at the token cap."""
     whole = whole_sentences(answer)
     first = next((i for i, s in enumerate(whole) if set(WORD.findall(s.lower())) & topic_words(question)), len(whole))
-    return sum(words(s) for s in whole[first:])
+    return sum(words(s) for s in whole[first:] if s.strip().lower() not in pleasantries())
 
 
 def brief(question: str, answer: str) -> float:
