@@ -73,7 +73,8 @@ def pick(enough: list[str], corpus_mix: bool, n: int = 12) -> None:
     the share of two answers it scores the same (a pair of noise)."""
     models = base_models(corpus_mix)
     _, held_out, topics = demo_task_prompts(PersonalDemoConfig())
-    drawn = {q: [models.answer(q, None, 1.0, 40, seed=s).text for s in range(4 + n)] for q in held_out}
+    drawn = {q: [models.answer(q, None, 1.0, 40, seed=demo.draw_seed(0, i, s)).text for s in range(4 + n)]
+             for i, q in enumerate(held_out)}
     keys = [q for q in held_out for _ in range(4)]
     shared = [drawn[q][s] for q in held_out for s in range(4)]
     print(f"shared samples: answer {statistics.mean(map(answers_question, keys, shared)):.2f}, insult "

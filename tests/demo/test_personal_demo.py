@@ -272,6 +272,7 @@ def test_the_personal_demo_runs_end_to_end_through_the_api_and_deletes_a_user_co
                                   "left": {"choices": 0, "versions": 0, "files": False, "adapters_in_memory": []}}
     assert report["memory"]["adapter_mb"] > 0 and report["memory"]["users_in_8_gib"] > 0
     assert report["memory"]["packed_mb"] > 0  # the base's packed copy that generation keeps on this CPU
+    assert len(report["answers"]) == 4 * 2 and all(len(row) == 2 + 2 for row in report["answers"])
     assert report["verdict"].startswith(("learned", "NOT met"))
     assert json.loads((tmp_path / "run" / "report.json").read_text())["verdict"] == report["verdict"]
     assert (tmp_path / "run" / "curves.png").stat().st_size > 0

@@ -713,6 +713,9 @@ def run_personal_demo(config: PersonalDemoConfig | None = None, policy=None, tok
     report = {"verdict": verdict(latest, left), "adapter_beats_rerank": adapter_beats_rerank(results),
               "deletion": {"user": deleted_user, "left": left, "complete": complete},
               "memory": memory, "rounds": [asdict(r) for r in results],
+              # every held-out answer of the last round, to read: (question, shared, each user's model)
+              "answers": [[k, a.text, *(demo.held_out_answers[t.user][i].text for t in config.tastes)]
+                          for i, (k, a) in enumerate(zip(keys, shared, strict=True))],
               "tastes": {t.user: t.description for t in config.tastes},
               "config": json.loads(json.dumps(asdict(config) | {"tastes": None}, default=str)),
               "seconds": round(time.perf_counter() - started, 1)}
