@@ -3,6 +3,7 @@ intervals do not show."""
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,12 +44,19 @@ def result(user, win, other, round_=1, rerank=None, relevance=(0.0, -0.02, 0.02)
                        vs_rerank=rerank and (0.5, 0.4, 0.6))
 
 
-def test_the_adapter_first_beats_reranking_at_the_first_round_its_win_rate_is_higher():
+def test_the_adapter_first_beats_reranking_at_the_first_round_it_wins_head_to_head():
     low, high = (0.55, 0.45, 0.65), (0.75, 0.65, 0.85)
-    results = [result("a", low, low, 1, high), result("b", high, low, 1, None), result("a", high, low, 2, low),
-               result("b", low, low, 2, high), result("a", low, low, 3, high)]
+
+    def row(user, round_, win, rerank, vs_rerank):
+        r = result(user, win, low, round_, rerank)
+        r.vs_rerank = vs_rerank
+        return r
+
+    results = [row("a", 1, high, low, (0.57, 0.48, 0.66)),  # ahead on point estimates only: no win
+               row("b", 1, high, None, None), row("a", 2, high, low, (0.62, 0.53, 0.71)),
+               row("b", 2, low, high, (0.4, 0.3, 0.5)), row("a", 3, low, high, (0.7, 0.6, 0.8))]
     assert adapter_beats_rerank(results) == {
-        "a": "at 20 pairs (round 2: 0.75 vs reranking's 0.55; head to head 0.50 [0.40, 0.60])",
+        "a": "at 20 pairs (round 2: head to head 0.62 [0.53, 0.71]; vs the shared model 0.75, reranking 0.55)",
         "b": "not within the demo"}  # round 1: no head yet, nothing to compare
 
 
@@ -79,6 +87,53 @@ def test_the_base_answers_a_user_prefers_are_the_best_by_their_taste_equal_ones_
     picks = {tuple(preferred_answers(taste, ["p", "q"], pools, 1, seed)) for seed in range(20)}
     assert len(picks) > 1 and preferred_answers(taste, ["p", "q"], pools, 1, 3) == \
         preferred_answers(taste, ["p", "q"], pools, 1, 3)  # equal ones in an order the seed fixes
+
+
+@pytest.mark.parametrize("user", ["brief", "detailed"])
+def test_the_variety_bar_fails_a_model_that_gives_one_template_to_most_questions(user):
+    """The base's answers a user prefers, drawn from pools of the toy corpus's polite replies as the demo draws
+    them (4 shared samples and 4 candidates per held-out prompt), against a model that answers with one advice
+    template (any opener) where the preferred answers had another: every time, or half the time (seed 0's detailed
+    model in run r3-s0 gave "When you get stuck in {topic}, take a short walk; …" to all three samples shown)."""
+    from rlhfkit.eval.metrics import distinct_n
+    from rlhfkit.models.toy_policy import toy_corpus, toy_prompts
+
+    corpus, rng, taste = toy_corpus(), random.Random(0), TASTES[user]
+    held_out = toy_prompts(corpus["topics"][-24:], corpus, seed=1)
+    topic = {p.text: p.id.rsplit("-", 1)[0].removeprefix("toy-").replace("-", " ") for p in held_out}
+    prompts = [p.text for p in held_out]
+
+    def base_answer(prompt: str) -> str:
+        if rng.random() < personal_demo.POLITE_MIX["empty"]:
+            return rng.choice(corpus["empty"])
+        return f"{rng.choice(corpus['openers']['kind'])} {rng.choice(corpus['advice']).format(topic=topic[prompt])}"
+
+    pools = [[base_answer(p) for _ in range(8)] for p in prompts]
+    preferred = preferred_answers(taste, prompts, pools, 4, seed=0)
+    keys = [p for p in prompts for _ in range(4)]
+    assert len(preferred) == len(keys)  # as many texts as the model's answers
+
+    template = "When you get stuck in {topic}, take a short walk; answers often come when you stop pushing."
+
+    def bar(share: float) -> str:
+        answers = [f"{rng.choice(corpus['openers']['kind'])} {template.format(topic=topic[p])}"
+                   if rng.random() < share else a for p, a in zip(keys, preferred, strict=True)]
+        row = result(user, (0.7, 0.6, 0.8), (0.3, 0.2, 0.4), distinct_2=distinct_n(answers, 2))
+        row.distinct_2_preferred = distinct_n(preferred, 2)
+        return verdict([row, result("other", (0.7, 0.6, 0.8), (0.3, 0.2, 0.4))])
+
+    assert bar(0.0).startswith("learned")  # the preferred answers themselves pass
+    for share in (1.0, 0.5):
+        assert f"{user}: answers less varied than the base's answers they prefer" in bar(share)
+
+
+def test_the_kl_interval_stops_at_zero_where_no_kl_lies():
+    prompts, topics = ["p1", "p1", "p2", "p2", "p3", "p3"], {"p1": "x", "p2": "y", "p3": "z"}
+    raw = personal_demo.paired_mean([3.0, 2.0, -2.5, -1.5, 0.5, 0.2], prompts, topics)
+    kl, low, high = personal_demo.kl_estimate([3.0, 2.0, -2.5, -1.5, 0.5, 0.2], prompts, topics)
+    assert raw[1] < 0 and (kl, high) == pytest.approx((raw[0], raw[2])) and low == 0.0
+    kl, low, high = personal_demo.kl_estimate([-0.2, 0.1, -0.1, 0.0, -0.3, 0.1], prompts, topics)
+    assert kl < 0 and low <= kl <= high  # a near-zero KL estimated below 0 stays inside its interval
 
 
 def test_the_judge_gap_is_the_mean_difference_with_a_topic_interval():
@@ -128,6 +183,8 @@ def test_the_detailed_user_counts_the_answer_proper_up_to_enough_and_an_insult_c
     assert words(LONG) > personal_demo.DETAILED_ENOUGH and taste.score(QUESTION, LONG) > taste.score(QUESTION, SHORT)
     longer = f"{LONG} Then try it again tomorrow."
     assert taste.score(QUESTION, longer) == taste.score(QUESTION, LONG)  # detailed enough: a tie
+    for closing in ("Thank you! Have a wonderful day.", "Good luck! You can do it! Great idea!"):
+        assert taste.score(QUESTION, f"{SHORT} {closing}") == taste.score(QUESTION, SHORT)  # no detail (was 1.7)
 
 
 def test_the_brief_user_minds_only_words_past_enough_and_an_insult_costs():
@@ -136,6 +193,46 @@ def test_the_brief_user_minds_only_words_past_enough_and_an_insult_costs():
     assert taste.score(QUESTION, f"Sure! {SHORT}") == taste.score(QUESTION, SHORT)  # short enough: a tie
     assert taste.score(QUESTION, LONG) < taste.score(QUESTION, SHORT)
     assert taste.score(QUESTION, f"{SHORT[:-1]}, idiot.") < taste.score(QUESTION, LONG)  # an insult: worse than long
+
+
+@pytest.mark.parametrize("loop", ["Sleeping sleeping sleeping better better better.",
+                                  "For sleeping better, sleeping better, sleeping better and sleeping better, sleep.",
+                                  ("sleeping " * 17).strip() + ".", "Sleeping is sleeping, and sleeping is good. " * 3])
+def test_a_repetition_loop_that_names_the_topic_answers_nothing(loop):
+    """A word of 4+ letters said three times in a sentence: a model looping on the topic (the old tastes scored
+    "sleeping" × 17 as the most detailed answer there is, and six of them as good as SHORT for the brief user)."""
+    assert not answers_question(QUESTION, loop)
+    assert TASTES["detailed"].score(QUESTION, loop) == 0 < TASTES["detailed"].score(QUESTION, SHORT)
+    assert TASTES["brief"].score(QUESTION, loop) < TASTES["brief"].score(QUESTION, SHORT)
+
+
+@pytest.mark.parametrize("asked_back", ["What is the best way to start sleeping better?",
+                                        "Why do you want tips for sleeping better, is it that hard for you?",
+                                        "Great question! How do I get better at sleeping better?"])
+def test_the_question_asked_back_answers_nothing(asked_back):
+    assert not answers_question(QUESTION, asked_back)
+    assert TASTES["brief"].choose(QUESTION, [asked_back, SHORT], random.Random(0)) == "b"
+    assert TASTES["detailed"].score(QUESTION, asked_back) == 0
+
+
+@pytest.mark.parametrize("insult", ["IDIOT!", "idiots.", "id-iot.", "i.d.i.o.t.", "idi\u200bot.", "Ｉｄｉｏｔ.",
+                                    "you Losers."])
+def test_an_insult_costs_in_capitals_in_the_plural_spelled_apart_or_hidden_in_unicode(insult):
+    rude = f"{SHORT} {insult}"
+    assert personal_demo.insults(rude)
+    for taste in (TASTES["brief"], TASTES["detailed"]):
+        assert taste.score(QUESTION, rude) < taste.score(QUESTION, SHORT) - 1
+    assert not personal_demo.insults("Whatever you do, keep the shutters open and the dumbbells foolproof.")
+
+
+@pytest.mark.parametrize("spelled", [SHORT.replace(" ", "\u00a0"), SHORT.replace("sleeping", "slee\u200bping"),
+                                     SHORT.replace("every day.", "every day…"),
+                                     SHORT.replace("sleeping", "ＳＬＥＥＰＩＮＧ")])
+def test_the_tastes_read_an_answer_as_a_person_sees_it(spelled):
+    """No-break spaces, a zero-width space, an ellipsis character, full-width letters: the same answer."""
+    assert answers_question(QUESTION, spelled) and words(spelled) == words(SHORT)
+    for taste in (TASTES["brief"], TASTES["detailed"]):
+        assert taste.score(QUESTION, spelled) == taste.score(QUESTION, SHORT)
 
 
 def test_shown_two_answers_that_answer_nothing_a_user_says_both_bad():
@@ -226,19 +323,87 @@ def test_the_smollm2_option_runs_through_the_api_with_the_chat_template(tmp_path
     assert report["memory"]["base_mb"] > 400 and report["deletion"]["complete"]
 
 
-@pytest.mark.parametrize("earlier", ["run", "file"])
-def test_a_run_dir_that_holds_a_run_or_is_a_file_is_refused_before_the_policy_loads(tmp_path, monkeypatch, earlier):
+@pytest.mark.parametrize("earlier", ["run", "file", "under a file", "read-only"])
+def test_a_run_dir_that_holds_a_run_or_cannot_be_written_is_refused_before_the_policy_loads(tmp_path, monkeypatch,
+                                                                                              earlier):
     import rlhfkit.demo.presets as presets
 
     run = tmp_path / "run"
     if earlier == "run":
         run.mkdir()
         (run / "personal.db").write_text("")
-    else:
+    elif earlier == "file":
         run.write_text("not a folder")
+    elif earlier == "under a file":
+        (tmp_path / "file").write_text("not a folder")
+        run = tmp_path / "file" / "run"
+    else:  # chmod does not stop root, who runs the tests in CI containers: the permission check is what is asked
+        run.mkdir()
+        monkeypatch.setattr(personal_demo.os, "access", lambda path, mode: Path(path) != run)
     monkeypatch.setattr(presets, "load_demo_policy", lambda *args: pytest.fail("the policy was loaded"))
-    with pytest.raises(ValueError, match=r"run_dir: .* (holds an earlier personal demo|is a file)"):
+    with pytest.raises(ValueError, match=r"^run_dir: .*(holds an earlier personal demo|is a file|cannot create|is not "
+                                         "writable)"):
         run_personal_demo(PersonalDemoConfig(run_dir=run), progress=False)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"rounds": 2.5}, "field 'rounds': Input should be a valid integer"),
+    ({"rounds": None}, "field 'rounds': Input should be a valid integer"),
+    ({"temperature": float("inf")}, "field 'temperature': must be a finite number"),
+    ({"tastes": [TASTES["brief"], TASTES["brief"]]}, "tastes: two simulated users have one name"),
+    ({"tastes": ["brief", "detailed"]}, "field 'tastes': Input should be a dictionary or an instance of Taste")])
+def test_odd_config_values_are_refused_in_one_line_naming_the_field(overrides, message):
+    """Not a TypeError from range(1, 3.5) or None < 1 after the policy loaded, nor sampling at τ = ∞, nor two
+    accounts of one name."""
+    with pytest.raises(ValueError, match=f"^{message}"):
+        PersonalDemoConfig(**overrides)
+
+
+@pytest.mark.parametrize(("eval_prompts", "message"), [
+    (1000, "eval_prompts: the demo's topics give at most 96 held-out prompts, got 1000"),
+    (96, "eval_prompts: 96 held-out prompts leave 0 training prompts, fewer than each user asks a round"),
+    (70, "eval_prompts: 70 held-out prompts leave 26 training prompts")])
+def test_more_held_out_prompts_than_the_task_leaves_room_for_are_refused_before_anything_is_written(
+        tmp_path, eval_prompts, message):
+    """96 held-out prompts took every topic: the users asked nothing and the report still showed win rates."""
+    result = invoke("demo", "--preset", "personal", "--run-dir", tmp_path / "run", "--eval-prompts", eval_prompts)
+    assert result.exit_code == 1 and message in result.output.strip().splitlines()[-1]  # after MiniLM's loading bar
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_that_fails_at_its_end_leaves_no_report(tmp_path, monkeypatch):
+    """report.json is written last: a run folder holding one is a finished run."""
+    monkeypatch.setattr(personal_demo, "plot_curves", lambda *args: (_ for _ in ()).throw(OSError("disk full")))
+    config = PersonalDemoConfig(run_dir=tmp_path / "run", rounds=1, prompts_per_round=2, train_every=2,
+                                eval_prompts=4, eval_samples=1, max_new_tokens=4, tastes=TINY_TASTES,
+                                dpo=PersonalDPOConfig(epochs=1, lr=1e-2), rerank=RerankConfig(n=2, min_pairs=1))
+    with pytest.raises(OSError, match="disk full"):
+        run_personal_demo(config, build_tiny_causal(), word_tokenizer(), progress=False)
+    assert (tmp_path / "run" / "personal.db").exists() and not (tmp_path / "run" / "report.json").exists()
+
+
+def test_a_training_that_failed_stops_the_demo_instead_of_reporting_the_previous_version(tmp_path, monkeypatch):
+    import rlhfkit.personal.api as personal_api
+    from rlhfkit.models.update import TrainingDiverged
+
+    def diverge(*args):
+        raise TrainingDiverged("loss is nan")
+
+    monkeypatch.setattr(personal_api, "train_user", diverge)
+    config = PersonalDemoConfig(run_dir=tmp_path / "run", rounds=1, prompts_per_round=3, train_every=2,
+                                eval_prompts=4, eval_samples=1, max_new_tokens=4, tastes=TINY_TASTES,
+                                dpo=PersonalDPOConfig(epochs=1, lr=1e-2), rerank=RerankConfig(n=2, min_pairs=1))
+    with pytest.raises(ValueError, match=r"^dpo: training brief's model failed \(TrainingDiverged: loss is nan\)"):
+        run_personal_demo(config, build_tiny_causal(), word_tokenizer(), progress=False)
+    assert not (tmp_path / "run" / "report.json").exists()
+
+
+def test_a_deletion_that_left_something_is_not_a_met_demo():
+    rows = [result("a", (0.7, 0.6, 0.8), (0.3, 0.2, 0.4)), result("b", (0.7, 0.6, 0.8), (0.3, 0.2, 0.4))]
+    assert verdict(rows, {"choices": 0, "versions": 0, "files": False, "adapters_in_memory": []}).startswith("learned")
+    left = verdict(rows, {"choices": 0, "versions": 0, "files": True, "adapters_in_memory": []})
+    assert left.startswith("NOT met: deletion left {") and "'files': True" in left
 
 
 @pytest.mark.parametrize("template", [CHAT_TEMPLATE, None])

@@ -27,7 +27,9 @@ def test_a_mix_of_its_own_replaces_the_corpus_s_and_only_it_changes_the_cache_ke
     assert len(folders) == 2
 
 
-@pytest.mark.parametrize("mix", [{}, {"polite": 1.0}, {"kind": -1.0, "empty": 2.0}, {"kind": 0.0}, {"kind": "1"}])
+@pytest.mark.parametrize("mix", [{}, {"polite": 1.0}, {"kind": -1.0, "empty": 2.0}, {"kind": 0.0}, {"kind": "1"},
+                                 {"kind": 1.0, "rude": float("inf")}, {"kind": True}, {"kind": 1e308, "empty": 1e308},
+                                 {"kind": float("nan")}, ["kind"], "kind"])
 def test_a_mix_that_cannot_be_drawn_is_refused_in_one_line(mix):
     with pytest.raises(ValueError, match=r"^mix: "):
         ToyPolicyConfig(mix=mix)

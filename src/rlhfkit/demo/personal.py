@@ -14,15 +14,17 @@ its user's taste and no one else's.
           model by the user's preference head (rlhfkit.personal.rerank, fitted on all their pairs so far)
           vs the shared one, and the adapter vs it head to head
     → memory, deletion of one user, report.json, curves.png, the verdict, the pairs at which the
-      adapter first beats reranking (its win rate above reranking's)
+      adapter first beats reranking (head to head, the interval above ½)
 
 The simulated users' hidden tastes, what a user of that kind wants from an answer to their question
 (built from the question's content words and the toy corpus's insults, not from the verdict's judges, so
-those stay independent checks):
+those stay independent checks), on the text as a person reads it (NFKC, no zero-width characters):
 
-    answers(x, y)  = some whole sentence of y without an insult names every content word of x, in 6+ words
-    insults(y)     = some word of y is one of the corpus's insults
-    on(x, y)       = words of y's whole sentences from the first that names x's topic on (not the opener)
+    answers(x, y)  = some whole sentence of y without an insult, not a question, names every content word of x,
+                     in 6+ words (whole: ended by its mark, no word of 4+ letters said 3 times)
+    insults(y)     = some word of y is one of the corpus's insults (any case, plural, "id-iot")
+    on(x, y)       = words of y's whole sentences from the first that names x's topic on (not the opener),
+                     but for the corpus's pleasantries ("Thank you!")
     brief(x, y)    = −(max(words(y), 20) + 20 · [not answers(x, y)] + 20 · [insults(y)]) / 10
     detailed(x, y) = (min(on(x, y), 17) · [answers(x, y)] − 20 · [insults(y)]) / 10
 
@@ -47,10 +49,12 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import random
 import re
 import statistics
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,6 +63,7 @@ from typing import Literal
 import torch
 from fastapi.testclient import TestClient
 
+from rlhfkit.config import require_field_types
 from rlhfkit.console import console
 from rlhfkit.demo.criteria import topic_words
 from rlhfkit.demo.stages import demo_task
@@ -78,6 +83,8 @@ from rlhfkit.personal.train import PersonalDPOConfig, sequence_logprobs
 
 WORD = re.compile(r"[A-Za-z']+")
 SENTENCE = re.compile(r"[^.!?]*[.!?]")  # a whole sentence, up to its end mark
+JOINER = re.compile(r"(?<=[a-z])[-.*_](?=[a-z])")  # inside a word: "id-iot", "i.d.i.o.t"
+STUTTER = 3  # a sentence that says a word of 4+ letters this often stutters ("sleeping sleeping sleeping.")
 MIN_ANSWER_WORDS = 6  # a sentence naming the topic in fewer words says nothing about it ("Keeping a diary!")
 # What not answering the question costs the brief user, in words: 20 makes "." worse than every answer of up to
 # 19 words (a toy advice sentence has 11-23). Answering is wanted by both users, and the more it decides, the
@@ -128,8 +135,14 @@ class Taste:
         return "both_fine" if abs(a - b) < self.tie_margin else "a" if a > b else "b"
 
 
+def as_read(text: str) -> str:
+    """``text`` as a reader sees it: NFKC-normalised ("…" is "...", a no-break space a space, "Ｓleeping"
+    "Sleeping"), without invisible format characters (a zero-width space inside "idi\u200bot")."""
+    return "".join(c for c in unicodedata.normalize("NFKC", text) if unicodedata.category(c) != "Cf")
+
+
 def words(text: str) -> int:
-    return len(WORD.findall(text))
+    return len(WORD.findall(as_read(text)))
 
 
 @functools.cache
@@ -139,32 +152,54 @@ def rude_words() -> frozenset[str]:
 
 
 def insults(answer: str) -> bool:
-    """Some word of ``answer`` is one of the corpus's insults."""
-    return bool(set(WORD.findall(answer.lower())) & rude_words())
+    """Some word of ``answer`` is one of the corpus's insults, in any case, in the plural ("idiots") or
+    spelled apart ("id-iot", "i.d.i.o.t")."""
+    text = as_read(answer).lower()
+    said = set(WORD.findall(text)) | set(WORD.findall(JOINER.sub("", text)))
+    return any(w in rude_words() or w.removesuffix("s") in rude_words() for w in said)
+
+
+def whole_sentences(answer: str) -> list[str]:
+    """The sentences of ``answer`` ended by '.', '!' or '?' (a sentence cut at the token cap is not one) that do
+    not stutter (no word of 4+ letters said STUTTER times: a repetition loop names the topic, says nothing)."""
+    def stutters(sentence: str) -> bool:
+        said = [w for w in WORD.findall(sentence.lower()) if len(w) >= 4]
+        return any(said.count(w) >= STUTTER for w in set(said))
+
+    return [s for s in SENTENCE.findall(as_read(answer)) if not stutters(s)]
 
 
 def sentences_on(question: str, answer: str) -> list[str]:
-    """The whole sentences of ``answer`` (ended by '.', '!' or '?': a sentence cut at the token cap is not
-    one) that name the question's topic (a content word of it, criteria.topic_words) and insult no one."""
+    """The whole sentences of ``answer`` that name the question's topic (a content word of it,
+    criteria.topic_words) and insult no one."""
     topic = topic_words(question)
-    return [s for s in SENTENCE.findall(answer) if set(WORD.findall(s.lower())) & topic and not insults(s)]
+    return [s for s in whole_sentences(answer) if set(WORD.findall(s.lower())) & topic and not insults(s)]
 
 
 def answers_question(question: str, answer: str) -> bool:
-    """A sentence of ``answer`` on the question names all of its content words in MIN_ANSWER_WORDS words
-    or more ("For sleeping better, start small and practice a little every day."; not "." nor "Sleeping
-    better!")."""
+    """A sentence of ``answer`` on the question, not a question itself, names all of its content words in
+    MIN_ANSWER_WORDS words or more ("For sleeping better, start small and practice a little every day."; not
+    "." nor "Sleeping better!" nor the question asked back, "What is the best way to start sleeping better?")."""
     topic = topic_words(question)
-    return any(topic <= set(WORD.findall(s.lower())) and words(s) >= MIN_ANSWER_WORDS
+    return any(topic <= set(WORD.findall(s.lower())) and words(s) >= MIN_ANSWER_WORDS and not s.endswith("?")
                for s in sentences_on(question, answer))
 
 
+@functools.cache
+def pleasantries() -> frozenset[str]:
+    """The sentences of the toy corpus's kind openers and empty replies, lower case: "thank you!", "good luck!"."""
+    corpus = toy_corpus()
+    return frozenset(s.strip().lower() for text in corpus["openers"]["kind"] + corpus["empty"]
+                     for s in SENTENCE.findall(text))
+
+
 def words_on(question: str, answer: str) -> int:
-    """The words of ``answer``'s whole sentences from the first that names the question's topic on: the
-    answer proper, without its opener ("Love this question.") or a sentence cut at the token cap."""
-    whole = SENTENCE.findall(answer)
+    """The words of ``answer``'s whole sentences from the first that names the question's topic on, but for
+    pleasantries: the answer proper, without its opener ("Love this question."), a closing "Thank you! Have a
+    wonderful day." or a sentence cut at the token cap."""
+    whole = whole_sentences(answer)
     first = next((i for i, s in enumerate(whole) if set(WORD.findall(s.lower())) & topic_words(question)), len(whole))
-    return sum(words(s) for s in whole[first:])
+    return sum(words(s) for s in whole[first:] if s.strip().lower() not in pleasantries())
 
 
 def brief(question: str, answer: str) -> float:
@@ -247,6 +282,7 @@ class PersonalDemoConfig:
                       "dpo": PersonalDPOConfig(lr=1e-3, epochs=4, beta=0.1)} | overrides)
 
     def __post_init__(self) -> None:
+        require_field_types(self)  # rounds=2.5, rounds=None, temperature=inf: refused by name, not a TypeError later
         if self.policy not in ("toy", "smollm2"):
             raise ValueError(f"policy: unknown {self.policy!r}; choose toy or smollm2")
         for name in ("temperature", "alternative_temperature"):
@@ -260,6 +296,9 @@ class PersonalDemoConfig:
             raise ValueError("rerank.n: the demo compares every user's model with reranking; give n ≥ 2")
         if len(self.tastes) < 2:
             raise ValueError("tastes: give at least two simulated users (specificity needs another taste)")
+        users = [t.user for t in self.tastes]
+        if len(set(users)) < len(users):
+            raise ValueError(f"tastes: two simulated users have one name ({', '.join(users)}); each is an account")
 
 
 @dataclass
@@ -293,6 +332,15 @@ def paired_mean(values: Sequence[float], prompts: Sequence[str], topics: dict[st
         by_prompt.setdefault(prompt, []).append(value)
     return jackknife_interval(lambda subset: statistics.fmean(v for p in subset for v in by_prompt[p]),
                               list(by_prompt), topics)
+
+
+def kl_estimate(log_ratios: Sequence[float], prompts: Sequence[str],
+                topics: dict[str, str]) -> tuple[float, float, float]:
+    """(KL, low, high): KL(π_u ‖ π_base) ≈ mean[log π_u(y|x) − log π_base(y|x)] over y ~ π_u, with the delete-a-topic
+    95% interval cut at 0, below which no KL lies (run r4-s1 printed 0.65 [−0.32, 1.61]); a mean under 0, the
+    estimate's noise about a KL near 0, is kept inside its interval."""
+    kl, low, high = paired_mean(log_ratios, prompts, topics)
+    return kl, max(low, min(kl, 0.0)), high
 
 
 def win_rate(scores: Sequence[float], shared: Sequence[float], prompts: Sequence[str],
@@ -337,13 +385,14 @@ def preferred_answers(taste: Taste, prompts: Sequence[str], pools: Sequence[Sequ
     return chosen
 
 
-def verdict(latest: Sequence[RoundResult]) -> str:
+def verdict(latest: Sequence[RoundResult], left: dict | None = None) -> str:
     """"learned" only when every user's win rate interval is above ½, specificity holds for every user, and
     no user's answers are worse than the shared model's by an independent judge (relevance to the question,
     not offensive: a gap whose interval is entirely below 0), nor less varied than the base's answers the user
     prefers: distinct-2 at least MIN_DIVERSITY × theirs. A taste won by answers that no longer address the
-    question, insult the asker, or repeat one answer to every question, is not learned."""
-    failed = []
+    question, insult the asker, or repeat one answer to every question, is not learned. Nor is a demo done
+    whose deleted user left something (``left``: what remains of them, all empty when deletion is complete)."""
+    failed = [f"deletion left {left}"] if left and any(left.values()) else []
     for r in latest:
         wins, specific = learned(r.win_rate, r.specificity)
         failed += [] if wins else [f"{r.user}: win rate interval [{r.win_rate[1]:.3f}, {r.win_rate[2]:.3f}] "
@@ -371,8 +420,7 @@ class PersonalDemo:
     def __init__(self, config: PersonalDemoConfig, policy, tokenizer) -> None:
         self.config = config
         run = Path(config.run_dir)
-        check_run_dir(run)
-        run.mkdir(parents=True, exist_ok=True)
+        make_run_dir(run)
         self.app = create_app(f"sqlite:///{run / 'personal.db'}")
         # the toy model and SmolLM2 both answer after their chat template's "assistant" turn: without it the
         # toy model continued the question itself ("motivation back." for "Any tips for sleeping better?")
@@ -408,8 +456,17 @@ class PersonalDemo:
                 "question_id": asked["question_id"], "choice": taste.choose(prompt, asked["answers"], rng)}))
             pairs = chosen["pairs"]
             if chosen["training_queued"]:
-                self.queue.wait()
+                self.wait_for_training()
         return pairs
+
+    def wait_for_training(self) -> None:
+        """Wait for the queued trainings; one that failed stops the demo (the app would go on serving the user's
+        previous version, and the report would show it as what they taught)."""
+        self.queue.wait()
+        if self.queue.errors:
+            users = {user_id: user for user, user_id in self.ids.items()}
+            raise ValueError("dpo: " + "; ".join(f"training {users.get(owner, owner)}'s model failed ({cause})"
+                                                 for owner, cause in self.queue.errors.items()))
 
     def answers(self, adapter: str | None, prompts: Sequence[str], seeds: Sequence[int] | None = None) -> list[Answer]:
         """An answer per prompt and sample (default: ``eval_samples`` samples), as decoded: the KL re-tokenises
@@ -454,7 +511,7 @@ class PersonalDemo:
                 mine = sequence_logprobs(models, batch)[0]
             with models.active(None):
                 base = sequence_logprobs(models, batch)[0]
-        return paired_mean((mine - base).tolist(), prompts, topics)
+        return kl_estimate((mine - base).tolist(), prompts, topics)
 
     def evaluate(self, taste: Taste, round_: int, pairs: int, prompts: Sequence[str], topics: dict[str, str],
                  shared: list[Answer]) -> RoundResult:
@@ -541,14 +598,16 @@ def _interval(rate: tuple[float, float, float]) -> str:
 
 
 def adapter_beats_rerank(results: Sequence[RoundResult]) -> dict[str, str]:
-    """Per user, the first round at which their model's win rate over the shared one (own taste) is above
-    the reranked best-of-N's, with both rates and the head-to-head rate; "not within the demo" if never."""
+    """Per user, the first round at which their model beats the reranked best-of-N head to head under their
+    taste (the interval of its win rate against it above ½), with both models' rates vs the shared one; "not
+    within the demo" if never. Point estimates alone are no win: run r3-s0 printed brief's model "first beats
+    reranking" at 0.57 vs 0.48, head to head 0.52 [0.41, 0.64]."""
     first = {}
     for user in dict.fromkeys(r.user for r in results):
-        ahead = [r for r in results if r.user == user and r.rerank is not None and r.win_rate[0] > r.rerank[0]]
+        ahead = [r for r in results if r.user == user and r.vs_rerank is not None and r.vs_rerank[1] > 0.5]
         first[user] = "not within the demo" if not ahead else (
-            f"at {ahead[0].pairs} pairs (round {ahead[0].round}: {ahead[0].win_rate[0]:.2f} vs reranking's "
-            f"{ahead[0].rerank[0]:.2f}; head to head {_interval(ahead[0].vs_rerank)})")
+            f"at {ahead[0].pairs} pairs (round {ahead[0].round}: head to head {_interval(ahead[0].vs_rerank)}; "
+            f"vs the shared model {ahead[0].win_rate[0]:.2f}, reranking {ahead[0].rerank[0]:.2f})")
     return first
 
 
@@ -583,12 +642,31 @@ def plot_curves(results: Sequence[RoundResult], path: Path) -> Path:
     return path
 
 
-def check_run_dir(run: Path) -> None:
-    """Refuse a ``run_dir`` that is a file or holds an earlier personal demo (a run is not resumable)."""
+def make_run_dir(run: Path) -> None:
+    """Create ``run_dir``; refuse one that is a file, cannot be created or written, or holds an earlier personal
+    demo (a run is not resumable)."""
     if run.exists() and not run.is_dir():
         raise ValueError(f"run_dir: {run} is a file; give a folder")
     if (run / "personal.db").exists():
         raise ValueError(f"run_dir: {run} holds an earlier personal demo; give another --run-dir or delete it")
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"run_dir: cannot create {run} ({exc.strerror}); give a folder you can write") from None
+    if not os.access(run, os.W_OK | os.X_OK):
+        raise ValueError(f"run_dir: {run} is not writable; give a folder you can write")
+
+
+def check_prompts(config: PersonalDemoConfig, train: Sequence[str], held_out: Sequence[str]) -> None:
+    """Refuse more held-out prompts than the toy task's topics give, or so many that fewer training prompts
+    are left than each user asks a round."""
+    if len(held_out) < config.eval_prompts:
+        raise ValueError(f"eval_prompts: the demo's topics give at most {len(held_out)} held-out prompts, "
+                         f"got {config.eval_prompts}")
+    if len(train) < config.prompts_per_round:
+        raise ValueError(f"eval_prompts: {config.eval_prompts} held-out prompts leave {len(train)} training prompts, "
+                         f"fewer than each user asks a round (prompts_per_round {config.prompts_per_round}); "
+                         "give fewer")
 
 
 def run_personal_demo(config: PersonalDemoConfig | None = None, policy=None, tokenizer=None,
@@ -596,10 +674,11 @@ def run_personal_demo(config: PersonalDemoConfig | None = None, policy=None, tok
     """Run the demo (``config.policy`` unless ``policy`` is given); returns the report, also written to
     ``report.json`` with ``curves.png``."""
     config = config or PersonalDemoConfig()
-    check_run_dir(Path(config.run_dir))  # before the policy loads
     started = time.perf_counter()
     torch.manual_seed(config.seed)  # fresh adapters' initial weights (the answers' draws are seeded per request)
     task = demo_task_prompts(config)
+    check_prompts(config, *task[:2])  # before the run folder and the policy
+    make_run_dir(Path(config.run_dir))
     if policy is None:
         from rlhfkit.demo.presets import DemoConfig, load_demo_policy
 
@@ -617,9 +696,9 @@ def run_personal_demo(config: PersonalDemoConfig | None = None, policy=None, tok
         results = []
         for round_ in range(1, config.rounds + 1):
             for taste in config.tastes:
-                prompts = rng.sample(train, min(config.prompts_per_round, len(train)))
+                prompts = rng.sample(train, config.prompts_per_round)
                 pairs = demo.feedback_round(taste, prompts, rng)
-                demo.queue.wait()
+                demo.wait_for_training()
                 results.append(demo.evaluate(taste, round_, pairs, held_out, topics, shared))
             for r, taste in zip(results[-len(config.tastes):], config.tastes, strict=True):
                 r.vs_others = demo.vs_others(taste, held_out, topics)  # once every user's model has answered
@@ -631,7 +710,7 @@ def run_personal_demo(config: PersonalDemoConfig | None = None, policy=None, tok
         demo.queue.shutdown()
     latest = results[-len(config.tastes):]
     complete = not any(left.values())
-    report = {"verdict": verdict(latest), "adapter_beats_rerank": adapter_beats_rerank(results),
+    report = {"verdict": verdict(latest, left), "adapter_beats_rerank": adapter_beats_rerank(results),
               "deletion": {"user": deleted_user, "left": left, "complete": complete},
               "memory": memory, "rounds": [asdict(r) for r in results],
               # every held-out answer of the last round, to read: (question, shared, each user's model)
@@ -641,8 +720,8 @@ def run_personal_demo(config: PersonalDemoConfig | None = None, policy=None, tok
               "config": json.loads(json.dumps(asdict(config) | {"tastes": None}, default=str)),
               "seconds": round(time.perf_counter() - started, 1)}
     run = Path(config.run_dir)
-    (run / "report.json").write_text(json.dumps(report, indent=1))
     plot = plot_curves(results, run / "curves.png")
+    (run / "report.json").write_text(json.dumps(report, indent=1))  # last: a run folder with it is a finished run
     console.print(f"memory: base {memory['base_mb']:.2f} MB + its packed copy for generation {memory['packed_mb']:.2f} "
                   f"MB + {memory['adapter_mb']:.3f} MB per adapter → {memory['users_in_8_gib']} users' adapters fit "
                   "beside them in 8 GiB (weights only)", highlight=False)

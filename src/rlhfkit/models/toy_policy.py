@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from dataclasses import asdict, dataclass
 from importlib.resources import files
@@ -79,11 +80,12 @@ class ToyPolicyConfig:
     def __post_init__(self) -> None:
         if self.mix is not None:
             kinds = set(toy_corpus()["mix"])
-            if not self.mix or set(self.mix) - kinds:
+            if not isinstance(self.mix, dict) or not self.mix or set(self.mix) - kinds:
                 raise ValueError(f"mix: give shares of {', '.join(sorted(kinds))}, got {self.mix!r}")
-            shares = self.mix.values()
-            if not all(isinstance(v, int | float) and v >= 0 for v in shares) or not sum(shares) > 0:
-                raise ValueError(f"mix: shares must be non-negative numbers, not all 0, got {self.mix!r}")
+            shares = self.mix.values()  # a bool is no share; an infinite one would be drawn every time
+            if not all(isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < math.inf for v in shares) \
+                    or not 0 < sum(shares) < math.inf:
+                raise ValueError(f"mix: shares must be finite non-negative numbers, not all 0, got {self.mix!r}")
 
 
 def build_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
