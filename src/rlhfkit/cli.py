@@ -307,8 +307,9 @@ def demo(
                                              "(SmolLM2-135M-Instruct with LoRA; slower), personal (simulated "
                                              "users teach their personal models; minutes) or personal-smollm2 "
                                              "(the same on SmolLM2; about half an hour).")] = "toy",
-    run_dir: Annotated[Path | None, typer.Option(help="Folder for every stage's files; a rerun resumes "
-                                                      "[default: runs/demo or runs/demo-smollm2].")] = None,
+    run_dir: Annotated[Path | None, typer.Option(help="Folder for every stage's files; a rerun resumes (the "
+                                                      "personal presets refuse a folder with a run) [default: "
+                                                      "runs/demo, runs/demo-smollm2 or runs/demo-personal].")] = None,
     seeds: Annotated[int | None, typer.Option(help="Training seeds: labeling, reward model and PPO run once per "
                                                    "seed [default: 3 for toy, 1 for smollm2].")] = None,
     label_prompts: Annotated[int | None, typer.Option(help="Prompts to label and train on.")] = None,
