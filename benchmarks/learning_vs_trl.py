@@ -37,10 +37,13 @@ LAST_K = 5
 WORKLOADS = ("grpo", "rloo", "dpo")  # their metrics: compare_trl.METRICS (reward; DPO's margin and accuracy)
 # side -> rl_workload.py's extra arguments (None: TRL's runner): rlhfkit's defaults (bf16 autocast where the CPU
 # has a bf16 unit), in fp32 as TRL, with one ratio per completion (TRL's RLOO loss), sampling through `generate`,
-# both of the last two (TRL's arithmetic and sampler: what the step-for-step replay in rl_on_trl_order.py ran)
+# both of the last two (TRL's arithmetic and sampler: what the step-for-step replay in rl_on_trl_order.py ran);
+# DPO on TRL's pair order for the seed, with rlhfkit's defaults and in fp32
 SIDES = {"trl": None, "rlhfkit": [], "rlhfkit-fp32": ["--precision", "fp32"],
          "rlhfkit-completion": ["--action", "completion"], "rlhfkit-generate": ["--engine", "generate"],
-         "rlhfkit-fp32-generate": ["--precision", "fp32", "--engine", "generate"]}
+         "rlhfkit-fp32-generate": ["--precision", "fp32", "--engine", "generate"],
+         "rlhfkit-trl-order": ["--pair-order", "trl"],
+         "rlhfkit-fp32-trl-order": ["--precision", "fp32", "--pair-order", "trl"]}
 TRL_ONE_THREAD = """
 import runpy, sys
 sys.path.insert(0, sys.argv[1])
@@ -78,6 +81,21 @@ def welch_interval(ours: list[float], theirs: list[float], confidence: float = 0
             "confidence": confidence, "p_value": float(test.pvalue)}
 
 
+def paired_interval(ours: dict[int, float], theirs: dict[int, float], confidence: float = 0.95) -> dict:
+    """Over the seeds both sides ran, d_s = ours_s − theirs_s: mean d̄ and its t interval
+    d̄ ± t_{0.975, n−1} · s_d / √n. Meaningful where a seed gives both sides the same data order."""
+    seeds = sorted(set(ours) & set(theirs))
+    differences = [ours[s] - theirs[s] for s in seeds]
+    low, high = stats.ttest_1samp(differences, 0.0).confidence_interval(confidence)
+    return {"seeds": len(seeds), "difference": statistics.mean(differences), "low": float(low), "high": float(high),
+            "confidence": confidence}
+
+
+def max_step_difference(ours: dict[int, list[float]], theirs: dict[int, list[float]]) -> float:
+    """The largest |ours − theirs| at any step of any seed both sides ran: 0 where they trained the same."""
+    return max(abs(a - b) for s in set(ours) & set(theirs) for a, b in zip(ours[s], theirs[s], strict=True))
+
+
 def verdict(interval: dict) -> str:
     """What the interval of Δ = rlhfkit − TRL says about "rlhfkit learns at least as well as TRL"."""
     if interval["high"] < 0:
@@ -95,19 +113,27 @@ def summary(runs: dict[str, dict[str, dict[int, dict]]]) -> dict:
     for algo, sides in runs.items():
         entry = {}
         for metric in METRICS[algo]:
-            per_side = {}
+            per_side, series = {}, {}
             for side, results in sides.items():
                 if results:
-                    trends = [first_and_last_k(metric_series(results[s], metric)) for s in sorted(results)]
+                    series[side] = {s: metric_series(results[s], metric) for s in sorted(results)}
+                    trends = [first_and_last_k(values) for values in series[side].values()]
                     last = [t[1] for t in trends]
                     per_side[side] = {"seeds": sorted(results), "first5": [t[0] for t in trends], "last5": last,
                                       "mean_last5": statistics.mean(last)}
             against = {}
             for side, values in per_side.items():
-                if side != "trl" and "trl" in per_side and min(len(values["last5"]),
-                                                               len(per_side["trl"]["last5"])) >= 2:
-                    interval = welch_interval(values["last5"], per_side["trl"]["last5"])
-                    against[side] = interval | {"verdict": verdict(interval)}
+                if side == "trl" or "trl" not in per_side or min(len(values["last5"]),
+                                                                 len(per_side["trl"]["last5"])) < 2:
+                    continue
+                trl = per_side["trl"]
+                interval = welch_interval(values["last5"], trl["last5"])
+                against[side] = interval | {"verdict": verdict(interval),
+                                            "max_step_difference": max_step_difference(series[side], series["trl"])}
+                if len(set(values["seeds"]) & set(trl["seeds"])) >= 2:
+                    against[side]["paired"] = paired_interval(
+                        dict(zip(values["seeds"], values["last5"], strict=True)),
+                        dict(zip(trl["seeds"], trl["last5"], strict=True)))
             entry[metric.label] = {"sides": per_side, "against_trl": against}
         out[algo] = entry
     return out
@@ -131,9 +157,16 @@ def table(result: dict) -> str:
                 lines.append(f"| {seed} | " + " | ".join(cells) + " |")
             lines.append("| mean last 5 | " + " | ".join(f"{v['mean_last5']:.4f} (n={len(v['last5'])})"
                                                        for v in sides.values()) + " |")
-            lines += [""] + [f"{side} − trl: {c['verdict']} (Welch p = {c['p_value']:.2f})"
+            lines += [""] + [f"{side} − trl: {c['verdict']} (Welch p = {c['p_value']:.2f}){paired_text(c)}; largest "
+                             f"difference at one step {c['max_step_difference']:.4f}"
                              for side, c in entry["against_trl"].items()] + [""]
     return "\n".join(lines)
+
+
+def paired_text(comparison: dict) -> str:
+    paired = comparison.get("paired")
+    return "" if paired is None else (f"; paired by seed ({paired['seeds']}): Δ̄ {paired['difference']:+.4f}, "
+                                      f"{paired['low']:+.4f} to {paired['high']:+.4f}")
 
 
 def collect(runs_dir: Path, algos: list[str], sides: list[str]) -> dict[str, dict[str, dict[int, dict]]]:

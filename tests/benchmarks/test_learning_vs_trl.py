@@ -62,11 +62,27 @@ def test_dpo_is_compared_on_its_margin_and_its_accuracy_each_under_its_sides_key
     trl = {s: _result({"rewards/margins": [0.0] * 45 + [m] * 5, "rewards/accuracies": [0.5] * 45 + [a] * 5})
            for s, m, a in [(1234, 0.5, 1.0), (1235, 0.4, 0.875)]}
     kit = {s: _result({"margin": [0.0] * 45 + [m] * 5, "accuracy": [0.5] * 45 + [a] * 5})
-           for s, m, a in [(1234, 0.3, 0.75), (1235, 0.2, 0.875)]}
+           for s, m, a in [(1234, 0.3, 0.75), (1235, 0.25, 0.875)]}
     result = learning_vs_trl.summary({"dpo": {"trl": trl, "rlhfkit": kit}})["dpo"]
     assert set(result) == {"margin", "accuracy"}
-    assert result["margin"]["sides"]["rlhfkit"]["last5"] == pytest.approx([0.3, 0.2])
-    assert result["margin"]["against_trl"]["rlhfkit"]["difference"] == pytest.approx(-0.2)
+    assert result["margin"]["sides"]["rlhfkit"]["last5"] == pytest.approx([0.3, 0.25])
+    assert result["margin"]["against_trl"]["rlhfkit"]["difference"] == pytest.approx(-0.175)
     assert result["accuracy"]["sides"]["trl"]["mean_last5"] == pytest.approx(0.9375)
     text = learning_vs_trl.table({"dpo": result})
     assert "DPO margin" in text and "DPO accuracy" in text
+
+
+def test_the_paired_interval_is_the_t_interval_of_the_per_seed_differences_over_the_seeds_both_ran():
+    ours, theirs = {1: 0.12, 2: 0.15, 3: 0.11, 9: 5.0}, {1: 0.10, 2: 0.14, 3: 0.12}
+    interval = learning_vs_trl.paired_interval(ours, theirs)
+    differences = [0.02, 0.01, -0.01]
+    half = stats.t.ppf(0.975, 2) * statistics.stdev(differences) / math.sqrt(3)
+    assert interval["seeds"] == 3 and interval["difference"] == pytest.approx(statistics.mean(differences))
+    assert interval["low"] == pytest.approx(interval["difference"] - half)
+    assert interval["high"] == pytest.approx(interval["difference"] + half)
+
+
+def test_the_largest_step_difference_is_zero_only_where_every_common_seed_trained_the_same():
+    trl = {1: [0.1, 0.2, 0.3], 2: [0.1, 0.1, 0.1]}
+    assert learning_vs_trl.max_step_difference({1: [0.1, 0.2, 0.3], 3: [9.0] * 3}, trl) == 0.0
+    assert learning_vs_trl.max_step_difference({1: [0.1, 0.2, 0.3], 2: [0.1, 0.15, 0.1]}, trl) == pytest.approx(0.05)
