@@ -11,6 +11,7 @@ TRL's of the plain softmax.
 Writes ``rlhfkit_<algo>.json`` next to the TRL results with the same keys.
 
     python benchmarks/rl_workload.py grpo [--bench-dir ../shared/bench] [--precision fp32]
+    python benchmarks/rl_workload.py dpo --seed 1235 --pair-order trl    # the pairs TRL trains on at seed 1235
 """
 
 from __future__ import annotations
