@@ -13,7 +13,10 @@ takes each seed's mean over the last 5 steps, x_s, and prints
 (the seeds of the two sides taken as unpaired: at one seed both sides train on the same prompts in the
 same order for GRPO/RLOO, on different pair orders for DPO (``data_order_vs_trl.py``), and draw their
 samples from different streams). The verdict reads the interval: "below" when it lies under 0, "above"
-over 0, else "no difference found" with the smallest Δ the data allow. Everything goes to a new
+over 0, else "no difference found" with the smallest Δ the data allow. Also printed, over the seeds both
+sides ran: the paired interval d̄ ± t_{0.975, n−1} · s_d/√n of d_s = x_s,rlhfkit − x_s,TRL (tight where a
+seed gives both sides the same data: DPO with ``--pair-order trl``), and the largest difference of the
+metric at any one step (0 where rlhfkit trained exactly as TRL did). Everything goes to a new
 ``benchmarks/results/learning_vs_trl-<UTC time>.json``.
 
     PYTHONPATH=src python benchmarks/learning_vs_trl.py --seeds 8 [--algos grpo,rloo,dpo] [--sides trl,rlhfkit]
