@@ -1,19 +1,25 @@
-"""Does rlhfkit's GRPO / RLOO learn at least as well as TRL's? Both sides over N seeds, learning only.
+"""Does rlhfkit's GRPO / RLOO / DPO learn at least as well as TRL's? Both sides over N seeds, learning only.
 
 For each seed and workload, TRL's runner (``trl_seeded.py`` around ``../shared/bench/run_<algo>.py``) and
 rlhfkit's (``rl_workload.py``) run one after the other with 1 torch thread (learning does not depend on
 the machine's load; step times are not looked at). Each run's result goes to ``--runs/<algo>/<side>/<seed>/``;
 a run whose result is there already is not run again, so an interrupted comparison continues where it
-stopped. Per workload and side it takes each seed's mean reward over the last 5 steps, x_s, and prints
+stopped. Per workload, metric (``compare_trl.METRICS``: the reward; DPO's margin and accuracy) and side it
+takes each seed's mean over the last 5 steps, x_s, and prints
 
     mean x̄ of each side, and Δ = x̄_rlhfkit − x̄_TRL with its 95% Welch interval
     Δ ± t_{0.975, ν} · √(s²_r/n_r + s²_T/n_T),   ν = (s²_r/n_r + s²_T/n_T)² / Σ (s²/n)² / (n − 1)
 
-(the seeds of the two sides are unpaired: each side draws its own prompt order and samples). The verdict
-reads the interval: "below" when it lies under 0, "above" over 0, else "no difference found" with the
-smallest Δ the data allow. Everything goes to a new ``benchmarks/results/learning_vs_trl-<UTC time>.json``.
+(the seeds of the two sides taken as unpaired: at one seed both sides train on the same prompts in the
+same order for GRPO/RLOO, on different pair orders for DPO (``data_order_vs_trl.py``), and draw their
+samples from different streams). The verdict reads the interval: "below" when it lies under 0, "above"
+over 0, else "no difference found" with the smallest Δ the data allow. Also printed, over the seeds both
+sides ran: the paired interval d̄ ± t_{0.975, n−1} · s_d/√n of d_s = x_s,rlhfkit − x_s,TRL (tight where a
+seed gives both sides the same data: DPO with ``--pair-order trl``), and the largest difference of the
+metric at any one step (0 where rlhfkit trained exactly as TRL did). Everything goes to a new
+``benchmarks/results/learning_vs_trl-<UTC time>.json``.
 
-    PYTHONPATH=src python benchmarks/learning_vs_trl.py --seeds 8 [--algos grpo,rloo] [--sides trl,rlhfkit]
+    PYTHONPATH=src python benchmarks/learning_vs_trl.py --seeds 8 [--algos grpo,rloo,dpo] [--sides trl,rlhfkit]
 """
 
 from __future__ import annotations
@@ -26,14 +32,21 @@ import sys
 import time
 from pathlib import Path
 
+from compare_trl import METRICS, Metric, run_one
 from scipy import stats
 
 HERE = Path(__file__).resolve().parent
 LAST_K = 5
+WORKLOADS = ("grpo", "rloo", "dpo")  # their metrics: compare_trl.METRICS (reward; DPO's margin and accuracy)
 # side -> rl_workload.py's extra arguments (None: TRL's runner): rlhfkit's defaults (bf16 autocast where the CPU
-# has a bf16 unit), in fp32 as TRL, with one ratio per completion (TRL's RLOO loss), sampling through `generate`
+# has a bf16 unit), in fp32 as TRL, with one ratio per completion (TRL's RLOO loss), sampling through `generate`,
+# both of the last two (TRL's arithmetic and sampler: what the step-for-step replay in rl_on_trl_order.py ran);
+# DPO on TRL's pair order for the seed, with rlhfkit's defaults and in fp32
 SIDES = {"trl": None, "rlhfkit": [], "rlhfkit-fp32": ["--precision", "fp32"],
-         "rlhfkit-completion": ["--action", "completion"], "rlhfkit-generate": ["--engine", "generate"]}
+         "rlhfkit-completion": ["--action", "completion"], "rlhfkit-generate": ["--engine", "generate"],
+         "rlhfkit-fp32-generate": ["--precision", "fp32", "--engine", "generate"],
+         "rlhfkit-trl-order": ["--pair-order", "trl"],
+         "rlhfkit-fp32-trl-order": ["--precision", "fp32", "--pair-order", "trl"]}
 TRL_ONE_THREAD = """
 import runpy, sys
 sys.path.insert(0, sys.argv[1])
@@ -52,15 +65,15 @@ def command(side: str, algo: str, seed: int, bench_dir: Path, trl_venv: Path) ->
             "--threads", "1", *SIDES[side]]
 
 
-def last_k_rewards(result: dict) -> float:
-    """The mean reward over the last LAST_K steps of one runner's result (TRL's or rlhfkit's key)."""
-    series = (result["trends"].get("reward") or result["trends"]["reward/score"])["series"]
-    return statistics.mean(series[-LAST_K:])
+def metric_series(result: dict, metric: Metric) -> list[float]:
+    """One runner's per-step series of ``metric``, under the key its side logs it."""
+    trends = result["trends"]
+    return (trends.get(metric.trl_key) or trends[metric.rlhfkit_key])["series"]
 
 
-def first_k_rewards(result: dict) -> float:
-    series = (result["trends"].get("reward") or result["trends"]["reward/score"])["series"]
-    return statistics.mean(series[:LAST_K])
+def first_and_last_k(series: list[float]) -> tuple[float, float]:
+    """(mean over the first LAST_K steps, over the last LAST_K): compare_trl.py's trend."""
+    return statistics.mean(series[:LAST_K]), statistics.mean(series[-LAST_K:])
 
 
 def welch_interval(ours: list[float], theirs: list[float], confidence: float = 0.95) -> dict:
@@ -69,6 +82,21 @@ def welch_interval(ours: list[float], theirs: list[float], confidence: float = 0
     low, high = test.confidence_interval(confidence)
     return {"difference": statistics.mean(ours) - statistics.mean(theirs), "low": float(low), "high": float(high),
             "confidence": confidence, "p_value": float(test.pvalue)}
+
+
+def paired_interval(ours: dict[int, float], theirs: dict[int, float], confidence: float = 0.95) -> dict:
+    """Over the seeds both sides ran, d_s = ours_s − theirs_s: mean d̄ and its t interval
+    d̄ ± t_{0.975, n−1} · s_d / √n. Meaningful where a seed gives both sides the same data order."""
+    seeds = sorted(set(ours) & set(theirs))
+    differences = [ours[s] - theirs[s] for s in seeds]
+    low, high = stats.ttest_1samp(differences, 0.0).confidence_interval(confidence)
+    return {"seeds": len(seeds), "difference": statistics.mean(differences), "low": float(low), "high": float(high),
+            "confidence": confidence}
+
+
+def max_step_difference(ours: dict[int, list[float]], theirs: dict[int, list[float]]) -> float:
+    """The largest |ours − theirs| at any step of any seed both sides ran: 0 where they trained the same."""
+    return max(abs(a - b) for s in set(ours) & set(theirs) for a, b in zip(ours[s], theirs[s], strict=True))
 
 
 def verdict(interval: dict) -> str:
@@ -82,42 +110,66 @@ def verdict(interval: dict) -> str:
 
 
 def summary(runs: dict[str, dict[str, dict[int, dict]]]) -> dict:
-    """Per workload: each side's per-seed first/last-5 rewards and mean, and each rlhfkit side against TRL."""
+    """Per workload and metric: each side's per-seed first/last-5 means and mean, and each rlhfkit side
+    against TRL."""
     out = {}
     for algo, sides in runs.items():
-        per_side = {side: {"seeds": sorted(results),
-                           "first5": [first_k_rewards(results[s]) for s in sorted(results)],
-                           "last5": [last_k_rewards(results[s]) for s in sorted(results)]}
-                    for side, results in sides.items() if results}
-        for values in per_side.values():
-            values["mean_last5"] = statistics.mean(values["last5"])
-        against = {}
-        for side, values in per_side.items():
-            if side != "trl" and "trl" in per_side and min(len(values["last5"]), len(per_side["trl"]["last5"])) >= 2:
-                interval = welch_interval(values["last5"], per_side["trl"]["last5"])
-                against[side] = interval | {"verdict": verdict(interval)}
-        out[algo] = {"sides": per_side, "against_trl": against}
+        entry = {}
+        for metric in METRICS[algo]:
+            per_side, series = {}, {}
+            for side, results in sides.items():
+                if results:
+                    series[side] = {s: metric_series(results[s], metric) for s in sorted(results)}
+                    trends = [first_and_last_k(values) for values in series[side].values()]
+                    last = [t[1] for t in trends]
+                    per_side[side] = {"seeds": sorted(results), "first5": [t[0] for t in trends], "last5": last,
+                                      "mean_last5": statistics.mean(last)}
+            against = {}
+            for side, values in per_side.items():
+                if side == "trl" or "trl" not in per_side or min(len(values["last5"]),
+                                                                 len(per_side["trl"]["last5"])) < 2:
+                    continue
+                trl = per_side["trl"]
+                interval = welch_interval(values["last5"], trl["last5"])
+                against[side] = interval | {"verdict": verdict(interval),
+                                            "max_step_difference": max_step_difference(series[side], series["trl"])}
+                if len(set(values["seeds"]) & set(trl["seeds"])) >= 2:
+                    against[side]["paired"] = paired_interval(
+                        dict(zip(values["seeds"], values["last5"], strict=True)),
+                        dict(zip(trl["seeds"], trl["last5"], strict=True)))
+            entry[metric.label] = {"sides": per_side, "against_trl": against}
+        out[algo] = entry
     return out
 
 
 def table(result: dict) -> str:
-    """Markdown: one row per seed with every side's first 5 → last 5 mean reward, then the means."""
+    """Markdown per workload and metric: one row per seed with every side's first 5 → last 5 mean, then the
+    means and each rlhfkit side's verdict against TRL."""
     lines = []
-    for algo, entry in result.items():
-        sides = entry["sides"]
-        seeds = sorted({s for v in sides.values() for s in v["seeds"]})
-        lines += [f"{algo.upper()}", "", "| seed | " + " | ".join(sides) + " |", "|---|" + "---|" * len(sides)]
-        for seed in seeds:
-            cells = []
-            for values in sides.values():
-                i = values["seeds"].index(seed) if seed in values["seeds"] else None
-                cells.append("–" if i is None else f"{values['first5'][i]:.4f} → {values['last5'][i]:.4f}")
-            lines.append(f"| {seed} | " + " | ".join(cells) + " |")
-        lines.append("| mean last 5 | " + " | ".join(f"{v['mean_last5']:.4f} (n={len(v['last5'])})"
-                                                   for v in sides.values()) + " |")
-        lines += [""] + [f"{side} − trl: {c['verdict']} (Welch p = {c['p_value']:.2f})"
-                         for side, c in entry["against_trl"].items()] + [""]
+    for algo, metrics in result.items():
+        for label, entry in metrics.items():
+            sides = entry["sides"]
+            seeds = sorted({s for v in sides.values() for s in v["seeds"]})
+            lines += [f"{algo.upper()} {label}", "", "| seed | " + " | ".join(sides) + " |",
+                      "|---|" + "---|" * len(sides)]
+            for seed in seeds:
+                cells = []
+                for values in sides.values():
+                    i = values["seeds"].index(seed) if seed in values["seeds"] else None
+                    cells.append("–" if i is None else f"{values['first5'][i]:.4f} → {values['last5'][i]:.4f}")
+                lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+            lines.append("| mean last 5 | " + " | ".join(f"{v['mean_last5']:.4f} (n={len(v['last5'])})"
+                                                       for v in sides.values()) + " |")
+            lines += [""] + [f"{side} − trl: {c['verdict']} (Welch p = {c['p_value']:.2f}){paired_text(c)}; largest "
+                             f"difference at one step {c['max_step_difference']:.4f}"
+                             for side, c in entry["against_trl"].items()] + [""]
     return "\n".join(lines)
+
+
+def paired_text(comparison: dict) -> str:
+    paired = comparison.get("paired")
+    return "" if paired is None else (f"; paired by seed ({paired['seeds']}): Δ̄ {paired['difference']:+.4f}, "
+                                      f"{paired['low']:+.4f} to {paired['high']:+.4f}")
 
 
 def collect(runs_dir: Path, algos: list[str], sides: list[str]) -> dict[str, dict[str, dict[int, dict]]]:
@@ -135,7 +187,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cache = Path.home() / ".cache" / "rlhf-bench"
     parser.add_argument("--seeds", type=int, default=8, help="seeds SEED, SEED + 1, ... per side")
-    parser.add_argument("--algos", default="grpo,rloo")
+    parser.add_argument("--algos", default="grpo,rloo", help=f"among {', '.join(WORKLOADS)}")
     parser.add_argument("--sides", default="trl,rlhfkit", help=f"among {', '.join(SIDES)}")
     parser.add_argument("--runs", type=Path, default=cache / "learning", help="each run's result folder")
     parser.add_argument("--collect-only", action="store_true", help="run nothing; summarise the runs there")
@@ -144,14 +196,11 @@ def main() -> int:
     parser.add_argument("--results", type=Path, default=HERE / "results")
     args = parser.parse_args()
     algos, sides = args.algos.split(","), args.sides.split(",")
-    unknown = sorted(set(algos) - {"grpo", "rloo"}) + sorted(set(sides) - set(SIDES))
+    unknown = sorted(set(algos) - set(WORKLOADS)) + sorted(set(sides) - set(SIDES))
     if unknown:
         parser.error(f"unknown workload or side: {', '.join(unknown)}")
     sys.path.insert(0, str(args.bench_dir))
     import workload as W
-
-    sys.path.insert(0, str(HERE))
-    from compare_trl import run_one
 
     failed = 0
     for seed in [] if args.collect_only else [W.SEED + i for i in range(args.seeds)]:

@@ -1,4 +1,5 @@
-"""The learning comparison's statistics: per-seed last-5 rewards, the Welch interval of the difference, the verdict."""
+"""The learning comparison's statistics: per-seed last-5 means of each metric, the Welch interval of the
+difference, the verdict."""
 
 import importlib.util
 import math
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
+sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))  # it reads compare_trl's metrics
 spec = importlib.util.spec_from_file_location("learning_vs_trl", Path(__file__).parents[2] / "benchmarks" /
                                               "learning_vs_trl.py")
 learning_vs_trl = sys.modules["learning_vs_trl"] = importlib.util.module_from_spec(spec)
@@ -40,16 +42,47 @@ def test_the_verdict_reads_which_side_of_zero_the_interval_lies(ours, expected):
     assert learning_vs_trl.verdict(learning_vs_trl.welch_interval(ours, TRL)).startswith(expected)
 
 
-def _result(series, key):
-    return {"trends": {key: {"series": series}}}
+def _result(series_by_key):
+    return {"trends": {key: {"series": series} for key, series in series_by_key.items()}}
 
 
 def test_each_side_is_summarised_by_its_per_seed_last_five_rewards_under_its_own_key():
-    trl = {1234: _result([0.1] * 45 + [0.2] * 5, "reward"), 1235: _result([0.1] * 50, "reward")}
-    kit = {1234: _result([0.1] * 45 + [0.3] * 5, "reward/score"), 1235: _result([0.1] * 50, "reward/score")}
+    trl = {1234: _result({"reward": [0.1] * 45 + [0.2] * 5}), 1235: _result({"reward": [0.1] * 50})}
+    kit = {1234: _result({"reward/score": [0.1] * 45 + [0.3] * 5}), 1235: _result({"reward/score": [0.1] * 50})}
     result = learning_vs_trl.summary({"grpo": {"trl": trl, "rlhfkit": kit}})["grpo"]
-    assert result["sides"]["trl"]["last5"] == pytest.approx([0.2, 0.1])
-    assert result["sides"]["rlhfkit"]["last5"] == pytest.approx([0.3, 0.1])
-    assert result["sides"]["rlhfkit"]["first5"] == pytest.approx([0.1, 0.1])
-    assert result["against_trl"]["rlhfkit"]["difference"] == pytest.approx(0.05)
+    reward = result["reward"]
+    assert reward["sides"]["trl"]["last5"] == pytest.approx([0.2, 0.1])
+    assert reward["sides"]["rlhfkit"]["last5"] == pytest.approx([0.3, 0.1])
+    assert reward["sides"]["rlhfkit"]["first5"] == pytest.approx([0.1, 0.1])
+    assert reward["against_trl"]["rlhfkit"]["difference"] == pytest.approx(0.05)
     assert "| 1234 | 0.1000 → 0.2000 | 0.1000 → 0.3000 |" in learning_vs_trl.table({"grpo": result})
+
+
+def test_dpo_is_compared_on_its_margin_and_its_accuracy_each_under_its_sides_key():
+    trl = {s: _result({"rewards/margins": [0.0] * 45 + [m] * 5, "rewards/accuracies": [0.5] * 45 + [a] * 5})
+           for s, m, a in [(1234, 0.5, 1.0), (1235, 0.4, 0.875)]}
+    kit = {s: _result({"margin": [0.0] * 45 + [m] * 5, "accuracy": [0.5] * 45 + [a] * 5})
+           for s, m, a in [(1234, 0.3, 0.75), (1235, 0.25, 0.875)]}
+    result = learning_vs_trl.summary({"dpo": {"trl": trl, "rlhfkit": kit}})["dpo"]
+    assert set(result) == {"margin", "accuracy"}
+    assert result["margin"]["sides"]["rlhfkit"]["last5"] == pytest.approx([0.3, 0.25])
+    assert result["margin"]["against_trl"]["rlhfkit"]["difference"] == pytest.approx(-0.175)
+    assert result["accuracy"]["sides"]["trl"]["mean_last5"] == pytest.approx(0.9375)
+    text = learning_vs_trl.table({"dpo": result})
+    assert "DPO margin" in text and "DPO accuracy" in text
+
+
+def test_the_paired_interval_is_the_t_interval_of_the_per_seed_differences_over_the_seeds_both_ran():
+    ours, theirs = {1: 0.12, 2: 0.15, 3: 0.11, 9: 5.0}, {1: 0.10, 2: 0.14, 3: 0.12}
+    interval = learning_vs_trl.paired_interval(ours, theirs)
+    differences = [0.02, 0.01, -0.01]
+    half = stats.t.ppf(0.975, 2) * statistics.stdev(differences) / math.sqrt(3)
+    assert interval["seeds"] == 3 and interval["difference"] == pytest.approx(statistics.mean(differences))
+    assert interval["low"] == pytest.approx(interval["difference"] - half)
+    assert interval["high"] == pytest.approx(interval["difference"] + half)
+
+
+def test_the_largest_step_difference_is_zero_only_where_every_common_seed_trained_the_same():
+    trl = {1: [0.1, 0.2, 0.3], 2: [0.1, 0.1, 0.1]}
+    assert learning_vs_trl.max_step_difference({1: [0.1, 0.2, 0.3], 3: [9.0] * 3}, trl) == 0.0
+    assert learning_vs_trl.max_step_difference({1: [0.1, 0.2, 0.3], 2: [0.1, 0.15, 0.1]}, trl) == pytest.approx(0.05)
