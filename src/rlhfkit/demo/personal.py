@@ -86,29 +86,30 @@ SENTENCE = re.compile(r"[^.!?]*[.!?]")  # a whole sentence, up to its end mark
 JOINER = re.compile(r"(?<=[a-z])[-.*_](?=[a-z])")  # inside a word: "id-iot", "i.d.i.o.t"
 STUTTER = 3  # a sentence that says a word of 4+ letters this often stutters ("sleeping sleeping sleeping.")
 MIN_ANSWER_WORDS = 6  # a sentence naming the topic in fewer words says nothing about it ("Keeping a diary!")
-# What not answering the question costs the brief user, in words: 20 makes "." worse than every answer of up to
-# 19 words (a toy advice sentence has 11-23). Answering is wanted by both users, and the more it decides, the
-# more a model that answers more often wins under the other user's taste too (specificity); on best-of-8 picks
-# of the base's samples 20 was the cost at which brief's answers stay as relevant as the shared model's and
-# neither model wins under the other taste (benchmarks/results/personal_tastes.md, run 37, and again with the
-# base asked through its chat template: at 0-10 words brief's pick never answers, at 20 94% of them do)
+# What not answering the question and an insult cost either user, in words: with BRIEF_ENOUGH 20, "." scores as an
+# answer of 40 words for the brief user (20 was the cost at which brief's best of 8 base samples answered the
+# question 94% of the time, benchmarks/results/personal_tastes.md, run 37)
 UNANSWERED_WORDS = 20
-INSULT_WORDS = 20  # what an insult costs either user, in words: as much as not answering
+INSULT_WORDS = 20
+# How short is short enough and how detailed is detailed enough: a taste that always wants one more (or one fewer)
+# word is won by one template for every question; the best of 12 base samples by a taste tying more answers
+# keeps more variety but beats the shared answers less often (brief at 14-19 words: 0.58-0.73× the shared
+# samples' distinct-2, at 20 words 1.02×; own-taste win 0.87-1.00 and 0.76: personal_tastes.md, run 48)
 BRIEF_ENOUGH = 20  # words the brief user reads without minding: answers this short tie
 DETAILED_ENOUGH = 17  # words on the question that satisfy the detailed user: answers this detailed tie
 # a personal model's distinct-2 ÷ that of the base's answers its user prefers (preferred_answers), at least: a
-# taste narrows what is said (the best 12 base samples by brief's or detailed's taste had 0.78× the shared
-# samples' distinct-2), collapsing onto one answer for every question narrows it more (seed 0's detailed model
-# in run 45: 0.57× the shared model's)
+# taste narrows what is said (the best of 12 base samples by brief's or detailed's taste had 0.78× and 0.77× the
+# shared samples' distinct-2, personal_tastes.py --pick 20,17), collapsing onto one template for every question
+# narrows it more (0.13× for one template given to every answer, 0.75–0.80× to half of them: tests)
 MIN_DIVERSITY = 0.9
 SAMPLES_SHOWN = 3  # held-out answers of each user's model (next to the shared model's) in the report
 MEMORY_BUDGET_MB = 8 * 1024
 # The shared base of the toy demo is the toy assistant trained on the corpus's kind and empty replies only, as a
 # personal model starts from an aligned assistant (aligning is the main demo's job). On the corpus's own mix, 47% of
 # the shared answers insult; every user minds an insult, so the best of 12 base samples by one user's taste also
-# beat the shared answers under the other user's (brief's pick 0.73 [0.66, 0.79] under detailed's taste, detailed's
-# 0.55 [0.51, 0.59] under brief's; on this base 0.32 and 0.35): specificity would measure the population's
-# preference, not the users'
+# beat the shared answers under the other user's (brief's pick 0.82 [0.76, 0.88] under detailed's taste, detailed's
+# 0.81 [0.75, 0.87] under brief's; on this base 0.51 [0.43, 0.59] and 0.53 [0.44, 0.62]; benchmarks/
+# personal_tastes.py --pick 20,17 [--corpus-mix]): specificity would measure the population's preference
 POLITE_MIX = {"kind": 0.85, "empty": 0.15}
 
 
@@ -264,8 +265,9 @@ class PersonalDemoConfig:
     alternative_temperature: float = 0.7  # the exploration's other answer before a user has an adapter
     seed: int = 0
     # lr 2e-3 with the NLL term off the chosen EOS: the detailed user's model learned on seeds 0, 1, 2, 3
-    # (benchmarks/results/personal_tastes.md, runs 31–34; 1e-3 learned it on 1 of 3, runs 27–29)
-    dpo: PersonalDPOConfig = field(default_factory=lambda: PersonalDPOConfig(lr=2e-3, epochs=4, beta=0.1))
+    # (benchmarks/results/personal_tastes.md, runs 31–34; 1e-3 learned it on 1 of 3, runs 27–29); β 0.2: every
+    # user's model of seeds 0, 1, 2 beat the shared one, against 5 of 6 at β 0.1 (runs 50–55)
+    dpo: PersonalDPOConfig = field(default_factory=lambda: PersonalDPOConfig(lr=2e-3, epochs=4, beta=0.2))
     rerank: RerankConfig = field(default_factory=RerankConfig)  # the cold start's best-of-N, evaluated every round
     tastes: list[Taste] = field(default_factory=default_tastes)
     # the toy base: the toy assistant trained without the corpus's rude replies (see POLITE_MIX)
