@@ -2,6 +2,7 @@
 whether on-policy rounds of per-user DPO (+ NLL) teach two users' opposite tastes, for given settings.
 
     python benchmarks/personal_tastes.py --look                       # the base samples' spread
+    python benchmarks/personal_tastes.py --read runs/demo-personal/report.json  # what the answers repeat
     python benchmarks/personal_tastes.py --pick 20,17 14,17           # the tastes on best-of-12 base samples
     python benchmarks/personal_tastes.py --lr 2e-3 --beta 0.1 --nll 1 --epochs 4 --rounds 4 --trace
 
@@ -14,12 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import statistics
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 from rlhfkit.demo import personal as demo
+from rlhfkit.demo.criteria import topic_words
 from rlhfkit.demo.personal import (
     TASTES,
     PersonalDemoConfig,
@@ -97,6 +101,27 @@ def pick(enough: list[str], corpus_mix: bool, n: int = 12) -> None:
                   f"{own[2]:.2f}], {other.user}'s {theirs[0]:.2f} [{theirs[1]:.2f}, {theirs[2]:.2f}], distinct-2 "
                   f"{distinct_n(best, 2) / distinct_n(shared, 2):.2f}x, {len(made)} pairs of base samples, "
                   f"{same:.0%} of equal score")
+
+
+def read(report: Path) -> None:
+    """What a finished run's last-round answers (report.json's ``answers``) repeat, per model: how many different
+    advice sentences (the second sentence, or the whole text, with the question's content words as X) and
+    openers (the first sentence) among them, the most common of each, and how many answers insult."""
+    answers = json.loads(report.read_text())["answers"]
+    models = ["shared", *json.loads(report.read_text())["tastes"]]
+    for column, model in enumerate(models, start=1):
+        advice, openers = Counter(), Counter()
+        for row in answers:
+            sentences = [x.strip() for x in demo.SENTENCE.findall(row[column])] or [row[column].strip()]
+            text = (sentences[1] if len(sentences) > 1 else sentences[0]).lower()
+            for word in topic_words(row[0]):
+                text = re.sub(rf"\b{word}\b", "X", text)
+            advice[text] += 1
+            openers[sentences[0]] += 1
+        (top, times), (opener, opened) = advice.most_common(1)[0], openers.most_common(1)[0]
+        print(f"{model:>9}: {len(advice)} advice sentences in {len(answers)} answers (most common {times}×: {top!r}); "
+              f"{len(openers)} openers (most common {opened}×: {opener!r}); "
+              f"{sum(demo.insults(row[column]) for row in answers)} insult")
 
 
 def stop_logprobs(models: PersonalModels, adapter: str | None, pairs) -> dict:
@@ -177,6 +202,8 @@ def trace(path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--look", action="store_true")
+    parser.add_argument("--read", type=Path, metavar="REPORT_JSON",
+                        help="what a finished run's last-round answers repeat (advice sentences, openers)")
     parser.add_argument("--pick", nargs="+", metavar="BRIEF,DETAILED",
                         help="the tastes' best-of-12 base samples with these BRIEF_ENOUGH,DETAILED_ENOUGH")
     parser.add_argument("--corpus-mix", action="store_true",
@@ -199,6 +226,8 @@ def main() -> None:
     parser.add_argument("--tastes", nargs="+", choices=sorted(TASTES), default=["brief", "detailed"])
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.read:
+        return read(args.read)
     if args.look:
         return look(args.corpus_mix)
     if args.pick:
