@@ -266,7 +266,7 @@ class PersonalDemoConfig:
     seed: int = 0
     # lr 2e-3 with the NLL term off the chosen EOS: the detailed user's model learned on seeds 0, 1, 2, 3
     # (benchmarks/results/personal_tastes.md, runs 31–34; 1e-3 learned it on 1 of 3, runs 27–29); β 0.2: every
-    # user's model of seeds 0, 1, 2 beat the shared one, against 5 of 6 at β 0.1 (runs 50–55)
+    # user's model of seeds 0, 1, 2 beat the shared one, against 5 of 6 at β 0.1 (runs 51–56)
     dpo: PersonalDPOConfig = field(default_factory=lambda: PersonalDPOConfig(lr=2e-3, epochs=4, beta=0.2))
     rerank: RerankConfig = field(default_factory=RerankConfig)  # the cold start's best-of-N, evaluated every round
     tastes: list[Taste] = field(default_factory=default_tastes)
