@@ -122,9 +122,9 @@ class Taste:
     user: str
     description: str
     score: Callable[[str, str], float]
-    # a word is 0.1 on the length tastes: answers a word apart are "both fine". On pairs of the base's answers
-    # (benchmarks/results/personal_tastes.md, run 48) 8% of brief's pairs and 26% of detailed's were of two
-    # answers its taste scores the same at noise 0.1, margin 0.05; 2% and 5% at these
+    # a word is 0.1 on the length tastes: answers a word apart are "both fine". Of the pairs made of two base
+    # answers, 3% of brief's and 8% of detailed's are of answers its taste scores the same (a pair of noise;
+    # personal_tastes.py --pick 20,17); 8% and 26% at noise 0.1, margin 0.05 (personal_tastes.md, run 48)
     noise: float = 0.05
     tie_margin: float = 0.1
     is_answer: Callable[[str, str], bool] | None = None
