@@ -23,16 +23,11 @@ from pathlib import Path
 import torch
 
 from rlhfkit.demo import personal as demo
+from rlhfkit.demo import tastes
 from rlhfkit.demo.criteria import topic_words
-from rlhfkit.demo.personal import (
-    TASTES,
-    PersonalDemoConfig,
-    answers_question,
-    demo_task_prompts,
-    run_personal_demo,
-    words,
-)
+from rlhfkit.demo.personal import PersonalDemoConfig, demo_task_prompts, run_personal_demo
 from rlhfkit.demo.presets import DemoConfig, load_demo_policy
+from rlhfkit.demo.tastes import TASTES, answers_question, words
 from rlhfkit.eval.judges import SentimentJudge
 from rlhfkit.eval.metrics import distinct_n
 from rlhfkit.models.policy import completion_logits
@@ -51,7 +46,7 @@ def base_models(corpus_mix: bool) -> PersonalModels:
 
 def look(corpus_mix: bool, samples: int = 4) -> None:
     """Spread of the base policy's answers in words, sentiment, '!', '?', whether they answer the question
-    (rlhfkit.demo.personal.answers_question, 1 or 0) and insult (1 or 0) over the training prompts."""
+    (rlhfkit.demo.tastes.answers_question, 1 or 0) and insult (1 or 0) over the training prompts."""
     models = base_models(corpus_mix)
     train, _, _ = demo_task_prompts(PersonalDemoConfig())
     prompts = train[:24]
@@ -60,7 +55,7 @@ def look(corpus_mix: bool, samples: int = 4) -> None:
     sentiment = SentimentJudge()(keys, answers).tolist()
     for name, values in {"words": [words(a) for a in answers], "sentiment": sentiment,
                          "answers": [int(answers_question(p, a)) for p, a in zip(keys, answers, strict=True)],
-                         "insults": [int(demo.insults(a)) for a in answers],
+                         "insults": [int(tastes.insults(a)) for a in answers],
                          "exclamations": [a.count("!") for a in answers], "questions": [a.count("?") for a in answers]
                          }.items():
         q = statistics.quantiles(values, n=4)
@@ -82,9 +77,9 @@ def pick(enough: list[str], corpus_mix: bool, n: int = 12) -> None:
     keys = [q for q in held_out for _ in range(4)]
     shared = [drawn[q][s] for q in held_out for s in range(4)]
     print(f"shared samples: answer {statistics.mean(map(answers_question, keys, shared)):.2f}, insult "
-          f"{statistics.mean(map(demo.insults, shared)):.2f}, words {statistics.mean(map(words, shared)):.1f}")
+          f"{statistics.mean(map(tastes.insults, shared)):.2f}, words {statistics.mean(map(words, shared)):.1f}")
     for thresholds in enough:
-        demo.BRIEF_ENOUGH, demo.DETAILED_ENOUGH = map(int, thresholds.split(","))  # the tastes read them per call
+        tastes.BRIEF_ENOUGH, tastes.DETAILED_ENOUGH = map(int, thresholds.split(","))  # the tastes read them per call
         for taste, other in ((TASTES["brief"], TASTES["detailed"]), (TASTES["detailed"], TASTES["brief"])):
             rng = random.Random(0)
             best = []
@@ -112,7 +107,7 @@ def read(report: Path) -> None:
     for column, model in enumerate(models, start=1):
         advice, openers = Counter(), Counter()
         for row in answers:
-            sentences = [x.strip() for x in demo.SENTENCE.findall(row[column])] or [row[column].strip()]
+            sentences = [x.strip() for x in tastes.SENTENCE.findall(row[column])] or [row[column].strip()]
             text = (sentences[1] if len(sentences) > 1 else sentences[0]).lower()
             for word in topic_words(row[0]):
                 text = re.sub(rf"\b{word}\b", "X", text)
@@ -121,7 +116,7 @@ def read(report: Path) -> None:
         (top, times), (opener, opened) = advice.most_common(1)[0], openers.most_common(1)[0]
         print(f"{model:>9}: {len(advice)} advice sentences in {len(answers)} answers (most common {times}×: {top!r}); "
               f"{len(openers)} openers (most common {opened}×: {opener!r}); "
-              f"{sum(demo.insults(row[column]) for row in answers)} insult")
+              f"{sum(tastes.insults(row[column]) for row in answers)} insult")
 
 
 def stop_logprobs(models: PersonalModels, adapter: str | None, pairs) -> dict:

