@@ -9,7 +9,9 @@ its user's taste and no one else's.
         → the app's queue trains their next adapter every K new pairs (DPO + NLL, rlhfkit.personal.train)
         → on held-out prompts, the personal model vs the shared one (the base), one seed for both:
           win rate under the user's own taste, under every other user's taste (specificity),
-          KL to the base, distinct-2, the share of answers cut at max_new_tokens
+          KL to the base, distinct-2 (and that of the base's answers the user prefers), the share of
+          answers cut at max_new_tokens; once every user has answered, each user's model vs every other
+          user's model under their own taste
         → the cold start's alternative on the same held-out prompts: the best of N samples of the shared
           model by the user's preference head (rlhfkit.personal.rerank, fitted on all their pairs so far)
           vs the shared one, and the adapter vs it head to head
@@ -17,8 +19,6 @@ its user's taste and no one else's.
       adapter first beats reranking (head to head, the interval above ½)
 
 The simulated users' hidden tastes are rlhfkit.demo.tastes (brief, detailed).
-
-Shown two answers of which neither answers the question, either user says "both bad" (no pair).
 
 The reranking candidates of a held-out prompt are N samples of the shared model with the seeds after the
 shared samples' (never a shared answer itself), drawn once: the shared model does not change, only each
