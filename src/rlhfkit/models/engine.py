@@ -18,7 +18,9 @@ Llama, SmolLM2, Qwen, Mistral...) it runs ``kv_cached_sampling``, which does the
 * on a CPU every linear layer multiplies by its weight packed into oneDNN's blocked layout
   (``rlhfkit.models.packed``: once per call, or once for as long as a frozen weight is unchanged), where a
   plain ``F.linear`` at a decode step's few rows re-lays the weight out at every call: the same products,
-  summed in another order (``packed=False`` turns it off).
+  summed in another order (``packed=False`` turns it off);
+* the decode steps of Llama-style models and GPT-2 run a written-out forward (``rlhfkit.models.decode``):
+  the model's own layers, without transformers' per-call plumbing; other models run their own forward.
 
 ``compiled_kv_cached_sampling`` runs the decode steps (not the prefill, whose length varies) through
 ``torch.compile``: one graph per model class, row count and cache length, the cache length rounded up to a
@@ -60,6 +62,7 @@ import torch
 import transformers
 from transformers import GenerationConfig, PreTrainedModel, StaticCache
 
+from rlhfkit.models.decode import decode_step
 from rlhfkit.models.packed import packed_weights
 from rlhfkit.models.policy import completion_tokens, generate_exactly, is_seq2seq
 
@@ -217,6 +220,8 @@ def kv_cached_sampling(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_
         position = position[:, -1:].repeat_interleave(n, dim=0)
         ended = torch.zeros(batch * n, dtype=torch.bool, device=prompt_ids.device)
         forward = decode_forward(hf, compiled)
+        written_out = None if compiled else decode_step(hf, cache_length)
+        attend = mask.bool()[:, None, None]  # [R, 1, 1, L]: the slots each row attends to (the written-out step's)
         tokens = []
         for step in range(steps):
             token = draw(next_token_logits(logits, step, decoding), decoding.greedy, generator)
@@ -227,9 +232,13 @@ def kv_cached_sampling(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_
             if step == steps - 1 or bool(ended.all()):
                 break
             mask[:, prompt_length + step] = 1
+            attend[..., prompt_length + step] = True
             position = position + 1
-            step_input = {"input_ids": token[:, None], "attention_mask": mask, "position_ids": position}
-            logits = forward(**step_input, **cached).logits[:, -1]
+            if written_out is not None:
+                logits = written_out(hf, token[:, None], position, prompt_length + step, attend, cache)
+            else:
+                step_input = {"input_ids": token[:, None], "attention_mask": mask, "position_ids": position}
+                logits = forward(**step_input, **cached).logits[:, -1]
     return torch.stack(tokens, dim=1)
 
 

@@ -1,0 +1,110 @@
+"""The written-out decode step computes the model's own forward: the engine draws from the same distributions
+with it as without it, for every family it covers, with LoRA adapters and under bf16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+from rlhfkit.models import engine as engine_module
+from rlhfkit.models.decode import decode_step, gpt2_step, llama_step
+from rlhfkit.models.engine import Decoding, generate_sampling, kv_cached_sampling
+
+EOS, PAD, VOCAB = 3, 0, 97
+LLAMA_SHAPE = {"vocab_size": VOCAB, "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
+               "num_attention_heads": 6, "num_key_value_heads": 2, "max_position_embeddings": 128,
+               "eos_token_id": EOS, "pad_token_id": PAD, "bos_token_id": 1}
+
+
+def build(config) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    with torch.no_grad():  # peaked logits: a near-uniform random model would hide a wrong position or head
+        model.get_output_embeddings().weight.mul_(20.0)
+    return model
+
+
+FAMILIES = {
+    "llama": lambda: build(LlamaConfig(**LLAMA_SHAPE, rope_theta=10000.0)),
+    "qwen2": lambda: build(Qwen2Config(**LLAMA_SHAPE)),  # q, k, v with biases
+    "mistral": lambda: build(MistralConfig(**LLAMA_SHAPE, sliding_window=None)),
+    "gpt2": lambda: build(GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=128,
+                                     eos_token_id=EOS, pad_token_id=PAD, bos_token_id=1)),
+}
+
+
+def prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    """Three left-padded prompts of 7, 3 and 5 tokens."""
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, VOCAB, (3, 7), generator=generator)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, :4], mask[2, :2] = 0, 0
+    return ids.masked_fill(mask == 0, PAD), mask
+
+
+def drawn_distributions(model, monkeypatch, written_out: bool, settings: Decoding) -> tuple[torch.Tensor, list]:
+    """(the completions, log softmax of every distribution the engine drew from), with or without the
+    written-out step."""
+    seen = []
+    real_draw = engine_module.draw
+    with monkeypatch.context() as patch:
+        patch.setattr(engine_module, "draw", lambda z, greedy, generator: seen.append(z.log_softmax(-1))
+                      or real_draw(z, greedy, generator))
+        if not written_out:
+            patch.setattr(engine_module, "decode_step", lambda model, cache_length: None)
+        completions = kv_cached_sampling(model, *prompts(), 2, settings, torch.Generator().manual_seed(0))
+    return completions, seen
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_written_out_step_draws_from_the_models_own_forward(family, dtype, monkeypatch):
+    model = FAMILIES[family]().to(dtype)
+    assert decode_step(model, 64) is {"gpt2": gpt2_step}.get(family, llama_step)
+    settings = Decoding(12, EOS, PAD, temperature=0.8)
+    ours, ours_seen = drawn_distributions(model, monkeypatch, True, settings)
+    theirs, theirs_seen = drawn_distributions(model, monkeypatch, False, settings)
+    assert torch.equal(ours, theirs)  # same draws: the same distributions to the last bit that matters
+    assert len(ours_seen) == len(theirs_seen) == ours.shape[1] > 5
+    live = torch.stack(theirs_seen) > -1e4  # positions of tokens the model can draw
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(torch.stack(ours_seen)[live], torch.stack(theirs_seen)[live], atol=tolerance,
+                               rtol=tolerance)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_greedy_decoding_with_the_written_out_step_is_generates_token_for_token(family):
+    model = FAMILIES[family]()
+    settings = Decoding(10, EOS, PAD, greedy=True, min_new_tokens=2)
+    ids, mask = prompts()
+    assert torch.equal(kv_cached_sampling(model, ids, mask, 2, settings),
+                       generate_sampling(model, ids, mask, 2, settings))
+
+
+def test_lora_adapters_apply_in_the_written_out_step(monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(FAMILIES["llama"](), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model.eval()
+    settings = Decoding(10, EOS, PAD, temperature=0.8)
+    ours, ours_seen = drawn_distributions(model, monkeypatch, True, settings)
+    theirs, theirs_seen = drawn_distributions(model, monkeypatch, False, settings)
+    with model.disable_adapter():
+        base, _ = drawn_distributions(model, monkeypatch, True, settings)
+    assert torch.equal(ours, theirs) and not torch.equal(ours, base)
+    torch.testing.assert_close(torch.stack(ours_seen), torch.stack(theirs_seen), atol=1e-4, rtol=1e-4)
+
+
+def test_models_the_step_does_not_cover_decode_with_their_own_forward():
+    llama = FAMILIES["llama"]()
+    assert decode_step(llama.train(), 64) is None  # dropout in training mode
+    mistral = build(MistralConfig(**LLAMA_SHAPE, sliding_window=32))
+    assert decode_step(mistral, 32) is llama_step and decode_step(mistral, 33) is None
+    qwen = build(Qwen2Config(**LLAMA_SHAPE, use_sliding_window=True, sliding_window=16, max_window_layers=1))
+    assert decode_step(qwen, 64) is None
+    gpt2 = build(GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=1, n_head=4, reorder_and_upcast_attn=True))
+    assert decode_step(gpt2, 64) is None
+    other = build(LlamaConfig(**LLAMA_SHAPE))
+    other.config._attn_implementation = "flash_attention_2"
+    assert decode_step(other, 64) is None
