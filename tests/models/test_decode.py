@@ -108,3 +108,112 @@ def test_models_the_step_does_not_cover_decode_with_their_own_forward():
     other = build(LlamaConfig(**LLAMA_SHAPE))
     other.config._attn_implementation = "flash_attention_2"
     assert decode_step(other, 64) is None
+    llama.eval().model.layers[0].self_attn.train()  # one module left in training mode
+    assert decode_step(llama, 64) is None
+
+
+def assert_same_draws(model, monkeypatch, tolerance: float = 1e-4) -> None:
+    """The engine draws the same tokens from the same distributions with the written-out step as without it."""
+    settings = Decoding(12, EOS, PAD, temperature=0.8)
+    ours, ours_seen = drawn_distributions(model, monkeypatch, True, settings)
+    theirs, theirs_seen = drawn_distributions(model, monkeypatch, False, settings)
+    assert torch.equal(ours, theirs)
+    torch.testing.assert_close(torch.stack(ours_seen), torch.stack(theirs_seen), atol=tolerance, rtol=0)
+
+
+CONFIG_VARIANTS = {
+    "head_dim other than hidden / heads": lambda: LlamaConfig(**LLAMA_SHAPE, head_dim=16),
+    "attention and MLP biases": lambda: LlamaConfig(**LLAMA_SHAPE, attention_bias=True, mlp_bias=True),
+    "multi-head (as many KV heads as heads)": lambda: LlamaConfig(**{**LLAMA_SHAPE, "num_key_value_heads": 6}),
+    "multi-query (one KV head), GELU": lambda: LlamaConfig(**{**LLAMA_SHAPE, "num_key_value_heads": 1},
+                                                           hidden_act="gelu"),
+    "llama3 rope scaling, tied embeddings": lambda: LlamaConfig(**LLAMA_SHAPE, tie_word_embeddings=True, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}),
+    "dynamic rope past its original length": lambda: LlamaConfig(**{**LLAMA_SHAPE, "max_position_embeddings": 8},
+                                                                 rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+    "yarn rope": lambda: LlamaConfig(**LLAMA_SHAPE, rope_scaling={"rope_type": "yarn", "factor": 8.0,
+                                                                  "original_max_position_embeddings": 16}),
+    "mistral with a window longer than the cache": lambda: MistralConfig(**LLAMA_SHAPE, sliding_window=100),
+    "gpt2 scaled by inverse layer index, ReLU": lambda: GPT2Config(
+        vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, scale_attn_by_inverse_layer_idx=True,
+        activation_function="relu", eos_token_id=EOS, pad_token_id=PAD, bos_token_id=1),
+    "gpt2 without 1/√d scaling": lambda: GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4,
+                                                    scale_attn_weights=False, eos_token_id=EOS, pad_token_id=PAD,
+                                                    bos_token_id=1),
+}
+
+
+@pytest.mark.parametrize("variant", CONFIG_VARIANTS)
+def test_config_variants_draw_from_the_models_own_forward(variant, monkeypatch):
+    model = build(CONFIG_VARIANTS[variant]())
+    assert decode_step(model, 64) is not None
+    assert_same_draws(model, monkeypatch)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fp32_weights_under_bf16_autocast_draw_from_the_models_own_forward(family, monkeypatch):
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as the RL trainers sample
+        assert_same_draws(FAMILIES[family](), monkeypatch)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_eager_attention_in_bf16_draws_from_the_models_own_forward(family, monkeypatch):
+    """Eager attention rounds its scores and softmax in bf16 where sdpa does not: the step must not stand in."""
+    model = FAMILIES[family]().to(torch.bfloat16)
+    model.config._attn_implementation = "eager"
+    assert_same_draws(model, monkeypatch, tolerance=1e-2)
+
+
+def test_a_subclass_with_its_own_forward_decodes_with_it(monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    class Halved(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            output = super().forward(*args, **kwargs)
+            output.logits = output.logits / 2
+            return output
+
+    model = FAMILIES["llama"]()
+    model.__class__ = Halved
+    assert_same_draws(model, monkeypatch)
+
+
+@pytest.mark.parametrize("where", ["a decoder layer", "the final norm", "an attention"])
+def test_forward_hooks_on_the_models_modules_apply(where, monkeypatch):
+    """A steering hook (adds a vector to a layer's output) changes the distribution: the engine draws from it."""
+    model = FAMILIES["llama"]()
+    module = {"a decoder layer": model.model.layers[1], "the final norm": model.model.norm,
+              "an attention": model.model.layers[0].self_attn}[where]
+    steer = torch.randn(48, generator=torch.Generator().manual_seed(2))
+    module.register_forward_hook(lambda _, inputs, output: (output[0] + steer, *output[1:])
+                                 if isinstance(output, tuple) else output + steer)
+    assert_same_draws(model, monkeypatch)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_model_offloaded_by_accelerate_decodes(family, monkeypatch):
+    from accelerate import cpu_offload
+
+    model = FAMILIES[family]()
+    cpu_offload(model, execution_device=torch.device("cpu"))  # weights on "meta" until a module's hook runs
+    assert_same_draws(model, monkeypatch)
+
+
+def test_lora_modules_to_save_and_a_second_active_adapter_apply(monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(FAMILIES["llama"](), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False,
+                                                           modules_to_save=["lm_head", "input_layernorm"]))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "modules_to_save" in name:
+                parameter.add_(torch.randn_like(parameter))
+    model.eval()
+    assert_same_draws(model, monkeypatch)
+    with model.disable_adapter():
+        assert_same_draws(model, monkeypatch)
+    model.add_adapter("second", LoraConfig(r=4, target_modules=["v_proj"], init_lora_weights=False))
+    model.set_adapter("second")
+    model.eval()
+    assert_same_draws(model, monkeypatch)
