@@ -217,3 +217,8 @@ def test_lora_modules_to_save_and_a_second_active_adapter_apply(monkeypatch):
     model.set_adapter("second")
     model.eval()
     assert_same_draws(model, monkeypatch)
+
+
+def test_a_llama_config_carrying_a_sliding_window_decodes(monkeypatch):
+    """Llama ignores ``sliding_window``, but StaticCache sizes every layer by it: the step must not write past it."""
+    assert_same_draws(build(LlamaConfig(**LLAMA_SHAPE, sliding_window=4)), monkeypatch)

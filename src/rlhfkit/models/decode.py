@@ -137,7 +137,7 @@ def decode_step(model: PreTrainedModel, cache_length: int) -> DecodeStep | None:
         return None
     if step is gpt2_step:
         return None if config.reorder_and_upcast_attn or config.add_cross_attention else step
-    window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
+    window = getattr(config, "sliding_window", None)  # StaticCache makes every layer this short, used or not
     if any(getattr(layer.self_attn, "sliding_window", None) for layer in model.model.layers) or (
             window and window < cache_length):
         return None
