@@ -113,10 +113,10 @@ def written_out_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
 
 
 def _computes_as_written(module: torch.nn.Module, source: str) -> bool:
-    """Whether ``module`` is a class of transformers' modeling file ``source`` with its own forward, and has
-    no hook (torch's, or accelerate's ``_hf_hook``) that calling it would run."""
+    """Whether ``module`` is a class of transformers' modeling file ``source`` with its own forward (not one set
+    on the class or the instance: a kernel, accelerate's hooks) and no torch hook that calling it would run."""
     kind = type(module)
-    hooked = bool(module._forward_hooks or module._forward_pre_hooks) or hasattr(module, "_hf_hook")
+    hooked = bool(module._forward_hooks or module._forward_pre_hooks) or "forward" in vars(module)
     return kind.__module__ == kind.forward.__module__ == source and not hooked
 
 
