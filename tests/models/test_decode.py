@@ -135,6 +135,8 @@ CONFIG_VARIANTS = {
     "yarn rope": lambda: LlamaConfig(**LLAMA_SHAPE, rope_scaling={"rope_type": "yarn", "factor": 8.0,
                                                                   "original_max_position_embeddings": 16}),
     "mistral with a window longer than the cache": lambda: MistralConfig(**LLAMA_SHAPE, sliding_window=100),
+    "qwen2 with a sliding layer, its window longer than the cache": lambda: Qwen2Config(
+        **LLAMA_SHAPE, use_sliding_window=True, sliding_window=100, max_window_layers=1),
     "gpt2 scaled by inverse layer index, ReLU": lambda: GPT2Config(
         vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, scale_attn_by_inverse_layer_idx=True,
         activation_function="relu", eos_token_id=EOS, pad_token_id=PAD, bos_token_id=1),

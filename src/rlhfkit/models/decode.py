@@ -100,7 +100,7 @@ def gpt2_step(model: PreTrainedModel, token: torch.Tensor, position: torch.Tenso
     return model.lm_head(body.ln_f(h))[:, -1]
 
 
-def written_out_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
+def _written_out_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
     """The modules whose forward the step computes itself rather than calls (so neither their class's forward
     nor their hooks run): the model, its decoder, every layer and attention, and a Llama-style layer's MLP and
     norms."""
@@ -133,12 +133,10 @@ def decode_step(model: PreTrainedModel, cache_length: int) -> DecodeStep | None:
             or any(module.training for module in model.modules())):
         return None
     source = type(model).__module__
-    if not all(_computes_as_written(module, source) for module in written_out_modules(model)):
+    if not all(_computes_as_written(module, source) for module in _written_out_modules(model)):
         return None
     if step is gpt2_step:
         return None if config.reorder_and_upcast_attn or config.add_cross_attention else step
-    window = getattr(config, "sliding_window", None)  # StaticCache makes every layer this short, used or not
-    if any(getattr(layer.self_attn, "sliding_window", None) for layer in model.model.layers) or (
-            window and window < cache_length):
-        return None
-    return step
+    # A sliding layer's StaticCache keeps the last `window` tokens (in Llama, which ignores the field, every layer's)
+    window = getattr(config, "sliding_window", None)
+    return None if window and window < cache_length else step
