@@ -147,8 +147,9 @@ CONFIG_VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", CONFIG_VARIANTS)
-def test_config_variants_draw_from_the_models_own_forward(variant, monkeypatch):
-    model = build(CONFIG_VARIANTS[variant]())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_config_variants_draw_from_the_models_own_forward(variant, dtype, monkeypatch):
+    model = build(CONFIG_VARIANTS[variant]()).to(dtype)
     assert decode_step(model, 64) is not None
     assert_same_draws(model, monkeypatch)
 
@@ -197,6 +198,13 @@ def test_a_forward_replaced_on_one_module_applies(monkeypatch):
     model = FAMILIES["llama"]()
     norm = model.model.layers[0].post_attention_layernorm
     norm.forward = lambda hidden: type(norm).forward(norm, hidden) * 3  # a patched kernel, a quick experiment
+    assert_same_draws(model, monkeypatch)
+
+
+def test_a_llama_whose_config_counts_fewer_layers_decodes_with_those(monkeypatch):
+    """transformers' Llama runs its first ``num_hidden_layers`` layers (a model cut down by its config)."""
+    model = FAMILIES["llama"]()
+    model.config.num_hidden_layers = 1
     assert_same_draws(model, monkeypatch)
 
 

@@ -132,8 +132,13 @@ def decode_step(model: PreTrainedModel, cache_length: int) -> DecodeStep | None:
     if (step is None or getattr(config, "_attn_implementation", None) != "sdpa"
             or any(module.training for module in model.modules())):
         return None
-    source = type(model).__module__
-    if not all(_computes_as_written(module, source) for module in _written_out_modules(model)):
+    source, modules = type(model).__module__, _written_out_modules(model)
+    if not all(_computes_as_written(module, source) for module in modules):
+        return None
+    # transformers reads cache layer ``layer_idx`` in each attention (Llama-style: in its first num_hidden_layers
+    # layers); the step reads the cache's layers in order, one per layer.
+    layer_indices = [module.layer_idx for module in modules if hasattr(module, "layer_idx")]
+    if layer_indices != list(range(config.num_hidden_layers)):
         return None
     if step is gpt2_step:
         return None if config.reorder_and_upcast_attn or config.add_cross_attention else step
