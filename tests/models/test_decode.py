@@ -96,6 +96,15 @@ def test_lora_adapters_apply_in_the_written_out_step(monkeypatch):
     torch.testing.assert_close(torch.stack(ours_seen), torch.stack(theirs_seen), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_lora_added_by_the_trainers_keeps_the_written_out_step(family):
+    """The trainers put the policy in eval mode, then add LoRA, whose new layers are in training mode."""
+    from rlhfkit.models.reference import add_lora
+
+    model = add_lora(FAMILIES[family]().eval())
+    assert decode_step(model.get_base_model(), 64) is {"gpt2": gpt2_step}.get(family, llama_step)
+
+
 def test_models_the_step_does_not_cover_decode_with_their_own_forward():
     llama = FAMILIES["llama"]()
     assert decode_step(llama.train(), 64) is None  # dropout in training mode
@@ -110,6 +119,9 @@ def test_models_the_step_does_not_cover_decode_with_their_own_forward():
     assert decode_step(other, 64) is None
     llama.eval().model.layers[0].self_attn.train()  # one module left in training mode
     assert decode_step(llama, 64) is None
+    gpt2 = FAMILIES["gpt2"]()
+    gpt2.transformer.h[1].attn.resid_dropout.train()  # a dropout the step does not call
+    assert decode_step(gpt2, 64) is None
 
 
 def assert_same_draws(model, monkeypatch, tolerance: float = 1e-4) -> None:

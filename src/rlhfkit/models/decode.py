@@ -120,6 +120,12 @@ def _computes_as_written(module: torch.nn.Module, source: str) -> bool:
     return kind.__module__ == kind.forward.__module__ == source and not hooked
 
 
+def _drops_out(module: torch.nn.Module) -> bool:
+    """Whether ``module`` or a dropout directly in it (GPT-2's) is in training mode: dropout the step leaves out.
+    (Modules the step calls, such as peft's LoRA layers and their dropout, run as in the model's forward.)"""
+    return module.training or any(child.training for child in module.children() if isinstance(child, torch.nn.Dropout))
+
+
 # The transformers classes each step writes out (exactly these: a subclass may compute something else).
 STEPS: dict[type, DecodeStep] = {LlamaForCausalLM: llama_step, MistralForCausalLM: llama_step,
                                  Qwen2ForCausalLM: llama_step, GPT2LMHeadModel: gpt2_step}
@@ -129,11 +135,10 @@ def decode_step(model: PreTrainedModel, cache_length: int) -> DecodeStep | None:
     """The written-out decode step for ``model`` (a transformers causal LM), or None where its own forward
     must run (see the module docstring)."""
     config, step = model.config, STEPS.get(type(model))
-    if (step is None or getattr(config, "_attn_implementation", None) != "sdpa"
-            or any(module.training for module in model.modules())):
+    if step is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return None
     source, modules = type(model).__module__, _written_out_modules(model)
-    if not all(_computes_as_written(module, source) for module in modules):
+    if not all(_computes_as_written(module, source) and not _drops_out(module) for module in modules):
         return None
     # transformers reads cache layer ``layer_idx`` in each attention (Llama-style: in its first num_hidden_layers
     # layers); the step reads the cache's layers in order, one per layer.
