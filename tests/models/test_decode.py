@@ -112,7 +112,7 @@ def test_models_the_step_does_not_cover_decode_with_their_own_forward():
     assert decode_step(mistral, 32) is llama_step and decode_step(mistral, 33) is None
     qwen = build(Qwen2Config(**LLAMA_SHAPE, use_sliding_window=True, sliding_window=16, max_window_layers=1))
     assert decode_step(qwen, 64) is None
-    gpt2 = build(GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=1, n_head=4, reorder_and_upcast_attn=True))
+    gpt2 = build(GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=1, n_head=4, add_cross_attention=True))
     assert decode_step(gpt2, 64) is None
     other = build(LlamaConfig(**LLAMA_SHAPE))
     other.config._attn_implementation = "flash_attention_2"
@@ -149,9 +149,10 @@ CONFIG_VARIANTS = {
     "mistral with a window longer than the cache": lambda: MistralConfig(**LLAMA_SHAPE, sliding_window=100),
     "qwen2 with a sliding layer, its window longer than the cache": lambda: Qwen2Config(
         **LLAMA_SHAPE, use_sliding_window=True, sliding_window=100, max_window_layers=1),
-    "gpt2 scaled by inverse layer index, ReLU": lambda: GPT2Config(
+    "gpt2 scaled by inverse layer index, ReLU, reorder_and_upcast_attn (eager only)": lambda: GPT2Config(
         vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, scale_attn_by_inverse_layer_idx=True,
-        activation_function="relu", eos_token_id=EOS, pad_token_id=PAD, bos_token_id=1),
+        activation_function="relu", reorder_and_upcast_attn=True, eos_token_id=EOS, pad_token_id=PAD,
+        bos_token_id=1),
     "gpt2 without 1/√d scaling": lambda: GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4,
                                                     scale_attn_weights=False, eos_token_id=EOS, pad_token_id=PAD,
                                                     bos_token_id=1),

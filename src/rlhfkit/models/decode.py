@@ -22,11 +22,12 @@ Families: Llama-style (``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForC
 positions, a gated MLP, grouped-query attention) and ``GPT2LMHeadModel``. ``decode_step(model, cache_length)``
 returns None, and the engine calls the model's own forward, for any other model, and wherever the modules whose
 forward this step computes itself (the model, its decoder, layers, attentions, Llama's MLPs and norms) might not
-compute what is written here: a module in training mode (dropout), an attention other than sdpa (eager differs
-from sdpa in bf16: its own softmax and rounding; flash kernels on a GPU), a sliding window shorter than the
-cache, GPT-2's reordered-and-upcast attention, a class that is not transformers' own (a subclass, a kernel
-patched in, a peft ``modules_to_save`` copy of a norm), or a hook on one of them (a steering hook, accelerate's
-offloading).
+compute what is written here: one of them or a dropout in it in training mode, an attention other than sdpa
+(eager differs from sdpa in bf16: its own softmax and rounding; flash kernels on a GPU), a class that is not
+transformers' own (a subclass, a kernel patched in, a peft ``modules_to_save`` copy of a norm), a forward hook
+or a forward replaced on one of them (a steering hook, accelerate's offloading), layers that do not read the
+cache's layers in order (a config counting fewer layers than the model has), a sliding window shorter than the
+cache, GPT-2 with cross-attention layers.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ def decode_step(model: PreTrainedModel, cache_length: int) -> DecodeStep | None:
     if layer_indices != list(range(config.num_hidden_layers)):
         return None
     if step is gpt2_step:
-        return None if config.reorder_and_upcast_attn or config.add_cross_attention else step
+        return None if config.add_cross_attention else step
     # A sliding layer's StaticCache keeps the last `window` tokens (in Llama, which ignores the field, every layer's)
     window = getattr(config, "sliding_window", None)
     return None if window and window < cache_length else step
