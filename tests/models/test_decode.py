@@ -43,9 +43,10 @@ def prompts() -> tuple[torch.Tensor, torch.Tensor]:
     return ids.masked_fill(mask == 0, PAD), mask
 
 
-def drawn_distributions(model, monkeypatch, written_out: bool, settings: Decoding) -> tuple[torch.Tensor, list]:
+def drawn_distributions(model, monkeypatch, written_out: bool, settings: Decoding, batch=None,
+                        n: int = 2) -> tuple[torch.Tensor, list]:
     """(the completions, log softmax of every distribution the engine drew from), with or without the
-    written-out step."""
+    written-out step, for ``batch`` (ids, mask; default ``prompts()``) and ``n`` samples per prompt."""
     seen = []
     real_draw = engine_module.draw
     with monkeypatch.context() as patch:
@@ -53,7 +54,7 @@ def drawn_distributions(model, monkeypatch, written_out: bool, settings: Decodin
                       or real_draw(z, greedy, generator))
         if not written_out:
             patch.setattr(engine_module, "decode_step", lambda model, cache_length: None)
-        completions = kv_cached_sampling(model, *prompts(), 2, settings, torch.Generator().manual_seed(0))
+        completions = kv_cached_sampling(model, *(batch or prompts()), n, settings, torch.Generator().manual_seed(0))
     return completions, seen
 
 
@@ -124,11 +125,12 @@ def test_models_the_step_does_not_cover_decode_with_their_own_forward():
     assert decode_step(gpt2, 64) is None
 
 
-def assert_same_draws(model, monkeypatch, tolerance: float = 1e-4) -> None:
+def assert_same_draws(model, monkeypatch, tolerance: float = 1e-4, settings: Decoding | None = None,
+                      **batch) -> None:
     """The engine draws the same tokens from the same distributions with the written-out step as without it."""
-    settings = Decoding(12, EOS, PAD, temperature=0.8)
-    ours, ours_seen = drawn_distributions(model, monkeypatch, True, settings)
-    theirs, theirs_seen = drawn_distributions(model, monkeypatch, False, settings)
+    settings = settings or Decoding(12, EOS, PAD, temperature=0.8)
+    ours, ours_seen = drawn_distributions(model, monkeypatch, True, settings, **batch)
+    theirs, theirs_seen = drawn_distributions(model, monkeypatch, False, settings, **batch)
     assert torch.equal(ours, theirs)
     torch.testing.assert_close(torch.stack(ours_seen), torch.stack(theirs_seen), atol=tolerance, rtol=0)
 
@@ -252,3 +254,28 @@ def test_lora_modules_to_save_and_a_second_active_adapter_apply(monkeypatch):
 def test_a_llama_config_carrying_a_sliding_window_decodes(monkeypatch):
     """Llama ignores ``sliding_window``, but StaticCache sizes every layer by it: the step must not write past it."""
     assert_same_draws(build(LlamaConfig(**LLAMA_SHAPE, sliding_window=4)), monkeypatch)
+
+
+def long_and_short_prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    """Six left-padded prompts of 40, 33, 26, 19, 12 and 5 tokens."""
+    ids = torch.randint(4, VOCAB, (6, 40), generator=torch.Generator().manual_seed(5))
+    mask = (torch.arange(40) >= 7 * torch.arange(6)[:, None]).long()
+    return ids.masked_fill(mask == 0, PAD), mask
+
+
+RUNS = {
+    "one prompt, one sample": lambda: ({"batch": (prompts()[0][:1], prompts()[1][:1]), "n": 1}, None),
+    "prompts of very different lengths": lambda: ({"batch": long_and_short_prompts(), "n": 3}, None),
+    "the cache at max_position_embeddings": lambda: (
+        {"batch": (long_and_short_prompts()[0].repeat(1, 3)[:, :116], torch.ones(6, 116, dtype=torch.long))}, None),
+    "top-k, top-p and min_new_tokens": lambda: ({}, Decoding(12, EOS, PAD, temperature=0.8, top_k=5, top_p=0.9,
+                                                             min_new_tokens=4)),
+    "greedy": lambda: ({}, Decoding(12, EOS, PAD, greedy=True)),
+}
+
+
+@pytest.mark.parametrize("run", RUNS)
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_rollout_shapes_and_settings_draw_from_the_models_own_forward(run, family, monkeypatch):
+    batch, settings = RUNS[run]()
+    assert_same_draws(FAMILIES[family](), monkeypatch, settings=settings, **batch)
