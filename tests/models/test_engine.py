@@ -247,3 +247,15 @@ def test_a_generator_makes_samples_reproducible_on_both_paths(tiny_causal, tiny_
         first, second = (sample_completions(model, ids, mask, 2, decoding(), torch.Generator().manual_seed(5))
                          for _ in range(2))
         assert torch.equal(first, second)
+
+
+def test_a_prompt_tuned_peft_model_samples_with_its_virtual_tokens(tiny_causal, tokenizer):
+    """peft's prompt tuning prepends learned tokens in its own forward: the engine leaves such models to generate."""
+    from peft import PromptTuningConfig, get_peft_model
+
+    model = get_peft_model(tiny_causal, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    assert not has_static_cache(model)
+    encoded = tokenizer(["how do i fix my bike", "thanks"], return_tensors="pt", padding=True)
+    settings = Decoding(6, tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=True)
+    assert torch.equal(sample_completions(model, encoded["input_ids"], encoded["attention_mask"], 1, settings),
+                       generate_sampling(model, encoded["input_ids"], encoded["attention_mask"], 1, settings))

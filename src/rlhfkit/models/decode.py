@@ -18,11 +18,16 @@ and V are written at ``index`` of transformers' ``StaticCache``; M is −∞ whe
 In fp32 the logits equal the model's forward to ~1e-5 (summation order of the norms), in bf16 bit for bit
 on SmolLM2 (``tests/models/test_decode.py``).
 
-Families: Llama-style (``llama``, ``mistral``, ``qwen2``: RMSNorm, rotary positions, a gated MLP,
-grouped-query attention) and ``gpt2``. ``decode_step(model, cache_length)`` returns None, and the engine
-calls the model's own forward, for any other model, a model in training mode (its dropout), an attention
-that is not sdpa or eager (flash kernels on a GPU), a sliding window shorter than the cache, or GPT-2's
-reordered-and-upcast attention.
+Families: Llama-style (``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``: RMSNorm, rotary
+positions, a gated MLP, grouped-query attention) and ``GPT2LMHeadModel``. ``decode_step(model, cache_length)``
+returns None, and the engine calls the model's own forward, for any other model, and wherever the modules whose
+forward this step computes itself (the model, its decoder, layers, attentions, Llama's MLPs and norms) might not
+compute what is written here: one of them or a dropout in it in training mode, an attention other than sdpa
+(eager differs from sdpa in bf16: its own softmax and rounding; flash kernels on a GPU), a class that is not
+transformers' own (a subclass, a kernel patched in, a peft ``modules_to_save`` copy of a norm), a forward hook
+or a forward replaced on one of them (a steering hook, accelerate's offloading), layers that do not read the
+cache's layers in order (a config counting fewer layers than the model has), a sliding window shorter than the
+cache, GPT-2 with cross-attention layers.
 """
 
 from __future__ import annotations
@@ -31,10 +36,16 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel, StaticCache
+from transformers import (
+    GPT2LMHeadModel,
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    PreTrainedModel,
+    Qwen2ForCausalLM,
+    StaticCache,
+)
 
 DecodeStep = Callable[[PreTrainedModel, torch.Tensor, torch.Tensor, int, torch.Tensor, StaticCache], torch.Tensor]
-LLAMA_LIKE = ("llama", "mistral", "qwen2")
 
 
 def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
@@ -90,18 +101,53 @@ def gpt2_step(model: PreTrainedModel, token: torch.Tensor, position: torch.Tenso
     return model.lm_head(body.ln_f(h))[:, -1]
 
 
+def _written_out_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
+    """The modules whose forward the step computes itself rather than calls (so neither their class's forward
+    nor their hooks run): the model, its decoder, every layer and attention, and a Llama-style layer's MLP and
+    norms."""
+    if isinstance(model, GPT2LMHeadModel):
+        body = model.transformer
+        return [model, body, *(module for block in body.h for module in (block, block.attn))]
+    body = model.model
+    return [model, body, body.norm, *(module for layer in body.layers for module in (
+        layer, layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm))]
+
+
+def _computes_as_written(module: torch.nn.Module, source: str) -> bool:
+    """Whether ``module`` is a class of transformers' modeling file ``source`` with its own forward (not one set
+    on the class or the instance: a kernel, accelerate's hooks) and no torch hook that calling it would run."""
+    kind = type(module)
+    hooked = bool(module._forward_hooks or module._forward_pre_hooks) or "forward" in vars(module)
+    return kind.__module__ == kind.forward.__module__ == source and not hooked
+
+
+def _drops_out(module: torch.nn.Module) -> bool:
+    """Whether ``module`` or a dropout directly in it (GPT-2's) is in training mode: dropout the step leaves out.
+    (Modules the step calls, such as peft's LoRA layers and their dropout, run as in the model's forward.)"""
+    return module.training or any(child.training for child in module.children() if isinstance(child, torch.nn.Dropout))
+
+
+# The transformers classes each step writes out (exactly these: a subclass may compute something else).
+STEPS: dict[type, DecodeStep] = {LlamaForCausalLM: llama_step, MistralForCausalLM: llama_step,
+                                 Qwen2ForCausalLM: llama_step, GPT2LMHeadModel: gpt2_step}
+
+
 def decode_step(model: PreTrainedModel, cache_length: int) -> DecodeStep | None:
     """The written-out decode step for ``model`` (a transformers causal LM), or None where its own forward
     must run (see the module docstring)."""
-    config = model.config
-    if model.training or getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+    config, step = model.config, STEPS.get(type(model))
+    if step is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return None
-    if config.model_type in LLAMA_LIKE:
-        layers = model.model.layers
-        window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
-        if any(getattr(layer.self_attn, "sliding_window", None) for layer in layers) or (window and window < cache_length):
-            return None
-        return llama_step
-    if config.model_type == "gpt2" and not config.reorder_and_upcast_attn and not config.add_cross_attention:
-        return gpt2_step
-    return None
+    source, modules = type(model).__module__, _written_out_modules(model)
+    if not all(_computes_as_written(module, source) and not _drops_out(module) for module in modules):
+        return None
+    # transformers reads cache layer ``layer_idx`` in each attention (Llama-style: in its first num_hidden_layers
+    # layers); the step reads the cache's layers in order, one per layer.
+    layer_indices = [module.layer_idx for module in modules if hasattr(module, "layer_idx")]
+    if layer_indices != list(range(config.num_hidden_layers)):
+        return None
+    if step is gpt2_step:
+        return None if config.add_cross_attention else step
+    # A sliding layer's StaticCache keeps the last `window` tokens (in Llama, which ignores the field, every layer's)
+    window = getattr(config, "sliding_window", None)
+    return None if window and window < cache_length else step

@@ -109,10 +109,13 @@ LAZY_STATIC_CACHE = int(transformers.__version__.split(".")[0]) >= 5
 
 def has_static_cache(model: torch.nn.Module) -> bool:
     """Whether ``kv_cached_sampling`` can run ``model``: a causal LM whose transformers class supports a
-    static cache (the flag transformers sets for models that compile with one) and keeps no recurrent state."""
+    static cache (the flag transformers sets for models that compile with one) and keeps no recurrent state,
+    not under a peft prompt-learning adapter (its virtual tokens live in peft's forward, which the engine skips)."""
     hf = _hf_model(model)
+    prompt_learning = getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False)
     return (LAZY_STATIC_CACHE and isinstance(hf, PreTrainedModel) and not is_seq2seq(hf) and hf.can_generate()
-            and getattr(hf, "_can_compile_fullgraph", False) and not getattr(hf, "_is_stateful", False))
+            and getattr(hf, "_can_compile_fullgraph", False) and not getattr(hf, "_is_stateful", False)
+            and not prompt_learning)
 
 
 def next_token_logits(logits: torch.Tensor, step: int, decoding: Decoding) -> torch.Tensor:
