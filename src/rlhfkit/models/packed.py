@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -74,14 +74,15 @@ KEEP_FROZEN = True  # False: frozen weights are packed again at every call, like
 
 @dataclass
 class _KeptPack:
-    packed: torch.Tensor  # oneDNN's blocked copy of W (Wᵀ for Conv1D) in the compute dtype
-    storage: weakref.ref  # the weight's storage when packed: dead once freed, so never confused with a new one
-    state: tuple  # weight_state when packed
+    packed: torch.Tensor  # oneDNN's blocked copy of W (Wᵀ for Conv1D; [W₁; W₂; …] for siblings) in the compute dtype
+    storages: tuple[weakref.ref, ...]  # each weight's storage when packed: dead once freed, never taken for a new one
+    state: tuple  # weight_state of each weight when packed
     single_row: bool  # packed for products of one row (see the module docstring)
 
 
-# layer → {compute dtype: its kept packed weight}. Weakly keyed: an entry is freed with its layer.
-_KEPT: weakref.WeakKeyDictionary[torch.nn.Module, dict[torch.dtype, _KeptPack]] = weakref.WeakKeyDictionary()
+# layer → {(compute dtype, the sibling layers packed with it): its kept packed weight}. Weakly keyed: an entry is
+# freed with its layer.
+_KEPT: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, _KeptPack]] = weakref.WeakKeyDictionary()
 
 
 def _warn_once(reason: str) -> None:
@@ -114,52 +115,79 @@ def weight_state(weight: torch.Tensor, owner: torch.nn.Module | None) -> tuple |
     return weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape), weight.stride(), merged
 
 
-def _pack(module: torch.nn.Module, dtype: torch.dtype, rows: int, owner: torch.nn.Module | None) -> torch.Tensor:
-    """``module``'s weight packed for products in ``dtype``: the kept copy where it provably still holds
-    the weight, else packed now (and kept if the weight is frozen)."""
-    weight = module.weight
-    state = weight_state(weight, owner)
-    if state is None:
-        _KEPT.pop(module, None)
+def _pack(modules: Sequence[torch.nn.Module], dtype: torch.dtype, rows: int,
+          owner: torch.nn.Module | None) -> torch.Tensor:
+    """The weights of ``modules`` (one layer, or sibling layers reading the same input, stacked by output) packed
+    for products in ``dtype``: the kept copy where it provably still holds the weights, else packed now (and
+    kept if every weight is frozen)."""
+    first, weights = modules[0], [module.weight for module in modules]
+    states = tuple(weight_state(weight, owner) for weight in weights)
+    key = (dtype, tuple(id(module) for module in modules[1:]))
+    if None in states:
+        _KEPT.pop(first, None)
     else:
-        kept = _KEPT.get(module, {}).get(dtype)
-        if (kept is not None and kept.state == state and kept.storage() is weight.untyped_storage()
-                and kept.single_row == (rows == 1)):
+        kept = _KEPT.get(first, {}).get(key)
+        if (kept is not None and kept.state == states and kept.single_row == (rows == 1)
+                and all(ref() is weight.untyped_storage() for ref, weight in zip(kept.storages, weights, strict=True))):
             return kept.packed
-    w = (weight.t() if isinstance(module, Conv1D) else weight).to(dtype).contiguous()  # Conv1D keeps W as [in, out]
-    packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
-    if state is not None:
-        _KEPT.setdefault(module, {})[dtype] = _KeptPack(packed, weakref.ref(weight.untyped_storage()), state,
-                                                        rows == 1)
+    w = torch.cat([(m.weight.t() if isinstance(m, Conv1D) else m.weight).to(dtype) for m in modules]).contiguous()
+    packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)  # Conv1D keeps W as [in, out]
+    if None not in states:
+        storages = tuple(weakref.ref(weight.untyped_storage()) for weight in weights)
+        _KEPT.setdefault(first, {})[key] = _KeptPack(packed, storages, states, rows == 1)
     return packed
 
 
-def _packed_forward(module: torch.nn.Module, rows: int,
-                    owner: torch.nn.Module | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``module``'s forward as y = x Wᵀ + b on W packed at its first call (in the dtype it computes in)."""
-    plain = module.forward
-    packed: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor | None] | None] = {}  # None: cannot pack
+class _PackedProduct:
+    """y = x [W₁; W₂; …]ᵀ + [b₁; b₂; …] for one layer, or for sibling layers that read the same input (a
+    layer's q, k and v; a gated MLP's gate and up: ``sibling_groups``), on their weights packed together at the
+    first call in each compute dtype. Each sibling's forward returns its slice of the product; the product of
+    the last input (the same tensor object, unchanged since: ``tensor._version``) is reused, so the siblings
+    of one input cost one product."""
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        weight, bias = module.weight, module.bias
-        if torch.is_grad_enabled() and weight.requires_grad:
-            _warn_once("gradients are wanted: the packed product has no backward")
-            return plain(x)
-        autocast = torch.is_autocast_enabled(x.device.type)
-        dtype = torch.get_autocast_dtype(x.device.type) if autocast else weight.dtype
-        if dtype not in packed:
-            reason = unpackable_reason(x.device, dtype)
-            if reason is not None:
-                _warn_once(reason)
-                packed[dtype] = None
-            else:
-                packed[dtype] = (_pack(module, dtype, rows, owner), None if bias is None else bias.to(dtype))
-        if packed[dtype] is None:
-            return plain(x)
-        w, b = packed[dtype]
+    def __init__(self, modules: Sequence[torch.nn.Module], rows: int, owner: torch.nn.Module | None) -> None:
+        self.modules, self.rows, self.owner = tuple(modules), rows, owner
+        self.packed: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor | None] | None] = {}  # None: cannot pack
+        self.last: tuple | None = None  # (x, its version, dtype, y) of the last product of siblings
+        ends = torch.tensor([m.out_features for m in self.modules]).cumsum(0).tolist() if len(modules) > 1 else [0]
+        self.slices = [slice(end - m.out_features, end) for m, end in zip(self.modules, ends, strict=True)] \
+            if len(modules) > 1 else [slice(None)]
+
+    def forward_of(self, index: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The packed forward of ``self.modules[index]``: its slice of the product."""
+        module = self.modules[index]
+        plain, part = module.forward, self.slices[index]
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if torch.is_grad_enabled() and any(m.weight.requires_grad for m in self.modules):
+                _warn_once("gradients are wanted: the packed product has no backward")
+                return plain(x)
+            autocast = torch.is_autocast_enabled(x.device.type)
+            dtype = torch.get_autocast_dtype(x.device.type) if autocast else module.weight.dtype
+            if dtype not in self.packed:
+                self.packed[dtype] = self._pack(x.device, dtype)
+            if self.packed[dtype] is None:
+                return plain(x)
+            if len(self.modules) == 1:
+                return self._product(x, dtype)
+            if self.last is None or self.last[0] is not x or self.last[1:3] != (x._version, dtype):
+                self.last = (x, x._version, dtype, self._product(x, dtype))
+            return self.last[3][..., part]
+
+        return forward
+
+    def _pack(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        reason = unpackable_reason(device, dtype)
+        if reason is not None:
+            _warn_once(reason)
+            return None
+        biases = [m.bias for m in self.modules]
+        bias = None if biases[0] is None else torch.cat([b.to(dtype) for b in biases])
+        return _pack(self.modules, dtype, self.rows, self.owner), bias
+
+    def _product(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        w, b = self.packed[dtype]
         return torch.ops.mkldnn._linear_pointwise(x.to(dtype), w, b, "none", [], "")
-
-    return forward
 
 
 def packable_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -167,6 +195,24 @@ def packable_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     may differ) whose forward was not replaced on the instance."""
     return [module for module in model.modules()
             if type(module) in (torch.nn.Linear, Conv1D) and "forward" not in vars(module)]
+
+
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # children that read the same input
+
+
+def sibling_groups(model: torch.nn.Module, packable: Sequence[torch.nn.Module]) -> list[tuple[torch.nn.Module, ...]]:
+    """Sibling ``nn.Linear`` layers multiplied as one product (``SIBLINGS`` of one parent: Llama-style attention
+    and gated MLPs), where all of them are packable, plain (not wrapped by LoRA), of one input width, dtype and
+    device, and all with or all without a bias."""
+    packable, groups = set(packable), []
+    for parent in model.modules():
+        for names in SIBLINGS:
+            layers = tuple(getattr(parent, name, None) for name in names)
+            if (all(type(layer) is torch.nn.Linear and layer in packable for layer in layers)
+                    and len({(layer.in_features, layer.weight.dtype, layer.weight.device, layer.bias is None)
+                             for layer in layers}) == 1):
+                groups.append(layers)
+    return groups
 
 
 def lora_owners(model: torch.nn.Module) -> dict[torch.nn.Module, torch.nn.Module]:
@@ -183,8 +229,12 @@ def packed_weights(model: torch.nn.Module, rows: int) -> Iterator[None]:
     context (frozen weights, unchanged; see the module docstring); outside: the plain layers."""
     swapped = packable_layers(model)
     owners = lora_owners(model)
-    for module in swapped:
-        module.forward = _packed_forward(module, rows, owners.get(module))
+    groups = sibling_groups(model, swapped)
+    grouped = {module for group in groups for module in group}
+    for group in groups + [(module,) for module in swapped if module not in grouped]:
+        product = _PackedProduct(group, rows, owners.get(group[0]))
+        for index, module in enumerate(group):
+            module.forward = product.forward_of(index)
     try:
         yield
     finally:
