@@ -286,3 +286,81 @@ def test_with_keeping_off_frozen_weights_are_packed_at_every_call(tiny_causal, t
         kv_cached_sampling(model, ids, mask, 2, Decoding(4, EOS, PAD, greedy=True))
     assert len(packings) == 2 * len(packable_layers(model))
     assert kept_packed_mib(model) == 0
+
+
+def tiny_llama(**overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, **overrides)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_sibling_layers_multiply_as_one_product_with_the_same_outputs(monkeypatch, packings, packed_products,
+                                                                      dtype, bias):
+    """q, k, v (and gate, up) of each layer: one packed weight, one product per input, bit for bit the outputs
+    of the layers packed one by one."""
+    model = tiny_llama(attention_bias=bias, mlp_bias=bias).to(dtype)
+    ids, mask = torch.randint(4, 97, (3, 9)), torch.ones(3, 9, dtype=torch.long)
+    groups = packed_module.sibling_groups(model, packable_layers(model))
+    assert groups == [group for b in model.model.layers for group in (
+        (b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj), (b.mlp.gate_proj, b.mlp.up_proj))]
+    grouped = logits(model, ids, mask, packed=True)
+    assert len(packings) == len(packable_layers(model)) - 2 * (3 + 2) + 2 * 2  # 7 layers a block packed as 3
+    assert len(packed_products) == 2 * 4 + 1  # o, down, one for q/k/v and one for gate/up, and the head
+    monkeypatch.setattr(packed_module, "sibling_groups", lambda model, layers: [])
+    assert torch.equal(grouped, logits(model, ids, mask, packed=True))
+    torch.testing.assert_close(grouped, logits(model, ids, mask, packed=False), atol=1e-5 if dtype == torch.float32
+                               else 5e-2, rtol=1e-5 if dtype == torch.float32 else 5e-2)
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_a_sibling_multiplies_its_own_input_when_it_is_another_tensor_or_was_changed_in_place(inference):
+    model = tiny_llama()
+    attention = model.model.layers[0].self_attn
+    q, k, v = attention.q_proj, attention.k_proj, attention.v_proj
+    with torch.inference_mode() if inference else torch.no_grad():
+        x, y = torch.randn(2, 1, 48), torch.randn(2, 1, 48)  # inference tensors under inference_mode: no version
+        expected = [v(y), k(x + 1)]
+        with packed_weights(model, 2):
+            q(x)
+            seen = [v(y)]  # another tensor (of the same version)
+            if not inference:  # an inference tensor tracks no version: changed in place, it is not seen (documented)
+                q(x)
+                x.add_(1)
+                seen.append(k(x))  # the same tensor, changed in place
+    for got, want in zip(seen, expected, strict=False):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_siblings_wrapped_by_lora_are_not_grouped_and_the_rest_are(packings):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    groups = packed_module.sibling_groups(model, packable_layers(model))
+    assert [[name for name, module in model.named_modules() if module in group] for group in groups] == [
+        [f"base_model.model.model.layers.{i}.mlp.gate_proj", f"base_model.model.model.layers.{i}.mlp.up_proj"]
+        for i in range(2)]
+    ids, mask = torch.randint(4, 97, (3, 9)), torch.ones(3, 9, dtype=torch.long)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(model, ids, mask, packed=True), logits(model, ids, mask, packed=False),
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("change", [optimizer_step, in_place_copy, assign_data])
+def test_a_kept_sibling_product_is_never_used_after_one_of_its_weights_changed(packings, change):
+    model = tiny_llama().requires_grad_(False)
+    ids, mask = torch.randint(4, 97, (3, 9)), torch.ones(3, 9, dtype=torch.long)
+    with torch.no_grad():
+        before = logits(model, ids, mask, packed=True)
+        assert torch.equal(logits(model, ids, mask, packed=True), before)
+    packed_once = len(packings)
+    assert packed_once == 2 * 4 + 1 and kept_packed_mib(model) > 0  # kept, not packed again
+    change(model)
+    with torch.no_grad():
+        plain_after = logits(model, ids, mask, packed=False)
+        assert (plain_after - before).abs().max() > 1e-3
+        torch.testing.assert_close(logits(model, ids, mask, packed=True), plain_after, atol=1e-5, rtol=1e-5)

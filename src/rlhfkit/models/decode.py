@@ -53,10 +53,10 @@ def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
     return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon).to(x.dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary positions as Llama applies them: x cos + rotate_half(x) sin, rotate_half(x) = [−x₂, x₁]."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary positions as Llama applies them, x cos + rotate_half(x) sin with rotate_half(x) = [−x₂, x₁],
+    computed as x cos + [x₂, x₁] [−sin₁, sin₂] (``signed_sin``): the same products, one op fewer."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 def llama_step(model: PreTrainedModel, token: torch.Tensor, position: torch.Tensor, index: int,
@@ -66,7 +66,8 @@ def llama_step(model: PreTrainedModel, token: torch.Tensor, position: torch.Tens
     body = model.model
     h = body.embed_tokens(token)
     cos, sin = body.rotary_emb(h, position)
-    cos, sin = cos[:, None], sin[:, None]  # [R, 1, 1, d]: broadcast over heads
+    half = sin.shape[-1] // 2
+    cos, sin = cos[:, None], torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, None]  # [R, 1, 1, d]
     rows = h.shape[0]
     for layer, kv in zip(body.layers, cache.layers, strict=True):
         attention, mlp = layer.self_attn, layer.mlp

@@ -142,8 +142,8 @@ class _PackedProduct:
     """y = x [W₁; W₂; …]ᵀ + [b₁; b₂; …] for one layer, or for sibling layers that read the same input (a
     layer's q, k and v; a gated MLP's gate and up: ``sibling_groups``), on their weights packed together at the
     first call in each compute dtype. Each sibling's forward returns its slice of the product; the product of
-    the last input (the same tensor object, unchanged since: ``tensor._version``) is reused, so the siblings
-    of one input cost one product."""
+    the last input (the same tensor object, unchanged since: ``tensor._version``, which an inference tensor
+    does not track) is reused, so the siblings of one input cost one product."""
 
     def __init__(self, modules: Sequence[torch.nn.Module], rows: int, owner: torch.nn.Module | None) -> None:
         self.modules, self.rows, self.owner = tuple(modules), rows, owner
@@ -170,8 +170,9 @@ class _PackedProduct:
                 return plain(x)
             if len(self.modules) == 1:
                 return self._product(x, dtype)
-            if self.last is None or self.last[0] is not x or self.last[1:3] != (x._version, dtype):
-                self.last = (x, x._version, dtype, self._product(x, dtype))
+            version = None if x.is_inference() else x._version  # an inference tensor tracks no version
+            if self.last is None or self.last[0] is not x or self.last[1:3] != (version, dtype):
+                self.last = (x, version, dtype, self._product(x, dtype))
             return self.last[3][..., part]
 
         return forward
