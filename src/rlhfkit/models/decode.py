@@ -3,8 +3,9 @@
 A decode step reads one new token per sequence against the KV cache the prefill filled. transformers'
 forward does work at every call that this step does not need: its keyword and output plumbing, a 4-D
 mask built again from the 2-D one, the attention function looked up by name in every layer, every
-submodule called through ``nn.Module.__call__``. At SmolLM2-135M's shapes (bf16, 8 rows, a cache of 128,
-1 thread) that work was about 15% of a step. The steps below compute the same layers in the same order:
+submodule called through ``nn.Module.__call__``. At SmolLM2-135M's shapes (bf16, packed weights, 8 rows, a
+cache of 128) writing the step out took it from 40.3 to 36.9 ms (2 threads, idle). The steps below compute
+the same layers in the same order:
 
     h⁰ = embed(y_t) (+ position embedding, GPT-2)
     hˡ⁺¹ = hˡ + Attn(norm₁(hˡ)) ;  hˡ⁺¹ ← hˡ⁺¹ + MLP(norm₂(hˡ⁺¹))          for each layer l

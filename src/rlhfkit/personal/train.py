@@ -51,7 +51,6 @@ class PersonalDPOConfig:
     batch_size: int = 8  # pairs per step
     nll_coef: float = 1.0  # α of the NLL term on the chosen answer (0: plain DPO)
     nll_on_eos: bool = False  # the NLL term also on the chosen answer's EOS (it teaches the base's stopping)
-    label_smoothing: float = 0.0  # ε: each pair's label is 1 − ε (conservative DPO; the margin stops growing)
     max_grad_norm: float = 1.0
     max_prompt_tokens: int = 256
     max_completion_tokens: int = 128
@@ -64,7 +63,6 @@ class PersonalDPOConfig:
         for name in ("epochs", "batch_size", "max_prompt_tokens", "max_completion_tokens"):
             require(getattr(self, name) >= 1, name, "must be at least 1")
         require(self.nll_coef >= 0, "nll_coef", "must be at least 0 (0 turns the NLL term off)")
-        require(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
 
 
 def pair_batch(models: PersonalModels, pairs: Sequence[PreferencePair], config: PersonalDPOConfig) -> TokenBatch:
@@ -94,8 +92,7 @@ def personal_loss(logprobs: torch.Tensor, reference: torch.Tensor, nll_mask: tor
     and the chosen rows' tokens the NLL counts (``nll_mask``, [B/2, T])."""
     half = len(logprobs) // 2
     policy = logprobs.sum(dim=1)
-    labels = torch.full_like(policy[:half], 1 - config.label_smoothing) if config.label_smoothing else None
-    loss, margins = dpo_loss(policy[:half], policy[half:], reference[:half], reference[half:], config.beta, labels)
+    loss, margins = dpo_loss(policy[:half], policy[half:], reference[:half], reference[half:], config.beta)
     if config.nll_coef:
         nll = -(logprobs[:half] * nll_mask).sum(dim=1) / nll_mask.sum(dim=1).clamp(min=1)
         loss = loss + config.nll_coef * nll.mean()
