@@ -5,7 +5,8 @@ forbidden before, as the shared workload's ``min_new_tokens``), n samples per pr
   (a) the shared workload's 5.3M GPT-2 policy at GRPO's shapes (8 prompts × 4 samples, 16 + 32 tokens);
   (b) SmolLM2-135M-Instruct (the demo's cached dequantised copy, else skipped) at 2 prompts × 4 samples
       with the chat template, 32 new tokens.
-Each model runs twice: fp32 weights, then bf16 weights (a bf16 copy of the same weights) on every side.
+Each model runs three times: fp32 weights, bf16 weights (a bf16 copy of the same weights), and the fp32 weights
+under a CPU bf16 autocast (as the RL trainers sample: fp32 master weights, products in bf16), on every side.
 The sides are ``generate``, the engine with plain matrix products (``kv_cached_sampling(packed=False)``), the
 engine with packed weights (``kv_cached_sampling``, its default: ``rlhfkit.models.packed``) in the two cases a
 user meets — ``packed``: trainable weights, packed again at every call (an RL rollout with full fine-tuning,
@@ -27,7 +28,7 @@ packing of every weight (once per rollout call), and the draw of the next token 
 Writes benchmarks/results/generation_speed-<time>.json.
 
     python benchmarks/generation_speed.py [--rounds 8] [--smollm2-rounds 3] [--skip-smollm2 | --skip-workload]
-        [--precisions fp32,bf16] [--threads 2] [--bench-dir ../shared/bench]
+        [--precisions fp32,bf16,autocast] [--threads 2] [--bench-dir ../shared/bench]
 """
 
 from __future__ import annotations
@@ -161,13 +162,14 @@ def compare(model, tokenizer, encoded, n: int, max_new_tokens: int, rounds: int,
     result = {"shape": {"prompts": prompt_ids.shape[0], "samples_per_prompt": n,
                         "prompt_tokens": prompt_ids.shape[1], "new_tokens": max_new_tokens, "temperature": 1.0}}
     for precision in precisions:
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "autocast": torch.float32}[precision]
         weights = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
         frozen = copy.deepcopy(weights).requires_grad_(False)  # the kept side's: its packed weights are reused
         sides = {name: (lambda engine=engine, weights=frozen if name == "kept" else weights:
                         engine(weights, prompt_ids, prompt_mask, n, decoding))
                  for name, engine in engines.items()}
-        with torch.inference_mode():
+        # "autocast": fp32 weights under a CPU bf16 autocast on every side, as the RL trainers sample
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"):
             result[precision] = interleaved(sides, rounds)
             result[precision]["step_ms"] = step_time(weights, prompt_ids.shape[0] * n,
                                                      bucketed(prompt_ids.shape[1] + max_new_tokens))
@@ -237,7 +239,8 @@ def main() -> None:
     parser.add_argument("--smollm2-rounds", type=int, default=3)
     parser.add_argument("--skip-smollm2", action="store_true")
     parser.add_argument("--skip-workload", action="store_true", help="SmolLM2 only")
-    parser.add_argument("--precisions", default="fp32,bf16", help="weights on every side: fp32, bf16 or both")
+    parser.add_argument("--precisions", default="fp32,bf16,autocast",
+                        help="on every side: fp32 weights, bf16 weights, fp32 weights under bf16 autocast")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the workload's)")
     parser.add_argument("--bench-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "bench"))
     args = parser.parse_args()
@@ -251,8 +254,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     precisions = args.precisions.split(",")
-    if not set(precisions) <= {"fp32", "bf16"}:
-        parser.error(f"--precisions: fp32, bf16 or both, got {args.precisions!r}")
+    if not set(precisions) <= {"fp32", "bf16", "autocast"}:
+        parser.error(f"--precisions: a comma-separated choice of fp32, bf16, autocast; got {args.precisions!r}")
     runs = [] if args.skip_workload else [workload_policy(W, args.rounds, precisions)]
     if not args.skip_smollm2:
         runs.append(smollm2(args.smollm2_rounds, precisions))
