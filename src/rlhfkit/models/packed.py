@@ -66,6 +66,7 @@ wanted) the layer runs its plain forward and a one-line warning says why, once p
 
 from __future__ import annotations
 
+import itertools
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -87,8 +88,8 @@ class _KeptPack:
     single_row: bool  # packed for products of one row (see the module docstring)
 
 
-# layer → {(compute dtype, the sibling layers packed with it): its kept packed weight}. Weakly keyed: an entry is
-# freed with its layer.
+# first layer → {(compute dtype, ids of the layers packed together): their kept packed weight}. Weakly keyed: an
+# entry is freed with its first layer.
 _KEPT: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, _KeptPack]] = weakref.WeakKeyDictionary()
 
 
@@ -129,7 +130,7 @@ def _pack(modules: Sequence[torch.nn.Module], dtype: torch.dtype, rows: int,
     kept if every weight is frozen)."""
     first, weights = modules[0], [module.weight for module in modules]
     states = tuple(weight_state(weight, owner) for weight in weights)
-    key = (dtype, tuple(id(module) for module in modules[1:]))
+    key = (dtype, tuple(id(module) for module in modules))
     if None in states:
         _KEPT.pop(first, None)
     else:
@@ -148,16 +149,19 @@ def _pack(modules: Sequence[torch.nn.Module], dtype: torch.dtype, rows: int,
 class _PackedProduct:
     """y = x [W₁; W₂; …]ᵀ + [b₁; b₂; …] for one layer, or for sibling layers that read the same input (a
     layer's q, k and v; a gated MLP's gate and up: ``sibling_groups``), on their weights packed together at the
-    first call in each compute dtype. Each sibling's forward returns its slice of the product; the product of
-    the last input (the same tensor object, unchanged since: ``tensor._version``, which an inference tensor
-    does not track) is reused, so the siblings of one input cost one product."""
+    first call in each compute dtype. Each sibling's forward returns a copy of its slice of the product (its own
+    contiguous tensor, as its plain forward returns: writing into it changes no other output); the product of the
+    last input (the same tensor object, unchanged since: ``tensor._version``, which an inference tensor does not
+    track) is reused by the siblings it has not served yet, so the siblings of one input cost one product and a
+    sibling called again multiplies again."""
 
     def __init__(self, modules: Sequence[torch.nn.Module], rows: int, owner: torch.nn.Module | None) -> None:
         self.modules, self.rows, self.owner = tuple(modules), rows, owner
         self.packed: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor | None] | None] = {}  # None: cannot pack
-        self.last: tuple | None = None  # (x, its version, dtype, y) of the last product of siblings
-        ends = torch.tensor([m.out_features for m in self.modules]).cumsum(0).tolist() if len(modules) > 1 else [0]
-        self.slices = [slice(end - m.out_features, end) for m, end in zip(self.modules, ends, strict=True)] \
+        self.last: tuple | None = None  # (x, its version, dtype, y, the siblings served) of the last product
+        widths = [m.weight.shape[0] for m in self.modules]  # not out_features, which nothing keeps up to date
+        ends = list(itertools.accumulate(widths))
+        self.slices = [slice(end - width, end) for width, end in zip(widths, ends, strict=True)] \
             if len(modules) > 1 else [slice(None)]
 
     def forward_of(self, index: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -166,7 +170,8 @@ class _PackedProduct:
         plain, part = module.forward, self.slices[index]
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            if torch.is_grad_enabled() and any(m.weight.requires_grad for m in self.modules):
+            if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for m in self.modules
+                                                                   for p in m.parameters(recurse=False))):
                 _warn_once("gradients are wanted: the packed product has no backward")
                 return plain(x)
             autocast = torch.is_autocast_enabled(x.device.type)
@@ -178,9 +183,11 @@ class _PackedProduct:
             if len(self.modules) == 1:
                 return self._product(x, dtype)
             version = None if x.is_inference() else x._version  # an inference tensor tracks no version
-            if self.last is None or self.last[0] is not x or self.last[1:3] != (version, dtype):
-                self.last = (x, version, dtype, self._product(x, dtype))
-            return self.last[3][..., part]
+            if (self.last is None or self.last[0] is not x or self.last[1:3] != (version, dtype)
+                    or index in self.last[4]):
+                self.last = (x, version, dtype, self._product(x, dtype), set())
+            self.last[4].add(index)
+            return self.last[3][..., part].clone(memory_format=torch.contiguous_format)
 
         return forward
 
@@ -217,7 +224,7 @@ def sibling_groups(model: torch.nn.Module, packable: Sequence[torch.nn.Module]) 
         for names in SIBLINGS:
             layers = tuple(getattr(parent, name, None) for name in names)
             if (all(type(layer) is torch.nn.Linear and layer in packable for layer in layers)
-                    and len({(layer.in_features, layer.weight.dtype, layer.weight.device, layer.bias is None)
+                    and len({(layer.weight.shape[1], layer.weight.dtype, layer.weight.device, layer.bias is None)
                              for layer in layers}) == 1):
                 groups.append(layers)
     return groups
@@ -264,9 +271,11 @@ def keep_packed_weights(model: torch.nn.Module) -> Iterator[None]:
         for parameter in trainable:
             parameter.requires_grad_(True)
         froze = {id(parameter) for parameter in trainable}
-        for module in model.modules():
-            if id(getattr(module, "weight", None)) in froze:
-                _KEPT.pop(module, None)
+        layers = {id(module) for module in model.modules() if id(getattr(module, "weight", None)) in froze}
+        for module in model.modules():  # every copy holding a weight it froze, siblings' products too
+            kept = _KEPT.get(module, {})
+            for key in [key for key in kept if layers.intersection(key[1])]:
+                del kept[key]
 
 
 def forget_packed_weights(model: torch.nn.Module) -> None:
