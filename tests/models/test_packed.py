@@ -448,3 +448,23 @@ def test_at_the_exit_of_keep_packed_weights_a_sibling_product_holding_a_weight_i
         logits(model, ids, mask, packed=True)
         assert id(k_proj) in kept_layers()
     assert id(k_proj) not in kept_layers() and kept_packed_mib(model) > 0  # the other layers' copies stay
+
+
+@pytest.mark.parametrize("layer", ["q_proj", "o_proj"])
+def test_an_input_of_another_dtype_than_the_weights_is_refused_as_the_plain_layer_refuses_it(layer):
+    attention = (model := tiny_llama()).model.layers[0].self_attn
+    x = torch.randn(2, 3, 48, dtype=torch.bfloat16)  # no autocast to cast it: plain F.linear refuses it
+    with torch.no_grad(), packed_weights(model, 2), pytest.raises(RuntimeError, match="same dtype"):
+        getattr(attention, layer)(x)
+
+
+def test_under_a_bf16_autocast_a_float64_model_multiplies_in_float64_as_autocast_leaves_it(monkeypatch):
+    monkeypatch.setattr(packed_module, "_WARNED", set())
+    model = tiny_llama().double()
+    ids, mask = torch.randint(4, 97, (3, 9)), torch.ones(3, 9, dtype=torch.long)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = logits(model, ids, mask, packed=False)
+        with pytest.warns(RuntimeWarning, match="float64"):
+            packed = logits(model, ids, mask, packed=True)
+    assert plain.dtype == packed.dtype == torch.float64
+    assert torch.equal(packed, plain)

@@ -113,6 +113,15 @@ def unpackable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
+def product_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype ``F.linear(x, weight)`` multiplies in: autocast's where it is on and casts both (floating, not
+    float64), else the weight's where ``x`` has it; None where the plain layer refuses ``x`` (of another dtype)."""
+    if torch.is_autocast_enabled(x.device.type) and all(t.is_floating_point() and t.dtype != torch.float64
+                                                        for t in (x, weight)):
+        return torch.get_autocast_dtype(x.device.type)
+    return weight.dtype if x.dtype == weight.dtype else None
+
+
 def weight_state(weight: torch.Tensor, owner: torch.nn.Module | None) -> tuple | None:
     """What changes whenever a frozen ``weight``'s values change by the usual routes (see the module docstring),
     read without reading the values; None where its copy is not kept (trainable, an inference tensor, which
@@ -174,8 +183,9 @@ class _PackedProduct:
                                                                    for p in m.parameters(recurse=False))):
                 _warn_once("gradients are wanted: the packed product has no backward")
                 return plain(x)
-            autocast = torch.is_autocast_enabled(x.device.type)
-            dtype = torch.get_autocast_dtype(x.device.type) if autocast else module.weight.dtype
+            dtype = product_dtype(x, module.weight)
+            if dtype is None:  # the plain layer refuses x: it says why
+                return plain(x)
             if dtype not in self.packed:
                 self.packed[dtype] = self._pack(x.device, dtype)
             if self.packed[dtype] is None:
@@ -183,11 +193,11 @@ class _PackedProduct:
             if len(self.modules) == 1:
                 return self._product(x, dtype)
             version = None if x.is_inference() else x._version  # an inference tensor tracks no version
-            if (self.last is None or self.last[0] is not x or self.last[1:3] != (version, dtype)
-                    or index in self.last[4]):
-                self.last = (x, version, dtype, self._product(x, dtype), set())
-            self.last[4].add(index)
-            return self.last[3][..., part].clone(memory_format=torch.contiguous_format)
+            last = self.last  # read once: another thread's product is never taken for this one's
+            if last is None or last[0] is not x or last[1:3] != (version, dtype) or index in last[4]:
+                last = self.last = (x, version, dtype, self._product(x, dtype), set())
+            last[4].add(index)
+            return last[3][..., part].clone(memory_format=torch.contiguous_format)
 
         return forward
 
