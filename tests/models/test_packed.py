@@ -442,7 +442,8 @@ def test_at_the_exit_of_keep_packed_weights_a_sibling_product_holding_a_weight_i
     ids, mask = torch.randint(4, 97, (3, 9)), torch.ones(3, 9, dtype=torch.long)
 
     def kept_layers() -> set[int]:
-        return {layer for module in model.modules() for key in packed_module._KEPT.get(module, {}) for layer in key[1]}
+        return {layer for module in model.modules() for kept in packed_module._KEPT.get(module, {}).values()
+                for layer in kept.layers}
 
     with keep_packed_weights(model):
         logits(model, ids, mask, packed=True)
@@ -468,3 +469,17 @@ def test_under_a_bf16_autocast_a_float64_model_multiplies_in_float64_as_autocast
             packed = logits(model, ids, mask, packed=True)
     assert plain.dtype == packed.dtype == torch.float64
     assert torch.equal(packed, plain)
+
+
+def test_a_layer_packed_with_other_siblings_replaces_its_kept_copy(packings):
+    """A sibling replaced (or wrapped by LoRA, or unwrapped): the first layer's copy is packed again with the new
+    siblings and the old one freed, not kept beside it."""
+    model = tiny_llama().requires_grad_(False)
+    ids, mask = torch.randint(4, 97, (3, 9)), torch.ones(3, 9, dtype=torch.long)
+    logits(model, ids, mask, packed=True)
+    kept = kept_packed_mib(model)
+    model.model.layers[0].self_attn.k_proj = torch.nn.Linear(48, 16, bias=False).requires_grad_(False)
+    torch.testing.assert_close(logits(model, ids, mask, packed=True), logits(model, ids, mask, packed=False),
+                               atol=1e-5, rtol=1e-5)
+    assert len(packings) == 2 * 4 + 1 + 1  # the new q, k, v product
+    assert kept_packed_mib(model) == kept

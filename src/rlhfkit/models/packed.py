@@ -83,14 +83,15 @@ KEEP_FROZEN = True  # False: frozen weights are packed again at every call, like
 @dataclass
 class _KeptPack:
     packed: torch.Tensor  # oneDNN's blocked copy of W (Wᵀ for Conv1D; [W₁; W₂; …] for siblings) in the compute dtype
+    layers: tuple[int, ...]  # id of each layer packed in it (the first, then its siblings)
     storages: tuple[weakref.ref, ...]  # each weight's storage when packed: dead once freed, never taken for a new one
     state: tuple  # weight_state of each weight when packed
     single_row: bool  # packed for products of one row (see the module docstring)
 
 
-# first layer → {(compute dtype, ids of the layers packed together): their kept packed weight}. Weakly keyed: an
-# entry is freed with its first layer.
-_KEPT: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, _KeptPack]] = weakref.WeakKeyDictionary()
+# first layer → {compute dtype: the kept packed weight of the layers packed with it}: one copy per layer and dtype,
+# replaced when the layer is packed with other siblings (or alone). Weakly keyed: freed with its first layer.
+_KEPT: weakref.WeakKeyDictionary[torch.nn.Module, dict[torch.dtype, _KeptPack]] = weakref.WeakKeyDictionary()
 
 
 def _warn_once(reason: str) -> None:
@@ -139,19 +140,19 @@ def _pack(modules: Sequence[torch.nn.Module], dtype: torch.dtype, rows: int,
     kept if every weight is frozen)."""
     first, weights = modules[0], [module.weight for module in modules]
     states = tuple(weight_state(weight, owner) for weight in weights)
-    key = (dtype, tuple(id(module) for module in modules))
+    layers = tuple(id(module) for module in modules)
     if None in states:
         _KEPT.pop(first, None)
     else:
-        kept = _KEPT.get(first, {}).get(key)
-        if (kept is not None and kept.state == states and kept.single_row == (rows == 1)
+        kept = _KEPT.get(first, {}).get(dtype)
+        if (kept is not None and kept.layers == layers and kept.state == states and kept.single_row == (rows == 1)
                 and all(ref() is weight.untyped_storage() for ref, weight in zip(kept.storages, weights, strict=True))):
             return kept.packed
     w = torch.cat([(m.weight.t() if isinstance(m, Conv1D) else m.weight).to(dtype) for m in modules]).contiguous()
     packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)  # Conv1D keeps W as [in, out]
     if None not in states:
         storages = tuple(weakref.ref(weight.untyped_storage()) for weight in weights)
-        _KEPT.setdefault(first, {})[key] = _KeptPack(packed, storages, states, rows == 1)
+        _KEPT.setdefault(first, {})[dtype] = _KeptPack(packed, layers, storages, states, rows == 1)
     return packed
 
 
@@ -284,8 +285,8 @@ def keep_packed_weights(model: torch.nn.Module) -> Iterator[None]:
         layers = {id(module) for module in model.modules() if id(getattr(module, "weight", None)) in froze}
         for module in model.modules():  # every copy holding a weight it froze, siblings' products too
             kept = _KEPT.get(module, {})
-            for key in [key for key in kept if layers.intersection(key[1])]:
-                del kept[key]
+            for dtype in [dtype for dtype, pack in kept.items() if layers.intersection(pack.layers)]:
+                del kept[dtype]
 
 
 def forget_packed_weights(model: torch.nn.Module) -> None:
