@@ -483,3 +483,17 @@ def test_a_layer_packed_with_other_siblings_replaces_its_kept_copy(packings):
                                atol=1e-5, rtol=1e-5)
     assert len(packings) == 2 * 4 + 1 + 1  # the new q, k, v product
     assert kept_packed_mib(model) == kept
+
+
+def test_a_kept_base_weight_is_never_used_after_merge_and_unload(packings):
+    """peft merges by writing ``weight.data`` in place (no version) and unloading drops the LoRA layer whose
+    merged adapters told: the base layer, plain again, is packed again."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["o_proj"], init_lora_weights=False))
+    ids, mask = torch.randint(4, 97, (3, 9)), torch.ones(3, 9, dtype=torch.long)
+    logits(model, ids, mask, packed=True)  # the base o_proj weights packed and kept
+    merged = model.merge_and_unload()
+    assert all(type(block.self_attn.o_proj) is torch.nn.Linear for block in merged.model.layers)
+    torch.testing.assert_close(logits(merged, ids, mask, packed=True), logits(merged, ids, mask, packed=False),
+                               atol=1e-5, rtol=1e-5)

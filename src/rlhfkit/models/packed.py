@@ -129,7 +129,7 @@ def weight_state(weight: torch.Tensor, owner: torch.nn.Module | None) -> tuple |
     tracks no version, or keeping off). ``owner``: the peft LoRA layer whose base layer holds ``weight``."""
     if not KEEP_FROZEN or weight.requires_grad or weight.is_inference():
         return None
-    merged = tuple(owner.merged_adapters) if owner is not None else ()
+    merged = (True, *owner.merged_adapters) if owner is not None else (False,)  # merge_and_unload drops the owner
     return weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape), weight.stride(), merged
 
 
