@@ -497,3 +497,19 @@ def test_a_kept_base_weight_is_never_used_after_merge_and_unload(packings):
     assert all(type(block.self_attn.o_proj) is torch.nn.Linear for block in merged.model.layers)
     torch.testing.assert_close(logits(merged, ids, mask, packed=True), logits(merged, ids, mask, packed=False),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_siblings_with_forward_pre_hooks_are_not_grouped_as_a_hook_may_set_the_weight_at_their_own_call():
+    """``torch.nn.utils.prune`` sets ``weight`` = weight_orig ⊙ mask in a pre-hook: a product run at q_proj's call
+    would read k_proj's weight of its last call."""
+    from torch.nn.utils import prune
+
+    model = tiny_llama().requires_grad_(False)
+    attention = model.model.layers[0].self_attn
+    prune.l1_unstructured(attention.k_proj, "weight", amount=0.5)
+    attention.k_proj.weight_mask.zero_()  # k_proj's next call multiplies by zeros
+    assert packed_module.sibling_groups(model, packable_layers(model))[0] == (model.model.layers[0].mlp.gate_proj,
+                                                                              model.model.layers[0].mlp.up_proj)
+    ids, mask = torch.randint(4, 97, (3, 9)), torch.ones(3, 9, dtype=torch.long)
+    torch.testing.assert_close(logits(model, ids, mask, packed=True), logits(model, ids, mask, packed=False),
+                               atol=1e-5, rtol=1e-5)

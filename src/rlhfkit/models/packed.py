@@ -228,13 +228,15 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # childre
 
 def sibling_groups(model: torch.nn.Module, packable: Sequence[torch.nn.Module]) -> list[tuple[torch.nn.Module, ...]]:
     """Sibling ``nn.Linear`` layers multiplied as one product (``SIBLINGS`` of one parent: Llama-style attention
-    and gated MLPs), where all of them are packable, plain (not wrapped by LoRA), of one input width, dtype and
-    device, and all with or all without a bias."""
+    and gated MLPs), where all of them are packable, plain (not wrapped by LoRA), without forward pre-hooks (which
+    may set a layer's weight just before its own call, as ``torch.nn.utils.prune`` does: too late for a product
+    run at its sibling's call), of one input width, dtype and device, and all with or all without a bias."""
     packable, groups = set(packable), []
     for parent in model.modules():
         for names in SIBLINGS:
             layers = tuple(getattr(parent, name, None) for name in names)
-            if (all(type(layer) is torch.nn.Linear and layer in packable for layer in layers)
+            if (all(type(layer) is torch.nn.Linear and layer in packable and not layer._forward_pre_hooks
+                    for layer in layers)
                     and len({(layer.weight.shape[1], layer.weight.dtype, layer.weight.device, layer.bias is None)
                              for layer in layers}) == 1):
                 groups.append(layers)
