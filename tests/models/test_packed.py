@@ -513,3 +513,17 @@ def test_siblings_with_forward_pre_hooks_are_not_grouped_as_a_hook_may_set_the_w
     ids, mask = torch.randint(4, 97, (3, 9)), torch.ones(3, 9, dtype=torch.long)
     torch.testing.assert_close(logits(model, ids, mask, packed=True), logits(model, ids, mask, packed=False),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_a_layer_whose_weights_are_not_on_the_cpu_runs_its_plain_forward(monkeypatch, packed_products):
+    """Weights on the meta device (not loaded yet) with an input on the CPU: what the plain layer does, not a
+    oneDNN error."""
+    monkeypatch.setattr(packed_module, "_WARNED", set())
+    model = tiny_llama().requires_grad_(False)
+    o_proj = model.model.layers[0].self_attn.o_proj.to("meta")
+    x = torch.randn(2, 3, 48)
+    with torch.no_grad():
+        plain = o_proj(x)
+        with packed_weights(model, 2), pytest.warns(RuntimeWarning, match="device meta"):
+            packed = o_proj(x)
+    assert not packed_products and (packed.shape, packed.device) == (plain.shape, plain.device)

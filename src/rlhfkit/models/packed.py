@@ -211,7 +211,7 @@ class _PackedProduct:
         return forward
 
     def _pack(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        reason = unpackable_reason(device, dtype)
+        reason = unpackable_reason(device, dtype) or unpackable_reason(self.modules[0].weight.device, dtype)
         if reason is not None:
             _warn_once(reason)
             return None
