@@ -485,7 +485,7 @@ def test_a_layer_packed_with_other_siblings_replaces_its_kept_copy(packings):
     assert kept_packed_mib(model) == kept
 
 
-def test_a_kept_base_weight_is_never_used_after_merge_and_unload(packings):
+def test_a_kept_base_weight_is_never_used_after_merge_and_unload():
     """peft merges by writing ``weight.data`` in place (no version) and unloading drops the LoRA layer whose
     merged adapters told: the base layer, plain again, is packed again."""
     from peft import LoraConfig, get_peft_model
