@@ -364,3 +364,166 @@ def test_a_kept_sibling_product_is_never_used_after_one_of_its_weights_changed(p
         plain_after = logits(model, ids, mask, packed=False)
         assert (plain_after - before).abs().max() > 1e-3
         torch.testing.assert_close(logits(model, ids, mask, packed=True), plain_after, atol=1e-5, rtol=1e-5)
+
+
+def test_a_siblings_output_is_its_own_contiguous_tensor_as_its_plain_forward_returns():
+    """Not a view of the shared product: a caller (or a hook) writing into one output changes no other, the same
+    sibling called again gives its product, and ``.view`` works as on the plain output."""
+    attention = (model := tiny_llama()).model.layers[0].self_attn
+    q, k = attention.q_proj, attention.k_proj
+    x = torch.randn(2, 3, 48)
+    with torch.no_grad():
+        expected = [q(x), k(x)]
+        with packed_weights(model, 2):
+            q(x).mul_(0)
+            seen = [q(x), k(x)]
+    assert all(output.is_contiguous() for output in seen)
+    assert seen[1].view(-1).shape == (2 * 3 * 16,)
+    for got, want in zip(seen, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_a_sibling_called_again_on_its_input_changed_through_data_multiplies_the_new_values(inference):
+    """Writes through ``x.data`` (and any in-place write to an inference tensor) bump no version: the same
+    sibling called again multiplies again rather than reuse its product."""
+    attention = (model := tiny_llama()).model.layers[0].self_attn
+    with torch.inference_mode() if inference else torch.no_grad():
+        x = torch.randn(2, 1, 48)
+        expected = attention.q_proj(x + 1)
+        with packed_weights(model, 2):
+            attention.q_proj(x)
+            x.data.add_(1)
+            seen = attention.q_proj(x)
+    torch.testing.assert_close(seen, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sibling_slices_follow_the_weights_when_out_features_was_not_updated():
+    attention = (model := tiny_llama()).model.layers[0].self_attn
+    attention.k_proj.weight = torch.nn.Parameter(torch.randn(8, 48))  # k_proj.out_features still says 16
+    layers, x = (attention.q_proj, attention.k_proj, attention.v_proj), torch.randn(2, 3, 48)
+    with torch.no_grad():
+        expected = [layer(x) for layer in layers]
+        with packed_weights(model, 2):
+            seen = [layer(x) for layer in layers]
+    for got, want in zip(seen, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("trainable", ["input", "biases"])
+def test_gradients_through_frozen_weights_reach_the_input_and_trainable_biases(monkeypatch, packed_products,
+                                                                                trainable):
+    """Prompt tuning (gradients wanted for the input embeddings) and BitFit (only the biases trainable): the layers
+    multiply plainly, as the packed product has no backward, and the gradients are the plain ones."""
+    monkeypatch.setattr(packed_module, "_WARNED", set())
+    model = tiny_llama(attention_bias=True, mlp_bias=True).requires_grad_(False)
+    ids = torch.randint(4, 97, (2, 5))
+    embeds = model.model.embed_tokens(ids).requires_grad_(trainable == "input")
+    if trainable == "biases":
+        for layer in packable_layers(model):
+            if layer.bias is not None:
+                layer.bias.requires_grad_(True)
+    wrt = embeds if trainable == "input" else model.model.layers[0].self_attn.k_proj.bias
+
+    def gradient(packed: bool) -> torch.Tensor:
+        with packed_weights(model, 2) if packed else torch.enable_grad():
+            loss = model(inputs_embeds=embeds).logits.square().mean()
+        return torch.autograd.grad(loss, wrt)[0]
+
+    with pytest.warns(RuntimeWarning, match="gradients are wanted"):
+        packed = gradient(True)
+    assert not packed_products
+    assert torch.equal(packed, gradient(False))
+
+
+def test_at_the_exit_of_keep_packed_weights_a_sibling_product_holding_a_weight_it_froze_is_freed():
+    model = tiny_llama().requires_grad_(False)
+    k_proj = model.model.layers[0].self_attn.k_proj.requires_grad_(True)  # q and v were frozen before
+    ids, mask = torch.randint(4, 97, (3, 9)), torch.ones(3, 9, dtype=torch.long)
+
+    def kept_layers() -> set[int]:
+        return {layer for module in model.modules() for kept in packed_module._KEPT.get(module, {}).values()
+                for layer in kept.layers}
+
+    with keep_packed_weights(model):
+        logits(model, ids, mask, packed=True)
+        assert id(k_proj) in kept_layers()
+    assert id(k_proj) not in kept_layers() and kept_packed_mib(model) > 0  # the other layers' copies stay
+
+
+@pytest.mark.parametrize("layer", ["q_proj", "o_proj"])
+def test_an_input_of_another_dtype_than_the_weights_is_refused_as_the_plain_layer_refuses_it(layer):
+    attention = (model := tiny_llama()).model.layers[0].self_attn
+    x = torch.randn(2, 3, 48, dtype=torch.bfloat16)  # no autocast to cast it: plain F.linear refuses it
+    with torch.no_grad(), packed_weights(model, 2), pytest.raises(RuntimeError, match="same dtype"):
+        getattr(attention, layer)(x)
+
+
+def test_under_a_bf16_autocast_a_float64_model_multiplies_in_float64_as_autocast_leaves_it(monkeypatch):
+    monkeypatch.setattr(packed_module, "_WARNED", set())
+    model = tiny_llama().double()
+    ids, mask = torch.randint(4, 97, (3, 9)), torch.ones(3, 9, dtype=torch.long)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = logits(model, ids, mask, packed=False)
+        with pytest.warns(RuntimeWarning, match="float64"):
+            packed = logits(model, ids, mask, packed=True)
+    assert plain.dtype == packed.dtype == torch.float64
+    assert torch.equal(packed, plain)
+
+
+def test_a_layer_packed_with_other_siblings_replaces_its_kept_copy(packings):
+    """A sibling replaced (or wrapped by LoRA, or unwrapped): the first layer's copy is packed again with the new
+    siblings and the old one freed, not kept beside it."""
+    model = tiny_llama().requires_grad_(False)
+    ids, mask = torch.randint(4, 97, (3, 9)), torch.ones(3, 9, dtype=torch.long)
+    logits(model, ids, mask, packed=True)
+    kept = kept_packed_mib(model)
+    model.model.layers[0].self_attn.k_proj = torch.nn.Linear(48, 16, bias=False).requires_grad_(False)
+    torch.testing.assert_close(logits(model, ids, mask, packed=True), logits(model, ids, mask, packed=False),
+                               atol=1e-5, rtol=1e-5)
+    assert len(packings) == 2 * 4 + 1 + 1  # the new q, k, v product
+    assert kept_packed_mib(model) == kept
+
+
+def test_a_kept_base_weight_is_never_used_after_merge_and_unload():
+    """peft merges by writing ``weight.data`` in place (no version) and unloading drops the LoRA layer whose
+    merged adapters told: the base layer, plain again, is packed again."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["o_proj"], init_lora_weights=False))
+    ids, mask = torch.randint(4, 97, (3, 9)), torch.ones(3, 9, dtype=torch.long)
+    logits(model, ids, mask, packed=True)  # the base o_proj weights packed and kept
+    merged = model.merge_and_unload()
+    assert all(type(block.self_attn.o_proj) is torch.nn.Linear for block in merged.model.layers)
+    torch.testing.assert_close(logits(merged, ids, mask, packed=True), logits(merged, ids, mask, packed=False),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_siblings_with_forward_pre_hooks_are_not_grouped_as_a_hook_may_set_the_weight_at_their_own_call():
+    """``torch.nn.utils.prune`` sets ``weight`` = weight_orig ⊙ mask in a pre-hook: a product run at q_proj's call
+    would read k_proj's weight of its last call."""
+    from torch.nn.utils import prune
+
+    model = tiny_llama().requires_grad_(False)
+    attention = model.model.layers[0].self_attn
+    prune.l1_unstructured(attention.k_proj, "weight", amount=0.5)
+    attention.k_proj.weight_mask.zero_()  # k_proj's next call multiplies by zeros
+    assert packed_module.sibling_groups(model, packable_layers(model))[0] == (model.model.layers[0].mlp.gate_proj,
+                                                                              model.model.layers[0].mlp.up_proj)
+    ids, mask = torch.randint(4, 97, (3, 9)), torch.ones(3, 9, dtype=torch.long)
+    torch.testing.assert_close(logits(model, ids, mask, packed=True), logits(model, ids, mask, packed=False),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_a_layer_whose_weights_are_not_on_the_cpu_runs_its_plain_forward(monkeypatch, packed_products):
+    """Weights on the meta device (not loaded yet) with an input on the CPU: what the plain layer does, not a
+    oneDNN error."""
+    monkeypatch.setattr(packed_module, "_WARNED", set())
+    model = tiny_llama().requires_grad_(False)
+    o_proj = model.model.layers[0].self_attn.o_proj.to("meta")
+    x = torch.randn(2, 3, 48)
+    with torch.no_grad():
+        plain = o_proj(x)
+        with packed_weights(model, 2), pytest.warns(RuntimeWarning, match="device meta"):
+            packed = o_proj(x)
+    assert not packed_products and (packed.shape, packed.device) == (plain.shape, plain.device)

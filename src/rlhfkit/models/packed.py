@@ -11,10 +11,16 @@ W_j in the weights' dtype, fp32 accumulation); only the summation order inside a
 
 Sibling layers that read the same input (``SIBLINGS``: a Llama-style attention's q, k and v, a gated MLP's
 gate and up) are packed as one weight [W₁; W₂; …] and multiplied once per input: each layer's forward returns
-its slice of that product (``sibling_groups``; only plain layers, not those LoRA wraps). Bit for bit the
+a copy of its slice of that product (``sibling_groups``; only plain layers, not those LoRA wraps nor those with
+forward pre-hooks). The product of an input is reused only by the siblings it has not served yet and while the
+input is unchanged (its ``_version``; not seen: a write through ``x.data``, or to an inference tensor, which
+tracks no version, between two siblings' calls; HF models make neither). Bit for bit the
 outputs of the layers multiplied one by one (SmolLM2-135M, fp32 and bf16); one product of 960 outputs
 instead of three and one of 3072 instead of two per layer took a SmolLM2 decode step from 36.9 to 31.1 ms
 (bf16, 8 rows, 2 threads, idle, with the products called directly; 33 ms through the layers' forwards).
+Copying the slices (rather than returning views of the product, which a caller could write into) costs 4 to 7 µs
+a q/k/v product more than views at those shapes (fp32 / bf16, 8 rows, 1 thread, a busy machine): about 0.3 ms of
+that 33 ms step, estimated from 60 products a step, not timed end to end.
 
 Why oneDNN's op and not MKL's (``torch.ops.mkl._mkl_linear``, what inductor emits for fp32) nor
 ``torch.utils.mkldnn.to_mkldnn``'s ``MkldnnLinear``: ms per product at SmolLM2-135M's shapes, 8 rows, 1
@@ -43,7 +49,8 @@ happens to the copy at exit depends on whether the weight can change:
   ``.to(dtype)``, a new ``nn.Parameter`` give another), data pointer, shape, strides and dtype, the same
   ``tensor._version`` (bumped by every in-place write through the tensor: an optimizer step,
   ``load_state_dict``, ``copy_``) and, for the base layer of a peft LoRA layer, the same merged adapters
-  (peft merges by writing ``weight.data`` in place, which bumps no version); and it was packed for one row
+  and the same layer wrapping it or none (peft merges by writing ``weight.data`` in place, which bumps no
+  version, and ``merge_and_unload`` drops the LoRA layer); and it was packed for one row
   exactly when this call has one row (oneDNN lays W out for the row count it is given: in fp32 the LM head
   packed for 1 row takes 13.9 ms at 8 rows against 8.4 packed for 8 and 8.8 packed for 32; 8 and 32 are
   interchangeable, 1 thread, loaded machine). Else it is packed again.
@@ -61,11 +68,13 @@ A tied lm_head has its own copy; the embedding stays as it is. peft's LoRA layer
 base layer and adapter matrices are linear layers and are packed like any other, the LoRA sum is
 untouched. Layers whose ``forward`` was already replaced on the instance (accelerate's hooks) run as they
 are. Where packing cannot run (not a CPU, no oneDNN, a dtype oneDNN cannot multiply here, gradients
-wanted) the layer runs its plain forward and a one-line warning says why, once per reason.
+wanted: for a trainable weight or bias, or an input that requires them) the layer runs its plain forward and a
+one-line warning says why, once per reason; an input of a dtype the plain layer refuses goes to it, to be refused.
 """
 
 from __future__ import annotations
 
+import itertools
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -82,14 +91,15 @@ KEEP_FROZEN = True  # False: frozen weights are packed again at every call, like
 @dataclass
 class _KeptPack:
     packed: torch.Tensor  # oneDNN's blocked copy of W (Wᵀ for Conv1D; [W₁; W₂; …] for siblings) in the compute dtype
+    layers: tuple[int, ...]  # id of each layer packed in it (the first, then its siblings)
     storages: tuple[weakref.ref, ...]  # each weight's storage when packed: dead once freed, never taken for a new one
     state: tuple  # weight_state of each weight when packed
     single_row: bool  # packed for products of one row (see the module docstring)
 
 
-# layer → {(compute dtype, the sibling layers packed with it): its kept packed weight}. Weakly keyed: an entry is
-# freed with its layer.
-_KEPT: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, _KeptPack]] = weakref.WeakKeyDictionary()
+# first layer → {compute dtype: the kept packed weight of the layers packed with it}: one copy per layer and dtype,
+# replaced when the layer is packed with other siblings (or alone). Weakly keyed: freed with its first layer.
+_KEPT: weakref.WeakKeyDictionary[torch.nn.Module, dict[torch.dtype, _KeptPack]] = weakref.WeakKeyDictionary()
 
 
 def _warn_once(reason: str) -> None:
@@ -112,13 +122,22 @@ def unpackable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
+def product_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype ``F.linear(x, weight)`` multiplies in: autocast's where it is on and casts both (floating, not
+    float64), else the weight's where ``x`` has it; None where the plain layer refuses ``x`` (of another dtype)."""
+    if torch.is_autocast_enabled(x.device.type) and all(t.is_floating_point() and t.dtype != torch.float64
+                                                        for t in (x, weight)):
+        return torch.get_autocast_dtype(x.device.type)
+    return weight.dtype if x.dtype == weight.dtype else None
+
+
 def weight_state(weight: torch.Tensor, owner: torch.nn.Module | None) -> tuple | None:
     """What changes whenever a frozen ``weight``'s values change by the usual routes (see the module docstring),
     read without reading the values; None where its copy is not kept (trainable, an inference tensor, which
     tracks no version, or keeping off). ``owner``: the peft LoRA layer whose base layer holds ``weight``."""
     if not KEEP_FROZEN or weight.requires_grad or weight.is_inference():
         return None
-    merged = tuple(owner.merged_adapters) if owner is not None else ()
+    merged = (True, *owner.merged_adapters) if owner is not None else (False,)  # merge_and_unload drops the owner
     return weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape), weight.stride(), merged
 
 
@@ -129,35 +148,38 @@ def _pack(modules: Sequence[torch.nn.Module], dtype: torch.dtype, rows: int,
     kept if every weight is frozen)."""
     first, weights = modules[0], [module.weight for module in modules]
     states = tuple(weight_state(weight, owner) for weight in weights)
-    key = (dtype, tuple(id(module) for module in modules[1:]))
+    layers = tuple(id(module) for module in modules)
     if None in states:
         _KEPT.pop(first, None)
     else:
-        kept = _KEPT.get(first, {}).get(key)
-        if (kept is not None and kept.state == states and kept.single_row == (rows == 1)
+        kept = _KEPT.get(first, {}).get(dtype)
+        if (kept is not None and kept.layers == layers and kept.state == states and kept.single_row == (rows == 1)
                 and all(ref() is weight.untyped_storage() for ref, weight in zip(kept.storages, weights, strict=True))):
             return kept.packed
     w = torch.cat([(m.weight.t() if isinstance(m, Conv1D) else m.weight).to(dtype) for m in modules]).contiguous()
     packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)  # Conv1D keeps W as [in, out]
     if None not in states:
         storages = tuple(weakref.ref(weight.untyped_storage()) for weight in weights)
-        _KEPT.setdefault(first, {})[key] = _KeptPack(packed, storages, states, rows == 1)
+        _KEPT.setdefault(first, {})[dtype] = _KeptPack(packed, layers, storages, states, rows == 1)
     return packed
 
 
 class _PackedProduct:
     """y = x [W₁; W₂; …]ᵀ + [b₁; b₂; …] for one layer, or for sibling layers that read the same input (a
     layer's q, k and v; a gated MLP's gate and up: ``sibling_groups``), on their weights packed together at the
-    first call in each compute dtype. Each sibling's forward returns its slice of the product; the product of
-    the last input (the same tensor object, unchanged since: ``tensor._version``, which an inference tensor
-    does not track) is reused, so the siblings of one input cost one product."""
+    first call in each compute dtype. Each sibling's forward returns a copy of its slice of the product (its own
+    contiguous tensor, as its plain forward returns: writing into it changes no other output); the product of the
+    last input (the same tensor object, unchanged since: ``tensor._version``, which an inference tensor does not
+    track) is reused by the siblings it has not served yet, so the siblings of one input cost one product and a
+    sibling called again multiplies again."""
 
     def __init__(self, modules: Sequence[torch.nn.Module], rows: int, owner: torch.nn.Module | None) -> None:
         self.modules, self.rows, self.owner = tuple(modules), rows, owner
         self.packed: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor | None] | None] = {}  # None: cannot pack
-        self.last: tuple | None = None  # (x, its version, dtype, y) of the last product of siblings
-        ends = torch.tensor([m.out_features for m in self.modules]).cumsum(0).tolist() if len(modules) > 1 else [0]
-        self.slices = [slice(end - m.out_features, end) for m, end in zip(self.modules, ends, strict=True)] \
+        self.last: tuple | None = None  # (x, its version, dtype, y, the siblings served) of the last product
+        widths = [m.weight.shape[0] for m in self.modules]  # not out_features, which nothing keeps up to date
+        ends = list(itertools.accumulate(widths))
+        self.slices = [slice(end - width, end) for width, end in zip(widths, ends, strict=True)] \
             if len(modules) > 1 else [slice(None)]
 
     def forward_of(self, index: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -166,11 +188,13 @@ class _PackedProduct:
         plain, part = module.forward, self.slices[index]
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            if torch.is_grad_enabled() and any(m.weight.requires_grad for m in self.modules):
+            if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for m in self.modules
+                                                                   for p in m.parameters(recurse=False))):
                 _warn_once("gradients are wanted: the packed product has no backward")
                 return plain(x)
-            autocast = torch.is_autocast_enabled(x.device.type)
-            dtype = torch.get_autocast_dtype(x.device.type) if autocast else module.weight.dtype
+            dtype = product_dtype(x, module.weight)
+            if dtype is None:  # the plain layer refuses x: it says why
+                return plain(x)
             if dtype not in self.packed:
                 self.packed[dtype] = self._pack(x.device, dtype)
             if self.packed[dtype] is None:
@@ -178,14 +202,16 @@ class _PackedProduct:
             if len(self.modules) == 1:
                 return self._product(x, dtype)
             version = None if x.is_inference() else x._version  # an inference tensor tracks no version
-            if self.last is None or self.last[0] is not x or self.last[1:3] != (version, dtype):
-                self.last = (x, version, dtype, self._product(x, dtype))
-            return self.last[3][..., part]
+            last = self.last  # read once: another thread's product is never taken for this one's
+            if last is None or last[0] is not x or last[1:3] != (version, dtype) or index in last[4]:
+                last = self.last = (x, version, dtype, self._product(x, dtype), set())
+            last[4].add(index)
+            return last[3][..., part].clone(memory_format=torch.contiguous_format)
 
         return forward
 
     def _pack(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        reason = unpackable_reason(device, dtype)
+        reason = unpackable_reason(device, dtype) or unpackable_reason(self.modules[0].weight.device, dtype)
         if reason is not None:
             _warn_once(reason)
             return None
@@ -210,14 +236,16 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # childre
 
 def sibling_groups(model: torch.nn.Module, packable: Sequence[torch.nn.Module]) -> list[tuple[torch.nn.Module, ...]]:
     """Sibling ``nn.Linear`` layers multiplied as one product (``SIBLINGS`` of one parent: Llama-style attention
-    and gated MLPs), where all of them are packable, plain (not wrapped by LoRA), of one input width, dtype and
-    device, and all with or all without a bias."""
+    and gated MLPs), where all of them are packable, plain (not wrapped by LoRA), without forward pre-hooks (which
+    may set a layer's weight just before its own call, as ``torch.nn.utils.prune`` does: too late for a product
+    run at its sibling's call), of one input width, dtype and device, and all with or all without a bias."""
     packable, groups = set(packable), []
     for parent in model.modules():
         for names in SIBLINGS:
             layers = tuple(getattr(parent, name, None) for name in names)
-            if (all(type(layer) is torch.nn.Linear and layer in packable for layer in layers)
-                    and len({(layer.in_features, layer.weight.dtype, layer.weight.device, layer.bias is None)
+            if (all(type(layer) is torch.nn.Linear and layer in packable and not layer._forward_pre_hooks
+                    for layer in layers)
+                    and len({(layer.weight.shape[1], layer.weight.dtype, layer.weight.device, layer.bias is None)
                              for layer in layers}) == 1):
                 groups.append(layers)
     return groups
@@ -264,9 +292,11 @@ def keep_packed_weights(model: torch.nn.Module) -> Iterator[None]:
         for parameter in trainable:
             parameter.requires_grad_(True)
         froze = {id(parameter) for parameter in trainable}
-        for module in model.modules():
-            if id(getattr(module, "weight", None)) in froze:
-                _KEPT.pop(module, None)
+        layers = {id(module) for module in model.modules() if id(getattr(module, "weight", None)) in froze}
+        for module in model.modules():  # every copy holding a weight it froze, siblings' products too
+            kept = _KEPT.get(module, {})
+            for dtype in [dtype for dtype, pack in kept.items() if layers.intersection(pack.layers)]:
+                del kept[dtype]
 
 
 def forget_packed_weights(model: torch.nn.Module) -> None:
