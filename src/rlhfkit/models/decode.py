@@ -16,8 +16,8 @@ with the model's own linear layers (so packed weights, LoRA adapters and autocas
 forward), its rotary embedding, norms' weights and activation, and the attention kernel transformers uses
 for one query (``scaled_dot_product_attention``, the query heads grouped by key/value head); this step's K
 and V are written at ``index`` of transformers' ``StaticCache``; M is −∞ where ``attend`` is False.
-In fp32 the logits equal the model's forward to ~1e-5 (summation order of the norms), in bf16 bit for bit
-on SmolLM2 (``tests/models/test_decode.py``).
+The logits are bit for bit the model's forward's (SmolLM2 in fp32, bf16 and under bf16 autocast;
+``tests/models/test_decode.py`` on tiny models).
 
 Families: Llama-style (``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``: RMSNorm, rotary
 positions, a gated MLP, grouped-query attention) and ``GPT2LMHeadModel``. ``decode_step(model, cache_length)``
@@ -50,8 +50,11 @@ DecodeStep = Callable[[PreTrainedModel, torch.Tensor, torch.Tensor, int, torch.T
 
 
 def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
-    """LlamaRMSNorm: w · (x / √(mean x² + ε)), computed in fp32 and cast back before the weight."""
-    return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon).to(x.dtype)
+    """LlamaRMSNorm: w · (x / √(mean x² + ε)), computed in fp32 and cast back before the weight, op for op as
+    transformers computes it (``F.rms_norm`` sums in another order: fp32 logits 1e-5 apart, enough to change a
+    draw now and then, and with it a whole run)."""
+    h = x.float()
+    return norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)).to(x.dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
