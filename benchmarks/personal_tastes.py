@@ -102,8 +102,8 @@ def read(report: Path) -> None:
     """What a finished run's last-round answers (report.json's ``answers``) repeat, per model: how many different
     advice sentences (the second sentence, or the whole text, with the question's content words as X) and
     openers (the first sentence) among them, the most common of each, and how many answers insult."""
-    answers = json.loads(report.read_text())["answers"]
-    models = ["shared", *json.loads(report.read_text())["tastes"]]
+    finished = json.loads(report.read_text())
+    answers, models = finished["answers"], ["shared", *finished["tastes"]]
     for column, model in enumerate(models, start=1):
         advice, openers = Counter(), Counter()
         for row in answers:

@@ -199,6 +199,11 @@ def learned(win: tuple[float, float, float], others: dict[str, tuple[float, floa
     return win[1] > 0.5, all(low <= 0.5 for _, low, _ in others.values())
 
 
+def sample_keys(prompts: Sequence[str], samples: int) -> list[str]:
+    """The prompt of each held-out answer: every prompt repeated once per sample, in the answers' order."""
+    return [p for p in prompts for _ in range(samples)]
+
+
 def judge_gap(mine: Sequence[float], shared: Sequence[float], prompts: Sequence[str],
               topics: dict[str, str]) -> tuple[float, float, float]:
     """(mean, low, high) of judge(personal answer) − judge(shared answer) over (prompt, sample), with the
@@ -317,7 +322,7 @@ class PersonalDemo:
         their features φ, once for every user and round."""
         n, first = self.reranker.config.n, self.config.eval_samples
         self.candidates = self.answers(None, prompts, range(first, first + n))
-        self.candidate_features = self.reranker.features([p for p in prompts for _ in range(n)],
+        self.candidate_features = self.reranker.features(sample_keys(prompts, n),
                                                          [a.text for a in self.candidates])
 
     def reranked(self, taste: Taste) -> list[Answer] | None:
@@ -353,7 +358,7 @@ class PersonalDemo:
         adapter = self.models.adapter(owner)
         mine = self.answers(adapter, prompts) if adapter else shared
         self.held_out_answers[taste.user] = mine
-        keys = [p for p in prompts for _ in range(self.config.eval_samples)]
+        keys = sample_keys(prompts, self.config.eval_samples)
 
         def rate(judge: Taste, ours: Sequence[Answer], theirs: Sequence[Answer]) -> tuple[float, float, float]:
             return head_to_head(judge, keys, ours, theirs, topics)
@@ -379,7 +384,7 @@ class PersonalDemo:
     def vs_others(self, taste: Taste, prompts: Sequence[str], topics: dict[str, str]) -> dict:
         """Other user → the win rate of this user's model against theirs, under this user's taste (their latest
         held-out answers, drawn with the same seeds)."""
-        keys = [p for p in prompts for _ in range(self.config.eval_samples)]
+        keys = sample_keys(prompts, self.config.eval_samples)
         mine = self.held_out_answers[taste.user]
         return {user: head_to_head(taste, keys, mine, theirs, topics)
                 for user, theirs in self.held_out_answers.items() if user != taste.user}
@@ -524,7 +529,7 @@ def run_personal_demo(config: PersonalDemoConfig | None = None, policy=None, tok
     console.rule(f"[bold]personal models: {', '.join(f'{t.user} likes {t.description}' for t in config.tastes)}")
     try:
         shared = demo.answers(None, held_out)
-        keys = [p for p in held_out for _ in range(config.eval_samples)]
+        keys = sample_keys(held_out, config.eval_samples)
         demo.shared_scores = {judge.name: judge(keys, [a.text for a in shared]).tolist() for judge in demo.judges}
         demo.draw_candidates(held_out)
         results = []
