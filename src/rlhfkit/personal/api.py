@@ -33,7 +33,6 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -49,7 +48,6 @@ from rlhfkit.feedback.db import User
 from rlhfkit.feedback.service import FeedbackError
 from rlhfkit.personal import store
 from rlhfkit.personal.models import POPULATION, Forgotten, PersonalModels, PromptTooLong, user_owner
-from rlhfkit.personal.ranked import ranked_pairs
 from rlhfkit.personal.rerank import PreferenceHead, RerankConfig, Reranker
 from rlhfkit.personal.train import PersonalDPOConfig, TrainingQueue, train_population, train_user
 
@@ -141,9 +139,7 @@ def include_personal(app: FastAPI, models: PersonalModels, settings: PersonalSet
             if owner == POPULATION:
                 train_population(models, session, settings.dpo)
             else:
-                train_user(models, session, owner, settings.dpo, partial(
-                    ranked_pairs, models, reranker, owner, temperature=settings.temperature,
-                    max_new_tokens=settings.max_new_tokens, seed=ranked_seed.randrange(2**31)))
+                train_user(models, session, owner, settings.dpo)
 
     def retrain(forgotten: Forgotten) -> str:
         """Queue the trainings of what a deletion removed (the population first: the users' versions start
@@ -164,7 +160,6 @@ def include_personal(app: FastAPI, models: PersonalModels, settings: PersonalSet
     deletions = Deletions()
     draws = random.Random(settings.seed)  # used under models.lock only: the same requests in the same order
     reranker = Reranker(settings.rerank)
-    ranked_seed = random.Random(settings.seed)  # the ranked pairs' draws, one seed per training (one thread)
     app.state.personal_training, app.state.personal_reranker = queue, reranker
 
     def cold_start_head(user_id: int, session: Session) -> PreferenceHead | None:

@@ -369,17 +369,12 @@ class PersonalModels:
         return list(self.model.peft_config)
 
     # ------------------------------------------------------------ answers
+    @torch.inference_mode()
     def answer(self, prompt: str, adapter: str | None, temperature: float = 1.0, max_new_tokens: int = 48,
                seed: int | None = None) -> Answer:
         """One sampled answer of ``adapter`` (None: the base model), as decoded (not trimmed: DPO later
         reads the same text), and whether it was cut at ``max_new_tokens``; ``seed`` fixes the random draws
         (None: the global generator's)."""
-        return self.answers(prompt, adapter, 1, temperature, max_new_tokens, seed)[0]
-
-    @torch.inference_mode()
-    def answers(self, prompt: str, adapter: str | None, n: int, temperature: float = 1.0, max_new_tokens: int = 48,
-                seed: int | None = None) -> list[Answer]:
-        """``n`` answers sampled together (the prompt read once), as ``answer``."""
         text = format_prompt(prompt, self.tokenizer, self.use_chat_template)
         encoded = self.tokenizer([text], return_tensors="pt", add_special_tokens=not self.use_chat_template)
         try:
@@ -392,6 +387,6 @@ class PersonalModels:
         generator = None if seed is None else torch.Generator(device).manual_seed(seed)
         with self.active(adapter):
             tokens = sample_completions(self.model, encoded["input_ids"].to(device),
-                                        encoded["attention_mask"].to(device), n, decoding, generator)
-        cut = cut_at_limit(tokens, self.tokenizer.eos_token_id)
-        return [Answer(self.tokenizer.decode(row, skip_special_tokens=True), cut[i]) for i, row in enumerate(tokens)]
+                                        encoded["attention_mask"].to(device), 1, decoding, generator)
+        return Answer(self.tokenizer.decode(tokens[0], skip_special_tokens=True),
+                      cut_at_limit(tokens, self.tokenizer.eos_token_id)[0])

@@ -47,17 +47,12 @@ class RerankConfig:
     min_pairs: int = 4  # a user's pairs before their head answers (until their first adapter version)
     l2: float = 0.1  # λ of the head's L2 penalty
     encoder: str = ""  # a sentence-transformers model or encoder folder; "" = the offline MiniLM-L6
-    # samples of the starting point per question a user answered whose best and worst by their head join the
-    # pairs their adapter trains on (rlhfkit.personal.ranked; 0: only the pairs they gave; at most MAX_N)
-    ranked_pairs: int = 0
 
     def __post_init__(self) -> None:
         require_field_types(self)
         require(self.n == 0 or self.n >= 2, "n", "must be 0 (no reranking) or at least 2 (a best of N)")
         require(self.n <= MAX_N, "n", f"must be at most {MAX_N}: an ask samples N answers one after another, "
                 f"and the best of N beats one sample at most N/(N + 1) of the time (0.97 at {MAX_N})")
-        require(self.ranked_pairs == 0 or 2 <= self.ranked_pairs <= MAX_N, "ranked_pairs",
-                f"must be 0 (off) or 2 to {MAX_N} (samples ranked per question)")
         require(self.min_pairs >= 1, "min_pairs", "must be at least 1 (a head needs a pair)")
         require(self.l2 > 0, "l2", "must be positive (without it, separable pairs drive the weights to infinity)")
 

@@ -108,27 +108,18 @@ def nll_tokens(batch: TokenBatch, eos_token_id: int, config: PersonalDPOConfig) 
     return chosen.completion_mask * (chosen.completion_ids != eos_token_id)
 
 
-RankedPairs = Callable[[Sequence[PreferencePair], Sequence[str]], list[PreferencePair]]
-
-
-def train_user(models: PersonalModels, session: Session, user_id: int, config: PersonalDPOConfig,
-               ranked: RankedPairs | None = None) -> int | None:
+def train_user(models: PersonalModels, session: Session, user_id: int, config: PersonalDPOConfig) -> int | None:
     """The user's next version, trained on all their pairs; None when they have none (e.g. deleted). The
     pairs are read under the user's training lock, so a deletion either waits for it or comes first. A
     version whose starting point another user's deletion removed meanwhile is trained again from the
-    current one. ``ranked(pairs, questions)``: more pairs to train on, made from the user's pairs and every
-    question they answered (rlhfkit.personal.ranked)."""
+    current one."""
     owner = user_owner(user_id)
     with models.training_of(owner):
         while True:
-            choices = user_choices(session, user_id)
-            pairs, questions = preference_pairs(choices), [row.prompt for row in choices]
+            pairs = preference_pairs(user_choices(session, user_id))
             session.rollback()  # no transaction held during training
-            if not pairs:
-                return None
             try:
-                extra = ranked(pairs, questions) if ranked else []
-                return train_version(models, owner, pairs, config, ranked=extra)[0]
+                return train_version(models, owner, pairs, config)[0] if pairs else None
             except StartRemoved:
                 continue  # each removal is final (its number is not given again): this ends
 
@@ -143,12 +134,11 @@ def train_population(models: PersonalModels, session: Session, config: PersonalD
 
 
 def train_version(models: PersonalModels, owner: str, pairs: Sequence[PreferencePair],
-                  config: PersonalDPOConfig, users: Sequence[int] | None = None,
-                  ranked: Sequence[PreferencePair] = ()) -> tuple[int, list[dict]]:
-    """OWNER's next adapter version trained on ``pairs`` (and ``ranked``, pairs made by the owner's preference
-    head, counted apart) and published; returns (version, per-step history). ``users``: whose pairs these
-    are, recorded in the version (without it a deletion of anyone removes a population version). On any
-    failure the half-trained adapter is dropped and the previous version stays in use."""
+                  config: PersonalDPOConfig, users: Sequence[int] | None = None) -> tuple[int, list[dict]]:
+    """OWNER's next adapter version trained on ``pairs`` and published; returns (version, per-step history).
+    ``users``: whose pairs these are, recorded in the version (without it a deletion of anyone removes a
+    population version). On any failure the half-trained adapter is dropped and the previous version stays
+    in use."""
     if not pairs:
         raise ValueError(f"{owner}: no preference pairs to train on (choices of 'a' or 'b')")
     with models.training_of(owner):
@@ -158,14 +148,12 @@ def train_version(models: PersonalModels, owner: str, pairs: Sequence[Preference
                 start = models.starting_point(owner)
                 start_saved = models.saved_as(start)
                 models.new_adapter(name, start)
-                training = [*pairs, *ranked]
-                tokens = [pair_batch(models, training[i:i + config.batch_size], config)
-                          for i in range(0, len(training), config.batch_size)]
+                tokens = [pair_batch(models, pairs[i:i + config.batch_size], config)
+                          for i in range(0, len(pairs), config.batch_size)]
                 with torch.no_grad(), models.active(start):
                     reference = [sequence_logprobs(models, t)[0] for t in tokens]
             history = _optimise(models, name, tokens, reference, config)
-            info = {"pairs": len(pairs), "ranked_pairs": len(ranked), "start": start or "base",
-                    "config": asdict(config), "final": history[-1]}
+            info = {"pairs": len(pairs), "start": start or "base", "config": asdict(config), "final": history[-1]}
             if users is not None:
                 info["users"] = sorted(users)
             return models.publish(owner, name, info, start_saved), history
