@@ -207,6 +207,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=PersonalDemoConfig().dpo.lr)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--nll", type=float, default=1.0)
+    parser.add_argument("--kl", type=float, default=PersonalDemoConfig().dpo.kl_coef,
+                        help="γ of the per-token KL to the starting point")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--nll-on-eos", action="store_true", help="the NLL term also on the chosen answer's EOS")
     parser.add_argument("--rounds", type=int, default=PersonalDemoConfig.rounds)
@@ -230,7 +232,7 @@ def main() -> None:
     if args.trace:
         trace(args.run_dir / "trace.jsonl")
     dpo = PersonalDPOConfig(lr=args.lr, beta=args.beta, nll_coef=args.nll, epochs=args.epochs,
-                            nll_on_eos=args.nll_on_eos)
+                            nll_on_eos=args.nll_on_eos, kl_coef=args.kl)
     run_personal_demo(PersonalDemoConfig(run_dir=args.run_dir, rounds=args.rounds, prompts_per_round=args.per_round,
                                          train_every=args.train_every, seed=args.seed, dpo=dpo,
                                          max_new_tokens=args.max_new_tokens, eval_prompts=args.eval_prompts,

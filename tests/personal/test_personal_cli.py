@@ -1,5 +1,6 @@
 """`rlhfkit personal train`: a version per user from the command line; mistakes end in one line."""
 
+import json
 import os
 import subprocess
 import sys
@@ -44,11 +45,21 @@ def test_train_writes_the_users_next_version_and_says_what_it_trained_on(setup):
     assert nothing.exit_code == 0 and "bob: no preference pairs" in nothing.output
 
 
+def test_train_with_the_kl_term_records_its_coefficient_and_per_step_kl(setup):
+    db, policy, adapters, ann_id = setup
+    result = invoke("personal", "train", "--policy", policy, "--db", db, "--adapters", adapters, "--user", "ann",
+                    "--epochs", 1, "--kl-coef", 2, "--no-chat-template")
+    assert result.exit_code == 0, result.output
+    info = json.loads((adapters / f"user-{ann_id}" / "v1" / "version.json").read_text())
+    assert info["config"]["kl_coef"] == 2.0 and info["final"]["kl"] >= 0
+
+
 @pytest.mark.parametrize("args, says", [
     (["--user", "nobody"], "no user named 'nobody'"),
     ([], "say whose model to train"),
     (["--user", "ann", "--all"], "give one of them"),
     (["--user", "ann", "--lr", "0"], "lr"),
+    (["--user", "ann", "--kl-coef", "-1"], "kl_coef"),
 ])
 def test_train_mistakes_end_in_one_line(setup, args, says):
     db, policy, adapters, _ = setup

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from rlhfkit.models.policy import TokenBatch
-from rlhfkit.personal.train import PersonalDPOConfig, TrainingQueue, nll_tokens, personal_loss
+from rlhfkit.config import FieldError
+from rlhfkit.personal.train import PersonalDPOConfig, TrainingQueue, forward_kl, nll_tokens, personal_loss
 
 
 def test_a_user_whose_training_is_running_is_not_queued_again_until_it_ends() -> None:
@@ -78,3 +79,33 @@ def test_an_answer_cut_at_the_generation_limit_has_every_token_in_the_nll_term()
                        (completions != 99).long())
     assert nll_tokens(batch, 0, PersonalDPOConfig()).tolist() == [[1, 1, 0], [1, 1, 1]]
     assert nll_tokens(batch, 0, PersonalDPOConfig(nll_on_eos=True)).tolist() == [[1, 1, 1], [1, 1, 1]]
+
+
+def test_the_forward_kl_is_zero_for_equal_distributions_and_counts_only_what_the_start_gives_mass() -> None:
+    torch.manual_seed(0)
+    start = torch.log_softmax(torch.randn(2, 3, 5), dim=-1)
+    policy = torch.log_softmax(torch.randn(2, 3, 5), dim=-1).requires_grad_()
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert forward_kl(start, start, mask).item() == pytest.approx(0.0, abs=1e-7)
+    by_hand = [(start[b, t].exp() * (start[b, t] - policy[b, t])).sum().item() for b, t in [(0, 0), (0, 1), (1, 0)]]
+    kl = forward_kl(start, policy, mask)  # the masked-out positions count nothing
+    assert kl.item() == pytest.approx(sum(by_hand) / 3, rel=1e-6) and kl.item() > 0
+    start[..., 4] = float("-inf")  # a token the start never gives: no NaN, in the value or the gradient
+    start = torch.log_softmax(start, dim=-1)
+    forward_kl(start, policy, mask).backward()
+    assert torch.isfinite(policy.grad).all() and (policy.grad[..., 4] == 0).all()
+
+
+def test_the_kl_term_adds_gamma_times_the_kl_and_nothing_when_off() -> None:
+    logprobs, reference = torch.tensor([[-1.0, -2.0], [-3.0, -1.0]]), torch.tensor([-3.0, -4.0])
+    nll_mask, kl = torch.ones(1, 2), torch.tensor(0.25)
+    plain, _ = personal_loss(logprobs, reference, nll_mask, PersonalDPOConfig())
+    with_kl, _ = personal_loss(logprobs, reference, nll_mask, PersonalDPOConfig(kl_coef=2.0), kl)
+    assert with_kl.item() == pytest.approx(plain.item() + 0.5)
+    assert personal_loss(logprobs, reference, nll_mask, PersonalDPOConfig(), kl)[0].item() == plain.item()
+
+
+@pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf")])
+def test_a_kl_coefficient_below_zero_or_not_finite_is_refused_by_name(value) -> None:
+    with pytest.raises(FieldError, match="field 'kl_coef'"):
+        PersonalDPOConfig(kl_coef=value)

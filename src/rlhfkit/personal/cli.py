@@ -32,16 +32,18 @@ def _models(policy: str, adapters: Path, chat_template: bool | None, lora_r: int
                           max_in_memory=max_in_memory)
 
 
-def _dpo_config(lr: float, epochs: int, beta: float, nll_coef: float):
+def _dpo_config(lr: float, epochs: int, beta: float, nll_coef: float, kl_coef: float):
     from rlhfkit.personal.train import PersonalDPOConfig
 
-    return PersonalDPOConfig(lr=lr, epochs=epochs, beta=beta, nll_coef=nll_coef)
+    return PersonalDPOConfig(lr=lr, epochs=epochs, beta=beta, nll_coef=nll_coef, kl_coef=kl_coef)
 
 
 LrOption = Annotated[float, typer.Option(help="Learning rate of the adapter.")]
 EpochsOption = Annotated[int, typer.Option(help="Passes over the user's pairs per version.")]
 BetaOption = Annotated[float, typer.Option(help="β of DPO (strength of the pull towards the starting point).")]
 NllOption = Annotated[float, typer.Option(help="α of the NLL term on the chosen answer (0: plain DPO).")]
+KlOption = Annotated[float, typer.Option(help="γ of the per-token KL to the starting point, which keeps the "
+                                              "answers as varied as the start's (the personal demo's: 2; 0: off).")]
 LoraROption = Annotated[int, typer.Option(min=1, help="LoRA rank of new adapters (alpha = 2 × rank).")]
 
 
@@ -56,7 +58,7 @@ def train(
     population: Annotated[bool, typer.Option(help="Train the population adapter on everyone's pairs (first, "
                                                   "so that the users' versions start from it).")] = False,
     lr: LrOption = 3e-4, epochs: EpochsOption = 4, beta: BetaOption = 0.1, nll_coef: NllOption = 1.0,
-    lora_r: LoraROption = 8, chat_template: ChatTemplateOption = None,
+    kl_coef: KlOption = 0.0, lora_r: LoraROption = 8, chat_template: ChatTemplateOption = None,
 ) -> None:
     """A new adapter version per user (each from the starting point, on all of that user's pairs)."""
     from sqlalchemy import select
@@ -70,7 +72,7 @@ def train(
         raise ValueError("--user and --all: give one of them")
     if user is None and not all_users and not population:
         raise ValueError("say whose model to train: --user NAME, --all, or --population")
-    config = _dpo_config(lr, epochs, beta, nll_coef)
+    config = _dpo_config(lr, epochs, beta, nll_coef, kl_coef)
     with _session(db, create=False) as session:
         names = dict(session.execute(select(User.id, User.username)).all())
         if user is not None and user not in names.values():
@@ -111,7 +113,7 @@ def serve(
     max_in_memory: Annotated[int, typer.Option(min=1, help="Users' adapters kept in memory; the least recently "
                                                            "used is dropped and read again when needed.")] = 1000,
     lr: LrOption = 3e-4, epochs: EpochsOption = 4, beta: BetaOption = 0.1, nll_coef: NllOption = 1.0,
-    lora_r: LoraROption = 8, chat_template: ChatTemplateOption = None,
+    kl_coef: KlOption = 0.0, lora_r: LoraROption = 8, chat_template: ChatTemplateOption = None,
     rerank_n: Annotated[int, typer.Option(help="Cold start: until a user's first version, their answer is the best "
                                                "of this many samples by their preference head (0: off).")] = 4,
     rerank_min_pairs: Annotated[int, typer.Option(help="Pairs a user gives before their head reranks.")] = 4,
@@ -129,7 +131,7 @@ def serve(
     from rlhfkit.personal.api import PersonalSettings, include_personal
     from rlhfkit.personal.rerank import RerankConfig
 
-    settings = PersonalSettings(train_every=train_every, dpo=_dpo_config(lr, epochs, beta, nll_coef),
+    settings = PersonalSettings(train_every=train_every, dpo=_dpo_config(lr, epochs, beta, nll_coef, kl_coef),
                                 rerank=RerankConfig(n=rerank_n, min_pairs=rerank_min_pairs, encoder=rerank_encoder))
     with _session(db) as session:
         accounts = session.scalar(select(func.count()).select_from(User))

@@ -8,12 +8,20 @@ before training):
     L_DPO = −mean log σ(h)                                     (rlhfkit.rl.dpo.dpo_loss)
     L     = L_DPO + α · mean[ −Σ_{t: y_t ≠ EOS} log π_θ(y_t|x, y_<t) / |{t: y_t ≠ EOS}| ]
                                                    (y = y_c; α = ``nll_coef``; 0 turns it off)
+                  + γ · mean_{y ∈ {y_c, y_r}, t} KL( π_s(·|x, y_<t) ‖ π_θ(·|x, y_<t) )
+                                                   (γ = ``kl_coef``; 0 turns it off)
 
 The NLL term on the chosen answer (per token) keeps the answers fluent when a handful of pairs would
 otherwise let DPO push both answers' probabilities down. It leaves out the chosen answer's EOS: where an
 answer stops is what a length taste is about, and an NLL on the EOS of every whole chosen answer pulls the
 adapter to stop where the base stops, against a user who likes longer answers (DPO's own log-probs keep
 the EOS; ``nll_on_eos`` puts it in the NLL too; benchmarks/results/personal_tastes.md, runs 25–34).
+
+The KL term compares whole next-token distributions at every position of both answers, against the
+starting point's: DPO's own β only sees the log-probs of the sampled answers, so it lets the adapter pile
+onto a few openers and sentences that are always chosen (the toy demo's answers narrowed below the variety
+bar, benchmarks/results/personal_tastes.md runs 57–86). The forward direction keeps every token the start
+gives mass to: a distribution collapsing onto one of them pays for each it dropped.
 
 A non-finite loss or gradient stops training with the step and the cause (``TrainingDiverged``) before
 the weights take it in; a failed training leaves the owner's previous version in use and no version
@@ -36,7 +44,7 @@ from sqlalchemy.orm import Session
 
 from rlhfkit.config import require, require_field_types
 from rlhfkit.data.records import PreferencePair
-from rlhfkit.models.policy import TokenBatch, completion_logits, token_logprobs
+from rlhfkit.models.policy import TokenBatch, completion_logits
 from rlhfkit.models.update import TrainingDiverged, adamw, apply_gradients
 from rlhfkit.personal.models import POPULATION, PersonalModels, StartRemoved, user_owner
 from rlhfkit.personal.store import preference_pairs, user_choices, users_with_pairs
@@ -51,6 +59,7 @@ class PersonalDPOConfig:
     batch_size: int = 8  # pairs per step
     nll_coef: float = 1.0  # α of the NLL term on the chosen answer (0: plain DPO)
     nll_on_eos: bool = False  # the NLL term also on the chosen answer's EOS (it teaches the base's stopping)
+    kl_coef: float = 0.0  # γ of the per-token forward KL to the starting point (0: off)
     max_grad_norm: float = 1.0
     max_prompt_tokens: int = 256
     max_completion_tokens: int = 128
@@ -63,6 +72,7 @@ class PersonalDPOConfig:
         for name in ("epochs", "batch_size", "max_prompt_tokens", "max_completion_tokens"):
             require(getattr(self, name) >= 1, name, "must be at least 1")
         require(self.nll_coef >= 0, "nll_coef", "must be at least 0 (0 turns the NLL term off)")
+        require(self.kl_coef >= 0, "kl_coef", "must be at least 0 (0 turns the KL term off)")
 
 
 def pair_batch(models: PersonalModels, pairs: Sequence[PreferencePair], config: PersonalDPOConfig) -> TokenBatch:
@@ -71,12 +81,31 @@ def pair_batch(models: PersonalModels, pairs: Sequence[PreferencePair], config: 
                        config.max_completion_tokens, models.model)
 
 
+def completion_log_distributions(models: PersonalModels, batch: TokenBatch) -> tuple[torch.Tensor, TokenBatch]:
+    """log π(·|x, y_<t) at every completion position of the active adapter ([B, T, V], fp32), and the batch
+    on the model's device."""
+    batch = batch.to(next(models.model.parameters()).device)
+    logits, _ = completion_logits(models.model, batch)
+    return torch.log_softmax(logits.float(), dim=-1), batch
+
+
 def completion_token_logprobs(models: PersonalModels, batch: TokenBatch) -> tuple[torch.Tensor, TokenBatch]:
     """log π(y_t|x, y_<t) per completion token of the active adapter, 0 past the completion ([B, T]), and
     the batch on the model's device."""
-    batch = batch.to(next(models.model.parameters()).device)
-    logits, _ = completion_logits(models.model, batch)
-    return token_logprobs(logits, batch.completion_ids)[0] * batch.completion_mask, batch
+    log_distributions, batch = completion_log_distributions(models, batch)
+    return chosen_tokens(log_distributions, batch), batch
+
+
+def chosen_tokens(log_distributions: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """log π(y_t|…) of each completion token from the distributions [B, T, V], 0 past the completion."""
+    return log_distributions.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1) * batch.completion_mask
+
+
+def forward_kl(reference: torch.Tensor, policy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """mean over the tokens in ``mask`` [B, T] of KL(π_s ‖ π_θ) = Σ_v π_s(v) (log π_s(v) − log π_θ(v)), from
+    log-distributions [B, T, V] (a token π_s gives no mass adds nothing, whatever π_θ gives it)."""
+    per_token = torch.where(reference.isinf(), 0.0, reference.exp() * (reference - policy)).sum(dim=-1)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
 
 def sequence_logprobs(models: PersonalModels, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,16 +115,19 @@ def sequence_logprobs(models: PersonalModels, batch: TokenBatch) -> tuple[torch.
 
 
 def personal_loss(logprobs: torch.Tensor, reference: torch.Tensor, nll_mask: torch.Tensor,
-                  config: PersonalDPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L = L_DPO + α · NLL per token of the chosen answers, the margins h) for a batch's per-token log-probs
-    [B, T] (0 past each completion; chosen rows first, then rejected), the reference's sequence log-probs [B]
-    and the chosen rows' tokens the NLL counts (``nll_mask``, [B/2, T])."""
+                  config: PersonalDPOConfig, kl: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L = L_DPO + α · NLL per token of the chosen answers + γ · ``kl``, the margins h) for a batch's
+    per-token log-probs [B, T] (0 past each completion; chosen rows first, then rejected), the reference's
+    sequence log-probs [B], the chosen rows' tokens the NLL counts (``nll_mask``, [B/2, T]) and the mean
+    per-token KL to the starting point (``forward_kl``; needed when γ > 0)."""
     half = len(logprobs) // 2
     policy = logprobs.sum(dim=1)
     loss, margins = dpo_loss(policy[:half], policy[half:], reference[:half], reference[half:], config.beta)
     if config.nll_coef:
         nll = -(logprobs[:half] * nll_mask).sum(dim=1) / nll_mask.sum(dim=1).clamp(min=1)
         loss = loss + config.nll_coef * nll.mean()
+    if config.kl_coef:
+        loss = loss + config.kl_coef * kl
     return loss, margins
 
 
@@ -148,11 +180,13 @@ def train_version(models: PersonalModels, owner: str, pairs: Sequence[Preference
                 start = models.starting_point(owner)
                 start_saved = models.saved_as(start)
                 models.new_adapter(name, start)
+                # the KL term's π_s at every step: a frozen copy (the start may leave memory meanwhile), or the base
+                kl_reference = models.new_adapter(f"{name}-start", start) if config.kl_coef and start else None
                 tokens = [pair_batch(models, pairs[i:i + config.batch_size], config)
                           for i in range(0, len(pairs), config.batch_size)]
                 with torch.no_grad(), models.active(start):
                     reference = [sequence_logprobs(models, t)[0] for t in tokens]
-            history = _optimise(models, name, tokens, reference, config)
+            history = _optimise(models, name, tokens, reference, config, kl_reference)
             info = {"pairs": len(pairs), "start": start or "base", "config": asdict(config), "final": history[-1]}
             if users is not None:
                 info["users"] = sorted(users)
@@ -160,13 +194,15 @@ def train_version(models: PersonalModels, owner: str, pairs: Sequence[Preference
         except BaseException:
             models.delete_adapter(name)
             raise
+        finally:
+            models.delete_adapter(f"{name}-start")
 
 
 def _optimise(models: PersonalModels, adapter: str, tokens: Sequence[TokenBatch], reference: Sequence[torch.Tensor],
-              config: PersonalDPOConfig) -> list[dict]:
-    """The DPO steps on ``adapter`` over the pair batches ``tokens``, whose reference log-probs are given.
-    Each step holds the model's lock only for its own forward, backward and update, so answers are served
-    in between."""
+              config: PersonalDPOConfig, kl_reference: str | None = None) -> list[dict]:
+    """The DPO steps on ``adapter`` over the pair batches ``tokens``, whose reference log-probs are given;
+    ``kl_reference``: the adapter holding π_s for the KL term (None: the base model). Each step holds the
+    model's lock only for its own forwards, backward and update, so answers are served in between."""
     device = next(models.model.parameters()).device
     accelerator = Accelerator(cpu=device.type == "cpu")
     with models.active(adapter):  # peft makes the active adapter's weights the trainable ones
@@ -176,16 +212,24 @@ def _optimise(models: PersonalModels, adapter: str, tokens: Sequence[TokenBatch]
     for _ in range(config.epochs):
         for index in rng.sample(range(len(tokens)), len(tokens)):
             step += 1
-            with models.active(adapter):  # the model stays in eval mode: dropout off, as in rl.dpo
-                logprobs, batch = completion_token_logprobs(models, tokens[index])
-                loss, margins = personal_loss(logprobs, reference[index].to(device),
-                                              nll_tokens(batch, models.tokenizer.eos_token_id, config), config)
+            kl = None
+            with models.lock:
+                if config.kl_coef:  # before the policy's forward: activating an adapter sets what is trainable
+                    with torch.no_grad(), models.active(kl_reference):
+                        start_distributions, _ = completion_log_distributions(models, tokens[index])
+                with models.active(adapter):  # the model stays in eval mode: dropout off, as in rl.dpo
+                    distributions, batch = completion_log_distributions(models, tokens[index])
+                    if config.kl_coef:
+                        kl = forward_kl(start_distributions, distributions, batch.completion_mask)
+                    loss, margins = personal_loss(chosen_tokens(distributions, batch), reference[index].to(device),
+                                                  nll_tokens(batch, models.tokenizer.eos_token_id, config), config, kl)
                 try:
                     grad_norm = apply_gradients(accelerator, models.model, optimizer, loss, config.max_grad_norm)
                 except TrainingDiverged as exc:
                     raise TrainingDiverged(f"personal dpo of {adapter} stopped at step {step}: {exc}") from None
             history.append({"step": step, "loss": loss.item(), "margin": margins.mean().item(),
-                            "accuracy": (margins > 0).float().mean().item(), "grad_norm": grad_norm})
+                            "accuracy": (margins > 0).float().mean().item(), "grad_norm": grad_norm,
+                            **({"kl": kl.item()} if kl is not None else {})})
     return history
 
 
