@@ -115,7 +115,8 @@ class PersonalDemoConfig:
         return cls(**{"policy": "smollm2", "run_dir": Path("runs/demo-personal-smollm2"), "rounds": 3,
                       "prompts_per_round": 12, "train_every": 8, "eval_prompts": 16, "eval_samples": 2,
                       "max_new_tokens": 64, "temperature": 0.7,
-                      "alternative_temperature": 1.0,  # the lr it was built with: 2e-3 is not tried on it
+                      "alternative_temperature": 1.0,  # the lr it was built with: 2e-3 and the KL term are not
+                      # tried on it
                       "dpo": PersonalDPOConfig(lr=1e-3, epochs=4, beta=0.1)} | overrides)
 
     def __post_init__(self) -> None:
