@@ -212,17 +212,9 @@ def _optimise(models: PersonalModels, adapter: str, tokens: Sequence[TokenBatch]
     for _ in range(config.epochs):
         for index in rng.sample(range(len(tokens)), len(tokens)):
             step += 1
-            kl = None
             with models.lock:
-                if config.kl_coef:  # before the policy's forward: activating an adapter sets what is trainable
-                    with torch.no_grad(), models.active(kl_reference):
-                        start_distributions, _ = completion_log_distributions(models, tokens[index])
-                with models.active(adapter):  # the model stays in eval mode: dropout off, as in rl.dpo
-                    distributions, batch = completion_log_distributions(models, tokens[index])
-                    if config.kl_coef:
-                        kl = forward_kl(start_distributions, distributions, batch.completion_mask)
-                    loss, margins = personal_loss(chosen_tokens(distributions, batch), reference[index].to(device),
-                                                  nll_tokens(batch, models.tokenizer.eos_token_id, config), config, kl)
+                loss, margins, kl = _step_loss(models, adapter, kl_reference, tokens[index],
+                                               reference[index].to(device), config)
                 try:
                     grad_norm = apply_gradients(accelerator, models.model, optimizer, loss, config.max_grad_norm)
                 except TrainingDiverged as exc:
@@ -231,6 +223,25 @@ def _optimise(models: PersonalModels, adapter: str, tokens: Sequence[TokenBatch]
                             "accuracy": (margins > 0).float().mean().item(), "grad_norm": grad_norm,
                             **({"kl": kl.item()} if kl is not None else {})})
     return history
+
+
+def _step_loss(models: PersonalModels, adapter: str, kl_reference: str | None, batch: TokenBatch,
+               reference: torch.Tensor, config: PersonalDPOConfig
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(L, the margins h, the KL term or None when γ = 0) of one batch, under the model's lock. Its own
+    function so that the [B, T, V] distributions are freed when it returns (the backward frees what the
+    graph keeps of them), not held into the next step's forwards."""
+    kl = None
+    if config.kl_coef:  # before the policy's forward: activating an adapter sets what is trainable
+        with torch.no_grad(), models.active(kl_reference):
+            start_distributions, _ = completion_log_distributions(models, batch)
+    with models.active(adapter):  # the model stays in eval mode: dropout off, as in rl.dpo
+        distributions, batch = completion_log_distributions(models, batch)
+        if config.kl_coef:
+            kl = forward_kl(start_distributions, distributions, batch.completion_mask)
+        loss, margins = personal_loss(chosen_tokens(distributions, batch), reference,
+                                      nll_tokens(batch, models.tokenizer.eos_token_id, config), config, kl)
+    return loss, margins, kl
 
 
 class TrainingQueue:
