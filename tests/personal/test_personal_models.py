@@ -485,3 +485,18 @@ def test_no_step_keeps_its_next_token_distributions_alive_into_the_next(models, 
     monkeypatch.setattr(personal_train, "apply_gradients", step)
     train_version(models, POPULATION, PAIRS, PersonalDPOConfig(epochs=2, batch_size=1, lr=1e-2, kl_coef=kl_coef))
     assert len(ended) == 4 and len(made) >= 4
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, 1.0])
+def test_a_version_starts_from_a_population_adapter_of_another_rank_than_its_process(tmp_path, kl_coef):
+    """``personal train --population --lora-r 4`` then ``personal serve`` (rank 8): the users' versions (and
+    the KL term's frozen copy) take the starting point's own rank, as its weights need."""
+    folder = tmp_path / "adapters"
+    rank_4 = PersonalModels(build_tiny_causal(), word_tokenizer(), folder, lora_r=4, lora_alpha=8)
+    train_version(rank_4, POPULATION, PAIRS, FAST)
+    models = PersonalModels(build_tiny_causal(), word_tokenizer(), folder, lora_r=8, lora_alpha=16)
+    version, history = train_version(models, user_owner(1), PAIRS, PersonalDPOConfig(**{**FAST.__dict__,
+                                                                                       "kl_coef": kl_coef}))
+    assert version == 1 and history[0].get("kl", 0.0) == 0.0
+    assert models.model.peft_config["user-1-v1"].r == 4 and models.model.peft_config["population-v1"].r == 4
+    assert models.new_adapter("user-2-v1", None) and models.model.peft_config["user-2-v1"].r == 8  # fresh: its own
