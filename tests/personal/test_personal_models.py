@@ -500,3 +500,11 @@ def test_a_version_starts_from_a_population_adapter_of_another_rank_than_its_pro
     assert version == 1 and history[0].get("kl", 0.0) == 0.0
     assert models.model.peft_config["user-1-v1"].r == 4 and models.model.peft_config["population-v1"].r == 4
     assert models.new_adapter("user-2-v1", None) and models.model.peft_config["user-2-v1"].r == 8  # fresh: its own
+
+
+def test_a_published_version_keeps_no_gradients_in_memory(models):
+    """Its last step's gradients would double the memory of every adapter trained by this process (the
+    memory report counts the weights once)."""
+    train_version(models, POPULATION, PAIRS, FAST)
+    train_version(models, user_owner(1), PAIRS, PersonalDPOConfig(**{**FAST.__dict__, "kl_coef": 1.0}))
+    assert [n for n, p in models.model.named_parameters() if p.grad is not None] == []

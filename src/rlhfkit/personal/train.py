@@ -222,6 +222,7 @@ def _optimise(models: PersonalModels, adapter: str, tokens: Sequence[TokenBatch]
             history.append({"step": step, "loss": loss.item(), "margin": margins.mean().item(),
                             "accuracy": (margins > 0).float().mean().item(), "grad_norm": grad_norm,
                             **({"kl": kl.item()} if kl is not None else {})})
+    optimizer.zero_grad()  # the adapter is served from now on: its last gradients would double its memory
     return history
 
 
