@@ -93,11 +93,12 @@ def completion_token_logprobs(models: PersonalModels, batch: TokenBatch) -> tupl
     """log π(y_t|x, y_<t) per completion token of the active adapter, 0 past the completion ([B, T]), and
     the batch on the model's device."""
     log_distributions, batch = completion_log_distributions(models, batch)
-    return chosen_tokens(log_distributions, batch), batch
+    return token_logprobs_from(log_distributions, batch), batch
 
 
-def chosen_tokens(log_distributions: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
-    """log π(y_t|…) of each completion token from the distributions [B, T, V], 0 past the completion."""
+def token_logprobs_from(log_distributions: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """log π(y_t|…) of each completion token (of chosen and rejected answers alike) from the distributions
+    [B, T, V], 0 past the completion."""
     return log_distributions.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1) * batch.completion_mask
 
 
@@ -240,7 +241,7 @@ def _step_loss(models: PersonalModels, adapter: str, kl_reference: str | None, b
         distributions, batch = completion_log_distributions(models, batch)
         if config.kl_coef:
             kl = forward_kl(start_distributions, distributions, batch.completion_mask)
-        loss, margins = personal_loss(chosen_tokens(distributions, batch), reference,
+        loss, margins = personal_loss(token_logprobs_from(distributions, batch), reference,
                                       nll_tokens(batch, models.tokenizer.eos_token_id, config), config, kl)
     return loss, margins, kl
 
