@@ -489,18 +489,25 @@ def test_no_step_keeps_its_next_token_distributions_alive_into_the_next(models, 
 
 
 @pytest.mark.parametrize("kl_coef", [0.0, 1.0])
-def test_a_version_starts_from_a_population_adapter_of_another_rank_than_its_process(tmp_path, kl_coef):
-    """``personal train --population --lora-r 4`` then ``personal serve`` (rank 8): the users' versions (and
-    the KL term's frozen copy) take the starting point's own rank, as its weights need."""
+@pytest.mark.parametrize("lora_r, lora_alpha", [(8, 16), (4, 16)])
+def test_a_version_starts_from_a_population_adapter_of_another_shape_than_its_process(tmp_path, kl_coef, lora_r,
+                                                                                      lora_alpha):
+    """A population adapter of rank 4, α 8 (``personal train --population --lora-r 4``), users trained by a
+    process of rank 8 (``personal serve``), or of rank 4 with another α (which scales the same weights
+    differently): their versions (and the KL term's frozen copy) take the starting point's own LoRA config,
+    so that they begin exactly at it (margin and KL 0 at the first step)."""
     folder = tmp_path / "adapters"
-    rank_4 = PersonalModels(build_tiny_causal(), word_tokenizer(), folder, lora_r=4, lora_alpha=8)
-    train_version(rank_4, POPULATION, PAIRS, FAST)
-    models = PersonalModels(build_tiny_causal(), word_tokenizer(), folder, lora_r=8, lora_alpha=16)
+    train_version(PersonalModels(build_tiny_causal(), word_tokenizer(), folder, lora_r=4, lora_alpha=8),
+                  POPULATION, PAIRS, FAST)
+    models = PersonalModels(build_tiny_causal(), word_tokenizer(), folder, lora_r=lora_r, lora_alpha=lora_alpha)
     version, history = train_version(models, user_owner(1), PAIRS, PersonalDPOConfig(**{**FAST.__dict__,
                                                                                        "kl_coef": kl_coef}))
-    assert version == 1 and history[0].get("kl", 0.0) == 0.0
-    assert models.model.peft_config["user-1-v1"].r == 4 and models.model.peft_config["population-v1"].r == 4
-    assert models.new_adapter("user-2-v1", None) and models.model.peft_config["user-2-v1"].r == 8  # fresh: its own
+    assert version == 1 and history[0]["margin"] == 0.0 and history[0].get("kl", 0.0) == 0.0
+    config = models.model.peft_config["user-1-v1"]
+    assert (config.r, config.lora_alpha) == (4, 8)
+    models.new_adapter("user-2-v1", None)  # a fresh one: this process's own
+    assert (models.model.peft_config["user-2-v1"].r, models.model.peft_config["user-2-v1"].lora_alpha) == (lora_r,
+                                                                                                           lora_alpha)
 
 
 def test_a_published_version_keeps_no_gradients_in_memory(models):
