@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from conftest import build_tiny_causal, word_tokenizer
+from conftest import build_tiny_causal, build_tiny_seq2seq, word_tokenizer
 from rlhfkit.data.records import PreferencePair
 from rlhfkit.feedback import db as feedback_db
 from rlhfkit.feedback import service
@@ -516,3 +516,12 @@ def test_a_published_version_keeps_no_gradients_in_memory(models):
     train_version(models, POPULATION, PAIRS, FAST)
     train_version(models, user_owner(1), PAIRS, PersonalDPOConfig(**{**FAST.__dict__, "kl_coef": 1.0}))
     assert [n for n, p in models.model.named_parameters() if p.grad is not None] == []
+
+
+def test_an_encoder_decoder_policy_trains_with_the_kl_term_from_its_population_adapter(tmp_path):
+    models = PersonalModels(build_tiny_seq2seq(), word_tokenizer(), tmp_path / "adapters")
+    kl = PersonalDPOConfig(**{**FAST.__dict__, "kl_coef": 1.0})
+    train_version(models, POPULATION, PAIRS, kl)
+    version, history = train_version(models, user_owner(1), PAIRS, kl)
+    assert version == 1 and history[0]["kl"] == 0.0 and history[-1]["kl"] > 0
+    assert kl_to(models, "user-1-v1", "population-v1") > 0 and "user-1-v1-start" not in models.adapter_names()
