@@ -1,6 +1,7 @@
 """One base in memory, an adapter per user: served per request, versioned on disk, trained by DPO, forgotten."""
 
 import threading
+import weakref
 
 import pytest
 import torch
@@ -465,8 +466,6 @@ def test_no_step_keeps_its_next_token_distributions_alive_into_the_next(models, 
     """The [B, T, V] log-distributions (B·T·V·4 bytes each: 1.2 GB for 16 answers of 128 tokens over a 150k
     vocabulary) are freed by the end of their step, so that the next step's forwards do not add to them; γ 0
     makes no forward of the starting point's at the steps."""
-    import weakref
-
     distributions, apply_gradients = personal_train.completion_log_distributions, personal_train.apply_gradients
     ended = []  # one entry per step applied
     made: list[tuple[int, weakref.ref]] = []  # (the step that made it, a weak reference)
@@ -505,9 +504,8 @@ def test_a_version_starts_from_a_population_adapter_of_another_shape_than_its_pr
     assert version == 1 and history[0]["margin"] == 0.0 and history[0].get("kl", 0.0) == 0.0
     config = models.model.peft_config["user-1-v1"]
     assert (config.r, config.lora_alpha) == (4, 8)
-    models.new_adapter("user-2-v1", None)  # a fresh one: this process's own
-    assert (models.model.peft_config["user-2-v1"].r, models.model.peft_config["user-2-v1"].lora_alpha) == (lora_r,
-                                                                                                           lora_alpha)
+    fresh = models.model.peft_config[models.new_adapter("user-2-v1", None)]  # this process's own
+    assert (fresh.r, fresh.lora_alpha) == (lora_r, lora_alpha)
 
 
 def test_a_published_version_keeps_no_gradients_in_memory(models):
