@@ -5,8 +5,8 @@ import threading
 import pytest
 import torch
 
-from rlhfkit.models.policy import TokenBatch
 from rlhfkit.config import FieldError
+from rlhfkit.models.policy import TokenBatch
 from rlhfkit.personal.train import PersonalDPOConfig, TrainingQueue, forward_kl, nll_tokens, personal_loss
 
 

@@ -40,6 +40,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -237,11 +238,13 @@ class PersonalModels:
                 self.model.delete_adapter(name)
 
     def new_adapter(self, name: str, start: str | None) -> str:
-        """A trainable adapter ``name`` holding the weights of adapter ``start``, or a fresh LoRA when None
-        (exactly the base model)."""
+        """A trainable adapter ``name`` holding the weights of adapter ``start`` (its rank and targets too: it
+        may have been trained with another ``lora_r``), or a fresh LoRA of this process's when None (exactly
+        the base model)."""
         with self.lock:
             self.delete_adapter(name)  # a leftover of a failed training
-            self.model.add_adapter(name, self.lora)
+            config = self.lora if start is None else replace(self.model.peft_config[start], inference_mode=False)
+            self.model.add_adapter(name, config)
             if start is not None:
                 set_peft_model_state_dict(self.model, get_peft_model_state_dict(self.model, adapter_name=start),
                                           adapter_name=name)

@@ -93,11 +93,12 @@ def completion_token_logprobs(models: PersonalModels, batch: TokenBatch) -> tupl
     """log π(y_t|x, y_<t) per completion token of the active adapter, 0 past the completion ([B, T]), and
     the batch on the model's device."""
     log_distributions, batch = completion_log_distributions(models, batch)
-    return chosen_tokens(log_distributions, batch), batch
+    return token_logprobs_from(log_distributions, batch), batch
 
 
-def chosen_tokens(log_distributions: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
-    """log π(y_t|…) of each completion token from the distributions [B, T, V], 0 past the completion."""
+def token_logprobs_from(log_distributions: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """log π(y_t|…) of each completion token (of chosen and rejected answers alike) from the distributions
+    [B, T, V], 0 past the completion."""
     return log_distributions.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1) * batch.completion_mask
 
 
@@ -212,17 +213,9 @@ def _optimise(models: PersonalModels, adapter: str, tokens: Sequence[TokenBatch]
     for _ in range(config.epochs):
         for index in rng.sample(range(len(tokens)), len(tokens)):
             step += 1
-            kl = None
             with models.lock:
-                if config.kl_coef:  # before the policy's forward: activating an adapter sets what is trainable
-                    with torch.no_grad(), models.active(kl_reference):
-                        start_distributions, _ = completion_log_distributions(models, tokens[index])
-                with models.active(adapter):  # the model stays in eval mode: dropout off, as in rl.dpo
-                    distributions, batch = completion_log_distributions(models, tokens[index])
-                    if config.kl_coef:
-                        kl = forward_kl(start_distributions, distributions, batch.completion_mask)
-                    loss, margins = personal_loss(chosen_tokens(distributions, batch), reference[index].to(device),
-                                                  nll_tokens(batch, models.tokenizer.eos_token_id, config), config, kl)
+                loss, margins, kl = _step_loss(models, adapter, kl_reference, tokens[index],
+                                               reference[index].to(device), config)
                 try:
                     grad_norm = apply_gradients(accelerator, models.model, optimizer, loss, config.max_grad_norm)
                 except TrainingDiverged as exc:
@@ -230,7 +223,27 @@ def _optimise(models: PersonalModels, adapter: str, tokens: Sequence[TokenBatch]
             history.append({"step": step, "loss": loss.item(), "margin": margins.mean().item(),
                             "accuracy": (margins > 0).float().mean().item(), "grad_norm": grad_norm,
                             **({"kl": kl.item()} if kl is not None else {})})
+    optimizer.zero_grad()  # the adapter is served from now on: its last gradients would double its memory
     return history
+
+
+def _step_loss(models: PersonalModels, adapter: str, kl_reference: str | None, batch: TokenBatch,
+               reference: torch.Tensor, config: PersonalDPOConfig
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(L, the margins h, the KL term or None when γ = 0) of one batch, under the model's lock. Its own
+    function so that the [B, T, V] distributions are freed when it returns (the backward frees what the
+    graph keeps of them), not held into the next step's forwards."""
+    kl = None
+    if config.kl_coef:  # before the policy's forward: activating an adapter sets what is trainable
+        with torch.no_grad(), models.active(kl_reference):
+            start_distributions, _ = completion_log_distributions(models, batch)
+    with models.active(adapter):  # the model stays in eval mode: dropout off, as in rl.dpo
+        distributions, batch = completion_log_distributions(models, batch)
+        if config.kl_coef:
+            kl = forward_kl(start_distributions, distributions, batch.completion_mask)
+        loss, margins = personal_loss(token_logprobs_from(distributions, batch), reference,
+                                      nll_tokens(batch, models.tokenizer.eos_token_id, config), config, kl)
+    return loss, margins, kl
 
 
 class TrainingQueue:
