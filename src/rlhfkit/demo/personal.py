@@ -100,7 +100,7 @@ class PersonalDemoConfig:
     # (benchmarks/results/personal_tastes.md, runs 31–34; 1e-3 learned it on 1 of 3, runs 27–29); β 0.2: every
     # user's model of seeds 0, 1, 2 beat the shared one, against 5 of 6 at β 0.1 (runs 51–56); the KL term γ 2:
     # without it the answers narrowed onto a few openers (distinct-2 0.82–0.87× the bar's reference for 5 of 6
-    # models, runs 57–59; with it 0.89–0.99×, KL to the base 0.9–1.1 nats instead of 2.0–5.0, runs 90–92)
+    # models, runs 57–59; with it 0.87–1.03× over seeds 0–4, KL to the base 0.9–1.3 nats, runs 104–108)
     dpo: PersonalDPOConfig = field(default_factory=lambda: PersonalDPOConfig(lr=2e-3, epochs=4, beta=0.2,
                                                                              kl_coef=2.0))
     rerank: RerankConfig = field(default_factory=RerankConfig)  # the cold start's best-of-N, evaluated every round
@@ -115,8 +115,8 @@ class PersonalDemoConfig:
         return cls(**{"policy": "smollm2", "run_dir": Path("runs/demo-personal-smollm2"), "rounds": 3,
                       "prompts_per_round": 12, "train_every": 8, "eval_prompts": 16, "eval_samples": 2,
                       "max_new_tokens": 64, "temperature": 0.7,
-                      "alternative_temperature": 1.0,  # the lr it was built with: 2e-3 and the KL term are not
-                      # tried on it
+                      "alternative_temperature": 1.0,
+                      # the settings it was built with: lr 2e-3 and the KL term are not tried on it
                       "dpo": PersonalDPOConfig(lr=1e-3, epochs=4, beta=0.1)} | overrides)
 
     def __post_init__(self) -> None:
