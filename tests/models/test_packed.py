@@ -527,3 +527,30 @@ def test_a_layer_whose_weights_are_not_on_the_cpu_runs_its_plain_forward(monkeyp
         with packed_weights(model, 2), pytest.warns(RuntimeWarning, match="device meta"):
             packed = o_proj(x)
     assert not packed_products and (packed.shape, packed.device) == (plain.shape, plain.device)
+
+
+def test_only_the_active_adapters_layers_are_packed_so_packing_does_not_grow_with_the_adapters_loaded(
+        tiny_causal, tokenizer):
+    """A process serving an adapter per user: the layers packed, and the modules walked to find them, are the
+    base model's and the active adapter's, whatever else is loaded (with 400 adapters an answer of the toy
+    model took 0.39 s instead of 0.09 s when every loaded adapter's layers were walked and packed)."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, init_lora_weights=False)
+    model = get_peft_model(peaked(tiny_causal), lora)
+    one = packable_layers(model)
+    walked = len(list(packed_module.base_modules(model)))
+    for n in range(20):
+        model.add_adapter(f"user-{n}", lora)
+    model.set_adapter("user-7")
+    layers = packable_layers(model)
+    assert len(layers) == len(one) and len(list(packed_module.base_modules(model))) == walked
+    lora_layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+    assert {id(m.lora_A["user-7"]) for m in lora_layers} <= {id(layer) for layer in layers}
+    assert not {id(m.lora_A["default"]) for m in lora_layers} & {id(layer) for layer in layers}
+    ids, mask = encode(tokenizer, PROMPTS)
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+        with packed_weights(model, ids.shape[0]):
+            packed = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(packed, plain, atol=1e-4, rtol=1e-4)

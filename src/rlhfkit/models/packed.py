@@ -224,10 +224,27 @@ class _PackedProduct:
         return torch.ops.mkldnn._linear_pointwise(x.to(dtype), w, b, "none", [], "")
 
 
+def base_modules(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``module.modules()`` without the layers of the peft adapters that are not active (a LoRA layer's
+    ``lora_A``, ``lora_B``... of every other adapter loaded), which no forward calls: a process serving an
+    adapter per user holds hundreds, and walking and packing them all at every answer made an answer of the
+    toy model take 0.39 s instead of 0.09 s with 400 adapters loaded (benchmarks/personal_serving.py)."""
+    yield module
+    adapters = {*getattr(module, "adapter_layer_names", ()), *getattr(module, "other_param_names", ())}
+    active = set(getattr(module, "active_adapters", ())) if adapters else set()
+    for name, child in module.named_children():
+        if name not in adapters:
+            yield from base_modules(child)
+        elif isinstance(child, torch.nn.ModuleDict):
+            for key, layer in child.items():
+                if key in active:
+                    yield from base_modules(layer)
+
+
 def packable_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The layers ``packed_weights`` packs: every ``nn.Linear`` and ``Conv1D`` (not subclasses, whose forward
-    may differ) whose forward was not replaced on the instance."""
-    return [module for module in model.modules()
+    """The layers ``packed_weights`` packs: every ``nn.Linear`` and ``Conv1D`` of ``base_modules`` (not
+    subclasses, whose forward may differ) whose forward was not replaced on the instance."""
+    return [module for module in base_modules(model)
             if type(module) in (torch.nn.Linear, Conv1D) and "forward" not in vars(module)]
 
 
@@ -240,7 +257,7 @@ def sibling_groups(model: torch.nn.Module, packable: Sequence[torch.nn.Module]) 
     may set a layer's weight just before its own call, as ``torch.nn.utils.prune`` does: too late for a product
     run at its sibling's call), of one input width, dtype and device, and all with or all without a bias."""
     packable, groups = set(packable), []
-    for parent in model.modules():
+    for parent in base_modules(model):
         for names in SIBLINGS:
             layers = tuple(getattr(parent, name, None) for name in names)
             if (all(type(layer) is torch.nn.Linear and layer in packable and not layer._forward_pre_hooks
@@ -253,7 +270,7 @@ def sibling_groups(model: torch.nn.Module, packable: Sequence[torch.nn.Module]) 
 
 def lora_owners(model: torch.nn.Module) -> dict[torch.nn.Module, torch.nn.Module]:
     """Base layer → the peft tuner layer (LoRA...) that wraps it and may merge adapters into its weight."""
-    return {module.base_layer: module for module in model.modules()
+    return {module.base_layer: module for module in base_modules(model)
             if hasattr(module, "merged_adapters") and isinstance(getattr(module, "base_layer", None),
                                                                   torch.nn.Module)}
 
