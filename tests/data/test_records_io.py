@@ -1,6 +1,7 @@
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -232,3 +233,27 @@ def test_a_file_of_the_same_kind_is_replaced(tmp_path):
     write_records(path, [Prompt(id="a", text="x")])
     write_records(path, [Prompt(id="b", text="y")])
     assert [p.id for p in read_records(path, Prompt)] == ["b"]
+
+
+def test_a_cache_folder_is_written_whole_once_when_processes_race_to_write_it(tmp_path):
+    from rlhfkit.data.io import write_folder_once
+
+    folder = tmp_path / "cache" / "model"
+
+    def other_process_first(staging: Path) -> None:
+        (staging / "weights").write_text("mine")
+        folder.mkdir()  # another process renamed its whole folder into place meanwhile
+        (folder / "weights").write_text("theirs")
+
+    assert write_folder_once(folder, other_process_first) == folder
+    assert (folder / "weights").read_text() == "theirs" and os.listdir(folder.parent) == ["model"]
+
+    def crash(staging: Path) -> None:
+        (staging / "weights").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_folder_once(tmp_path / "other", crash)
+    assert sorted(os.listdir(tmp_path)) == ["cache"]  # no folder, no staging left: nothing looks done
+    write_folder_once(tmp_path / "fresh", lambda staging: (staging / "weights").write_text("new"))
+    assert (tmp_path / "fresh" / "weights").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["cache", "fresh"]

@@ -1,3 +1,5 @@
+import os
+import shutil
 from collections import Counter
 
 import pytest
@@ -81,3 +83,23 @@ def test_a_policy_that_drops_the_insults_keeps_the_diversity_of_the_advice():
     ratios = [distinct_n(answers({"kind": 1.0}, seed), 2) / distinct_n(answers(corpus["mix"], seed), 2)
               for seed in range(5)]
     assert sum(ratios) / len(ratios) > 0.93
+
+
+def test_two_processes_training_the_toy_policy_at_once_both_load_the_one_cached(tmp_path, monkeypatch):
+    """Two demos started together on a fresh machine: the second to finish crashed renaming its folder onto the
+    first's ("Directory not empty"), after both had written into one shared .partial folder."""
+    import rlhfkit.models.toy_policy as toy
+
+    config = ToyPolicyConfig(examples=200, epochs=1, vocab_size=400, n_embd=32)
+    _, _, folder = load_toy_policy(tmp_path / "first", config, progress=False)
+    trained = toy.train_toy_policy
+
+    def the_other_finishes_meanwhile(*args, **kwargs):
+        result = trained(*args, **kwargs)
+        shutil.copytree(folder, tmp_path / "second" / folder.name)
+        return result
+
+    monkeypatch.setattr(toy, "train_toy_policy", the_other_finishes_meanwhile)
+    model, _, same = load_toy_policy(tmp_path / "second", config, progress=False)
+    assert same.name == folder.name and os.listdir(tmp_path / "second") == [folder.name]
+    assert model.config.n_embd == 32

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar, get_origin
 
@@ -207,6 +208,25 @@ def write_records(path: str | os.PathLike, records: Iterable[Record]) -> int:
         Path(tmp).unlink(missing_ok=True)
         raise
     return count
+
+
+def write_folder_once(folder: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Create a cache folder whole or not at all, with processes racing to create it: ``write`` fills a staging
+    folder of this process's own, moved into place in one rename. A folder another process put there first
+    is kept and this one's discarded (they hold the same); a crash or an error leaves no folder behind."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".partial"))
+    try:
+        write(staging)
+        try:
+            staging.rename(folder)
+        except OSError:  # not empty: another process's, whole (it was renamed into place)
+            if not folder.is_dir() or not any(folder.iterdir()):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
 
 
 def append_records(path: str | os.PathLike, records: Iterable[Record]) -> None:

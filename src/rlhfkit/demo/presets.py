@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 
 from rlhfkit.console import console
+from rlhfkit.data.io import write_folder_once
 from rlhfkit.demo.criteria import default_labelers
 from rlhfkit.feedback.simulated import SimulatedLabeler
 from rlhfkit.models.toy_policy import ToyPolicyConfig, load_toy_policy
@@ -122,7 +123,7 @@ def load_smollm2():
     console.print("dequantising SmolLM2-135M-Instruct from GGUF (once; cached afterwards) ...")
     model, tokenizer = load_policy(spec.submodule_search_locations[0], gguf_file=SMOLLM2_GGUF,
                                    dtype=torch.float32)
-    save_dequantized(model, tokenizer, cached)
+    write_folder_once(cached, lambda staging: save_dequantized(model, tokenizer, staging))
     return model, tokenizer
 
 

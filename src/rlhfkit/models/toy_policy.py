@@ -23,6 +23,7 @@ import yaml
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from rlhfkit.console import console, progress_bar
+from rlhfkit.data.io import write_folder_once
 from rlhfkit.data.records import Prompt
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -159,9 +160,6 @@ def load_toy_policy(cache: Path, config: ToyPolicyConfig | None = None,
     if not (folder / "config.json").exists():
         console.print(f"training the toy instruct model (once; cached in {folder}) ...")
         model, tokenizer = train_toy_policy(config, progress)
-        partial = folder.with_name(folder.name + ".partial")
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        partial.rename(folder)
+        write_folder_once(folder, lambda staging: (model.save_pretrained(staging), tokenizer.save_pretrained(staging)))
     tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
     return GPT2LMHeadModel.from_pretrained(folder).eval(), tokenizer, folder
