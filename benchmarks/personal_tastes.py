@@ -221,6 +221,8 @@ def main() -> None:
     parser.add_argument("--trace", action="store_true", help="also write trace.jsonl: each training's pairs, "
                         "DPO history, log π(EOS) at sentence ends before/after, each evaluation's lengths")
     parser.add_argument("--tastes", nargs="+", choices=sorted(TASTES), default=["brief", "detailed"])
+    parser.add_argument("--population", action="store_true", help="a population adapter trained on everyone's "
+                        "pairs after each round: the shared model, and the users' versions' start")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.read:
@@ -236,7 +238,7 @@ def main() -> None:
     run_personal_demo(PersonalDemoConfig(run_dir=args.run_dir, rounds=args.rounds, prompts_per_round=args.per_round,
                                          train_every=args.train_every, seed=args.seed, dpo=dpo,
                                          max_new_tokens=args.max_new_tokens, eval_prompts=args.eval_prompts,
-                                         eval_samples=args.eval_samples,
+                                         eval_samples=args.eval_samples, population=args.population,
                                          tastes=[TASTES[t] for t in args.tastes]), progress=False)
 
 

@@ -36,8 +36,8 @@ TINY_TASTES = [Taste("brief", "fewer words", lambda question, answer: -words(ans
 
 def result(user, win, other, round_=1, rerank=None, relevance=(0.0, -0.02, 0.02), not_offensive=(0.0, -0.01, 0.01),
            distinct_2=0.5):
-    return RoundResult(user, round_, 10 * round_, 1, win, {"other": other}, kl=(0.1, 0.05, 0.15), distinct_2=distinct_2,
-                       distinct_2_shared=0.6, distinct_2_preferred=0.5, at_cap=0.0,
+    return RoundResult(user, round_, 10 * round_, 1, "population-v1", win, {"other": other}, kl=(0.1, 0.05, 0.15),
+                       distinct_2=distinct_2, distinct_2_shared=0.6, distinct_2_preferred=0.5, at_cap=0.0,
                        guards={"relevance": relevance, "not_offensive": not_offensive}, rerank=rerank,
                        vs_rerank=rerank and (0.5, 0.4, 0.6))
 
@@ -74,7 +74,7 @@ def test_the_verdict_says_learned_only_when_every_interval_is_above_half_and_spe
     assert kept.startswith("learned")  # 0.9 × the 0.5 of the base's answers "a" prefers, though below the shared 0.6
     same_answer = verdict([result("a", above, against, distinct_2=0.44), result("b", above, against)])
     assert same_answer.startswith("NOT met") and \
-        "a: answers less varied than the base's answers they prefer (distinct-2 0.440 vs 0.500" in same_answer
+        "a: answers less varied than the shared answers they prefer (distinct-2 0.440 vs 0.500" in same_answer
 
 
 def test_the_base_answers_a_user_prefers_are_the_best_by_their_taste_equal_ones_in_a_seeded_order():
@@ -122,7 +122,7 @@ def test_the_variety_bar_fails_a_model_that_gives_one_template_to_most_questions
 
     assert bar(0.0).startswith("learned")  # the preferred answers themselves pass
     for share in (1.0, 0.5):
-        assert f"{user}: answers less varied than the base's answers they prefer" in bar(share)
+        assert f"{user}: answers less varied than the shared answers they prefer" in bar(share)
 
 
 def test_the_kl_interval_stops_at_zero_where_no_kl_lies():
@@ -267,7 +267,8 @@ def test_the_personal_demo_runs_end_to_end_through_the_api_and_deletes_a_user_co
             assert 0 <= rate <= 1 and low <= rate <= high
     assert set(report["adapter_beats_rerank"]) == {"brief", "detailed"}
     assert report["deletion"] == {"user": "detailed", "complete": True,
-                                  "left": {"choices": 0, "versions": 0, "files": False, "adapters_in_memory": []}}
+                                  "left": {"choices": 0, "versions": 0, "files": False, "adapters_in_memory": [],
+                                           "population_versions": [], "population_in_memory": []}}
     assert report["memory"]["adapter_mb"] > 0 and report["memory"]["users_in_8_gib"] > 0
     assert report["memory"]["packed_mb"] > 0  # the base's packed copy that generation keeps on this CPU
     assert len(report["answers"]) == 4 * 2 and all(len(row) == 2 + 2 for row in report["answers"])
@@ -276,6 +277,19 @@ def test_the_personal_demo_runs_end_to_end_through_the_api_and_deletes_a_user_co
     assert (tmp_path / "run" / "curves.png").stat().st_size > 0
     with pytest.raises(ValueError, match="holds an earlier personal demo"):
         run_personal_demo(config, build_tiny_causal(), word_tokenizer(), progress=False)
+
+
+def test_with_a_population_adapter_it_is_the_shared_model_and_a_deletion_retrains_it_without_the_user(tmp_path):
+    config = PersonalDemoConfig(run_dir=tmp_path / "run", rounds=2, prompts_per_round=3, train_every=2,
+                                eval_prompts=4, eval_samples=2, max_new_tokens=6, tastes=TINY_TASTES, population=True,
+                                dpo=PersonalDPOConfig(epochs=1, lr=1e-2), rerank=RerankConfig(n=2, min_pairs=1))
+    report = run_personal_demo(config, build_tiny_causal(), word_tokenizer(), progress=False)
+    assert [r["shared"] for r in report["rounds"]] == ["population-v1"] * 2 + ["population-v2"] * 2
+    assert report["deletion"]["complete"] and report["deletion"]["left"]["population_versions"] == []
+    adapters = tmp_path / "run" / "adapters" / "population"
+    retrained = json.loads((adapters / "v3" / "version.json").read_text())  # v1, v2 held detailed's pairs: removed
+    assert sorted(p.name for p in adapters.glob("v*")) == ["v1.removed", "v2.removed", "v3"]
+    assert len(retrained["users"]) == 1 and retrained["start"] == "base"
 
 
 def test_a_seed_fixes_the_personal_demo_whatever_the_machine_or_the_global_generators(tmp_path):

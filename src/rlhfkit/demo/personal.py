@@ -6,24 +6,32 @@ its user's taste and no one else's.
         ask P training prompts (two answers: their current personal model and the alternative)
         → choose by their hidden taste (+ noise; "both fine" when the two are close, "both bad" when
           neither answers the question)
-        → the app's queue trains their next adapter every K new pairs (DPO + NLL, rlhfkit.personal.train)
-        → on held-out prompts, the personal model vs the shared one (the base), one seed for both:
+        → the app's queue trains their next adapter every K new pairs (DPO + NLL, rlhfkit.personal.train),
+          from the population adapter once there is one
+    → the population adapter's next version, trained on every user's pairs (``population``): the shared model
+    → for each user, on held-out prompts, the personal model vs the shared one (the population adapter, or
+      the base without it), one seed for both:
           win rate under the user's own taste, under every other user's taste (specificity),
-          KL to the base, distinct-2 (and that of the base's answers the user prefers), the share of
-          answers cut at max_new_tokens; once every user has answered, each user's model vs every other
-          user's model under their own taste
+          KL to the base, distinct-2 (and that of the shared model's answers the user prefers), the share of
+          answers cut at max_new_tokens; each user's model vs every other user's model under their own taste
         → the cold start's alternative on the same held-out prompts: the best of N samples of the shared
           model by the user's preference head (rlhfkit.personal.rerank, fitted on all their pairs so far)
           vs the shared one, and the adapter vs it head to head
-    → memory, deletion of one user, report.json, curves.png, the verdict, the pairs at which the
-      adapter first beats reranking (head to head, the interval above ½)
+    → memory, deletion of one user (and the population's retraining without them), report.json, curves.png,
+      the verdict, the pairs at which the adapter first beats reranking (head to head, the interval above ½)
+
+The shared model is what every user would get without a model of their own. With the population adapter it
+has learned what the users agree on (both tastes want the question answered, without insults), so a personal
+model wins by its user's own taste, not by what everyone prefers: against the base, a brief user's model that
+answers more often also won under the detailed user's taste (0.57 [0.52, 0.61], seed 2;
+benchmarks/results/personal_tastes.md, runs 104–108).
 
 The simulated users' hidden tastes are rlhfkit.demo.tastes (brief, detailed).
 
 The reranking candidates of a held-out prompt are N samples of the shared model with the seeds after the
-shared samples' (never a shared answer itself), drawn once: the shared model does not change, only each
-user's head. The prompt's best candidate is compared with each of its shared samples (N more samples per
-prompt, not N per comparison: the demo's time).
+shared samples' (never a shared answer itself), drawn once per version of the shared model. The prompt's best
+candidate is compared with each of its shared samples (N more samples per prompt, not N per comparison: the
+demo's time).
 
 A win counts 1, a tie ½; the win rate's 95% interval is the delete-a-topic jackknife t interval of
 rlhfkit.eval.metrics (held-out prompts come two per topic, samples of one prompt are not independent).
@@ -60,11 +68,11 @@ from rlhfkit.models.policy import tokenize_completions
 from rlhfkit.models.toy_policy import ToyPolicyConfig
 from rlhfkit.personal import store
 from rlhfkit.personal.api import PersonalSettings, include_personal
-from rlhfkit.personal.models import Answer, PersonalModels, user_owner
+from rlhfkit.personal.models import POPULATION, Answer, PersonalModels, user_owner
 from rlhfkit.personal.rerank import RerankConfig
 from rlhfkit.personal.train import PersonalDPOConfig, sequence_logprobs
 
-# a personal model's distinct-2 ÷ that of the base's answers its user prefers (preferred_answers), at least: a
+# a personal model's distinct-2 ÷ that of the shared model's answers its user prefers (preferred_answers), at least: a
 # taste narrows what is said (the best of 12 base samples by brief's or detailed's taste had 0.78× and 0.77× the
 # shared samples' distinct-2, personal_tastes.py --pick 20,17), collapsing onto one template for every question
 # narrows it more (0.13× for one template given to every answer, 0.75–0.80× to half of them: tests)
@@ -107,6 +115,11 @@ class PersonalDemoConfig:
     tastes: list[Taste] = field(default_factory=default_tastes)
     # the toy base: the toy assistant trained without the corpus's rude replies (see POLITE_MIX)
     toy_policy: ToyPolicyConfig = field(default_factory=lambda: ToyPolicyConfig(mix=POLITE_MIX))
+    # after each round, the population adapter's next version on every user's pairs: the shared model the users'
+    # models are compared with, and the start of their next versions. Off (the base is both): against it the
+    # models' own-taste win rates fell to 0.53-0.56, no interval above 0.5 for 3 of 4 models (seeds 0, 1;
+    # benchmarks/results/personal_tastes.md, runs 109-110)
+    population: bool = False
 
     @classmethod
     def smollm2(cls, **overrides) -> PersonalDemoConfig:
@@ -146,13 +159,14 @@ class RoundResult:
     user: str
     round: int
     pairs: int  # the user's labels so far that are preference pairs
-    version: int  # their adapter version evaluated (0: none yet, the base answers)
+    version: int  # their adapter version evaluated (0: none yet, the shared model answers)
+    shared: str  # the shared model: "base" or the population adapter's version ("population-v3")
     win_rate: tuple[float, float, float]  # (rate, low, high) under their own taste
     specificity: dict[str, tuple[float, float, float]]  # other user → win rate under that user's taste
     kl: tuple[float, float, float]  # KL(personal ‖ base) per answer, nats: (mean, low, high)
     distinct_2: float
     distinct_2_shared: float
-    distinct_2_preferred: float  # of the base's answers the user prefers (preferred_answers): the bar's reference
+    distinct_2_preferred: float  # of the shared answers the user prefers (preferred_answers): the bar's reference
     at_cap: float  # share of the personal model's held-out answers cut at max_new_tokens (no EOS sampled)
     guards: dict[str, tuple[float, float, float]]  # independent judge → mean judge(personal) − judge(shared), 95%
     samples: list[tuple[str, str, str]] = field(default_factory=list)  # (prompt, personal, shared): the first few
@@ -218,8 +232,8 @@ def judge_gap(mine: Sequence[float], shared: Sequence[float], prompts: Sequence[
 def preferred_answers(taste: Taste, prompts: Sequence[str], pools: Sequence[Sequence[str]], keep: int,
                       seed: int) -> list[str]:
     """Per prompt, the ``keep`` answers of its pool (base samples) that ``taste`` scores highest, equal scores in
-    a seeded random order: the base's own answers its user likes best, as varied as following the taste
-    requires (the reference of the verdict's variety bar)."""
+    a seeded random order: the shared model's own answers its user likes best, as varied as following the
+    taste requires (the reference of the verdict's variety bar)."""
     rng = random.Random(seed)
     chosen = []
     for prompt, pool in zip(prompts, pools, strict=True):
@@ -231,7 +245,7 @@ def preferred_answers(taste: Taste, prompts: Sequence[str], pools: Sequence[Sequ
 def verdict(latest: Sequence[RoundResult], left: dict | None = None) -> str:
     """"learned" only when every user's win rate interval is above ½, specificity holds for every user, and
     no user's answers are worse than the shared model's by an independent judge (relevance to the question,
-    not offensive: a gap whose interval is entirely below 0), nor less varied than the base's answers the user
+    not offensive: a gap whose interval is entirely below 0), nor less varied than the shared answers the user
     prefers: distinct-2 at least MIN_DIVERSITY × theirs. A taste won by answers that no longer address the
     question, insult the asker, or repeat one answer to every question, is not learned. Nor is a demo done
     whose deleted user left something (``left``: what remains of them, all empty when deletion is complete)."""
@@ -244,7 +258,7 @@ def verdict(latest: Sequence[RoundResult], left: dict | None = None) -> str:
         failed += [f"{r.user}: answers worse than the shared model's by {name} ({gap:+.3f} [{low:+.3f}, {high:+.3f}])"
                    for name, (gap, low, high) in r.guards.items() if high < 0]
         failed += [] if r.distinct_2 >= MIN_DIVERSITY * r.distinct_2_preferred else [
-            f"{r.user}: answers less varied than the base's answers they prefer (distinct-2 {r.distinct_2:.3f} vs "
+            f"{r.user}: answers less varied than the shared answers they prefer (distinct-2 {r.distinct_2:.3f} vs "
             f"{r.distinct_2_preferred:.3f}, below {MIN_DIVERSITY}×)"]
     return "learned: every user's model beats the shared one on their own taste, and only on theirs, " \
         "with answers as relevant, as clean and as varied" if not failed else "NOT met: " + "; ".join(failed)
@@ -277,6 +291,8 @@ class PersonalDemo:
         self.reranker = self.app.state.personal_reranker
         shipped = None if config.rerank.encoder else self.reranker.load_encoder()  # MiniLM as shipped: load it once
         self.judges = (RelevanceJudge(encoder=shipped), ProfanityJudge())  # as shipped, fitted to no one's choices
+        self.shared_adapter: str | None = None  # the shared model: the population's latest version, or the base
+        self.shared: list[Answer] = []  # its held-out answers, and the independent judges' scores of them
         self.shared_scores: dict[str, list[float]] = {}
         self.held_out_answers: dict[str, list[Answer]] = {}  # user → their model's latest held-out answers
         self.clients, self.ids = {}, {}
@@ -321,13 +337,24 @@ class PersonalDemo:
         return [self.models.answer(p, adapter, config.temperature, config.max_new_tokens,
                                    seed=draw_seed(config.seed, i, s)) for i, p in enumerate(prompts) for s in seeds]
 
-    def draw_candidates(self, prompts: Sequence[str]) -> None:
-        """N samples of the shared model per held-out prompt (samples S … S + N − 1, S = ``eval_samples``) and
-        their features φ, once for every user and round."""
+    def share(self, adapter: str | None, prompts: Sequence[str]) -> None:
+        """Make ``adapter`` (None: the base) the shared model: its held-out answers, their judges' scores, and N
+        more samples per held-out prompt (samples S … S + N − 1, S = ``eval_samples``) with their features φ,
+        the reranking's candidates for every user."""
+        self.shared_adapter, self.shared = adapter, self.answers(adapter, prompts)
+        keys = sample_keys(prompts, self.config.eval_samples)
+        self.shared_scores = {judge.name: judge(keys, [a.text for a in self.shared]).tolist() for judge in self.judges}
         n, first = self.reranker.config.n, self.config.eval_samples
-        self.candidates = self.answers(None, prompts, range(first, first + n))
+        self.candidates = self.answers(adapter, prompts, range(first, first + n))
         self.candidate_features = self.reranker.features(sample_keys(prompts, n),
                                                          [a.text for a in self.candidates])
+
+    def train_population(self) -> str | None:
+        """The population adapter's next version on every user's pairs so far (the app's queue, as a deletion's
+        retraining); returns its name (None: no pairs yet)."""
+        self.queue.submit(POPULATION)
+        self.wait_for_training()
+        return self.models.adapter(POPULATION)
 
     def reranked(self, taste: Taste) -> list[Answer] | None:
         """Per held-out prompt, the candidate the user's head scores highest, once per sample (aligned with
@@ -356,9 +383,9 @@ class PersonalDemo:
                 base = sequence_logprobs(models, batch)[0]
         return kl_estimate((mine - base).tolist(), prompts, topics)
 
-    def evaluate(self, taste: Taste, round_: int, pairs: int, prompts: Sequence[str], topics: dict[str, str],
-                 shared: list[Answer]) -> RoundResult:
-        owner = user_owner(self.ids[taste.user])
+    def evaluate(self, taste: Taste, round_: int, pairs: int, prompts: Sequence[str],
+                 topics: dict[str, str]) -> RoundResult:
+        owner, shared = user_owner(self.ids[taste.user]), self.shared
         adapter = self.models.adapter(owner)
         mine = self.answers(adapter, prompts) if adapter else shared
         self.held_out_answers[taste.user] = mine
@@ -380,7 +407,8 @@ class PersonalDemo:
         pools = [[a.text for a in shared[i * e:(i + 1) * e] + self.candidates[i * n:(i + 1) * n]]
                  for i in range(len(prompts))]
         preferred = preferred_answers(taste, prompts, pools, e, self.config.seed)
-        return RoundResult(taste.user, round_, pairs, self.models.version(owner), rate(taste, mine, shared), others,
+        return RoundResult(taste.user, round_, pairs, self.models.version(owner), self.shared_adapter or "base",
+                           rate(taste, mine, shared), others,
                            kl, distinct_n([a.text for a in mine], 2), distinct_n([a.text for a in shared], 2),
                            distinct_n(preferred, 2),
                            sum(a.truncated for a in mine) / len(mine), guards, samples, *rerank)
@@ -406,13 +434,22 @@ class PersonalDemo:
                 "users_in_8_gib": int((MEMORY_BUDGET_MB - base - packed) // per_adapter) if loaded else 0}
 
     def delete(self, user: str) -> dict:
-        """The user deletes everything; returns what is left of them (all empty when deletion is complete)."""
-        _ok(self.clients[user].delete("/api/personal/data"))
+        """The user deletes everything, and the population versions trained on their pairs are trained again
+        without them (the app queues it); returns what is left of them (all empty when deletion is complete):
+        their choices, versions, adapter files and adapters in memory, and the population versions (saved, or
+        in memory) that hold their pairs."""
+        removed = _ok(self.clients[user].delete("/api/personal/data"))["population_versions_removed"]
+        self.wait_for_training()
         left = self.clients[user].get("/api/personal/learned").json()
-        owner = user_owner(self.ids[user])
+        user_id, models = self.ids[user], self.models
+        owner = user_owner(user_id)
         return {"choices": len(left["choices"]), "versions": len(left["versions"]),
                 "files": (Path(self.config.run_dir) / "adapters" / owner).exists(),
-                "adapters_in_memory": [n for n in self.models.adapter_names() if n.startswith(f"{owner}-")]}
+                "adapters_in_memory": [n for n in models.adapter_names() if n.startswith(f"{owner}-")],
+                "population_versions": [f"{POPULATION}-v{v}" for v in models.versions(POPULATION)
+                                        if user_id in models.version_info(POPULATION, v).get("users", [user_id])],
+                "population_in_memory": [n for n in models.adapter_names()
+                                         if n in {f"{POPULATION}-v{v}" for v in removed}]}
 
 
 def _ok(response) -> dict:
@@ -429,7 +466,7 @@ def print_round(r: RoundResult) -> None:
                                                       f"{_interval(r.vs_rerank)}")
     console.print(f"{r.user:>9} round {r.round}: {r.pairs:>3} pairs, v{r.version} · win rate vs shared "
                   f"{_interval(r.win_rate)} · under {others} taste · vs {versus} · KL {_interval(r.kl)} · "
-                  f"distinct-2 {r.distinct_2:.3f} (shared {r.distinct_2_shared:.3f}, the base's preferred "
+                  f"distinct-2 {r.distinct_2:.3f} (shared {r.distinct_2_shared:.3f}, the shared preferred "
                   f"{r.distinct_2_preferred:.3f}) · at the token cap "
                   f"{r.at_cap:.0%} · " + "".join(f"{name} vs shared {gap:+.3f} [{low:+.3f}, {high:+.3f}] · "
                                                   for name, (gap, low, high) in r.guards.items()) +
@@ -532,17 +569,18 @@ def run_personal_demo(config: PersonalDemoConfig | None = None, policy=None, tok
     rng = random.Random(config.seed)
     console.rule(f"[bold]personal models: {', '.join(f'{t.user} likes {t.description}' for t in config.tastes)}")
     try:
-        shared = demo.answers(None, held_out)
         keys = sample_keys(held_out, config.eval_samples)
-        demo.shared_scores = {judge.name: judge(keys, [a.text for a in shared]).tolist() for judge in demo.judges}
-        demo.draw_candidates(held_out)
+        demo.share(None, held_out)
         results = []
         for round_ in range(1, config.rounds + 1):
+            pairs = {}
             for taste in config.tastes:
                 prompts = rng.sample(train, config.prompts_per_round)
-                pairs = demo.feedback_round(taste, prompts, rng)
+                pairs[taste.user] = demo.feedback_round(taste, prompts, rng)
                 demo.wait_for_training()
-                results.append(demo.evaluate(taste, round_, pairs, held_out, topics, shared))
+            if config.population:
+                demo.share(demo.train_population(), held_out)
+            results += [demo.evaluate(taste, round_, pairs[taste.user], held_out, topics) for taste in config.tastes]
             for r, taste in zip(results[-len(config.tastes):], config.tastes, strict=True):
                 r.vs_others = demo.vs_others(taste, held_out, topics)  # once every user's model has answered
                 print_round(r)
@@ -558,7 +596,7 @@ def run_personal_demo(config: PersonalDemoConfig | None = None, policy=None, tok
               "memory": memory, "rounds": [asdict(r) for r in results],
               # every held-out answer of the last round, to read: (question, shared, each user's model)
               "answers": [[k, a.text, *(demo.held_out_answers[t.user][i].text for t in config.tastes)]
-                          for i, (k, a) in enumerate(zip(keys, shared, strict=True))],
+                          for i, (k, a) in enumerate(zip(keys, demo.shared, strict=True))],
               "tastes": {t.user: t.description for t in config.tastes},
               "config": json.loads(json.dumps(asdict(config) | {"tastes": None}, default=str)),
               "seconds": round(time.perf_counter() - started, 1)}
