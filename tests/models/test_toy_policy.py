@@ -103,3 +103,26 @@ def test_two_processes_training_the_toy_policy_at_once_both_load_the_one_cached(
     model, _, same = load_toy_policy(tmp_path / "second", config, progress=False)
     assert same.name == folder.name and os.listdir(tmp_path / "second") == [folder.name]
     assert model.config.n_embd == 32
+
+
+def test_the_toy_policy_trains_the_same_whatever_the_callers_threads_and_leaves_its_generators_alone():
+    """A cache trained by a run with OMP_NUM_THREADS=1 held other weights (0.04 apart) than one trained with the
+    default threads; and the run that trained it drew other adapters than its reruns, from the generator state
+    the training left."""
+    import torch
+
+    from rlhfkit.models.toy_policy import train_toy_policy
+
+    config = ToyPolicyConfig(examples=200, epochs=1, vocab_size=400, n_embd=32)
+    threads, weights = torch.get_num_threads(), []
+    try:
+        for caller in (1, 3):
+            torch.set_num_threads(caller)
+            torch.manual_seed(7)
+            state = torch.random.get_rng_state()
+            model, _ = train_toy_policy(config, progress=False)
+            assert torch.equal(torch.random.get_rng_state(), state) and torch.get_num_threads() == caller
+            weights.append(model.state_dict())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -14,6 +14,8 @@ import hashlib
 import json
 import math
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -29,6 +31,9 @@ from rlhfkit.data.records import Prompt
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
 SPECIAL = {"eos_token": "<|endoftext|>", "pad_token": "<|pad|>"}
+# threads of the toy model's training, whatever the caller's: its sums split per thread, so the weights (up to
+# 0.04 apart on the demo's model between 1 and 2 threads) and every demo number after them depend on it
+TRAINING_THREADS = 2
 
 
 def toy_corpus() -> dict:
@@ -104,9 +109,29 @@ def build_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     return wrapped
 
 
+@contextmanager
+def reproducible_training() -> Iterator[None]:
+    """The toy model's training on TRAINING_THREADS threads, and the caller's random generators as they were: a
+    model cached by a first run (or with OMP_NUM_THREADS=1) is the one every later run would train, and the run
+    that trains it draws what a run loading it draws (a personal demo's first run on a fresh machine printed
+    other numbers than its reruns: its adapters' initial weights came from the generator the training left)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TRAINING_THREADS)
+    try:
+        with torch.random.fork_rng():
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def train_toy_policy(config: ToyPolicyConfig, progress: bool = True) -> tuple[GPT2LMHeadModel,
                                                                                 PreTrainedTokenizerFast]:
     """Train the toy model: next-token loss on the replies (the request is context only)."""
+    with reproducible_training():
+        return _train(config, progress)
+
+
+def _train(config: ToyPolicyConfig, progress: bool) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
     corpus = toy_corpus()
     examples = corpus_examples(corpus, config.examples, config.seed, config.mix)
     tokenizer = build_tokenizer([f"{q}\n{a}" for q, a in examples], config.vocab_size)
