@@ -257,3 +257,18 @@ def test_a_cache_folder_is_written_whole_once_when_processes_race_to_write_it(tm
     assert sorted(os.listdir(tmp_path)) == ["cache"]  # no folder, no staging left: nothing looks done
     write_folder_once(tmp_path / "fresh", lambda staging: (staging / "weights").write_text("new"))
     assert (tmp_path / "fresh" / "weights").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["cache", "fresh"]
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o755), (0o077, 0o700), (0o002, 0o775)])
+def test_a_cache_folder_gets_the_umask_mode_not_its_staging_folders_0700(tmp_path, umask, mode):
+    """A cache shared by several accounts (RLHFKIT_CACHE on a group's disk): the folder the older code made with
+    ``mkdir`` was 0755 under umask 022; a staging folder from ``mkdtemp`` is 0700, so renamed into place the others
+    could no longer read the cached model."""
+    from rlhfkit.data.io import write_folder_once
+
+    previous = os.umask(umask)
+    try:
+        folder = write_folder_once(tmp_path / "cache" / "model", lambda staging: (staging / "weights").write_text("x"))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(folder.stat().st_mode) == mode

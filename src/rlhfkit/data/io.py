@@ -213,12 +213,15 @@ def write_records(path: str | os.PathLike, records: Iterable[Record]) -> int:
 def write_folder_once(folder: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Create a cache folder whole or not at all, with processes racing to create it: ``write`` fills a staging
     folder of this process's own, moved into place in one rename. A folder another process put there first
-    is kept and this one's discarded (they hold the same); a crash or an error leaves no folder behind."""
+    is kept and this one's discarded (they hold the same); a crash or an error leaves no folder behind. The
+    folder gets the umask's mode, as ``mkdir()`` gives it (a staging folder starts at 0700: in a cache shared by
+    several accounts the others could not read it)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".partial"))
     try:
         write(staging)
+        staging.chmod(umask_mode(0o777))
         try:
             staging.rename(folder)
         except OSError:  # not empty: another process's, whole (it was renamed into place)
