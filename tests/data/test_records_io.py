@@ -272,3 +272,35 @@ def test_a_cache_folder_gets_the_umask_mode_not_its_staging_folders_0700(tmp_pat
     finally:
         os.umask(previous)
     assert stat.S_IMODE(folder.stat().st_mode) == mode
+
+
+@pytest.mark.parametrize("leftover", [{"tokenizer.json": "{}"}, {"config.json": "{}", "weights": "ha"}])
+def test_a_half_written_cache_folder_left_at_the_target_is_replaced_not_taken_for_a_whole_one(tmp_path, leftover):
+    """A folder an older version wrote in place (SmolLM2's: config.json, then the weights, then the tokenizer) and a
+    crash cut short, or a cache whose config.json was deleted by hand: taken for another process's whole folder,
+    every later run wrote the cache again and crashed loading what was there."""
+    from rlhfkit.data.io import write_folder_once
+
+    folder = tmp_path / "cache" / "model"
+    folder.mkdir(parents=True)
+    for name, text in leftover.items():
+        (folder / name).write_text(text)
+
+    def write(staging: Path) -> None:
+        (staging / "config.json").write_text("{}")
+        (staging / "weights").write_text("whole")
+        (staging / "tokenizer.json").write_text("{}")
+
+    assert write_folder_once(folder, write) == folder
+    assert {p.name: p.read_text() for p in folder.iterdir()} == {"config.json": "{}", "weights": "whole",
+                                                                 "tokenizer.json": "{}"}
+    assert os.listdir(folder.parent) == ["model"]  # the leftover gone too
+
+
+def test_a_cache_folder_target_that_is_a_file_is_an_error_naming_it(tmp_path):
+    from rlhfkit.data.io import write_folder_once
+
+    (tmp_path / "model").write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match=r"model: a file, not a folder"):
+        write_folder_once(tmp_path / "model", lambda staging: (staging / "weights").write_text("x"))
+    assert os.listdir(tmp_path) == ["model"] and (tmp_path / "model").read_text() == "not a folder"
