@@ -304,3 +304,11 @@ def test_a_cache_folder_target_that_is_a_file_is_an_error_naming_it(tmp_path):
     with pytest.raises(NotADirectoryError, match=r"model: a file, not a folder"):
         write_folder_once(tmp_path / "model", lambda staging: (staging / "weights").write_text("x"))
     assert os.listdir(tmp_path) == ["model"] and (tmp_path / "model").read_text() == "not a folder"
+
+
+def test_a_cache_folder_with_the_longest_name_a_folder_can_have_is_written(tmp_path):
+    """Its staging folder's name adds a prefix and a suffix to it: past the file system's 255 bytes."""
+    from rlhfkit.data.io import write_folder_once
+
+    folder = write_folder_once(tmp_path / ("m" * 255), lambda staging: (staging / "weights").write_text("x"))
+    assert (folder / "weights").read_text() == "x" and os.listdir(tmp_path) == [folder.name]

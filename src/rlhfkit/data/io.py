@@ -225,7 +225,9 @@ def write_folder_once(folder: str | os.PathLike, write: Callable[[Path], None]) 
     staging folder starts at 0700: in a cache shared by several accounts the others could not read it)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".partial"))
+    # the name cut short: a folder name of up to 255 bytes leaves no room for the prefix and suffix (40 characters:
+    # at most 160 bytes in UTF-8)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name[:40]}.", suffix=".partial"))
     stale = staging.with_suffix(".stale")
     try:
         write(staging)
