@@ -436,20 +436,26 @@ class PersonalDemo:
     def delete(self, user: str) -> dict:
         """The user deletes everything, and the population versions trained on their pairs are trained again
         without them (the app queues it); returns what is left of them (all empty when deletion is complete):
-        their choices, versions, adapter files and adapters in memory, and the population versions (saved, or
-        in memory) that hold their pairs."""
+        their choices, versions, adapter files and adapters in memory, the population versions (saved, or
+        in memory) that hold their pairs, and the other users' versions (saved, or in memory) that started from
+        one of those: their weights began as ones learned from the deleted user's pairs."""
         removed = _ok(self.clients[user].delete("/api/personal/data"))["population_versions_removed"]
         self.wait_for_training()
         left = self.clients[user].get("/api/personal/learned").json()
         user_id, models = self.ids[user], self.models
-        owner = user_owner(user_id)
+        owner, removed = user_owner(user_id), {f"{POPULATION}-v{v}" for v in removed}
+        others = [user_owner(other) for name, other in self.ids.items() if name != user]
+        started = {f"{o}-v{v}" for o in others for v in models.versions(o)
+                   if models.version_info(o, v).get("start") in removed}
+        started |= {n for n in models.adapter_names() if n.rsplit("-v", 1)[0] in others  # removed, still in memory
+                    and not (models.folder / n.replace("-v", "/v")).is_dir()}
         return {"choices": len(left["choices"]), "versions": len(left["versions"]),
                 "files": (Path(self.config.run_dir) / "adapters" / owner).exists(),
                 "adapters_in_memory": [n for n in models.adapter_names() if n.startswith(f"{owner}-")],
                 "population_versions": [f"{POPULATION}-v{v}" for v in models.versions(POPULATION)
                                         if user_id in models.version_info(POPULATION, v).get("users", [user_id])],
-                "population_in_memory": [n for n in models.adapter_names()
-                                         if n in {f"{POPULATION}-v{v}" for v in removed}]}
+                "population_in_memory": [n for n in models.adapter_names() if n in removed],
+                "started_from_theirs": sorted(started)}
 
 
 def _ok(response) -> dict:
