@@ -269,7 +269,7 @@ def test_the_personal_demo_runs_end_to_end_through_the_api_and_deletes_a_user_co
     assert report["deletion"] == {"user": "detailed", "complete": True,
                                   "left": {"choices": 0, "versions": 0, "files": False, "adapters_in_memory": [],
                                            "population_versions": [], "population_in_memory": [],
-                                           "started_from_theirs": []}}
+                                           "started_from_theirs": [], "head_in_memory": False}}
     assert report["memory"]["adapter_mb"] > 0 and report["memory"]["users_in_8_gib"] > 0
     assert report["memory"]["packed_mb"] > 0  # the base's packed copy that generation keeps on this CPU
     assert len(report["answers"]) == 4 * 2 and all(len(row) == 2 + 2 for row in report["answers"])
@@ -312,6 +312,19 @@ def test_a_deletion_that_left_another_users_version_started_from_their_populatio
     assert brief["start"] == "population-v2"  # v1, v2 and v3 held detailed's pairs: removed
     assert report["deletion"]["left"]["started_from_theirs"] == ["user-1-v2"] and not report["deletion"]["complete"]
     assert report["verdict"].startswith("NOT met: deletion left {")
+
+
+def test_a_deletion_that_left_the_users_preference_head_in_memory_is_not_complete(tmp_path, monkeypatch):
+    """The reranker's head of a user is fitted on their pairs (the cold start's best-of-N): the deletion drops it,
+    but the report did not look, so a head left behind (here: the reranker's forget made to fail) was not seen."""
+    from rlhfkit.personal.rerank import Reranker
+
+    monkeypatch.setattr(Reranker, "forget", lambda self, user_id: None)
+    config = PersonalDemoConfig(run_dir=tmp_path / "run", rounds=1, prompts_per_round=3, train_every=2,
+                                eval_prompts=4, eval_samples=1, max_new_tokens=4, tastes=TINY_TASTES,
+                                dpo=PersonalDPOConfig(epochs=1, lr=1e-2), rerank=RerankConfig(n=2, min_pairs=1))
+    report = run_personal_demo(config, build_tiny_causal(), word_tokenizer(), progress=False)
+    assert report["deletion"]["left"]["head_in_memory"] and not report["deletion"]["complete"]
 
 
 def test_a_seed_fixes_the_personal_demo_whatever_the_machine_or_the_global_generators(tmp_path):

@@ -437,8 +437,9 @@ class PersonalDemo:
         """The user deletes everything, and the population versions trained on their pairs are trained again
         without them (the app queues it); returns what is left of them (all empty when deletion is complete):
         their choices, versions, adapter files and adapters in memory, the population versions (saved, or
-        in memory) that hold their pairs, and the other users' versions (saved, or in memory) that started from
-        one of those: their weights began as ones learned from the deleted user's pairs."""
+        in memory) that hold their pairs, the other users' versions (saved, or in memory) that started from
+        one of those (their weights began as ones learned from the deleted user's pairs), and their reranking head
+        (fitted on their pairs)."""
         removed = _ok(self.clients[user].delete("/api/personal/data"))["population_versions_removed"]
         self.wait_for_training()
         left = self.clients[user].get("/api/personal/learned").json()
@@ -455,7 +456,7 @@ class PersonalDemo:
                 "population_versions": [f"{POPULATION}-v{v}" for v in models.versions(POPULATION)
                                         if user_id in models.version_info(POPULATION, v).get("users", [user_id])],
                 "population_in_memory": [n for n in models.adapter_names() if n in removed],
-                "started_from_theirs": sorted(started)}
+                "started_from_theirs": sorted(started), "head_in_memory": self.reranker.has_head(user_id)}
 
 
 def _ok(response) -> dict:
