@@ -327,6 +327,17 @@ def test_a_deletion_that_left_the_users_preference_head_in_memory_is_not_complet
     assert report["deletion"]["left"]["head_in_memory"] and not report["deletion"]["complete"]
 
 
+def test_a_user_without_a_version_yet_is_answered_by_the_population_and_its_kl_to_the_base_is_reported(tmp_path):
+    """Before their first version a user's answers are the shared model's: with a population adapter, not the
+    base's, so their KL to the base is the population's, not the 0 reported for it."""
+    config = PersonalDemoConfig(run_dir=tmp_path / "run", rounds=1, prompts_per_round=3, train_every=50,
+                                eval_prompts=4, eval_samples=2, max_new_tokens=6, tastes=TINY_TASTES, population=True,
+                                dpo=PersonalDPOConfig(epochs=2, lr=5e-2), rerank=RerankConfig(n=2, min_pairs=1))
+    report = run_personal_demo(config, build_tiny_causal(), word_tokenizer(), progress=False)
+    assert [(r["version"], r["shared"]) for r in report["rounds"]] == [(0, "population-v1")] * 2
+    assert all(r["kl"][0] != 0 and r["kl"][1] <= r["kl"][0] <= r["kl"][2] for r in report["rounds"])
+
+
 def test_a_seed_fixes_the_personal_demo_whatever_the_machine_or_the_global_generators(tmp_path):
     def run(name: str, noise: int) -> list[dict]:
         random.seed(noise)  # the global generators must not matter: the API and the demo draw from the seed

@@ -395,7 +395,8 @@ class PersonalDemo:
             return head_to_head(judge, keys, ours, theirs, topics)
 
         others = {t.user: rate(t, mine, shared) for t in self.config.tastes if t.user != taste.user}
-        kl = self.kl_to_base(adapter, keys, mine, topics) if adapter else (0.0, 0.0, 0.0)
+        answering = adapter or self.shared_adapter  # no version yet: the shared model answers, the population's too
+        kl = self.kl_to_base(answering, keys, mine, topics) if answering else (0.0, 0.0, 0.0)
         guards = {judge.name: judge_gap(judge(keys, [a.text for a in mine]).tolist(), self.shared_scores[judge.name],
                                         keys, topics) for judge in self.judges}
         step = self.config.eval_samples * max(len(prompts) // SAMPLES_SHOWN, 1)  # one answer of spread prompts
