@@ -257,3 +257,58 @@ def test_a_cache_folder_is_written_whole_once_when_processes_race_to_write_it(tm
     assert sorted(os.listdir(tmp_path)) == ["cache"]  # no folder, no staging left: nothing looks done
     write_folder_once(tmp_path / "fresh", lambda staging: (staging / "weights").write_text("new"))
     assert (tmp_path / "fresh" / "weights").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["cache", "fresh"]
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o755), (0o077, 0o700), (0o002, 0o775)])
+def test_a_cache_folder_gets_the_umask_mode_not_its_staging_folders_0700(tmp_path, umask, mode):
+    """A cache shared by several accounts (RLHFKIT_CACHE on a group's disk): the folder the older code made with
+    ``mkdir`` was 0755 under umask 022; a staging folder from ``mkdtemp`` is 0700, so renamed into place the others
+    could no longer read the cached model."""
+    from rlhfkit.data.io import write_folder_once
+
+    previous = os.umask(umask)
+    try:
+        folder = write_folder_once(tmp_path / "cache" / "model", lambda staging: (staging / "weights").write_text("x"))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(folder.stat().st_mode) == mode
+
+
+@pytest.mark.parametrize("leftover", [{"tokenizer.json": "{}"}, {"config.json": "{}", "weights": "ha"}])
+def test_a_half_written_cache_folder_left_at_the_target_is_replaced_not_taken_for_a_whole_one(tmp_path, leftover):
+    """A folder an older version wrote in place (SmolLM2's: config.json, then the weights, then the tokenizer) and a
+    crash cut short, or a cache whose config.json was deleted by hand: taken for another process's whole folder,
+    every later run wrote the cache again and crashed loading what was there."""
+    from rlhfkit.data.io import write_folder_once
+
+    folder = tmp_path / "cache" / "model"
+    folder.mkdir(parents=True)
+    for name, text in leftover.items():
+        (folder / name).write_text(text)
+
+    def write(staging: Path) -> None:
+        (staging / "config.json").write_text("{}")
+        (staging / "weights").write_text("whole")
+        (staging / "tokenizer.json").write_text("{}")
+
+    assert write_folder_once(folder, write) == folder
+    assert {p.name: p.read_text() for p in folder.iterdir()} == {"config.json": "{}", "weights": "whole",
+                                                                 "tokenizer.json": "{}"}
+    assert os.listdir(folder.parent) == ["model"]  # the leftover gone too
+
+
+def test_a_cache_folder_target_that_is_a_file_is_an_error_naming_it(tmp_path):
+    from rlhfkit.data.io import write_folder_once
+
+    (tmp_path / "model").write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match=r"model: a file, not a folder"):
+        write_folder_once(tmp_path / "model", lambda staging: (staging / "weights").write_text("x"))
+    assert os.listdir(tmp_path) == ["model"] and (tmp_path / "model").read_text() == "not a folder"
+
+
+def test_a_cache_folder_with_the_longest_name_a_folder_can_have_is_written(tmp_path):
+    """Its staging folder's name adds a prefix and a suffix to it: past the file system's 255 bytes."""
+    from rlhfkit.data.io import write_folder_once
+
+    folder = write_folder_once(tmp_path / ("m" * 255), lambda staging: (staging / "weights").write_text("x"))
+    assert (folder / "weights").read_text() == "x" and os.listdir(tmp_path) == [folder.name]

@@ -268,7 +268,8 @@ def test_the_personal_demo_runs_end_to_end_through_the_api_and_deletes_a_user_co
     assert set(report["adapter_beats_rerank"]) == {"brief", "detailed"}
     assert report["deletion"] == {"user": "detailed", "complete": True,
                                   "left": {"choices": 0, "versions": 0, "files": False, "adapters_in_memory": [],
-                                           "population_versions": [], "population_in_memory": []}}
+                                           "population_versions": [], "population_in_memory": [],
+                                           "started_from_theirs": [], "head_in_memory": False}}
     assert report["memory"]["adapter_mb"] > 0 and report["memory"]["users_in_8_gib"] > 0
     assert report["memory"]["packed_mb"] > 0  # the base's packed copy that generation keeps on this CPU
     assert len(report["answers"]) == 4 * 2 and all(len(row) == 2 + 2 for row in report["answers"])
@@ -286,10 +287,55 @@ def test_with_a_population_adapter_it_is_the_shared_model_and_a_deletion_retrain
     report = run_personal_demo(config, build_tiny_causal(), word_tokenizer(), progress=False)
     assert [r["shared"] for r in report["rounds"]] == ["population-v1"] * 2 + ["population-v2"] * 2
     assert report["deletion"]["complete"] and report["deletion"]["left"]["population_versions"] == []
+    assert report["deletion"]["left"]["started_from_theirs"] == []
     adapters = tmp_path / "run" / "adapters" / "population"
     retrained = json.loads((adapters / "v3" / "version.json").read_text())  # v1, v2 held detailed's pairs: removed
     assert sorted(p.name for p in adapters.glob("v*")) == ["v1.removed", "v2.removed", "v3"]
     assert len(retrained["users"]) == 1 and retrained["start"] == "base"
+
+
+def test_a_deletion_that_left_another_users_version_started_from_their_population_is_not_complete(tmp_path,
+                                                                                                   monkeypatch):
+    """A user's version that started from a population version holding the deleted user's pairs began with weights
+    learned from them: the deletion removes it too. The report looked only at the population's versions, so a
+    deletion that left such a version (here: removals of users' versions made to fail) was reported complete."""
+    from rlhfkit.personal.models import PersonalModels
+
+    remove = PersonalModels._remove_version
+    monkeypatch.setattr(PersonalModels, "_remove_version", lambda self, owner, version, why: None
+                        if owner.startswith("user-") else remove(self, owner, version, why))
+    config = PersonalDemoConfig(run_dir=tmp_path / "run", rounds=3, prompts_per_round=3, train_every=2,
+                                eval_prompts=4, eval_samples=2, max_new_tokens=6, tastes=TINY_TASTES, population=True,
+                                dpo=PersonalDPOConfig(epochs=1, lr=1e-2), rerank=RerankConfig(n=2, min_pairs=1))
+    report = run_personal_demo(config, build_tiny_causal(), word_tokenizer(), progress=False)
+    brief = json.loads((tmp_path / "run" / "adapters" / "user-1" / "v2" / "version.json").read_text())
+    assert brief["start"] == "population-v2"  # v1, v2 and v3 held detailed's pairs: removed
+    assert report["deletion"]["left"]["started_from_theirs"] == ["user-1-v2"] and not report["deletion"]["complete"]
+    assert report["verdict"].startswith("NOT met: deletion left {")
+
+
+def test_a_deletion_that_left_the_users_preference_head_in_memory_is_not_complete(tmp_path, monkeypatch):
+    """The reranker's head of a user is fitted on their pairs (the cold start's best-of-N): the deletion drops it,
+    but the report did not look, so a head left behind (here: the reranker's forget made to fail) was not seen."""
+    from rlhfkit.personal.rerank import Reranker
+
+    monkeypatch.setattr(Reranker, "forget", lambda self, user_id: None)
+    config = PersonalDemoConfig(run_dir=tmp_path / "run", rounds=1, prompts_per_round=3, train_every=2,
+                                eval_prompts=4, eval_samples=1, max_new_tokens=4, tastes=TINY_TASTES,
+                                dpo=PersonalDPOConfig(epochs=1, lr=1e-2), rerank=RerankConfig(n=2, min_pairs=1))
+    report = run_personal_demo(config, build_tiny_causal(), word_tokenizer(), progress=False)
+    assert report["deletion"]["left"]["head_in_memory"] and not report["deletion"]["complete"]
+
+
+def test_a_user_without_a_version_yet_is_answered_by_the_population_and_its_kl_to_the_base_is_reported(tmp_path):
+    """Before their first version a user's answers are the shared model's: with a population adapter, not the
+    base's, so their KL to the base is the population's, not the 0 reported for it."""
+    config = PersonalDemoConfig(run_dir=tmp_path / "run", rounds=1, prompts_per_round=3, train_every=50,
+                                eval_prompts=4, eval_samples=2, max_new_tokens=6, tastes=TINY_TASTES, population=True,
+                                dpo=PersonalDPOConfig(epochs=2, lr=5e-2), rerank=RerankConfig(n=2, min_pairs=1))
+    report = run_personal_demo(config, build_tiny_causal(), word_tokenizer(), progress=False)
+    assert [(r["version"], r["shared"]) for r in report["rounds"]] == [(0, "population-v1")] * 2
+    assert all(r["kl"][0] != 0 and r["kl"][1] <= r["kl"][0] <= r["kl"][2] for r in report["rounds"])
 
 
 def test_a_seed_fixes_the_personal_demo_whatever_the_machine_or_the_global_generators(tmp_path):

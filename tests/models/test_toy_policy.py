@@ -126,3 +126,15 @@ def test_the_toy_policy_trains_the_same_whatever_the_callers_threads_and_leaves_
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_a_half_written_toy_policy_folder_in_the_cache_is_trained_again_not_loaded_forever(tmp_path):
+    """A cached folder without its config.json (deleted by hand to retrain, a copy cut short) was taken for a whole
+    one put there by another process: every run trained the model again, then crashed loading that folder."""
+    config = ToyPolicyConfig(examples=200, epochs=1, vocab_size=400, n_embd=32)
+    _, _, folder = load_toy_policy(tmp_path / "first", config, progress=False)
+    half = shutil.copytree(folder, tmp_path / "second" / folder.name)
+    (half / "config.json").unlink()
+    model, tokenizer, same = load_toy_policy(tmp_path / "second", config, progress=False)
+    assert same == half and (half / "config.json").exists() and os.listdir(tmp_path / "second") == [folder.name]
+    assert model.config.n_embd == 32 and tokenizer.chat_template

@@ -169,6 +169,21 @@ def test_deleting_my_data_leaves_no_choice_file_or_adapter_of_mine(server):
     assert models.adapter(user_owner(user_id(app, "bob"))) is not None  # bob's is untouched
 
 
+def test_deleting_my_data_leaves_none_of_my_words_in_the_database_files(server):
+    """SQLite keeps a deleted row's bytes in the free pages of the database file, and in the write-ahead log
+    until a checkpoint: the deleted user's questions and reasons could still be read off the disk."""
+    app, models, queue = server
+    ann = login(app, "ann")
+    asked = ann.post("/api/personal/ask", json={"prompt": "my diagnosis is xyzzy-secret, what now"}).json()
+    assert ann.post("/api/personal/choose", json={"question_id": asked["question_id"], "choice": "a",
+                                                  "reason": "plugh-private"}).status_code == 200
+    queue.wait()
+    assert ann.delete("/api/personal/data").json()["deleted_choices"] == 1
+    files = sorted(models.folder.parent.glob("feedback.db*"))
+    assert files and not [f.name for f in files if b"xyzzy-secret" in f.read_bytes() or b"plugh-private" in
+                          f.read_bytes()]
+
+
 def test_deleting_my_data_removes_the_population_versions_that_learned_from_it_and_trains_them_again(server):
     """Population v1 learned from ann's and bob's pairs, bob's v2 started from it. Ann deletes: both are
     removed, the page says so, and the queue trains the population on bob's pairs, then bob's next version

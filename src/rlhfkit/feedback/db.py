@@ -183,6 +183,18 @@ def normalise_url(url: str) -> str:
     return url
 
 
+def checkpoint(engine: Engine) -> None:
+    """SQLite: the write-ahead log copied into the database file and emptied, so that rows deleted before are in
+    neither (the log keeps every page as written, a deleted row's text too, until a checkpoint; the file's copy is
+    zeroed: ``secure_delete``). A reader holding a snapshot leaves the log as it is; PostgreSQL: nothing."""
+    if engine.dialect.name == "sqlite":
+        connection = engine.raw_connection()
+        try:
+            connection.cursor().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            connection.close()
+
+
 def make_engine(url: str) -> Engine:
     url = normalise_url(url)
     if url.startswith("sqlite"):
@@ -196,6 +208,7 @@ def make_engine(url: str) -> Engine:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA secure_delete=ON")  # a deleted row's bytes zeroed, not left in the free pages
             cursor.close()
 
         # BEGIN IMMEDIATE: a transaction takes the write lock at its start, so concurrent writers queue

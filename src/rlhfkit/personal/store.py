@@ -17,7 +17,7 @@ from sqlalchemy import Boolean, CheckConstraint, DateTime, ForeignKey, Integer, 
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from rlhfkit.data.records import PreferencePair
-from rlhfkit.feedback.db import Base, User, now
+from rlhfkit.feedback.db import Base, User, checkpoint, now
 from rlhfkit.feedback.service import FeedbackError
 
 Choice = Literal["a", "b", "both_fine", "both_bad"]
@@ -117,4 +117,5 @@ def delete_user_data(session: Session, user: User) -> int:
     so that a training that starts meanwhile finds no pairs). Returns the rows deleted."""
     deleted = session.execute(delete(PersonalChoice).where(PersonalChoice.user_id == user.id)).rowcount
     session.commit()
+    checkpoint(session.get_bind())  # their texts out of SQLite's write-ahead log too
     return deleted
