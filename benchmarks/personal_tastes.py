@@ -152,13 +152,13 @@ def trace(path: Path) -> None:
         with path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
-    def traced_train(models, owner, pairs, config):
+    def traced_train(models, owner, pairs, config, users=None):
         start = models.starting_point(owner)
         swapped = [p.model_copy(update={"chosen": p.rejected, "rejected": p.chosen, "chosen_truncated":
                                         p.rejected_truncated, "rejected_truncated": p.chosen_truncated})
                    for p in pairs]
         before, rejected_before = stop_logprobs(models, start, pairs), stop_logprobs(models, start, swapped)
-        version, history = train_version(models, owner, pairs, config)
+        version, history = train_version(models, owner, pairs, config, users)
         adapter = models.adapter(owner)
         after, rejected_after = stop_logprobs(models, adapter, pairs), stop_logprobs(models, adapter, swapped)
         with torch.no_grad():
