@@ -116,9 +116,9 @@ class PersonalDemoConfig:
     # the toy base: the toy assistant trained without the corpus's rude replies (see POLITE_MIX)
     toy_policy: ToyPolicyConfig = field(default_factory=lambda: ToyPolicyConfig(mix=POLITE_MIX))
     # after each round, the population adapter's next version on every user's pairs: the shared model the users'
-    # models are compared with, and the start of their next versions. Off (the base is both): against it the
-    # models' own-taste win rates fell to 0.53-0.56, no interval above 0.5 for 3 of 4 models (seeds 0, 1;
-    # benchmarks/results/personal_tastes.md, runs 109-110)
+    # models are compared with, and the start of their next versions. Off by default, the base being both:
+    # against the population the models' own-taste win rates were 0.53-0.56, the interval above 0.5 for 1 of 4
+    # models (seeds 0, 1; benchmarks/results/personal_tastes.md, runs 109-110)
     population: bool = False
 
     @classmethod
@@ -474,7 +474,7 @@ def print_round(r: RoundResult) -> None:
                                                       f"{_interval(r.vs_rerank)}")
     console.print(f"{r.user:>9} round {r.round}: {r.pairs:>3} pairs, v{r.version} · win rate vs shared "
                   f"{_interval(r.win_rate)} · under {others} taste · vs {versus} · KL {_interval(r.kl)} · "
-                  f"distinct-2 {r.distinct_2:.3f} (shared {r.distinct_2_shared:.3f}, the shared preferred "
+                  f"distinct-2 {r.distinct_2:.3f} (shared {r.distinct_2_shared:.3f}, its answers preferred "
                   f"{r.distinct_2_preferred:.3f}) · at the token cap "
                   f"{r.at_cap:.0%} · " + "".join(f"{name} vs shared {gap:+.3f} [{low:+.3f}, {high:+.3f}] · "
                                                   for name, (gap, low, high) in r.guards.items()) +
