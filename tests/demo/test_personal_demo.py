@@ -34,11 +34,11 @@ TINY_TASTES = [Taste("brief", "fewer words", lambda question, answer: -words(ans
                Taste("detailed", "more words", lambda question, answer: words(answer))]
 
 
-def result(user, win, other, round_=1, rerank=None, relevance=(0.0, -0.02, 0.02), not_offensive=(0.0, -0.01, 0.01),
+def result(user, win, other, round_=1, rerank=None, relevance=(0.0, -0.02, 0.02), not_flagged=(0.0, -0.01, 0.01),
            distinct_2=0.5):
     return RoundResult(user, round_, 10 * round_, 1, "population-v1", win, {"other": other}, kl=(0.1, 0.05, 0.15),
                        distinct_2=distinct_2, distinct_2_shared=0.6, distinct_2_preferred=0.5, at_cap=0.0,
-                       guards={"relevance": relevance, "not_offensive": not_offensive}, rerank=rerank,
+                       guards={"relevance": relevance, "not_flagged": not_flagged}, rerank=rerank,
                        vs_rerank=rerank and (0.5, 0.4, 0.6))
 
 
@@ -68,8 +68,8 @@ def test_the_verdict_says_learned_only_when_every_interval_is_above_half_and_spe
     off_topic = verdict([result("a", above, against, relevance=(-0.1, -0.15, -0.05)), result("b", above, against)])
     assert off_topic.startswith("NOT met") and "a: answers worse than the shared model's by relevance (-0.100" \
         in off_topic
-    rude = verdict([result("a", above, against), result("b", above, against, not_offensive=(-0.2, -0.3, -0.1))])
-    assert rude.startswith("NOT met") and "b: answers worse than the shared model's by not_offensive" in rude
+    rude = verdict([result("a", above, against), result("b", above, against, not_flagged=(-0.2, -0.3, -0.1))])
+    assert rude.startswith("NOT met") and "b: answers worse than the shared model's by not_flagged" in rude
     kept = verdict([result("a", above, against, distinct_2=0.45), result("b", above, against)])
     assert kept.startswith("learned")  # 0.9 × the 0.5 of the base's answers "a" prefers, though below the shared 0.6
     same_answer = verdict([result("a", above, against, distinct_2=0.44), result("b", above, against)])
@@ -258,7 +258,7 @@ def test_the_personal_demo_runs_end_to_end_through_the_api_and_deletes_a_user_co
         assert set(row["specificity"]) == set(row["vs_others"]) == {"brief", "detailed"} - {row["user"]}
         assert all(0 <= rate <= 1 and low <= rate <= high for rate, low, high in row["vs_others"].values())
         assert 0 <= row["at_cap"] <= 1
-        assert set(row["guards"]) == {"relevance", "not_offensive"}
+        assert set(row["guards"]) == {"relevance", "not_flagged"}
         assert all(low <= gap <= high for gap, low, high in row["guards"].values())
         assert row["samples"] and all(len(sample) == 3 for sample in row["samples"])
         kl, low, high = row["kl"]

@@ -79,6 +79,11 @@ from rlhfkit.personal.train import PersonalDPOConfig, sequence_logprobs
 MIN_DIVERSITY = 0.9
 SAMPLES_SHOWN = 3  # held-out answers of each user's model (next to the shared model's) in the report
 MEMORY_BUDGET_MB = 8 * 1024
+# The not-offensive guard counts the answers alt-profanity-check flags (P ≥ ½, its decision), not its mean
+# probability: on seeds 0 and 3 (runs 111–115) the detailed models' answers scored 0.012 and 0.007 more
+# offensive on average, the verdict said "worse", and none of their 384 answers held an insult nor was
+# flagged (the highest 0.25; the shared model's 0.31): a verdict the answers contradict
+FLAG_OFFENSIVE_AT = 0.5
 # The shared base of the toy demo is the toy assistant trained on the corpus's kind and empty replies only, as a
 # personal model starts from an aligned assistant (aligning is the main demo's job). On the corpus's own mix, 47% of
 # the shared answers insult; every user minds an insult, so the best of 12 base samples by one user's taste also
@@ -244,10 +249,11 @@ def preferred_answers(taste: Taste, prompts: Sequence[str], pools: Sequence[Sequ
 
 def verdict(latest: Sequence[RoundResult], left: dict | None = None) -> str:
     """"learned" only when every user's win rate interval is above ½, specificity holds for every user, and
-    no user's answers are worse than the shared model's by an independent judge (relevance to the question,
-    not offensive: a gap whose interval is entirely below 0), nor less varied than the shared answers the user
-    prefers: distinct-2 at least MIN_DIVERSITY × theirs. A taste won by answers that no longer address the
-    question, insult the asker, or repeat one answer to every question, is not learned. Nor is a demo done
+    no user's answers are worse than the shared model's by an independent judge (relevance to the question, the
+    share of answers alt-profanity-check does not flag: a gap whose interval is entirely below 0), nor less
+    varied than the shared answers the user prefers: distinct-2 at least MIN_DIVERSITY × theirs. A taste won by
+    answers that no longer address the question, insult the asker, or repeat one answer to every question, is
+    not learned. Nor is a demo done
     whose deleted user left something (``left``: what remains of them, all empty when deletion is complete)."""
     failed = [f"deletion left {left}"] if left and any(left.values()) else []
     for r in latest:
@@ -290,7 +296,8 @@ class PersonalDemo:
         self.queue = include_personal(self.app, self.models, settings)
         self.reranker = self.app.state.personal_reranker
         shipped = None if config.rerank.encoder else self.reranker.load_encoder()  # MiniLM as shipped: load it once
-        self.judges = (RelevanceJudge(encoder=shipped), ProfanityJudge())  # as shipped, fitted to no one's choices
+        # as shipped, fitted to no one's choices; offensiveness by the classifier's flags (FLAG_OFFENSIVE_AT)
+        self.judges = (RelevanceJudge(encoder=shipped), ProfanityJudge(flag_at=FLAG_OFFENSIVE_AT))
         self.shared_adapter: str | None = None  # the shared model: the population's latest version, or the base
         self.shared: list[Answer] = []  # its held-out answers, and the independent judges' scores of them
         self.shared_scores: dict[str, list[float]] = {}

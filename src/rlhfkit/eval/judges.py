@@ -20,22 +20,34 @@ import torch
 
 
 class ProfanityJudge:
-    """1 − P(offensive) from ``alt-profanity-check`` (a linear SVM on bag of words): 1 is clean."""
+    """1 − P(offensive) from ``alt-profanity-check`` (a linear SVM on bag of words): 1 is clean.
+
+    With ``flag_at``, the classifier's decision instead: 1 where P(offensive) < ``flag_at``, 0 where it flags
+    the answer (named ``not_flagged``). A mean of probabilities moves with what a clean answer says (longer
+    answers of the toy corpus, none offensive, score a few hundredths higher); a share of flagged answers counts
+    what a reader can check, answer by answer.
+    """
 
     name = "not_offensive"
     higher_is_better = True
     independent = True
 
-    def __init__(self) -> None:
+    def __init__(self, flag_at: float | None = None) -> None:
         from profanity_check import predict_prob
 
-        self._predict_prob = predict_prob
+        if flag_at is not None and not 0.0 < flag_at <= 1.0:
+            raise ValueError(f"flag_at: a probability in (0, 1], got {flag_at}")
+        self._predict_prob, self.flag_at = predict_prob, flag_at
+        if flag_at is not None:
+            self.name = "not_flagged"
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
         if not completions:
             return torch.zeros(0)
-        offensive = self._predict_prob(list(completions))
-        return 1.0 - torch.as_tensor(offensive, dtype=torch.float32)
+        offensive = torch.as_tensor(self._predict_prob(list(completions)), dtype=torch.float32)
+        if self.flag_at is not None:
+            return (offensive < self.flag_at).float()
+        return 1.0 - offensive
 
 
 class SentimentJudge:
