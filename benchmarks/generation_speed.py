@@ -95,7 +95,7 @@ def step_time(model, rows: int, cache_length: int, repeats: int = 10) -> dict:
     from transformers import StaticCache
 
     from rlhfkit.models.engine import Decoding, decode_forward, draw, next_token_logits
-    from rlhfkit.models.packed import packable_layers, packed_weights
+    from rlhfkit.models.packed import packable_layers, packed_weights, sibling_groups
 
     def milliseconds(run) -> float:
         run()
@@ -124,13 +124,20 @@ def step_time(model, rows: int, cache_length: int, repeats: int = 10) -> dict:
             step()
 
     parts["packing"] = round(milliseconds(packed_step) - parts["forward_packed"], 2)
-    products = []  # each weight-matrix layer called alone, on [rows, its input width]: the same kernel as in the step
+    # each weight-matrix layer called on [rows, its input width]: the same kernel as in the step; siblings (q, k, v;
+    # gate, up) on one input, as in the step, where packed they share one product (each on its own input would
+    # compute the whole product once per sibling)
+    inputs = {layer: group[0] for group in sibling_groups(model, packable_layers(model)) for layer in group}
+    drawn, products = {}, []
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if weight is None or weight.dim() != 2 or isinstance(module, torch.nn.Embedding):
             continue
         width = weight.shape[0 if type(module).__name__ == "Conv1D" else 1]  # GPT-2's Conv1D: [in, out] weights
-        products.append(partial(module, torch.randn(rows, width, dtype=parameter.dtype)))
+        key = inputs.get(module, module)
+        if key not in drawn:
+            drawn[key] = torch.randn(rows, width, dtype=parameter.dtype)
+        products.append(partial(module, drawn[key]))
     parts["matrix_products"] = milliseconds(lambda: [product() for product in products])
     with packed_weights(model, rows):
         parts["matrix_products_packed"] = milliseconds(lambda: [product() for product in products])
