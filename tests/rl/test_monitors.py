@@ -50,6 +50,17 @@ def test_rising_reward_with_falling_relevance_warns_and_can_stop():
     assert "relevance to the request fell" in monitor.check(history)
 
 
+def test_one_spread_out_batch_at_step_two_is_no_relevance_alarm():
+    """The toy demo's seed 4 (KL 0.02 at step 2): 0.541 (s 0.181) then 0.384 (s 0.290), 32 answers each. By the
+    baseline's s alone that was z = 3.5 and stopped PPO; with both steps' s it is z = 2.6."""
+    history = steps(2, relevance=lambda i: (0.5408, 0.3841)[i])
+    history[1]["monitor/relevance_std"] = 0.2904
+    history[0]["monitor/relevance_std"] = 0.1808
+    assert warned(history, window=5) == []
+    raised, message = RewardHackingMonitor(JUDGE, MonitorConfig(min_z=2.5)).alarms(history)["relevance"]
+    assert raised and "z = 2.6" in message
+
+
 def test_rising_reward_with_a_flat_judge_warns_once_and_can_stop():
     monitor = RewardHackingMonitor(JUDGE, MonitorConfig(window=3, stop_on=("hacking",)))
     history = steps(12, reward=lambda i: 0.2 * i)
