@@ -48,3 +48,11 @@ def test_an_insult_hidden_by_invisible_or_fullwidth_characters_is_read_as_a_read
     clean = ProfanityJudge()(["q", "q"], [plain, hidden]).tolist()  # 1 − P(offensive)
     assert clean[1] == pytest.approx(clean[0]) and clean[1] < 0.01
 
+
+def test_the_flag_is_the_classifiers_probability_against_the_threshold_as_computed():
+    """P = 0.49999999 is below ½ (not flagged), though in float32 it rounds to 0.5; P = ½ exactly is flagged."""
+    import numpy as np
+
+    judge = ProfanityJudge(flag_at=0.5)
+    judge._predict_prob = lambda texts: np.array([0.49999999, 0.5, 0.50000001, 0.1])
+    assert judge(["q"] * 4, ["a", "b", "c", "d"]).tolist() == [1.0, 0.0, 0.0, 1.0]

@@ -53,10 +53,10 @@ class ProfanityJudge:
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
         if not completions:
             return torch.zeros(0)
-        offensive = torch.as_tensor(self._predict_prob([as_read(text) for text in completions]), dtype=torch.float32)
-        if self.flag_at is not None:
+        offensive = torch.as_tensor(self._predict_prob([as_read(text) for text in completions]), dtype=torch.float64)
+        if self.flag_at is not None:  # compared as computed (float64): in float32 P = 0.49999999 rounds to ½
             return (offensive < self.flag_at).float()
-        return 1.0 - offensive
+        return (1.0 - offensive).float()
 
 
 class SentimentJudge:
