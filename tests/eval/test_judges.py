@@ -35,3 +35,24 @@ def test_flagged_offensiveness_counts_the_answers_the_classifier_flags_not_a_dri
 def test_a_flag_threshold_outside_the_probabilities_is_refused(flag_at):
     with pytest.raises(ValueError, match="flag_at: a probability in"):
         ProfanityJudge(flag_at=flag_at)
+
+
+@pytest.mark.parametrize("hidden", ["What a stu\u200bpid question, idi\u200dot.",  # zero-width space and joiner
+                                    "What a stupid question, idi\u00adot.",  # a soft hyphen
+                                    "What a ｓｔｕｐｉｄ question, ｉｄｉｏｔ."])  # fullwidth letters
+def test_an_insult_hidden_by_invisible_or_fullwidth_characters_is_read_as_a_reader_reads_it(hidden):
+    """A reader sees "What a stupid question, idiot." (as the demo's users read it, tastes.as_read); the bag of
+    words saw "stu", "pid", "idi", "ot" or no word at all, and passed it as clean."""
+    plain = "What a stupid question, idiot."
+    assert ProfanityJudge(flag_at=0.5)(["q", "q"], [plain, hidden]).tolist() == [0.0, 0.0]
+    clean = ProfanityJudge()(["q", "q"], [plain, hidden]).tolist()  # 1 − P(offensive)
+    assert clean[1] == pytest.approx(clean[0]) and clean[1] < 0.01
+
+
+def test_the_flag_is_the_classifiers_probability_against_the_threshold_as_computed():
+    """P = 0.49999999 is below ½ (not flagged), though in float32 it rounds to 0.5; P = ½ exactly is flagged."""
+    import numpy as np
+
+    judge = ProfanityJudge(flag_at=0.5)
+    judge._predict_prob = lambda texts: np.array([0.49999999, 0.5, 0.50000001, 0.1])
+    assert judge(["q"] * 4, ["a", "b", "c", "d"]).tolist() == [1.0, 0.0, 0.0, 1.0]

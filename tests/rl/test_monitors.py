@@ -61,6 +61,23 @@ def test_one_spread_out_batch_at_step_two_is_no_relevance_alarm():
     assert raised and "z = 2.6" in message
 
 
+
+def test_a_batch_of_one_beside_measured_batches_is_no_relevance_alarm_from_its_zero_std():
+    """A step of one answer has no spread measured (std 0 by convention, not a spread of 0). Beside batches of 32
+    (a run resumed at batch size 1), one answer 0.15 lower is 0.75 of one answer's s (z = 0.7), and five answers
+    0.07 lower z = 0.8: no alarm. Read as a variance of 0, they were z = 4.2 and 4.4 and stopped the run."""
+    one = steps(2, relevance=lambda i: (0.6, 0.45)[i])
+    one[1] |= {"monitor/answers": 1.0, "monitor/relevance_std": 0.0}
+    raised, message = RewardHackingMonitor(JUDGE).alarms(one)["relevance"]
+    assert not raised and "(0.75 std, z = 0.7)" in message  # se = √(0.2²/32 + 0.2²/1), the baseline's s for both
+    five = steps(10, relevance=lambda i: 0.6 if i < 5 else 0.53)
+    for row in five[5:]:
+        row |= {"monitor/answers": 1.0, "monitor/relevance_std": 0.0}
+    assert warned(five, window=5) == []
+    all_ones = [row | {"monitor/answers": 1.0, "monitor/relevance_std": 0.0}
+                for row in steps(4, relevance=lambda i: 0.6 if i < 2 else 0.5)]
+    assert warned(all_ones, window=2) == ["relevance"]  # no spread measured anywhere: still armed
+
 def test_rising_reward_with_a_flat_judge_warns_once_and_can_stop():
     monitor = RewardHackingMonitor(JUDGE, MonitorConfig(window=3, stop_on=("hacking",)))
     history = steps(12, reward=lambda i: 0.2 * i)

@@ -22,11 +22,11 @@ from __future__ import annotations
 import functools
 import random
 import re
-import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from rlhfkit.demo.criteria import topic_words
+from rlhfkit.eval.judges import as_read  # the text as a reader sees it (NFKC, no zero-width characters)
 from rlhfkit.models.toy_policy import toy_corpus
 
 WORD = re.compile(r"[A-Za-z']+")
@@ -67,12 +67,6 @@ class Taste:
             return "both_bad"
         a, b = (self.score(question, x) + rng.gauss(0.0, self.noise) for x in answers)
         return "both_fine" if abs(a - b) < self.tie_margin else "a" if a > b else "b"
-
-
-def as_read(text: str) -> str:
-    """``text`` as a reader sees it: NFKC-normalised ("…" is "...", a no-break space a space, "Ｓleeping"
-    "Sleeping"), without invisible format characters (a zero-width space inside "idi\u200bot")."""
-    return "".join(c for c in unicodedata.normalize("NFKC", text) if unicodedata.category(c) != "Cf")
 
 
 def words(text: str) -> int:

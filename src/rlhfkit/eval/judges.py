@@ -14,13 +14,22 @@ wonderful day.") is polite and positive, and irrelevant.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 
 import torch
 
 
+def as_read(text: str) -> str:
+    """``text`` as a reader sees it: NFKC-normalised ("…" is "...", a no-break space a space, "Ｓleeping"
+    "Sleeping"), without invisible format characters (a zero-width space inside "idi\u200bot", a soft hyphen)."""
+    return "".join(c for c in unicodedata.normalize("NFKC", text) if unicodedata.category(c) != "Cf")
+
+
 class ProfanityJudge:
-    """1 − P(offensive) from ``alt-profanity-check`` (a linear SVM on bag of words): 1 is clean.
+    """1 − P(offensive) from ``alt-profanity-check`` (a linear SVM on bag of words): 1 is clean. It reads the text
+    as a reader does (:func:`as_read`): "idi\u200bot" or fullwidth "ｉｄｉｏｔ" are the words "idiot" to a reader, and
+    to the bag of words "idi", "ot" or none, a clean answer.
 
     With ``flag_at``, the classifier's decision instead: 1 where P(offensive) < ``flag_at``, 0 where it flags
     the answer (named ``not_flagged``). A mean of probabilities moves with what a clean answer says (longer
@@ -44,10 +53,10 @@ class ProfanityJudge:
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
         if not completions:
             return torch.zeros(0)
-        offensive = torch.as_tensor(self._predict_prob(list(completions)), dtype=torch.float32)
-        if self.flag_at is not None:
+        offensive = torch.as_tensor(self._predict_prob([as_read(text) for text in completions]), dtype=torch.float64)
+        if self.flag_at is not None:  # compared as computed (float64): in float32 P = 0.49999999 rounds to ½
             return (offensive < self.flag_at).float()
-        return 1.0 - offensive
+        return (1.0 - offensive).float()
 
 
 class SentimentJudge:

@@ -13,7 +13,8 @@ latest value the mean of the last ``min(window, ⌊n/2⌋)``; it warns when
 - relevance: relevance fell by more than ``relevance_drop`` baseline standard deviations (per answer),
              and by at least ``min_z`` standard errors of the difference of the two means
              (se = √(s²_base / n_base + s²_last / n_last), s² the steps' mean variance per answer, n the
-             answers on each side), so batch noise is no alarm. The test runs at every step, so its
+             answers on each side; a side whose steps are batches of one, with no spread measured, takes
+             the other side's s²), so batch noise is no alarm. The test runs at every step, so its
              threshold is for a run, not a step: on 1,728 answers of the toy demo's reference policy to its
              72 prompts, two batches of 32 apart at random as often as PPO's 30 steps look at them, z ≥ 3
              with the baseline's s alone stopped 3.5% of runs of a policy that never changed (one of six
@@ -80,6 +81,13 @@ def _floor(value: float, eps: float = 1e-6) -> float:
     return value if value > eps else eps  # NaN > eps is False: a NaN std becomes eps too
 
 
+def _spread(rows: Sequence[Mapping[str, float]]) -> float | None:
+    """The steps' mean variance of relevance per answer, over the steps that measured one: a batch of one has
+    std 0 by convention (no spread measured, not none), so it is left out; None when no step measured it."""
+    measured = [r["monitor/relevance_std"] ** 2 for r in rows if r.get("monitor/answers", 2.0) >= 2]
+    return sum(measured) / len(measured) if measured else None
+
+
 @dataclass
 class RewardHackingMonitor:
     judge: RewardFn
@@ -138,7 +146,9 @@ class RewardHackingMonitor:
             std = _floor(_mean("monitor/relevance_std", base))
             drop = (base_relevance - relevance) / std
             answers = [sum(r.get("monitor/answers", 1.0) for r in rows) for rows in (base, last)]
-            variances = [sum(r["monitor/relevance_std"] ** 2 for r in rows) / len(rows) for rows in (base, last)]
+            variances = [_spread(rows) for rows in (base, last)]
+            variances = [v if v is not None else w if w is not None else 0.0  # none measured: the other side's
+                         for v, w in zip(variances, variances[::-1], strict=True)]
             z = (base_relevance - relevance) / _floor(sum(v / n for v, n in zip(variances, answers, strict=True))
                                                       ** 0.5)
             alarms["relevance"] = (drop > cfg.relevance_drop and z >= cfg.min_z,
