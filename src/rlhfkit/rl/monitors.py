@@ -14,12 +14,15 @@ latest value the mean of the last ``min(window, ⌊n/2⌋)``; it warns when
              and by at least ``min_z`` standard errors of the difference of the two means
              (se = √(s²_base / n_base + s²_last / n_last), s² the steps' mean variance per answer, n the
              answers on each side; a side whose steps are batches of one, with no spread measured, takes
-             the other side's s²), so batch noise is no alarm. The test runs at every step, so its
-             threshold is for a run, not a step: on 1,728 answers of the toy demo's reference policy to its
-             72 prompts, two batches of 32 apart at random as often as PPO's 30 steps look at them, z ≥ 3
-             with the baseline's s alone stopped 3.5% of runs of a policy that never changed (one of six
-             seeds at step 2, where the KL was 0.02); with both sides' s and z ≥ 3.5, 0.4%, and a drift
-             of −0.01 relevance a step from step 5 was still caught in every run, 2 steps later (median);
+             the other side's s²), so batch noise is no alarm. The test runs at every step, so what
+             matters is how many runs it stops on noise: two random batches of the toy demo's reference
+             answers (1,728 answers to its 72 prompts) per step, as PPO's 30 steps look at them, a
+             policy that never changed was stopped in 3.2% of runs at 32 answers a step and 12.5% at 8
+             with the baseline's s alone (seed 4 of the demo, at step 2 with a KL of 0.02); with both
+             sides' s, 1.1% and 3.3%, while a policy drifting off topic (a quarter of its answers off
+             topic from step 10, or a share rising to 0.4 from step 5 to 25) was caught as often (±2
+             points) and at most 2 steps later (median); ``min_z`` 3.5 would stop 0.3–0.6% of runs but catch a
+             quarter off topic at 8 answers a step in 21% of runs instead of 39%;
 - kl:        the mean KL to the reference over the last ``window`` steps exceeds ``max_kl`` nats per
              sequence;
 - kl_spike:  one step's KL exceeds ``max_kl_step`` (from step 1);
@@ -54,7 +57,7 @@ class MonitorConfig:
     reward_rise: float = 0.5  # baseline reward std units
     judge_fraction: float = 0.25
     relevance_drop: float = 0.25  # baseline relevance std units (per answer)
-    min_z: float = 3.5  # standard errors a relevance drop must also exceed (at every step: see the docstring)
+    min_z: float = 3.0  # standard errors a relevance drop must also exceed (at every step: see the docstring)
     max_kl: float = 15.0  # mean over the window
     max_kl_step: float = 30.0  # any single step
     length_ratio: float = 2.0
