@@ -12,6 +12,7 @@ import torch
 
 from conftest import build_tiny_causal, word_tokenizer
 from rlhfkit.reward.base import FunctionReward
+from rlhfkit.rl.monitors import RewardHackingMonitor
 from rlhfkit.rl.ppo import PPOConfig, PPOTrainer
 
 
@@ -30,7 +31,8 @@ def main(out: Path) -> None:
     def make(steps: int, output: str) -> PPOTrainer:
         config = PPOConfig(steps=steps, batch_size=4, minibatch_size=2, ppo_epochs=1, lr=1e-3, max_new_tokens=5,
                            kl_target=0.05, kl_horizon=20, output_dir=str(out / output))
-        return PPOTrainer(config, build_tiny_causal(), word_tokenizer(), reward, prompts)
+        return PPOTrainer(config, build_tiny_causal(), word_tokenizer(), reward, prompts,
+                          monitor=RewardHackingMonitor(reward, relevance=reward))
 
     trainer = make(3, "run")
     initial = weights_hash(trainer)

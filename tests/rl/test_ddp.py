@@ -22,6 +22,7 @@ def test_two_process_ddp_on_cpu_sees_different_prompts_and_keeps_weights_and_bet
     # logged numbers are means over both ranks (the wall time is each rank's own)
     logged = [[{k: v for k, v in h.items() if k != "time/step_s"} for h in r["history"]] for r in ranks]
     assert logged[0] == logged[1]
+    assert [h["monitor/answers"] for h in logged[0]] == [8.0, 8.0, 8.0]  # a count: 4 answers on each rank, summed
     # the adaptive β follows the KL of both ranks' rollouts: the same on both, and a resumed run matches
     assert ranks[0]["beta"] == ranks[1]["beta"] != 0.05
     assert [r["resumed_weights"] for r in ranks] == [r["weights"] for r in ranks]

@@ -145,3 +145,16 @@ def test_monitor_in_training_stops_a_run_that_hacks_the_reward(tmp_path):
     assert len(history) < 40 and trainer.stop_reason.startswith("monitor:")
     assert "hacking" in [e["kind"] for e in monitor.events]
     assert {"monitor/judge", "monitor/distinct_2", "monitor/template_share"} <= set(history[-1])
+
+
+def test_a_run_resumed_with_a_monitor_newly_given_reads_the_steps_it_measured():
+    """Steps before the monitor (or its relevance judge) was given carry none of its numbers: no KeyError, and
+    the alarms compare the steps that measured them."""
+    unmonitored = [{"step": i + 1, "reward/score": 0.0, "kl/kl": 1.0, "response/length": 10.0} for i in range(3)]
+    falling = steps(6, relevance=lambda i: 0.6 - 0.1 * i)
+    for row in falling:
+        row["step"] += 3
+    assert warned(unmonitored + falling, window=3) == ["relevance"]
+    assert warned(unmonitored + steps(6), window=3) == []
+    judged_only = [{k: v for k, v in row.items() if not k.startswith("monitor/relevance")} for row in steps(3)]
+    assert warned(judged_only + falling, window=3) == ["relevance"]

@@ -91,6 +91,12 @@ def _spread(rows: Sequence[Mapping[str, float]]) -> float | None:
     return sum(measured) / len(measured) if measured else None
 
 
+def _halves(rows: Sequence[Mapping[str, float]], window: int) -> tuple[Sequence, Sequence]:
+    """(baseline, latest) of n steps: the first min(window, ⌈n/2⌉) and the last min(window, ⌊n/2⌋)."""
+    n = len(rows)
+    return rows[:min(window, -(-n // 2))], rows[n - min(window, n // 2):]
+
+
 @dataclass
 class RewardHackingMonitor:
     judge: RewardFn
@@ -116,8 +122,7 @@ class RewardHackingMonitor:
 
     def alarms(self, history: Sequence[Mapping[str, float]]) -> dict[str, tuple[bool, str]]:
         """Each kind: (raised, message) for the history so far (see the module docstring)."""
-        n, cfg = len(history), self.config
-        base, last = history[:min(cfg.window, -(-n // 2))], history[n - min(cfg.window, n // 2):]
+        cfg = self.config
         recent = history[-cfg.window:]
         kl, kl_step = _mean("kl/kl", recent), history[-1]["kl/kl"]
         alarms = {
@@ -125,11 +130,15 @@ class RewardHackingMonitor:
             "kl_spike": (kl_step > cfg.max_kl_step,
                          f"KL to the reference {kl_step:.1f} at one step > {cfg.max_kl_step}"),
         }
-        share = _mean("monitor/template_share", recent) if "monitor/template_share" in history[-1] else 0.0
+        # A run resumed with a monitor (or a relevance judge) newly given has earlier steps without its numbers:
+        # each alarm reads the steps that measured what it compares.
+        measured = [r for r in history if "monitor/judge" in r]
+        share = _mean("monitor/template_share", measured[-cfg.window:]) if "monitor/judge" in history[-1] else 0.0
         alarms["collapse"] = (share >= cfg.max_template_share,
                               f"{share:.0%} of the answers share one template (near-duplicates)")
-        if n < 2:
+        if len(measured) < 2:
             return alarms
+        base, last = _halves(measured, cfg.window)
         reward_gain = (_mean("reward/score", last) - _mean("reward/score", base)) / _floor(
             _mean("reward/score_std", base))
         judge_gain = (_mean("monitor/judge", last) - _mean("monitor/judge", base)) / _floor(
@@ -144,7 +153,9 @@ class RewardHackingMonitor:
             "diversity": (diversity < cfg.min_diversity_ratio * base_diversity,
                           f"distinct-2 {diversity:.3f} vs {base_diversity:.3f} at the start"),
         }
-        if "monitor/relevance" in history[-1]:
+        rated = [r for r in measured if "monitor/relevance" in r]
+        if "monitor/relevance" in history[-1] and len(rated) >= 2:
+            base, last = _halves(rated, cfg.window)
             relevance, base_relevance = _mean("monitor/relevance", last), _mean("monitor/relevance", base)
             std = _floor(_mean("monitor/relevance_std", base))
             drop = (base_relevance - relevance) / std

@@ -326,12 +326,18 @@ class OnPolicyTrainer:
         return self.history
 
     # ------------------------------------------------------------ logging
+    COUNTS = ("monitor/answers",)  # stats that count things: summed over processes, not averaged
+
     def mean_over_processes(self, stats: dict[str, float]) -> dict[str, float]:
-        if self.accelerator.num_processes == 1:
+        """Each stat's mean over the processes, but ``COUNTS``, summed (the relevance alarm's standard error
+        reads the answers of every process)."""
+        world = self.accelerator.num_processes
+        if world == 1:
             return stats
         keys = sorted(stats)
         values = torch.tensor([stats[k] for k in keys], device=self.accelerator.device)
-        return dict(zip(keys, self.accelerator.reduce(values, reduction="mean").tolist(), strict=True))
+        means = self.accelerator.reduce(values, reduction="mean").tolist()
+        return {k: v * world if k in self.COUNTS else v for k, v in zip(keys, means, strict=True)}
 
     def log(self, stats: dict[str, float]) -> None:
         if not self.accelerator.is_main_process:
