@@ -1,6 +1,7 @@
 import json
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -257,6 +258,26 @@ def test_a_cache_folder_is_written_whole_once_when_processes_race_to_write_it(tm
     assert sorted(os.listdir(tmp_path)) == ["cache"]  # no folder, no staging left: nothing looks done
     write_folder_once(tmp_path / "fresh", lambda staging: (staging / "weights").write_text("new"))
     assert (tmp_path / "fresh" / "weights").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["cache", "fresh"]
+
+
+def test_staging_folders_a_killed_process_left_are_removed_a_day_later_not_before(tmp_path):
+    """SIGKILL skips the ``finally`` that removes a staging folder: each was as large as the cache (513 MiB for
+    SmolLM2). One untouched for over a day is removed by the next write of that folder; a recent one may be
+    another process's, still writing, and an old one of another cache's name is not this folder's."""
+    from rlhfkit.data.io import write_folder_once
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    old, recent, other = (cache / name for name in (".model.killed1.partial", ".model.writing.partial",
+                                                    ".model-v2.killed2.partial"))
+    for staging in (old, recent, other):
+        staging.mkdir()
+        (staging / "weights").write_text("half")
+    two_days_ago = time.time() - 2 * 24 * 3600
+    for staging in (old, other):
+        os.utime(staging, (two_days_ago, two_days_ago))
+    write_folder_once(cache / "model", lambda staging: (staging / "weights").write_text("whole"))
+    assert sorted(os.listdir(cache)) == [".model-v2.killed2.partial", ".model.writing.partial", "model"]
 
 
 @pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o755), (0o077, 0o700), (0o002, 0o775)])

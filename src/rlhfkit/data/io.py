@@ -8,10 +8,12 @@ fsync, and :func:`drop_partial_last_line` removes the one torn line a crash can 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar, get_origin
@@ -216,6 +218,20 @@ def _files(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
 
 
+ABANDONED_AFTER_S = 24 * 3600  # a staging folder untouched this long was left by a killed process
+
+
+def _remove_abandoned(parent: Path, prefix: str) -> None:
+    """Remove the staging folders of ``write_folder_once`` that a killed process left (SIGKILL, power loss: its
+    ``finally`` never ran), each as large as the cache (513 MiB for SmolLM2): those not modified for
+    ``ABANDONED_AFTER_S``. A process writing one now keeps adding files to it, so its time is recent."""
+    now = time.time()
+    for staging in parent.glob(f"{glob.escape(prefix)}*.partial"):
+        with contextlib.suppress(FileNotFoundError):  # another process removed it first
+            if staging.is_dir() and now - staging.stat().st_mtime > ABANDONED_AFTER_S:
+                shutil.rmtree(staging, ignore_errors=True)
+
+
 def write_folder_once(folder: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Create a cache folder whole or not at all, with processes racing to create it: ``write`` fills a staging
     folder of this process's own, moved into place in one rename. A folder another process put there first
@@ -227,7 +243,9 @@ def write_folder_once(folder: str | os.PathLike, write: Callable[[Path], None]) 
     folder.parent.mkdir(parents=True, exist_ok=True)
     # the name cut short: a folder name of up to 255 bytes leaves no room for the prefix and suffix (40 characters:
     # at most 160 bytes in UTF-8)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name[:40]}.", suffix=".partial"))
+    prefix = f".{folder.name[:40]}."
+    _remove_abandoned(folder.parent, prefix)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=prefix, suffix=".partial"))
     stale = staging.with_suffix(".stale")
     try:
         write(staging)
