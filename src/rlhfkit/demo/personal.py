@@ -253,8 +253,8 @@ def verdict(latest: Sequence[RoundResult], left: dict | None = None) -> str:
     share of answers alt-profanity-check does not flag: a gap whose interval is entirely below 0), nor less
     varied than the shared answers the user prefers: distinct-2 at least MIN_DIVERSITY × theirs. A taste won by
     answers that no longer address the question, insult the asker, or repeat one answer to every question, is
-    not learned. Nor is a demo done
-    whose deleted user left something (``left``: what remains of them, all empty when deletion is complete)."""
+    not learned. Nor is a demo done whose deleted user left something (``left``: what remains of them, all
+    empty when deletion is complete)."""
     failed = [f"deletion left {left}"] if left and any(left.values()) else []
     for r in latest:
         wins, specific = learned(r.win_rate, r.specificity)
