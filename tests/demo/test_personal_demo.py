@@ -64,12 +64,13 @@ def test_the_verdict_says_learned_only_when_every_interval_is_above_half_and_spe
     not_met = verdict([result("a", above, against), result("b", around, against)])
     assert not_met.startswith("NOT met") and "b: win rate interval [0.450, 0.750]" in not_met and "a:" not in not_met
     unspecific = verdict([result("a", above, above), result("b", above, against)])
-    assert unspecific.startswith("NOT met") and "a: also wins under another user's taste" in unspecific
+    assert unspecific.startswith("NOT met") and "a: also wins under other's taste (0.700 [0.600, 0.800])" in unspecific
     off_topic = verdict([result("a", above, against, relevance=(-0.1, -0.15, -0.05)), result("b", above, against)])
-    assert off_topic.startswith("NOT met") and "a: answers worse than the shared model's by relevance (-0.100" \
-        in off_topic
+    assert off_topic.startswith("NOT met")
+    assert "a: answers worse than the shared model's by relevance (relevance to the question: -0.100" in off_topic
     rude = verdict([result("a", above, against), result("b", above, against, not_flagged=(-0.2, -0.3, -0.1))])
-    assert rude.startswith("NOT met") and "b: answers worse than the shared model's by not_flagged" in rude
+    assert rude.startswith("NOT met") and "b: answers worse than the shared model's by not_flagged (the share of " \
+        "answers alt-profanity-check does not flag as offensive: -0.200" in rude
     kept = verdict([result("a", above, against, distinct_2=0.45), result("b", above, against)])
     assert kept.startswith("learned")  # 0.9 × the 0.5 of the base's answers "a" prefers, though below the shared 0.6
     same_answer = verdict([result("a", above, against, distinct_2=0.44), result("b", above, against)])

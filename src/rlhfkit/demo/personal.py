@@ -84,6 +84,9 @@ MEMORY_BUDGET_MB = 8 * 1024
 # offensive on average, the verdict said "worse", and none of their 384 answers held an insult nor was
 # flagged (the highest 0.25; the shared model's 0.31): a verdict the answers contradict
 FLAG_OFFENSIVE_AT = 0.5
+# what each guard's gap measures, in the verdict's words
+GUARD_MEANING = {"relevance": "relevance to the question",
+                 "not_flagged": "the share of answers alt-profanity-check does not flag as offensive"}
 # The shared base of the toy demo is the toy assistant trained on the corpus's kind and empty replies only, as a
 # personal model starts from an aligned assistant (aligning is the main demo's job). On the corpus's own mix, 47% of
 # the shared answers insult; every user minds an insult, so the best of 12 base samples by one user's taste also
@@ -260,9 +263,10 @@ def verdict(latest: Sequence[RoundResult], left: dict | None = None) -> str:
         wins, specific = learned(r.win_rate, r.specificity)
         failed += [] if wins else [f"{r.user}: win rate interval [{r.win_rate[1]:.3f}, {r.win_rate[2]:.3f}] "
                                    "does not exclude 0.5"]
-        failed += [] if specific else [f"{r.user}: also wins under another user's taste"]
-        failed += [f"{r.user}: answers worse than the shared model's by {name} ({gap:+.3f} [{low:+.3f}, {high:+.3f}])"
-                   for name, (gap, low, high) in r.guards.items() if high < 0]
+        failed += [] if specific else [f"{r.user}: also wins under {other}'s taste ({rate:.3f} [{low:.3f}, {high:.3f}])"
+                                       for other, (rate, low, high) in r.specificity.items() if low > 0.5]
+        failed += [f"{r.user}: answers worse than the shared model's by {name} ({GUARD_MEANING.get(name, name)}: "
+                   f"{gap:+.3f} [{low:+.3f}, {high:+.3f}])" for name, (gap, low, high) in r.guards.items() if high < 0]
         failed += [] if r.distinct_2 >= MIN_DIVERSITY * r.distinct_2_preferred else [
             f"{r.user}: answers less varied than the shared answers they prefer (distinct-2 {r.distinct_2:.3f} vs "
             f"{r.distinct_2_preferred:.3f}, below {MIN_DIVERSITY}×)"]
