@@ -73,8 +73,8 @@ from rlhfkit.personal.rerank import RerankConfig
 from rlhfkit.personal.train import PersonalDPOConfig, sequence_logprobs
 
 # a personal model's distinct-2 ÷ that of the shared model's answers its user prefers (preferred_answers), at least: a
-# taste narrows what is said (the best of 12 base samples by brief's or detailed's taste had 0.78× and 0.77× the
-# shared samples' distinct-2, personal_tastes.py --pick 20,17), collapsing onto one template for every question
+# taste narrows what is said (the best of 12 base samples by brief's or detailed's taste had 0.74× and 0.62× the
+# shared samples' distinct-2, personal_tastes.py --pick 20,18), collapsing onto one template for every question
 # narrows it more (0.13× for one template given to every answer, 0.75–0.80× to half of them: tests)
 MIN_DIVERSITY = 0.9
 SAMPLES_SHOWN = 3  # held-out answers of each user's model (next to the shared model's) in the report

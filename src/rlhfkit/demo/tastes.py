@@ -8,9 +8,9 @@ judges, so those stay independent checks), on the text as a person reads it (NFK
     on(x, y)       = words of y's whole sentences from the first that names x's topic on (not the opener),
                      but for the corpus's pleasantries ("Thank you!")
     brief(x, y)    = −(max(words(y), 20) + 20 · [not answers(x, y)] + 20 · [insults(y)]) / 10
-    detailed(x, y) = (min(on(x, y), 17) · [answers(x, y)] − 20 · [insults(y)]) / 10
+    detailed(x, y) = (min(on(x, y), 18) · [answers(x, y)] − 20 · [insults(y)]) / 10
 
-Each taste is satisfied by many answers (the brief user does not mind 20 words, 17 words on the question
+Each taste is satisfied by many answers (the brief user does not mind 20 words, 18 words on the question
 are detailed enough for the other), as a person's: a taste that always prefers one more word is won by the
 one longest template of the toy corpus, given to every question.
 
@@ -43,8 +43,15 @@ INSULT_WORDS = 20
 # word is won by one template for every question; the best of 12 base samples by a taste tying more answers
 # keeps more variety but beats the shared answers less often (brief at 14-19 words: 0.58-0.73× the shared
 # samples' distinct-2, at 20 words 1.02×; own-taste win 0.87-1.00 and 0.76: personal_tastes.md, run 48)
+# Where the two tastes meet: at DETAILED_ENOUGH 17 an answer of 17-20 words with no opener satisfied both, and the
+# best of 12 base samples by the detailed taste (a stand-in for a model that learned it) also beat the shared
+# answers under the brief taste, 0.58 [0.50, 0.67]: no model could pass the specificity check (the default seed's
+# detailed model did not: 0.58 [0.51, 0.65], run 116). At 18 that pick scores 0.47 [0.38, 0.57] under brief's
+# taste, its own-taste win rises from 0.73 to 0.81 (brief's pick: 0.47 under the detailed taste, 0.84 under its
+# own, unchanged), at 0.62× the shared samples' distinct-2 instead of 0.77× (personal_tastes.py --pick 20,17 20,18;
+# personal_tastes.md, runs 118-127)
 BRIEF_ENOUGH = 20  # words the brief user reads without minding: answers this short tie
-DETAILED_ENOUGH = 17  # words on the question that satisfy the detailed user: answers this detailed tie
+DETAILED_ENOUGH = 18  # words on the question that satisfy the detailed user: answers this detailed tie
 
 @dataclass(frozen=True)
 class Taste:
