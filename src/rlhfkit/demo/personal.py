@@ -114,11 +114,13 @@ class PersonalDemoConfig:
     seed: int = 0
     # lr 2e-3 with the NLL term off the chosen EOS: the detailed user's model learned on seeds 0, 1, 2, 3
     # (benchmarks/results/personal_tastes.md, runs 31–34; 1e-3 learned it on 1 of 3, runs 27–29); β 0.2: every
-    # user's model of seeds 0, 1, 2 beat the shared one, against 5 of 6 at β 0.1 (runs 51–56); the KL term γ 2:
-    # without it the answers narrowed onto a few openers (distinct-2 0.82–0.87× the bar's reference for 5 of 6
-    # models, runs 57–59; with it 0.87–1.03× over seeds 0–4, KL to the base 0.9–1.3 nats, runs 104–108)
+    # user's model of seeds 0, 1, 2 beat the shared one, against 5 of 6 at β 0.1 (runs 51–56); the KL term γ 4:
+    # without a KL term the answers narrowed onto a few openers (distinct-2 0.82–0.87× the bar's reference for 5
+    # of 6 models, runs 57–59); with the detailed taste at 18 words, γ 2 left seed 2's detailed model 0.84× as
+    # varied (runs 122–126); γ 4 met every check of seeds 0–4 (runs 127–131) and of 7 of 8 seeds with 5–7, run
+    # after the choice (seed 6's brief model 0.89× as varied, runs 132–134)
     dpo: PersonalDPOConfig = field(default_factory=lambda: PersonalDPOConfig(lr=2e-3, epochs=4, beta=0.2,
-                                                                             kl_coef=2.0))
+                                                                             kl_coef=4.0))
     rerank: RerankConfig = field(default_factory=RerankConfig)  # the cold start's best-of-N, evaluated every round
     tastes: list[Taste] = field(default_factory=default_tastes)
     # the toy base: the toy assistant trained without the corpus's rude replies (see POLITE_MIX)
