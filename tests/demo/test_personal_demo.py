@@ -248,12 +248,36 @@ def test_a_repetition_loop_that_names_the_topic_answers_nothing(loop):
 
 @pytest.mark.parametrize("asked_back", ["What is the best way to start sleeping better?",
                                         "Why do you want tips for sleeping better, is it that hard for you?",
-                                        "Great question! How do I get better at sleeping better?"])
+                                        "Great question! How do I get better at sleeping better?",
+                                        "You asked: any tips for sleeping better.",
+                                        "Any tips for sleeping better, any tips for sleeping better.",
+                                        "So, any tips for sleeping better!"])
 def test_the_question_asked_back_answers_nothing(asked_back):
     assert not answers_question(QUESTION, asked_back)
     assert TASTES["brief"].choose(QUESTION, [asked_back, SHORT], random.Random(0)) == "b"
     assert TASTES["detailed"].score(QUESTION, asked_back) == 0
 
+
+
+@pytest.mark.parametrize("again", [f"{SHORT} {SHORT}", f"{SHORT} {SHORT} {SHORT}", f"{SHORT} {SHORT[:-1]}!",
+                                   f"{SHORT} {SHORT.upper()}", f"{SHORT}\n\n{SHORT.replace(',', '')}"])
+def test_one_sentence_said_again_is_no_more_detail(again):
+    """SHORT (11 words on the question) twice was 22 words: as detailed as a detailed user wants (1.8, SHORT's 1.1),
+    a template repeated to reach DETAILED_ENOUGH. A person reads the same sentence again, not more detail."""
+    assert TASTES["detailed"].score(QUESTION, again) == TASTES["detailed"].score(QUESTION, SHORT)
+    assert TASTES["brief"].score(QUESTION, again) < TASTES["brief"].score(QUESTION, SHORT)  # still more to read
+
+
+@pytest.mark.parametrize("huge", ["a" * 200_000, "sleeping better " * 12_000, "For sleeping better, " * 10_000,
+                                  f"{SHORT} " + "x" * 200_000])
+def test_a_huge_text_is_scored_in_linear_time(huge):
+    """200k characters without an end mark took minutes: the sentence pattern was tried from every position."""
+    import time
+
+    started = time.perf_counter()
+    for taste in (TASTES["brief"], TASTES["detailed"]):
+        taste.score(QUESTION, huge)
+    assert time.perf_counter() - started < 5
 
 @pytest.mark.parametrize("insult", ["IDIOT!", "idiots.", "id-iot.", "i.d.i.o.t.", "idi\u200bot.", "Ｉｄｉｏｔ.",
                                     "you Losers."])
