@@ -35,8 +35,10 @@ TINY_TASTES = [Taste("brief", "fewer words", lambda question, answer: -words(ans
 
 
 def result(user, win, other, round_=1, rerank=None, relevance=(0.0, -0.02, 0.02), not_flagged=(0.0, -0.01, 0.01),
-           distinct_2=0.5):
-    return RoundResult(user, round_, 10 * round_, 1, "population-v1", win, {"other": other}, kl=(0.1, 0.05, 0.15),
+           distinct_2=0.5, rival=None):
+    """User ``user``'s row: ``other`` their win rate under ``rival``'s taste (default: "b", or "a" for "b")."""
+    rival = rival or ("a" if user == "b" else "b")
+    return RoundResult(user, round_, 10 * round_, 1, "population-v1", win, {rival: other}, kl=(0.1, 0.05, 0.15),
                        distinct_2=distinct_2, distinct_2_shared=0.6, distinct_2_preferred=0.5, at_cap=0.0,
                        guards={"relevance": relevance, "not_flagged": not_flagged}, rerank=rerank,
                        vs_rerank=rerank and (0.5, 0.4, 0.6))
@@ -64,7 +66,7 @@ def test_the_verdict_says_learned_only_when_every_interval_is_above_half_and_spe
     not_met = verdict([result("a", above, against), result("b", around, against)])
     assert not_met.startswith("NOT met") and "b: win rate interval [0.450, 0.750]" in not_met and "a:" not in not_met
     unspecific = verdict([result("a", above, above), result("b", above, against)])
-    assert unspecific.startswith("NOT met") and "a: also wins under other's taste (0.700 [0.600, 0.800])" in unspecific
+    assert unspecific.startswith("NOT met") and "a: also wins under b's taste (0.700 [0.600, 0.800])" in unspecific
     off_topic = verdict([result("a", above, against, relevance=(-0.1, -0.15, -0.05)), result("b", above, against)])
     assert off_topic.startswith("NOT met")
     assert "a: answers worse than the shared model's by relevance (relevance to the question: -0.100" in off_topic
@@ -76,6 +78,45 @@ def test_the_verdict_says_learned_only_when_every_interval_is_above_half_and_spe
     same_answer = verdict([result("a", above, against, distinct_2=0.44), result("b", above, against)])
     assert same_answer.startswith("NOT met") and \
         "a: answers less varied than the shared answers they prefer (distinct-2 0.440 vs 0.500" in same_answer
+
+
+
+NAN, INF = float("nan"), float("inf")
+ABOVE, AGAINST = (0.7, 0.6, 0.8), (0.3, 0.2, 0.4)
+
+
+def pair_of(**changes):
+    """Two users who learned (each a model that beats the shared one under their taste only), ``changes`` made
+    to the first."""
+    first, second = result("a", ABOVE, AGAINST), result("b", ABOVE, AGAINST)
+    for name, value in changes.items():
+        setattr(first, name, value)
+    return [first, second]
+
+
+@pytest.mark.parametrize("rows, says", [
+    ([], "no user's model was evaluated"),
+    ([result("a", ABOVE, AGAINST)], "a: specificity is not checked: no other user"),  # its "b" is no user here
+    (pair_of(specificity={}), "a: specificity is not checked under b's taste"),
+    (pair_of(specificity={"b": AGAINST, "a": AGAINST}), "a: specificity under a's taste, not another user's"),
+    (pair_of(user="b"), "b: evaluated twice"),
+    (pair_of(specificity={"b": (NAN, NAN, NAN)}), "a: win rate under b's taste (nan [nan, nan]) is not a rate"),
+    (pair_of(specificity={"b": (-INF, -INF, -INF)}), "a: win rate under b's taste (-inf"),
+    (pair_of(win_rate=(0.7, INF, INF)), "a: win rate (0.700 [inf, inf]) is not a rate"),
+    (pair_of(win_rate=(0.2, 0.6, 0.1)), "a: win rate (0.200 [0.600, 0.100]) is not a rate"),
+    (pair_of(win_rate=(1.5, 1.2, 1.8)), "a: win rate (1.500 [1.200, 1.800]) is not a rate"),
+    (pair_of(guards={}), "a: no relevance guard (relevance to the question)"),
+    (pair_of(guards={"relevance": (0.0, -0.02, 0.02)}), "a: no not_flagged guard"),
+    (pair_of(guards={"relevance": (NAN, NAN, NAN), "not_flagged": (0.0, -0.01, 0.01)}),
+     "a: relevance gap (nan [nan, nan]) is not a number with its interval"),
+])
+def test_the_verdict_never_says_learned_on_numbers_that_do_not_show_it(rows, says):
+    """No user, one user (no other taste to be specific against), another user's taste not checked or a user's
+    own taken for another's, a user twice, NaN, inf or an interval not around its rate, a guard not measured:
+    each once said "learned: ... and only on theirs, with answers as relevant, as clean"."""
+    assert verdict(pair_of()).startswith("learned")
+    said = verdict(rows)
+    assert said.startswith("NOT met") and says in said, said
 
 
 def test_the_base_answers_a_user_prefers_are_the_best_by_their_taste_equal_ones_in_a_seeded_order():
@@ -117,9 +158,9 @@ def test_the_variety_bar_fails_a_model_that_gives_one_template_to_most_questions
     def bar(share: float) -> str:
         answers = [f"{rng.choice(corpus['openers']['kind'])} {template.format(topic=topic[p])}"
                    if rng.random() < share else a for p, a in zip(keys, preferred, strict=True)]
-        row = result(user, (0.7, 0.6, 0.8), (0.3, 0.2, 0.4), distinct_2=distinct_n(answers, 2))
+        row = result(user, (0.7, 0.6, 0.8), (0.3, 0.2, 0.4), distinct_2=distinct_n(answers, 2), rival="other")
         row.distinct_2_preferred = distinct_n(preferred, 2)
-        return verdict([row, result("other", (0.7, 0.6, 0.8), (0.3, 0.2, 0.4))])
+        return verdict([row, result("other", (0.7, 0.6, 0.8), (0.3, 0.2, 0.4), rival=user)])
 
     assert bar(0.0).startswith("learned")  # the preferred answers themselves pass
     for share in (1.0, 0.5):
@@ -207,12 +248,36 @@ def test_a_repetition_loop_that_names_the_topic_answers_nothing(loop):
 
 @pytest.mark.parametrize("asked_back", ["What is the best way to start sleeping better?",
                                         "Why do you want tips for sleeping better, is it that hard for you?",
-                                        "Great question! How do I get better at sleeping better?"])
+                                        "Great question! How do I get better at sleeping better?",
+                                        "You asked: any tips for sleeping better.",
+                                        "Any tips for sleeping better, any tips for sleeping better.",
+                                        "So, any tips for sleeping better!"])
 def test_the_question_asked_back_answers_nothing(asked_back):
     assert not answers_question(QUESTION, asked_back)
     assert TASTES["brief"].choose(QUESTION, [asked_back, SHORT], random.Random(0)) == "b"
     assert TASTES["detailed"].score(QUESTION, asked_back) == 0
 
+
+
+@pytest.mark.parametrize("again", [f"{SHORT} {SHORT}", f"{SHORT} {SHORT} {SHORT}", f"{SHORT} {SHORT[:-1]}!",
+                                   f"{SHORT} {SHORT.upper()}", f"{SHORT}\n\n{SHORT.replace(',', '')}"])
+def test_one_sentence_said_again_is_no_more_detail(again):
+    """SHORT (11 words on the question) twice was 22 words: as detailed as a detailed user wants (1.8, SHORT's 1.1),
+    a template repeated to reach DETAILED_ENOUGH. A person reads the same sentence again, not more detail."""
+    assert TASTES["detailed"].score(QUESTION, again) == TASTES["detailed"].score(QUESTION, SHORT)
+    assert TASTES["brief"].score(QUESTION, again) < TASTES["brief"].score(QUESTION, SHORT)  # still more to read
+
+
+@pytest.mark.parametrize("huge", ["a" * 200_000, "sleeping better " * 12_000, "For sleeping better, " * 10_000,
+                                  f"{SHORT} " + "x" * 200_000])
+def test_a_huge_text_is_scored_in_linear_time(huge):
+    """200k characters without an end mark took minutes: the sentence pattern was tried from every position."""
+    import time
+
+    started = time.perf_counter()
+    for taste in (TASTES["brief"], TASTES["detailed"]):
+        taste.score(QUESTION, huge)
+    assert time.perf_counter() - started < 5
 
 @pytest.mark.parametrize("insult", ["IDIOT!", "idiots.", "id-iot.", "i.d.i.o.t.", "idi\u200bot.", "Ｉｄｉｏｔ.",
                                     "you Losers."])

@@ -42,6 +42,7 @@ mean[log π_u(y|x) − log π_base(y|x)].
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import statistics
@@ -252,28 +253,71 @@ def preferred_answers(taste: Taste, prompts: Sequence[str], pools: Sequence[Sequ
     return chosen
 
 
+def _measured(value: Sequence[float], rate: bool = False) -> bool:
+    """(value, low, high) is a number with its interval: all finite, low ≤ value ≤ high, a rate in [0, 1] (its
+    jackknife interval may reach past either end)."""
+    try:
+        centre, low, high = value
+    except (TypeError, ValueError):
+        return False
+    return all(map(math.isfinite, (centre, low, high))) and low <= centre <= high and (not rate or 0 <= centre <= 1)
+
+
 def verdict(latest: Sequence[RoundResult], left: dict | None = None) -> str:
-    """"learned" only when every user's win rate interval is above ½, specificity holds for every user, and
-    no user's answers are worse than the shared model's by an independent judge (relevance to the question, the
-    share of answers alt-profanity-check does not flag: a gap whose interval is entirely below 0), nor less
-    varied than the shared answers the user prefers: distinct-2 at least MIN_DIVERSITY × theirs. A taste won by
-    answers that no longer address the question, insult the asker, or repeat one answer to every question, is
-    not learned. Nor is a demo done whose deleted user left something (``left``: what remains of them, all
-    empty when deletion is complete)."""
+    """"learned" only when every user's win rate interval is above ½, specificity holds for every user (checked
+    under every other user's taste), and no user's answers are worse than the shared model's by an independent
+    judge (relevance to the question, the share of answers alt-profanity-check does not flag: a gap whose interval
+    is entirely below 0; both measured), nor less varied than the shared answers the user prefers: distinct-2 at
+    least MIN_DIVERSITY × theirs. A taste won by answers that no longer address the question, insult the asker, or
+    repeat one answer to every question, is not learned. Nor is a demo done whose deleted user left something
+    (``left``: what remains of them, all empty when deletion is complete). A number that is not one (NaN, inf, a
+    rate outside [0, 1] or an interval not around it), no user, one user or a user twice is no evidence of
+    anything: NOT met."""
     failed = [f"deletion left {left}"] if left and any(left.values()) else []
+    users = [r.user for r in latest]
+    failed += [] if latest else ["no user's model was evaluated"]
+    failed += [f"{user}: evaluated twice" for user in dict.fromkeys(u for u in users if users.count(u) > 1)]
     for r in latest:
-        wins, specific = learned(r.win_rate, r.specificity)
-        failed += [] if wins else [f"{r.user}: win rate interval [{r.win_rate[1]:.3f}, {r.win_rate[2]:.3f}] "
-                                   "does not exclude 0.5"]
-        failed += [] if specific else [f"{r.user}: also wins under {other}'s taste ({rate:.3f} [{low:.3f}, {high:.3f}])"
-                                       for other, (rate, low, high) in r.specificity.items() if low > 0.5]
-        failed += [f"{r.user}: answers worse than the shared model's by {name} ({GUARD_MEANING.get(name, name)}: "
-                   f"{gap:+.3f} [{low:+.3f}, {high:+.3f}])" for name, (gap, low, high) in r.guards.items() if high < 0]
+        others = [u for u in dict.fromkeys(users) if u != r.user]
+        failed += [] if others else [f"{r.user}: specificity is not checked: no other user's taste to check it under"]
+        failed += [f"{r.user}: specificity is not checked under {other}'s taste" for other in others
+                   if other not in r.specificity]
+        failed += [f"{r.user}: specificity under {other}'s taste, not another user's" for other in r.specificity
+                   if other == r.user]
+        if not _measured(r.win_rate, rate=True):
+            failed.append(f"{r.user}: win rate ({_numbers(r.win_rate)}) is not a rate with its interval")
+        elif not learned(r.win_rate, {})[0]:  # its low end at or below ½
+            failed.append(f"{r.user}: win rate interval [{r.win_rate[1]:.3f}, {r.win_rate[2]:.3f}] does not exclude "
+                          "0.5")
+        for other, rate in r.specificity.items():
+            if not _measured(rate, rate=True):
+                failed.append(f"{r.user}: win rate under {other}'s taste ({_numbers(rate)}) is not a rate with its "
+                              "interval")
+            elif not learned(r.win_rate, {other: rate})[1]:  # its low end above ½
+                failed.append(f"{r.user}: also wins under {other}'s taste ({_numbers(rate)})")
+        for name, meaning in GUARD_MEANING.items():
+            if name not in r.guards:
+                failed.append(f"{r.user}: no {name} guard ({meaning}): not measured")
+        for name, gap in r.guards.items():
+            if not _measured(gap):
+                failed.append(f"{r.user}: {name} gap ({_numbers(gap)}) is not a number with its interval")
+            elif gap[2] < 0:
+                failed.append(f"{r.user}: answers worse than the shared model's by {name} "
+                              f"({GUARD_MEANING.get(name, name)}: {_numbers(gap, '+.3f')})")
         failed += [] if r.distinct_2 >= MIN_DIVERSITY * r.distinct_2_preferred else [
             f"{r.user}: answers less varied than the shared answers they prefer (distinct-2 {r.distinct_2:.3f} vs "
             f"{r.distinct_2_preferred:.3f}, below {MIN_DIVERSITY}×)"]
     return "learned: every user's model beats the shared one on their own taste, and only on theirs, " \
         "with answers as relevant, as clean and as varied" if not failed else "NOT met: " + "; ".join(failed)
+
+
+def _numbers(value: Sequence[float], spec: str = ".3f") -> str:
+    """"rate [low, high]" as the verdict writes it (whatever was given, when not three numbers)."""
+    try:
+        centre, low, high = value
+        return f"{centre:{spec}} [{low:{spec}}, {high:{spec}}]"
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 def draw_seed(run_seed: int, prompt: int, sample: int) -> int:

@@ -3,10 +3,10 @@ question (built from the question's content words and the toy corpus's insults, 
 judges, so those stay independent checks), on the text as a person reads it (NFKC, no zero-width characters):
 
     answers(x, y)  = some whole sentence of y without an insult, not a question, names every content word of x,
-                     in 6+ words (whole: ended by its mark, no word of 4+ letters said 3 times)
+                     in 6+ words, 3+ of them not x's (whole: ended by its mark, no word of 4+ letters said 3 times)
     insults(y)     = some word of y is one of the corpus's insults (any case, plural, "id-iot")
     on(x, y)       = words of y's whole sentences from the first that names x's topic on (not the opener),
-                     but for the corpus's pleasantries ("Thank you!")
+                     but for the corpus's pleasantries ("Thank you!") and a sentence said again
     brief(x, y)    = −(max(words(y), 20) + 20 · [not answers(x, y)] + 20 · [insults(y)]) / 10
     detailed(x, y) = (min(on(x, y), 18) · [answers(x, y)] − 20 · [insults(y)]) / 10
 
@@ -34,6 +34,9 @@ SENTENCE = re.compile(r"[^.!?]*[.!?]")  # a whole sentence, up to its end mark
 JOINER = re.compile(r"(?<=[a-z])[-.*_](?=[a-z])")  # inside a word: "id-iot", "i.d.i.o.t"
 STUTTER = 3  # a sentence that says a word of 4+ letters this often stutters ("sleeping sleeping sleeping.")
 MIN_ANSWER_WORDS = 6  # a sentence naming the topic in fewer words says nothing about it ("Keeping a diary!")
+# a sentence of the question's own words but for fewer than this says the question back ("You asked: any tips for
+# sleeping better."); the toy corpus's answers say 3 or more besides ("Practice makes baking bread easier.")
+MIN_NEW_WORDS = 3
 # What not answering the question and an insult cost either user, in words: with BRIEF_ENOUGH 20, "." scores as an
 # answer of 40 words for the brief user (20 was the cost at which brief's best of 8 base samples answered the
 # question 94% of the time, benchmarks/results/personal_tastes.md, run 37)
@@ -101,7 +104,9 @@ def whole_sentences(answer: str) -> list[str]:
         said = [w for w in WORD.findall(sentence.lower()) if len(w) >= 4]
         return any(said.count(w) >= STUTTER for w in set(said))
 
-    return [s for s in SENTENCE.findall(as_read(answer)) if not stutters(s)]
+    text = as_read(answer)
+    text = text[:max(text.rfind(mark) for mark in ".!?") + 1]  # no sentence after the last mark: the pattern,
+    return [s for s in SENTENCE.findall(text) if not stutters(s)]  # tried there from every position, was quadratic
 
 
 def sentences_on(question: str, answer: str) -> list[str]:
@@ -113,11 +118,12 @@ def sentences_on(question: str, answer: str) -> list[str]:
 
 def answers_question(question: str, answer: str) -> bool:
     """A sentence of ``answer`` on the question, not a question itself, names all of its content words in
-    MIN_ANSWER_WORDS words or more ("For sleeping better, start small and practice a little every day."; not
-    "." nor "Sleeping better!" nor the question asked back, "What is the best way to start sleeping better?")."""
-    topic = topic_words(question)
-    return any(topic <= set(WORD.findall(s.lower())) and words(s) >= MIN_ANSWER_WORDS and not s.endswith("?")
-               for s in sentences_on(question, answer))
+    MIN_ANSWER_WORDS words or more, MIN_NEW_WORDS of them not the question's ("For sleeping better, start small and
+    practice a little every day."; not "." nor "Sleeping better!" nor the question asked or said back, "What is the
+    best way to start sleeping better?", "You asked: any tips for sleeping better.")."""
+    topic, asked = topic_words(question), set(WORD.findall(as_read(question).lower()))
+    return any(topic <= set(said := WORD.findall(s.lower())) and words(s) >= MIN_ANSWER_WORDS and not s.endswith("?")
+               and sum(w not in asked for w in said) >= MIN_NEW_WORDS for s in sentences_on(question, answer))
 
 
 @functools.cache
@@ -130,11 +136,16 @@ def pleasantries() -> frozenset[str]:
 
 def words_on(question: str, answer: str) -> int:
     """The words of ``answer``'s whole sentences from the first that names the question's topic on, but for
-    pleasantries: the answer proper, without its opener ("Love this question."), a closing "Thank you! Have a
-    wonderful day." or a sentence cut at the token cap."""
+    pleasantries and a sentence said again (its words, in any case and punctuation, counted once): the answer
+    proper, without its opener ("Love this question."), a closing "Thank you! Have a wonderful day.", a sentence
+    cut at the token cap or one repeated to reach DETAILED_ENOUGH."""
     whole = whole_sentences(answer)
     first = next((i for i, s in enumerate(whole) if set(WORD.findall(s.lower())) & topic_words(question)), len(whole))
-    return sum(words(s) for s in whole[first:] if s.strip().lower() not in pleasantries())
+    said: set[tuple[str, ...]] = set()
+    for s in whole[first:]:
+        if s.strip().lower() not in pleasantries():
+            said.add(tuple(WORD.findall(s.lower())))
+    return sum(map(len, said))
 
 
 def brief(question: str, answer: str) -> float:
