@@ -597,3 +597,11 @@ def test_held_out_answers_are_paired_across_models_and_drawn_apart_across_prompt
     shared, mine = [s for a, _, s in seeds if a is None], [s for a, _, s in seeds if a]
     assert shared == mine and len(set(shared)) == 4
     assert personal_demo.draw_seed(4, 0, 0) not in shared  # another run seed, other draws
+
+
+def test_an_answer_that_reuses_the_questions_words_still_answers():
+    """The corpus's "The best tip for X is curiosity." says two words besides those of "What is the best way to
+    start X?": it answers (a rule asking for three new words refused it, and changed a run's held-out scores)."""
+    question = "What is the best way to start caring for a cat?"
+    answer = "Great question! The best tip for caring for a cat is curiosity. Try variations, ask why."
+    assert answers_question(question, answer)

@@ -3,7 +3,8 @@ question (built from the question's content words and the toy corpus's insults, 
 judges, so those stay independent checks), on the text as a person reads it (NFKC, no zero-width characters):
 
     answers(x, y)  = some whole sentence of y without an insult, not a question, names every content word of x,
-                     in 6+ words, 3+ of them not x's (whole: ended by its mark, no word of 4+ letters said 3 times)
+                     in 6+ words, not x's words in their order (whole: ended by its mark, no word of 4+ letters said
+                     3 times)
     insults(y)     = some word of y is one of the corpus's insults (any case, plural, "id-iot")
     on(x, y)       = words of y's whole sentences from the first that names x's topic on (not the opener),
                      but for the corpus's pleasantries ("Thank you!") and a sentence said again
@@ -34,9 +35,6 @@ SENTENCE = re.compile(r"[^.!?]*[.!?]")  # a whole sentence, up to its end mark
 JOINER = re.compile(r"(?<=[a-z])[-.*_](?=[a-z])")  # inside a word: "id-iot", "i.d.i.o.t"
 STUTTER = 3  # a sentence that says a word of 4+ letters this often stutters ("sleeping sleeping sleeping.")
 MIN_ANSWER_WORDS = 6  # a sentence naming the topic in fewer words says nothing about it ("Keeping a diary!")
-# a sentence of the question's own words but for fewer than this says the question back ("You asked: any tips for
-# sleeping better."); the toy corpus's answers say 3 or more besides ("Practice makes baking bread easier.")
-MIN_NEW_WORDS = 3
 # What not answering the question and an insult cost either user, in words: with BRIEF_ENOUGH 20, "." scores as an
 # answer of 40 words for the brief user (20 was the cost at which brief's best of 8 base samples answered the
 # question 94% of the time, benchmarks/results/personal_tastes.md, run 37)
@@ -117,13 +115,15 @@ def sentences_on(question: str, answer: str) -> list[str]:
 
 
 def answers_question(question: str, answer: str) -> bool:
-    """A sentence of ``answer`` on the question, not a question itself, names all of its content words in
-    MIN_ANSWER_WORDS words or more, MIN_NEW_WORDS of them not the question's ("For sleeping better, start small and
-    practice a little every day."; not "." nor "Sleeping better!" nor the question asked or said back, "What is the
-    best way to start sleeping better?", "You asked: any tips for sleeping better.")."""
-    topic, asked = topic_words(question), set(WORD.findall(as_read(question).lower()))
+    """A sentence of ``answer`` on the question, not a question itself nor one that says the question's words in
+    their order, names all of its content words in MIN_ANSWER_WORDS words or more ("For sleeping better, start
+    small and practice a little every day."; not "." nor "Sleeping better!" nor the question asked or said back,
+    "What is the best way to start sleeping better?", "You asked: any tips for sleeping better."). A rule counting
+    the words besides the question's would refuse the corpus's "The best tip for caring for a cat is curiosity."
+    for "What is the best way to start caring for a cat?"."""
+    topic, asked = topic_words(question), " ".join(WORD.findall(as_read(question).lower()))
     return any(topic <= set(said := WORD.findall(s.lower())) and words(s) >= MIN_ANSWER_WORDS and not s.endswith("?")
-               and sum(w not in asked for w in said) >= MIN_NEW_WORDS for s in sentences_on(question, answer))
+               and f" {asked} " not in f" {' '.join(said)} " for s in sentences_on(question, answer))
 
 
 @functools.cache
