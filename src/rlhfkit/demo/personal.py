@@ -222,12 +222,6 @@ def head_to_head(taste: Taste, prompts: Sequence[str], ours: Sequence[Answer], t
                     [taste.score(p, a.text) for p, a in zip(prompts, theirs, strict=True)], prompts, topics)
 
 
-def learned(win: tuple[float, float, float], others: dict[str, tuple[float, float, float]]) -> tuple[bool, bool]:
-    """(the user's model beats the shared one on their taste: the interval's low end above ½; specificity
-    holds: under no other user's taste is it better than the shared model, the interval's low end ≤ ½)."""
-    return win[1] > 0.5, all(low <= 0.5 for _, low, _ in others.values())
-
-
 def sample_keys(prompts: Sequence[str], samples: int) -> list[str]:
     """The prompt of each held-out answer: every prompt repeated once per sample, in the answers' order."""
     return [p for p in prompts for _ in range(samples)]
@@ -286,14 +280,14 @@ def verdict(latest: Sequence[RoundResult], left: dict | None = None) -> str:
                    if other == r.user]
         if not _measured(r.win_rate, rate=True):
             failed.append(f"{r.user}: win rate ({_numbers(r.win_rate)}) is not a rate with its interval")
-        elif not learned(r.win_rate, {})[0]:  # its low end at or below ½
+        elif r.win_rate[1] <= 0.5:  # the user's model not shown to beat the shared one
             failed.append(f"{r.user}: win rate interval [{r.win_rate[1]:.3f}, {r.win_rate[2]:.3f}] does not exclude "
                           "0.5")
         for other, rate in r.specificity.items():
             if not _measured(rate, rate=True):
                 failed.append(f"{r.user}: win rate under {other}'s taste ({_numbers(rate)}) is not a rate with its "
                               "interval")
-            elif not learned(r.win_rate, {other: rate})[1]:  # its low end above ½
+            elif rate[1] > 0.5:  # shown to beat the shared one under another user's taste too
                 failed.append(f"{r.user}: also wins under {other}'s taste ({_numbers(rate)})")
         for name, meaning in GUARD_MEANING.items():
             if name not in r.guards:

@@ -50,7 +50,7 @@ INSULT_WORDS = 20
 # detailed model did not: 0.58 [0.51, 0.65], run 116). At 18 that pick scores 0.47 [0.38, 0.57] under brief's
 # taste, its own-taste win rises from 0.73 to 0.81 (brief's pick: 0.47 under the detailed taste, 0.84 under its
 # own, unchanged), at 0.62× the shared samples' distinct-2 instead of 0.77× (personal_tastes.py --pick 20,17 20,18;
-# personal_tastes.md, runs 118-127)
+# personal_tastes.md, run 121)
 BRIEF_ENOUGH = 20  # words the brief user reads without minding: answers this short tie
 DETAILED_ENOUGH = 18  # words on the question that satisfy the detailed user: answers this detailed tie
 
