@@ -3,6 +3,7 @@ intervals do not show."""
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -342,8 +343,22 @@ def test_the_personal_demo_runs_end_to_end_through_the_api_and_deletes_a_user_co
     assert report["verdict"].startswith(("learned", "NOT met"))
     assert json.loads((tmp_path / "run" / "report.json").read_text())["verdict"] == report["verdict"]
     assert (tmp_path / "run" / "curves.png").stat().st_size > 0
-    with pytest.raises(ValueError, match="holds an earlier personal demo"):
+    assert report["verdict"].startswith("NOT met: only 2 held-out topics: too few for the intervals")
+    with pytest.raises(ValueError, match="holds an earlier run"):
         run_personal_demo(config, build_tiny_causal(), word_tokenizer(), progress=False)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "report.json").write_text("{}")  # another demo's run: not overwritten
+    with pytest.raises(ValueError, match="holds an earlier run"):
+        run_personal_demo(replace(config, run_dir=tmp_path / "other"), build_tiny_causal(), word_tokenizer(),
+                          progress=False)
+    assert (tmp_path / "other" / "report.json").read_text() == "{}"
+
+
+def test_the_verdict_wants_ten_held_out_topics():
+    rows = [result("a", (0.7, 0.6, 0.8), (0.3, 0.2, 0.4)), result("b", (0.7, 0.6, 0.8), (0.3, 0.2, 0.4))]
+    assert verdict(rows, topics=10).startswith("learned")
+    assert verdict(rows, topics=9) == ("NOT met: only 9 held-out topics: too few for the intervals (at least 10; "
+                                       "give --eval-prompts 20 or more)")
 
 
 def test_with_a_population_adapter_it_is_the_shared_model_and_a_deletion_retrains_it_without_the_user(tmp_path):
@@ -465,7 +480,7 @@ def test_a_run_dir_that_holds_a_run_or_cannot_be_written_is_refused_before_the_p
         run.mkdir()
         monkeypatch.setattr(personal_demo.os, "access", lambda path, mode: Path(path) != run)
     monkeypatch.setattr(presets, "load_demo_policy", lambda *args: pytest.fail("the policy was loaded"))
-    with pytest.raises(ValueError, match=r"^run_dir: .*(holds an earlier personal demo|is a file|cannot create|is not "
+    with pytest.raises(ValueError, match=r"^run_dir: .*(holds an earlier run|is a file|cannot create|is not "
                                          "writable)"):
         run_personal_demo(PersonalDemoConfig(run_dir=run), progress=False)
 

@@ -267,6 +267,7 @@ def test_deleting_my_data_in_the_cold_start_removes_my_preference_head(cold_star
 @pytest.mark.parametrize("body, status, says", [
     (b'{"prompt": ""}', 422, "at least 1 character"),
     (b'{"prompt": "   "}', 422, "blank"),
+    ('{"prompt": "\u200b\u2060 \ufeff"}'.encode(), 422, "blank"),  # only invisible format characters
     (b'{"prompt": "' + b"x" * (store.MAX_PROMPT + 1) + b'"}', 422, "at most 2000 characters"),
     (b'{"prompt": "\xff\xfe fix"}', 422, "invalid"),
     (b'{"prompt": "' + b"bike " * 200 + b'"}', 422, "prompt: prompt"),  # longer than the model's positions

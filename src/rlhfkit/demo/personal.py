@@ -60,7 +60,7 @@ from rlhfkit.console import console
 from rlhfkit.demo.stages import demo_task
 from rlhfkit.demo.tastes import Taste, default_tastes
 from rlhfkit.eval.judges import ProfanityJudge, RelevanceJudge
-from rlhfkit.eval.metrics import distinct_n, jackknife_interval
+from rlhfkit.eval.metrics import MIN_PROMPTS, distinct_n, jackknife_interval
 from rlhfkit.feedback import service
 from rlhfkit.feedback.app import create_app
 from rlhfkit.generate import format_prompt, uses_chat_template
@@ -257,7 +257,7 @@ def _measured(value: Sequence[float], rate: bool = False) -> bool:
     return all(map(math.isfinite, (centre, low, high))) and low <= centre <= high and (not rate or 0 <= centre <= 1)
 
 
-def verdict(latest: Sequence[RoundResult], left: dict | None = None) -> str:
+def verdict(latest: Sequence[RoundResult], left: dict | None = None, topics: int | None = None) -> str:
     """"learned" only when every user's win rate interval is above ½, specificity holds for every user (checked
     under every other user's taste), and no user's answers are worse than the shared model's by an independent
     judge (relevance to the question, the share of answers alt-profanity-check does not flag: a gap whose interval
@@ -266,8 +266,11 @@ def verdict(latest: Sequence[RoundResult], left: dict | None = None) -> str:
     repeat one answer to every question, is not learned. Nor is a demo done whose deleted user left something
     (``left``: what remains of them, all empty when deletion is complete). A number that is not one (NaN, inf, a
     rate outside [0, 1] or an interval not around it), no user, one user or a user twice is no evidence of
-    anything: NOT met."""
+    anything: NOT met. Nor are intervals over fewer than MIN_PROMPTS held-out ``topics`` (the jackknife's units:
+    over 2 topics where every answer won, the interval is [1, 1])."""
     failed = [f"deletion left {left}"] if left and any(left.values()) else []
+    failed += [f"only {topics} held-out topics: too few for the intervals (at least {MIN_PROMPTS}; give "
+               f"--eval-prompts {2 * MIN_PROMPTS} or more)"] if topics is not None and topics < MIN_PROMPTS else []
     users = [r.user for r in latest]
     failed += [] if latest else ["no user's model was evaluated"]
     failed += [f"{user}: evaluated twice" for user in dict.fromkeys(u for u in users if users.count(u) > 1)]
@@ -582,12 +585,12 @@ def plot_curves(results: Sequence[RoundResult], path: Path) -> Path:
 
 
 def make_run_dir(run: Path) -> None:
-    """Create ``run_dir``; refuse one that is a file, cannot be created or written, or holds an earlier personal
-    demo (a run is not resumable)."""
+    """Create ``run_dir``; refuse one that is a file, cannot be created or written, or holds an earlier run (a
+    personal demo's database, or any run's report.json, which this run would replace: a run is not resumable)."""
     if run.exists() and not run.is_dir():
         raise ValueError(f"run_dir: {run} is a file; give a folder")
-    if (run / "personal.db").exists():
-        raise ValueError(f"run_dir: {run} holds an earlier personal demo; give another --run-dir or delete it")
+    if (run / "personal.db").exists() or (run / "report.json").exists():
+        raise ValueError(f"run_dir: {run} holds an earlier run; give another --run-dir or delete it")
     try:
         run.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -650,7 +653,8 @@ def run_personal_demo(config: PersonalDemoConfig | None = None, policy=None, tok
         demo.queue.shutdown()
     latest = results[-len(config.tastes):]
     complete = not any(left.values())
-    report = {"verdict": verdict(latest, left), "adapter_beats_rerank": adapter_beats_rerank(results),
+    report = {"verdict": verdict(latest, left, topics=len(set(topics.values()))),
+              "adapter_beats_rerank": adapter_beats_rerank(results),
               "deletion": {"user": deleted_user, "left": left, "complete": complete},
               "memory": memory, "rounds": [asdict(r) for r in results],
               # every held-out answer of the last round, to read: (question, shared, each user's model)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import random
 import threading
+import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,7 +57,8 @@ TEMPLATES = Jinja2Templates(directory=[HERE / "templates", HERE.parent / "feedba
 
 
 def _not_blank(value: str) -> str:
-    if not value.strip():
+    """Refuse a question a reader sees as empty: only white space or invisible format characters (zero-width)."""
+    if not "".join(c for c in value if unicodedata.category(c) != "Cf").strip():
         raise ValueError("is blank: write a question")
     return value
 
