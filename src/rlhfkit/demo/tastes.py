@@ -141,10 +141,7 @@ def words_on(question: str, answer: str) -> int:
     cut at the token cap or one repeated to reach DETAILED_ENOUGH."""
     whole = whole_sentences(answer)
     first = next((i for i, s in enumerate(whole) if set(WORD.findall(s.lower())) & topic_words(question)), len(whole))
-    said: set[tuple[str, ...]] = set()
-    for s in whole[first:]:
-        if s.strip().lower() not in pleasantries():
-            said.add(tuple(WORD.findall(s.lower())))
+    said = {tuple(WORD.findall(s.lower())) for s in whole[first:] if s.strip().lower() not in pleasantries()}
     return sum(map(len, said))
 
 
