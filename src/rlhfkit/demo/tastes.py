@@ -102,9 +102,11 @@ def whole_sentences(answer: str) -> list[str]:
         said = [w for w in WORD.findall(sentence.lower()) if len(w) >= 4]
         return any(said.count(w) >= STUTTER for w in set(said))
 
+    # cut after the last end mark: no sentence follows it, and the pattern, tried there from every position, was
+    # quadratic in a long text without one
     text = as_read(answer)
-    text = text[:max(text.rfind(mark) for mark in ".!?") + 1]  # no sentence after the last mark: the pattern,
-    return [s for s in SENTENCE.findall(text) if not stutters(s)]  # tried there from every position, was quadratic
+    text = text[:max(text.rfind(mark) for mark in ".!?") + 1]
+    return [s for s in SENTENCE.findall(text) if not stutters(s)]
 
 
 def sentences_on(question: str, answer: str) -> list[str]:

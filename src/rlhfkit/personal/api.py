@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import random
 import threading
-import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,6 +43,7 @@ from fastapi.templating import Jinja2Templates
 from pydantic import AfterValidator, BaseModel, Field
 from sqlalchemy.orm import Session
 
+from rlhfkit.eval.judges import as_read
 from rlhfkit.feedback.app import Text, json_body
 from rlhfkit.feedback.db import User
 from rlhfkit.feedback.service import FeedbackError
@@ -58,7 +58,7 @@ TEMPLATES = Jinja2Templates(directory=[HERE / "templates", HERE.parent / "feedba
 
 def _not_blank(value: str) -> str:
     """Refuse a question a reader sees as empty: only white space or invisible format characters (zero-width)."""
-    if not "".join(c for c in value if unicodedata.category(c) != "Cf").strip():
+    if not as_read(value).strip():
         raise ValueError("is blank: write a question")
     return value
 
