@@ -47,6 +47,25 @@ def test_kl_to_an_identical_reference_is_exactly_zero_and_ratio_starts_at_one():
         assert torch.allclose(recomputed * rollout.mask, rollout.logprobs * rollout.mask, atol=1e-5)
 
 
+def test_the_policy_as_its_own_reference_is_read_once_and_its_kl_is_zero(monkeypatch):
+    """Evaluating the initial policy: π_ref is π_θ, so the reference's log-probs are the policy's own, without a
+    second forward pass; a copy of the same weights is still read on its own."""
+    model = build_tiny_causal()
+    tokenizer = word_tokenizer()
+    from rlhfkit.models.policy import prepare_tokenizer
+
+    prepare_tokenizer(tokenizer, model)
+    read = []
+    own = Reference.logprobs
+    monkeypatch.setattr(Reference, "logprobs", lambda self, *args: read.append(self) or own(self, *args))
+    for reference, reads in ((Reference.frozen(model), 0), (Reference(model), 1)):
+        read.clear()
+        rollout = collect_rollout(Actor(model, value_head=False), reference, tokenizer, PROMPTS, LENGTH,
+                                  SamplingDistribution(0.7), max_new_tokens=6, n_per_prompt=2)
+        assert len(read) == reads
+        assert torch.equal(rollout.logprobs, rollout.ref_logprobs)
+
+
 def test_sampled_tokens_follow_the_temperature_distribution_not_top_k():
     """With top-k 1 in the model's generation_config, sampling would be greedy; rollouts must sample."""
     model = build_tiny_causal()

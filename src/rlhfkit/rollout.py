@@ -100,7 +100,9 @@ def collect_rollout(actor: torch.nn.Module, reference: Reference, tokenizer: Pre
                        completion_ids=completion_ids,
                        completion_mask=completion_mask(completion_ids, tokenizer.eos_token_id))
     logprobs, _, values = actor(batch, sampling, with_entropy=False) if policy_logprobs else (None, None, None)
-    ref_logprobs = reference.logprobs(batch, sampling)
+    # π_ref = π_θ itself (the initial policy evaluated, KL 0): its log-probs are the policy's, without a second pass
+    same_model = logprobs is not None and not reference.shared and reference.model is model
+    ref_logprobs = logprobs if same_model else reference.logprobs(batch, sampling)
     completions = tokenizer.batch_decode(completion_ids * batch.completion_mask
                                          + tokenizer.pad_token_id * (1 - batch.completion_mask),
                                          skip_special_tokens=True)

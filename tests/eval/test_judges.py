@@ -1,6 +1,7 @@
-"""The independent judges: the offensiveness judge by probability and by the classifier's flags."""
+"""The independent judges: the offensiveness judge by probability and by the classifier's flags; fluency, batched."""
 
 import pytest
+import torch
 
 from rlhfkit.eval.judges import ProfanityJudge
 
@@ -56,3 +57,63 @@ def test_the_flag_is_the_classifiers_probability_against_the_threshold_as_comput
     judge = ProfanityJudge(flag_at=0.5)
     judge._predict_prob = lambda texts: np.array([0.49999999, 0.5, 0.50000001, 0.1])
     assert judge(["q"] * 4, ["a", "b", "c", "d"]).tolist() == [1.0, 0.0, 0.0, 1.0]
+
+
+def alone(model, tokenizer, prompt: str, completion: str) -> float:
+    """Fluency written out for one answer: the model reads prompt + answer + EOS alone, unpadded."""
+    context = tokenizer(prompt)["input_ids"]
+    answer = [*tokenizer(" " + completion.strip(), add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    ids = torch.tensor([context + answer])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(context) - 1:-1]
+    return torch.log_softmax(logits, dim=-1).gather(1, ids[0, len(context):, None]).mean().item()
+
+
+FLUENCY_ROWS = [("how do i fix my bike", "you fix it"), ("help", "the code is good and the email is kind"),
+                ("what is this", "  this is a cake  "), ("why", "go"), ("can you help me plan my day please", "yes"),
+                ("what do you love", "i love the garden and the code and the bike"), ("thanks", "glad to help")]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_fluency_scores_each_answer_as_the_reference_reads_it_alone_in_batches_of_any_size(family, batch_size,
+                                                                                            tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import build_tiny_causal
+    from rlhfkit.eval.judges import FluencyJudge
+    from rlhfkit.models.reference import Reference
+
+    if family == "llama":  # rotary positions: a row's pads must not move its tokens' positions
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             pad_token_id=0, eos_token_id=3, bos_token_id=2)).eval()
+    else:
+        model = build_tiny_causal()
+    judge = FluencyJudge(Reference.frozen(model), tokenizer, use_chat_template=False, batch_size=batch_size)
+    prompts, completions = zip(*FLUENCY_ROWS, strict=True)
+    scores = judge(list(prompts), list(completions))
+    expected = torch.tensor([alone(model, tokenizer, p, c) for p, c in FLUENCY_ROWS])
+    assert scores.shape == (len(FLUENCY_ROWS),) and bool((scores < 0).all())
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
+    assert judge([], []).shape == (0,)
+
+
+def test_fluency_of_a_lora_policy_is_the_base_models_with_the_adapter_off(tokenizer):
+    from conftest import build_tiny_causal
+    from rlhfkit.eval.judges import FluencyJudge
+    from rlhfkit.models.reference import Reference, add_lora
+
+    base = build_tiny_causal()
+    expected = torch.tensor([alone(base, tokenizer, p, c) for p, c in FLUENCY_ROWS])
+    policy = add_lora(build_tiny_causal())
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=1.0)  # an adapter that moves the logits
+    prompts, completions = zip(*FLUENCY_ROWS, strict=True)
+    with_adapter = torch.tensor([alone(policy, tokenizer, p, c) for p, c in FLUENCY_ROWS])
+    assert (with_adapter - expected).abs().max() > 1e-2
+    scores = FluencyJudge(Reference(policy), tokenizer, use_chat_template=False)(list(prompts), list(completions))
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)

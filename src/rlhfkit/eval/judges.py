@@ -110,34 +110,57 @@ class FluencyJudge:
     (1/T) Σ_t log π_ref(y_t | x, y_<t), in nats (≤ 0; closer to 0 reads as more fluent to π_ref).
 
     A trained policy that drifts into text its own starting point finds improbable (garbled words,
-    broken grammar) scores lower than before."""
+    broken grammar) scores lower than before. The answers are read ``batch_size`` at a time through
+    ``completion_logits`` (prompts left-padded, positions following the mask, answers right-padded: each row
+    scores as it would alone)."""
 
     name = "fluency"
     higher_is_better = True
     independent = True
 
-    def __init__(self, reference, tokenizer, use_chat_template: bool = True) -> None:
+    def __init__(self, reference, tokenizer, use_chat_template: bool = True, batch_size: int = 8) -> None:
         self.reference, self.tokenizer, self.use_chat_template = reference, tokenizer, use_chat_template
+        self.batch_size = batch_size
+
+    def tokens(self, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+        """(context, answer) token ids: the prompt as the policy read it, then the answer and EOS."""
+        from rlhfkit.generate import format_prompt
+
+        context = self.tokenizer(format_prompt(prompt, self.tokenizer, self.use_chat_template),
+                                 add_special_tokens=not self.use_chat_template)["input_ids"]
+        answer = self.tokenizer(" " + completion.strip(), add_special_tokens=False)["input_ids"]
+        return context, [*answer, self.tokenizer.eos_token_id]
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
         """``reference``: an rlhfkit ``Reference`` (with LoRA, the base with the adapter switched off)."""
         from contextlib import nullcontext
 
-        from rlhfkit.generate import format_prompt
+        from rlhfkit.models.policy import TokenBatch, completion_logits, token_logprobs
 
         model = self.reference.model
+        rows = [self.tokens(p, c) for p, c in zip(prompts, completions, strict=True)]
         scores = []
         with model.disable_adapter() if self.reference.shared else nullcontext():
-            for prompt, completion in zip(prompts, completions, strict=True):
-                context = self.tokenizer(format_prompt(prompt, self.tokenizer, self.use_chat_template),
-                                         add_special_tokens=not self.use_chat_template)["input_ids"]
-                answer = [*self.tokenizer(" " + completion.strip(), add_special_tokens=False)["input_ids"],
-                          self.tokenizer.eos_token_id]
-                ids = torch.tensor([context + answer], device=model.device)
-                logits = model(input_ids=ids).logits[0, len(context) - 1:-1].float()
-                scores.append(torch.log_softmax(logits, dim=-1).gather(1, ids[0, len(context):, None]).mean().item())
+            for start in range(0, len(rows), self.batch_size):
+                chunk = rows[start:start + self.batch_size]
+                contexts = _padded([c for c, _ in chunk], left=True)
+                answers = _padded([a for _, a in chunk], left=False)
+                batch = TokenBatch(*contexts, *answers).to(model.device)
+                logprobs, _ = token_logprobs(completion_logits(model, batch)[0], batch.completion_ids)
+                mask = batch.completion_mask.float()
+                scores += ((logprobs * mask).sum(1) / mask.sum(1)).tolist()
         return torch.tensor(scores, dtype=torch.float32)
+
+
+def _padded(rows: Sequence[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as one [B, L] tensor (pad id 0) and its mask, padded on the left or on the right."""
+    ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        place = slice(ids.shape[1] - len(row), None) if left else slice(0, len(row))
+        ids[i, place], mask[i, place] = torch.tensor(row, dtype=torch.long), 1
+    return ids, mask
 
 
 JUDGES = {"profanity": ProfanityJudge, "sentiment": SentimentJudge, "relevance": RelevanceJudge}
