@@ -27,3 +27,33 @@ def test_seq2seq_prompts_are_not_shortened_for_the_completion():
     tokenizer = prepare_tokenizer(word_tokenizer(), model)
     batch = tokenize_completions(tokenizer, ["how do i fix bike"], ["ok"], False, 8, 8, model)
     assert batch.prompt_mask.sum().item() == 5
+
+
+def test_completion_logits_run_the_lm_head_on_the_completions_positions_only_with_the_same_logits():
+    """The LM head reads only the positions that predict completion tokens (transformers' logits_to_keep), for a
+    plain and a LoRA model; the logits and the last hidden states are those of the full forward."""
+    import torch
+
+    from conftest import build_tiny_causal
+    from rlhfkit.models.policy import completion_logits, takes_logits_to_keep
+    from rlhfkit.models.reference import add_lora
+
+    tokenizer = word_tokenizer()
+    batch = tokenize_completions(tokenizer, ["how do i fix my bike", "help"], ["you fix it", "the code is good"],
+                                 True, max_prompt_tokens=8, max_completion_tokens=6)
+    rows = []
+    for model in (build_tiny_causal(), add_lora(build_tiny_causal())):
+        assert takes_logits_to_keep(model)
+        rows.clear()
+        head = model.get_output_embeddings()
+        hook = head.register_forward_hook(lambda module, args, output: rows.append(args[0].shape[1]))
+        logits, hidden = completion_logits(model, batch, output_hidden=True)
+        hook.remove()
+        assert rows == [batch.completion_ids.shape[1] + 1]  # and the last position, which predicts nothing
+        ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)
+        mask = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1)
+        full = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                     output_hidden_states=True)
+        start = batch.prompt_ids.shape[1] - 1
+        torch.testing.assert_close(logits, full.logits[:, start:-1])
+        torch.testing.assert_close(hidden, full.hidden_states[-1][:, start:-1])
