@@ -72,8 +72,8 @@ def logits_dtypes(trainer) -> list[torch.dtype]:
 
 
 def test_under_bf16_the_ratio_is_one_and_the_kl_zero_before_the_first_update(bf16_cpu, tmp_path):
-    config = PPOConfig(batch_size=8, minibatch_size=8, ppo_epochs=2, max_new_tokens=6, precision="bf16",
-                       output_dir=str(tmp_path))
+    config = PPOConfig(batch_size=8, minibatch_size=4, ppo_epochs=2, max_new_tokens=6, precision="bf16",
+                       output_dir=str(tmp_path))  # two minibatches: the rollout reads the policy's log-probs itself
     trainer = PPOTrainer(config, build_tiny_causal(), word_tokenizer(), REWARD, PROMPTS)
     seen = logits_dtypes(trainer)
     rollout = trainer.rollout(trainer.prompts_for_step(0))

@@ -219,23 +219,26 @@ def test_dpo_raises_the_held_out_margin(build, lora, tmp_path):
     assert (tmp_path / "policy" / "dpo_config.yaml").exists()
 
 
+@pytest.mark.parametrize("epochs", [1, 2])
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
-def test_single_step_update_reusing_the_policy_pass_equals_the_two_pass_update(algorithm, tmp_path):
-    """One gradient step per rollout skips the rollout's policy pass; the update must not change."""
+def test_an_update_reusing_its_first_pass_as_the_old_policy_equals_the_two_pass_update(algorithm, epochs, tmp_path):
+    """When one minibatch holds the rollout, the rollout skips the policy's pass and the update's first pass gives
+    π_θ_old's log-probs and values (the second epoch reads the policy again); the update must not change."""
     import copy
 
     from rlhfkit.rollout import collect_rollout
 
     def make():
         if algorithm == "ppo":
-            config = PPOConfig(batch_size=8, minibatch_size=8, ppo_epochs=1, lr=3e-3, max_new_tokens=6,
+            config = PPOConfig(batch_size=8, minibatch_size=8, ppo_epochs=epochs, lr=3e-3, max_new_tokens=6,
                                output_dir=str(tmp_path))
             return PPOTrainer(config, build_tiny_causal(), word_tokenizer(), REWARD, PROMPTS)
-        config = GRPOConfig(batch_size=4, group_size=2, lr=3e-3, max_new_tokens=6, output_dir=str(tmp_path))
+        config = GRPOConfig(batch_size=4, group_size=2, epochs=epochs, lr=3e-3, max_new_tokens=6,
+                            output_dir=str(tmp_path))
         return GRPOTrainer(config, build_tiny_causal(), word_tokenizer(), REWARD, PROMPTS)
 
     two_pass, one_pass = make(), make()
-    assert two_pass.single_step
+    assert two_pass.one_minibatch
     full = collect_rollout(two_pass.actor, two_pass.reference, two_pass.tokenizer, two_pass.prompts_for_step(0),
                            REWARD, two_pass.sampling, 6, two_pass.samples_per_prompt, policy_logprobs=True)
     skipped = copy.copy(full)

@@ -121,9 +121,9 @@ class GRPOTrainer(OnPolicyTrainer):
         return self.config.group_size
 
     @property
-    def single_step(self) -> bool:
+    def one_minibatch(self) -> bool:
         cfg = self.config
-        return cfg.epochs == 1 and cfg.minibatch_size in (0, cfg.batch_size * cfg.group_size)
+        return cfg.minibatch_size == 0 or cfg.minibatch_size >= cfg.batch_size * cfg.group_size
 
     def update(self, rollout: Rollout) -> dict[str, float]:
         cfg, mask, beta = self.config, rollout.mask, self.config.kl_coef
@@ -138,9 +138,10 @@ class GRPOTrainer(OnPolicyTrainer):
             advantages = leave_one_out(rewards, cfg.group_size)
         stats: dict[str, list[torch.Tensor]] = {}
         size = cfg.minibatch_size or len(rollout.batch)
-        for _ in range(cfg.epochs):
+        for epoch in range(cfg.epochs):
             for mb in self.minibatches(len(rollout.batch), size, mask.device):
-                logprobs, entropy, _ = reused or self.actor(rollout.batch[mb], self.sampling)
+                first = reused if epoch == 0 else None  # π_θ_old's pass, when one minibatch holds the rollout
+                logprobs, entropy, _ = first or self.actor(rollout.batch[mb], self.sampling)
                 surrogate, ratio = clipped_surrogate(logprobs, rollout.logprobs[mb], advantages[mb], mask[mb],
                                                      cfg.clip_eps, cfg.action)
                 clipped = ((ratio - 1).abs() > cfg.clip_eps).float()

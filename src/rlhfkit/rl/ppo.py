@@ -112,9 +112,10 @@ class PPOTrainer(OnPolicyTrainer):
             advantages = whiten(advantages, mask)
 
         stats: dict[str, list[torch.Tensor]] = {}
-        for _ in range(cfg.ppo_epochs):
+        for epoch in range(cfg.ppo_epochs):
             for mb in self.minibatches(len(rollout.batch), cfg.minibatch_size, mask.device):
-                logprobs, entropy, values = reused or self.actor(rollout.batch[mb], self.sampling)
+                first = reused if epoch == 0 else None  # π_θ_old's pass, when one minibatch holds the rollout
+                logprobs, entropy, values = first or self.actor(rollout.batch[mb], self.sampling)
                 loss, mb_stats = ppo_losses(logprobs, rollout.logprobs[mb], advantages[mb], values,
                                             rollout.values[mb], returns[mb], entropy, mask[mb], cfg)
                 mb_stats["policy/grad_norm"] = torch.tensor(self.optimizer_step(loss))
@@ -136,8 +137,8 @@ class PPOTrainer(OnPolicyTrainer):
         }
 
     @property
-    def single_step(self) -> bool:
-        return self.config.ppo_epochs == 1 and self.config.minibatch_size >= self.config.batch_size
+    def one_minibatch(self) -> bool:
+        return self.config.minibatch_size >= self.config.batch_size
 
     def extra_state(self) -> dict:
         return {"kl_controller": self.kl_controller.state_dict()}

@@ -247,7 +247,7 @@ class OnPolicyTrainer:
         return self._orders[epoch]
 
     samples_per_prompt = 1  # completions sampled per prompt
-    single_step = False  # one gradient step per rollout (one epoch, one minibatch)
+    one_minibatch = False  # each epoch of the update is one minibatch: the whole rollout
 
     def rollout(self, prompts: Sequence[Text]) -> Rollout:
         """Sampling, the reference's (and the policy's) log-probs, all in the training precision: the
@@ -255,12 +255,13 @@ class OnPolicyTrainer:
         with self.precision.autocast():
             return collect_rollout(self.actor, self.reference, self.tokenizer, prompts, self.reward_fn,
                                    self.sampling, self.config.max_new_tokens, self.samples_per_prompt,
-                                   self.config.use_chat_template, policy_logprobs=not self.single_step)
+                                   self.config.use_chat_template, policy_logprobs=not self.one_minibatch)
 
     def policy_pass(self, rollout: Rollout) -> tuple | None:
-        """With one gradient step per rollout, π_θ_old is π_θ itself: the rollout skipped the policy's
-        forward pass, and the update's own pass (returned, with gradients) fills the rollout's old
-        log-probs and values (detached). One forward pass fewer per step."""
+        """When an epoch is one minibatch of the whole rollout, the first epoch's pass reads π_θ_old, which is
+        π_θ before its first step: the rollout skipped the policy's forward pass, and the update's own first
+        pass (returned, with gradients) fills the rollout's old log-probs and values (detached). One forward
+        pass fewer per step, the same update."""
         if rollout.logprobs is not None:
             return None
         outputs = self.actor(rollout.batch, self.sampling)
@@ -269,8 +270,8 @@ class OnPolicyTrainer:
         return outputs
 
     def minibatches(self, n: int, size: int, device: torch.device) -> list[torch.Tensor]:
-        """Index sets of one epoch: shuffled, or in order when a single-step update reuses the policy pass."""
-        order = torch.arange(n) if self.single_step else torch.randperm(n)
+        """Index sets of one epoch: shuffled, or the rollout in order when one minibatch holds it all."""
+        order = torch.arange(n) if size >= n else torch.randperm(n)
         return [order[start:start + size].to(device) for start in range(0, n, size)]
 
     # ------------------------------------------------------------ the algorithm
