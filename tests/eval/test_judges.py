@@ -117,3 +117,19 @@ def test_fluency_of_a_lora_policy_is_the_base_models_with_the_adapter_off(tokeni
     assert (with_adapter - expected).abs().max() > 1e-2
     scores = FluencyJudge(Reference(policy), tokenizer, use_chat_template=False)(list(prompts), list(completions))
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("prompts", [["", "help"], [" "]])
+def test_fluency_refuses_a_prompt_that_reads_as_no_tokens_rather_than_scoring_the_answer_from_padding(prompts,
+                                                                                                     tokenizer):
+    """Without a chat template, a blank prompt is no token: the answer's first token has nothing to be predicted
+    from. Read alone that was a shape error inside the model; batched with other prompts, its row would be scored
+    from a padding position. Either way: a one-line error naming the prompt."""
+    from conftest import build_tiny_causal
+    from rlhfkit.eval.judges import FluencyJudge
+    from rlhfkit.models.reference import Reference
+
+    judge = FluencyJudge(Reference.frozen(build_tiny_causal()), tokenizer, use_chat_template=False)
+    with pytest.raises(ValueError, match=f"prompt {prompts[0]!r} reads as no tokens"):
+        judge(prompts, ["you fix it"] * len(prompts))
+
