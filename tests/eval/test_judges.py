@@ -133,3 +133,14 @@ def test_fluency_refuses_a_prompt_that_reads_as_no_tokens_rather_than_scoring_th
     with pytest.raises(ValueError, match=f"prompt {prompts[0]!r} reads as no tokens"):
         judge(prompts, ["you fix it"] * len(prompts))
 
+
+
+@pytest.mark.parametrize("batch_size", [0, -1])
+def test_fluency_refuses_a_batch_size_below_one(batch_size, tokenizer):
+    """0 answers per pass would be a range() error at the first call, and -1 no score at all (an empty tensor)."""
+    from conftest import build_tiny_causal
+    from rlhfkit.eval.judges import FluencyJudge
+    from rlhfkit.models.reference import Reference
+
+    with pytest.raises(ValueError, match=f"batch_size: at least 1, got {batch_size}"):
+        FluencyJudge(Reference.frozen(build_tiny_causal()), tokenizer, use_chat_template=False, batch_size=batch_size)

@@ -119,6 +119,8 @@ class FluencyJudge:
     independent = True
 
     def __init__(self, reference, tokenizer, use_chat_template: bool = True, batch_size: int = 8) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size: at least 1, got {batch_size}")
         self.reference, self.tokenizer, self.use_chat_template = reference, tokenizer, use_chat_template
         self.batch_size = batch_size
 
