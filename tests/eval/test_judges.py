@@ -117,3 +117,30 @@ def test_fluency_of_a_lora_policy_is_the_base_models_with_the_adapter_off(tokeni
     assert (with_adapter - expected).abs().max() > 1e-2
     scores = FluencyJudge(Reference(policy), tokenizer, use_chat_template=False)(list(prompts), list(completions))
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("prompts", [["", "help"], [" "]])
+def test_fluency_refuses_a_prompt_that_reads_as_no_tokens_rather_than_scoring_the_answer_from_padding(prompts,
+                                                                                                     tokenizer):
+    """Without a chat template, a blank prompt is no token: the answer's first token has nothing to be predicted
+    from. Read alone that was a shape error inside the model; batched with other prompts, its row would be scored
+    from a padding position. Either way: a one-line error naming the prompt."""
+    from conftest import build_tiny_causal
+    from rlhfkit.eval.judges import FluencyJudge
+    from rlhfkit.models.reference import Reference
+
+    judge = FluencyJudge(Reference.frozen(build_tiny_causal()), tokenizer, use_chat_template=False)
+    with pytest.raises(ValueError, match=f"prompt {prompts[0]!r} reads as no tokens"):
+        judge(prompts, ["you fix it"] * len(prompts))
+
+
+
+@pytest.mark.parametrize("batch_size", [0, -1])
+def test_fluency_refuses_a_batch_size_below_one(batch_size, tokenizer):
+    """0 answers per pass would be a range() error at the first call, and -1 no score at all (an empty tensor)."""
+    from conftest import build_tiny_causal
+    from rlhfkit.eval.judges import FluencyJudge
+    from rlhfkit.models.reference import Reference
+
+    with pytest.raises(ValueError, match=f"batch_size: at least 1, got {batch_size}"):
+        FluencyJudge(Reference.frozen(build_tiny_causal()), tokenizer, use_chat_template=False, batch_size=batch_size)

@@ -119,15 +119,21 @@ class FluencyJudge:
     independent = True
 
     def __init__(self, reference, tokenizer, use_chat_template: bool = True, batch_size: int = 8) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size: at least 1, got {batch_size}")
         self.reference, self.tokenizer, self.use_chat_template = reference, tokenizer, use_chat_template
         self.batch_size = batch_size
 
     def tokens(self, prompt: str, completion: str) -> tuple[list[int], list[int]]:
-        """(context, answer) token ids: the prompt as the policy read it, then the answer and EOS."""
+        """(context, answer) token ids: the prompt as the policy read it, then the answer and EOS. A prompt that
+        reads as no tokens is a ValueError."""
         from rlhfkit.generate import format_prompt
 
         context = self.tokenizer(format_prompt(prompt, self.tokenizer, self.use_chat_template),
                                  add_special_tokens=not self.use_chat_template)["input_ids"]
+        if not context:  # log π_ref(y_1 | x) needs x: in a batch, the row's y_1 would be read off a pad's position
+            raise ValueError(f"fluency: prompt {prompt!r} reads as no tokens (no chat template, no BOS), so the "
+                             "answer's first token has nothing to be predicted from")
         answer = self.tokenizer(" " + completion.strip(), add_special_tokens=False)["input_ids"]
         return context, [*answer, self.tokenizer.eos_token_id]
 
