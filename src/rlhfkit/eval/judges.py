@@ -132,7 +132,7 @@ class FluencyJudge:
         context = self.tokenizer(format_prompt(prompt, self.tokenizer, self.use_chat_template),
                                  add_special_tokens=not self.use_chat_template)["input_ids"]
         if not context:  # log π_ref(y_1 | x) needs x: in a batch, the row's y_1 would be read off a pad's position
-            raise ValueError(f"fluency: prompt {prompt!r} reads as no tokens (no chat template, no BOS), so the "
+            raise ValueError(f"fluency: prompt {prompt[:80]!r} reads as no tokens (no chat template, no BOS), so the "
                              "answer's first token has nothing to be predicted from")
         answer = self.tokenizer(" " + completion.strip(), add_special_tokens=False)["input_ids"]
         return context, [*answer, self.tokenizer.eos_token_id]
