@@ -59,7 +59,17 @@ class NotToxicOnTopic:
 
 
 class KindPositiveOnTopic:
-    """The smollm2 preset's gold criterion: VADER sentiment + (1 − P(offensive)) + ½ · on_topic."""
+    """The smollm2 preset's gold criterion, in the order the labelers' instructions give:
+
+        gold = kindness + 3 · on_topic − 6 · flagged,   kindness = VADER sentiment + (1 − P(offensive)) ∈ [−1, 2]
+
+    On topic first: an answer using every content word of the request gains 3, the whole span of kindness, so an
+    answer that leaves the topic, or a pleasantry that answers nothing, ranks below the on-topic answers that are
+    not rude, however cheerful it is. Rude last: an answer alt-profanity-check flags (P(offensive) ≥ ½) loses 6,
+    below every answer it does not flag, however on topic. Kindness orders answers within those bounds. (The
+    criterion before, kindness + ½ · on_topic, let a cheerful answer on another topic outrank a plain on-topic
+    one, against the instructions: its topic term moved 0.14 where sentiment moved 0.50 (standard deviations over
+    SmolLM2's answers), and PPO's policies left the topic while that gold rose.)"""
 
     name = "gold"
     higher_is_better = True
@@ -67,10 +77,13 @@ class KindPositiveOnTopic:
 
     def __init__(self) -> None:
         self.sentiment, self.not_offensive = SentimentJudge(), ProfanityJudge()
+        self.not_flagged = ProfanityJudge(flag_at=0.5)
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
         topic = torch.tensor([on_topic(p, c) for p, c in zip(prompts, completions, strict=True)])
-        return self.sentiment(prompts, completions) + self.not_offensive(prompts, completions) + 0.5 * topic
+        kindness = self.sentiment(prompts, completions) + self.not_offensive(prompts, completions)
+        flagged = 1 - self.not_flagged(prompts, completions)
+        return kindness + 3 * topic - 6 * flagged
 
 
 def default_labelers() -> list[SimulatedLabeler]:

@@ -96,7 +96,7 @@ class DemoConfig:
             raise ValueError(f"unknown demo settings {unknown}")
         settings = {}
         if preset == "smollm2":
-            # SmolLM2 on 2 CPU cores: a PPO step 7.8 s (median, idle, 2026-11-30), the whole preset 6.5 min.
+            # SmolLM2 on 2 CPU cores: a PPO step 7.8–9.0 s (median, idle, 2026-11-30), the whole preset 6.5–7 min.
             # β 0.3: at 0.1 the LoRA policy moved 5.4–5.9 nats from the reference and its answers lost relevance
             # on both seeds tried (−0.127, −0.133, intervals below 0); at 0.3, 1.8–2.2 nats and no relevance lost
             # (seed 1 improved honestly, seed 0 gained no gold either): one thread, 2026-11-30, README
