@@ -142,7 +142,7 @@ class FluencyJudge:
         """``reference``: an rlhfkit ``Reference`` (with LoRA, the base with the adapter switched off)."""
         from contextlib import nullcontext
 
-        from rlhfkit.models.policy import TokenBatch, completion_logits, token_logprobs
+        from rlhfkit.models.policy import TokenBatch, completion_logits, padded_rows, token_logprobs
 
         model = self.reference.model
         rows = [self.tokens(p, c) for p, c in zip(prompts, completions, strict=True)]
@@ -150,23 +150,13 @@ class FluencyJudge:
         with model.disable_adapter() if self.reference.shared else nullcontext():
             for start in range(0, len(rows), self.batch_size):
                 chunk = rows[start:start + self.batch_size]
-                contexts = _padded([c for c, _ in chunk], left=True)
-                answers = _padded([a for _, a in chunk], left=False)
+                contexts = padded_rows([c for c, _ in chunk], 0, left=True)  # pad id 0: masked, never read
+                answers = padded_rows([a for _, a in chunk], 0, left=False)
                 batch = TokenBatch(*contexts, *answers).to(model.device)
                 logprobs, _ = token_logprobs(completion_logits(model, batch)[0], batch.completion_ids)
                 mask = batch.completion_mask.float()
                 scores += ((logprobs * mask).sum(1) / mask.sum(1)).tolist()
         return torch.tensor(scores, dtype=torch.float32)
-
-
-def _padded(rows: Sequence[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists as one [B, L] tensor (pad id 0) and its mask, padded on the left or on the right."""
-    ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        place = slice(ids.shape[1] - len(row), None) if left else slice(0, len(row))
-        ids[i, place], mask[i, place] = torch.tensor(row, dtype=torch.long), 1
-    return ids, mask
 
 
 JUDGES = {"profanity": ProfanityJudge, "sentiment": SentimentJudge, "relevance": RelevanceJudge}

@@ -64,7 +64,7 @@ from transformers import GenerationConfig, PreTrainedModel, StaticCache
 
 from rlhfkit.models.decode import decode_step
 from rlhfkit.models.packed import packed_weights
-from rlhfkit.models.policy import completion_tokens, generate_exactly, is_seq2seq
+from rlhfkit.models.policy import completion_tokens, generate_exactly, is_seq2seq, transformers_model
 
 
 @dataclass(frozen=True)
@@ -98,11 +98,6 @@ class RolloutEngine(Protocol):
         ...
 
 
-def _hf_model(model: torch.nn.Module) -> PreTrainedModel:
-    """The transformers model under a peft wrapper (its LoRA layers are injected, so calling it applies them)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 # transformers 5 allocates a StaticCache lazily (batch size, heads and dtype from the first call).
 LAZY_STATIC_CACHE = int(transformers.__version__.split(".")[0]) >= 5
 
@@ -111,7 +106,7 @@ def has_static_cache(model: torch.nn.Module) -> bool:
     """Whether ``kv_cached_sampling`` can run ``model``: a causal LM whose transformers class supports a
     static cache (the flag transformers sets for models that compile with one) and keeps no recurrent state,
     not under a peft prompt-learning adapter (its virtual tokens live in peft's forward, which the engine skips)."""
-    hf = _hf_model(model)
+    hf = transformers_model(model)
     prompt_learning = getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False)
     return (LAZY_STATIC_CACHE and isinstance(hf, PreTrainedModel) and not is_seq2seq(hf) and hf.can_generate()
             and getattr(hf, "_can_compile_fullgraph", False) and not getattr(hf, "_is_stateful", False)
@@ -204,7 +199,7 @@ def kv_cached_sampling(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_
     if not bool(prompt_mask[:, -1].all()):
         raise ValueError("kv_cached_sampling takes left-padded prompts (every row's last token real): set the "
                          "tokenizer's padding_side='left' (rlhfkit.models.policy.prepare_tokenizer does)")
-    hf = _hf_model(model)
+    hf = transformers_model(model)
     batch, prompt_length = prompt_ids.shape
     steps = decoding.max_new_tokens
     cache_length = bucketed(prompt_length + steps) if compiled else prompt_length + steps
@@ -260,7 +255,7 @@ def generate_sampling(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_m
         if generator is not None:
             torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator, device=generator.device)))
         output = generate_exactly(model, encoded, decoding.generation_config(model, n))
-    return completion_tokens(_hf_model(model), output, prompt_ids.shape[1])
+    return completion_tokens(transformers_model(model), output, prompt_ids.shape[1])
 
 
 ENGINE: RolloutEngine = kv_cached_sampling  # replace with another engine (vLLM) to plug it in

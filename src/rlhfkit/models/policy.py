@@ -67,6 +67,11 @@ def completion_tokens(model: PreTrainedModel, output: torch.Tensor, prompt_lengt
     return output[:, 1:] if is_seq2seq(model) else output[:, prompt_length:]
 
 
+def transformers_model(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model under a peft wrapper (its LoRA layers are injected, so calling it applies them)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def generate_exactly(model: PreTrainedModel, encoded: Mapping[str, torch.Tensor],
                      config: GenerationConfig) -> torch.Tensor:
     """``model.generate`` with ``config`` and nothing else. transformers fills every field a config
@@ -74,7 +79,7 @@ def generate_exactly(model: PreTrainedModel, encoded: Mapping[str, torch.Tensor]
     bad_words_ids, min_new_tokens, num_beams, repetition_penalty...), so samples would come from
     another distribution than softmax(logits / τ); the model's config is swapped for an empty one
     for the duration of the call."""
-    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper
+    hf_model = transformers_model(model)
     own = hf_model.generation_config
     hf_model.generation_config = GenerationConfig()
     try:
@@ -145,7 +150,7 @@ class TokenBatch:
         return self.completion_ids.shape[0]
 
 
-def _padded(rows: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def padded_rows(rows: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Token id lists as one [B, width] tensor and its 0/1 mask, padded on the left or the right."""
     width = max(len(row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -190,8 +195,8 @@ def tokenize_completions(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[s
     if cut:
         warnings.warn(f"{cut} of {len(prompts)} prompts cut from the left to fit the model's {limit} positions",
                       stacklevel=2)
-    prompt_ids, prompt_mask = _padded(prompt_rows, tokenizer.pad_token_id, tokenizer.padding_side == "left")
-    completion_ids, completion_mask = _padded(completion_rows, tokenizer.pad_token_id, left=False)
+    prompt_ids, prompt_mask = padded_rows(prompt_rows, tokenizer.pad_token_id, tokenizer.padding_side == "left")
+    completion_ids, completion_mask = padded_rows(completion_rows, tokenizer.pad_token_id, left=False)
     return TokenBatch(prompt_ids, prompt_mask, completion_ids, completion_mask)
 
 
@@ -228,8 +233,7 @@ def completion_logits(model: PreTrainedModel, batch: TokenBatch,
 def takes_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether ``model`` (or the transformers model under its peft wrapper) computes its LM head on the last
     ``logits_to_keep`` positions only. A wrapper that hides the signature (FSDP) gets every position's logits."""
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(hf.forward).parameters
+    return "logits_to_keep" in inspect.signature(transformers_model(model).forward).parameters
 
 
 @dataclass(frozen=True)
