@@ -158,3 +158,43 @@ def test_a_run_resumed_with_a_monitor_newly_given_reads_the_steps_it_measured():
     assert warned(unmonitored + steps(6), window=3) == []
     judged_only = [{k: v for k, v in row.items() if not k.startswith("monitor/relevance")} for row in steps(3)]
     assert warned(judged_only + falling, window=3) == ["relevance"]
+
+
+def test_answers_to_one_prompt_are_one_draw_for_the_relevance_alarm():
+    """GRPO's batches: G answers to each prompt share its topic. 4 prompts × 8 answers a step, relevance 0.6 then
+    0.44 (s 0.2 per prompt mean): counted as 32 answers a step it was z = 3.2 and an alarm; as 4 prompts, z = 1.1."""
+    history = steps(2, relevance=lambda i: (0.6, 0.44)[i])
+    for row in history:
+        row |= {"monitor/prompts": 4.0, "monitor/relevance_prompt_std": 0.2}
+    as_answers = [{k: v for k, v in row.items() if k not in ("monitor/prompts", "monitor/relevance_prompt_std")}
+                  for row in history]  # also how a history logged before prompts were counted is read
+    assert RewardHackingMonitor(JUDGE).alarms(as_answers)["relevance"] == (
+        True, "relevance to the request fell 0.440 vs 0.600 at the start (0.80 std, z = 3.2)")
+    raised, message = RewardHackingMonitor(JUDGE, MonitorConfig(min_prompts=1)).alarms(history)["relevance"]
+    assert not raised and "z = 1.1" in message
+    monitor = RewardHackingMonitor(JUDGE, relevance=RELEVANCE)
+    stats = monitor.measure(["about cats"] * 3 + ["about dogs"] * 3, ["cats"] * 3 + ["dogs", "no", "no"],
+                            torch.zeros(6))
+    assert stats["monitor/prompts"] == 2.0 and stats["monitor/answers"] == 6.0
+    assert stats["monitor/relevance_prompt_std"] == pytest.approx(torch.tensor([1.0, 1 / 3]).std().item())
+
+
+def test_a_relevance_drop_is_judged_once_each_side_holds_enough_prompts_or_a_full_window():
+    """2 prompts a step (GRPO 2 × 4): one step a side is too few prompts to judge a fall however large; four steps
+    a side (8 prompts) are judged; so is a full window of steps, at any batch size."""
+    falling = steps(8, relevance=lambda i: 0.6 if i < 4 else 0.3)
+    for row in falling:
+        row |= {"monitor/prompts": 2.0, "monitor/relevance_prompt_std": 0.05}
+    assert not RewardHackingMonitor(JUDGE).alarms(falling[3:5])["relevance"][0]
+    assert RewardHackingMonitor(JUDGE, MonitorConfig(min_prompts=2)).alarms(falling[3:5])["relevance"][0]
+    assert warned(falling, window=5) == ["relevance"]
+    assert RewardHackingMonitor(JUDGE, MonitorConfig(window=1)).alarms(falling[3:5])["relevance"][0]
+
+
+def test_conversations_are_grouped_by_prompt_for_the_relevance_alarm():
+    from rlhfkit.data.records import Message
+
+    monitor = RewardHackingMonitor(JUDGE, relevance=FunctionReward(lambda p, c: float("cats" in c)))
+    chat = [Message(role="user", content="about cats")]
+    stats = monitor.measure([chat, chat, "about dogs"], ["cats", "cats", "no"], torch.zeros(3))
+    assert stats["monitor/prompts"] == 2.0 and stats["monitor/relevance_prompt_std"] == pytest.approx(2**-0.5)

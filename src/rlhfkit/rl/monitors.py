@@ -12,9 +12,18 @@ latest value the mean of the last ``min(window, ⌊n/2⌋)``; it warns when
              rose by less than ``judge_fraction`` of that (in its own standard deviations);
 - relevance: relevance fell by more than ``relevance_drop`` baseline standard deviations (per answer),
              and by at least ``min_z`` standard errors of the difference of the two means
-             (se = √(s²_base / n_base + s²_last / n_last), s² the steps' mean variance per answer, n the
-             answers on each side; a side whose steps are batches of one, with no spread measured, takes
-             the other side's s²), so batch noise is no alarm. The test runs at every step, so what
+             (se = √(s²_base / n_base + s²_last / n_last), s² the steps' mean variance of relevance per
+             prompt (the mean of its answers), n the prompts on each side; a side whose steps hold one prompt
+             each, with no spread measured, takes the other side's s²), so batch noise is no alarm. Prompts,
+             not answers, are the draws: GRPO's G answers to one prompt share its topic, and counted as G
+             draws they made a change of prompts look like a fall (GRPO on the smollm2 preset, 2 prompts
+             × 4 answers a step, was stopped at step 2 with z = 3.7 by the prompts it happened to draw).
+             With one answer per prompt (PPO) the prompts are the answers. Two prompts' spread is a poor
+             estimate, so each side needs ``min_prompts`` prompts (or a full window of steps) to be judged.
+             SmolLM2's own answers to the smollm2 preset's 28 prompts, a policy that never changes, 30 steps:
+             relevance stopped 18.2% of 1,000 runs at 2 prompts × 4 answers a step when answers were the draws,
+             15.1% with prompts as draws, 5.0% with 8 prompts a side; 13.4% → 2.8% at 4 × 4; 3.0% at 8 × 1
+             (PPO's batch; unchanged). The test runs at every step, so what
              matters is how many runs it stops on noise: two random batches of the toy demo's reference
              answers (1,728 answers to its 72 prompts) per step, as PPO's 30 steps look at them, a
              policy that never changed was stopped in 3.2% of runs at 32 answers a step and 12.5% at 8
@@ -45,6 +54,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rlhfkit.console import console
+from rlhfkit.data.records import render_text
 from rlhfkit.eval.metrics import distinct_n, template_share
 from rlhfkit.reward.base import RewardFn
 
@@ -58,6 +68,7 @@ class MonitorConfig:
     judge_fraction: float = 0.25
     relevance_drop: float = 0.25  # baseline relevance std units (per answer)
     min_z: float = 3.0  # standard errors a relevance drop must also exceed (at every step: see the docstring)
+    min_prompts: int = 8  # prompts on each side (or a full window of steps) before relevance is judged
     max_kl: float = 15.0  # mean over the window
     max_kl_step: float = 30.0  # any single step
     length_ratio: float = 2.0
@@ -84,11 +95,28 @@ def _floor(value: float, eps: float = 1e-6) -> float:
     return value if value > eps else eps  # NaN > eps is False: a NaN std becomes eps too
 
 
+def _draws(row: Mapping[str, float]) -> tuple[float | None, float]:
+    """(how many, std) of a step's independent draws of relevance: its prompts and the std of their mean
+    relevance; for a step logged before prompts were counted, its answers and their std."""
+    if "monitor/prompts" in row:
+        return row["monitor/prompts"], row["monitor/relevance_prompt_std"]
+    return row.get("monitor/answers"), row["monitor/relevance_std"]
+
+
 def _spread(rows: Sequence[Mapping[str, float]]) -> float | None:
-    """The steps' mean variance of relevance per answer, over the steps that measured one: a batch of one has
-    std 0 by convention (no spread measured, not none), so it is left out; None when no step measured it."""
-    measured = [r["monitor/relevance_std"] ** 2 for r in rows if r.get("monitor/answers", 2.0) >= 2]
+    """The steps' mean variance of relevance per draw (prompt), over the steps that measured one: a step of one
+    prompt has std 0 by convention (no spread measured, not none), so it is left out; None when no step measured
+    it."""
+    measured = [std**2 for n, std in map(_draws, rows) if (2.0 if n is None else n) >= 2]
     return sum(measured) / len(measured) if measured else None
+
+
+def _prompt_means(prompts: Sequence[str], values: torch.Tensor) -> torch.Tensor:
+    """The mean of each distinct prompt's values."""
+    groups: dict[str, list[float]] = {}
+    for prompt, value in zip(prompts, values.tolist(), strict=True):
+        groups.setdefault(render_text(prompt), []).append(value)  # a conversation is a list: not a key
+    return torch.tensor([sum(v) / len(v) for v in groups.values()])
 
 
 def _halves(rows: Sequence[Mapping[str, float]], window: int) -> tuple[Sequence, Sequence]:
@@ -115,7 +143,9 @@ class RewardHackingMonitor:
                  "monitor/answers": float(len(completions))}
         if self.relevance is not None:
             relevance = self.relevance(prompts, completions).float()
-            stats |= {"monitor/relevance": relevance.mean().item(), "monitor/relevance_std": _std(relevance)}
+            by_prompt = _prompt_means(prompts, relevance)
+            stats |= {"monitor/relevance": relevance.mean().item(), "monitor/relevance_std": _std(relevance),
+                      "monitor/prompts": float(len(by_prompt)), "monitor/relevance_prompt_std": _std(by_prompt)}
         for name, judge in self.logged.items():
             stats[f"judge/{name}"] = judge(prompts, completions).float().mean().item()
         return stats
@@ -159,13 +189,15 @@ class RewardHackingMonitor:
             relevance, base_relevance = _mean("monitor/relevance", last), _mean("monitor/relevance", base)
             std = _floor(_mean("monitor/relevance_std", base))
             drop = (base_relevance - relevance) / std
-            answers = [sum(r.get("monitor/answers", 1.0) for r in rows) for rows in (base, last)]
+            draws = [sum(_draws(r)[0] or 1.0 for r in rows) for rows in (base, last)]
             variances = [_spread(rows) for rows in (base, last)]
             variances = [v if v is not None else w if w is not None else 0.0  # none measured: the other side's
                          for v, w in zip(variances, variances[::-1], strict=True)]
-            z = (base_relevance - relevance) / _floor(sum(v / n for v, n in zip(variances, answers, strict=True))
+            z = (base_relevance - relevance) / _floor(sum(v / n for v, n in zip(variances, draws, strict=True))
                                                       ** 0.5)
-            alarms["relevance"] = (drop > cfg.relevance_drop and z >= cfg.min_z,
+            judged = all(n >= cfg.min_prompts or len(rows) >= cfg.window for n, rows in zip(draws, (base, last),
+                                                                                               strict=True))
+            alarms["relevance"] = (judged and drop > cfg.relevance_drop and z >= cfg.min_z,
                                    f"relevance to the request fell {relevance:.3f} vs {base_relevance:.3f} at the "
                                    f"start ({drop:.2f} std, z = {z:.1f})")
         return alarms

@@ -327,7 +327,7 @@ class OnPolicyTrainer:
         return self.history
 
     # ------------------------------------------------------------ logging
-    COUNTS = ("monitor/answers",)  # stats that count things: summed over processes, not averaged
+    COUNTS = ("monitor/answers", "monitor/prompts")  # stats that count things: summed over processes, not averaged
 
     def mean_over_processes(self, stats: dict[str, float]) -> dict[str, float]:
         """Each stat's mean over the processes, but ``COUNTS``, summed (the relevance alarm's standard error
