@@ -314,16 +314,18 @@ def demo(
                                                    "seed [default: 3 for toy, 1 for smollm2].")] = None,
     label_prompts: Annotated[int | None, typer.Option(help="Prompts to label and train on.")] = None,
     eval_prompts: Annotated[int | None, typer.Option(help="Held-out prompts for the evaluation.")] = None,
-    ppo_steps: Annotated[int | None, typer.Option(help="PPO steps (at most; the monitors may stop earlier).")] = None,
-    kl_coef: Annotated[float | None, typer.Option(help="β of PPO's KL penalty to the reference.")] = None,
+    algorithm: Annotated[str | None, typer.Option(help="The RL stage: ppo, grpo or rloo [default: ppo for toy, "
+                                                       "grpo for smollm2].")] = None,
+    ppo_steps: Annotated[int | None, typer.Option(help="RL steps (at most; the monitors may stop earlier).")] = None,
+    kl_coef: Annotated[float | None, typer.Option(help="β of the RL stage's KL term to the reference.")] = None,
     stop_on: Annotated[list[str] | None, typer.Option(
-        help="Stop PPO when the monitor warns of this (hacking, relevance, kl, kl_spike, length, diversity, "
+        help="Stop the RL stage when the monitor warns of this (hacking, relevance, kl, kl_spike, length, diversity, "
              "collapse); repeatable [default: relevance, kl, kl_spike, collapse].")] = None,
     precision: PrecisionOption = None,
 ) -> None:
     """The whole RLHF loop offline, once per training seed: generate → simulated labelers → agreement →
-    pairs → reward model → PPO with KL and reward-hacking monitors → evaluation (the labelers' criterion,
-    relevance, diversity, KL; the proxy apart) → per-seed and pooled results → report.html.
+    pairs → reward model → PPO (or GRPO, RLOO) with KL and reward-hacking monitors → evaluation (the labelers'
+    criterion, relevance, diversity, KL; the proxy apart) → per-seed and pooled results → report.html.
 
     On your own model, prompts and people, run the same stages one by one: `rlhfkit generate --model M
     --prompts P`, have people rank the completions (the feedback app) or bring rankings, `rlhfkit pairs`,
@@ -334,8 +336,8 @@ def demo(
     if preset in ("personal", "personal-smollm2"):
         from rlhfkit.demo.personal import PersonalDemoConfig, run_personal_demo
 
-        if any(v is not None for v in (seeds, label_prompts, ppo_steps, kl_coef, stop_on, precision)):
-            raise ValueError(f"--preset {preset}: takes --run-dir and --eval-prompts only (no PPO, no seeds)")
+        if any(v is not None for v in (seeds, label_prompts, algorithm, ppo_steps, kl_coef, stop_on, precision)):
+            raise ValueError(f"--preset {preset}: takes --run-dir and --eval-prompts only (no RL stage, no seeds)")
         overrides = {k: v for k, v in {"run_dir": run_dir, "eval_prompts": eval_prompts}.items() if v is not None}
         run_personal_demo(PersonalDemoConfig.smollm2(**overrides) if preset == "personal-smollm2"
                           else PersonalDemoConfig(**overrides))
@@ -344,7 +346,7 @@ def demo(
         raise ValueError(f"--seeds: must be at least 1, got {seeds}")
     run_demo(DemoConfig.preset_defaults(
         preset, run_dir=run_dir, seeds=tuple(range(seeds)) if seeds else None, label_prompts=label_prompts,
-        eval_prompts=eval_prompts, ppo_steps=ppo_steps, kl_coef=kl_coef,
+        eval_prompts=eval_prompts, algorithm=algorithm, ppo_steps=ppo_steps, kl_coef=kl_coef,
         monitor_stop_on=tuple(stop_on) if stop_on else None, precision=precision))
 
 

@@ -124,7 +124,7 @@ def test_smollm2_preset_runs_with_lora_end_to_end(tmp_path):
                                         ppo_minibatch_size=2, ppo_epochs=1, eval_samples=1, eval_seeds=(0,))
     summary = run_demo(config, progress=False)
     assert summary["policy"] == "SmolLM2-135M-Instruct" and summary["per_seed"][0]["ppo_steps"] <= 2
-    assert (tmp_path / "run" / "seed-0" / "ppo" / "policy" / "adapter_config.json").exists()
+    assert (tmp_path / "run" / "seed-0" / config.algorithm / "policy" / "adapter_config.json").exists()
     after = read_records(tmp_path / "run" / "seed-0" / "after.jsonl", Completion)
     assert len(after) == 3 and all(torch.isfinite(torch.tensor(c.scores["kl"])) for c in after)
     assert all(c.scores["fluency"] < 0 and "relevance" in c.scores for c in after)

@@ -13,7 +13,11 @@ def test_presets_train_on_three_seeds_for_toy_and_sample_smollm2_where_it_is_coh
 @pytest.mark.parametrize(("overrides", "message"), [({"ppo_steps": -1}, "ppo_steps: must be at least 1"),
                                                     ({"seeds": ()}, "seeds: give at least one"),
                                                     ({"temperature": 0.0}, "temperature: must be positive"),
-                                                    ({"monitor_stop_on": ("boredom",)}, "stop_on: unknown")])
+                                                    ({"monitor_stop_on": ("boredom",)}, "stop_on: unknown"),
+                                                    ({"algorithm": "ddpg"}, "algorithm: unknown 'ddpg'"),
+                                                    ({"algorithm": "grpo", "group_size": 1}, "group_size: grpo needs"),
+                                                    ({"algorithm": "rloo", "group_size": 5}, "that divide "
+                                                                                             "ppo_batch_size")])
 def test_settings_that_cannot_run_are_rejected_by_name(overrides, message):
     with pytest.raises(ValueError, match=message):
         DemoConfig.preset_defaults("toy", **overrides)
@@ -21,6 +25,7 @@ def test_settings_that_cannot_run_are_rejected_by_name(overrides, message):
 
 @pytest.mark.parametrize(("args", "message"), [(["--ppo-steps", "-1"], "ppo_steps: must be at least 1"),
                                                (["--seeds", "0"], "--seeds: must be at least 1"),
+                                               (["--algorithm", "a2c"], "algorithm: unknown 'a2c'"),
                                                (["--preset", "gpt5"],
                                                 "preset: unknown 'gpt5'; choose from toy, smollm2, personal, "
                                                 "personal-smollm2")])

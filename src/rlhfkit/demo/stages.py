@@ -142,31 +142,33 @@ def reward_model_stage(pairs: list[PreferencePair], config: DemoConfig, seed: in
     return train_reward_model(pairs, rm_config, output_dir=rm_dir, progress=progress)
 
 
-def ppo_stage(policy, tokenizer, reward_model, reference_model, task: DemoTask, config: DemoConfig, seed: int,
-              folder: Path, progress: bool):
-    """PPO against the reward model with a KL penalty to the reference; the monitor watches every step
-    (independent judge, relevance, KL, diversity, template share) and logs the gold judge next to the
-    proxy for the over-optimisation plot. Returns (trained policy, tokenizer, history, monitor events,
-    stop reason)."""
+def rl_stage(policy, tokenizer, reward_model, reference_model, task: DemoTask, config: DemoConfig, seed: int,
+             folder: Path, progress: bool):
+    """PPO (or GRPO / RLOO: ``config.algorithm``) against the reward model with a KL term to the reference; the
+    monitor watches every step (independent judge, relevance, KL, diversity, template share) and logs the gold
+    judge next to the proxy for the over-optimisation plot. Returns (trained policy, tokenizer, history, monitor
+    events, stop reason)."""
     from rlhfkit.models.reference import Reference
+    from rlhfkit.rl.grpo import GRPOTrainer
     from rlhfkit.rl.monitors import MonitorConfig, RewardHackingMonitor
     from rlhfkit.rl.ppo import PPOTrainer
 
-    ppo_dir = folder / "ppo"
-    saved = ppo_dir / "policy" / "history.json"
+    rl_dir = folder / config.algorithm
+    saved = rl_dir / "policy" / "history.json"
     if saved.exists():
-        trained, tokenizer = load_ppo_policy(config, ppo_dir / "policy", progress)
+        trained, tokenizer = load_ppo_policy(config, rl_dir / "policy", progress)
         state = json.loads(saved.read_text())
         return trained, tokenizer, state["history"], state["monitor_events"], state["stop_reason"]
     monitor = RewardHackingMonitor(task.judges[task.monitor_judge], MonitorConfig(stop_on=config.monitor_stop_on),
                                    relevance=task.judges["relevance"], logged={"gold": task.gold})
-    trainer = PPOTrainer(ppo_settings(config, seed, ppo_dir), policy, tokenizer, reward_model,
-                         [p.text for p in task.train_prompts],
-                         reference=Reference.frozen(reference_model) if reference_model is not None else None,
-                         monitor=monitor)
-    checkpoints = sorted(ppo_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    trainer_class = PPOTrainer if config.algorithm == "ppo" else GRPOTrainer
+    trainer = trainer_class(rl_settings(config, seed, rl_dir), policy, tokenizer, reward_model,
+                            [p.text for p in task.train_prompts],
+                            reference=Reference.frozen(reference_model) if reference_model is not None else None,
+                            monitor=monitor)
+    checkpoints = sorted(rl_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     if checkpoints:
-        console.print(f"resuming PPO from {checkpoints[-1]}")
+        console.print(f"resuming {config.algorithm.upper()} from {checkpoints[-1]}")
         trainer.load_checkpoint(checkpoints[-1])
     trainer.train()
     trained = trainer.accelerator.unwrap_model(trainer.actor).model
@@ -175,19 +177,25 @@ def ppo_stage(policy, tokenizer, reward_model, reference_model, task: DemoTask, 
     return trained, tokenizer, trainer.history, monitor.events, trainer.stop_reason
 
 
-def ppo_settings(config: DemoConfig, seed: int, ppo_dir: Path):
-    """The seed's PPOConfig; building it checks PPO's fields (kl_coef ≥ 0, not NaN, …), and a precision of
-    bf16 is refused here on hardware without a bf16 unit, not after the labeling."""
+def rl_settings(config: DemoConfig, seed: int, rl_dir: Path):
+    """The seed's PPOConfig (or GRPOConfig); building it checks the algorithm's fields (kl_coef ≥ 0, not NaN, …),
+    and a precision of bf16 is refused here on hardware without a bf16 unit, not after the labeling."""
     import torch
 
     from rlhfkit.precision import resolve_precision
+    from rlhfkit.rl.grpo import RLOO_DEFAULTS, GRPOConfig
     from rlhfkit.rl.ppo import PPOConfig
 
-    settings = PPOConfig(steps=config.ppo_steps, batch_size=config.ppo_batch_size, lr=config.ppo_lr,
-                         minibatch_size=config.ppo_minibatch_size, ppo_epochs=config.ppo_epochs,
-                         max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                         kl_coef=config.kl_coef, use_chat_template=True, lora=config.lora,
-                         precision=config.precision, seed=seed, output_dir=str(ppo_dir), save_every=10)
+    common = dict(steps=config.ppo_steps, lr=config.ppo_lr, max_new_tokens=config.max_new_tokens,
+                  temperature=config.temperature, kl_coef=config.kl_coef, use_chat_template=True, lora=config.lora,
+                  precision=config.precision, seed=seed, output_dir=str(rl_dir), save_every=10)
+    if config.algorithm == "ppo":
+        settings = PPOConfig(batch_size=config.ppo_batch_size, minibatch_size=config.ppo_minibatch_size,
+                             ppo_epochs=config.ppo_epochs, **common)
+    else:  # RLOO: its leave-one-out baseline and k1 KL in the reward (rl/grpo.py), at the demo's β
+        rloo = {k: v for k, v in RLOO_DEFAULTS.items() if k != "kl_coef"} if config.algorithm == "rloo" else {}
+        settings = GRPOConfig(batch_size=config.ppo_batch_size // config.group_size, group_size=config.group_size,
+                              minibatch_size=config.ppo_minibatch_size, epochs=config.ppo_epochs, **rloo, **common)
     resolve_precision(settings.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     return settings
 

@@ -1,6 +1,6 @@
 """One self-contained HTML report of a run: the headline (the labelers' criterion where it is known,
 relevance, diversity, KL — each with its interval), the proxy apart, per-seed results, the
-over-optimisation picture (proxy and gold against KL per PPO step), the reward model's accuracy,
+over-optimisation picture (proxy and gold against KL per training step), the reward model's accuracy,
 monitor warnings, training curves, judge distributions, labeler agreement, samples before and after,
 and the config. Plots are matplotlib PNGs embedded as data URIs, so the file can be mailed around.
 
@@ -98,7 +98,7 @@ def comparison_table(comparisons: Mapping[str, Comparison], verdicts: Mapping[st
 
 
 def curves(histories: Mapping[str, Sequence[dict]]) -> Markup:
-    """Every logged curve per PPO step, one line per run (training seed)."""
+    """Every logged curve per training step, one line per run (training seed)."""
     shown = [(key, label) for key, label in CURVES if any(key in row for h in histories.values() for row in h)]
     if not shown:
         return Markup("<p>no training steps were logged</p>")
@@ -111,7 +111,7 @@ def curves(histories: Mapping[str, Sequence[dict]]) -> Markup:
             if points:
                 ax.plot(*zip(*points, strict=True), marker=".", linewidth=1, label=run)
         ax.set_title(label, fontsize=10)
-        ax.set_xlabel("PPO step")
+        ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
     for ax in list(axes.flat)[len(shown):]:
@@ -199,9 +199,9 @@ def write_report(path: str | os.PathLike, title: str, headline: Mapping[str, Com
     if others:
         parts += [Markup("<h3>Other judges</h3>"), comparison_table(others, verdicts, independent)]
     if proxy:
-        parts += [Markup("<h2>The proxy (not evidence)</h2><p>The reward model that PPO optimised, scoring the same "
-                         "samples. It rises by construction; only the judges above say whether the answers got "
-                         "better.</p>"), comparison_table(proxy)]
+        parts += [Markup("<h2>The proxy (not evidence)</h2><p>The reward model the policy was trained against, "
+                         "scoring the same samples. It rises by construction; only the judges above say whether the "
+                         "answers got better.</p>"), comparison_table(proxy)]
     if seed_rows:
         keys = list(seed_rows[0])
         parts += [Markup("<h2>Per training seed</h2>"), _table(keys, [[row[k] for k in keys] for row in seed_rows])]
