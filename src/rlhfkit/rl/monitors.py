@@ -14,7 +14,9 @@ latest value the mean of the last ``min(window, ⌊n/2⌋)``; it warns when
              and by at least ``min_z`` standard errors of the difference of the two means
              (se = √(s²_base / n_base + s²_last / n_last), s² the steps' mean variance of relevance per
              prompt (the mean of its answers), n the prompts on each side; a side whose steps hold one prompt
-             each, with no spread measured, takes the other side's s²), so batch noise is no alarm. Prompts,
+             each, with no spread measured, takes the other side's s²; when no step did, each step is one draw
+             and s² the variance of the steps' means: read as 0, one prompt a step (GRPO with one group a step)
+             stopped an unchanged policy in 80% of simulated runs), so batch noise is no alarm. Prompts,
              not answers, are the draws: GRPO's G answers to one prompt share its topic, and counted as G
              draws they made a change of prompts look like a fall (GRPO on the smollm2 preset, 2 prompts
              × 4 answers a step, was stopped at step 2 with z = 3.7 by the prompts it happened to draw).
@@ -77,6 +79,10 @@ class MonitorConfig:
     stop_on: tuple[str, ...] = ()  # warning kinds that stop training (from KINDS)
 
     def __post_init__(self) -> None:
+        if self.window < 1:
+            raise ValueError(f"window: must be at least 1 step, got {self.window}")
+        if self.min_prompts < 0:
+            raise ValueError(f"min_prompts: must be at least 0 (0: no minimum), got {self.min_prompts}")
         unknown = set(self.stop_on) - set(KINDS)
         if unknown:
             raise ValueError(f"stop_on: unknown kinds {sorted(unknown)}; choose from {list(KINDS)}")
@@ -109,6 +115,16 @@ def _spread(rows: Sequence[Mapping[str, float]]) -> float | None:
     it."""
     measured = [std**2 for n, std in map(_draws, rows) if (2.0 if n is None else n) >= 2]
     return sum(measured) / len(measured) if measured else None
+
+
+def _between_steps(rows: Sequence[Mapping[str, float]]) -> float | None:
+    """The variance of the steps' mean relevance, for steps of one prompt each (GRPO with one group a step, PPO
+    batches of one): each step's mean is then one draw, independent of the other steps'; None under two steps."""
+    if len(rows) < 2:
+        return None
+    values = [r["monitor/relevance"] for r in rows]
+    mean = sum(values) / len(values)
+    return sum((v - mean) ** 2 for v in values) / (len(values) - 1)
 
 
 def _prompt_means(prompts: Sequence[str], values: torch.Tensor) -> torch.Tensor:
@@ -191,6 +207,8 @@ class RewardHackingMonitor:
             drop = (base_relevance - relevance) / std
             draws = [sum(_draws(r)[0] or 1.0 for r in rows) for rows in (base, last)]
             variances = [_spread(rows) for rows in (base, last)]
+            if variances == [None, None]:  # every step one prompt: the steps are the draws
+                variances = [_between_steps(rows) for rows in (base, last)]
             variances = [v if v is not None else w if w is not None else 0.0  # none measured: the other side's
                          for v, w in zip(variances, variances[::-1], strict=True)]
             z = (base_relevance - relevance) / _floor(sum(v / n for v, n in zip(variances, draws, strict=True))
