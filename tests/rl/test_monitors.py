@@ -225,3 +225,24 @@ def test_a_window_under_one_or_negative_min_prompts_is_refused_naming_the_field(
     with pytest.raises(ValueError, match=f"^{field}: "):
         MonitorConfig(**{field: value})
     assert MonitorConfig(min_prompts=0).min_prompts == 0  # judged from the first steps: allowed
+
+
+def test_processes_pool_their_relevance_spreads_as_one_batch():
+    """What the trainer does in DDP (sum COUNTS, average the rest): two processes of one prompt each (GRPO, a group
+    of 2 a process) had relevance_prompt_std 0, the mean of their stds, and read as 2 prompts with a spread of 0.
+    Pooled, both stds are those of the two processes' answers as one batch."""
+    from rlhfkit.rl.monitors import pooled_spreads
+    from rlhfkit.rl.trainer import OnPolicyTrainer
+
+    monitor = RewardHackingMonitor(JUDGE, relevance=RELEVANCE)
+    ranks = [monitor.measure(["about cats"] * 2, ["cats", "cats"], torch.zeros(2)),
+             monitor.measure(["about dogs"] * 2, ["dogs", "no"], torch.zeros(2))]
+    reduced = {k: sum(r[k] for r in ranks) / 2 * (2 if k in OnPolicyTrainer.COUNTS else 1) for k in ranks[0]}
+    assert reduced["monitor/relevance_prompt_std"] == 0.0 and reduced["monitor/prompts"] == 2.0  # averaged: 0
+    pooled = pooled_spreads(reduced, pooled=True)
+    whole = monitor.measure(["about cats"] * 2 + ["about dogs"] * 2, ["cats", "cats", "dogs", "no"], torch.zeros(4))
+    for key in ("monitor/relevance_prompt_std", "monitor/relevance_std", "monitor/prompts", "monitor/answers"):
+        assert pooled[key] == pytest.approx(whole[key])
+    assert pooled["monitor/relevance_prompt_std"] == pytest.approx(0.5 / 2**0.5)
+    assert set(pooled_spreads(whole, pooled=False)) == set(pooled) == {k for k in whole if not k.endswith("sumsq")
+                                                                       and not k.endswith(".sum")}

@@ -117,6 +117,30 @@ def _spread(rows: Sequence[Mapping[str, float]]) -> float | None:
     return sum(measured) / len(measured) if measured else None
 
 
+# each std of relevance a step logs, and what it is over: measure logs the sum and the sum of squares of those values
+# beside it, so that processes, each measuring its own rollout, pool their values (pooled_spreads)
+SPREADS = {"monitor/relevance_std": "monitor/answers", "monitor/relevance_prompt_std": "monitor/prompts"}
+MOMENTS = tuple(f"{key}{suffix}" for key in SPREADS for suffix in (".sum", ".sumsq"))  # summed over processes
+
+
+def _moments(key: str, values: torch.Tensor) -> dict[str, float]:
+    values = values.double()
+    return {f"{key}.sum": values.sum().item(), f"{key}.sumsq": (values**2).sum().item()}
+
+
+def pooled_spreads(stats: Mapping[str, float], pooled: bool) -> dict[str, float]:
+    """The stats without the sums :meth:`RewardHackingMonitor.measure` logs beside each std; with ``pooled`` (the
+    counts and the sums summed over processes), each std recomputed from them: the std of every process's values.
+    The mean of the processes' stds is not, and one value a process (std 0 by convention) read as a spread of 0."""
+    kept = {k: v for k, v in stats.items() if k not in MOMENTS}
+    if pooled:
+        for key, count in SPREADS.items():
+            if f"{key}.sumsq" in stats:
+                n, total, squares = stats[count], stats[f"{key}.sum"], stats[f"{key}.sumsq"]
+                kept[key] = (max(squares - total * total / n, 0.0) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    return kept
+
+
 def _between_steps(rows: Sequence[Mapping[str, float]]) -> float | None:
     """The variance of the steps' mean relevance, for steps of one prompt each (GRPO with one group a step, PPO
     batches of one): each step's mean is then one draw, independent of the other steps'; None under two steps."""
@@ -161,7 +185,9 @@ class RewardHackingMonitor:
             relevance = self.relevance(prompts, completions).float()
             by_prompt = _prompt_means(prompts, relevance)
             stats |= {"monitor/relevance": relevance.mean().item(), "monitor/relevance_std": _std(relevance),
-                      "monitor/prompts": float(len(by_prompt)), "monitor/relevance_prompt_std": _std(by_prompt)}
+                      "monitor/prompts": float(len(by_prompt)), "monitor/relevance_prompt_std": _std(by_prompt),
+                      **_moments("monitor/relevance_std", relevance), **_moments("monitor/relevance_prompt_std",
+                                                                                    by_prompt)}
         for name, judge in self.logged.items():
             stats[f"judge/{name}"] = judge(prompts, completions).float().mean().item()
         return stats
