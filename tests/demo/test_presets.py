@@ -59,3 +59,19 @@ def test_a_smollm2_cache_an_older_version_left_half_written_is_dequantised_again
     assert (cached / "tokenizer_config.json").exists() and sorted(p.name for p in tmp_path.iterdir()) == [cached.name]
     again, _ = load_smollm2()  # from the cache now
     assert all(again.state_dict()[name].equal(weights) for name, weights in model.state_dict().items())
+
+
+def test_a_minibatch_that_does_not_divide_the_step_is_refused_by_the_demos_field_names():
+    """The RL configs said `field 'minibatch_size': 12 does not divide the rollout's batch_size × group_size = 32`:
+    neither is a demo setting (ppo_minibatch_size, ppo_batch_size), and under GRPO batch_size is prompts."""
+    for algorithm in ("ppo", "grpo", "rloo"):
+        with pytest.raises(ValueError, match=r"^ppo_minibatch_size: 12 does not divide ppo_batch_size \(32 answers"):
+            DemoConfig.preset_defaults("toy", algorithm=algorithm, ppo_minibatch_size=12)
+
+
+def test_smollm2_with_ppo_keeps_ppos_beta_and_grpo_its_own():
+    """The preset's β 0.04 is GRPO's (k3, in the loss); `--algorithm ppo` ran PPO at 0.04 where its β on this preset
+    was 0.3 (at 0.1 it left the topic on both seeds tried, README)."""
+    assert DemoConfig.preset_defaults("smollm2").kl_coef == 0.04
+    assert DemoConfig.preset_defaults("smollm2", algorithm="ppo").kl_coef == 0.3
+    assert DemoConfig.preset_defaults("smollm2", algorithm="ppo", kl_coef=0.2).kl_coef == 0.2

@@ -49,3 +49,18 @@ def test_a_run_folder_that_is_a_file_is_refused_in_one_line(tmp_path):
     expected = f"error: run_dir: {tmp_path / 'run'} is a file; give a folder for the run"
     assert result.output.strip().splitlines() == [expected]
     assert (tmp_path / "run").read_text() == "notes"
+
+
+def test_a_folder_rerun_with_another_algorithm_is_refused_in_one_line_before_any_model_loads(tmp_path):
+    """`rlhfkit demo --algorithm ppo` on a GRPO run's folder printed the stage header and the models' loading bars,
+    then the error: settings but the initial policy are compared before anything loads."""
+    check_run_settings(tmp_path, DemoConfig(run_dir=tmp_path, algorithm="grpo"), torch.nn.Linear(2, 2))
+    (tmp_path / "seed-0").mkdir()
+    recorded = (tmp_path / "settings.json").read_text()
+    result = invoke("demo", "--run-dir", tmp_path, "--algorithm", "ppo")
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [
+        f"error: {tmp_path}: made with other settings (algorithm differ from {tmp_path / 'settings.json'}); give "
+        "another --run-dir, or delete that folder to start again"]
+    assert (tmp_path / "settings.json").read_text() == recorded and sorted(tmp_path.iterdir()) == [
+        tmp_path / "seed-0", tmp_path / "settings.json"]
+    check_run_settings(tmp_path, DemoConfig(run_dir=tmp_path, algorithm="grpo"), None)  # the same: no error

@@ -27,3 +27,25 @@ def test_two_process_ddp_on_cpu_sees_different_prompts_and_keeps_weights_and_bet
     assert ranks[0]["beta"] == ranks[1]["beta"] != 0.05
     assert [r["resumed_weights"] for r in ranks] == [r["weights"] for r in ranks]
     assert [r["resumed_beta"] for r in ranks] == [r["beta"] for r in ranks]
+
+
+@pytest.mark.slow
+def test_two_processes_of_one_prompt_each_log_the_spread_of_both_prompts(tmp_path):
+    """Each process measures its own prompts: one prompt a process has std 0 by convention, and the mean of the
+    processes' stds read as 2 prompts with a spread of 0 (z of any relevance change ~ 10⁵). The logged std is the
+    one of every process's prompts."""
+    worker = Path(__file__).with_name("ddp_monitor_worker.py")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker),
+                             str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    differed = False
+    for step, row in enumerate(ranks[0]["history"]):
+        [first], [second] = ranks[0]["prompts"][step], ranks[1]["prompts"][step]
+        values = [{"bike": 0.9, "code": 0.7, "day": 0.3, "cake": 0.1}[p.split()[-1]] for p in (first, second)]
+        differed |= values[0] != values[1]
+        assert row["monitor/prompts"] == 2.0 and row["monitor/answers"] == 4.0
+        assert row["monitor/relevance_prompt_std"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5, abs=1e-5)
+        assert row["monitor/relevance_std"] == pytest.approx(abs(values[0] - values[1]) / 3**0.5, abs=1e-5)
+        assert not any(key.endswith((".sum", ".sumsq")) for key in row)
+    assert differed  # a step whose two prompts differ, where the mean of the processes' stds read 0

@@ -198,3 +198,51 @@ def test_conversations_are_grouped_by_prompt_for_the_relevance_alarm():
     chat = [Message(role="user", content="about cats")]
     stats = monitor.measure([chat, chat, "about dogs"], ["cats", "cats", "no"], torch.zeros(3))
     assert stats["monitor/prompts"] == 2.0 and stats["monitor/relevance_prompt_std"] == pytest.approx(2**-0.5)
+
+
+def test_steps_of_one_prompt_each_are_judged_by_the_spread_between_steps():
+    """GRPO with one group a step (group_size = the batch): every step one prompt, so no step measures a spread
+    between prompts. Read as a spread of 0 (z ~ 10⁵), prompts that happened to be less relevant than the first
+    five stopped an unchanged policy in 80% of simulated runs; the steps' means are the draws (z = 1.0)."""
+    prompts = [0.7, 0.4, 0.6, 0.3, 0.8, 0.5, 0.35, 0.6, 0.25, 0.55]  # one prompt's mean relevance a step
+    history = steps(10, relevance=lambda i: prompts[i])
+    for row in history:
+        row |= {"monitor/answers": 4.0, "monitor/relevance_std": 0.15, "monitor/prompts": 1.0,
+                "monitor/relevance_prompt_std": 0.0}
+    raised, message = RewardHackingMonitor(JUDGE).alarms(history)["relevance"]
+    assert not raised and "z = 1.0" in message
+    assert warned(history, window=5) == []
+    falling = steps(10, relevance=lambda i: prompts[i] - (0.3 if i >= 5 else 0.0))
+    for row in falling:
+        row |= {"monitor/answers": 4.0, "monitor/relevance_std": 0.15, "monitor/prompts": 1.0,
+                "monitor/relevance_prompt_std": 0.0}
+    assert warned(falling, window=5) == ["relevance"]
+
+
+@pytest.mark.parametrize(("field", "value"), [("window", 0), ("window", -1), ("min_prompts", -1)])
+def test_a_window_under_one_or_negative_min_prompts_is_refused_naming_the_field(field, value):
+    """window 0 divided by zero at the second step (a traceback from the monitor, mid-training)."""
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        MonitorConfig(**{field: value})
+    assert MonitorConfig(min_prompts=0).min_prompts == 0  # judged from the first steps: allowed
+
+
+def test_processes_pool_their_relevance_spreads_as_one_batch():
+    """What the trainer does in DDP (sum COUNTS, average the rest): two processes of one prompt each (GRPO, a group
+    of 2 a process) had relevance_prompt_std 0, the mean of their stds, and read as 2 prompts with a spread of 0.
+    Pooled, both stds are those of the two processes' answers as one batch."""
+    from rlhfkit.rl.monitors import pooled_spreads
+    from rlhfkit.rl.trainer import OnPolicyTrainer
+
+    monitor = RewardHackingMonitor(JUDGE, relevance=RELEVANCE)
+    ranks = [monitor.measure(["about cats"] * 2, ["cats", "cats"], torch.zeros(2)),
+             monitor.measure(["about dogs"] * 2, ["dogs", "no"], torch.zeros(2))]
+    reduced = {k: sum(r[k] for r in ranks) / 2 * (2 if k in OnPolicyTrainer.COUNTS else 1) for k in ranks[0]}
+    assert reduced["monitor/relevance_prompt_std"] == 0.0 and reduced["monitor/prompts"] == 2.0  # averaged: 0
+    pooled = pooled_spreads(reduced, pooled=True)
+    whole = monitor.measure(["about cats"] * 2 + ["about dogs"] * 2, ["cats", "cats", "dogs", "no"], torch.zeros(4))
+    for key in ("monitor/relevance_prompt_std", "monitor/relevance_std", "monitor/prompts", "monitor/answers"):
+        assert pooled[key] == pytest.approx(whole[key])
+    assert pooled["monitor/relevance_prompt_std"] == pytest.approx(0.5 / 2**0.5)
+    assert set(pooled_spreads(whole, pooled=False)) == set(pooled) == {k for k in whole if not k.endswith("sumsq")
+                                                                       and not k.endswith(".sum")}

@@ -83,6 +83,9 @@ class DemoConfig:
         if self.algorithm != "ppo" and (self.group_size < 2 or self.ppo_batch_size % self.group_size):
             raise ValueError(f"group_size: {self.algorithm} needs groups of at least 2 answers that divide "
                              f"ppo_batch_size ({self.ppo_batch_size}), got {self.group_size}")
+        if self.ppo_batch_size % self.ppo_minibatch_size:
+            raise ValueError(f"ppo_minibatch_size: {self.ppo_minibatch_size} does not divide ppo_batch_size "
+                             f"({self.ppo_batch_size} answers a step)")
         if not self.seeds or not self.eval_seeds:
             raise ValueError("seeds: give at least one training seed (--seeds 1 or more)" if not self.seeds
                              else "eval_seeds: give at least one sampling seed")
@@ -114,6 +117,8 @@ class DemoConfig:
                             reward_lr=3e-4, reward_dropout=None, algorithm="grpo", group_size=4, ppo_steps=30,
                             ppo_batch_size=8, ppo_minibatch_size=8, ppo_epochs=2, ppo_lr=3e-4, kl_coef=0.04,
                             lora=True, eval_seeds=(0, 1))
+            if overrides.get("algorithm") == "ppo":  # PPO's β on this preset (README): at 0.1 it lost relevance
+                settings["kl_coef"] = 0.3
         return cls(**{**settings, **overrides})
 
 

@@ -109,6 +109,7 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict:
     if run.exists() and not run.is_dir():
         raise ValueError(f"run_dir: {run} is a file; give a folder for the run")
     rl_settings(config, config.seeds[0], run)  # the RL stage's checks now, not after the labeling
+    check_run_settings(run, config, None)  # other settings (another --algorithm): one line, before loading models
     task = demo_task(config)
     run.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -148,19 +149,24 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict:
 
 def run_settings(config: DemoConfig, initial_policy) -> dict:
     """What every stage file of a run folder depends on: the settings (but the folder and the training
-    seeds, each of which has a folder of its own) and the initial policy's weights."""
-    settings = {k: v for k, v in asdict(config).items() if k not in ("run_dir", "seeds")}
-    return {**json.loads(json.dumps(settings, default=str)), "initial_policy": weights_digest(initial_policy)}
+    seeds, each of which has a folder of its own) and the initial policy's weights (left out when None)."""
+    settings = json.loads(json.dumps({k: v for k, v in asdict(config).items() if k not in ("run_dir", "seeds")},
+                                     default=str))
+    return settings if initial_policy is None else {**settings, "initial_policy": weights_digest(initial_policy)}
 
 
 def check_run_settings(run: Path, config: DemoConfig, initial_policy) -> None:
     """A run folder resumes only the run that made it: the first run records :func:`run_settings` in
     ``settings.json``; a rerun with other settings, or on a folder with stage files and no record,
-    stops with one line instead of reusing samples, labels, reward models or policies made otherwise."""
+    stops with one line instead of reusing samples, labels, reward models or policies made otherwise. Without
+    ``initial_policy`` (None) it compares the other settings only and records nothing: a check before the models
+    are loaded."""
     recorded = run / SETTINGS_FILE
     settings = run_settings(config, initial_policy)
     if recorded.exists():
         earlier = json.loads(recorded.read_text())
+        if initial_policy is None:
+            earlier.pop("initial_policy", None)
         if changed := sorted(k for k in {*earlier, *settings} if earlier.get(k) != settings.get(k)):
             raise ValueError(f"{run}: made with other settings ({', '.join(changed)} differ from {recorded}); "
                              "give another --run-dir, or delete that folder to start again")
@@ -168,7 +174,8 @@ def check_run_settings(run: Path, config: DemoConfig, initial_policy) -> None:
     if any(run.glob("seed-*")):
         raise ValueError(f"{run}: holds stage files but no {SETTINGS_FILE} (made by an earlier rlhfkit?); "
                          "give another --run-dir, or delete that folder to start again")
-    recorded.write_text(json.dumps(settings, indent=1))
+    if initial_policy is not None:
+        recorded.write_text(json.dumps(settings, indent=1))
 
 
 def headline_line(name: str, c: Comparison, verdict: str) -> str:

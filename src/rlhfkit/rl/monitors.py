@@ -14,7 +14,9 @@ latest value the mean of the last ``min(window, ⌊n/2⌋)``; it warns when
              and by at least ``min_z`` standard errors of the difference of the two means
              (se = √(s²_base / n_base + s²_last / n_last), s² the steps' mean variance of relevance per
              prompt (the mean of its answers), n the prompts on each side; a side whose steps hold one prompt
-             each, with no spread measured, takes the other side's s²), so batch noise is no alarm. Prompts,
+             each, with no spread measured, takes the other side's s²; when no step did, each step is one draw
+             and s² the variance of the steps' means: read as 0, one prompt a step (GRPO with one group a step)
+             stopped an unchanged policy in 80% of simulated runs), so batch noise is no alarm. Prompts,
              not answers, are the draws: GRPO's G answers to one prompt share its topic, and counted as G
              draws they made a change of prompts look like a fall (GRPO on the smollm2 preset, 2 prompts
              × 4 answers a step, was stopped at step 2 with z = 3.7 by the prompts it happened to draw).
@@ -77,6 +79,10 @@ class MonitorConfig:
     stop_on: tuple[str, ...] = ()  # warning kinds that stop training (from KINDS)
 
     def __post_init__(self) -> None:
+        if self.window < 1:
+            raise ValueError(f"window: must be at least 1 step, got {self.window}")
+        if self.min_prompts < 0:
+            raise ValueError(f"min_prompts: must be at least 0 (0: no minimum), got {self.min_prompts}")
         unknown = set(self.stop_on) - set(KINDS)
         if unknown:
             raise ValueError(f"stop_on: unknown kinds {sorted(unknown)}; choose from {list(KINDS)}")
@@ -109,6 +115,40 @@ def _spread(rows: Sequence[Mapping[str, float]]) -> float | None:
     it."""
     measured = [std**2 for n, std in map(_draws, rows) if (2.0 if n is None else n) >= 2]
     return sum(measured) / len(measured) if measured else None
+
+
+# each std of relevance a step logs, and what it is over: measure logs the sum and the sum of squares of those values
+# beside it, so that processes, each measuring its own rollout, pool their values (pooled_spreads)
+SPREADS = {"monitor/relevance_std": "monitor/answers", "monitor/relevance_prompt_std": "monitor/prompts"}
+MOMENTS = tuple(f"{key}{suffix}" for key in SPREADS for suffix in (".sum", ".sumsq"))  # summed over processes
+
+
+def _moments(key: str, values: torch.Tensor) -> dict[str, float]:
+    values = values.double()
+    return {f"{key}.sum": values.sum().item(), f"{key}.sumsq": (values**2).sum().item()}
+
+
+def pooled_spreads(stats: Mapping[str, float], pooled: bool) -> dict[str, float]:
+    """The stats without the sums :meth:`RewardHackingMonitor.measure` logs beside each std; with ``pooled`` (the
+    counts and the sums summed over processes), each std recomputed from them: the std of every process's values.
+    The mean of the processes' stds is not, and one value a process (std 0 by convention) read as a spread of 0."""
+    kept = {k: v for k, v in stats.items() if k not in MOMENTS}
+    if pooled:
+        for key, count in SPREADS.items():
+            if f"{key}.sumsq" in stats:
+                n, total, squares = stats[count], stats[f"{key}.sum"], stats[f"{key}.sumsq"]
+                kept[key] = (max(squares - total * total / n, 0.0) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    return kept
+
+
+def _between_steps(rows: Sequence[Mapping[str, float]]) -> float | None:
+    """The variance of the steps' mean relevance, for steps of one prompt each (GRPO with one group a step, PPO
+    batches of one): each step's mean is then one draw, independent of the other steps'; None under two steps."""
+    if len(rows) < 2:
+        return None
+    values = [r["monitor/relevance"] for r in rows]
+    mean = sum(values) / len(values)
+    return sum((v - mean) ** 2 for v in values) / (len(values) - 1)
 
 
 def _prompt_means(prompts: Sequence[str], values: torch.Tensor) -> torch.Tensor:
@@ -145,7 +185,9 @@ class RewardHackingMonitor:
             relevance = self.relevance(prompts, completions).float()
             by_prompt = _prompt_means(prompts, relevance)
             stats |= {"monitor/relevance": relevance.mean().item(), "monitor/relevance_std": _std(relevance),
-                      "monitor/prompts": float(len(by_prompt)), "monitor/relevance_prompt_std": _std(by_prompt)}
+                      "monitor/prompts": float(len(by_prompt)), "monitor/relevance_prompt_std": _std(by_prompt),
+                      **_moments("monitor/relevance_std", relevance), **_moments("monitor/relevance_prompt_std",
+                                                                                    by_prompt)}
         for name, judge in self.logged.items():
             stats[f"judge/{name}"] = judge(prompts, completions).float().mean().item()
         return stats
@@ -191,6 +233,8 @@ class RewardHackingMonitor:
             drop = (base_relevance - relevance) / std
             draws = [sum(_draws(r)[0] or 1.0 for r in rows) for rows in (base, last)]
             variances = [_spread(rows) for rows in (base, last)]
+            if variances == [None, None]:  # every step one prompt: the steps are the draws
+                variances = [_between_steps(rows) for rows in (base, last)]
             variances = [v if v is not None else w if w is not None else 0.0  # none measured: the other side's
                          for v, w in zip(variances, variances[::-1], strict=True)]
             z = (base_relevance - relevance) / _floor(sum(v / n for v, n in zip(variances, draws, strict=True))

@@ -33,7 +33,7 @@ from rlhfkit.models.update import TrainingDiverged, adamw, apply_gradients
 from rlhfkit.models.value_head import Actor
 from rlhfkit.precision import Precision, PrecisionSetting, training_precision
 from rlhfkit.reward.base import RewardError, RewardFn
-from rlhfkit.rl.monitors import RewardHackingMonitor
+from rlhfkit.rl.monitors import MOMENTS, RewardHackingMonitor, pooled_spreads
 from rlhfkit.rollout import Rollout, collect_rollout
 
 T = TypeVar("T")
@@ -327,18 +327,22 @@ class OnPolicyTrainer:
         return self.history
 
     # ------------------------------------------------------------ logging
-    COUNTS = ("monitor/answers", "monitor/prompts")  # stats that count things: summed over processes, not averaged
+    # stats that count or sum things: summed over processes, not averaged
+    COUNTS = ("monitor/answers", "monitor/prompts", *MOMENTS)
 
     def mean_over_processes(self, stats: dict[str, float]) -> dict[str, float]:
         """Each stat's mean over the processes, but ``COUNTS``, summed (the relevance alarm's standard error
-        reads the answers of every process)."""
+        reads the answers and prompts of every process), and the relevance stds, those of every process's values
+        (:func:`~rlhfkit.rl.monitors.pooled_spreads`)."""
         world = self.accelerator.num_processes
         if world == 1:
-            return stats
+            return pooled_spreads(stats, pooled=False)
         keys = sorted(stats)
-        values = torch.tensor([stats[k] for k in keys], device=self.accelerator.device)
+        # float64: a std pooled from sums of squares loses digits in float32 (3e-5 for two equal values)
+        values = torch.tensor([stats[k] for k in keys], device=self.accelerator.device, dtype=torch.float64)
         means = self.accelerator.reduce(values, reduction="mean").tolist()
-        return {k: v * world if k in self.COUNTS else v for k, v in zip(keys, means, strict=True)}
+        return pooled_spreads({k: v * world if k in self.COUNTS else v for k, v in zip(keys, means, strict=True)},
+                              pooled=True)
 
     def log(self, stats: dict[str, float]) -> None:
         if not self.accelerator.is_main_process:
