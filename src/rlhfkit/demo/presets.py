@@ -37,13 +37,13 @@ ALL_PRESETS = (*PRESETS, "personal", "personal-smollm2")
 class DemoConfig:
     preset: Literal["toy", "smollm2"] = "toy"
     run_dir: Path = Path("runs/demo")
-    seeds: tuple[int, ...] = (0, 1, 2)  # training seeds: labeling, reward model and PPO run once per seed
-    label_prompts: int = 72  # prompts whose completions the labelers rank (also PPO's prompts)
+    seeds: tuple[int, ...] = (0, 1, 2)  # training seeds: labeling, reward model and RL run once per seed
+    label_prompts: int = 72  # prompts whose completions the labelers rank (also the RL prompts)
     eval_prompts: int = 24  # held-out prompts for the before/after evaluation
     n: int = 4  # completions per prompt for labeling
     off_topic: int = 1  # per labeled prompt, answers borrowed from a prompt on another topic (contrast)
     max_new_tokens: int = 40
-    temperature: float = 1.0  # sampling temperature of labeling data, PPO and evaluation
+    temperature: float = 1.0  # sampling temperature of labeling data, RL and evaluation
     consensus: str = "borda"
     # reward model
     reward_epochs: int = 4
@@ -60,8 +60,8 @@ class DemoConfig:
     ppo_lr: float = 1e-4
     kl_coef: float = 0.1  # β of the algorithm's KL term (PPO: in the reward; GRPO / RLOO: see rl/grpo.py)
     lora: bool = False
-    precision: PrecisionSetting = "auto"  # of reward-model training and PPO (see rlhfkit/precision.py)
-    monitor_stop_on: tuple[str, ...] = ("relevance", "kl", "kl_spike", "collapse")  # warnings that stop PPO
+    precision: PrecisionSetting = "auto"  # of reward-model training and RL (see rlhfkit/precision.py)
+    monitor_stop_on: tuple[str, ...] = ("relevance", "kl", "kl_spike", "collapse")  # warnings that stop RL
     # evaluation
     eval_samples: int = 4  # per prompt and sampling seed
     eval_seeds: tuple[int, ...] = (0, 1, 2)  # sampling seeds of the evaluation
@@ -157,7 +157,7 @@ def load_demo_policy(config: DemoConfig, progress: bool):
 
 
 def load_ppo_policy(config: DemoConfig, folder: Path, progress: bool):
-    """The PPO-trained policy saved by an earlier run (LoRA: the adapter on a fresh base)."""
+    """The RL-trained policy saved by an earlier run (LoRA: the adapter on a fresh base)."""
     model, tokenizer, _ = load_demo_policy(config, progress)
     if config.lora:
         from peft import PeftModel
