@@ -246,3 +246,24 @@ def test_processes_pool_their_relevance_spreads_as_one_batch():
     assert pooled["monitor/relevance_prompt_std"] == pytest.approx(0.5 / 2**0.5)
     assert set(pooled_spreads(whole, pooled=False)) == set(pooled) == {k for k in whole if not k.endswith("sumsq")
                                                                        and not k.endswith(".sum")}
+
+
+def test_a_judge_that_gives_nan_stops_the_run_at_its_step_instead_of_silencing_the_alarms(tmp_path):
+    """A NaN relevance made the step's mean NaN, and every comparison with it False: no relevance alarm for a
+    window of steps, silently. Now the judge's contract is checked like a reward's, and the run stops naming it."""
+    from conftest import build_tiny_causal, word_tokenizer
+    from rlhfkit.reward.base import RewardError
+    from rlhfkit.rl.ppo import PPOConfig, PPOTrainer
+
+    broken = FunctionReward(lambda p, c: float("nan") if p == "fix bike" else 0.5, name="relevance")
+    with pytest.raises(RewardError, match=r"reward 'relevance' gave nan for completion 1 of 2 \(prompt 'fix bike'"):
+        RewardHackingMonitor(JUDGE, relevance=broken).measure(["help me", "fix bike"], ["a", "b"], torch.zeros(2))
+    for monitor in (RewardHackingMonitor(JUDGE, relevance=broken), RewardHackingMonitor(broken),
+                    RewardHackingMonitor(JUDGE, logged={"gold": broken})):
+        config = PPOConfig(steps=3, batch_size=2, minibatch_size=2, ppo_epochs=1, max_new_tokens=4,
+                           output_dir=str(tmp_path))
+        trainer = PPOTrainer(config, build_tiny_causal(), word_tokenizer(), FunctionReward(lambda p, c: 0.0),
+                             ["help me", "fix bike"], monitor=monitor)
+        with pytest.raises(RewardError, match=r"^ppo stopped at step 1: reward 'relevance' gave nan"):
+            trainer.train()
+        assert not (tmp_path / "policy").exists()

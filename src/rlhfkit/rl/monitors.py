@@ -58,7 +58,7 @@ import torch
 from rlhfkit.console import console
 from rlhfkit.data.records import render_text
 from rlhfkit.eval.metrics import distinct_n, template_share
-from rlhfkit.reward.base import RewardFn
+from rlhfkit.reward.base import RewardFn, score_completions
 
 KINDS = ("hacking", "relevance", "kl", "kl_spike", "length", "diversity", "collapse")
 
@@ -176,20 +176,24 @@ class RewardHackingMonitor:
     def measure(self, prompts: Sequence[str], completions: Sequence[str], scores) -> dict[str, float]:
         """This step's judge scores, diversity and template share (added to the step's stats)."""
         prompts, completions = list(prompts), list(completions)
-        judged = self.judge(prompts, completions).float()
+
+        def score(judge: RewardFn) -> torch.Tensor:  # a NaN would silence every alarm that reads it: RewardError
+            return score_completions(judge, prompts, completions)
+
+        judged = score(self.judge)
         stats = {"monitor/judge": judged.mean().item(), "monitor/judge_std": _std(judged),
                  "monitor/distinct_2": distinct_n(completions, 2),
                  "monitor/template_share": template_share(completions), "reward/score_std": _std(scores),
                  "monitor/answers": float(len(completions))}
         if self.relevance is not None:
-            relevance = self.relevance(prompts, completions).float()
+            relevance = score(self.relevance)
             by_prompt = _prompt_means(prompts, relevance)
             stats |= {"monitor/relevance": relevance.mean().item(), "monitor/relevance_std": _std(relevance),
                       "monitor/prompts": float(len(by_prompt)), "monitor/relevance_prompt_std": _std(by_prompt),
                       **_moments("monitor/relevance_std", relevance), **_moments("monitor/relevance_prompt_std",
                                                                                     by_prompt)}
         for name, judge in self.logged.items():
-            stats[f"judge/{name}"] = judge(prompts, completions).float().mean().item()
+            stats[f"judge/{name}"] = score(judge).mean().item()
         return stats
 
     def alarms(self, history: Sequence[Mapping[str, float]]) -> dict[str, tuple[bool, str]]:

@@ -282,16 +282,16 @@ class OnPolicyTrainer:
         return apply_gradients(self.accelerator, self.actor, self.optimizer, loss, self.config.max_grad_norm)
 
     def train_step(self) -> dict[str, float]:
-        """One rollout and its update. A reward that breaks its contract (NaN, wrong shape) or a
+        """One rollout and its update. A reward or a monitor's judge that breaks its contract (NaN, wrong shape) or a
         non-finite loss stops training with the step and the cause; the policy is not saved."""
         started = time.perf_counter()
         try:
             rollout = self.rollout(self.prompts_for_step(self.step))
             stats = self.update(rollout)
+            if self.monitor is not None:
+                stats |= self.monitor.measure(rollout.prompts, rollout.completions, rollout.scores)
         except (RewardError, TrainingDiverged) as exc:
             raise type(exc)(f"{self.algorithm} stopped at step {self.step + 1}: {exc}") from None
-        if self.monitor is not None:
-            stats |= self.monitor.measure(rollout.prompts, rollout.completions, rollout.scores)
         stats = self.mean_over_processes(stats)
         self.step += 1
         stats["time/step_s"] = time.perf_counter() - started
