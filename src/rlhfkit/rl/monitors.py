@@ -50,6 +50,7 @@ monitors the same way.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -144,11 +145,7 @@ def pooled_spreads(stats: Mapping[str, float], pooled: bool) -> dict[str, float]
 def _between_steps(rows: Sequence[Mapping[str, float]]) -> float | None:
     """The variance of the steps' mean relevance, for steps of one prompt each (GRPO with one group a step, PPO
     batches of one): each step's mean is then one draw, independent of the other steps'; None under two steps."""
-    if len(rows) < 2:
-        return None
-    values = [r["monitor/relevance"] for r in rows]
-    mean = sum(values) / len(values)
-    return sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return statistics.variance(r["monitor/relevance"] for r in rows) if len(rows) >= 2 else None
 
 
 def _prompt_means(prompts: Sequence[str], values: torch.Tensor) -> torch.Tensor:
