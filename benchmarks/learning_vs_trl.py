@@ -10,13 +10,13 @@ takes each seed's mean over the last 5 steps, x_s, and prints
     mean x̄ of each side, and Δ = x̄_rlhfkit − x̄_TRL with its 95% Welch interval
     Δ ± t_{0.975, ν} · √(s²_r/n_r + s²_T/n_T),   ν = (s²_r/n_r + s²_T/n_T)² / Σ (s²/n)² / (n − 1)
 
-(the seeds of the two sides taken as unpaired: at one seed both sides train on the same prompts in the
-same order for GRPO/RLOO, on different pair orders for DPO (``data_order_vs_trl.py``), and draw their
-samples from different streams). The verdict reads the interval: "below" when it lies under 0, "above"
-over 0, else "no difference found" with the smallest Δ the data allow. Also printed, over the seeds both
-sides ran: the paired interval d̄ ± t_{0.975, n−1} · s_d/√n of d_s = x_s,rlhfkit − x_s,TRL (tight where a
-seed gives both sides the same data: DPO with ``--pair-order trl``), and the largest difference of the
-metric at any one step (0 where rlhfkit trained exactly as TRL did). Everything goes to a new
+(the seeds of the two sides taken as unpaired: at one seed both sides train on the same prompts or
+pairs in the same order (``data_order_vs_trl.py``), and GRPO/RLOO draw their samples from different
+streams). The verdict reads the interval: "below" when it lies under 0, "above" over 0, else "no
+difference found" with the smallest Δ the data allow. Also printed, over the seeds both sides ran: the
+paired interval d̄ ± t_{0.975, n−1} · s_d/√n of d_s = x_s,rlhfkit − x_s,TRL (tight where the same data
+leave nothing to chance: DPO), and the largest difference of the metric at any one step (0 where
+rlhfkit trained exactly as TRL did). Everything goes to a new
 ``benchmarks/results/learning_vs_trl-<UTC time>.json``.
 
     PYTHONPATH=src python benchmarks/learning_vs_trl.py --seeds 8 [--algos grpo,rloo,dpo] [--sides trl,rlhfkit]
@@ -40,13 +40,10 @@ LAST_K = 5
 WORKLOADS = ("grpo", "rloo", "dpo")  # their metrics: compare_trl.METRICS (reward; DPO's margin and accuracy)
 # side -> rl_workload.py's extra arguments (None: TRL's runner): rlhfkit's defaults (bf16 autocast where the CPU
 # has a bf16 unit), in fp32 as TRL, with one ratio per completion (TRL's RLOO loss), sampling through `generate`,
-# both of the last two (TRL's arithmetic and sampler: what the step-for-step replay in rl_on_trl_order.py ran);
-# DPO on TRL's pair order for the seed, with rlhfkit's defaults and in fp32
+# both of the last two (TRL's arithmetic and sampler: what the step-for-step replay in rl_on_trl_order.py ran)
 SIDES = {"trl": None, "rlhfkit": [], "rlhfkit-fp32": ["--precision", "fp32"],
          "rlhfkit-completion": ["--action", "completion"], "rlhfkit-generate": ["--engine", "generate"],
-         "rlhfkit-fp32-generate": ["--precision", "fp32", "--engine", "generate"],
-         "rlhfkit-trl-order": ["--pair-order", "trl"],
-         "rlhfkit-fp32-trl-order": ["--precision", "fp32", "--pair-order", "trl"]}
+         "rlhfkit-fp32-generate": ["--precision", "fp32", "--engine", "generate"]}
 TRL_ONE_THREAD = """
 import runpy, sys
 sys.path.insert(0, sys.argv[1])

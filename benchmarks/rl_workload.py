@@ -11,7 +11,7 @@ TRL's of the plain softmax.
 Writes ``rlhfkit_<algo>.json`` next to the TRL results with the same keys.
 
     python benchmarks/rl_workload.py grpo [--bench-dir ../shared/bench] [--precision fp32]
-    python benchmarks/rl_workload.py dpo --seed 1235 --pair-order trl    # the pairs TRL trains on at seed 1235
+    python benchmarks/rl_workload.py dpo --seed 1235    # the pairs TRL trains on at seed 1235, in its order
 """
 
 from __future__ import annotations
@@ -49,23 +49,6 @@ def instrument_engine(stats) -> None:
     engine.ENGINE = timed
 
 
-class TRLPairOrder:
-    """Stands in for ``random.Random`` in ``rlhfkit.rl.dpo`` (``--pair-order trl``): ``shuffle`` puts the pairs
-    in the order of TRL's sampler for the seed, ``torch.randperm(n)`` from a generator seeded ``seed`` (its
-    first epoch: the workload's 50 steps take 400 of the 512 pairs), so that both sides train on the same
-    pairs at each step and a seed pairs the two runs. ``data_order_vs_trl.py`` records TRL's order."""
-
-    def __init__(self, seed: int) -> None:
-        import torch
-
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def shuffle(self, items: list) -> None:
-        import torch
-
-        items[:] = [items[i] for i in torch.randperm(len(items), generator=self.generator).tolist()]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("algo", choices=sorted(TRENDS))
@@ -79,8 +62,6 @@ def main() -> None:
                         help="GRPO/RLOO: the unit of the ratio and surrogate (rlhfkit.rl.grpo; default: the config's)")
     parser.add_argument("--engine", choices=["rlhfkit", "generate"], default="rlhfkit",
                         help="sample through rlhfkit's rollout engine or through transformers' generate")
-    parser.add_argument("--pair-order", choices=["rlhfkit", "trl"], default="rlhfkit",
-                        help="DPO: the pairs in rlhfkit's seeded order or in TRL's sampler's for the seed")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: the workload's NUM_THREADS); learning does not depend on it")
     args = parser.parse_args()
@@ -117,10 +98,6 @@ def main() -> None:
     if args.algo == "dpo":
         wl = W.DPO
         pairs = [PreferencePair(**p) for p in W.preference_pairs()]
-        if args.pair_order == "trl":
-            import rlhfkit.rl.dpo
-
-            rlhfkit.rl.dpo.random = SimpleNamespace(Random=TRLPairOrder)
         trainer = DPOTrainer(DPOConfig(beta=wl.beta, lr=wl.lr, batch_size=wl.pairs_per_step, max_steps=wl.steps,
                                        epochs=1 + wl.steps * wl.pairs_per_step // len(pairs), eval_fraction=0.0,
                                        max_grad_norm=wl.max_grad_norm, seed=seed, output_dir=out,
@@ -158,7 +135,7 @@ def main() -> None:
     B.finish(f"rlhfkit_{args.algo}", timer, wl.warmup_steps_excluded,
              {"workload": args.algo, "seed": seed, "params": B.param_count(policy),
               "precision": str(trainer.precision), "action": getattr(trainer.config, "action", None),
-              "engine": args.engine, "pair_order": args.pair_order},
+              "engine": args.engine},
              TRENDS[args.algo], gen=gen, t_start=t_start)
 
 

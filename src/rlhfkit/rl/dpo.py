@@ -14,7 +14,6 @@ LoRA adapter disabled, or a frozen copy; its log-probs are computed once, before
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from rlhfkit.models.reference import Reference
 from rlhfkit.models.update import TrainingDiverged
 from rlhfkit.precision import PrecisionSetting, training_precision
 from rlhfkit.reward.model import split_by_prompt
-from rlhfkit.rl.trainer import apply_gradients, prepare_training, save_trained_policy
+from rlhfkit.rl.trainer import apply_gradients, epoch_order, prepare_training, save_trained_policy
 
 
 @dataclass
@@ -151,14 +150,13 @@ class DPOTrainer:
         ref_by_pair = torch.cat([torch.stack([r[: len(r) // 2], r[len(r) // 2:]], dim=1) for r in reference])
         before = self.evaluate(eval_pairs)
         self.history.append({"step": 0, **{f"eval/{k}": v for k, v in before.items()}})
-        rng, step = random.Random(cfg.seed), 0
+        step = 0
         total = -(-len(mine) // cfg.batch_size) * cfg.epochs
         total = min(total, cfg.max_steps) if cfg.max_steps is not None else total
         with progress_bar(progress and acc.is_main_process) as bar:
             task = bar.add_task("dpo", total=total, info="")
-            for _ in range(cfg.epochs):
-                order = list(range(len(mine)))
-                rng.shuffle(order)
+            for epoch in range(cfg.epochs):
+                order = epoch_order(len(mine), cfg.seed, epoch)
                 for start in range(0, len(order), cfg.batch_size):
                     if step == total:
                         break

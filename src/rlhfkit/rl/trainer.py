@@ -80,6 +80,13 @@ class RLConfig:
         require(self.min_new_tokens <= self.max_new_tokens, "min_new_tokens", "exceeds max_new_tokens")
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The order of n items (prompts, DPO's pairs) in ``epoch``: ``torch.randperm`` from a generator seeded
+    seed + epoch. Epoch 0 is the order TRL's samplers draw at the same seed, so a seed means the same data
+    on both sides (benchmarks/README.md)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
 def prepare_training(config, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                      reference: Reference | None, accelerator: Accelerator, value_head: bool,
                      precision: Precision):
@@ -241,8 +248,7 @@ class OnPolicyTrainer:
 
     def _epoch_order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
-            generator = torch.Generator().manual_seed(self.config.seed + epoch)
-            self._orders = {epoch: torch.randperm(len(self.prompts), generator=generator).tolist(),
+            self._orders = {epoch: epoch_order(len(self.prompts), self.config.seed, epoch),
                             **{e: o for e, o in self._orders.items() if e == epoch - 1}}
         return self._orders[epoch]
 
