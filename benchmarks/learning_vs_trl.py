@@ -195,7 +195,9 @@ def main() -> int:
     algos, sides = args.algos.split(","), args.sides.split(",")
     unknown = sorted(set(algos) - set(WORKLOADS)) + sorted(set(sides) - set(SIDES))
     if unknown:
-        parser.error(f"unknown workload or side: {', '.join(unknown)}")
+        parser.error(f"unknown workload or side: {', '.join(repr(name) for name in unknown)}")
+    if not (args.bench_dir / "workload.py").is_file():
+        parser.error(f"--bench-dir {args.bench_dir}: no workload.py there (the shared benchmark workload)")
     sys.path.insert(0, str(args.bench_dir))
     import workload as W
 

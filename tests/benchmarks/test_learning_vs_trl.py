@@ -86,3 +86,13 @@ def test_the_largest_step_difference_is_zero_only_where_every_common_seed_traine
     trl = {1: [0.1, 0.2, 0.3], 2: [0.1, 0.1, 0.1]}
     assert learning_vs_trl.max_step_difference({1: [0.1, 0.2, 0.3], 3: [9.0] * 3}, trl) == 0.0
     assert learning_vs_trl.max_step_difference({1: [0.1, 0.2, 0.3], 2: [0.1, 0.15, 0.1]}, trl) == pytest.approx(0.05)
+
+
+def test_a_bench_dir_without_the_workload_is_one_usage_line_not_a_traceback(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(sys, "argv", ["learning_vs_trl.py", "--algos", "dpo", "--bench-dir", str(tmp_path),
+                                      "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")])
+    with pytest.raises(SystemExit) as exit_:
+        learning_vs_trl.main()
+    assert exit_.value.code == 2
+    assert "--bench-dir" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()

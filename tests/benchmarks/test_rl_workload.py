@@ -25,3 +25,12 @@ def test_the_removed_pair_order_option_is_one_usage_line_not_a_traceback(monkeyp
     assert exit_.value.code == 2
     assert "unrecognized arguments: --pair-order trl" in capsys.readouterr().err
 
+
+def test_a_bench_dir_without_the_workload_is_one_usage_line_not_a_traceback(monkeypatch, capsys, tmp_path):
+    """The default --bench-dir is ../shared/bench next to the checkout: from another folder (a git worktree)
+    it is not there, and `import bench_common` raised ModuleNotFoundError."""
+    monkeypatch.setattr(sys, "argv", ["rl_workload.py", "dpo", "--bench-dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_:
+        rl_workload.main()
+    assert exit_.value.code == 2
+    assert "--bench-dir" in capsys.readouterr().err
