@@ -40,6 +40,14 @@ def require(condition: bool, field: str, reason: str) -> None:
         raise FieldError(field, reason)
 
 
+def require_seed(seed: int) -> None:
+    """The rule of a trainer's ``seed``: in [0, 2**32), the seeds numpy and transformers' ``set_seed`` take and
+    all torch's CPU generator reads (it keeps a seed's low 32 bits: 5 and 2**32 + 5 draw the same); outside
+    [-2**63, 2**64) ``torch.manual_seed`` raised "Overflow when unpacking long long", and seed + epoch
+    (``rl.trainer.epoch_order``) crossed 2**64 in the middle of a run started at 2**64 − 1."""
+    require(0 <= seed < 2**32, "seed", f"must be in [0, 2**32), got {seed}")
+
+
 @functools.cache
 def _field_type(config_type: type, name: str) -> TypeAdapter:
     return TypeAdapter(typing.get_type_hints(config_type)[name])
