@@ -157,6 +157,8 @@ class DPOTrainer:
         with progress_bar(progress and acc.is_main_process) as bar:
             task = bar.add_task("dpo", total=total, info="")
             for epoch in range(cfg.epochs):
+                if step == total:  # max_steps reached: no more epochs to draw an order for
+                    break
                 order = epoch_order(len(mine), cfg.seed, epoch)
                 for start in range(0, len(order), cfg.batch_size):
                     if step == total:
