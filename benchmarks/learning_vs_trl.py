@@ -3,9 +3,10 @@
 For each seed and workload, TRL's runner (``trl_seeded.py`` around ``../shared/bench/run_<algo>.py``) and
 rlhfkit's (``rl_workload.py``) run one after the other with 1 torch thread (learning does not depend on
 the machine's load; step times are not looked at). Each run's result goes to ``--runs/<algo>/<side>/<seed>/``;
-a run whose result is there already is not run again, so an interrupted comparison continues where it
-stopped. Per workload, metric (``compare_trl.METRICS``: the reward; DPO's margin and accuracy) and side it
-takes each seed's mean over the last 5 steps, x_s, and prints
+a run whose whole result is there already is not run again (a failed one, or one cut short while writing
+it, is), so an interrupted comparison continues where it stopped. Per workload, metric
+(``compare_trl.METRICS``: the reward; DPO's margin and accuracy) and side it takes each seed's mean over
+the last 5 steps, x_s, and prints
 
     mean x̄ of each side, and Δ = x̄_rlhfkit − x̄_TRL with its 95% Welch interval
     Δ ± t_{0.975, ν} · √(s²_r/n_r + s²_T/n_T),   ν = (s²_r/n_r + s²_T/n_T)² / Σ (s²/n)² / (n − 1)
@@ -169,13 +170,27 @@ def paired_text(comparison: dict) -> str:
                                       f"{paired['low']:+.4f} to {paired['high']:+.4f}")
 
 
+def finished(folder: Path) -> dict | None:
+    """The result of the run in ``folder``: its one JSON file, read whole; None where there is none, more than
+    one, or one that does not parse (a run killed while writing it), so that the run is run again."""
+    found = list(folder.glob("*.json"))
+    if len(found) != 1:
+        return None
+    try:
+        result = json.loads(found[0].read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return result if isinstance(result, dict) and "trends" in result else None
+
+
 def collect(runs_dir: Path, algos: list[str], sides: list[str]) -> dict[str, dict[str, dict[int, dict]]]:
-    """Every finished run's result under ``runs_dir``, by workload, side and seed."""
+    """Every finished run's result under ``runs_dir``, by workload, side and seed (folders named by their seed;
+    a run without a whole result is left out)."""
     runs: dict[str, dict[str, dict[int, dict]]] = {}
     for algo in algos:
         for side in sides:
-            found = {int(p.parent.name): json.loads(p.read_text())
-                     for p in (runs_dir / algo / side).glob("*/*.json")}
+            folders = [p for p in (runs_dir / algo / side).glob("*") if p.is_dir() and p.name.isdigit()]
+            found = {int(p.name): result for p in folders if (result := finished(p)) is not None}
             runs.setdefault(algo, {})[side] = found
     return runs
 
@@ -195,7 +210,11 @@ def main() -> int:
     algos, sides = args.algos.split(","), args.sides.split(",")
     unknown = sorted(set(algos) - set(WORKLOADS)) + sorted(set(sides) - set(SIDES))
     if unknown:
-        parser.error(f"unknown workload or side: {', '.join(unknown)}")
+        parser.error(f"unknown workload or side: {', '.join(repr(name) for name in unknown)}")
+    if args.seeds < 1 and not args.collect_only:
+        parser.error(f"--seeds: must be at least 1, got {args.seeds}")
+    if not (args.bench_dir / "workload.py").is_file():
+        parser.error(f"--bench-dir {args.bench_dir}: no workload.py there (the shared benchmark workload)")
     sys.path.insert(0, str(args.bench_dir))
     import workload as W
 
@@ -204,7 +223,7 @@ def main() -> int:
         for algo in algos:
             for side in sides:
                 folder = args.runs / algo / side / str(seed)
-                if list(folder.glob("*.json")):
+                if finished(folder) is not None:
                     continue
                 print(f"{algo} seed {seed}: {side} ...", flush=True)
                 shutil.rmtree(folder, ignore_errors=True)  # an interrupted run's leftovers
@@ -214,7 +233,11 @@ def main() -> int:
                 if "failed" in result:
                     failed += 1
                     print(f"  FAILED: {result['failed']}", flush=True)
+                    shutil.rmtree(folder, ignore_errors=True)  # not read as done, now or next time (the log stays)
     runs = collect(args.runs, algos, sides)
+    if not any(by_seed for sides_ in runs.values() for by_seed in sides_.values()):
+        print(f"error: no finished run of {', '.join(algos)} ({', '.join(sides)}) under {args.runs}", file=sys.stderr)
+        return 1
     result = summary(runs)
     text = table(result)
     args.results.mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: the workload's NUM_THREADS); learning does not depend on it")
     args = parser.parse_args()
+    if not (Path(args.bench_dir) / "workload.py").is_file():
+        parser.error(f"--bench-dir {args.bench_dir}: no workload.py there (the shared benchmark workload)")
     sys.path.insert(0, args.bench_dir)
     import bench_common as B
     import workload as W

@@ -51,6 +51,12 @@ def test_numbers_and_booleans_written_as_text_are_read_as_what_they_say(tmp_path
     (GRPOConfig, "max_grad_norm: inf\n", r"run.yaml:1: field 'max_grad_norm': must be a finite number"),
     (DPOConfig, "beta: .inf\n", r"run.yaml:1: field 'beta': must be a finite number"),
     (RewardModelConfig, "lr: .inf\n", r"run.yaml:1: field 'lr': must be a finite number"),
+    # torch.manual_seed raised "Overflow when unpacking long long" (no field named) at 2**64, and at 2**64 - 1
+    # epoch_order's seed + epoch did at the second epoch, after the first was trained
+    (DPOConfig, "epochs: 2\nseed: 18446744073709551616\n", r"run.yaml:2: field 'seed': must be in \[0, 2\*\*32\)"),
+    (DPOConfig, "seed: 18446744073709551615\n", r"run.yaml:1: field 'seed': must be in \[0, 2\*\*32\)"),
+    (PPOConfig, "seed: -1\n", r"run.yaml:1: field 'seed': must be in \[0, 2\*\*32\), got -1"),
+    (GRPOConfig, "seed: 4294967296\n", r"run.yaml:1: field 'seed': must be in \[0, 2\*\*32\)"),
 ])
 def test_a_bad_field_is_refused_with_file_line_field_and_reason(tmp_path, cls, yaml_text, expected):
     with pytest.raises(DataError, match=expected):

@@ -2,6 +2,7 @@
 difference, the verdict."""
 
 import importlib.util
+import json
 import math
 import statistics
 import sys
@@ -86,3 +87,78 @@ def test_the_largest_step_difference_is_zero_only_where_every_common_seed_traine
     trl = {1: [0.1, 0.2, 0.3], 2: [0.1, 0.1, 0.1]}
     assert learning_vs_trl.max_step_difference({1: [0.1, 0.2, 0.3], 3: [9.0] * 3}, trl) == 0.0
     assert learning_vs_trl.max_step_difference({1: [0.1, 0.2, 0.3], 2: [0.1, 0.15, 0.1]}, trl) == pytest.approx(0.05)
+
+
+def test_a_bench_dir_without_the_workload_is_one_usage_line_not_a_traceback(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(sys, "argv", ["learning_vs_trl.py", "--algos", "dpo", "--bench-dir", str(tmp_path),
+                                      "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")])
+    with pytest.raises(SystemExit) as exit_:
+        learning_vs_trl.main()
+    assert exit_.value.code == 2
+    assert "--bench-dir" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
+
+
+def fake_result(margin: float) -> dict:
+    series = [margin] * 10
+    return {"trends": {"margin": {"series": series}, "accuracy": {"series": series}}}
+
+
+def run_main(monkeypatch, tmp_path, *args: str) -> int:
+    bench = tmp_path / "bench"
+    bench.mkdir(exist_ok=True)
+    (bench / "workload.py").write_text("SEED = 1234\n")
+    monkeypatch.setattr(sys, "argv", ["learning_vs_trl.py", "--algos", "dpo", "--sides", "trl,rlhfkit",
+                                      "--bench-dir", str(bench), "--runs", str(tmp_path / "runs"),
+                                      "--results", str(tmp_path / "results"), *args])
+    monkeypatch.delitem(sys.modules, "workload", raising=False)
+    return learning_vs_trl.main()
+
+
+def test_a_result_cut_short_while_it_was_written_is_run_again_not_read_as_done(monkeypatch, tmp_path):
+    """A run killed inside bench_common.finish's json.dump leaves half a JSON file: it was skipped as finished,
+    then json.loads raised JSONDecodeError in collect."""
+    for side in ("trl", "rlhfkit"):
+        (tmp_path / "runs" / "dpo" / side / "1234").mkdir(parents=True)
+        (tmp_path / "runs" / "dpo" / side / "1234" / "result.json").write_text(
+            json.dumps(fake_result(0.5)) if side == "trl" else '{"name": "rlhfkit_dpo", "trends": {"mar')
+    ran = []
+
+    def run_one(command, folder, log):
+        ran.append(folder)
+        folder.mkdir(parents=True)
+        (folder / "rlhfkit_dpo.json").write_text(json.dumps(fake_result(0.4)))
+        return fake_result(0.4)
+
+    monkeypatch.setattr(learning_vs_trl, "run_one", run_one)
+    assert run_main(monkeypatch, tmp_path, "--seeds", "1") == 0
+    assert ran == [tmp_path / "runs" / "dpo" / "rlhfkit" / "1234"]
+    [written] = (tmp_path / "results").glob("*.json")
+    sides = json.loads(written.read_text())["summary"]["dpo"]["margin"]["sides"]
+    assert sides["rlhfkit"]["last5"] == [0.4] and sides["trl"]["last5"] == [0.5]
+
+
+def test_a_failed_run_is_not_read_as_done_by_the_next_invocation(monkeypatch, tmp_path):
+    def run_one(command, folder, log):  # exits non-zero after writing its result
+        folder.mkdir(parents=True)
+        (folder / "rlhfkit_dpo.json").write_text(json.dumps(fake_result(0.4)))
+        return {"failed": "exit 1, 1 result files"}
+
+    monkeypatch.setattr(learning_vs_trl, "run_one", run_one)
+    assert run_main(monkeypatch, tmp_path, "--seeds", "1") == 1
+    assert learning_vs_trl.collect(tmp_path / "runs", ["dpo"], ["trl", "rlhfkit"]) == {"dpo": {"trl": {},
+                                                                                             "rlhfkit": {}}}
+
+
+@pytest.mark.parametrize("args", [["--seeds", "0"], ["--seeds", "-3"]])
+def test_no_seeds_is_a_usage_error(monkeypatch, tmp_path, capsys, args):
+    with pytest.raises(SystemExit) as exit_:
+        run_main(monkeypatch, tmp_path, *args)
+    assert exit_.value.code == 2 and "--seeds: must be at least 1" in capsys.readouterr().err
+
+
+def test_collecting_an_empty_runs_folder_says_so_and_writes_no_result(monkeypatch, tmp_path, capsys):
+    """It printed a table with no rows and no columns, wrote an empty result file, and exited 0."""
+    assert run_main(monkeypatch, tmp_path, "--collect-only") == 1
+    assert "no finished run of dpo (trl, rlhfkit) under" in capsys.readouterr().err
+    assert not list((tmp_path / "results").glob("*.json"))

@@ -1,10 +1,12 @@
-"""The benchmark's DPO on TRL's pair order: the order TRL's sampler gives for a seed."""
+"""The benchmark's DPO trains in TRL's pair order with no option: the trainer's own order is TRL's sampler's."""
 
 import importlib.util
 import sys
 from pathlib import Path
 
-import torch
+import pytest
+
+from rlhfkit.rl.trainer import epoch_order
 
 spec = importlib.util.spec_from_file_location("rl_workload", Path(__file__).parents[2] / "benchmarks" /
                                               "rl_workload.py")
@@ -12,9 +14,23 @@ rl_workload = sys.modules["rl_workload"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(rl_workload)
 
 
-def test_trls_pair_order_is_the_permutation_of_a_generator_seeded_with_the_seed():
-    pairs = [f"pair {i}" for i in range(512)]
-    rl_workload.TRLPairOrder(1234).shuffle(pairs)
-    expected = torch.randperm(512, generator=torch.Generator().manual_seed(1234)).tolist()
-    assert pairs == [f"pair {i}" for i in expected]
-    assert expected[:5] == [303, 47, 398, 219, 108]  # TRL 1.16's first batch at seed 1234 (data_order_vs_trl.py)
+def test_the_trainers_first_epoch_at_seed_1234_starts_with_trls_first_batch():
+    assert epoch_order(512, 1234, 0)[:5] == [303, 47, 398, 219, 108]  # TRL 1.16's first batch (data_order_vs_trl.py)
+
+
+def test_the_removed_pair_order_option_is_one_usage_line_not_a_traceback(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["rl_workload.py", "dpo", "--seed", "1235", "--pair-order", "trl"])
+    with pytest.raises(SystemExit) as exit_:
+        rl_workload.main()
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --pair-order trl" in capsys.readouterr().err
+
+
+def test_a_bench_dir_without_the_workload_is_one_usage_line_not_a_traceback(monkeypatch, capsys, tmp_path):
+    """The default --bench-dir is ../shared/bench next to the checkout: from another folder (a git worktree)
+    it is not there, and `import bench_common` raised ModuleNotFoundError."""
+    monkeypatch.setattr(sys, "argv", ["rl_workload.py", "dpo", "--bench-dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_:
+        rl_workload.main()
+    assert exit_.value.code == 2
+    assert "--bench-dir" in capsys.readouterr().err

@@ -49,3 +49,23 @@ def test_two_processes_of_one_prompt_each_log_the_spread_of_both_prompts(tmp_pat
         assert row["monitor/relevance_std"] == pytest.approx(abs(values[0] - values[1]) / 3**0.5, abs=1e-5)
         assert not any(key.endswith((".sum", ".sumsq")) for key in row)
     assert differed  # a step whose two prompts differ, where the mean of the processes' stds read 0
+
+
+@pytest.mark.slow
+def test_two_process_dpo_runs_the_same_steps_on_disjoint_pairs(tmp_path):
+    """7 pairs over 2 processes of 2 pairs a step, 2 epochs: each process its own 3 (the seventh is left out),
+    both the same number of steps (DDP would hang on a step one process skips), each epoch all of its pairs."""
+    worker = Path(__file__).with_name("ddp_dpo_worker.py")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker),
+                             str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"dpo_rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    # batches: the reference's pass (2), the eval before (1), 2 epochs × 2 steps, the eval after (1)
+    trained = [r["batches"][3:-1] for r in ranks]
+    assert [len(t) for t in trained] == [4, 4]
+    assert [[h["step"] for h in r["history"] if "loss" in h] for r in ranks] == [[1, 2, 3, 4]] * 2
+    mine = [{w for batch in t for w in batch} for t in trained]
+    assert not mine[0] & mine[1] and len(mine[0]) == len(mine[1]) == 3
+    for t, own in zip(trained, mine, strict=True):
+        assert sorted(w for batch in t[:2] for w in batch) == sorted(own) == sorted(w for batch in t[2:] for w in batch)

@@ -82,3 +82,31 @@ def test_pairs_come_in_each_epochs_seeded_permutation_the_order_of_torchs_random
     assert trained == [words[i] for i in epoch_order(6, 7, 0) + epoch_order(6, 8, 0)]
     assert epoch_order(6, 7, 1) == epoch_order(6, 8, 0) != epoch_order(6, 7, 0)
     assert epoch_order(512, 1234, 0) == list(RandomSampler(range(512), generator=torch.Generator().manual_seed(1234)))
+
+
+def test_the_largest_seed_trains_every_epoch(tmp_path):
+    """seed + epoch stays within what torch.Generator.manual_seed takes (2**64 - 1 passed the config and raised
+    "Overflow when unpacking long long" at the second epoch's order, after the first epoch had trained)."""
+    pairs = [PreferencePair(prompt=f"how do i fix bike {w}", chosen=w, rejected="stupid dumb idiot")
+             for w in ("happy", "kind", "nice")]
+    trainer = DPOTrainer(DPOConfig(batch_size=2, epochs=3, eval_fraction=0.0, seed=2**32 - 1,
+                                   output_dir=str(tmp_path)), build_tiny_causal(), word_tokenizer())
+    trainer.train(pairs, eval_pairs=[], progress=False)
+    assert trainer.history[-1]["step"] == 6
+    with pytest.raises(ValueError, match=r"field 'seed': must be in \[0, 2\*\*32\)"):
+        DPOConfig(seed=2**64 - 1)
+
+
+def test_max_steps_ends_the_epochs_too(tmp_path, monkeypatch):
+    """epochs large and max_steps to stop: it drew an order for each of the epochs after the last step (10**6 of
+    them: 10 s after a one-step run)."""
+    import rlhfkit.rl.dpo as dpo
+
+    drawn = []
+    monkeypatch.setattr(dpo, "epoch_order", lambda n, seed, epoch: drawn.append(epoch) or list(range(n)))
+    pairs = [PreferencePair(prompt="how do i fix bike", chosen=w, rejected="stupid dumb idiot")
+             for w in ("happy", "kind")]
+    trainer = DPOTrainer(DPOConfig(batch_size=1, epochs=10**6, max_steps=3, eval_fraction=0.0,
+                                   output_dir=str(tmp_path)), build_tiny_causal(), word_tokenizer())
+    trainer.train(pairs, eval_pairs=[], progress=False)
+    assert drawn == [0, 1] and trainer.history[-1]["step"] == 3

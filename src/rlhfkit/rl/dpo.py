@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhfkit.config import require, require_field_types
+from rlhfkit.config import require, require_field_types, require_seed
 from rlhfkit.console import console, progress_bar
 from rlhfkit.data.records import PreferencePair, Text
 from rlhfkit.generate import format_prompt
@@ -65,6 +65,7 @@ class DPOConfig:
             require(getattr(self, name) >= 1, name, "must be at least 1")
         require(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be at least 1 (or null: all epochs)")
         require(0 <= self.eval_fraction < 1, "eval_fraction", "must be in [0, 1)")
+        require_seed(self.seed)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -156,6 +157,8 @@ class DPOTrainer:
         with progress_bar(progress and acc.is_main_process) as bar:
             task = bar.add_task("dpo", total=total, info="")
             for epoch in range(cfg.epochs):
+                if step == total:  # max_steps reached: no more epochs to draw an order for
+                    break
                 order = epoch_order(len(mine), cfg.seed, epoch)
                 for start in range(0, len(order), cfg.batch_size):
                     if step == total:

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhfkit.config import require, require_field_types, save_config
+from rlhfkit.config import require, require_field_types, require_seed, save_config
 from rlhfkit.console import console
 from rlhfkit.data.io import DataError
 from rlhfkit.data.records import Prompt, Text
@@ -78,6 +78,7 @@ class RLConfig:
             require(getattr(self, name) > 0, name, "must be positive")
         require(self.kl_coef >= 0, "kl_coef", "must be at least 0 (β weighs a penalty)")
         require(self.min_new_tokens <= self.max_new_tokens, "min_new_tokens", "exceeds max_new_tokens")
+        require_seed(self.seed)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
