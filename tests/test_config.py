@@ -6,8 +6,12 @@ from pathlib import Path
 import pytest
 
 from conftest import invoke
+from rlhfkit.cai.sft import SFTConfig
 from rlhfkit.config import config_from_yaml
 from rlhfkit.data.io import DataError
+from rlhfkit.demo.presets import DemoConfig
+from rlhfkit.eval.evaluate import EvalConfig
+from rlhfkit.personal.train import PersonalDPOConfig
 from rlhfkit.reward.model import RewardModelConfig
 from rlhfkit.rl.dpo import DPOConfig
 from rlhfkit.rl.grpo import GRPOConfig
@@ -98,3 +102,16 @@ def test_trainer_commands_end_bad_configs_with_one_located_line(tmp_path, comman
     result = invoke(command, "--config", written(tmp_path, yaml_text))
     assert result.exit_code == 1
     assert re.search(expected, result.output) and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("build", [
+    lambda: RewardModelConfig(seed=2**64),
+    lambda: SFTConfig(seed=-1),
+    lambda: PersonalDPOConfig(seed=2**32),
+    lambda: EvalConfig(seeds=(0, 2**64)),
+    lambda: DemoConfig(eval_seeds=(2**64,)),
+])
+def test_every_seeded_config_refuses_a_seed_torch_cannot_take_before_any_work(build):
+    """torch.manual_seed raised "Overflow when unpacking long long" mid-run; a seed is refused by name at once."""
+    with pytest.raises(ValueError, match=r"seeds?'?: must be in \[0, 2\*\*32\)"):
+        build()

@@ -29,7 +29,7 @@ import torch
 from accelerate import Accelerator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhfkit.config import save_config
+from rlhfkit.config import require_seed, save_config
 from rlhfkit.console import console, progress_bar
 from rlhfkit.data.records import Text
 from rlhfkit.generate import format_prompt, uses_chat_template
@@ -74,6 +74,9 @@ class SFTConfig:
     seed: int = 0
     precision: PrecisionSetting = "auto"  # bf16 autocast while training where there is a bf16 unit (precision.py)
     output_dir: str = "runs/cai/sft"
+
+    def __post_init__(self) -> None:
+        require_seed(self.seed)
 
 
 def sft_batch(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], chat: bool,

@@ -89,6 +89,10 @@ class DemoConfig:
         if not self.seeds or not self.eval_seeds:
             raise ValueError("seeds: give at least one training seed (--seeds 1 or more)" if not self.seeds
                              else "eval_seeds: give at least one sampling seed")
+        for name in ("seeds", "eval_seeds"):
+            for seed in getattr(self, name):
+                if not 0 <= seed < 2**32:
+                    raise ValueError(f"{name}: must be in [0, 2**32), got {seed}")
         if not self.temperature > 0:
             raise ValueError(f"temperature: must be positive, got {self.temperature}")
         unknown = set(self.monitor_stop_on) - set(KINDS)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhfkit.config import require_seed
 from rlhfkit.console import console, progress_bar
 from rlhfkit.data.io import read_records, write_records
 from rlhfkit.data.records import Completion, Prompt, SamplingParams
@@ -50,6 +51,10 @@ class EvalConfig:
     temperature: float = 1.0
     batch_size: int = 16  # prompts per generate call
     use_chat_template: bool = True
+
+    def __post_init__(self) -> None:
+        for seed in self.seeds:
+            require_seed(seed, "seeds")
 
 
 @torch.no_grad()

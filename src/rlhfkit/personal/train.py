@@ -42,7 +42,7 @@ import torch
 from accelerate import Accelerator
 from sqlalchemy.orm import Session
 
-from rlhfkit.config import require, require_field_types
+from rlhfkit.config import require, require_field_types, require_seed
 from rlhfkit.data.records import PreferencePair
 from rlhfkit.models.policy import TokenBatch, completion_logits
 from rlhfkit.models.update import TrainingDiverged, adamw, apply_gradients
@@ -73,6 +73,7 @@ class PersonalDPOConfig:
             require(getattr(self, name) >= 1, name, "must be at least 1")
         require(self.nll_coef >= 0, "nll_coef", "must be at least 0 (0 turns the NLL term off)")
         require(self.kl_coef >= 0, "kl_coef", "must be at least 0 (0 turns the KL term off)")
+        require_seed(self.seed)
 
 
 def pair_batch(models: PersonalModels, pairs: Sequence[PreferencePair], config: PersonalDPOConfig) -> TokenBatch:

@@ -43,7 +43,7 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from rlhfkit.config import config_from_yaml, require, require_field_types, save_config
+from rlhfkit.config import config_from_yaml, require, require_field_types, require_seed, save_config
 from rlhfkit.console import console, progress_bar
 from rlhfkit.data.io import malformed_json, umask_mode, validation_error
 from rlhfkit.data.pairs import group_by_prompt
@@ -110,6 +110,7 @@ class RewardModelConfig:
                 f"must be at least 1 (or unset), got {self.max_steps}")
         require(self.lr > 0, "lr", f"must be positive, got {self.lr}")
         require(0 <= self.eval_fraction < 1, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+        require_seed(self.seed)
         require(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         require(self.dropout is None or 0 <= self.dropout < 1, "dropout",
                 f"must be in [0, 1) (or unset), got {self.dropout}")
