@@ -17,6 +17,7 @@ from rlhfkit.reward.base import FunctionReward
 from rlhfkit.rl.dpo import DPOConfig, DPOTrainer
 from rlhfkit.rl.grpo import GRPOConfig, GRPOTrainer, rloo_config
 from rlhfkit.rl.ppo import PPOConfig, PPOTrainer
+from rlhfkit.rl.trainer import epoch_order
 
 KIND = {"happy", "kind", "nice", "good", "love", "glad"}
 PROMPTS = ["how do i fix bike", "write code please", "plan day", "help you", "bake cake", "email"]
@@ -259,6 +260,16 @@ def test_each_epoch_visits_every_prompt_once_in_a_seeded_order(tmp_path):
     assert sorted(epoch0) == sorted(prompts) == sorted(epoch1) and epoch0 != epoch1
     again = GRPOTrainer(config, build_tiny_causal(), word_tokenizer(), REWARD, prompts)
     assert again.prompts_for_step(3) == trainer.prompts_for_step(3)  # a function of the step alone
+
+
+def test_no_two_seeds_share_an_epochs_prompt_order():
+    """Seeded seed + epoch, seed s's epoch 1 was seed s + 1's epoch 0: the demo's seeds 0, 1, 2 ran the same
+    prompt sequence shifted by an epoch. Epoch 0 stays torch.randperm seeded with the seed (TRL's order)."""
+    orders = {seed: [epoch_order(72, seed, epoch) for epoch in range(13)] for seed in range(3)}
+    drawn = [tuple(order) for by_epoch in orders.values() for order in by_epoch]
+    assert len(set(drawn)) == len(drawn) == 39
+    assert orders[1][0] == torch.randperm(72, generator=torch.Generator().manual_seed(1)).tolist()
+    assert orders[0][1] != orders[1][0] and orders[0][2] != orders[2][0]
 
 
 def test_a_prompt_too_long_for_the_model_is_refused_before_training(tmp_path):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeVar
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from pydantic import ValidationError
@@ -83,9 +84,11 @@ class RLConfig:
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The order of n items (prompts, DPO's pairs) in ``epoch``: ``torch.randperm`` from a generator seeded
-    seed + epoch. Epoch 0 is the order TRL's samplers draw at the same seed, so a seed means the same data
-    on both sides (benchmarks/README.md)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    ``seed`` in epoch 0, the order TRL's samplers draw at the same seed (so a seed means the same data on both
+    sides: benchmarks/README.md), and in a later epoch seeded by numpy's ``SeedSequence((seed, epoch))``, so no
+    two (seed, epoch) share an order (seeded seed + epoch, seed s's epoch 1 was seed s + 1's epoch 0)."""
+    start = seed if epoch == 0 else int(np.random.SeedSequence((seed, epoch)).generate_state(1)[0])
+    return torch.randperm(n, generator=torch.Generator().manual_seed(start)).tolist()
 
 
 def prepare_training(config, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
