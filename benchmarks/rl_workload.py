@@ -63,7 +63,8 @@ def main() -> None:
     parser.add_argument("--engine", choices=["rlhfkit", "generate"], default="rlhfkit",
                         help="sample through rlhfkit's rollout engine or through transformers' generate")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: the workload's NUM_THREADS); learning does not depend on it")
+                        help="torch threads (default: the workload's NUM_THREADS); learning depends on it only through "
+                             "rounding (bf16 autocast: in the fourth decimal)")
     args = parser.parse_args()
     if not (Path(args.bench_dir) / "workload.py").is_file():
         parser.error(f"--bench-dir {args.bench_dir}: no workload.py there (the shared benchmark workload)")
