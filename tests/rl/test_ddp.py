@@ -65,6 +65,9 @@ def test_two_process_dpo_runs_the_same_steps_on_disjoint_pairs(tmp_path):
     trained = [r["batches"][3:-1] for r in ranks]
     assert [len(t) for t in trained] == [4, 4]
     assert [[h["step"] for h in r["history"] if "loss" in h] for r in ranks] == [[1, 2, 3, 4]] * 2
+    # each step's loss, margin and accuracy are over both processes' pairs: the same numbers on both
+    assert ranks[0]["history"] == ranks[1]["history"]
+    assert "dpo: the last 1 of 7 pairs are not trained on: each of the 2 processes takes 3" in result.stderr
     mine = [{w for batch in t for w in batch} for t in trained]
     assert not mine[0] & mine[1] and len(mine[0]) == len(mine[1]) == 3
     for t, own in zip(trained, mine, strict=True):

@@ -15,6 +15,7 @@ LoRA adapter disabled, or a frozen copy; its log-probs are computed once, before
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +147,10 @@ class DPOTrainer:
         # this process's share of the pairs; every process runs the same number of steps
         per_process = len(pairs) // acc.num_processes
         mine = list(pairs[acc.process_index * per_process:(acc.process_index + 1) * per_process])
+        left_out = len(pairs) - per_process * acc.num_processes
+        if left_out and acc.is_main_process:
+            warnings.warn(f"dpo: the last {left_out} of {len(pairs)} pairs are not trained on: each of the "
+                          f"{acc.num_processes} processes takes {per_process}", stacklevel=2)
         reference = [self.sequence_logprobs(self.batch(mine[i:i + cfg.batch_size]), reference=True)
                      for i in range(0, len(mine), cfg.batch_size)]
         ref_by_pair = torch.cat([torch.stack([r[: len(r) // 2], r[len(r) // 2:]], dim=1) for r in reference])
@@ -175,10 +180,12 @@ class DPOTrainer:
                     except TrainingDiverged as exc:
                         raise TrainingDiverged(f"dpo stopped at step {step + 1}: {exc}") from None
                     step += 1
-                    self.history.append({"step": step, "loss": loss.item(), "margin": margins.mean().item(),
-                                         "accuracy": (margins > 0).float().mean().item(), "grad_norm": grad_norm,
-                                         "time/step_s": time.perf_counter() - started})
-                    bar.update(task, advance=1, info=f"loss {loss.item():.3f}")
+                    # the step's loss, margin and accuracy over every process's pairs (equal shares of them)
+                    logged = torch.stack([loss, margins.mean(), (margins > 0).float().mean()]).detach().double()
+                    loss_all, margin, accuracy = acc.reduce(logged, reduction="mean").tolist()
+                    self.history.append({"step": step, "loss": loss_all, "margin": margin, "accuracy": accuracy,
+                                         "grad_norm": grad_norm, "time/step_s": time.perf_counter() - started})
+                    bar.update(task, advance=1, info=f"loss {loss_all:.3f}")
         after = self.evaluate(eval_pairs)
         self.history.append({"step": step, **{f"eval/{k}": v for k, v in after.items()}})
         if acc.is_main_process and progress:
