@@ -124,13 +124,15 @@ def summary(runs: dict[str, dict[str, dict[int, dict]]]) -> dict:
                                       "mean_last5": statistics.mean(last)}
             against = {}
             for side, values in per_side.items():
-                if side == "trl" or "trl" not in per_side or min(len(values["last5"]),
-                                                                 len(per_side["trl"]["last5"])) < 2:
+                if side == "trl" or "trl" not in per_side:
                     continue
                 trl = per_side["trl"]
-                interval = welch_interval(values["last5"], trl["last5"])
-                against[side] = interval | {"verdict": verdict(interval),
-                                            "max_step_difference": max_step_difference(series[side], series["trl"])}
+                against[side] = {"difference": values["mean_last5"] - trl["mean_last5"],
+                                 "verdict": "no interval: fewer than 2 seeds a side",
+                                 "max_step_difference": max_step_difference(series[side], series["trl"])}
+                if min(len(values["last5"]), len(trl["last5"])) >= 2:
+                    interval = welch_interval(values["last5"], trl["last5"])
+                    against[side] |= interval | {"verdict": verdict(interval)}
                 if len(set(values["seeds"]) & set(trl["seeds"])) >= 2:
                     against[side]["paired"] = paired_interval(
                         dict(zip(values["seeds"], values["last5"], strict=True)),
@@ -158,10 +160,15 @@ def table(result: dict) -> str:
                 lines.append(f"| {seed} | " + " | ".join(cells) + " |")
             lines.append("| mean last 5 | " + " | ".join(f"{v['mean_last5']:.4f} (n={len(v['last5'])})"
                                                        for v in sides.values()) + " |")
-            lines += [""] + [f"{side} − trl: {c['verdict']} (Welch p = {c['p_value']:.2f}){paired_text(c)}; largest "
-                             f"difference at one step {c['max_step_difference']:.4f}"
+            lines += [""] + [f"{side} − trl: {c['verdict']}{welch_text(c)}{paired_text(c)}; largest difference at one "
+                             f"step {c['max_step_difference']:.4f}"
                              for side, c in entry["against_trl"].items()] + [""]
     return "\n".join(lines)
+
+
+def welch_text(comparison: dict) -> str:
+    return f" (Welch p = {comparison['p_value']:.2f})" if "p_value" in comparison else \
+        f" (Δ {comparison['difference']:+.4f})"
 
 
 def paired_text(comparison: dict) -> str:

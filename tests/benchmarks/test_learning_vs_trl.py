@@ -59,6 +59,14 @@ def test_each_side_is_summarised_by_its_per_seed_last_five_rewards_under_its_own
     assert "| 1234 | 0.1000 → 0.2000 | 0.1000 → 0.3000 |" in learning_vs_trl.table({"grpo": result})
 
 
+def test_one_seed_a_side_gets_its_difference_and_largest_step_difference_and_says_why_there_is_no_interval():
+    trl = {1234: _result({"reward": [0.1] * 45 + [0.2] * 5})}
+    kit = {1234: _result({"reward/score": [0.1] * 45 + [0.25] * 5})}
+    result = learning_vs_trl.summary({"grpo": {"trl": trl, "rlhfkit": kit}})["grpo"]
+    assert "rlhfkit − trl: no interval: fewer than 2 seeds a side (Δ +0.0500); largest difference at one step " \
+           "0.0500" in learning_vs_trl.table({"grpo": result})
+
+
 def test_dpo_is_compared_on_its_margin_and_its_accuracy_each_under_its_sides_key():
     trl = {s: _result({"rewards/margins": [0.0] * 45 + [m] * 5, "rewards/accuracies": [0.5] * 45 + [a] * 5})
            for s, m, a in [(1234, 0.5, 1.0), (1235, 0.4, 0.875)]}
