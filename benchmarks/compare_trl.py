@@ -24,6 +24,7 @@ move the order of pairs/prompts and the sampling on both sides; initial weights 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -40,6 +41,15 @@ WORKLOADS = ("reward", "dpo", "grpo", "rloo", "ppo")
 STEP_TIME_TARGET = 0.5  # rlhfkit s/step ≤ 0.5 × TRL's
 RSS_TARGET = 1.0  # rlhfkit peak RSS ≤ TRL's
 OTHER_CPU_LIMIT_S = 2.0  # a run during which other processes used more CPU than this is unreliable
+
+
+def code_digest() -> str:
+    """A digest of the code an rlhfkit run executes (rlhfkit's source and this folder's scripts): a result kept
+    from a run of other code has another, and is not reused as this code's (learning_vs_trl.py)."""
+    digest = hashlib.sha256()
+    for path in sorted([*(HERE.parent / "src" / "rlhfkit").rglob("*.py"), *HERE.glob("*.py")]):
+        digest.update(path.relative_to(HERE.parent).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)

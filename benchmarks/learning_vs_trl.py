@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from compare_trl import METRICS, Metric, run_one
+from compare_trl import METRICS, Metric, code_digest, run_one
 from scipy import stats
 
 HERE = Path(__file__).resolve().parent
@@ -190,15 +190,25 @@ def finished(folder: Path) -> dict | None:
     return result if isinstance(result, dict) and "trends" in result else None
 
 
-def collect(runs_dir: Path, algos: list[str], sides: list[str]) -> dict[str, dict[str, dict[int, dict]]]:
-    """Every finished run's result under ``runs_dir``, by workload, side and seed (folders named by their seed;
-    a run without a whole result is left out)."""
+def of_this_code(result: dict, side: str, code: str) -> bool:
+    """Whether ``result`` is what this checkout's code would give: any TRL run; an rlhfkit run made by the code
+    of the same digest (``compare_trl.code_digest``), not one kept from before a change."""
+    return side == "trl" or result.get("code") == code
+
+
+def collect(runs_dir: Path, algos: list[str], sides: list[str], code: str) -> dict[str, dict[str, dict[int, dict]]]:
+    """Every finished run's result under ``runs_dir`` made by this code, by workload, side and seed (folders named
+    by their seed; a run without a whole result is left out, and one of other code is named and left out)."""
     runs: dict[str, dict[str, dict[int, dict]]] = {}
     for algo in algos:
         for side in sides:
             folders = [p for p in (runs_dir / algo / side).glob("*") if p.is_dir() and p.name.isdigit()]
             found = {int(p.name): result for p in folders if (result := finished(p)) is not None}
-            runs.setdefault(algo, {})[side] = found
+            stale = sorted(seed for seed, result in found.items() if not of_this_code(result, side, code))
+            if stale:
+                print(f"{algo} {side}: left out seeds {', '.join(map(str, stale))}, run by other code than this "
+                      "checkout's (run without --collect-only to run them again)")
+            runs.setdefault(algo, {})[side] = {s: r for s, r in found.items() if s not in stale}
     return runs
 
 
@@ -225,12 +235,12 @@ def main() -> int:
     sys.path.insert(0, str(args.bench_dir))
     import workload as W
 
-    failed = 0
+    failed, code = 0, code_digest()
     for seed in [] if args.collect_only else [W.SEED + i for i in range(args.seeds)]:
         for algo in algos:
             for side in sides:
                 folder = args.runs / algo / side / str(seed)
-                if finished(folder) is not None:
+                if (done := finished(folder)) is not None and of_this_code(done, side, code):
                     continue
                 print(f"{algo} seed {seed}: {side} ...", flush=True)
                 shutil.rmtree(folder, ignore_errors=True)  # an interrupted run's leftovers
@@ -241,7 +251,7 @@ def main() -> int:
                     failed += 1
                     print(f"  FAILED: {result['failed']}", flush=True)
                     shutil.rmtree(folder, ignore_errors=True)  # not read as done, now or next time (the log stays)
-    runs = collect(args.runs, algos, sides)
+    runs = collect(args.runs, algos, sides, code)
     if not any(by_seed for sides_ in runs.values() for by_seed in sides_.values()):
         print(f"error: no finished run of {', '.join(algos)} ({', '.join(sides)}) under {args.runs}", file=sys.stderr)
         return 1

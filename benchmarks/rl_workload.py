@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from compare_trl import code_digest  # this folder: sys.path[0] when run as a script
+
 TRENDS = {"dpo": ["loss", "accuracy", "margin", "grad_norm"],
           "grpo": ["reward/score", "kl/kl", "policy/entropy", "policy/grad_norm"],
           "rloo": ["reward/score", "kl/kl", "policy/entropy"],
@@ -138,7 +140,7 @@ def main() -> None:
     B.finish(f"rlhfkit_{args.algo}", timer, wl.warmup_steps_excluded,
              {"workload": args.algo, "seed": seed, "params": B.param_count(policy),
               "precision": str(trainer.precision), "action": getattr(trainer.config, "action", None),
-              "engine": args.engine},
+              "engine": args.engine, "code": code_digest()},
              TRENDS[args.algo], gen=gen, t_start=t_start)
 
 

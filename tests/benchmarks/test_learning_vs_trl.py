@@ -107,9 +107,10 @@ def test_a_bench_dir_without_the_workload_is_one_usage_line_not_a_traceback(monk
     assert not (tmp_path / "results").exists()
 
 
-def fake_result(margin: float) -> dict:
+def fake_result(margin: float, code: str | None = None) -> dict:
     series = [margin] * 10
-    return {"trends": {"margin": {"series": series}, "accuracy": {"series": series}}}
+    return {"trends": {"margin": {"series": series}, "accuracy": {"series": series}},
+            "code": code or learning_vs_trl.code_digest()}
 
 
 def run_main(monkeypatch, tmp_path, *args: str) -> int:
@@ -154,8 +155,41 @@ def test_a_failed_run_is_not_read_as_done_by_the_next_invocation(monkeypatch, tm
 
     monkeypatch.setattr(learning_vs_trl, "run_one", run_one)
     assert run_main(monkeypatch, tmp_path, "--seeds", "1") == 1
-    assert learning_vs_trl.collect(tmp_path / "runs", ["dpo"], ["trl", "rlhfkit"]) == {"dpo": {"trl": {},
-                                                                                             "rlhfkit": {}}}
+    code = learning_vs_trl.code_digest()
+    assert learning_vs_trl.collect(tmp_path / "runs", ["dpo"], ["trl", "rlhfkit"], code) == {"dpo": {"trl": {},
+                                                                                                   "rlhfkit": {}}}
+
+
+def test_an_rlhfkit_run_of_other_code_is_run_again_and_left_out_of_a_collection(monkeypatch, tmp_path, capsys):
+    """Runs were reused by workload, side and seed alone: a runs folder from before a change to rlhfkit was read
+    as this code's learning."""
+    for side, code in (("trl", "older"), ("rlhfkit", "older")):
+        (tmp_path / "runs" / "dpo" / side / "1234").mkdir(parents=True)
+        (tmp_path / "runs" / "dpo" / side / "1234" / "result.json").write_text(json.dumps(fake_result(0.5, code)))
+    assert run_main(monkeypatch, tmp_path, "--collect-only") == 0  # a table of TRL's run alone
+    assert "dpo rlhfkit: left out seeds 1234, run by other code than this checkout's" in capsys.readouterr().out
+    ran = []
+
+    def run_one(command, folder, log):
+        ran.append(folder)
+        folder.mkdir(parents=True)
+        (folder / "rlhfkit_dpo.json").write_text(json.dumps(fake_result(0.4)))
+        return fake_result(0.4)
+
+    monkeypatch.setattr(learning_vs_trl, "run_one", run_one)
+    assert run_main(monkeypatch, tmp_path, "--seeds", "1") == 0
+    assert ran == [tmp_path / "runs" / "dpo" / "rlhfkit" / "1234"]  # TRL's kept: its code is not ours
+
+
+def test_the_code_digest_changes_with_rlhfkits_source(monkeypatch, tmp_path):
+    compare_trl = sys.modules["compare_trl"]
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "src" / "rlhfkit").mkdir(parents=True)
+    (tmp_path / "src" / "rlhfkit" / "trainer.py").write_text("LR = 1e-3\n")
+    monkeypatch.setattr(compare_trl, "HERE", tmp_path / "benchmarks")
+    before = compare_trl.code_digest()
+    (tmp_path / "src" / "rlhfkit" / "trainer.py").write_text("LR = 1e-4\n")
+    assert compare_trl.code_digest() != before
 
 
 @pytest.mark.parametrize("args", [["--seeds", "0"], ["--seeds", "-3"]])

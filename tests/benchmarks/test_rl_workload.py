@@ -8,6 +8,7 @@ import pytest
 
 from rlhfkit.rl.trainer import epoch_order
 
+sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))  # it reads compare_trl's code digest
 spec = importlib.util.spec_from_file_location("rl_workload", Path(__file__).parents[2] / "benchmarks" /
                                               "rl_workload.py")
 rl_workload = sys.modules["rl_workload"] = importlib.util.module_from_spec(spec)
