@@ -3,8 +3,9 @@
 For each seed and workload, TRL's runner (``trl_seeded.py`` around ``../shared/bench/run_<algo>.py``) and
 rlhfkit's (``rl_workload.py``) run one after the other with 1 torch thread (learning does not depend on
 the machine's load; step times are not looked at). Each run's result goes to ``--runs/<algo>/<side>/<seed>/``;
-a run whose whole result is there already is not run again (a failed one, or one cut short while writing
-it, is), so an interrupted comparison continues where it stopped. Per workload, metric
+a run whose whole result is there already is not run again (a failed one, one cut short while writing
+it, and an rlhfkit run of other code than this checkout's are), so an interrupted comparison continues
+where it stopped. Per workload, metric
 (``compare_trl.METRICS``: the reward; DPO's margin and accuracy) and side it takes each seed's mean over
 the last 5 steps, x_s, and prints
 
