@@ -55,8 +55,8 @@ def test_numbers_and_booleans_written_as_text_are_read_as_what_they_say(tmp_path
     (GRPOConfig, "max_grad_norm: inf\n", r"run.yaml:1: field 'max_grad_norm': must be a finite number"),
     (DPOConfig, "beta: .inf\n", r"run.yaml:1: field 'beta': must be a finite number"),
     (RewardModelConfig, "lr: .inf\n", r"run.yaml:1: field 'lr': must be a finite number"),
-    # torch.manual_seed raised "Overflow when unpacking long long" (no field named) at 2**64, and at 2**64 - 1
-    # epoch_order's seed + epoch did at the second epoch, after the first was trained
+    # torch.manual_seed raised "Overflow when unpacking long long" (no field named) at 2**64 (at 2**64 - 1 in the
+    # second epoch, when its order was seeded seed + epoch); it reads 32 bits of a seed, so 2**32 + s was s
     (DPOConfig, "epochs: 2\nseed: 18446744073709551616\n", r"run.yaml:2: field 'seed': must be in \[0, 2\*\*32\)"),
     (DPOConfig, "seed: 18446744073709551615\n", r"run.yaml:1: field 'seed': must be in \[0, 2\*\*32\)"),
     (PPOConfig, "seed: -1\n", r"run.yaml:1: field 'seed': must be in \[0, 2\*\*32\), got -1"),
