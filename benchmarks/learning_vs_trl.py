@@ -5,9 +5,8 @@ rlhfkit's (``rl_workload.py``) run one after the other with 1 torch thread (lear
 the machine's load; step times are not looked at). Each run's result goes to ``--runs/<algo>/<side>/<seed>/``;
 a run whose whole result is there already is not run again (a failed one, one cut short while writing
 it, and an rlhfkit run of other code than this checkout's are), so an interrupted comparison continues
-where it stopped. Per workload, metric
-(``compare_trl.METRICS``: the reward; DPO's margin and accuracy) and side it takes each seed's mean over
-the last 5 steps, x_s, and prints
+where it stopped. Per workload, metric (``compare_trl.METRICS``: the reward; DPO's margin and accuracy)
+and side it takes each seed's mean over the last 5 steps, x_s, and prints
 
     mean x̄ of each side, and Δ = x̄_rlhfkit − x̄_TRL with its 95% Welch interval
     Δ ± t_{0.975, ν} · √(s²_r/n_r + s²_T/n_T),   ν = (s²_r/n_r + s²_T/n_T)² / Σ (s²/n)² / (n − 1)
