@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhfkit.rl.trainer import epoch_order
+from rlhfkit.data.order import epoch_order
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))  # it reads compare_trl's code digest
 spec = importlib.util.spec_from_file_location("rl_workload", Path(__file__).parents[2] / "benchmarks" /

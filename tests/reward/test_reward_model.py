@@ -249,3 +249,30 @@ def test_dropout_zero_turns_off_every_dropout_of_the_backbone(tmp_path, dropout,
 def test_dropout_outside_zero_to_one_is_refused_by_name(dropout):
     with pytest.raises(ValueError, match="dropout"):
         RewardModelConfig(dropout=dropout)
+
+
+@pytest.mark.parametrize("batching", ["pairs", "prompt"])
+def test_each_epoch_trains_its_seeded_permutation_of_the_units_pairs_in_the_order_given(monkeypatch, batching):
+    """batching="pairs": the pairs in the order given, permuted by epoch_order, so at a seed the order of TRL's
+    reward trainer (torch's RandomSampler; before, random.Random shuffled pairs regrouped by prompt); "prompt":
+    each prompt's pairs stay one unit."""
+    from torch.utils.data import RandomSampler
+
+    import rlhfkit.reward.model as reward_model
+    from rlhfkit.data.order import epoch_order
+
+    grouped = synthetic_pairs(TOPICS[:3], per_prompt=2)
+    pairs = grouped[0::2] + grouped[1::2]  # a prompt's two pairs apart: grouping by prompt would reorder them
+    trained = []
+    share = reward_model._process_share
+    monkeypatch.setattr(reward_model, "_process_share", lambda acc, rm, model, batch: trained.append(batch) or
+                        share(acc, rm, model, batch))
+    config = RewardModelConfig(max_length=48, epochs=2, batch_size=2, eval_fraction=0.0, seed=5, batching=batching)
+    train_reward_model(pairs, config, reward_model=tiny_reward_model(), progress=False)
+    units = [unit for batch in trained for unit in batch]
+    if batching == "pairs":
+        first = list(RandomSampler(range(6), generator=torch.Generator().manual_seed(5)))
+        assert units == [[pairs[i]] for i in first + epoch_order(6, 5, 1)]
+    else:
+        assert len(units) == 6 and all(len({p.prompt for p in unit}) == 1 and len(unit) == 2 for unit in units)
+        assert units[:3] != units[3:] and sorted(map(id, units[:3])) == sorted(map(id, units[3:]))

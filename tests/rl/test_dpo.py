@@ -69,7 +69,7 @@ def test_pairs_come_in_each_epochs_seeded_permutation_the_order_of_torchs_random
     is the order torch's RandomSampler (TRL's DPO sampler) gives at the same seed."""
     from torch.utils.data import RandomSampler
 
-    from rlhfkit.rl.trainer import epoch_order
+    from rlhfkit.data.order import epoch_order
 
     words = "happy kind nice good calm warm".split()
     pairs = [PreferencePair(prompt=f"how do i fix bike {w}", chosen=w, rejected="stupid dumb idiot") for w in words]

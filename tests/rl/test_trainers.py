@@ -12,12 +12,12 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from conftest import build_tiny_causal, build_tiny_seq2seq, word_tokenizer
 from rlhfkit.data.io import DataError
+from rlhfkit.data.order import epoch_order
 from rlhfkit.data.records import PreferencePair
 from rlhfkit.reward.base import FunctionReward
 from rlhfkit.rl.dpo import DPOConfig, DPOTrainer
 from rlhfkit.rl.grpo import GRPOConfig, GRPOTrainer, rloo_config
 from rlhfkit.rl.ppo import PPOConfig, PPOTrainer
-from rlhfkit.rl.trainer import epoch_order
 
 KIND = {"happy", "kind", "nice", "good", "love", "glad"}
 PROMPTS = ["how do i fix bike", "write code please", "plan day", "help you", "bake cake", "email"]

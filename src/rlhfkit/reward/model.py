@@ -46,6 +46,7 @@ from transformers import (
 from rlhfkit.config import config_from_yaml, require, require_field_types, require_seed, save_config
 from rlhfkit.console import console, progress_bar
 from rlhfkit.data.io import malformed_json, umask_mode, validation_error
+from rlhfkit.data.order import epoch_order
 from rlhfkit.data.pairs import group_by_prompt
 from rlhfkit.data.records import PreferencePair, render_text
 from rlhfkit.models.kernels import training_kernels
@@ -257,12 +258,22 @@ def split_by_prompt(pairs: Sequence[PreferencePair], eval_fraction: float,
     return groups[n_eval:], [p for g in groups[:n_eval] for p in g]
 
 
-def _batches(groups: list[list[PreferencePair]], config: RewardModelConfig,
-             rng: random.Random) -> list[list[list[PreferencePair]]]:
-    """One epoch of batches; each batch is a list of weighting units (a prompt's pairs, or one pair)."""
-    units = [list(g) for g in groups] if config.batching == "prompt" else [[p] for g in groups for p in g]
-    rng.shuffle(units)
-    return [units[i:i + config.batch_size] for i in range(0, len(units), config.batch_size)]
+def training_units(pairs: Sequence[PreferencePair], train_groups: list[list[PreferencePair]],
+                   config: RewardModelConfig) -> list[list[PreferencePair]]:
+    """The weighting units before any epoch's permutation: each training prompt's pairs (``batching="prompt"``),
+    or each training pair alone in the order ``pairs`` gave them (``"pairs"``: at a seed, the order of TRL's
+    reward trainer)."""
+    if config.batching == "prompt":
+        return [list(g) for g in train_groups]
+    kept = {id(p) for g in train_groups for p in g}
+    return [[p] for p in pairs if id(p) in kept]
+
+
+def _batches(units: list[list[PreferencePair]], config: RewardModelConfig,
+             epoch: int) -> list[list[list[PreferencePair]]]:
+    """One epoch of batches, the units in that epoch's order (``data.order.epoch_order``)."""
+    order = [units[i] for i in epoch_order(len(units), config.seed, epoch)]
+    return [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
 
 
 def _batch_loss(reward_model: RewardModel, units: list[list[PreferencePair]], batch_units: int | None = None,
@@ -366,7 +377,6 @@ def train_reward_model(pairs: Sequence[PreferencePair], config: RewardModelConfi
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
     torch.manual_seed(config.seed)
-    rng = random.Random(config.seed)
     if eval_pairs is None:
         train_groups, eval_pairs = split_by_prompt(pairs, config.eval_fraction, config.seed)
     else:
@@ -375,7 +385,8 @@ def train_reward_model(pairs: Sequence[PreferencePair], config: RewardModelConfi
     precision = training_precision(config, accelerator, report=progress)  # a bf16 it cannot run: before training
     reward_model.model.to(accelerator.device).train()
     optimizer = adamw(reward_model.model.parameters(), config.lr, accelerator.device, config.weight_decay)
-    total = len(_batches(train_groups, config, random.Random(0))) * config.epochs
+    units = training_units(pairs, train_groups, config)
+    total = -(-len(units) // config.batch_size) * config.epochs
     total = min(total, config.max_steps) if config.max_steps is not None else total
     warmup = int(config.warmup_ratio * total)
     # not handed to accelerate: its scheduler steps W times per step, for data loaders that shrink with W
@@ -391,7 +402,7 @@ def train_reward_model(pairs: Sequence[PreferencePair], config: RewardModelConfi
             if step == total:
                 break
             losses = []
-            for batch in _batches(train_groups, config, rng)[: total - step]:
+            for batch in _batches(units, config, epoch)[: total - step]:
                 with precision.autocast():
                     loss, sums = _process_share(accelerator, reward_model, model, batch)
                 try:

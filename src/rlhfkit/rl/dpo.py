@@ -28,6 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhfkit.config import require, require_field_types, require_seed
 from rlhfkit.console import console, progress_bar
+from rlhfkit.data.order import epoch_order
 from rlhfkit.data.records import PreferencePair, Text
 from rlhfkit.generate import format_prompt
 from rlhfkit.models.policy import TokenBatch, tokenize_completions
@@ -35,7 +36,7 @@ from rlhfkit.models.reference import Reference
 from rlhfkit.models.update import TrainingDiverged
 from rlhfkit.precision import PrecisionSetting, training_precision
 from rlhfkit.reward.model import split_by_prompt
-from rlhfkit.rl.trainer import apply_gradients, epoch_order, prepare_training, save_trained_policy
+from rlhfkit.rl.trainer import apply_gradients, prepare_training, save_trained_policy
 
 
 @dataclass

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeVar
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from pydantic import ValidationError
@@ -26,6 +25,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 from rlhfkit.config import require, require_field_types, require_seed, save_config
 from rlhfkit.console import console
 from rlhfkit.data.io import DataError
+from rlhfkit.data.order import epoch_order
 from rlhfkit.data.records import Prompt, Text
 from rlhfkit.generate import format_prompt
 from rlhfkit.models.policy import SamplingDistribution, cast_trainable, check_prompt_lengths, prepare_tokenizer
@@ -80,15 +80,6 @@ class RLConfig:
         require(self.kl_coef >= 0, "kl_coef", "must be at least 0 (β weighs a penalty)")
         require(self.min_new_tokens <= self.max_new_tokens, "min_new_tokens", "exceeds max_new_tokens")
         require_seed(self.seed)
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The order of n items (prompts, DPO's pairs) in ``epoch``: ``torch.randperm`` from a generator seeded
-    ``seed`` in epoch 0, the order TRL's samplers draw at the same seed (so a seed means the same data on both
-    sides: benchmarks/README.md), and in a later epoch seeded by numpy's ``SeedSequence((seed, epoch))``, so no
-    two (seed, epoch) share an order (seeded seed + epoch, seed s's epoch 1 was seed s + 1's epoch 0)."""
-    start = seed if epoch == 0 else int(np.random.SeedSequence((seed, epoch)).generate_state(1)[0])
-    return torch.randperm(n, generator=torch.Generator().manual_seed(start)).tolist()
 
 
 def prepare_training(config, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
