@@ -124,13 +124,14 @@ def run_main(monkeypatch, tmp_path, *args: str) -> int:
     return learning_vs_trl.main()
 
 
-def test_a_result_cut_short_while_it_was_written_is_run_again_not_read_as_done(monkeypatch, tmp_path):
-    """A run killed inside bench_common.finish's json.dump leaves half a JSON file: it was skipped as finished,
-    then json.loads raised JSONDecodeError in collect."""
-    for side in ("trl", "rlhfkit"):
-        (tmp_path / "runs" / "dpo" / side / "1234").mkdir(parents=True)
-        (tmp_path / "runs" / "dpo" / side / "1234" / "result.json").write_text(
-            json.dumps(fake_result(0.5)) if side == "trl" else '{"name": "rlhfkit_dpo", "trends": {"mar')
+def kept_run(tmp_path, side: str, text: str) -> None:
+    """A result left in the runs folder by an earlier invocation, for DPO at seed 1234."""
+    (tmp_path / "runs" / "dpo" / side / "1234").mkdir(parents=True)
+    (tmp_path / "runs" / "dpo" / side / "1234" / "result.json").write_text(text)
+
+
+def recorded_runs(monkeypatch) -> list[Path]:
+    """The folders main runs rlhfkit in, each run writing a whole result of margin 0.4 of this code."""
     ran = []
 
     def run_one(command, folder, log):
@@ -140,6 +141,15 @@ def test_a_result_cut_short_while_it_was_written_is_run_again_not_read_as_done(m
         return fake_result(0.4)
 
     monkeypatch.setattr(learning_vs_trl, "run_one", run_one)
+    return ran
+
+
+def test_a_result_cut_short_while_it_was_written_is_run_again_not_read_as_done(monkeypatch, tmp_path):
+    """A run killed inside bench_common.finish's json.dump leaves half a JSON file: it was skipped as finished,
+    then json.loads raised JSONDecodeError in collect."""
+    kept_run(tmp_path, "trl", json.dumps(fake_result(0.5)))
+    kept_run(tmp_path, "rlhfkit", '{"name": "rlhfkit_dpo", "trends": {"mar')
+    ran = recorded_runs(monkeypatch)
     assert run_main(monkeypatch, tmp_path, "--seeds", "1") == 0
     assert ran == [tmp_path / "runs" / "dpo" / "rlhfkit" / "1234"]
     [written] = (tmp_path / "results").glob("*.json")
@@ -163,20 +173,11 @@ def test_a_failed_run_is_not_read_as_done_by_the_next_invocation(monkeypatch, tm
 def test_an_rlhfkit_run_of_other_code_is_run_again_and_left_out_of_a_collection(monkeypatch, tmp_path, capsys):
     """Runs were reused by workload, side and seed alone: a runs folder from before a change to rlhfkit was read
     as this code's learning."""
-    for side, code in (("trl", "older"), ("rlhfkit", "older")):
-        (tmp_path / "runs" / "dpo" / side / "1234").mkdir(parents=True)
-        (tmp_path / "runs" / "dpo" / side / "1234" / "result.json").write_text(json.dumps(fake_result(0.5, code)))
+    for side in ("trl", "rlhfkit"):
+        kept_run(tmp_path, side, json.dumps(fake_result(0.5, "older")))
     assert run_main(monkeypatch, tmp_path, "--collect-only") == 0  # a table of TRL's run alone
     assert "dpo rlhfkit: left out seeds 1234, run by other code than this checkout's" in capsys.readouterr().out
-    ran = []
-
-    def run_one(command, folder, log):
-        ran.append(folder)
-        folder.mkdir(parents=True)
-        (folder / "rlhfkit_dpo.json").write_text(json.dumps(fake_result(0.4)))
-        return fake_result(0.4)
-
-    monkeypatch.setattr(learning_vs_trl, "run_one", run_one)
+    ran = recorded_runs(monkeypatch)
     assert run_main(monkeypatch, tmp_path, "--seeds", "1") == 0
     assert ran == [tmp_path / "runs" / "dpo" / "rlhfkit" / "1234"]  # TRL's kept: its code is not ours
 
