@@ -40,10 +40,13 @@ def require(condition: bool, field: str, reason: str) -> None:
         raise FieldError(field, reason)
 
 
+SEED_BOUND = 2**32  # seeds are in [0, SEED_BOUND)
+
+
 def require_seed(seed: int, field: str = "seed") -> None:
     """A trainer's ``seed`` is in [0, 2**32): what numpy, transformers' ``set_seed`` and torch's CPU generator
     take (torch reads a seed's low 32 bits, so 2**32 + s drew as s, and raised a traceback past 2**64)."""
-    require(0 <= seed < 2**32, field, f"must be in [0, 2**32), got {seed}")
+    require(0 <= seed < SEED_BOUND, field, f"must be in [0, 2**32), got {seed}")
 
 
 @functools.cache

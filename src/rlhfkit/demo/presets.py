@@ -20,6 +20,7 @@ from typing import Literal
 
 import torch
 
+from rlhfkit.config import SEED_BOUND
 from rlhfkit.console import console
 from rlhfkit.data.io import write_folder_once
 from rlhfkit.demo.criteria import default_labelers
@@ -91,7 +92,7 @@ class DemoConfig:
                              else "eval_seeds: give at least one sampling seed")
         for name in ("seeds", "eval_seeds"):
             for seed in getattr(self, name):
-                if not 0 <= seed < 2**32:
+                if not 0 <= seed < SEED_BOUND:  # config.require_seed's rule, in the demo's one-line form
                     raise ValueError(f"{name}: must be in [0, 2**32), got {seed}")
         if not self.temperature > 0:
             raise ValueError(f"temperature: must be positive, got {self.temperature}")
