@@ -64,3 +64,19 @@ def test_a_folder_rerun_with_another_algorithm_is_refused_in_one_line_before_any
     assert (tmp_path / "settings.json").read_text() == recorded and sorted(tmp_path.iterdir()) == [
         tmp_path / "seed-0", tmp_path / "settings.json"]
     check_run_settings(tmp_path, DemoConfig(run_dir=tmp_path, algorithm="grpo"), None)  # the same: no error
+
+
+def test_a_ppo_folder_resumes_when_only_a_setting_ppo_does_not_read_changed(tmp_path):
+    """group_size is GRPO's and RLOO's: a PPO run's folder resumes after it changes (it was refused), also when
+    the folder's record holds it (written before it was left out); a GRPO folder still refuses it."""
+    policy = torch.nn.Linear(2, 2)
+    check_run_settings(tmp_path, DemoConfig(run_dir=tmp_path), policy)
+    check_run_settings(tmp_path, DemoConfig(run_dir=tmp_path, group_size=8), policy)
+    recorded = tmp_path / "settings.json"
+    recorded.write_text(recorded.read_text().replace("{", '{"group_size": 4,', 1))
+    check_run_settings(tmp_path, DemoConfig(run_dir=tmp_path, group_size=8), policy)
+    grpo = tmp_path / "grpo"
+    grpo.mkdir()
+    check_run_settings(grpo, DemoConfig(run_dir=grpo, algorithm="grpo"), policy)
+    with pytest.raises(ValueError, match=r"other settings \(group_size differ"):
+        check_run_settings(grpo, DemoConfig(run_dir=grpo, algorithm="grpo", group_size=2), policy)

@@ -147,11 +147,16 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict:
     return summary
 
 
+# Settings an algorithm does not read: a rerun that changes only these resumes its folder.
+UNREAD_SETTINGS = {"ppo": ("group_size",)}
+
+
 def run_settings(config: DemoConfig, initial_policy) -> dict:
-    """What every stage file of a run folder depends on: the settings (but the folder and the training
-    seeds, each of which has a folder of its own) and the initial policy's weights (left out when None)."""
-    settings = json.loads(json.dumps({k: v for k, v in asdict(config).items() if k not in ("run_dir", "seeds")},
-                                     default=str))
+    """What every stage file of a run folder depends on: the settings (but the folder, the training seeds, each
+    of which has a folder of its own, and those the algorithm does not read) and the initial policy's weights
+    (left out when None)."""
+    unread = ("run_dir", "seeds", *UNREAD_SETTINGS.get(config.algorithm, ()))
+    settings = json.loads(json.dumps({k: v for k, v in asdict(config).items() if k not in unread}, default=str))
     return settings if initial_policy is None else {**settings, "initial_policy": weights_digest(initial_policy)}
 
 
@@ -165,8 +170,8 @@ def check_run_settings(run: Path, config: DemoConfig, initial_policy) -> None:
     settings = run_settings(config, initial_policy)
     if recorded.exists():
         earlier = json.loads(recorded.read_text())
-        if initial_policy is None:
-            earlier.pop("initial_policy", None)
+        for key in ("initial_policy",) * (initial_policy is None) + UNREAD_SETTINGS.get(config.algorithm, ()):
+            earlier.pop(key, None)  # a folder recorded before a setting was known to be unread still resumes
         if changed := sorted(k for k in {*earlier, *settings} if earlier.get(k) != settings.get(k)):
             raise ValueError(f"{run}: made with other settings ({', '.join(changed)} differ from {recorded}); "
                              "give another --run-dir, or delete that folder to start again")
