@@ -13,7 +13,9 @@ user meets — ``packed``: trainable weights, packed again at every call (an RL 
 whose weights change between rollouts); ``kept``: frozen weights (a copy of the model with
 ``requires_grad=False``), packed at the first call and reused by every later one (``rlhfkit generate``,
 evaluation, LoRA's base weights) — and the engine with its decode step compiled
-(``compiled_kv_cached_sampling``; the compile happens in the untimed first call, its seconds are reported).
+(``compiled_kv_cached_sampling``; the compile happens in the untimed first call, its seconds are reported), on
+the trainable weights (``compiled``: weights are inputs of the graph) and on the frozen copy (``compiled_kept``:
+weights folded into the graph as constants, packed by inductor's freezing).
 They run interleaved (generate, engine, packed, kept, compiled, generate, ...) in one process with the same
 torch threads, so load from other processes hits all alike; each ratio is the median of the per-round ratios.
 
@@ -22,7 +24,8 @@ CPU has bf16) of the model with LoRA on every linear layer (``add_lora``'s defau
 frozen and kept, the adapters trainable and packed at every call; against the same calls with every weight
 packed at every call (the kept copies forgotten before each), interleaved.
 
-Where a decode step's time goes (``step_time``): the forward pass of one step (eager, packed, compiled), its
+Where a decode step's time goes (``step_time``): the forward pass of one step (eager, packed, compiled on the
+trainable and on the frozen weights: the written-out step where the model has one), its
 matrix products alone (each weight matrix multiplied once at the step's shape, plain and packed), the
 packing of every weight (once per rollout call), and the draw of the next token from the step's logits.
 Writes benchmarks/results/generation_speed-<time>.json.
@@ -44,7 +47,7 @@ from functools import partial
 from pathlib import Path
 
 TARGET = 2.0
-SIDES = ("generate", "engine", "packed", "kept", "compiled")
+SIDES = ("generate", "engine", "packed", "kept", "compiled", "compiled_kept")
 
 
 def timed(run) -> tuple[float, float]:
@@ -86,15 +89,17 @@ def interleaved(sides: dict, rounds: int) -> dict:
             "ratio_is": f"side tokens/s ÷ {base} tokens/s (cpu_ratio: the same in process CPU seconds)"}
 
 
-def step_time(model, rows: int, cache_length: int, repeats: int = 10) -> dict:
+def step_time(model, frozen, rows: int, cache_length: int, repeats: int = 10) -> dict:
     """Milliseconds (median of ``repeats``) of one decode step's parts at ``rows`` sequences: the forward
-    pass eager, with packed weights and compiled (the compiled engine's graph: same rows and cache length),
+    pass eager, with packed weights and compiled (the compiled engine's step: same rows and cache length; on
+    ``model`` and on ``frozen``, its copy with frozen weights),
     its matrix products alone (plain, packed), packing every weight, and the draw from [rows, V] logits; the
     packed copy's MiB."""
     import torch
     from transformers import StaticCache
 
-    from rlhfkit.models.engine import Decoding, decode_forward, draw, next_token_logits
+    from rlhfkit.models.decode import decode_step
+    from rlhfkit.models.engine import DecodeStepModule, Decoding, compiled_step, draw, next_token_logits
     from rlhfkit.models.packed import packable_layers, packed_weights, sibling_groups
 
     def milliseconds(run) -> float:
@@ -117,7 +122,10 @@ def step_time(model, rows: int, cache_length: int, repeats: int = 10) -> dict:
     parts["forward"] = milliseconds(step)
     with packed_weights(model, rows):
         parts["forward_packed"] = milliseconds(step)
-    parts["forward_compiled"] = milliseconds(partial(step, decode_forward(model, True)))
+    attend, index = mask.bool()[:, None, None], torch.zeros(1, dtype=torch.long)
+    for name, net in (("forward_compiled", model), ("forward_compiled_frozen", frozen)):
+        compiled = compiled_step(net, DecodeStepModule(net, decode_step(net, cache_length), "cache"))
+        parts[name] = milliseconds(partial(compiled, token, position, index, attend, mask, cache))
 
     def packed_step():  # a fresh context packs every weight again, at its first step
         with packed_weights(model, rows):
@@ -165,20 +173,22 @@ def compare(model, tokenizer, encoded, n: int, max_new_tokens: int, rounds: int,
     decoding = Decoding(max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, temperature=1.0,
                         min_new_tokens=max_new_tokens)
     engines = dict(zip(SIDES, (generate_sampling, partial(kv_cached_sampling, packed=False), kv_cached_sampling,
-                               kv_cached_sampling, compiled_kv_cached_sampling), strict=True))
+                               kv_cached_sampling, compiled_kv_cached_sampling, compiled_kv_cached_sampling),
+                           strict=True))
     result = {"shape": {"prompts": prompt_ids.shape[0], "samples_per_prompt": n,
                         "prompt_tokens": prompt_ids.shape[1], "new_tokens": max_new_tokens, "temperature": 1.0}}
     for precision in precisions:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "autocast": torch.float32}[precision]
         weights = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
         frozen = copy.deepcopy(weights).requires_grad_(False)  # the kept side's: its packed weights are reused
-        sides = {name: (lambda engine=engine, weights=frozen if name == "kept" else weights:
+        kept = {"kept", "compiled_kept"}  # the sides on the frozen copy
+        sides = {name: (lambda engine=engine, weights=frozen if name in kept else weights:
                         engine(weights, prompt_ids, prompt_mask, n, decoding))
                  for name, engine in engines.items()}
         # "autocast": fp32 weights under a CPU bf16 autocast on every side, as the RL trainers sample
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"):
             result[precision] = interleaved(sides, rounds)
-            result[precision]["step_ms"] = step_time(weights, prompt_ids.shape[0] * n,
+            result[precision]["step_ms"] = step_time(weights, frozen, prompt_ids.shape[0] * n,
                                                      bucketed(prompt_ids.shape[1] + max_new_tokens))
         del frozen
     return result
@@ -268,16 +278,17 @@ def main() -> None:
         runs.append(smollm2(args.smollm2_rounds, precisions))
     runs = [r for r in runs if r is not None]
     print(f"{'model':22} {'weights':>7} {'generate':>9} " + " ".join(f"{side:>9} {'ratio':>11}" for side in SIDES[1:])
-          + f" {'target':>6} {'compile s':>9}   decode step ms: forward, packed, compiled, matrix products plain, "
-          "packed, packing, draw; packed MiB")
+          + f" {'target':>6} {'compile s':>13}   decode step ms: forward, packed, compiled, compiled frozen, "
+          "matrix products plain, packed, packing, draw; packed MiB")
     for r in runs:
         for precision in precisions:
-            run, step = r[precision], r[precision]["step_ms"]
+            run, step, first = r[precision], r[precision]["step_ms"], r[precision]["first_call_s"]
             sides = " ".join(f"{run['tokens_per_s'][side]:>9} {run['ratio'][side]:>5.2f} ({run['cpu_ratio'][side]:.2f})"
                              for side in SIDES[1:])
             print(f"{r['model']:22} {precision:>7} {run['tokens_per_s']['generate']:>9} {sides} "
-                  f"{'≥ ' + str(TARGET):>6} {run['first_call_s']['compiled']:>9}   {step['forward']}, "
-                  f"{step['forward_packed']}, {step['forward_compiled']}, {step['matrix_products']}, "
+                  f"{'≥ ' + str(TARGET):>6} {first['compiled']:>6} {first['compiled_kept']:>6}"
+                  f"   {step['forward']}, {step['forward_packed']}, {step['forward_compiled']}, "
+                  f"{step['forward_compiled_frozen']}, {step['matrix_products']}, "
                   f"{step['matrix_products_packed']}, {step['packing']}, {step['draw']}; {step['packed_mib']}")
     for r in runs:
         if "lora" in r:
@@ -289,7 +300,9 @@ def main() -> None:
     print("tokens/s per side; ratio: ÷ generate's tokens/s, median of interleaved rounds, wall clock (CPU seconds); "
           "engine: plain matrix products; packed: packed weights, trainable, so packed again at every call (what "
           "an RL rollout with full fine-tuning gets); kept: packed weights, frozen, packed at the first call and "
-          "reused (rlhfkit generate, evaluation, LoRA's base weights); compile s: the compiled side's first call")
+          "reused (rlhfkit generate, evaluation, LoRA's base weights); compiled: the decode step compiled, weights "
+          "as the graph's inputs; compiled_kept: compiled on the frozen copy, weights folded in; compile s: the "
+          "compiled sides' first calls")
     result = {"runs": runs, "target_ratio": TARGET, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "transformers": transformers.__version__, **B.contention()}
     out = Path(__file__).parent / "results" / f"generation_speed-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"

@@ -40,7 +40,7 @@ def test_generate_rank_pairs_from_the_command_line(tmp_path, policy_dir):
     completions = read_records(out, Completion)
     assert [c.prompt_id for c in completions[::4]] == ["line-1", "line-3"]
     assert "0 new completions" in invoke("generate", tmp_path / "prompts.txt", "-o", out, "--model", policy_dir,
-                                         "-n", 4).output
+                                         "-n", 4, "--compile").output
     rankings = [Ranking(prompt_id=pid, labeler_id="l1", groups=[[f"{pid}-0"], [f"{pid}-1", f"{pid}-2"], [f"{pid}-3"]])
                 for pid in ("line-1", "line-3")]
     write_records(tmp_path / "rankings.jsonl", rankings)

@@ -105,3 +105,19 @@ def test_every_weight_is_packed_once_for_all_batches_and_the_model_stays_trainab
                          progress=False)
     assert len(packings) == len(packable_layers(tiny_causal))  # 3 batches, one packing
     assert all(p.requires_grad for p in tiny_causal.parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("error:rollout engine. torch.compile failed:RuntimeWarning")
+def test_a_compiled_run_writes_the_same_completions_with_the_weights_folded_in(tiny_causal, tokenizer):
+    """``compiled=True`` (``rlhfkit generate --compile``): the decode step compiled with the frozen weights as
+    constants of its graph, the same completions as the default engine, and the model trainable afterwards."""
+    from rlhfkit.models.engine import COMPILED_ATTRIBUTE
+
+    prepare_tokenizer(tokenizer, tiny_causal)
+    runs = [[c.text for c in generate_completions(tiny_causal, tokenizer, make_prompts(3), n=2, sampling=SAMPLING,
+                                                  batch_size=2, progress=False, compiled=compiled)]
+            for compiled in (False, True)]
+    assert runs[0] == runs[1]
+    assert tiny_causal.__dict__[COMPILED_ATTRIBUTE].frozen is not None
+    assert all(p.requires_grad for p in tiny_causal.parameters())

@@ -43,6 +43,10 @@ def generate(
     seed: int = 0,
     chat_template: Annotated[bool | None, typer.Option(
         help="Apply the tokenizer's chat template (default: when it has one and the model is causal).")] = None,
+    compiled: Annotated[bool, typer.Option("--compile", help=(
+        "Compile the decode step with the weights folded in: about a minute per batch shape, then fewer seconds "
+        "per token (SmolLM2-135M in fp32 on 2 CPU cores: 1.5x the default engine's tokens/s); for long runs."
+    ))] = False,
 ) -> None:
     """Sample N completions per prompt → completions JSONL ({id, prompt_id, prompt, text, index, model,
     sampling}). Resumable: prompts already in OUTPUT are skipped."""
@@ -57,7 +61,8 @@ def generate(
     policy, tokenizer = load_policy(model, gguf_file=gguf_file)
     started = time.perf_counter()
     created = generate_completions(policy, tokenizer, prompt_records, n=n, sampling=sampling, batch_size=batch_size,
-                                   output=output, model_name=model, use_chat_template=chat_template)
+                                   output=output, model_name=model, use_chat_template=chat_template,
+                                   compiled=compiled)
     console.print(f"{len(created)} new completions for {len(created) // n} prompts in "
                   f"{time.perf_counter() - started:.1f}s → {output} "
                   f"({len(prompt_records) - len(created) // n} prompts were already done)")

@@ -99,6 +99,48 @@ def test_the_compiled_engine_draws_the_eager_engines_tokens_and_reuses_its_graph
     assert set(dtypes) == {torch.bfloat16}  # the compiled steps' logits too: they ran under the autocast
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("error:rollout engine. torch.compile failed:RuntimeWarning")
+def test_a_frozen_model_decodes_with_its_weights_folded_into_the_graph_and_never_with_stale_ones(
+        tiny_causal, tokenizer):
+    """Frozen weights (``rlhfkit generate``, evaluation) are constants of the compiled graph: the same tokens as
+    the eager engine; after an in-place change of one weight the graph is compiled again (a stale graph would
+    decode with the old weights); a copy or a pickle of the model carries no compiled step, and a copy with other
+    weights decodes with its own."""
+    import copy
+    import pickle
+
+    from torch._dynamo.utils import counters
+
+    model = peaked(tiny_causal).requires_grad_(False)
+    ids, mask = encode(tokenizer, PROMPTS)
+    greedy, sampled = decoding(greedy=True, max_new_tokens=10), decoding(temperature=0.7, max_new_tokens=10)
+
+    def same_as_eager(net) -> None:
+        for settings in (greedy, sampled):
+            runs = [engine(net, ids, mask, 2, settings, torch.Generator().manual_seed(0))
+                    for engine in (compiled_kv_cached_sampling, kv_cached_sampling)]
+            assert torch.equal(*runs)
+
+    same_as_eager(model)
+    kept = model.__dict__[engine_module.COMPILED_ATTRIBUTE]
+    assert kept.frozen is not None and kept.step is not None
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.no_grad():  # a weight the graph packed: a stale graph would still multiply by the old one
+        model.transformer.h[0].attn.c_attn.weight.mul_(-1.0)
+    same_as_eager(model)
+    assert counters["stats"]["unique_graphs"] > graphs
+    twin = copy.deepcopy(model)
+    assert vars(twin).get(engine_module.COMPILED_ATTRIBUTE) is None
+    assert vars(pickle.loads(pickle.dumps(model))).get(engine_module.COMPILED_ATTRIBUTE) is None
+    with torch.no_grad():  # the first weights again, in another model: its own graph, not model's
+        twin.transformer.h[0].attn.c_attn.weight.mul_(-1.0)
+    same_as_eager(twin)
+    model.transformer.ln_f.weight.requires_grad_(True)  # trainable again: the weights are the graph's inputs
+    same_as_eager(model)
+    assert model.__dict__[engine_module.COMPILED_ATTRIBUTE].frozen is None
+
+
 def test_where_compilation_fails_the_compiled_engine_warns_once_and_decodes_eagerly(tiny_causal, tokenizer,
                                                                                     monkeypatch):
     def no_compiler(function, **options):
@@ -107,7 +149,6 @@ def test_where_compilation_fails_the_compiled_engine_warns_once_and_decodes_eage
         return fails
 
     monkeypatch.setattr(torch, "compile", no_compiler)
-    monkeypatch.setattr(engine_module, "_COMPILED_FORWARD", {})
     ids, mask = encode(tokenizer, PROMPTS)
     with pytest.warns(RuntimeWarning, match="torch.compile failed .RuntimeError: InductorError") as caught:
         compiled = compiled_kv_cached_sampling(tiny_causal, ids, mask, 2, decoding(),

@@ -15,7 +15,8 @@ the same layers in the same order:
 with the model's own linear layers (so packed weights, LoRA adapters and autocast apply as in its own
 forward), its rotary embedding, norms' weights and activation, and the attention kernel transformers uses
 for one query (``scaled_dot_product_attention``, the query heads grouped by key/value head); this step's K
-and V are written at ``index`` of transformers' ``StaticCache``; M is −∞ where ``attend`` is False.
+and V are written at ``index`` (a tensor [1], so that a compiled step is one graph for every step) of
+transformers' ``StaticCache``; M is −∞ where ``attend`` is False.
 The logits are bit for bit the model's forward's (SmolLM2 in fp32, bf16 and under bf16 autocast;
 ``tests/models/test_decode.py`` on tiny models).
 
@@ -46,7 +47,8 @@ from transformers import (
     StaticCache,
 )
 
-DecodeStep = Callable[[PreTrainedModel, torch.Tensor, torch.Tensor, int, torch.Tensor, StaticCache], torch.Tensor]
+DecodeStep = Callable[[PreTrainedModel, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, StaticCache],
+                      torch.Tensor]
 
 
 def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
@@ -63,10 +65,10 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
-def llama_step(model: PreTrainedModel, token: torch.Tensor, position: torch.Tensor, index: int,
+def llama_step(model: PreTrainedModel, token: torch.Tensor, position: torch.Tensor, index: torch.Tensor,
                attend: torch.Tensor, cache: StaticCache) -> torch.Tensor:
     """Next-token logits [R, V] of a Llama-style model for ``token`` [R, 1] at ``position`` [R, 1], its K and V
-    written at cache slot ``index``; ``attend`` [R, 1, 1, L]: the cache slots each row attends to."""
+    written at cache slot ``index`` [1]; ``attend`` [R, 1, 1, L]: the cache slots each row attends to."""
     body = model.model
     h = body.embed_tokens(token)
     cos, sin = body.rotary_emb(h, position)
@@ -78,8 +80,8 @@ def llama_step(model: PreTrainedModel, token: torch.Tensor, position: torch.Tens
         x = _rms_norm(h, layer.input_layernorm)
         heads, d = kv.keys.shape[1], attention.head_dim
         q = _rotate(attention.q_proj(x).view(rows, heads, -1, d), cos, sin)  # query heads grouped by KV head
-        kv.keys[:, :, index] = _rotate(attention.k_proj(x).view(rows, heads, d), cos[:, 0], sin[:, 0])
-        kv.values[:, :, index] = attention.v_proj(x).view(rows, heads, d)
+        kv.keys.index_copy_(2, index, _rotate(attention.k_proj(x).view(rows, heads, 1, d), cos, sin))
+        kv.values.index_copy_(2, index, attention.v_proj(x).view(rows, heads, 1, d))
         o = F.scaled_dot_product_attention(q, kv.keys, kv.values, attn_mask=attend, scale=attention.scaling)
         h = h + attention.o_proj(o.reshape(rows, 1, -1))
         x = _rms_norm(h, layer.post_attention_layernorm)
@@ -87,7 +89,7 @@ def llama_step(model: PreTrainedModel, token: torch.Tensor, position: torch.Tens
     return model.lm_head(_rms_norm(h, body.norm))[:, -1]
 
 
-def gpt2_step(model: PreTrainedModel, token: torch.Tensor, position: torch.Tensor, index: int,
+def gpt2_step(model: PreTrainedModel, token: torch.Tensor, position: torch.Tensor, index: torch.Tensor,
               attend: torch.Tensor, cache: StaticCache) -> torch.Tensor:
     """``llama_step`` for GPT-2: learned positions, LayerNorms, one product for q, k and v, GELU MLP."""
     body = model.transformer
@@ -97,8 +99,8 @@ def gpt2_step(model: PreTrainedModel, token: torch.Tensor, position: torch.Tenso
         attention = block.attn
         q, k, v = attention.c_attn(block.ln_1(h)).split(attention.split_size, dim=2)
         heads, d = kv.keys.shape[1], attention.head_dim
-        kv.keys[:, :, index] = k.view(rows, heads, d)
-        kv.values[:, :, index] = v.view(rows, heads, d)
+        kv.keys.index_copy_(2, index, k.view(rows, heads, 1, d))
+        kv.values.index_copy_(2, index, v.view(rows, heads, 1, d))
         o = F.scaled_dot_product_attention(q.view(rows, heads, 1, d), kv.keys, kv.values, attn_mask=attend,
                                            scale=attention.scaling)
         h = h + attention.c_proj(o.reshape(rows, 1, -1))

@@ -22,18 +22,21 @@ Llama, SmolLM2, Qwen, Mistral...) it runs ``kv_cached_sampling``, which does the
 * the decode steps of Llama-style models and GPT-2 run a written-out forward (``rlhfkit.models.decode``):
   the model's own layers, without transformers' per-call plumbing; other models run their own forward.
 
-``compiled_kv_cached_sampling`` runs the decode steps (not the prefill, whose length varies) through
-``torch.compile``: one graph per model class, row count and cache length, the cache length rounded up to a
-multiple of 64 so that prompts of different lengths share a graph. Same tokens as the eager engine for one
-seed; where compiling fails (no C++ compiler...) it warns once and decodes eagerly. It is opt-in
-(``ENGINE = compiled_kv_cached_sampling``) because on a CPU it rarely pays for its compile. Measured with
-``benchmarks/generation_speed.py`` on a 2-core EPYC with AVX512-BF16 (1 thread; the machine was loaded, so
-ratios of CPU seconds): 9-88 s to compile per shape and precision; then a rollout of the workload's 5.3M
-GPT-2 (8 prompts × 4 samples, 32 tokens) runs at 1.63× ``generate``'s tokens/s against the eager engine's
-1.39× (fp32; 1.70× and 1.39× with bf16 weights), of SmolLM2-135M (2 × 4) at 1.30× against 1.22× (fp32)
-and 0.97× against 1.25× (bf16: the compiled step took 79 ms of CPU against eager's 64, cause not
-isolated). The compiled decode step multiplies by unpacked weights (inductor packs them only with its
-``freezing`` option, which makes weights constants of the graph: stale after an optimizer step).
+``compiled_kv_cached_sampling`` (``rlhfkit generate --compile``) runs the decode steps (not the prefill, whose
+length varies) through ``torch.compile`` (``compiled_step``): the written-out step where the model has one, else
+its forward; one graph per row count and cache length, the cache length rounded up to a multiple of 64 so that
+prompts of different lengths share a graph. Where every weight is frozen (``rlhfkit generate``, evaluation) the
+graph is compiled with inductor's ``freezing``: the weights become constants of the graph, packed once for the
+CPU's matrix kernels (MKL's packed fp32 GEMM on an Intel CPU) and the step around them fused; that is what pays.
+A change to a frozen weight compiles the graph again (``frozen_state`` is checked at every call); trainable
+weights stay inputs of the graph (an optimizer step needs no recompile), which on a CPU pays little. Same
+tokens as the eager engine for one seed wherever the summation order does not flip a draw; where compiling fails
+(no C++ compiler...) it warns once and decodes eagerly. Opt-in, because a compile costs about a minute per shape
+and precision on a CPU, and each frozen graph keeps its own packed copy of the weights for as long as the
+process lives (torch frees no compiled graph: +350 MiB for each compile of a 190 MiB GPT-2, measured). Measured
+(``benchmarks/generation_speed.py``, SmolLM2-135M, fp32, 8 rows, 2 threads, an Intel Xeon with AMX, idle): a
+decode step of 40-46 ms frozen and compiled against 58-86 ms for the eager engine's and about 105 for
+``generate``'s; 138-149 tokens/s for a 2 × 4 × 32-token call against 97-111 eager (README: the benchmark's table).
 
 The output is the one ``generate`` gives after the prompt: [B·n, T] token ids, prompt-major (the n samples of
 prompt i in rows i·n…i·n+n−1), pad after a sequence's EOS, T ≤ ``max_new_tokens`` the number of steps run.
@@ -51,6 +54,7 @@ with a teacher-forced forward pass, so an engine must sample from the distributi
 from __future__ import annotations
 
 import inspect
+import types
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -62,8 +66,8 @@ import torch
 import transformers
 from transformers import GenerationConfig, PreTrainedModel, StaticCache
 
-from rlhfkit.models.decode import decode_step
-from rlhfkit.models.packed import packed_weights
+from rlhfkit.models.decode import DecodeStep, decode_step
+from rlhfkit.models.packed import lora_owners, packed_weights, weight_state
 from rlhfkit.models.policy import completion_tokens, generate_exactly, is_seq2seq, transformers_model
 
 
@@ -155,33 +159,93 @@ def bucketed(cache_length: int) -> int:
     return -(-cache_length // CACHE_LENGTH_BUCKET) * CACHE_LENGTH_BUCKET
 
 
-# Model class → its forward under torch.compile (static shapes), None where compiling failed in this process.
-# Keyed by class, not model: an entry holds no model alive, and dynamo's guards recompile for another model
-# or shape; parameters are graph inputs, so weights updated in place need no recompilation.
-_COMPILED_FORWARD: dict[type, Callable | None] = {}
+class DecodeStepModule(torch.nn.Module):
+    """One decode step of ``hf``: its written-out step (``rlhfkit.models.decode``) where there is one, else its
+    own forward; a module whose parameters are ``hf``'s, the form in which ``torch.compile`` can freeze them."""
+
+    def __init__(self, hf: PreTrainedModel, written_out: DecodeStep | None, cache_argument: str) -> None:
+        super().__init__()
+        self.hf, self.written_out, self.cache_argument = hf, written_out, cache_argument
+
+    def forward(self, token: torch.Tensor, position: torch.Tensor, index: torch.Tensor, attend: torch.Tensor,
+                mask: torch.Tensor, cache: StaticCache) -> torch.Tensor:
+        """Next-token logits [R, V] for ``token`` [R, 1] (see ``llama_step``; ``mask``: ``attend`` as [R, L])."""
+        if self.written_out is not None:
+            return self.written_out(self.hf, token, position, index, attend, cache)
+        return self.hf(input_ids=token, attention_mask=mask, position_ids=position, use_cache=True,
+                       **{self.cache_argument: cache}).logits[:, -1]
 
 
-def decode_forward(hf: PreTrainedModel, compiled: bool) -> Callable:
-    """The forward pass of one decode step: ``hf`` itself, or its compiled forward, which falls back to ``hf``
-    with a one-line warning where compilation fails (no C++ compiler, an unsupported backend or model)."""
-    if not compiled:
-        return hf
-    kind = type(hf)
-    if kind not in _COMPILED_FORWARD:
-        _COMPILED_FORWARD[kind] = torch.compile(kind.forward, dynamic=False)  # compiles lazily, at the first call
+def frozen_state(hf: PreTrainedModel) -> tuple | None:
+    """What changes when any weight or buffer of ``hf`` changes (``packed.weight_state`` of each, and which
+    tensors they are), or None where one is trainable or cannot be tracked: the weights a frozen graph folds in."""
+    owners = lora_owners(hf)
+    states = []
+    for module in hf.modules():
+        for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+            state = weight_state(tensor, owners.get(module))
+            if state is None:
+                return None
+            states.append((id(tensor), state))
+    return tuple(states)
 
-    def forward(**inputs):
-        if _COMPILED_FORWARD[kind] is not None:
+
+@dataclass
+class _CompiledStep:
+    """A compiled ``DecodeStepModule`` kept on its model, with what it was compiled for: the written-out step
+    it runs (None: the model's forward) and the ``frozen_state`` its graph folded in (None: the weights are
+    inputs of the graph). Neither copied nor saved with the model (a copy compiles its own)."""
+
+    step: Callable | None  # None where compiling failed: decode eagerly
+    written_out: DecodeStep | None
+    frozen: tuple | None
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None
+
+    def __reduce__(self) -> tuple:
+        return type(None), ()
+
+
+COMPILED_ATTRIBUTE = "_rlhfkit_compiled_step"
+
+
+def compiled_step(hf: PreTrainedModel, module: DecodeStepModule) -> Callable:
+    """``module`` under ``torch.compile`` (static shapes; a graph per row count and cache length), kept on ``hf``
+    for later calls. Where every weight of ``hf`` is frozen, the graph is compiled with inductor's ``freezing``:
+    the weights become constants, packed once for the CPU's matrix kernels and folded into the fused step (what
+    makes it pay on a CPU); compiled again when any of them changes. Else the weights are graph inputs (an
+    optimizer step needs no recompile). Where compiling fails (no C++ compiler, an unsupported model) it warns
+    once and returns ``module`` itself."""
+    import torch._inductor.config as inductor
+
+    frozen = frozen_state(hf)
+    kept = hf.__dict__.get(COMPILED_ATTRIBUTE)
+    if kept is None or kept.written_out is not module.written_out or kept.frozen != frozen:
+        def run(*inputs: torch.Tensor | StaticCache) -> torch.Tensor:
+            return module(*inputs)
+
+        # dynamo keeps its graphs on the code object it compiled, and guards a frozen graph on the weights' shapes,
+        # not their values: with a code object of its own, no later call can find a graph of stale weights
+        own = types.FunctionType(run.__code__.replace(), run.__globals__, run.__name__, None, run.__closure__)
+        kept = _CompiledStep(torch.compile(own, dynamic=False), module.written_out, frozen)
+        hf.__dict__[COMPILED_ATTRIBUTE] = kept  # not setattr: a module attribute would become a submodule
+    if kept.step is None:
+        return module
+
+    def step(*inputs: torch.Tensor | StaticCache) -> torch.Tensor:
+        if kept.step is not None:
             try:
-                return _COMPILED_FORWARD[kind](hf, **inputs)
-            except Exception as error:  # a genuine error of the model is raised again below, by hf
+                with inductor.patch(freezing=kept.frozen is not None):
+                    return kept.step(*inputs)
+            except Exception as error:  # a genuine error of the model is raised again below, by the eager step
                 reason = (str(error).strip().splitlines() or [""])[0][:160]
                 warnings.warn(f"rollout engine: torch.compile failed ({type(error).__name__}: {reason}); decoding "
                               "without it", RuntimeWarning, stacklevel=2)
-                _COMPILED_FORWARD[kind] = None
-        return hf(**inputs)
+                kept.step = None
+        return module(*inputs)
 
-    return forward
+    return step
 
 
 @torch.no_grad()
@@ -217,8 +281,8 @@ def kv_cached_sampling(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_
         logits, mask = logits.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0)
         position = position[:, -1:].repeat_interleave(n, dim=0)
         ended = torch.zeros(batch * n, dtype=torch.bool, device=prompt_ids.device)
-        forward = decode_forward(hf, compiled)
-        written_out = None if compiled else decode_step(hf, cache_length)
+        module = DecodeStepModule(hf, decode_step(hf, cache_length), next(iter(cached)))
+        forward = compiled_step(hf, module) if compiled else module
         attend = mask.bool()[:, None, None]  # [R, 1, 1, L]: the slots each row attends to (the written-out step's)
         tokens = []
         for step in range(steps):
@@ -232,11 +296,8 @@ def kv_cached_sampling(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_
             mask[:, prompt_length + step] = 1
             attend[..., prompt_length + step] = True
             position = position + 1
-            if written_out is not None:
-                logits = written_out(hf, token[:, None], position, prompt_length + step, attend, cache)
-            else:
-                step_input = {"input_ids": token[:, None], "attention_mask": mask, "position_ids": position}
-                logits = forward(**step_input, **cached).logits[:, -1]
+            index = torch.tensor([prompt_length + step], device=prompt_ids.device)
+            logits = forward(token[:, None], position, index, attend, mask, cache)
     return torch.stack(tokens, dim=1)
 
 
@@ -262,8 +323,9 @@ ENGINE: RolloutEngine = kv_cached_sampling  # replace with another engine (vLLM)
 
 
 def sample_completions(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, n: int,
-                       decoding: Decoding, generator: torch.Generator | None = None) -> torch.Tensor:
-    """[B·n, T] completion ids for [B, P] prompts: ``ENGINE`` for a causal LM with static-cache support,
-    ``generate`` for any other model."""
-    engine = ENGINE if has_static_cache(model) else generate_sampling
+                       decoding: Decoding, generator: torch.Generator | None = None,
+                       compiled: bool = False) -> torch.Tensor:
+    """[B·n, T] completion ids for [B, P] prompts: ``ENGINE`` (``compiled``: ``compiled_kv_cached_sampling``) for
+    a causal LM with static-cache support, ``generate`` for any other model."""
+    engine = (compiled_kv_cached_sampling if compiled else ENGINE) if has_static_cache(model) else generate_sampling
     return engine(model, prompt_ids, prompt_mask, n, decoding, generator)
