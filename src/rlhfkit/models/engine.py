@@ -25,8 +25,8 @@ Llama, SmolLM2, Qwen, Mistral...) it runs ``kv_cached_sampling``, which does the
 ``compiled_kv_cached_sampling`` (``rlhfkit generate --compile``) runs the decode steps (not the prefill, whose
 length varies) through ``torch.compile`` (``compiled_step``): the written-out step where the model has one, else
 its forward; one graph per row count and cache length, the cache length rounded up to a multiple of 64 so that
-prompts of different lengths share a graph. Where every weight is frozen (``rlhfkit generate``, evaluation) the
-graph is compiled with inductor's ``freezing``: the weights become constants of the graph, packed once for the
+prompts of different lengths share a graph. Where every weight is frozen (``rlhfkit generate`` freezes them for
+its run) the graph is compiled with inductor's ``freezing``: the weights become constants of the graph, packed once for the
 CPU's matrix kernels (MKL's packed fp32 GEMM on an Intel CPU) and the step around them fused; that is what pays.
 A change to a frozen weight compiles the graph again (``frozen_state`` is checked at every call); trainable
 weights stay inputs of the graph (an optimizer step needs no recompile), which on a CPU pays little. Same
@@ -34,9 +34,10 @@ tokens as the eager engine for one seed wherever the summation order does not fl
 (no C++ compiler...) it warns once and decodes eagerly. Opt-in, because a compile costs about a minute per shape
 and precision on a CPU, and each frozen graph keeps its own packed copy of the weights for as long as the
 process lives (torch frees no compiled graph: +350 MiB for each compile of a 190 MiB GPT-2, measured). Measured
-(``benchmarks/generation_speed.py``, SmolLM2-135M, fp32, 8 rows, 2 threads, an Intel Xeon with AMX, idle): a
-decode step of 40-46 ms frozen and compiled against 58-86 ms for the eager engine's and about 105 for
-``generate``'s; 138-149 tokens/s for a 2 × 4 × 32-token call against 97-111 eager (README: the benchmark's table).
+(``benchmarks/generation_speed.py``, results/generation_speed-20261201T045558Z.json: SmolLM2-135M, fp32, 2 prompts
+× 4 samples × 32 tokens, 2 threads, an Intel Xeon with AMX, idle): a decode step of 41 ms frozen and compiled
+against 65 ms for the eager engine's with packed weights; 156 tokens/s, 2.28× ``generate``'s, against 105 (1.50×)
+for the eager engine with its packed weights kept; 44 s to compile.
 
 The output is the one ``generate`` gives after the prompt: [B·n, T] token ids, prompt-major (the n samples of
 prompt i in rows i·n…i·n+n−1), pad after a sequence's EOS, T ≤ ``max_new_tokens`` the number of steps run.
