@@ -26,8 +26,9 @@ Llama, SmolLM2, Qwen, Mistral...) it runs ``kv_cached_sampling``, which does the
 length varies) through ``torch.compile`` (``compiled_step``): the written-out step where the model has one, else
 its forward; one graph per row count and cache length, the cache length rounded up to a multiple of 64 so that
 prompts of different lengths share a graph. Where every weight is frozen (``rlhfkit generate`` freezes them for
-its run) the graph is compiled with inductor's ``freezing``: the weights become constants of the graph, packed once for the
-CPU's matrix kernels (MKL's packed fp32 GEMM on an Intel CPU) and the step around them fused; that is what pays.
+its run) the graph is compiled with inductor's ``freezing``: the weights become constants of the graph, packed
+once for the CPU's matrix kernels (MKL's packed fp32 GEMM on an Intel CPU) and the step around them fused; that
+is what pays.
 A change to a frozen weight compiles the graph again (``frozen_state`` is checked at every call); trainable
 weights stay inputs of the graph (an optimizer step needs no recompile), which on a CPU pays little. Same
 tokens as the eager engine for one seed wherever the summation order does not flip a draw; where compiling fails
