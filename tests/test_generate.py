@@ -109,15 +109,22 @@ def test_every_weight_is_packed_once_for_all_batches_and_the_model_stays_trainab
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("error:rollout engine. torch.compile failed:RuntimeWarning")
-def test_a_compiled_run_writes_the_same_completions_with_the_weights_folded_in(tiny_causal, tokenizer):
+def test_a_compiled_run_writes_the_same_completions_with_the_weights_folded_in(tiny_causal, tokenizer,
+                                                                              monkeypatch):
     """``compiled=True`` (``rlhfkit generate --compile``): the decode step compiled with the frozen weights as
-    constants of its graph, the same completions as the default engine, and the model trainable afterwards."""
+    constants of its graph, the same completions as the default engine, and the model trainable afterwards; the
+    last batch, smaller than the others, decodes eagerly (its shape would cost a compile of its own)."""
+    import rlhfkit.generate as generate_module
     from rlhfkit.models.engine import COMPILED_ATTRIBUTE
 
+    flags, real = [], generate_module.sample_completions
+    monkeypatch.setattr(generate_module, "sample_completions",
+                        lambda *args, compiled, **kwargs: flags.append(compiled) or real(*args, compiled=compiled,
+                                                                                          **kwargs))
     prepare_tokenizer(tokenizer, tiny_causal)
     runs = [[c.text for c in generate_completions(tiny_causal, tokenizer, make_prompts(3), n=2, sampling=SAMPLING,
                                                   batch_size=2, progress=False, compiled=compiled)]
             for compiled in (False, True)]
-    assert runs[0] == runs[1]
+    assert runs[0] == runs[1] and flags == [False, False, True, False]
     assert tiny_causal.__dict__[COMPILED_ATTRIBUTE].frozen is not None
     assert all(p.requires_grad for p in tiny_causal.parameters())

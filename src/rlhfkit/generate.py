@@ -121,7 +121,8 @@ def generate_completions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     ``use_chat_template=None`` applies the tokenizer's chat template when it has one and the model is
     causal (instruct models expect it). With an ``output`` file the run is resumable. ``compiled``: the decode
     step runs ``torch.compile``'d with the weights folded in (frozen here): about a minute to compile per batch
-    shape, then fewer seconds per token (``rlhfkit.models.engine``); for long runs.
+    shape, then fewer seconds per token (``rlhfkit.models.engine``); for long runs. A last batch smaller than
+    ``batch_size`` decodes without (its shape would cost a compile of its own).
     """
     sampling = sampling or SamplingParams()
     for index, prompt in enumerate(prompts):
@@ -143,8 +144,9 @@ def generate_completions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
             batch = todo[start:start + batch_size]
             torch.manual_seed(_batch_seed(sampling.seed, [p.id for p in batch]))
             texts = [format_prompt(p.text, tokenizer, use_chat_template) for p in batch]
+            full = len(batch) == batch_size  # a last, smaller batch is not worth a compile of its own
             samples = sample_batch(model, tokenizer, texts, n, sampling, use_chat_template, [p.id for p in batch],
-                                   compiled)
+                                   compiled and full)
             tokens += samples.tokens
             new = [Completion(id=f"{p.id}-{i}", prompt_id=p.id, prompt=p.text, text=text, index=i,
                               model=model_name, sampling=sampling, truncated=cut)
