@@ -141,6 +141,74 @@ def test_a_frozen_model_decodes_with_its_weights_folded_into_the_graph_and_never
     assert model.__dict__[engine_module.COMPILED_ATTRIBUTE].frozen is None
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("error:rollout engine. torch.compile failed:RuntimeWarning")
+def test_a_forward_hook_added_after_compiling_applies_to_the_compiled_step(tiny_causal, tokenizer):
+    """dynamo does not guard on module hooks (``skip_nnmodule_hook_guards``): a graph traced before a hook was
+    added (on a module the written-out step calls, or any module of a model run through its own forward) would
+    decode without it."""
+    model = peaked(tiny_causal).requires_grad_(False)
+    ids, mask = encode(tokenizer, PROMPTS)
+    settings = decoding(greedy=True, max_new_tokens=8)
+    first = compiled_kv_cached_sampling(model, ids, mask, 1, settings)
+    assert torch.equal(first, kv_cached_sampling(model, ids, mask, 1, settings))
+
+    def ban(module, args, output):  # a steering hook: the tokens greedy chose are never chosen again
+        return output.index_fill(-1, first.unique(), float("-inf"))
+
+    for where in (model.lm_head, model.transformer.h[1].mlp):
+        handle = where.register_forward_hook(ban if where is model.lm_head else lambda m, a, o: -3 * o)
+        try:
+            hooked = compiled_kv_cached_sampling(model, ids, mask, 1, settings)
+            assert torch.equal(hooked, kv_cached_sampling(model, ids, mask, 1, settings))
+        finally:
+            handle.remove()
+        assert torch.equal(compiled_kv_cached_sampling(model, ids, mask, 1, settings), first)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("error:rollout engine. torch.compile failed:RuntimeWarning")
+def test_a_frozen_weight_written_through_data_is_read_after_forget_packed_weights(tiny_causal, tokenizer):
+    """A write through ``weight.data`` bumps no version (TRL's reference-model sync writes so): as for the kept
+    packed weights, ``forget_packed_weights`` is how to say so, and the compiled step must hear it too."""
+    from rlhfkit.models.packed import forget_packed_weights
+
+    model = tiny_causal.requires_grad_(False)
+    ids, mask = encode(tokenizer, PROMPTS)
+    settings = decoding(greedy=True, max_new_tokens=8)
+    with torch.no_grad():  # logits ≈ lm_head · b: the token whose embedding row is b wins
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(torch.randn(32, generator=torch.Generator().manual_seed(0)))
+    before = compiled_kv_cached_sampling(model, ids, mask, 1, settings)
+    favourite = 9 if int(before[0, 1]) != 9 else 10
+    model.lm_head.weight.data[favourite] = model.transformer.ln_f.bias * 100  # tied: the embedding's row too
+    forget_packed_weights(model)
+    after = compiled_kv_cached_sampling(model, ids, mask, 1, settings)
+    assert torch.equal(after, kv_cached_sampling(model, ids, mask, 1, settings, packed=False))
+    assert bool((after == favourite).all())
+
+
+@pytest.mark.slow
+def test_an_error_of_the_model_in_a_compiled_step_is_raised_and_compiling_goes_on(tiny_causal):
+    """Decoding past GPT-2's positions is the caller's error, not the compiler's: it is raised as the eager step
+    raises it, with no 'torch.compile failed' warning, and the model's later calls still run compiled."""
+    import warnings
+
+    settings = decoding(greedy=True, max_new_tokens=20, eos_token_id=None)
+    model = tiny_causal.requires_grad_(False)  # 128 positions
+    ids = torch.randint(4, 40, (2, 120), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(IndexError):
+            compiled_kv_cached_sampling(model, ids, torch.ones_like(ids), 1, settings)
+    assert not [w for w in caught if "torch.compile failed" in str(w.message)]
+    assert model.__dict__[engine_module.COMPILED_ATTRIBUTE].step is not None
+    ids = ids[:, :20]
+    assert torch.equal(compiled_kv_cached_sampling(model, ids, torch.ones_like(ids), 1, settings),
+                       kv_cached_sampling(model, ids, torch.ones_like(ids), 1, settings))
+    assert model.__dict__[engine_module.COMPILED_ATTRIBUTE].step is not None
+
+
 def test_where_compilation_fails_the_compiled_engine_warns_once_and_decodes_eagerly(tiny_causal, tokenizer,
                                                                                     monkeypatch):
     def no_compiler(function, **options):

@@ -28,13 +28,18 @@ its forward; one graph per row count and cache length, the cache length rounded 
 prompts of different lengths share a graph. Where every weight is frozen (``rlhfkit generate`` freezes them for
 its run) the graph is compiled with inductor's ``freezing``: the weights become constants of the graph, packed
 once for the CPU's matrix kernels (MKL's packed fp32 GEMM on an Intel CPU) and the step around them fused; that
-is what pays.
-A change to a frozen weight compiles the graph again (``frozen_state`` is checked at every call); trainable
-weights stay inputs of the graph (an optimizer step needs no recompile), which on a CPU pays little. Same
-tokens as the eager engine for one seed wherever the summation order does not flip a draw; where compiling fails
-(no C++ compiler...) it warns once and decodes eagerly. Opt-in, because a compile costs about a minute per shape
-and precision on a CPU, and each frozen graph keeps its own packed copy of the weights for as long as the
-process lives (torch frees no compiled graph: +350 MiB for each compile of a 190 MiB GPT-2, measured). Measured
+is what pays. A change to a frozen weight compiles the graph again (``frozen_state`` is checked at every call),
+as does a forward hook added or removed (dynamo does not guard on hooks); not seen, as for the packed weights
+(``rlhfkit.models.packed``): an in-place write through ``weight.data``, which bumps no version; call
+``forget_packed_weights(model)`` after one. Trainable weights stay inputs of the graph (an optimizer step needs
+no recompile), which on a CPU pays little. dynamo compiles at most ``torch._dynamo.config.recompile_limit`` (8)
+graphs per compiled step (row counts × cache-length buckets × autocast and grad modes); past that it logs one
+line and the other shapes decode eagerly, with unpacked weights: the same tokens, slower than the default
+engine. Same tokens as the eager engine for one seed wherever the summation order does not flip a draw; where
+compiling fails (no C++ compiler...) it warns once and decodes eagerly. Opt-in, because a compile costs about a
+minute per shape and precision on a CPU, and each frozen graph keeps its own packed copy of the weights for as
+long as the process lives (torch frees no compiled graph, even after ``torch._dynamo.reset()``: +350 MiB for each
+compile of a 190 MiB GPT-2, +52 MiB for a 20 MiB one, measured). Measured
 (``benchmarks/generation_speed.py``, results/generation_speed-20261201T045558Z.json: SmolLM2-135M, fp32, 2 prompts
 × 4 samples × 32 tokens, 2 threads, an Intel Xeon with AMX, idle): a decode step of 41 ms frozen and compiled
 against 65 ms for the eager engine's with packed weights; 156 tokens/s, 2.28× ``generate``'s, against 105 (1.50×)
@@ -192,15 +197,28 @@ def frozen_state(hf: PreTrainedModel) -> tuple | None:
     return tuple(states)
 
 
+def hook_state(hf: PreTrainedModel) -> tuple:
+    """Which forward hooks and pre-hooks ``hf``'s modules carry, and torch's global ones (each hook's handle id):
+    dynamo does not guard on module hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``), so a graph traced
+    before a hook was added, or after one was removed, would decode as if it still were not, or were."""
+    from torch.nn.modules import module as nn_module
+
+    hooked = tuple((id(module), tuple(module._forward_hooks), tuple(module._forward_pre_hooks))
+                   for module in hf.modules() if module._forward_hooks or module._forward_pre_hooks)
+    return tuple(nn_module._global_forward_hooks), tuple(nn_module._global_forward_pre_hooks), hooked
+
+
 @dataclass
 class _CompiledStep:
     """A compiled ``DecodeStepModule`` kept on its model, with what it was compiled for: the written-out step
-    it runs (None: the model's forward) and the ``frozen_state`` its graph folded in (None: the weights are
-    inputs of the graph). Neither copied nor saved with the model (a copy compiles its own)."""
+    it runs (None: the model's forward), the ``frozen_state`` its graph folded in (None: the weights are
+    inputs of the graph) and the ``hook_state`` it was traced with. Neither copied nor saved with the model (a
+    copy compiles its own); dropped by ``forget_packed_weights``."""
 
     step: Callable | None  # None where compiling failed: decode eagerly
     written_out: DecodeStep | None
     frozen: tuple | None
+    hooks: tuple = ()
 
     def __deepcopy__(self, memo: dict) -> None:
         return None
@@ -221,16 +239,16 @@ def compiled_step(hf: PreTrainedModel, module: DecodeStepModule) -> Callable:
     once and returns ``module`` itself."""
     import torch._inductor.config as inductor
 
-    frozen = frozen_state(hf)
+    frozen, hooks = frozen_state(hf), hook_state(hf)
     kept = hf.__dict__.get(COMPILED_ATTRIBUTE)
-    if kept is None or kept.written_out is not module.written_out or kept.frozen != frozen:
+    if kept is None or kept.written_out is not module.written_out or kept.frozen != frozen or kept.hooks != hooks:
         def run(*inputs: torch.Tensor | StaticCache) -> torch.Tensor:
             return module(*inputs)
 
         # dynamo keeps its graphs on the code object it compiled, and guards a frozen graph on the weights' shapes,
         # not their values: with a code object of its own, no later call can find a graph of stale weights
         own = types.FunctionType(run.__code__.replace(), run.__globals__, run.__name__, None, run.__closure__)
-        kept = _CompiledStep(torch.compile(own, dynamic=False), module.written_out, frozen)
+        kept = _CompiledStep(torch.compile(own, dynamic=False), module.written_out, frozen, hooks)
         hf.__dict__[COMPILED_ATTRIBUTE] = kept  # not setattr: a module attribute would become a submodule
     if kept.step is None:
         return module
@@ -240,11 +258,15 @@ def compiled_step(hf: PreTrainedModel, module: DecodeStepModule) -> Callable:
             try:
                 with inductor.patch(freezing=kept.frozen is not None):
                     return kept.step(*inputs)
-            except Exception as error:  # a genuine error of the model is raised again below, by the eager step
+            except Exception as error:
+                # A genuine error of the model (decoding past its positions...) is raised here by the eager step,
+                # as the default engine raises it, and the compiled step stays for the model's later calls.
+                logits = module(*inputs)
                 reason = (str(error).strip().splitlines() or [""])[0][:160]
                 warnings.warn(f"rollout engine: torch.compile failed ({type(error).__name__}: {reason}); decoding "
                               "without it", RuntimeWarning, stacklevel=2)
                 kept.step = None
+                return logits
         return module(*inputs)
 
     return step

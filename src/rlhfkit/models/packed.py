@@ -55,7 +55,9 @@ happens to the copy at exit depends on whether the weight can change:
   packed for 1 row takes 13.9 ms at 8 rows against 8.4 packed for 8 and 8.8 packed for 32; 8 and 32 are
   interchangeable, 1 thread, loaded machine). Else it is packed again.
   Not seen, so not to be done to a frozen weight between two rollouts without ``forget_packed_weights``:
-  other in-place writes through ``weight.data`` or through a tensor assigned with ``param.data = t``.
+  other in-place writes through ``weight.data`` or through a tensor assigned with ``param.data = t`` (TRL's
+  reference-model sync writes so). The same holds for the compiled engine's frozen graph, which
+  ``forget_packed_weights`` drops too.
   The cost: a packed copy of every frozen linear weight while the model lives (as large as those weights
   in the dtype the products run in: SmolLM2-135M 513 MiB fp32, 257 MiB bf16 or under bf16 autocast).
 
@@ -318,9 +320,15 @@ def keep_packed_weights(model: torch.nn.Module) -> Iterator[None]:
 
 
 def forget_packed_weights(model: torch.nn.Module) -> None:
-    """Free the packed copies kept for ``model``'s frozen weights now (they are packed again at the next call)."""
+    """Free the packed copies kept for ``model``'s frozen weights now (they are packed again at the next call),
+    and the compiled decode step kept on it where its graph holds frozen weights as constants
+    (``rlhfkit.models.engine.compiled_step``: compiled again at the next compiled call)."""
+    from rlhfkit.models.engine import COMPILED_ATTRIBUTE
+
     for module in model.modules():
         _KEPT.pop(module, None)
+        if getattr(module.__dict__.get(COMPILED_ATTRIBUTE), "frozen", None) is not None:
+            del module.__dict__[COMPILED_ATTRIBUTE]
 
 
 def kept_packed_mib(model: torch.nn.Module) -> float:
