@@ -234,7 +234,8 @@ def compiled_step(hf: PreTrainedModel, module: DecodeStepModule) -> Callable:
     """``module`` under ``torch.compile`` (static shapes; a graph per row count and cache length), kept on ``hf``
     for later calls. Where every weight of ``hf`` is frozen, the graph is compiled with inductor's ``freezing``:
     the weights become constants, packed once for the CPU's matrix kernels and folded into the fused step (what
-    makes it pay on a CPU); compiled again when any of them changes. Else the weights are graph inputs (an
+    makes it pay on a CPU); compiled again when any of them changes, or a forward hook is added or removed
+    (``hook_state``). Else the weights are graph inputs (an
     optimizer step needs no recompile). Where compiling fails (no C++ compiler, an unsupported model) it warns
     once and returns ``module`` itself."""
     import torch._inductor.config as inductor
