@@ -236,11 +236,18 @@ def test_a_left_padded_prompt_decodes_as_it_does_alone(tiny_causal, tokenizer):
         assert torch.equal(together[row, :alone.shape[1]], alone[0])
 
 
-@pytest.mark.parametrize("engine", [kv_cached_sampling, pytest.param(compiled_kv_cached_sampling,
-                                                                     marks=pytest.mark.slow, id="compiled")])
+def frozen_then_compiled(model, *args):
+    """``compiled_kv_cached_sampling`` on ``model`` frozen: the weights folded into the graph."""
+    return compiled_kv_cached_sampling(model.requires_grad_(False), *args)
+
+
+@pytest.mark.parametrize("engine", [
+    kv_cached_sampling, pytest.param(compiled_kv_cached_sampling, marks=pytest.mark.slow, id="compiled"),
+    pytest.param(frozen_then_compiled, marks=pytest.mark.slow, id="compiled_frozen")])
 def test_the_engine_sees_the_logprobs_a_teacher_forced_pass_computes(tiny_causal, tokenizer, monkeypatch, engine):
-    """Temperature, min_new_tokens, padding and positions: every distribution the engine (eager or compiled)
-    draws from equals softmax(z / τ) of the forward pass the algorithms compute log-probs with."""
+    """Temperature, min_new_tokens, padding and positions: every distribution the engine (eager, compiled, or
+    compiled with the weights folded in) draws from equals softmax(z / τ) of the forward pass the algorithms
+    compute log-probs with."""
     from rlhfkit.models.policy import SamplingDistribution
 
     model = peaked(tiny_causal)
