@@ -297,7 +297,8 @@ def kv_cached_sampling(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_
     position = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
     arguments = inspect.signature(hf.forward).parameters
     cache = StaticCache(config=hf.config, max_cache_len=cache_length)
-    cached = {"cache" if "cache" in arguments else "past_key_values": cache, "use_cache": True}
+    cache_argument = "cache" if "cache" in arguments else "past_key_values"
+    cached = {cache_argument: cache, "use_cache": True}
     keep = {"logits_to_keep": 1} if "logits_to_keep" in arguments else {}
     with packed_weights(hf, batch * n) if packed and not compiled else nullcontext():
         logits = hf(input_ids=prompt_ids, attention_mask=mask, position_ids=position, **cached, **keep).logits[:, -1]
@@ -306,7 +307,7 @@ def kv_cached_sampling(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_
         logits, mask = logits.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0)
         position = position[:, -1:].repeat_interleave(n, dim=0)
         ended = torch.zeros(batch * n, dtype=torch.bool, device=prompt_ids.device)
-        module = DecodeStepModule(hf, decode_step(hf, cache_length), next(iter(cached)))
+        module = DecodeStepModule(hf, decode_step(hf, cache_length), cache_argument)
         forward = compiled_step(hf, module) if compiled else module
         attend = mask.bool()[:, None, None]  # [R, 1, 1, L]: the slots each row attends to (the written-out step's)
         tokens = []
